@@ -1,0 +1,52 @@
+"""Command-line entry point ``crane``: a thin layer over the library.
+
+Each sub-module exposes ``register(subparsers)`` and sets ``func`` on its parsers;
+the library itself never imports this package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from crane.errors import CraneError
+
+# Sub-command modules, imported lazily so ``crane --help`` stays fast.
+_COMMAND_MODULES = ("crane.cli.datasets",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crane",
+        description="Crane / Crane+ zero-shot anomaly detection.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except CraneError as exc:
+        # Expected, user-facing failures: one clear paragraph, no traceback.
+        print(f"crane: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("crane: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

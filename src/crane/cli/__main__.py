@@ -1,0 +1,5 @@
+import sys
+
+from crane.cli import main
+
+sys.exit(main())

@@ -1,0 +1,158 @@
+"""Model presets as data (SPEC §7).
+
+A preset is a frozen :class:`CraneConfig`; ablations are ``dataclasses.replace`` on it
+(or keyword overrides to :func:`crane.create_model`), never ``if`` chains in model code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from crane.errors import CraneError
+
+AttnType = Literal["qq", "kk", "vv", "qq+kk", "qq+kk+vv"]
+MapCombine = Literal["soft_mean", "logit_mean"]
+ThresholdScope = Literal["image", "batch"]
+
+ATTN_TYPES: tuple[str, ...] = ("qq", "kk", "vv", "qq+kk", "qq+kk+vv")
+
+#: open_clip overrides that shrink ViT-L/14-336 into the ``tiny`` test backbone. Built by the
+#: same ``open_clip.create_model`` call as the real one; only the sizes differ.
+TINY_CLIP = {
+    "embed_dim": 64,  # = text width: the image context token is inserted unprojected
+    "vision_cfg": {"image_size": 112, "layers": 4, "width": 64, "head_width": 32, "patch_size": 14},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 4},
+}
+#: timm overrides for the ``tiny+`` DINOv2 stand-in (same architecture family, registers kept).
+TINY_DINO = {"embed_dim": 48, "depth": 2, "num_heads": 2}
+
+
+@dataclass(frozen=True)
+class CraneConfig:
+    """Everything that defines a Crane model. Defaults are the reference ``crane+`` values."""
+
+    name: str = "crane+"
+    # --- backbones -------------------------------------------------------------------------
+    clip_model: str = "ViT-L-14-336-quickgelu"
+    clip_pretrained: str | None = "openai"
+    clip_overrides: dict[str, Any] = field(default_factory=dict)
+    dino_model: str | None = "vit_base_patch14_reg4_dinov2.lvd142m"
+    dino_overrides: dict[str, Any] = field(default_factory=dict)
+    image_size: int = 518
+    # --- vision side (SPEC §3) -------------------------------------------------------------
+    eattn_start: int = 6  # first block (1-indexed) of the E-Attn path; the path starts from h_5
+    attn_type: AttnType = "qq+kk+vv"
+    feature_layers: tuple[int, ...] = (24,)  # E-Attn layers whose tokens form patch sets
+    use_dattn: bool = True
+    dattn_layer: int = 24
+    dattn_gamma: float = 3.0
+    dattn_beta: float = 1.2
+    dattn_threshold_scope: ThresholdScope = "image"
+    # --- text side (SPEC §4) ---------------------------------------------------------------
+    n_ctx: int = 12
+    n_deep: int = 8
+    deep_len: int = 4
+    normal_template: str = "object."
+    anomaly_template: str = "damaged object."
+    image_context_train: bool = True
+    image_context_inference: bool = False
+    # --- scores (SPEC §5) and training (SPEC §6) --------------------------------------------
+    map_combine: MapCombine = "logit_mean"
+    pixel_temperature: float = 0.07
+    image_temperature: float = 0.07
+    train_image_temperature: float = 0.01
+    fusion_alpha: float = 0.5
+    sigma: float = 4.0
+    # The reference returns its single layer-24 set this many times; training counts it so.
+    train_set_multiplicity: int = 1
+
+    def __post_init__(self) -> None:
+        if self.attn_type not in ATTN_TYPES:
+            raise CraneError(f"attn_type must be one of {ATTN_TYPES}, got {self.attn_type!r}")
+        if self.map_combine not in ("soft_mean", "logit_mean"):
+            raise CraneError(f"map_combine must be soft_mean or logit_mean, got {self.map_combine!r}")
+        if self.dattn_threshold_scope not in ("image", "batch"):
+            raise CraneError("dattn_threshold_scope must be 'image' or 'batch'")
+        if self.use_dattn and not self.dino_model:
+            raise CraneError("use_dattn=True needs a dino_model")
+        if not self.feature_layers and not self.use_dattn:
+            raise CraneError("a model needs at least one patch set (feature_layers or D-Attn)")
+        if any(layer < self.eattn_start for layer in self.feature_layers):
+            raise CraneError(
+                f"feature_layers {self.feature_layers} must be >= eattn_start {self.eattn_start}"
+            )
+        if self.image_size % 14:
+            raise CraneError(f"image_size must be a multiple of the patch size 14, got {self.image_size}")
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // 14
+
+    @property
+    def n_sets(self) -> int:
+        return len(self.feature_layers) + int(self.use_dattn)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["feature_layers"] = list(self.feature_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CraneConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise CraneError(f"unknown config fields {unknown}; known: {sorted(known)}")
+        d = dict(d)
+        if "feature_layers" in d:
+            d["feature_layers"] = tuple(d["feature_layers"])
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> CraneConfig:
+        if "feature_layers" in changes:
+            changes["feature_layers"] = tuple(changes["feature_layers"])
+        return dataclasses.replace(self, **changes)
+
+
+_CRANE_PLUS = CraneConfig()
+_CRANE = _CRANE_PLUS.replace(
+    name="crane",
+    dino_model=None,
+    use_dattn=False,
+    map_combine="soft_mean",
+    train_set_multiplicity=4,
+)
+_TINY_COMMON = dict(
+    clip_pretrained=None,
+    clip_overrides=TINY_CLIP,
+    image_size=224,
+    eattn_start=2,
+    feature_layers=(4,),
+    dattn_layer=4,
+    n_deep=2,
+)
+_TINY = _CRANE.replace(name="tiny", **_TINY_COMMON)
+_TINY_PLUS = _CRANE_PLUS.replace(name="tiny+", dino_overrides=TINY_DINO, **_TINY_COMMON)
+
+PRESETS: dict[str, CraneConfig] = {c.name: c for c in (_CRANE, _CRANE_PLUS, _TINY, _TINY_PLUS)}
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`crane.create_model`."""
+    return list(PRESETS)
+
+
+def get_config(name: str, **overrides: Any) -> CraneConfig:
+    """The preset ``name`` with ``overrides`` applied (unknown name -> clear error)."""
+    try:
+        cfg = PRESETS[name]
+    except KeyError:
+        raise CraneError(f"unknown model preset {name!r}; available: {', '.join(PRESETS)}") from None
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def is_tiny(cfg: CraneConfig) -> bool:
+    """Tiny presets are built with random backbones (no pretrained weights exist for them)."""
+    return bool(cfg.clip_overrides)

@@ -1,0 +1,126 @@
+"""Build the frozen backbones through open_clip and timm, exactly as upstream defines them."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+
+import open_clip
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crane.config import CraneConfig
+from crane.models import weights as W
+
+log = logging.getLogger(__name__)
+
+
+class _DropRandomInitWarning(logging.Filter):
+    """open_clip warns on the root logger when it builds without weights; we do that on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+logging.getLogger().addFilter(_DropRandomInitWarning())
+
+
+def build_clip(
+    cfg: CraneConfig, clip_weights: str | os.PathLike | None = None, pretrained: bool = True
+) -> nn.Module:
+    """open_clip ``CLIP`` for ``cfg.clip_model``; weights per :mod:`crane.models.weights`.
+
+    ``pretrained=False`` (or a tiny preset) gives the randomly initialised architecture, used
+    by tests and speed benchmarks.
+    """
+    overrides = copy.deepcopy(cfg.clip_overrides)
+    want_weights = pretrained and cfg.clip_pretrained is not None and not overrides
+    local = None
+    if want_weights:
+        local = W.resolve_local(clip_weights, W.CLIP_ENV, W.CLIP_FILENAMES, "--clip-weights", "CLIP")
+    if want_weights and local is None:
+        if W.hub_unreachable():
+            raise W.offline_error(
+                "CLIP", W.CLIP_FILENAMES, "--clip-weights", W.CLIP_ENV, "no local file and no network"
+            )
+        try:
+            model = open_clip.create_model(
+                cfg.clip_model, pretrained=cfg.clip_pretrained, cache_dir=str(W.cache_dir())
+            )
+        except Exception as exc:  # network/hub failures come in many types
+            raise W.offline_error(
+                "CLIP", W.CLIP_FILENAMES, "--clip-weights", W.CLIP_ENV, f"download failed: {exc}"
+            ) from exc
+    else:
+        model = open_clip.create_model(cfg.clip_model, pretrained=None, **overrides)
+        if local is not None:
+            sd = W.load_state_dict_file(local)
+            W.load_into(model, sd, local, f"CLIP {cfg.clip_model}")
+            log.info("loaded CLIP weights from %s", local)
+    model.eval().requires_grad_(False)
+    resize_clip_pos_embed(model.visual, cfg.grid)
+    return model
+
+
+@torch.no_grad()
+def resize_clip_pos_embed(visual: nn.Module, grid: int) -> None:
+    """Resize the patch part of CLIP's positional embedding to ``grid x grid`` in place.
+
+    SPEC §2: bilinear, align_corners=False, no antialias; the class position is kept. The
+    module then runs natively at ``grid * patch`` pixels, so open_clip's own ``encode_image``
+    and our block loop see the same embedding.
+    """
+    pos = visual.positional_embedding
+    n, dim = pos.shape
+    old = int(round((n - 1) ** 0.5))
+    if old == grid:
+        return
+    patch = pos[1:].reshape(1, old, old, dim).permute(0, 3, 1, 2).float()
+    patch = F.interpolate(patch, size=(grid, grid), mode="bilinear", align_corners=False)
+    patch = patch.permute(0, 2, 3, 1).reshape(grid * grid, dim).to(pos.dtype)
+    visual.positional_embedding = nn.Parameter(torch.cat([pos[:1], patch]), requires_grad=False)
+    ps = visual.patch_size if isinstance(visual.patch_size, tuple) else (visual.patch_size,) * 2
+    visual.grid_size = (grid, grid)
+    visual.image_size = (grid * ps[0], grid * ps[1])
+
+
+def build_dino(
+    cfg: CraneConfig, dino_weights: str | os.PathLike | None = None, pretrained: bool = True
+) -> nn.Module:
+    """timm DINOv2 ViT-B/14-reg4 at ``cfg.image_size``; original or timm state dicts load."""
+    assert cfg.dino_model is not None
+    arch, _, tag = cfg.dino_model.partition(".")
+    overrides = dict(cfg.dino_overrides)
+    want_weights = pretrained and not overrides
+    local = None
+    if want_weights:
+        local = W.resolve_local(dino_weights, W.DINO_ENV, W.DINO_FILENAMES, "--dino-weights", "DINOv2")
+    kwargs = dict(img_size=cfg.image_size, num_classes=0, **overrides)
+    if want_weights and local is None:
+        if W.hub_unreachable():
+            raise W.offline_error(
+                "DINOv2", W.DINO_FILENAMES, "--dino-weights", W.DINO_ENV, "no local file and no network"
+            )
+        try:
+            model = timm.create_model(cfg.dino_model, pretrained=True, **kwargs)
+        except Exception as exc:
+            raise W.offline_error(
+                "DINOv2", W.DINO_FILENAMES, "--dino-weights", W.DINO_ENV, f"download failed: {exc}"
+            ) from exc
+    else:
+        model = timm.create_model(arch, pretrained=False, **kwargs)
+        if local is not None:
+            from timm.models.vision_transformer import checkpoint_filter_fn
+
+            sd = W.load_state_dict_file(local)
+            # timm's own converter maps the original DINOv2 layout (register_tokens, mask_token,
+            # 37x37 pos_embed ...) to timm names; timm-format dicts pass through unchanged.
+            sd = checkpoint_filter_fn(sd, model)
+            sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+            W.load_into(model, sd, local, f"DINOv2 {arch}")
+            log.info("loaded DINOv2 weights from %s", local)
+    model.eval().requires_grad_(False)
+    return model

@@ -1,0 +1,114 @@
+"""The Crane / Crane+ module: frozen backbones + trainable prompts → maps and scores."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from crane.config import CraneConfig
+from crane.models import scoring
+from crane.models.text import PromptLearner, PromptTextEncoder
+from crane.models.vision import CraneVisionEncoder, VisionOutput
+
+
+@dataclass
+class CraneOutput:
+    """Inference result: ``image_scores`` (B,) and smoothed ``anomaly_maps`` (B, H, W) in [0,1]."""
+
+    image_scores: torch.Tensor
+    anomaly_maps: torch.Tensor
+
+
+@dataclass
+class TrainOutput:
+    """What the training losses need: per-set patch logits and image logits (SPEC §6)."""
+
+    patch_logits: torch.Tensor  # (S, B, N, 2) at the pixel temperature
+    image_logits: torch.Tensor  # (B, 2) at the training image temperature
+
+
+class CraneModel(nn.Module):
+    def __init__(self, cfg: CraneConfig, clip: nn.Module, dino: nn.Module | None = None):
+        super().__init__()
+        clip.requires_grad_(False)
+        if dino is not None:
+            dino.requires_grad_(False)
+        self.cfg = cfg
+        self.vision = CraneVisionEncoder(clip.visual, cfg, dino)
+        self.text_encoder = PromptTextEncoder(clip)
+        self.prompt_learner = PromptLearner(clip, cfg)
+        #: Image-level decision threshold (set by calibration / stored in checkpoints).
+        self.image_threshold: float | None = None
+        self._text_cache: tuple[tuple, torch.Tensor] | None = None
+
+    # -- training mode only touches the prompts; backbones stay in eval (no dropout etc.) ---
+    def train(self, mode: bool = True) -> CraneModel:
+        super().train(mode)
+        self.vision.eval()
+        self.text_encoder.eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.prompt_learner.parameters())
+
+    # -- text ------------------------------------------------------------------------------
+    def text_features(self, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Static (2, E) features, or per-image (B, 2, E) when an image context is given."""
+        pl = self.prompt_learner
+        deep = list(pl.compound_prompts_text)
+        embeds, eot = pl.prompts(context)
+        if context is None:
+            return self.text_encoder(embeds, eot, deep, pl.deep_len)
+        b = context.shape[0]
+        feats = self.text_encoder(embeds.flatten(0, 1), eot.flatten(), deep, pl.deep_len)
+        return feats.view(b, 2, -1)
+
+    def static_text_features(self) -> torch.Tensor:
+        """Static text features, computed once and reused until a prompt tensor changes."""
+        if torch.is_grad_enabled() and self.training:
+            return self.text_features()
+        tensors = list(self.prompt_learner.parameters()) + list(self.prompt_learner.buffers())
+        key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
+        if self._text_cache is None or self._text_cache[0] != key:
+            with torch.no_grad():
+                self._text_cache = (key, self.text_features())
+        return self._text_cache[1]
+
+    # -- vision ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> VisionOutput:
+        """Frozen vision features; the only expensive part, cacheable across epochs."""
+        return self.vision(images)
+
+    # -- heads -----------------------------------------------------------------------------
+    def predict_from_features(self, vis: VisionOutput, size: int) -> CraneOutput:
+        cfg = self.cfg
+        if cfg.image_context_inference:
+            text = self.text_features(context=vis.global_feat)
+        else:
+            text = self.static_text_features()
+        text = text.to(vis.patch_sets.dtype)
+        logits = scoring.patch_logits(vis.patch_sets, text, cfg.pixel_temperature)
+        maps = scoring.anomaly_map(logits, size, cfg.map_combine)
+        maps = scoring.gaussian_blur(maps, cfg.sigma)
+        fused = scoring.fused_image_feature(vis.patch_sets, logits, vis.global_feat, cfg.fusion_alpha)
+        img = scoring.image_logits(fused, text, cfg.image_temperature)
+        return CraneOutput(image_scores=torch.softmax(img.float(), -1)[:, 1], anomaly_maps=maps)
+
+    def forward(self, images: torch.Tensor) -> CraneOutput:
+        """CLIP-normalised images (B, 3, S, S) → scores (B,) and maps (B, S, S)."""
+        return self.predict_from_features(self.encode_images(images), images.shape[-1])
+
+    def forward_train(self, vis: VisionOutput) -> TrainOutput:
+        """Differentiable w.r.t. the prompts only; ``vis`` may come from a feature cache."""
+        cfg = self.cfg
+        context = vis.global_feat if cfg.image_context_train else None
+        text = self.text_features(context) if context is not None else self.text_features()
+        logits = scoring.patch_logits(vis.patch_sets.float(), text, cfg.pixel_temperature)
+        fused = scoring.fused_image_feature(
+            vis.patch_sets.float(), logits, vis.global_feat.float(), cfg.fusion_alpha
+        )
+        img = scoring.image_logits(fused, text, cfg.train_image_temperature)
+        return TrainOutput(patch_logits=logits, image_logits=img)

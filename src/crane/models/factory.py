@@ -1,0 +1,118 @@
+"""``create_model``: presets or checkpoint directories → a ready :class:`CraneModel`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from crane.config import CraneConfig, get_config, is_tiny
+from crane.errors import CheckpointError
+from crane.models import checkpoint as ckpt
+from crane.models.backbones import build_clip, build_dino
+from crane.models.crane import CraneModel
+from crane.models.weights import cache_dir
+
+
+def official_prompts_dir() -> Path:
+    return Path(os.environ.get(ckpt.OFFICIAL_ENV) or cache_dir() / "crane-official")
+
+
+def resolve_official(trained_on: str, preset: str) -> Path:
+    """Path of a released prompt file, e.g. ``("mvtec", "crane+")``."""
+    base_preset = "crane+" if preset.endswith("+") else "crane"
+    try:
+        rel = ckpt.OFFICIAL[(trained_on, base_preset)]
+    except KeyError:
+        known = sorted({k[0] for k in ckpt.OFFICIAL})
+        raise CheckpointError(
+            f"no released prompts for {base_preset} trained on {trained_on!r}; known: {known}"
+        ) from None
+    path = official_prompts_dir() / rel
+    if not path.is_file():
+        raise CheckpointError(
+            f"released Crane prompt file {rel} not found under {official_prompts_dir()}. Set "
+            f"{ckpt.OFFICIAL_ENV} to the folder holding trained_on_*/epoch_*.pth (the "
+            "'checkpoints' folder of the authors' repository AlirezaSalehy/Crane), or pass "
+            "--prompts /path/to/epoch_5.pth."
+        )
+    return path
+
+
+def create_model(
+    name: str = "crane+",
+    *,
+    clip_weights: str | os.PathLike | None = None,
+    dino_weights: str | os.PathLike | None = None,
+    prompts: str | os.PathLike | dict[str, torch.Tensor] | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    pretrained: bool = True,
+    seed: int = 0,
+    **overrides: Any,
+) -> CraneModel:
+    """Build a Crane model.
+
+    Args:
+        name: a preset (``crane``, ``crane+``, ``tiny``, ``tiny+``; see ``list_models()``) or a
+            checkpoint directory written by :func:`crane.save_model` / ``crane train``.
+        clip_weights, dino_weights: local weight files (else env vars / cache / download).
+        prompts: released ``.pth`` file, ``official:<trained_on>`` (``mvtec``, ``visa``,
+            ``mvtec-medical``), a checkpoint directory, a state dict, or None for the
+            random N(0, 0.02²) initialisation.
+        pretrained: False builds randomly initialised backbones (tests, speed benchmarks).
+        seed: seeds every random initialisation, so tiny/random models are reproducible.
+        overrides: config fields to change (ablations), e.g. ``attn_type="vv"``.
+    """
+    meta: dict[str, Any] = {}
+    state = None
+    if Path(str(name)).is_dir() or str(name).endswith(".safetensors"):
+        cfg, state, meta = ckpt.read_checkpoint(name)
+        cfg = cfg.replace(**overrides) if overrides else cfg
+    else:
+        cfg = get_config(str(name), **overrides)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random_backbones = not pretrained or is_tiny(cfg)
+        clip = build_clip(cfg, clip_weights, pretrained=not random_backbones)
+        dino = build_dino(cfg, dino_weights, pretrained=not random_backbones) if cfg.use_dattn else None
+        model = CraneModel(cfg, clip, dino)
+
+    if prompts is not None:
+        state = load_prompt_state(prompts, cfg)
+    if state is not None:
+        own = model.prompt_learner.state_dict()
+        ckpt.check_prompt_state(own, state, str(prompts if prompts is not None else name))
+        model.prompt_learner.load_state_dict(state, strict=True)
+    model.image_threshold = meta.get("image_threshold")
+    model.eval()
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+    return model
+
+
+def load_prompt_state(source: Any, cfg: CraneConfig) -> dict[str, torch.Tensor]:
+    if isinstance(source, dict):
+        return source
+    text = str(source)
+    if text.startswith("official:"):
+        return ckpt.load_released_prompts(resolve_official(text.split(":", 1)[1], cfg.name))
+    path = Path(text)
+    if path.is_dir() or path.suffix == ".safetensors":
+        return ckpt.read_checkpoint(path)[1]
+    return ckpt.load_released_prompts(path)
+
+
+def save_model(model: CraneModel, directory: str | os.PathLike, overwrite: bool = False, **provenance) -> Path:
+    """Save a model's prompts, config and threshold in our checkpoint format."""
+    return ckpt.save_checkpoint(
+        directory,
+        model.cfg,
+        model.prompt_learner.state_dict(),
+        image_threshold=model.image_threshold,
+        provenance=provenance,
+        overwrite=overwrite,
+    )

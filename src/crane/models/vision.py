@@ -1,0 +1,155 @@
+"""Vision side (SPEC §3): CLIP's own blocks driven by a loop that adds E-Attn and D-Attn.
+
+The open_clip module is used as it is: its submodules and weights run the normal path,
+so the global feature is exactly CLIP's. Beside it runs the E-Attn path (no MLP), and for
+Crane+ the DINO-guided D-Attn at one block. Everything here is pure tensor code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crane.config import CraneConfig
+from crane.constants import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+
+@dataclass
+class VisionOutput:
+    """``global_feat`` (B, E) and ``patch_sets`` (S, B, N, E), both L2-normalised."""
+
+    global_feat: torch.Tensor
+    patch_sets: torch.Tensor
+
+
+def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    b, n, d = x.shape
+    return x.view(b, n, n_heads, d // n_heads).transpose(1, 2)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+def eattn_mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_type: str) -> torch.Tensor:
+    """Σ_t softmax(t tᵀ/√d) v over the chosen self-correlations t ∈ {q, k, v}, per head.
+
+    Each term is scaled-dot-product attention with (query, key) = (t, t): a fused kernel
+    computes it without materialising the N×N matrix.
+    """
+    sources = {"qq": q, "kk": k, "vv": v}
+    out = None
+    for part in attn_type.split("+"):
+        t = sources[part]
+        term = F.scaled_dot_product_attention(t, t, v)
+        out = term if out is None else out + term
+    return out
+
+
+def dattn_weights(
+    dino_tokens: torch.Tensor, gamma: float, beta: float, scope: str
+) -> torch.Tensor:
+    """Row-stochastic D-Attn weights (B, N, N) from DINO patch tokens (B, N, C).
+
+    ``S' = γ(S − β·mean(S))`` with S the cosine similarity, entries with ``S' < 0`` dropped.
+    ``mean(S) = ‖Σ_i F_i‖²/N²`` needs no N×N pass. ``scope="image"`` takes the mean per image
+    (results independent of the batch); ``"batch"`` reproduces the reference, which averages
+    over the whole batch tensor. The diagonal (S_ii = 1, each row's maximum) is never dropped:
+    the reference would produce a NaN row there, which only happens when mean(S) > 1/β.
+    """
+    f = F.normalize(dino_tokens.float(), dim=-1)
+    n = f.shape[1]
+    mean = f.sum(dim=1).pow(2).sum(dim=-1) / (n * n)  # (B,)
+    if scope == "batch":
+        mean = mean.mean().expand_as(mean)
+    s = torch.bmm(f, f.transpose(1, 2))
+    s = gamma * (s - beta * mean.view(-1, 1, 1))
+    eye = torch.eye(n, dtype=torch.bool, device=s.device)
+    s = s.masked_fill((s < 0) & ~eye, float("-inf"))
+    return torch.softmax(s, dim=-1)
+
+
+class CraneVisionEncoder(nn.Module):
+    """Wraps an open_clip ``VisionTransformer`` (and optionally a timm DINOv2)."""
+
+    def __init__(self, visual: nn.Module, cfg: CraneConfig, dino: nn.Module | None = None):
+        super().__init__()
+        self.visual = visual
+        self.dino = dino
+        self.cfg = cfg
+        self.n_layers = len(visual.transformer.resblocks)
+        self.n_heads = visual.transformer.resblocks[0].attn.num_heads
+        bad = [lay for lay in (*cfg.feature_layers, cfg.dattn_layer) if not 1 <= lay <= self.n_layers]
+        if bad or not 1 <= cfg.eattn_start <= self.n_layers:
+            raise ValueError(f"layers {bad or cfg.eattn_start} outside 1..{self.n_layers}")
+        if cfg.use_dattn and dino is None:
+            raise ValueError("config asks for D-Attn but no DINO model was given")
+        # Pixels arrive CLIP-normalised; DINO wants the same pixels ImageNet-normalised:
+        # x_in = (x * s_clip + m_clip - m_in) / s_in = x * a + b.
+        clip_m, clip_s = torch.tensor(OPENAI_CLIP_MEAN), torch.tensor(OPENAI_CLIP_STD)
+        in_m, in_s = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        self.register_buffer("_dino_a", (clip_s / in_s).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_dino_b", ((clip_m - in_m) / in_s).view(1, 3, 1, 1), persistent=False)
+
+    # -- pieces ----------------------------------------------------------------------------
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        v = self.visual
+        x = v.conv1(images.to(v.conv1.weight.dtype))
+        x = x.flatten(2).transpose(1, 2)
+        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+        return v.ln_pre(x)
+
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        """ln_post → proj → L2-normalise (used for the global feature and every patch set)."""
+        v = self.visual
+        return F.normalize(v.ln_post(tokens) @ v.proj, dim=-1)
+
+    def dino_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        x = images * self._dino_a + self._dino_b
+        feats = self.dino.forward_features(x.to(next(self.dino.parameters()).dtype))
+        return feats[:, self.dino.num_prefix_tokens :]
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor) -> VisionOutput:
+        cfg = self.cfg
+        h = self.n_heads
+        want = set(cfg.feature_layers)
+        sets: dict[str, torch.Tensor] = {}
+        dattn_w = None
+        if cfg.use_dattn:
+            dattn_w = dattn_weights(
+                self.dino_tokens(images), cfg.dattn_gamma, cfg.dattn_beta, cfg.dattn_threshold_scope
+            )
+
+        x = self.embed(images)
+        z = None  # E-Attn path state
+        for idx, blk in enumerate(self.visual.transformer.resblocks, start=1):
+            attn = blk.attn
+            y = blk.ln_1(x)
+            q, k, v = (_heads(t, h) for t in F.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, -1))
+            a = attn.out_proj(_merge(F.scaled_dot_product_attention(q, k, v)))
+            if idx >= cfg.eattn_start:
+                e = attn.out_proj(_merge(eattn_mix(q, k, v, cfg.attn_type)))
+                z = (x if z is None else z) + e
+                if idx in want:
+                    sets[f"e{idx}"] = z[:, 1:]
+            x = x + blk.ls_1(a)
+            if dattn_w is not None and idx == cfg.dattn_layer:
+                # Values from ln_1 of the state after this block's attention residual (before
+                # its MLP): what the released checkpoints were trained with (SPEC §3).
+                w_v = attn.in_proj_weight.chunk(3, 0)[2]
+                b_v = attn.in_proj_bias.chunk(3, 0)[2]
+                val = F.linear(blk.ln_1(x), w_v, b_v)[:, 1:]
+                # One N×N weight matrix shared by all heads: W·v on the concatenated heads.
+                mixed = torch.bmm(dattn_w.to(val.dtype), val)
+                sets["d"] = attn.out_proj(mixed)
+            x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+
+        order = (["d"] if cfg.use_dattn else []) + [f"e{lay}" for lay in cfg.feature_layers]
+        patch_sets = torch.stack([self.project(sets[key]) for key in order])
+        return VisionOutput(global_feat=self.project(x[:, 0]), patch_sets=patch_sets)

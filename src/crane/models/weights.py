@@ -1,0 +1,151 @@
+"""Where backbone weights come from: local files first, then the hubs, never a hang.
+
+Resolution order for each backbone (first hit wins):
+1. an explicit path (``clip_weights=`` / ``--clip-weights``),
+2. the environment variable (``CRANE_CLIP_WEIGHTS`` / ``CRANE_DINO_WEIGHTS``),
+3. the cache directory (``$CRANE_CACHE_DIR``, default ``~/.cache/crane``) under the
+   file name the upstream projects publish,
+4. a download through open_clip / timm (skipped when ``CRANE_OFFLINE`` or ``HF_HUB_OFFLINE``
+   is set, or when the hub host cannot be reached within a few seconds).
+When all fail, :class:`~crane.errors.WeightsError` says in one paragraph what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from crane.errors import WeightsError
+
+log = logging.getLogger(__name__)
+
+CLIP_ENV = "CRANE_CLIP_WEIGHTS"
+DINO_ENV = "CRANE_DINO_WEIGHTS"
+CACHE_ENV = "CRANE_CACHE_DIR"
+OFFLINE_ENVS = ("CRANE_OFFLINE", "HF_HUB_OFFLINE")
+
+#: File names under which the upstream projects publish the reference weights.
+CLIP_FILENAMES = ("ViT-L-14-336px.pt", "open_clip_pytorch_model.bin", "open_clip_model.safetensors")
+DINO_FILENAMES = ("dinov2_vitb14_reg4_pretrain.pth", "model.safetensors", "pytorch_model.bin")
+_HUB_HOSTS = (("huggingface.co", 443), ("openaipublic.azureedge.net", 443))
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "crane")
+
+
+def _offline() -> bool:
+    if any(os.environ.get(k, "").strip() not in ("", "0") for k in OFFLINE_ENVS):
+        return True
+    for host, port in _HUB_HOSTS:
+        try:
+            with socket.create_connection((host, port), timeout=3):
+                return False
+        except OSError:
+            continue
+    return True
+
+
+def _missing_message(what: str, filenames: tuple[str, ...], flag: str, env: str, why: str) -> str:
+    cached = cache_dir() / filenames[0]
+    return (
+        f"{what} weights are not available ({why}). Crane needs the file {filenames[0]} "
+        f"(any of: {', '.join(filenames)}). Fix it in one of three ways: pass {flag} "
+        f"/path/to/{filenames[0]}; or set the environment variable {env}=/path/to/{filenames[0]}; "
+        f"or copy the file to {cached} (the cache directory is set by {CACHE_ENV}). "
+        "The file can be downloaded on a machine with internet access (the first online run "
+        "of crane fetches it automatically). To try crane without any weights, run `crane demo`."
+    )
+
+
+def resolve_local(
+    explicit: str | os.PathLike | None, env: str, filenames: tuple[str, ...], flag: str, what: str
+) -> Path | None:
+    """The local weight file to use, or None when a download should be attempted."""
+    for source, value in (("argument", explicit), (f"${env}", os.environ.get(env))):
+        if value:
+            path = Path(value).expanduser()
+            if not path.is_file():
+                raise WeightsError(
+                    _missing_message(what, filenames, flag, env, f"{source} names {path}, which does not exist")
+                )
+            return path
+    for name in filenames:
+        candidate = cache_dir() / name
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a weight file: OpenAI TorchScript archive, torch state dict, or safetensors.
+
+    Plain torch files are loaded with ``weights_only=True``; a TorchScript archive (the OpenAI
+    CLIP release format) is opened with ``torch.jit.load``, which reads tensors and code but
+    runs nothing until called.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        if zipfile.is_zipfile(path) and _is_torchscript(path):
+            module = torch.jit.load(str(path), map_location="cpu")
+            sd = dict(module.state_dict())
+            for key in ("input_resolution", "context_length", "vocab_size"):
+                sd.pop(key, None)
+            return sd
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise WeightsError(f"cannot read weight file {path}: {exc}") from exc
+    for key in ("state_dict", "model", "teacher"):
+        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping):
+        raise WeightsError(f"weight file {path} holds a {type(obj).__name__}, not a state dict")
+    sd = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    # DINOv2 training checkpoints nest the backbone under 'backbone.'.
+    if sd and all(k.startswith("backbone.") for k in sd):
+        sd = {k.removeprefix("backbone."): v for k, v in sd.items()}
+    return sd
+
+
+def _is_torchscript(path: Path) -> bool:
+    with zipfile.ZipFile(path) as zf:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
+
+
+def load_into(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], path: Path, what: str) -> None:
+    """Strict load with an error that lists the first mismatches instead of a wall of keys."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [
+        f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if items:
+                parts.append(f"{len(items)} {label} (first: {', '.join(items[:4])})")
+        raise WeightsError(f"{path} does not fit the {what} architecture: " + "; ".join(parts))
+    module.load_state_dict(sd, strict=True)
+
+
+def offline_error(what: str, filenames: tuple[str, ...], flag: str, env: str, why: str) -> WeightsError:
+    return WeightsError(_missing_message(what, filenames, flag, env, why))
+
+
+def hub_unreachable() -> bool:
+    """True when no download should be attempted (offline flag set or hosts unreachable)."""
+    return _offline()

@@ -1,0 +1,281 @@
+"""Model tests on the tiny presets (CPU): each compares against an independent computation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+
+from crane.config import ATTN_TYPES, get_config, list_models
+from crane.errors import CheckpointError, CraneError
+from crane.models import create_model, save_model
+from crane.models import scoring
+from crane.models.vision import dattn_weights
+
+torch.set_grad_enabled(True)
+
+
+@pytest.fixture(scope="module")
+def tiny_plus():
+    return create_model("tiny+")
+
+
+@pytest.fixture(scope="module")
+def images():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(3, 3, 224, 224, generator=g)
+
+
+def clip_of(model):
+    return model.text_encoder.clip
+
+
+def test_registry_lists_presets():
+    assert {"crane", "crane+", "tiny", "tiny+"} <= set(list_models())
+    with pytest.raises(CraneError, match="unknown model preset"):
+        get_config("nope")
+    with pytest.raises(CraneError, match="attn_type"):
+        get_config("tiny", attn_type="xx")
+
+
+def test_tiny_build_is_deterministic(images):
+    a, b = create_model("tiny+"), create_model("tiny+")
+    with torch.no_grad():
+        oa, ob = a(images), b(images)
+    assert torch.equal(oa.anomaly_maps, ob.anomaly_maps)
+    assert torch.equal(oa.image_scores, ob.image_scores)
+
+
+def test_global_feature_equals_open_clip(tiny_plus, images):
+    clip = clip_of(tiny_plus)
+    with torch.no_grad():
+        ours = tiny_plus.encode_images(images).global_feat
+        ref = clip.encode_image(images, normalize=True)
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def _explicit_eattn_sets(model, images, attn_type):
+    """SPEC §3 written out with explicit softmax matrices, driven by open_clip's own forward.
+
+    Hidden states h_{l-1} are captured with hooks on the unmodified module.
+    """
+    clip = clip_of(model)
+    cfg = model.cfg
+    inputs = []
+    hooks = [
+        blk.register_forward_pre_hook(lambda m, args, kw=None: inputs.append(args[0].clone()))
+        for blk in clip.visual.transformer.resblocks
+    ]
+    with torch.no_grad():
+        clip.encode_image(images)
+    for h in hooks:
+        h.remove()
+    z = inputs[cfg.eattn_start - 1]
+    out = {}
+    for idx in range(cfg.eattn_start, len(inputs) + 1):
+        blk = clip.visual.transformer.resblocks[idx - 1]
+        y = blk.ln_1(inputs[idx - 1])
+        qkv = y @ blk.attn.in_proj_weight.t() + blk.attn.in_proj_bias
+        nh = blk.attn.num_heads
+        b, n, d3 = qkv.shape
+        q, k, v = (t.reshape(b, n, nh, -1).transpose(1, 2) for t in qkv.chunk(3, -1))
+        dh = q.shape[-1]
+        src = {"qq": q, "kk": k, "vv": v}
+        a = sum(torch.softmax(src[p] @ src[p].transpose(-1, -2) / math.sqrt(dh), -1) for p in attn_type.split("+"))
+        hv = (a @ v).transpose(1, 2).reshape(b, n, -1)
+        z = z + hv @ blk.attn.out_proj.weight.t() + blk.attn.out_proj.bias
+        out[idx] = z[:, 1:]
+    return {k: F.normalize(clip.visual.ln_post(v) @ clip.visual.proj, dim=-1) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("attn_type", ATTN_TYPES)
+def test_eattn_equals_explicit_softmax(images, attn_type):
+    model = create_model("tiny", attn_type=attn_type, feature_layers=(2, 3, 4))
+    with torch.no_grad():
+        sets = model.encode_images(images).patch_sets
+        ref = _explicit_eattn_sets(model, images, attn_type)
+    for i, layer in enumerate((2, 3, 4)):
+        torch.testing.assert_close(sets[i], ref[layer], atol=1e-5, rtol=1e-5)
+
+
+def test_text_features_equal_encode_text_of_template():
+    model = create_model("tiny", n_deep=0)
+    clip = clip_of(model)
+    tok = open_clip.get_tokenizer(model.cfg.clip_model)
+    x_id = tok(["X"])[0, 1]
+    with torch.no_grad():
+        x_emb = clip.token_embedding.weight[x_id]
+        model.prompt_learner.ctx_pos.copy_(x_emb.expand_as(model.prompt_learner.ctx_pos))
+        model.prompt_learner.ctx_neg.copy_(x_emb.expand_as(model.prompt_learner.ctx_neg))
+        ours = model.text_features()
+        ref = clip.encode_text(
+            tok(["X X X X X X X X X X X X object.", "X X X X X X X X X X X X damaged object."]),
+            normalize=True,
+        )
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_deep_tokens_change_text_and_are_fp16_rounded():
+    model = create_model("tiny")
+    with torch.no_grad():
+        base = model.text_features()
+        # Moving a deep token by less than fp16 resolution changes nothing (reference quirk).
+        tok = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)).half().float()
+        model.prompt_learner.compound_prompts_text[0].copy_(tok)
+        a = model.text_features()
+        # 1e-5 relative is below fp16's resolution (about 5e-4 relative)
+        model.prompt_learner.compound_prompts_text[0].copy_(tok * (1 + 1e-5))
+        b = model.text_features()
+        model.prompt_learner.compound_prompts_text[0].copy_(torch.randn(4, 64))
+        c = model.text_features()
+    assert not torch.allclose(base, a)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_image_context_inserts_one_token_and_shifts_eot():
+    model = create_model("tiny")
+    pl = model.prompt_learner
+    g = F.normalize(torch.randn(2, 64), dim=-1)
+    emb, eot = pl.prompts(g)
+    emb0, eot0 = pl.prompts()
+    assert emb.shape == (2, 2, 77, 64)
+    assert torch.equal(eot, (eot0 + 1).expand(2, 2))
+    n = model.cfg.n_ctx
+    assert torch.equal(emb[1, 0, 1 + n], g[1])  # right after the learnable tokens
+    assert torch.equal(emb[0, 1, 2 + n :], emb0[1, 1 + n : -1])  # suffix shifted by one
+
+
+def test_dattn_per_image_independent_of_batch(images):
+    model = create_model("tiny+")
+    with torch.no_grad():
+        alone = model(images[:1])
+        together = model(images)
+    torch.testing.assert_close(alone.anomaly_maps[0], together.anomaly_maps[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(alone.image_scores[0], together.image_scores[0], atol=1e-6, rtol=1e-5)
+
+
+def test_dattn_batch_scope_matches_reference_formula_by_hand():
+    # Two images, three 2-d tokens each (already unit norm).
+    f = torch.tensor(
+        [[[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]], [[1.0, 0.0], [1.0, 0.0], [0.8, 0.6]]]
+    )
+    s = torch.einsum("bmc,bnc->bmn", f, f)
+    # Reference: mean over the whole batch tensor, S' = 3(S - 1.2 mean), S' < 0 -> -inf.
+    m = s.mean()
+    sp = 3 * (s - 1.2 * m)
+    sp[sp < 0] = float("-inf")
+    ref = torch.softmax(sp, -1)
+    ours = dattn_weights(f, 3.0, 1.2, "batch")
+    torch.testing.assert_close(ours, ref)
+    # Worked value: image 0, row 0 keeps S=1 and S=0.6 (mean = 0.7533.. → cut at 0.904):
+    assert float(m) == pytest.approx((1 + 0 + 0.6 + 0 + 1 + 0.8 + 0.6 + 0.8 + 1 + 1 + 1 + 0.8 + 1 + 1 + 0.8 + 0.8 + 0.8 + 1) / 18)
+    assert ours[0, 0, 1] == 0 and ours[0, 0, 2] == 0 and ours[0, 0, 0] == 1
+    # Per-image scope differs for image 0 (its own mean is lower) and never depends on image 1.
+    per = dattn_weights(f, 3.0, 1.2, "image")
+    torch.testing.assert_close(per[:1], dattn_weights(f[:1], 3.0, 1.2, "image"))
+    assert not torch.allclose(per, ours)
+
+
+def test_only_prompts_get_gradients(images):
+    model = create_model("tiny+")
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("prompt_learner")}
+    opt = torch.optim.Adam(model.trainable_parameters(), lr=1e-2)
+    vis = model.encode_images(images)
+    out = model.forward_train(vis)
+    loss = out.patch_logits.softmax(-1)[..., 1].mean() + F.cross_entropy(out.image_logits, torch.tensor([0, 1, 1]))
+    loss.backward()
+    trainable = {id(p) for p in model.trainable_parameters()}
+    for name, p in model.named_parameters():
+        if id(p) in trainable:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None and not p.requires_grad, name
+    opt.step()
+    after = model.state_dict()
+    for k, v in before.items():
+        assert torch.equal(v, after[k]), k
+    assert sum(p.numel() for p in model.trainable_parameters()) == 2 * 12 * 64 + 2 * 4 * 64
+
+
+def test_full_size_trainable_count_matches_spec():
+    # 43,008 = 2*12*768 + 8*4*768 (SPEC §4); counted from the config, no model built.
+    cfg = get_config("crane+")
+    assert 2 * cfg.n_ctx * 768 + cfg.n_deep * cfg.deep_len * 768 == 43008
+
+
+@pytest.mark.parametrize("shape", [(518, 518), (37, 37), (5, 40), (2, 3, 64, 64)])
+def test_torch_gaussian_matches_scipy(shape):
+    rng = np.random.default_rng(0)
+    x = rng.random(shape)
+    ours = scoring.gaussian_blur(torch.from_numpy(x), sigma=4).numpy()
+    if len(shape) == 2:
+        ref = gaussian_filter(x, sigma=4)
+    else:  # scipy on each map, as the reference does
+        ref = np.stack([[gaussian_filter(m, sigma=4) for m in row] for row in x])
+    np.testing.assert_allclose(ours, ref, atol=1e-12)
+    ours32 = scoring.gaussian_blur(torch.from_numpy(x).float(), sigma=4).numpy()
+    np.testing.assert_allclose(ours32, ref, atol=1e-5)
+
+
+def test_map_combinations_match_reference_order():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 16, 2, generator=g) * 3
+    up = lambda t: F.interpolate(t.view(-1, 1, 4, 4), size=(12, 12), mode="bilinear", align_corners=False).view(2, 3, 12, 12)  # noqa: E731
+    soft = torch.stack([up(torch.softmax(logits, -1)[..., c]) for c in range(2)], -1).mean(0)[..., 1]
+    torch.testing.assert_close(scoring.anomaly_map(logits, 12, "soft_mean"), soft)
+    lm = torch.stack([up(logits[..., c]) for c in range(2)], -1).mean(0).softmax(-1)[..., 1]
+    torch.testing.assert_close(scoring.anomaly_map(logits, 12, "logit_mean"), lm)
+
+
+def test_outputs_in_unit_interval_and_shapes(tiny_plus, images):
+    with torch.no_grad():
+        out = tiny_plus(images)
+    assert out.anomaly_maps.shape == (3, 224, 224)
+    assert out.image_scores.shape == (3,)
+    for t in (out.anomaly_maps, out.image_scores):
+        assert torch.isfinite(t).all() and t.min() >= 0 and t.max() <= 1
+
+
+def test_static_text_cache_tracks_prompt_changes(images):
+    model = create_model("tiny")
+    with torch.no_grad():
+        a = model.static_text_features()
+        assert model.static_text_features() is a
+        model.prompt_learner.ctx_neg.add_(0.5)
+        b = model.static_text_features()
+    assert not torch.allclose(a, b)
+    torch.testing.assert_close(b, model.text_features())
+
+
+def test_checkpoint_round_trip_exact(tmp_path, images):
+    model = create_model("tiny+", seed=0)
+    with torch.no_grad():
+        for p in model.prompt_learner.parameters():
+            p.add_(torch.randn_like(p))
+    model.image_threshold = 0.37
+    save_model(model, tmp_path / "run", epoch=3)
+    loaded = create_model(str(tmp_path / "run"))
+    for (k, a), (_, b) in zip(model.prompt_learner.state_dict().items(), loaded.prompt_learner.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert loaded.image_threshold == 0.37 and loaded.cfg == model.cfg
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images).anomaly_maps, model(images).anomaly_maps, atol=0, rtol=0)
+    with pytest.raises(CheckpointError, match="already holds"):
+        save_model(model, tmp_path / "run")
+    # safetensors + JSON only: nothing to unpickle
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json", "prompts.safetensors"]
+
+
+def test_checkpoint_shape_mismatch_is_clear(tmp_path):
+    small = create_model("tiny")
+    save_model(small, tmp_path / "t")
+    with pytest.raises(CheckpointError, match="do not fit"):
+        create_model("tiny", n_ctx=6, prompts=str(tmp_path / "t"))
