@@ -1,0 +1,183 @@
+"""A torch Dataset over a meta.json index (SPEC §2 preprocessing, §8 format).
+
+Error handling design: files are decoded lazily in ``__getitem__`` (a pre-scan would
+decode every image twice). With ``on_error="raise"`` a bad sample raises
+:class:`~crane.errors.ImageReadError` / :class:`~crane.errors.DatasetError` naming the
+file(s). With ``on_error="skip"`` it is logged and ``__getitem__`` returns ``None``; use
+:func:`collate_skip_none` as the DataLoader's ``collate_fn`` to drop those entries.
+Files that do not exist at all are detected up front: an error in "raise" mode, dropped
+with one warning in "skip" mode.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset, default_collate
+
+from crane.constants import DEFAULT_IMAGE_SIZE, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from crane.data.imageio import open_image, open_mask
+from crane.data.meta import (
+    SPLITS,
+    Meta,
+    Sample,
+    format_problem_list,
+    read_meta,
+    sample_missing_files,
+)
+from crane.data.transforms import empty_mask, image_to_tensor, mask_to_tensor
+from crane.errors import CraneError, DatasetError
+
+logger = logging.getLogger(__name__)
+
+ON_ERROR = ("raise", "skip")
+
+
+class AnomalyDataset(Dataset):
+    """Samples of one split of a meta.json dataset, preprocessed for the model.
+
+    Each item is a dict:
+      ``image``  float32 (3, S, S), CLIP-normalised;
+      ``mask``   float32 (1, S, S) of 0/1 (all zeros when the sample has no mask);
+      ``label``  int, 0 normal / 1 anomalous;
+      ``cls_name``, ``specie_name`` str;
+      ``path``   str, the image path joined to the root; ``mask_path`` str ("" if none).
+
+    Args:
+        root: dataset root holding meta.json.
+        split: "train" or "test".
+        classes: keep only these classes (default: all, in meta.json order).
+        image_size: S, the square model input size.
+        on_error: "raise" or "skip" (see the module docstring).
+        mean, std: normalisation (CLIP by default; ``None`` for [0, 1] pixels).
+        meta: an already loaded index to use instead of reading ``<root>/meta.json``.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        split: str = "test",
+        classes: Iterable[str] | None = None,
+        image_size: int = DEFAULT_IMAGE_SIZE,
+        on_error: str = "raise",
+        mean: Sequence[float] | None = OPENAI_CLIP_MEAN,
+        std: Sequence[float] | None = OPENAI_CLIP_STD,
+        meta: Meta | None = None,
+    ) -> None:
+        if split not in SPLITS:
+            raise DatasetError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        if on_error not in ON_ERROR:
+            raise DatasetError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
+        if int(image_size) <= 0:
+            raise DatasetError(f"image_size must be positive, got {image_size}")
+        self.root = Path(root)
+        self.split = split
+        self.image_size = int(image_size)
+        self.on_error = on_error
+        self.mean, self.std = mean, std
+        if meta is None:
+            meta = read_meta(self.root, check_files=False)
+        by_class = meta.get(split, {})
+        if classes is None:
+            wanted = list(by_class)
+        else:
+            wanted = list(dict.fromkeys(classes))
+            unknown = [c for c in wanted if c not in by_class]
+            if unknown:
+                raise DatasetError(
+                    f"class(es) {', '.join(map(repr, unknown))} not in the {split} split of "
+                    f"{self.root}; available: {', '.join(by_class) or '(none)'}"
+                )
+        samples = [s for cls in wanted for s in by_class[cls]]
+        self.samples: list[Sample] = self._drop_missing(samples)
+        self.class_names: list[str] = wanted
+
+    def _drop_missing(self, samples: list[Sample]) -> list[Sample]:
+        kept, missing = [], []
+        for s in samples:
+            absent = sample_missing_files(s, self.root)
+            if absent:
+                missing += [f"{s.cls_name}: {p!r} not found" for p in absent]
+            else:
+                kept.append(s)
+        if missing:
+            header = f"{self.split} split of {self.root}: files missing"
+            if self.on_error == "raise":
+                raise DatasetError(format_problem_list(header, missing))
+            logger.warning(
+                format_problem_list(
+                    f"{header}; {len(samples) - len(kept)} sample(s) skipped", missing
+                )
+            )
+        return kept
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        if self.on_error == "raise":
+            return self.load(index)
+        try:
+            return self.load(index)
+        except CraneError as exc:
+            logger.warning("skipping sample %d: %s", index, exc)
+            return None
+
+    def load(self, index: int) -> dict[str, Any]:
+        """Load item ``index``, raising on any problem whatever ``on_error`` says."""
+        s = self.samples[index]
+        img_file = self.root / s.img_path
+        image = open_image(img_file)
+        if s.mask_path:
+            mask_file = self.root / s.mask_path
+            fg = open_mask(mask_file)
+            width, height = image.size
+            if fg.shape != (height, width):
+                # Resizing would silently misalign the ground truth; refuse instead.
+                raise DatasetError(
+                    f"mask {mask_file} is {fg.shape[1]}x{fg.shape[0]} but its image "
+                    f"{img_file} is {width}x{height} (width x height)"
+                )
+            mask = mask_to_tensor(fg, self.image_size)
+        else:
+            mask = empty_mask(self.image_size)
+        return {
+            "image": image_to_tensor(image, self.image_size, self.mean, self.std),
+            "mask": mask,
+            "label": int(s.anomaly),
+            "cls_name": s.cls_name,
+            "specie_name": s.specie_name,
+            "path": str(img_file),
+            "mask_path": str(self.root / s.mask_path) if s.mask_path else "",
+        }
+
+    @staticmethod
+    def collate_fn(batch: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+        """Same as :func:`collate_skip_none`."""
+        return collate_skip_none(batch)
+
+
+def collate_skip_none(batch: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """``default_collate`` after dropping ``None`` items; ``None`` if nothing is left.
+
+    ``label`` becomes an int64 tensor, ``image``/``mask`` stacked tensors, strings lists.
+    """
+    kept = [item for item in batch if item is not None]
+    if not kept:
+        return None
+    return default_collate(kept)
+
+
+def class_counts(dataset: AnomalyDataset) -> dict[str, tuple[int, int]]:
+    """``{class: (normal, anomalous)}`` of a dataset's samples."""
+    out: dict[str, list[int]] = {}
+    for s in dataset.samples:
+        out.setdefault(s.cls_name, [0, 0])[s.anomaly] += 1
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+__all__ = ["AnomalyDataset", "class_counts", "collate_skip_none"]

@@ -1,0 +1,126 @@
+"""Decoding image and mask files robustly (no torch here, so the CLI stays light).
+
+The reference pipeline resizes the *decoded* PIL image and only then converts it to RGB
+(open_clip's ``image_transform``: Resize -> CenterCrop -> convert("RGB") -> ToTensor).
+For palette (P) and alpha (RGBA/LA) images the order changes the pixels, so
+:func:`open_image` keeps those modes as decoded and leaves the conversion to
+:func:`crane.data.transforms.image_to_tensor`. Modes the reference would mangle are
+normalised here instead: 16/32-bit greyscale is scaled to 8 bits (``convert("RGB")``
+would clip it to white) and CMYK/YCbCr/LAB/HSV are converted to RGB.
+
+EXIF orientation is deliberately *not* applied: masks are drawn on the stored pixel
+grid and the reference never transposes either.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from crane.errors import ImageReadError
+
+#: File extensions treated as images when scanning dataset folders (compared lower-case).
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+
+# Modes the reference pipeline resizes natively; kept as decoded (see module docstring).
+_NATIVE_MODES = frozenset({"1", "L", "P", "RGB", "RGBA", "LA"})
+_INT_GREY_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
+
+PathLike = str | os.PathLike[str]
+
+
+def is_image_file(path: PathLike) -> bool:
+    """True for a non-hidden file name with one of :data:`IMAGE_EXTENSIONS`."""
+    name = os.path.basename(os.fspath(path))
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _decode(path: PathLike, what: str) -> Image.Image:
+    """Open and fully decode ``path`` (first frame), turning every failure into ImageReadError."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            # load() forces the decoder to run now, so truncated/corrupt data fails here and
+            # not later inside a DataLoader worker with an unrelated traceback.
+            im.load()
+            return im
+    except FileNotFoundError as exc:
+        raise ImageReadError(f"{what} file not found: {path}") from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, zlib.error, ...
+        reason = str(exc) or type(exc).__name__
+        raise ImageReadError(f"cannot read {what} {path}: {reason}") from exc
+
+
+def _grey_to_uint8(im: Image.Image) -> Image.Image:
+    """Scale a 16/32-bit integer or float greyscale image to an 8-bit L image."""
+    arr = np.asarray(im)
+    if im.mode == "F":
+        arr = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        # Float images carry no range; [0, 1] is the common convention, else assume 8-bit.
+        scale = 255.0 if arr.size and arr.max() <= 1.0 else 1.0
+        out = np.rint(np.clip(arr * scale, 0, 255))
+    else:
+        # Full 16-bit range onto 8 bits (65535 / 255 = 257 exactly), like cv2/ImageMagick;
+        # a fixed mapping keeps the result independent of image content.
+        out = np.rint(np.clip(arr.astype(np.float64), 0, 65535) / 257.0)
+    return Image.fromarray(out.astype(np.uint8))
+
+
+def open_image(path: PathLike) -> Image.Image:
+    """Decode an image for the model pipeline (see the module docstring for the mode policy).
+
+    Returns a loaded PIL image in one of the modes 1, L, P, RGB, RGBA, LA. Raises
+    :class:`~crane.errors.ImageReadError` naming the file if it is missing or cannot be
+    decoded (corrupt, truncated, not an image).
+    """
+    return normalize_mode(_decode(path, "image"))
+
+
+def normalize_mode(im: Image.Image) -> Image.Image:
+    """Bring an image into one of the modes the pipeline resizes natively (see module doc).
+
+    1, L, P, RGB, RGBA and LA are returned unchanged; 16/32-bit and float greyscale are
+    scaled to 8-bit L; PA becomes RGBA; anything else (CMYK, YCbCr, ...) becomes RGB.
+    """
+    if im.mode in _NATIVE_MODES:
+        return im
+    if im.mode in _INT_GREY_MODES or im.mode == "F":
+        return _grey_to_uint8(im)
+    if im.mode == "PA":
+        return im.convert("RGBA")
+    return im.convert("RGB")  # CMYK, YCbCr, LAB, HSV, RGBX, ...
+
+
+def load_image(path: PathLike) -> Image.Image:
+    """Decode an image as 8-bit RGB (for display and overlays).
+
+    For model input use :func:`crane.data.transforms.read_image_tensor`, which resizes
+    before converting to RGB exactly as the reference does.
+    """
+    im = open_image(path)
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def binarize_mask(im: Image.Image) -> np.ndarray:
+    """Boolean (H, W) foreground of a mask image: any colour channel > 0.
+
+    Greyscale and 16-bit masks are thresholded directly; palette masks by their palette
+    colour; alpha channels are ignored (the reference converts masks to L, dropping it).
+    """
+    mode = im.mode
+    if mode in _INT_GREY_MODES or mode in ("1", "L", "F"):
+        return np.asarray(im) > 0
+    if mode == "LA":
+        return np.asarray(im)[..., 0] > 0
+    rgb = im if mode == "RGB" else im.convert("RGB")
+    return np.asarray(rgb).max(axis=-1) > 0
+
+
+def open_mask(path: PathLike) -> np.ndarray:
+    """Decode a mask file into a boolean (H, W) array (:func:`binarize_mask`)."""
+    return binarize_mask(_decode(path, "mask"))

@@ -1,0 +1,443 @@
+"""Original-layout scanners, on miniature trees written into tmp_path."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from data_fixtures import (
+    counts,
+    make_mvtec_class,
+    samples_of,
+    write_blank_mask,
+    write_image,
+    write_mask,
+)
+
+from crane.data.layouts import (
+    DTD_CLASSES,
+    MPDD_CLASSES,
+    get_layout,
+    list_layouts,
+    prepare,
+)
+from crane.data.meta import read_meta, validate_meta, write_meta
+from crane.errors import DatasetError
+
+ALL_NAMES = [
+    "mvtec", "visa", "mpdd", "btad", "sdd", "dagm", "dtd", "headct", "brainmri", "br35h",
+    "isic", "tn3k", "cvc-colondb", "cvc-clinicdb", "generic",
+]  # fmt: skip
+
+
+def mask_stem_matches(sample, suffix: str = "_mask") -> bool:
+    return Path(sample.mask_path).stem.lower() == (Path(sample.img_path).stem + suffix).lower()
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_registry_lists_every_dataset_with_a_layout():
+    layouts = list_layouts()
+    assert [lay.name for lay in layouts] == ALL_NAMES
+    for lay in layouts:
+        assert lay.title and lay.layout.strip()
+    assert get_layout("MVTec").name == "mvtec"
+    assert get_layout("cvc_clinicdb").name == "cvc-clinicdb"
+    assert len(get_layout("mvtec").classes) == 15
+    assert len(get_layout("visa").classes) == 12
+    assert get_layout("dtd").classes[0] == "Woven_001"
+
+
+def test_unknown_dataset_lists_known_names(tmp_path):
+    with pytest.raises(DatasetError, match="unknown dataset 'mvtek'.*mvtec.*cvc-clinicdb"):
+        prepare("mvtek", tmp_path)
+
+
+def test_missing_and_empty_roots(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        prepare("mvtec", tmp_path / "absent")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DatasetError, match="not a directory"):
+        prepare("mvtec", tmp_path / "file")
+    for name in ALL_NAMES:
+        empty = tmp_path / f"empty-{name}"
+        empty.mkdir()
+        with pytest.raises(DatasetError, match="expected"):
+            prepare(name, empty)
+
+
+def test_class_folder_without_images_is_an_error(tmp_path):
+    (tmp_path / "bottle" / "test" / "good").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="found no images"):
+        prepare("mvtec", tmp_path)
+
+
+def test_bad_policy_name(tmp_path):
+    with pytest.raises(DatasetError, match="missing_mask must be one of"):
+        prepare("mvtec", tmp_path, missing_mask="ignore")
+
+
+# --------------------------------------------------------------------------- MVTec family
+
+
+def test_mvtec_pairs_masks_by_name_not_sorted_position(tmp_path, caplog):
+    # Sorted listings disagree here: images 1, 10, 2 vs masks 10_mask, 1_mask, 2_mask
+    # ('0' < '_'), so pairing by position would give 1.png the mask of 10.png.
+    make_mvtec_class(tmp_path, "bottle", defects={"broken_large": ["1", "10", "2"]})
+    make_mvtec_class(
+        tmp_path,
+        "screw",
+        train=["000"],
+        defects={"scratch_head": ["000"], "thread_top": ["005", "006"]},
+    )
+    with caplog.at_level(logging.WARNING):
+        meta = prepare("mvtec", tmp_path)
+    assert "cable" in caplog.text  # absent classes are reported
+    assert list(meta["test"]) == ["bottle", "screw"]
+    assert counts(meta, "train", "bottle") == (3, 0)
+    assert counts(meta, "test", "bottle") == (2, 3)
+    assert counts(meta, "test", "screw") == (2, 3)
+    for split in ("train", "test"):
+        for cls in ("bottle", "screw"):
+            for s in samples_of(meta, split, cls):
+                assert s.cls_name == cls
+                if s.anomaly:
+                    assert mask_stem_matches(s), s
+                    assert s.mask_path.startswith(f"{cls}/ground_truth/{s.specie_name}/")
+                else:
+                    assert s.mask_path == "" and s.specie_name == "good"
+    bad = {s.img_path: s.mask_path for s in meta["test"]["bottle"] if s.anomaly}
+    assert bad["bottle/test/broken_large/1.png"] == "bottle/ground_truth/broken_large/1_mask.png"
+    assert bad["bottle/test/broken_large/10.png"] == "bottle/ground_truth/broken_large/10_mask.png"
+    # The result is a valid, writable index.
+    write_meta(tmp_path, meta)
+    assert read_meta(tmp_path) == meta
+
+
+def test_missing_mask_policies(tmp_path, caplog):
+    # 001 has no mask: position-based pairing would give it 002's mask.
+    make_mvtec_class(
+        tmp_path,
+        "bottle",
+        defects={"crack": ["000", "001", "002"]},
+        masks={"crack": ["000", "002"]},
+    )
+    with pytest.raises(DatasetError) as info:
+        prepare("mvtec", tmp_path)
+    assert "1 problem" in str(info.value) and "bottle/test/crack/001.png" in str(info.value)
+
+    with caplog.at_level(logging.WARNING):
+        meta = prepare("mvtec", tmp_path, missing_mask="skip")
+    assert "bottle/test/crack/001.png" in caplog.text
+    bad = [s for s in meta["test"]["bottle"] if s.anomaly]
+    assert [(Path(s.img_path).name, Path(s.mask_path).name) for s in bad] == [
+        ("000.png", "000_mask.png"),
+        ("002.png", "002_mask.png"),
+    ]
+
+    meta = prepare("mvtec", tmp_path, missing_mask="warn")
+    bad = {Path(s.img_path).name: s.mask_path for s in meta["test"]["bottle"] if s.anomaly}
+    assert bad == {
+        "000.png": "bottle/ground_truth/crack/000_mask.png",
+        "001.png": "",
+        "002.png": "bottle/ground_truth/crack/002_mask.png",
+    }
+
+
+def test_unused_masks_are_reported(tmp_path, caplog):
+    make_mvtec_class(
+        tmp_path, "bottle", defects={"crack": ["000"]}, masks={"crack": ["000", "007"]}
+    )
+    with caplog.at_level(logging.WARNING):
+        meta = prepare("mvtec", tmp_path)
+    assert "007_mask.png" in caplog.text
+    assert counts(meta, "test", "bottle") == (2, 1)
+
+
+@pytest.mark.parametrize(("name", "cls"), [("mpdd", MPDD_CLASSES[0]), ("dtd", DTD_CLASSES[3])])
+def test_mvtec_layout_datasets(tmp_path, name, cls):
+    make_mvtec_class(tmp_path, cls, defects={"bad": ["000", "001", "002"]})
+    make_mvtec_class(tmp_path, "not_a_class", defects={"bad": ["000"]})  # ignored
+    meta = prepare(name, tmp_path)
+    assert list(meta["test"]) == [cls]
+    assert counts(meta, "train", cls) == (3, 0)
+    assert counts(meta, "test", cls) == (2, 3)
+    assert all(mask_stem_matches(s) for s in meta["test"][cls] if s.anomaly)
+
+
+def test_btad_ok_ko_with_mixed_extensions(tmp_path):
+    # Class 01: bmp images with png masks; class 03: bmp masks. Masks share the image name.
+    make_mvtec_class(
+        tmp_path,
+        "01",
+        normal="ok",
+        defects={"ko": ["0000", "0001"]},
+        img_ext=".bmp",
+        mask_name="{stem}.png",
+    )
+    make_mvtec_class(
+        tmp_path,
+        "03",
+        normal="ok",
+        train=["0000"],
+        test_good=["0005"],
+        defects={"ko": ["0003"]},
+        mask_name="{stem}.bmp",
+    )
+    meta = prepare("btad", tmp_path)
+    assert counts(meta, "train", "01") == (3, 0) and counts(meta, "test", "01") == (2, 2)
+    assert counts(meta, "train", "03") == (1, 0) and counts(meta, "test", "03") == (1, 1)
+    for cls in ("01", "03"):
+        for s in meta["test"][cls]:
+            assert s.specie_name == ("ko" if s.anomaly else "ok")
+            if s.anomaly:
+                assert mask_stem_matches(s, suffix="")
+    bad = [s for s in meta["test"]["03"] if s.anomaly]
+    assert [s.mask_path for s in bad] == ["03/ground_truth/ko/0003.bmp"]
+
+
+def test_sdd_original_kolektor_layout(tmp_path):
+    for kos, parts in (("kos01", {0: False, 1: True}), ("kos02", {0: True, 3: False, 7: False})):
+        for part, defective in parts.items():
+            write_image(tmp_path / kos / f"Part{part}.jpg", size=(20, 50))
+            if defective:
+                write_mask(
+                    tmp_path / kos / f"Part{part}_label.bmp", size=(20, 50), box=(5, 10, 9, 30)
+                )
+            else:
+                write_blank_mask(tmp_path / kos / f"Part{part}_label.bmp", size=(20, 50))
+    meta = prepare("sdd", tmp_path)
+    assert list(meta["test"]) == ["SDD"] and meta["train"] == {}
+    assert counts(meta, "test", "SDD") == (3, 2)
+    for s in meta["test"]["SDD"]:
+        if s.anomaly:
+            assert s.mask_path == s.img_path.replace(".jpg", "_label.bmp")
+            assert s.specie_name == "defect"
+        else:
+            assert s.mask_path == ""
+    (tmp_path / "kos02" / "Part3_label.bmp").unlink()
+    with pytest.raises(DatasetError, match="kos02/Part3.jpg"):
+        prepare("sdd", tmp_path)
+
+
+def test_sdd_converted_layout(tmp_path):
+    make_mvtec_class(tmp_path, "SDD", defects={"defect": ["kos01_Part1_0", "kos10_Part5_2"]})
+    meta = prepare("sdd", tmp_path)
+    assert counts(meta, "train", "SDD") == (3, 0)
+    assert counts(meta, "test", "SDD") == (2, 2)
+
+
+def test_dagm_labels_define_anomalies(tmp_path):
+    cls = tmp_path / "Class3"
+    for split, stems, labelled in (
+        ("Train", ["0001", "0002", "0003"], ["0002"]),
+        ("Test", ["0001", "0010", "0100", "1000"], ["1000", "0010"]),
+    ):
+        for stem in stems:
+            write_image(cls / split / f"{stem}.PNG", fmt="PNG")
+        for stem in labelled:
+            write_mask(cls / split / "Label" / f"{stem}_label.PNG")
+        (cls / split / "Label" / "Labels.txt").write_text("not an image\n")
+    write_image(tmp_path / "Class7" / "Test" / "0001.PNG", fmt="PNG")
+    meta = prepare("dagm", tmp_path)
+    assert list(meta["test"]) == ["Class3", "Class7"]
+    assert counts(meta, "train", "Class3") == (2, 1)
+    assert counts(meta, "test", "Class3") == (2, 2)
+    assert counts(meta, "test", "Class7") == (1, 0)
+    bad = {s.img_path: s.mask_path for s in meta["test"]["Class3"] if s.anomaly}
+    assert bad == {
+        "Class3/Test/0010.PNG": "Class3/Test/Label/0010_label.PNG",
+        "Class3/Test/1000.PNG": "Class3/Test/Label/1000_label.PNG",
+    }
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_headct_labels_csv(tmp_path, nested):
+    img_dir = tmp_path / "head_ct" / "head_ct" if nested else tmp_path / "head_ct"
+    labels = {0: 1, 1: 1, 7: 0, 42: 0, 150: 1}
+    for i in labels:
+        write_image(img_dir / f"{i:03d}.png", mode="L")
+    write_image(img_dir / "999.png", mode="L")  # not in labels.csv: ignored
+    rows = "\n".join(f"{i},{v}" for i, v in labels.items())
+    (tmp_path / "labels.csv").write_text(f"id, hemorrhage\n{rows}\n")
+    meta = prepare("headct", tmp_path)
+    assert list(meta["test"]) == ["brain"]
+    assert counts(meta, "test", "brain") == (2, 3)
+    rel = img_dir.relative_to(tmp_path).as_posix()
+    got = {s.img_path: s.anomaly for s in meta["test"]["brain"]}
+    assert got == {f"{rel}/{i:03d}.png": v for i, v in labels.items()}
+    assert all(s.mask_path == "" for s in meta["test"]["brain"])
+
+
+def test_headct_missing_image_is_an_error(tmp_path):
+    write_image(tmp_path / "head_ct" / "000.png")
+    (tmp_path / "labels.csv").write_text("id,hemorrhage\n0,1\n5,0\n")
+    with pytest.raises(DatasetError, match="no image for id 5"):
+        prepare("headct", tmp_path)
+
+
+def test_brainmri_and_br35h_folders(tmp_path):
+    base = tmp_path / "mri" / "brain_tumor_dataset"
+    for name in ("1 no.jpeg", "N2.JPG", "no 3.jpg"):
+        write_image(base / "no" / name, fmt="JPEG")
+    for name in ("Y1.jpg", "Y2.png"):
+        write_image(base / "yes" / name)
+    meta = prepare("brainmri", tmp_path / "mri")
+    assert counts(meta, "test", "brain") == (3, 2)
+    assert {s.specie_name for s in meta["test"]["brain"]} == {"no", "yes"}
+    assert all(s.img_path.startswith("brain_tumor_dataset/") for s in meta["test"]["brain"])
+
+    br = tmp_path / "br35h"
+    for i in range(4):
+        write_image(br / "no" / f"no{i}.jpg", fmt="JPEG")
+    for i in range(3):
+        write_image(br / "yes" / f"y{i}.jpg", fmt="JPEG")
+    write_image(br / "pred" / "pred0.jpg", fmt="JPEG")  # unlabelled: ignored
+    meta = prepare("br35h", br)
+    assert counts(meta, "test", "brain") == (4, 3)
+    assert not any("pred" in s.img_path for s in meta["test"]["brain"])
+
+
+def test_isic_segmentation_masks(tmp_path):
+    data = tmp_path / "ISBI2016_ISIC_Part1_Test_Data"
+    gt = tmp_path / "ISBI2016_ISIC_Part1_Test_GroundTruth"
+    for i in (3, 12, 100):
+        write_image(data / f"ISIC_{i:07d}.jpg", fmt="JPEG")
+    for i in (100, 12, 3):
+        write_mask(gt / f"ISIC_{i:07d}_Segmentation.png")
+    meta = prepare("isic", tmp_path)
+    assert counts(meta, "test", "skin") == (0, 3)
+    assert all(mask_stem_matches(s, "_Segmentation") for s in meta["test"]["skin"])
+    (gt / "ISIC_0000012_Segmentation.png").unlink()
+    with pytest.raises(DatasetError, match="ISIC_0000012.jpg"):
+        prepare("isic", tmp_path)
+
+
+def test_tn3k_same_stem(tmp_path):
+    for stem in ("0000", "0001", "0010"):
+        write_image(tmp_path / "test-image" / f"{stem}.jpg", fmt="JPEG")
+        write_mask(tmp_path / "test-mask" / f"{stem}.jpg")
+    meta = prepare("tn3k", tmp_path)
+    assert counts(meta, "test", "thyroid") == (0, 3)
+    assert all(mask_stem_matches(s, "") for s in meta["test"]["thyroid"])
+    assert meta["train"] == {}
+
+
+def test_cvc_colondb_extensions_differ(tmp_path):
+    # Image 1.tif's mask is 1.png; sorted-position pairing would misalign 10/2.
+    for stem in ("1", "10", "2"):
+        write_image(tmp_path / "images" / f"{stem}.tif", fmt="TIFF")
+        write_mask(tmp_path / "masks" / f"{stem}.png")
+    meta = prepare("cvc-colondb", tmp_path)
+    assert counts(meta, "test", "colon") == (0, 3)
+    pairs = {s.img_path: s.mask_path for s in meta["test"]["colon"]}
+    assert pairs == {f"images/{s}.tif": f"masks/{s}.png" for s in ("1", "10", "2")}
+
+
+def test_cvc_clinicdb_original_folder_names(tmp_path):
+    for stem in ("1", "2"):
+        write_image(tmp_path / "Original" / f"{stem}.tif", fmt="TIFF")
+        write_mask(tmp_path / "Ground Truth" / f"{stem}.tif")
+    meta = prepare("cvc-clinicdb", tmp_path)
+    assert counts(meta, "test", "colon") == (0, 2)
+    assert meta["test"]["colon"][0].mask_path == "Ground Truth/1.tif"
+
+
+def test_ambiguous_masks_are_an_error(tmp_path):
+    write_image(tmp_path / "images" / "1.png")
+    write_mask(tmp_path / "masks" / "1.png")
+    write_mask(tmp_path / "masks" / "1.tif")
+    with pytest.raises(DatasetError, match="ambiguous masks"):
+        prepare("cvc-colondb", tmp_path)
+
+
+def test_generic_multi_class(tmp_path):
+    make_mvtec_class(tmp_path, "widget", defects={"dent": ["a", "b"], "hole": ["c"]})
+    # A class without ground_truth/: image-level labels only.
+    make_mvtec_class(tmp_path, "gadget", defects={"bad": ["x"]}, masks={})
+    (tmp_path / "notes").mkdir()  # no test/: not a class
+    meta = prepare("generic", tmp_path)
+    assert list(meta["test"]) == ["gadget", "widget"]
+    assert counts(meta, "test", "widget") == (2, 3)
+    assert all(mask_stem_matches(s) for s in meta["test"]["widget"] if s.anomaly)
+    assert counts(meta, "test", "gadget") == (2, 1)
+    assert all(s.mask_path == "" for s in meta["test"]["gadget"])
+
+
+def test_generic_single_class_tree(tmp_path):
+    root = tmp_path / "my_part"
+    make_mvtec_class(
+        tmp_path, "my_part", defects={"scratch": ["0", "1"]}, mask_name="{stem}.png"
+    )  # same-name masks are accepted too
+    meta = prepare("generic", root)
+    assert list(meta["test"]) == ["my_part"]
+    assert counts(meta, "train", "my_part") == (3, 0)
+    assert counts(meta, "test", "my_part") == (2, 2)
+    assert meta["test"]["my_part"][-1].img_path == "test/scratch/1.png"
+    assert meta["test"]["my_part"][-1].mask_path == "ground_truth/scratch/1.png"
+
+
+def test_generic_missing_defect_masks_folder(tmp_path):
+    make_mvtec_class(
+        tmp_path, "widget", defects={"dent": ["a"], "hole": ["b"]}, masks={"dent": ["a"]}
+    )
+    with pytest.raises(DatasetError, match="widget/test/hole/b.png"):
+        prepare("generic", tmp_path)
+
+
+# --------------------------------------------------------------------------- VisA
+
+
+def make_visa(root: Path, rows: list[tuple[str, str, str, str]]) -> None:
+    """rows: (object, split, label, stem); writes the files and split_csv/1cls.csv."""
+    lines = ["object,split,label,image,mask"]
+    for obj, split, label, stem in rows:
+        sub = "Normal" if label == "normal" else "Anomaly"
+        img = f"{obj}/Data/Images/{sub}/{stem}.JPG"
+        write_image(root / img, fmt="JPEG")
+        mask = ""
+        if label == "anomaly":
+            mask = f"{obj}/Data/Masks/Anomaly/{stem}.png"
+            write_mask(root / mask, value=1)
+        lines.append(f"{obj},{split},{label},{img},{mask}")
+    (root / "split_csv").mkdir(parents=True, exist_ok=True)
+    (root / "split_csv" / "1cls.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_visa_split_csv(tmp_path):
+    rows = [("pcb1", "train", "normal", f"{i:04d}") for i in range(4)]
+    rows += [
+        ("pcb1", "test", "normal", "0004"),
+        ("pcb1", "test", "anomaly", "000"),
+        ("candle", "test", "anomaly", "001"),
+        ("candle", "train", "normal", "0000"),
+    ]
+    make_visa(tmp_path, rows)
+    meta = prepare("visa", tmp_path)
+    assert list(meta["test"]) == ["candle", "pcb1"]  # VisA class order
+    assert counts(meta, "train", "pcb1") == (4, 0)
+    assert counts(meta, "test", "pcb1") == (1, 1)
+    assert counts(meta, "test", "candle") == (0, 1)
+    bad = meta["test"]["pcb1"][1]
+    assert bad.img_path == "pcb1/Data/Images/Anomaly/000.JPG"
+    assert bad.mask_path == "pcb1/Data/Masks/Anomaly/000.png"
+    assert bad.specie_name == ""  # as the reference VisA generators write it
+    validate_meta(meta, tmp_path)
+
+
+def test_visa_errors(tmp_path):
+    with pytest.raises(DatasetError, match="1cls.csv"):
+        prepare("visa", tmp_path)
+    make_visa(tmp_path, [("pcb1", "test", "anomaly", "000")])
+    csv_path = tmp_path / "split_csv" / "1cls.csv"
+    csv_path.write_text(csv_path.read_text().replace("anomaly", "broken"))
+    with pytest.raises(DatasetError, match="label 'broken'"):
+        prepare("visa", tmp_path)
+    # A mask that names a different image is refused rather than trusted.
+    make_visa(tmp_path, [("pcb1", "test", "anomaly", "000"), ("pcb1", "test", "anomaly", "001")])
+    text = csv_path.read_text().replace("Anomaly/001.png", "Anomaly/000.png")
+    csv_path.write_text(text)
+    with pytest.raises(DatasetError, match="does not match image"):
+        prepare("visa", tmp_path)
