@@ -13,8 +13,7 @@ from scipy.ndimage import gaussian_filter
 
 from crane.config import ATTN_TYPES, get_config, list_models
 from crane.errors import CheckpointError, CraneError
-from crane.models import create_model, save_model
-from crane.models import scoring
+from crane.models import create_model, save_model, scoring
 from crane.models.vision import dattn_weights
 
 torch.set_grad_enabled(True)
@@ -87,11 +86,16 @@ def _explicit_eattn_sets(model, images, attn_type):
         q, k, v = (t.reshape(b, n, nh, -1).transpose(1, 2) for t in qkv.chunk(3, -1))
         dh = q.shape[-1]
         src = {"qq": q, "kk": k, "vv": v}
-        a = sum(torch.softmax(src[p] @ src[p].transpose(-1, -2) / math.sqrt(dh), -1) for p in attn_type.split("+"))
+        a = sum(
+            torch.softmax(src[p] @ src[p].transpose(-1, -2) / math.sqrt(dh), -1)
+            for p in attn_type.split("+")
+        )
         hv = (a @ v).transpose(1, 2).reshape(b, n, -1)
         z = z + hv @ blk.attn.out_proj.weight.t() + blk.attn.out_proj.bias
         out[idx] = z[:, 1:]
-    return {k: F.normalize(clip.visual.ln_post(v) @ clip.visual.proj, dim=-1) for k, v in out.items()}
+    return {
+        k: F.normalize(clip.visual.ln_post(v) @ clip.visual.proj, dim=-1) for k, v in out.items()
+    }
 
 
 @pytest.mark.parametrize("attn_type", ATTN_TYPES)
@@ -157,15 +161,17 @@ def test_dattn_per_image_independent_of_batch(images):
     with torch.no_grad():
         alone = model(images[:1])
         together = model(images)
-    torch.testing.assert_close(alone.anomaly_maps[0], together.anomaly_maps[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(alone.image_scores[0], together.image_scores[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        alone.anomaly_maps[0], together.anomaly_maps[0], atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(
+        alone.image_scores[0], together.image_scores[0], atol=1e-6, rtol=1e-5
+    )
 
 
 def test_dattn_batch_scope_matches_reference_formula_by_hand():
     # Two images, three 2-d tokens each (already unit norm).
-    f = torch.tensor(
-        [[[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]], [[1.0, 0.0], [1.0, 0.0], [0.8, 0.6]]]
-    )
+    f = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]], [[1.0, 0.0], [1.0, 0.0], [0.8, 0.6]]])
     s = torch.einsum("bmc,bnc->bmn", f, f)
     # Reference: mean over the whole batch tensor, S' = 3(S - 1.2 mean), S' < 0 -> -inf.
     m = s.mean()
@@ -175,7 +181,9 @@ def test_dattn_batch_scope_matches_reference_formula_by_hand():
     ours = dattn_weights(f, 3.0, 1.2, "batch")
     torch.testing.assert_close(ours, ref)
     # Worked value: image 0, row 0 keeps S=1 and S=0.6 (mean = 0.7533.. → cut at 0.904):
-    assert float(m) == pytest.approx((1 + 0 + 0.6 + 0 + 1 + 0.8 + 0.6 + 0.8 + 1 + 1 + 1 + 0.8 + 1 + 1 + 0.8 + 0.8 + 0.8 + 1) / 18)
+    assert float(m) == pytest.approx(
+        (1 + 0 + 0.6 + 0 + 1 + 0.8 + 0.6 + 0.8 + 1 + 1 + 1 + 0.8 + 1 + 1 + 0.8 + 0.8 + 0.8 + 1) / 18
+    )
     assert ours[0, 0, 1] == 0 and ours[0, 0, 2] == 0 and ours[0, 0, 0] == 1
     # Per-image scope differs for image 0 (its own mean is lower) and never depends on image 1.
     per = dattn_weights(f, 3.0, 1.2, "image")
@@ -186,11 +194,15 @@ def test_dattn_batch_scope_matches_reference_formula_by_hand():
 def test_only_prompts_get_gradients(images):
     model = create_model("tiny+")
     model.train()
-    before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("prompt_learner")}
+    before = {
+        k: v.clone() for k, v in model.state_dict().items() if not k.startswith("prompt_learner")
+    }
     opt = torch.optim.Adam(model.trainable_parameters(), lr=1e-2)
     vis = model.encode_images(images)
     out = model.forward_train(vis)
-    loss = out.patch_logits.softmax(-1)[..., 1].mean() + F.cross_entropy(out.image_logits, torch.tensor([0, 1, 1]))
+    loss = out.patch_logits.softmax(-1)[..., 1].mean() + F.cross_entropy(
+        out.image_logits, torch.tensor([0, 1, 1])
+    )
     loss.backward()
     trainable = {id(p) for p in model.trainable_parameters()}
     for name, p in model.named_parameters():
@@ -228,8 +240,14 @@ def test_torch_gaussian_matches_scipy(shape):
 def test_map_combinations_match_reference_order():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 3, 16, 2, generator=g) * 3
-    up = lambda t: F.interpolate(t.view(-1, 1, 4, 4), size=(12, 12), mode="bilinear", align_corners=False).view(2, 3, 12, 12)  # noqa: E731
-    soft = torch.stack([up(torch.softmax(logits, -1)[..., c]) for c in range(2)], -1).mean(0)[..., 1]
+
+    def up(t):
+        t = F.interpolate(t.view(-1, 1, 4, 4), size=(12, 12), mode="bilinear", align_corners=False)
+        return t.view(2, 3, 12, 12)
+
+    soft = torch.stack([up(torch.softmax(logits, -1)[..., c]) for c in range(2)], -1).mean(0)[
+        ..., 1
+    ]
     torch.testing.assert_close(scoring.anomaly_map(logits, 12, "soft_mean"), soft)
     lm = torch.stack([up(logits[..., c]) for c in range(2)], -1).mean(0).softmax(-1)[..., 1]
     torch.testing.assert_close(scoring.anomaly_map(logits, 12, "logit_mean"), lm)
@@ -263,15 +281,24 @@ def test_checkpoint_round_trip_exact(tmp_path, images):
     model.image_threshold = 0.37
     save_model(model, tmp_path / "run", epoch=3)
     loaded = create_model(str(tmp_path / "run"))
-    for (k, a), (_, b) in zip(model.prompt_learner.state_dict().items(), loaded.prompt_learner.state_dict().items()):
+    for (k, a), (_, b) in zip(
+        model.prompt_learner.state_dict().items(),
+        loaded.prompt_learner.state_dict().items(),
+        strict=True,
+    ):
         assert torch.equal(a, b), k
     assert loaded.image_threshold == 0.37 and loaded.cfg == model.cfg
     with torch.no_grad():
-        torch.testing.assert_close(loaded(images).anomaly_maps, model(images).anomaly_maps, atol=0, rtol=0)
+        torch.testing.assert_close(
+            loaded(images).anomaly_maps, model(images).anomaly_maps, atol=0, rtol=0
+        )
     with pytest.raises(CheckpointError, match="already holds"):
         save_model(model, tmp_path / "run")
     # safetensors + JSON only: nothing to unpickle
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json", "prompts.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "config.json",
+        "prompts.safetensors",
+    ]
 
 
 def test_checkpoint_shape_mismatch_is_clear(tmp_path):

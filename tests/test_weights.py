@@ -20,7 +20,9 @@ from crane.models import weights as W
 from crane.models.checkpoint import load_released_prompts
 
 OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "checkpoints" / "crane-official"
-needs_official = pytest.mark.skipif(not OFFICIAL.is_dir(), reason="../shared/checkpoints not present")
+needs_official = pytest.mark.skipif(
+    not OFFICIAL.is_dir(), reason="../shared/checkpoints not present"
+)
 
 
 @pytest.fixture
@@ -42,14 +44,18 @@ def test_missing_clip_weights_offline_is_one_clear_paragraph(no_weights):
 def test_missing_dino_weights_names_its_fix(no_weights, tmp_path):
     # CLIP present (tiny-sized file is enough to get past resolution? no: use a bad path for DINO)
     with pytest.raises(WeightsError) as exc:
-        create_model("crane+", dino_weights=tmp_path / "nope.pth", clip_weights=tmp_path / "nope2.pt")
+        create_model(
+            "crane+", dino_weights=tmp_path / "nope.pth", clip_weights=tmp_path / "nope2.pt"
+        )
     assert "does not exist" in str(exc.value)
     from crane.models.backbones import build_dino
 
     with pytest.raises(WeightsError) as exc:
         build_dino(get_config("crane+"))
     msg = str(exc.value)
-    assert "--dino-weights" in msg and W.DINO_ENV in msg and "dinov2_vitb14_reg4_pretrain.pth" in msg
+    assert (
+        "--dino-weights" in msg and W.DINO_ENV in msg and "dinov2_vitb14_reg4_pretrain.pth" in msg
+    )
 
 
 def test_cli_prints_weights_paragraph_without_traceback(tmp_path):
@@ -59,7 +65,9 @@ def test_cli_prints_weights_paragraph_without_traceback(tmp_path):
         "try:\n    create_model('crane')\nexcept CraneError as e:\n    print(e); sys.exit(3)\n"
     )
     t = time.time()
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 3 and "--clip-weights" in r.stdout
     assert time.time() - t < 60
 
@@ -93,7 +101,7 @@ def test_openai_torchscript_archive_loads(tmp_path):
         for p in dst.parameters():
             p.zero_()
     W.load_into(dst, sd, tmp_path / "x", "CLIP")
-    for (k, a), (_, b) in zip(src.state_dict().items(), dst.state_dict().items()):
+    for (k, a), (_, b) in zip(src.state_dict().items(), dst.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
 
 
@@ -102,19 +110,25 @@ def test_wrong_architecture_file_is_clear(tmp_path):
     sd["visual.proj"] = torch.zeros(3, 3)
     torch.save(sd, tmp_path / "bad.pt")
     with pytest.raises(WeightsError, match="wrong shape"):
-        W.load_into(_tiny_clip(), W.load_state_dict_file(tmp_path / "bad.pt"), tmp_path / "bad.pt", "CLIP")
+        W.load_into(
+            _tiny_clip(), W.load_state_dict_file(tmp_path / "bad.pt"), tmp_path / "bad.pt", "CLIP"
+        )
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
     with pytest.raises(WeightsError, match="cannot read"):
         W.load_state_dict_file(tmp_path / "junk.pt")
 
 
 @needs_official
-@pytest.mark.parametrize("rel", sorted(p.relative_to(OFFICIAL).as_posix() for p in OFFICIAL.glob("*/epoch_*.pth")))
+@pytest.mark.parametrize(
+    "rel", sorted(p.relative_to(OFFICIAL).as_posix() for p in OFFICIAL.glob("*/epoch_*.pth"))
+)
 def test_released_prompt_files_read_safely(rel):
     sd = load_released_prompts(OFFICIAL / rel)
     assert sd["ctx_pos"].shape == (1, 1, 12, 768) and sd["ctx_neg"].shape == (1, 1, 12, 768)
     assert [tuple(sd[f"compound_prompts_text.{i}"].shape) for i in range(8)] == [(4, 768)] * 8
-    assert int(sd["tokenized_prompts_neg"].argmax()) == int(sd["tokenized_prompts_pos"].argmax()) + 1
+    assert (
+        int(sd["tokenized_prompts_neg"].argmax()) == int(sd["tokenized_prompts_pos"].argmax()) + 1
+    )
 
 
 @needs_official
@@ -149,7 +163,9 @@ def test_full_size_crane_plus_end_to_end_from_original_formats(tmp_path, monkeyp
     torch.save(clip_sd, tmp_path / "ViT-L-14-336px.pt")
     probe_clip = clip_sd["visual.transformer.resblocks.3.attn.in_proj_weight"].clone()
     del clip, clip_sd
-    dino = timm.create_model("vit_base_patch14_reg4_dinov2", pretrained=False, img_size=518, num_classes=0)
+    dino = timm.create_model(
+        "vit_base_patch14_reg4_dinov2", pretrained=False, img_size=518, num_classes=0
+    )
     dino_sd = _dinov2_original_format(dino)
     torch.save(dino_sd, tmp_path / "dinov2_vitb14_reg4_pretrain.pth")
     probe_dino = dino_sd["blocks.7.mlp.fc1.weight"].clone()

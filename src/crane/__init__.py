@@ -19,6 +19,8 @@ _LAZY = {
     "CraneOutput": "crane.models.crane",
     "CraneConfig": "crane.config",
     "list_models": "crane.config",
+    "Detector": "crane.engine.predict",
+    "Prediction": "crane.engine.predict",
     "get_config": "crane.config",
 }
 

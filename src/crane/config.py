@@ -50,6 +50,10 @@ class CraneConfig:
     dattn_gamma: float = 3.0
     dattn_beta: float = 1.2
     dattn_threshold_scope: ThresholdScope = "image"
+    # DINOv2 in fp32 even under bf16/fp16 autocast: the D-Attn cut at S' = 0 flips entries
+    # when the similarities are rounded to bf16 (measured on tiny+: maps move 1.0e-2 with a
+    # bf16 DINO, 4e-3 with an fp32 one). Costs ~20% of Crane+'s FLOPs at full precision.
+    dino_fp32: bool = True
     # --- text side (SPEC §4) ---------------------------------------------------------------
     n_ctx: int = 12
     n_deep: int = 8
@@ -72,7 +76,9 @@ class CraneConfig:
         if self.attn_type not in ATTN_TYPES:
             raise CraneError(f"attn_type must be one of {ATTN_TYPES}, got {self.attn_type!r}")
         if self.map_combine not in ("soft_mean", "logit_mean"):
-            raise CraneError(f"map_combine must be soft_mean or logit_mean, got {self.map_combine!r}")
+            raise CraneError(
+                f"map_combine must be soft_mean or logit_mean, got {self.map_combine!r}"
+            )
         if self.dattn_threshold_scope not in ("image", "batch"):
             raise CraneError("dattn_threshold_scope must be 'image' or 'batch'")
         if self.use_dattn and not self.dino_model:
@@ -84,7 +90,9 @@ class CraneConfig:
                 f"feature_layers {self.feature_layers} must be >= eattn_start {self.eattn_start}"
             )
         if self.image_size % 14:
-            raise CraneError(f"image_size must be a multiple of the patch size 14, got {self.image_size}")
+            raise CraneError(
+                f"image_size must be a multiple of the patch size 14, got {self.image_size}"
+            )
 
     @property
     def grid(self) -> int:
@@ -149,7 +157,9 @@ def get_config(name: str, **overrides: Any) -> CraneConfig:
     try:
         cfg = PRESETS[name]
     except KeyError:
-        raise CraneError(f"unknown model preset {name!r}; available: {', '.join(PRESETS)}") from None
+        raise CraneError(
+            f"unknown model preset {name!r}; available: {', '.join(PRESETS)}"
+        ) from None
     return cfg.replace(**overrides) if overrides else cfg
 
 

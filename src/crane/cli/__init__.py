@@ -14,7 +14,7 @@ import sys
 from crane.errors import CraneError
 
 # Sub-command modules, imported lazily so ``crane --help`` stays fast.
-_COMMAND_MODULES = ("crane.cli.datasets",)
+_COMMAND_MODULES = ("crane.cli.datasets", "crane.cli.pipelines", "crane.cli.demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,10 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Our own messages at INFO; third-party libraries (open_clip logs on the root logger) only
+    # from WARNING up unless --verbose.
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("crane").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.func(args) or 0)
     except CraneError as exc:

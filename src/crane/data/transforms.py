@@ -75,13 +75,18 @@ def read_image_tensor(
     size: int = DEFAULT_IMAGE_SIZE,
     mean: Sequence[float] | None = OPENAI_CLIP_MEAN,
     std: Sequence[float] | None = OPENAI_CLIP_STD,
+    draft: int | None = None,
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Decode and preprocess one image file.
 
     Returns the (3, size, size) tensor and the original ``(height, width)``. Raises
     :class:`~crane.errors.ImageReadError` naming the file if it cannot be decoded.
     """
-    image = open_image(path)
+    image = open_image(path, draft)
+    if draft:  # report the file's true size, not the reduced decode
+        with Image.open(path) as header:
+            width, height = header.size
+        return image_to_tensor(image, size, mean, std), (height, width)
     width, height = image.size
     return image_to_tensor(image, size, mean, std), (height, width)
 

@@ -40,11 +40,17 @@ def build_clip(
     want_weights = pretrained and cfg.clip_pretrained is not None and not overrides
     local = None
     if want_weights:
-        local = W.resolve_local(clip_weights, W.CLIP_ENV, W.CLIP_FILENAMES, "--clip-weights", "CLIP")
+        local = W.resolve_local(
+            clip_weights, W.CLIP_ENV, W.CLIP_FILENAMES, "--clip-weights", "CLIP"
+        )
     if want_weights and local is None:
         if W.hub_unreachable():
             raise W.offline_error(
-                "CLIP", W.CLIP_FILENAMES, "--clip-weights", W.CLIP_ENV, "no local file and no network"
+                "CLIP",
+                W.CLIP_FILENAMES,
+                "--clip-weights",
+                W.CLIP_ENV,
+                "no local file and no network",
             )
         try:
             model = open_clip.create_model(
@@ -97,15 +103,23 @@ def build_dino(
     want_weights = pretrained and not overrides
     local = None
     if want_weights:
-        local = W.resolve_local(dino_weights, W.DINO_ENV, W.DINO_FILENAMES, "--dino-weights", "DINOv2")
+        local = W.resolve_local(
+            dino_weights, W.DINO_ENV, W.DINO_FILENAMES, "--dino-weights", "DINOv2"
+        )
     kwargs = dict(img_size=cfg.image_size, num_classes=0, **overrides)
     if want_weights and local is None:
         if W.hub_unreachable():
             raise W.offline_error(
-                "DINOv2", W.DINO_FILENAMES, "--dino-weights", W.DINO_ENV, "no local file and no network"
+                "DINOv2",
+                W.DINO_FILENAMES,
+                "--dino-weights",
+                W.DINO_ENV,
+                "no local file and no network",
             )
         try:
-            model = timm.create_model(cfg.dino_model, pretrained=True, **kwargs)
+            model = timm.create_model(
+                cfg.dino_model, pretrained=True, cache_dir=str(W.cache_dir()), **kwargs
+            )
         except Exception as exc:
             raise W.offline_error(
                 "DINOv2", W.DINO_FILENAMES, "--dino-weights", W.DINO_ENV, f"download failed: {exc}"

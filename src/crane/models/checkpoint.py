@@ -79,10 +79,14 @@ def load_released_prompts(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"cannot read {path} as a torch file with weights_only=True: {exc}") from exc
+        raise CheckpointError(
+            f"cannot read {path} as a torch file with weights_only=True: {exc}"
+        ) from exc
     if not isinstance(obj, dict) or "prompt_learner" not in obj:
         keys = list(obj)[:5] if isinstance(obj, dict) else type(obj).__name__
-        raise CheckpointError(f"{path} is not a Crane prompt file (no 'prompt_learner'; found {keys})")
+        raise CheckpointError(
+            f"{path} is not a Crane prompt file (no 'prompt_learner'; found {keys})"
+        )
     return {k: v.float() if v.is_floating_point() else v for k, v in obj["prompt_learner"].items()}
 
 
@@ -99,7 +103,9 @@ def save_checkpoint(
 
     directory = Path(directory)
     if not overwrite and (directory / CONFIG).exists():
-        raise CheckpointError(f"{directory} already holds a checkpoint; pass overwrite=True to replace it")
+        raise CheckpointError(
+            f"{directory} already holds a checkpoint; pass overwrite=True to replace it"
+        )
     tensors = {k: v.detach().cpu().contiguous() for k, v in prompt_state.items()}
     meta = {
         "format": FORMAT,
@@ -110,11 +116,15 @@ def save_checkpoint(
         "provenance": provenance or {},
     }
     atomic_write_bytes(directory / TENSORS, save(tensors))
-    atomic_write_bytes(directory / CONFIG, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(
+        directory / CONFIG, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
+    )
     return directory
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[CraneConfig, dict[str, torch.Tensor], dict[str, Any]]:
+def read_checkpoint(
+    path: str | os.PathLike,
+) -> tuple[CraneConfig, dict[str, torch.Tensor], dict[str, Any]]:
     """(config, prompt tensors, metadata) of a checkpoint directory (or its safetensors file)."""
     from safetensors.torch import load_file
 
@@ -122,13 +132,17 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[CraneConfig, dict[str, tor
     directory = path.parent if path.suffix == ".safetensors" else path
     cfg_file, tensor_file = directory / CONFIG, directory / TENSORS
     if not cfg_file.is_file() or not tensor_file.is_file():
-        raise CheckpointError(f"{directory} is not a crane checkpoint (needs {CONFIG} and {TENSORS})")
+        raise CheckpointError(
+            f"{directory} is not a crane checkpoint (needs {CONFIG} and {TENSORS})"
+        )
     try:
         meta = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{cfg_file} is not valid JSON: {exc}") from exc
     if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"{cfg_file}: unknown format {meta.get('format')!r} v{meta.get('version')}")
+        raise CheckpointError(
+            f"{cfg_file}: unknown format {meta.get('format')!r} v{meta.get('version')}"
+        )
     cfg = CraneConfig.from_dict(meta["config"])
     return cfg, load_file(str(tensor_file)), meta
 

@@ -84,16 +84,24 @@ class CraneModel(nn.Module):
 
     # -- heads -----------------------------------------------------------------------------
     def predict_from_features(self, vis: VisionOutput, size: int) -> CraneOutput:
+        with torch.autocast(vis.patch_sets.device.type, enabled=False):
+            return self._scores(vis, size)
+
+    def _scores(self, vis: VisionOutput, size: int) -> CraneOutput:
+        """Scoring in fp32 whatever the backbone precision (logits are scaled by 1/0.07)."""
         cfg = self.cfg
+        vis = VisionOutput(vis.global_feat.float(), vis.patch_sets.float())
         if cfg.image_context_inference:
             text = self.text_features(context=vis.global_feat)
         else:
             text = self.static_text_features()
-        text = text.to(vis.patch_sets.dtype)
+        text = text.float()
         logits = scoring.patch_logits(vis.patch_sets, text, cfg.pixel_temperature)
         maps = scoring.anomaly_map(logits, size, cfg.map_combine)
         maps = scoring.gaussian_blur(maps, cfg.sigma)
-        fused = scoring.fused_image_feature(vis.patch_sets, logits, vis.global_feat, cfg.fusion_alpha)
+        fused = scoring.fused_image_feature(
+            vis.patch_sets, logits, vis.global_feat, cfg.fusion_alpha
+        )
         img = scoring.image_logits(fused, text, cfg.image_temperature)
         return CraneOutput(image_scores=torch.softmax(img.float(), -1)[:, 1], anomaly_maps=maps)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -13,15 +14,31 @@ from crane.errors import CheckpointError
 from crane.models import checkpoint as ckpt
 from crane.models.backbones import build_clip, build_dino
 from crane.models.crane import CraneModel
-from crane.models.weights import cache_dir
+
+PACKAGED_OFFICIAL = Path(__file__).resolve().parents[1] / "assets" / "crane-official"
 
 
 def official_prompts_dir() -> Path:
-    return Path(os.environ.get(ckpt.OFFICIAL_ENV) or cache_dir() / "crane-official")
+    """``$CRANE_OFFICIAL_PROMPTS`` if set, else the copies shipped inside the package."""
+    env = os.environ.get(ckpt.OFFICIAL_ENV)
+    return Path(env) if env else PACKAGED_OFFICIAL
+
+
+def _verify_sha256(path: Path, rel: str) -> None:
+    sums = path.parents[1] / "SHA256SUMS"
+    if not sums.is_file():
+        return
+    expected = {
+        line.split()[1]: line.split()[0] for line in sums.read_text().splitlines() if line.strip()
+    }
+    if rel in expected and hashlib.sha256(path.read_bytes()).hexdigest() != expected[rel]:
+        raise CheckpointError(
+            f"{path} does not match its SHA256 in {sums}: the file is damaged or altered"
+        )
 
 
 def resolve_official(trained_on: str, preset: str) -> Path:
-    """Path of a released prompt file, e.g. ``("mvtec", "crane+")``."""
+    """Path of a released prompt file, e.g. ``("mvtec", "crane+")`` (checksum-verified)."""
     base_preset = "crane+" if preset.endswith("+") else "crane"
     try:
         rel = ckpt.OFFICIAL[(trained_on, base_preset)]
@@ -38,6 +55,7 @@ def resolve_official(trained_on: str, preset: str) -> Path:
             "'checkpoints' folder of the authors' repository AlirezaSalehy/Crane), or pass "
             "--prompts /path/to/epoch_5.pth."
         )
+    _verify_sha256(path, rel)
     return path
 
 
@@ -78,7 +96,11 @@ def create_model(
         torch.manual_seed(seed)
         random_backbones = not pretrained or is_tiny(cfg)
         clip = build_clip(cfg, clip_weights, pretrained=not random_backbones)
-        dino = build_dino(cfg, dino_weights, pretrained=not random_backbones) if cfg.use_dattn else None
+        dino = (
+            build_dino(cfg, dino_weights, pretrained=not random_backbones)
+            if cfg.use_dattn
+            else None
+        )
         model = CraneModel(cfg, clip, dino)
 
     if prompts is not None:
@@ -106,7 +128,9 @@ def load_prompt_state(source: Any, cfg: CraneConfig) -> dict[str, torch.Tensor]:
     return ckpt.load_released_prompts(path)
 
 
-def save_model(model: CraneModel, directory: str | os.PathLike, overwrite: bool = False, **provenance) -> Path:
+def save_model(
+    model: CraneModel, directory: str | os.PathLike, overwrite: bool = False, **provenance
+) -> Path:
     """Save a model's prompts, config and threshold in our checkpoint format."""
     return ckpt.save_checkpoint(
         directory,

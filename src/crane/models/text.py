@@ -61,7 +61,9 @@ class PromptLearner(nn.Module):
                 b = context.shape[0]
                 ctx_b = torch.cat([ctx.expand(b, -1, -1), context[:, None].to(ctx.dtype)], dim=1)
                 rows.append(
-                    torch.cat([prefix.expand(b, -1, -1), ctx_b, suffix[:-1].expand(b, -1, -1)], dim=1)
+                    torch.cat(
+                        [prefix.expand(b, -1, -1), ctx_b, suffix[:-1].expand(b, -1, -1)], dim=1
+                    )
                 )
                 eots.append((eot + 1).expand(b))
         if context is None:

@@ -50,9 +50,7 @@ def eattn_mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_type: str)
     return out
 
 
-def dattn_weights(
-    dino_tokens: torch.Tensor, gamma: float, beta: float, scope: str
-) -> torch.Tensor:
+def dattn_weights(dino_tokens: torch.Tensor, gamma: float, beta: float, scope: str) -> torch.Tensor:
     """Row-stochastic D-Attn weights (B, N, N) from DINO patch tokens (B, N, C).
 
     ``S' = γ(S − β·mean(S))`` with S the cosine similarity, entries with ``S' < 0`` dropped.
@@ -61,7 +59,13 @@ def dattn_weights(
     over the whole batch tensor. The diagonal (S_ii = 1, each row's maximum) is never dropped:
     the reference would produce a NaN row there, which only happens when mean(S) > 1/β.
     """
-    f = F.normalize(dino_tokens.float(), dim=-1)
+    with torch.autocast(dino_tokens.device.type, enabled=False):
+        return _dattn_weights_fp32(F.normalize(dino_tokens.float(), dim=-1), gamma, beta, scope)
+
+
+def _dattn_weights_fp32(f: torch.Tensor, gamma: float, beta: float, scope: str) -> torch.Tensor:
+    # fp32 even under autocast: the cut at S' = 0 and the γ = 3 sharpened softmax are
+    # sensitive to bf16 rounding of the cosine similarities.
     n = f.shape[1]
     mean = f.sum(dim=1).pow(2).sum(dim=-1) / (n * n)  # (B,)
     if scope == "batch":
@@ -83,7 +87,9 @@ class CraneVisionEncoder(nn.Module):
         self.cfg = cfg
         self.n_layers = len(visual.transformer.resblocks)
         self.n_heads = visual.transformer.resblocks[0].attn.num_heads
-        bad = [lay for lay in (*cfg.feature_layers, cfg.dattn_layer) if not 1 <= lay <= self.n_layers]
+        bad = [
+            lay for lay in (*cfg.feature_layers, cfg.dattn_layer) if not 1 <= lay <= self.n_layers
+        ]
         if bad or not 1 <= cfg.eattn_start <= self.n_layers:
             raise ValueError(f"layers {bad or cfg.eattn_start} outside 1..{self.n_layers}")
         if cfg.use_dattn and dino is None:
@@ -105,13 +111,23 @@ class CraneVisionEncoder(nn.Module):
         return v.ln_pre(x)
 
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
-        """ln_post → proj → L2-normalise (used for the global feature and every patch set)."""
+        """ln_post → proj → L2-normalise (used for the global feature and every patch set).
+
+        Always in fp32, also under autocast: these unit vectors feed logits scaled by 1/0.07,
+        where bf16 rounding would move the maps by more than 1e-2.
+        """
         v = self.visual
-        return F.normalize(v.ln_post(tokens) @ v.proj, dim=-1)
+        with torch.autocast(tokens.device.type, enabled=False):
+            return F.normalize(v.ln_post(tokens.float()) @ v.proj.float(), dim=-1)
 
     def dino_tokens(self, images: torch.Tensor) -> torch.Tensor:
         x = images * self._dino_a + self._dino_b
-        feats = self.dino.forward_features(x.to(next(self.dino.parameters()).dtype))
+        dtype = next(self.dino.parameters()).dtype
+        with torch.autocast(
+            x.device.type,
+            enabled=torch.is_autocast_enabled(x.device.type) and not self.cfg.dino_fp32,
+        ):
+            feats = self.dino.forward_features(x.to(dtype))
         return feats[:, self.dino.num_prefix_tokens :]
 
     # -- forward ---------------------------------------------------------------------------
@@ -131,23 +147,38 @@ class CraneVisionEncoder(nn.Module):
         for idx, blk in enumerate(self.visual.transformer.resblocks, start=1):
             attn = blk.attn
             y = blk.ln_1(x)
-            q, k, v = (_heads(t, h) for t in F.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, -1))
-            a = attn.out_proj(_merge(F.scaled_dot_product_attention(q, k, v)))
+            q, k, v = (
+                _heads(t, h)
+                for t in F.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, -1)
+            )
+            # After the last block only the class token of the normal path is used (for g),
+            # unless D-Attn reads this block's post-attention state of every token.
+            last = idx == self.n_layers
+            cls_only = last and not (dattn_w is not None and idx == cfg.dattn_layer)
+            a = attn.out_proj(
+                _merge(F.scaled_dot_product_attention(q[:, :, :1] if cls_only else q, k, v))
+            )
             if idx >= cfg.eattn_start:
                 e = attn.out_proj(_merge(eattn_mix(q, k, v, cfg.attn_type)))
                 z = (x if z is None else z) + e
                 if idx in want:
                     sets[f"e{idx}"] = z[:, 1:]
-            x = x + blk.ls_1(a)
+            x = (x[:, :1] if cls_only else x) + blk.ls_1(a)
             if dattn_w is not None and idx == cfg.dattn_layer:
                 # Values from ln_1 of the state after this block's attention residual (before
                 # its MLP): what the released checkpoints were trained with (SPEC §3).
                 w_v = attn.in_proj_weight.chunk(3, 0)[2]
                 b_v = attn.in_proj_bias.chunk(3, 0)[2]
                 val = F.linear(blk.ln_1(x), w_v, b_v)[:, 1:]
-                # One N×N weight matrix shared by all heads: W·v on the concatenated heads.
-                mixed = torch.bmm(dattn_w.to(val.dtype), val)
-                sets["d"] = attn.out_proj(mixed)
+                # One N×N weight matrix shared by all heads: W·v on the concatenated heads
+                # (fp32: a few GFLOP per image, and it keeps the D-Attn set within bf16 noise).
+                with torch.autocast(x.device.type, enabled=False):
+                    mixed = torch.bmm(dattn_w, val.float())
+                    sets["d"] = F.linear(
+                        mixed, attn.out_proj.weight.float(), attn.out_proj.bias.float()
+                    )
+            if last:
+                x = x[:, :1]
             x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
 
         order = (["d"] if cfg.use_dattn else []) + [f"e{lay}" for lay in cfg.feature_layers]

@@ -73,7 +73,9 @@ def resolve_local(
             path = Path(value).expanduser()
             if not path.is_file():
                 raise WeightsError(
-                    _missing_message(what, filenames, flag, env, f"{source} names {path}, which does not exist")
+                    _missing_message(
+                        what, filenames, flag, env, f"{source} names {path}, which does not exist"
+                    )
                 )
             return path
     for name in filenames:
@@ -123,7 +125,9 @@ def _is_torchscript(path: Path) -> bool:
         return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
 
 
-def load_into(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], path: Path, what: str) -> None:
+def load_into(
+    module: torch.nn.Module, sd: Mapping[str, torch.Tensor], path: Path, what: str
+) -> None:
     """Strict load with an error that lists the first mismatches instead of a wall of keys."""
     own = module.state_dict()
     missing = [k for k in own if k not in sd]
@@ -135,14 +139,20 @@ def load_into(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], path: Pat
     ]
     if missing or unexpected or wrong:
         parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        for label, items in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("wrong shape", wrong),
+        ):
             if items:
                 parts.append(f"{len(items)} {label} (first: {', '.join(items[:4])})")
         raise WeightsError(f"{path} does not fit the {what} architecture: " + "; ".join(parts))
     module.load_state_dict(sd, strict=True)
 
 
-def offline_error(what: str, filenames: tuple[str, ...], flag: str, env: str, why: str) -> WeightsError:
+def offline_error(
+    what: str, filenames: tuple[str, ...], flag: str, env: str, why: str
+) -> WeightsError:
     return WeightsError(_missing_message(what, filenames, flag, env, why))
 
 

@@ -1,0 +1,329 @@
+"""``crane models | train | evaluate | predict | calibrate``: thin wrappers over crane.engine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("crane")
+
+
+def _common(p: argparse.ArgumentParser, batch: int = 8) -> None:
+    g = p.add_argument_group("runtime")
+    g.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if present)"
+    )
+    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    g.add_argument("--batch-size", type=int, default=batch)
+    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (predict)")
+    w = p.add_argument_group("weights")
+    w.add_argument(
+        "--clip-weights", default=None, help="local CLIP file (OpenAI .pt or state dict)"
+    )
+    w.add_argument("--dino-weights", default=None, help="local DINOv2 file (original or timm)")
+
+
+def _model_args(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument(
+        "--model",
+        default=default,
+        required=default is None,
+        help="a run directory (crane train --out) or a preset (see `crane models`)",
+    )
+    p.add_argument(
+        "--prompts",
+        default=None,
+        help="prompt weights for a preset: a released .pth, official:mvtec|visa|mvtec-medical, "
+        "or a run directory",
+    )
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list model presets")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("train", help="train prompts on an auxiliary dataset (SPEC §6 recipe)")
+    p.add_argument("--dataset", required=True, help="layout name (see `crane datasets list`)")
+    p.add_argument("--root", required=True, help="dataset root (meta.json used when present)")
+    p.add_argument("--split", default="test", help="split to train on (reference: test)")
+    p.add_argument("--classes", nargs="*", default=None)
+    p.add_argument("--preset", default="crane+")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=111)
+    p.add_argument("--image-size", type=int, default=None, help="default: the preset's")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in a non-empty --out")
+    _common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="per-class metrics on a labelled dataset")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--root", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--classes", nargs="*", default=None)
+    _model_args(p, None)
+    p.add_argument(
+        "--paper-protocol",
+        action="store_true",
+        help="SPEC §7 settings for this dataset: released prompts and map combination",
+    )
+    p.add_argument("--aupro", default="mvtec", choices=["mvtec", "legacy"])
+    p.add_argument("--metric-mode", default="exact", choices=["exact", "binned"])
+    p.add_argument(
+        "--out", default=None, help="where metrics.{md,csv,json} go (default: ./eval_<dataset>)"
+    )
+    p.add_argument("--visualize", default=None, metavar="DIR", help="write heatmap overlays here")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (logged)")
+    _common(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="score images, folders or globs (no labels needed)")
+    p.add_argument("inputs", nargs="+", metavar="PATH")
+    _model_args(p, "crane+")
+    p.add_argument("--out", required=True)
+    p.add_argument("--threshold", type=float, default=None, help="image decision threshold")
+    p.add_argument("--save-maps", action="store_true", help="also write raw maps as .npy")
+    p.add_argument("--no-overlays", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--fast-decode", action="store_true",
+                   help="decode large JPEGs at a reduced scale (>= 2x the model input); faster, "
+                        "pixels differ slightly from the reference pipeline")
+    _common(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("calibrate", help="set a run's image threshold from labelled images")
+    p.add_argument("--model", required=True, help="run directory to update")
+    p.add_argument(
+        "--root", required=True, help="labelled dataset root (meta.json or --dataset layout)"
+    )
+    p.add_argument("--dataset", default="generic")
+    p.add_argument("--split", default="test")
+    p.add_argument("--mode", default="f1", choices=["f1", "fpr"])
+    p.add_argument("--target-fpr", type=float, default=0.05)
+    _common(p)
+    p.set_defaults(func=cmd_calibrate)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from crane.config import PRESETS
+
+    for name, cfg in PRESETS.items():
+        sets = (["D-Attn"] if cfg.use_dattn else []) + [
+            f"E-Attn{lay}" for lay in cfg.feature_layers
+        ]
+        print(
+            f"{name:7s} clip={cfg.clip_model} dino={cfg.dino_model or '-'} sets={'+'.join(sets)} "
+            f"combine={cfg.map_combine} size={cfg.image_size}"
+        )
+    return 0
+
+
+def _runtime(args):
+    from crane.engine.runtime import autocast_dtype, pick_device
+
+    device = pick_device(args.device)
+    return device, autocast_dtype(args.precision, device)
+
+
+def _load_model(args, dataset: str | None = None, **overrides):
+    """A run directory as saved, or a preset with the released prompts SPEC §7 names for
+    ``dataset`` (``--prompts`` overrides; the tiny test presets have no released prompts)."""
+    from crane.config import get_config, is_tiny
+    from crane.engine.evaluate import paper_protocol
+    from crane.models import create_model
+
+    prompts = args.prompts
+    if Path(args.model).is_dir():
+        if getattr(args, "paper_protocol", False):
+            log.warning(
+                "--paper-protocol applies to presets with released prompts; "
+                "ignored for a run directory"
+            )
+    elif not is_tiny(get_config(args.model)):
+        proto = paper_protocol(dataset or "", args.model)
+        if prompts is None:
+            prompts = proto["prompts"]
+            log.info("prompts: %s", prompts)
+        if getattr(args, "paper_protocol", False):
+            overrides.setdefault("map_combine", proto["map_combine"])
+    return create_model(
+        args.model,
+        prompts=prompts,
+        clip_weights=args.clip_weights,
+        dino_weights=args.dino_weights,
+        **overrides,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from crane.engine.common import open_dataset
+    from crane.engine.train import TrainSettings, train
+    from crane.models import create_model
+
+    device, amp = _runtime(args)
+    overrides = {"image_size": args.image_size} if args.image_size else {}
+    model = create_model(
+        args.preset,
+        clip_weights=args.clip_weights,
+        dino_weights=args.dino_weights,
+        seed=args.seed,
+        **overrides,
+    )
+    ds = open_dataset(args.root, args.dataset, args.split, model.cfg.image_size, args.classes)
+    settings = TrainSettings(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        dataset={
+            "name": args.dataset,
+            "root": str(Path(args.root).resolve()),
+            "split": args.split,
+            "n_images": len(ds),
+        },
+    )
+    res = train(
+        model,
+        ds,
+        args.out,
+        settings,
+        device=device,
+        workers=args.workers,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        autocast_dtype=amp,
+    )
+    for h in res.epoch_losses:
+        print(
+            f"epoch {h['epoch']}: loss {h['loss']:.4f} (focal {h['focal']:.4f}, "
+            f"dice {h['dice']:.4f}, "
+            f"ce {h['ce']:.4f})"
+        )
+    print(f"model written to {res.run_dir} (load with --model {res.run_dir})")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from crane.engine.common import open_dataset
+    from crane.engine.evaluate import evaluate, report_markdown, write_report
+
+    device, amp = _runtime(args)
+    model = _load_model(args, args.dataset)
+    ds = open_dataset(
+        args.root,
+        args.dataset,
+        args.split,
+        model.cfg.image_size,
+        args.classes,
+        on_error="skip" if args.skip_bad else "raise",
+    )
+    res = evaluate(
+        model,
+        ds,
+        device=device,
+        amp_dtype=amp,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        aupro=args.aupro,
+        metric_mode=args.metric_mode,
+        visualize_dir=args.visualize,
+        progress=not args.no_progress,
+    )
+    out = Path(args.out or f"eval_{args.dataset}")
+    extra = {
+        "dataset": args.dataset,
+        "root": str(args.root),
+        "model": str(args.model),
+        "config": model.cfg.to_dict(),
+        "n_images": res.n_images,
+        "seconds": res.seconds,
+    }
+    files = write_report(res.report, out, extra)
+    print(report_markdown(res.report))
+    print(
+        f"\n{res.n_images} images in {res.seconds:.1f}s; "
+        f"wrote {', '.join(str(f) for f in files.values())}"
+    )
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from crane.engine.predict import Detector, run_predict
+
+    device, _ = _runtime(args)
+    model = _load_model(args)
+    det = Detector(
+        model,
+        device=device,
+        precision=args.precision,
+        threshold=args.threshold,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        compile=args.compile,
+        fast_decode=args.fast_decode,
+    )
+    summary = run_predict(
+        det,
+        args.inputs,
+        args.out,
+        overlays=not args.no_overlays,
+        save_maps=args.save_maps,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    print(json.dumps({k: summary[k] for k in ("n_images", "n_anomalous", "n_failed", "threshold")}))
+    if summary["n_failed"]:
+        print(
+            f"{summary['n_failed']} unreadable file(s) skipped; see {args.out}/summary.json",
+            file=sys.stderr,
+        )
+    print(f"wrote {args.out}/predictions.csv")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from crane.engine.calibrate import f1_optimal_threshold, fpr_threshold
+    from crane.engine.common import open_dataset
+    from crane.engine.predict import Detector
+    from crane.errors import CraneError
+    from crane.models.checkpoint import update_threshold
+
+    if not Path(args.model).is_dir():
+        raise CraneError("calibrate stores the threshold in a run directory; --model must be one")
+    device, _ = _runtime(args)
+    det = Detector(
+        args.model,
+        device=device,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        clip_weights=args.clip_weights,
+        dino_weights=args.dino_weights,
+    )
+    ds = open_dataset(args.root, args.dataset, args.split, det.size)
+    paths = [str(Path(ds.root) / s.img_path) for s in ds.samples]
+    labels = np.array([s.anomaly for s in ds.samples])
+    scores = np.array([p.score for p in det.predict(paths)])
+    if args.mode == "f1":
+        t, stats = f1_optimal_threshold(scores, labels)
+    else:
+        t, stats = fpr_threshold(scores, labels, args.target_fpr)
+    how = {"mode": args.mode, "root": str(args.root), "n_images": len(paths), **stats}
+    if args.mode == "fpr":
+        how["target_fpr"] = args.target_fpr
+    update_threshold(args.model, t, how)
+    print(
+        f"image threshold {t:.6f} stored in {args.model} "
+        f"({', '.join(f'{k}={v:.3f}' for k, v in stats.items())})"
+    )
+    return 0

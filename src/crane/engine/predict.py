@@ -1,0 +1,294 @@
+"""Label-free prediction: :class:`Detector` (Python API) and the file-writing ``run_predict``."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from crane.data.imageio import is_image_file, load_image
+from crane.data.transforms import image_to_tensor, read_image_tensor
+from crane.engine.runtime import autocast, autocast_dtype, pick_device
+from crane.errors import CraneError
+from crane.models.checkpoint import atomic_write_bytes
+from crane.models.crane import CraneModel
+from crane.models.factory import create_model
+from crane.viz import overlay, resize_map, save_png
+
+log = logging.getLogger(__name__)
+
+ImageInput = str | os.PathLike | Image.Image | np.ndarray
+
+
+@dataclass
+class Prediction:
+    """One image's result. ``anomaly_map`` is float32 (H, W) at the image's own size."""
+
+    path: str | None
+    score: float
+    anomaly_map: np.ndarray
+    threshold: float | None
+
+    @property
+    def is_anomalous(self) -> bool | None:
+        return None if self.threshold is None else bool(self.score >= self.threshold)
+
+    @property
+    def max_pixel_score(self) -> float:
+        return float(self.anomaly_map.max())
+
+
+@dataclass
+class Failure:
+    path: str
+    error: str
+
+
+class _Inputs(Dataset):
+    """Decodes and preprocesses inputs (in DataLoader workers); failures become records."""
+
+    def __init__(self, items: Sequence[ImageInput], size: int, draft: int | None = None):
+        self.items, self.size, self.draft = list(items), size, draft
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.items[i]
+        try:
+            if isinstance(item, (str, os.PathLike)):
+                tensor, (h, w) = read_image_tensor(item, self.size, draft=self.draft)
+                return {"ok": True, "image": tensor, "hw": (h, w), "path": os.fspath(item), "i": i}
+            pil = item if isinstance(item, Image.Image) else Image.fromarray(np.asarray(item))
+            return {
+                "ok": True,
+                "image": image_to_tensor(pil, self.size),
+                "hw": (pil.height, pil.width),
+                "path": None,
+                "i": i,
+            }
+        except CraneError as exc:
+            return {
+                "ok": False,
+                "path": os.fspath(item) if isinstance(item, (str, os.PathLike)) else f"<input {i}>",
+                "error": str(exc),
+                "i": i,
+            }
+
+
+def _collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [b for b in batch if b["ok"]]
+    return {
+        "images": torch.stack([b["image"] for b in ok]) if ok else None,
+        "ok": ok,
+        "failed": [Failure(b["path"], b["error"]) for b in batch if not b["ok"]],
+    }
+
+
+class Detector:
+    """Load a model once, then ``predict`` images, paths or folders.
+
+    >>> det = Detector("runs/mvtec", device="cuda", precision="bf16")   # doctest: +SKIP
+    >>> [p.score for p in det.predict(["a.png", "b.png"])]               # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | CraneModel = "crane+",
+        *,
+        prompts: str | os.PathLike | None = None,
+        clip_weights: str | os.PathLike | None = None,
+        dino_weights: str | os.PathLike | None = None,
+        device: str | torch.device | None = None,
+        precision: str = "fp32",
+        threshold: float | None = None,
+        batch_size: int = 8,
+        workers: int = 0,
+        compile: bool = False,
+        fast_decode: bool = False,
+        **overrides: Any,
+    ):
+        self.device = pick_device(device)
+        self.amp = autocast_dtype(precision, self.device)
+        if isinstance(model, CraneModel):
+            self.model = model
+        else:
+            self.model = create_model(
+                os.fspath(model),
+                prompts=prompts,
+                clip_weights=clip_weights,
+                dino_weights=dino_weights,
+                **overrides,
+            )
+        self.model.to(self.device).eval()
+        # torch.compile fuses the post-processing and attention glue; first call compiles.
+        self._forward = torch.compile(self.model) if compile else self.model
+        self.threshold = threshold if threshold is not None else self.model.image_threshold
+        self.batch_size, self.workers = batch_size, workers
+        self.size = self.model.cfg.image_size
+        # Large JPEGs: decode at a reduced DCT scale that stays >= 2x the model input, then
+        # resize as usual. Off by default: exact reference pixels for evaluation.
+        self.draft = 2 * self.size if fast_decode else None
+
+    @torch.no_grad()
+    def predict_tensor(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Preprocessed (B, 3, S, S) batch → (scores (B,), maps (B, S, S)) on the device."""
+        images = images.to(self.device, non_blocking=True)
+        with autocast(self.device, self.amp):
+            out = self._forward(images)
+        return out.image_scores.float(), out.anomaly_maps.float()
+
+    def predict_iter(
+        self, inputs: Iterable[ImageInput], progress: bool = False
+    ) -> Iterator[Prediction | Failure]:
+        """Yield a :class:`Prediction` per readable input, a :class:`Failure` per unreadable one."""
+        data = _Inputs(list(inputs), self.size, self.draft)
+        loader = DataLoader(
+            data,
+            batch_size=self.batch_size,
+            num_workers=self.workers,
+            collate_fn=_collate,
+            pin_memory=self.device.type == "cuda",
+        )
+        for batch in tqdm(loader, desc="predict", unit="batch", disable=not progress):
+            yield from batch["failed"]
+            if batch["images"] is None:
+                continue
+            scores, maps = self.predict_tensor(batch["images"])
+            scores, maps = scores.cpu().numpy(), maps.cpu().numpy()
+            for item, s, m in zip(batch["ok"], scores, maps, strict=True):
+                h, w = item["hw"]
+                yield Prediction(item["path"], float(s), resize_map(m, h, w), self.threshold)
+
+    def predict(self, inputs: ImageInput | Iterable[ImageInput]) -> list[Prediction]:
+        """Predictions for one input or a list; paths to folders expand to their images.
+        Unreadable files raise :class:`~crane.errors.ImageReadError`."""
+        if isinstance(inputs, (str, os.PathLike, Image.Image, np.ndarray)):
+            inputs = [inputs]
+        expanded: list[ImageInput] = []
+        for item in inputs:
+            if isinstance(item, (str, os.PathLike)):
+                expanded += expand_inputs([item])
+            else:
+                expanded.append(item)
+        results = []
+        for r in self.predict_iter(expanded):
+            if isinstance(r, Failure):
+                from crane.errors import ImageReadError
+
+                raise ImageReadError(r.error)
+            results.append(r)
+        return results
+
+
+def expand_inputs(specs: Iterable[str | os.PathLike]) -> list[str]:
+    """Files, folders (recursive, image files only) and glob patterns → sorted unique paths."""
+    out: list[str] = []
+    for spec in specs:
+        spec = os.fspath(spec)
+        p = Path(spec)
+        if p.is_dir():
+            out += sorted(str(f) for f in p.rglob("*") if f.is_file() and is_image_file(f))
+        elif p.is_file():
+            out.append(spec)
+        elif any(ch in spec for ch in "*?["):
+            out += sorted(
+                f for f in glob.glob(spec, recursive=True) if Path(f).is_file() and is_image_file(f)
+            )
+        else:
+            raise CraneError(f"input {spec} does not exist")
+    seen: dict[str, None] = dict.fromkeys(out)
+    if not seen:
+        raise CraneError(f"no image files found in {', '.join(map(str, specs))}")
+    return list(seen)
+
+
+def _output_names(paths: Sequence[str]) -> dict[str, str]:
+    """Unique, readable output stems: the path relative to the inputs' common folder."""
+    absolute = [os.path.abspath(p) for p in paths]
+    common = os.path.commonpath([os.path.dirname(p) for p in absolute]) if absolute else ""
+    names = {}
+    for p, a in zip(paths, absolute, strict=True):
+        rel = os.path.relpath(a, common)
+        names[p] = os.path.splitext(rel)[0].replace(os.sep, "__")
+    return names
+
+
+def run_predict(
+    detector: Detector,
+    inputs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    overlays: bool = True,
+    save_maps: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Predict files and write ``predictions.csv``, ``summary.json``, ``overlays/*.png`` and
+    (on request) ``maps/*.npy``. Unreadable files are reported and skipped."""
+    out = Path(out_dir)
+    if (out / "predictions.csv").exists() and not overwrite:
+        raise CraneError(
+            f"{out} already holds predictions; pass --overwrite or choose another --out"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    paths = expand_inputs(inputs)
+    names = _output_names(paths)
+    rows, failures = [], []
+    for r in detector.predict_iter(paths, progress=progress):
+        if isinstance(r, Failure):
+            log.warning("skipped unreadable %s: %s", r.path, r.error)
+            failures.append({"path": r.path, "error": r.error})
+            continue
+        decision = "" if r.is_anomalous is None else ("anomalous" if r.is_anomalous else "normal")
+        rows.append(
+            {
+                "path": r.path,
+                "image_score": f"{r.score:.6f}",
+                "decision": decision,
+                "max_pixel_score": f"{r.max_pixel_score:.6f}",
+            }
+        )
+        if overlays:
+            save_png(
+                overlay(load_image(r.path), r.anomaly_map),
+                out / "overlays" / f"{names[r.path]}.png",
+            )
+        if save_maps:
+            buf = io.BytesIO()
+            np.save(buf, r.anomaly_map.astype(np.float32))
+            atomic_write_bytes(out / "maps" / f"{names[r.path]}.npy", buf.getvalue())
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["path", "image_score", "decision", "max_pixel_score"])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(out / "predictions.csv", buf.getvalue().encode())
+    n_anom = sum(r["decision"] == "anomalous" for r in rows)
+    summary = {
+        "model": detector.model.cfg.name,
+        "threshold": detector.threshold,
+        "n_images": len(rows),
+        "n_anomalous": n_anom if detector.threshold is not None else None,
+        "n_failed": len(failures),
+        "failed": failures,
+        "outputs": {
+            "csv": "predictions.csv",
+            "overlays": "overlays/" if overlays else None,
+            "maps": "maps/" if save_maps else None,
+        },
+    }
+    atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    return summary

@@ -1,0 +1,37 @@
+"""Device and precision choices shared by the pipelines."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from crane.errors import CraneError
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CraneError(f"--device {device}: CUDA is not available on this machine")
+    return dev
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision not in PRECISIONS:
+        raise CraneError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    dtype = PRECISIONS[precision]
+    if dtype is torch.float16 and device.type != "cuda":
+        raise CraneError("fp16 needs a CUDA device; use --precision bf16 or fp32 on CPU")
+    return dtype
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Mixed precision for the backbones; softmax, norms and the Gaussian stay in fp32
+    (autocast keeps softmax/layer_norm in fp32; scoring casts maps to fp32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)

@@ -1,0 +1,236 @@
+"""Prompt training (SPEC §6) with a frozen-feature cache, per-epoch checkpoints and exact resume.
+
+Run directory layout::
+
+    RUN_DIR/config.json, prompts.safetensors    latest model (load with create_model(RUN_DIR))
+    RUN_DIR/epoch_K/...                         the model after epoch K
+    RUN_DIR/resume.json, resume.safetensors     optimizer state and progress, for --resume
+    RUN_DIR/train_log.jsonl                     one line of mean losses per epoch
+
+Exact resume: batch order of epoch e is drawn from a generator seeded with (seed, e), and
+the optimizer state is saved in full, so an interrupted-and-resumed run ends with exactly the
+weights of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from crane.engine.features import FeatureCache, release_memmap
+from crane.engine.losses import crane_loss
+from crane.errors import CheckpointError, CraneError
+from crane.models import checkpoint as ckpt
+from crane.models.crane import CraneModel
+from crane.models.factory import save_model
+
+log = logging.getLogger(__name__)
+
+RESUME_JSON = "resume.json"
+RESUME_TENSORS = "resume.safetensors"
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 5
+    batch_size: int = 8
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.6, 0.999)
+    seed: int = 111
+    dataset: dict[str, Any] = field(default_factory=dict)  # provenance: name, root, split
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    epoch_losses: list[dict[str, float]]
+    seconds_per_epoch: list[float]
+    encode_seconds: float
+    cache_location: str
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def _save_resume(
+    run_dir: Path, opt: torch.optim.Optimizer, epoch: int, settings: TrainSettings, history: list
+) -> None:
+    from safetensors.torch import save
+
+    state = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in state["state"].items():
+        for name, val in st.items():
+            if isinstance(val, torch.Tensor):
+                tensors[f"{pid}.{name}"] = val.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{name}"] = val
+    meta = {
+        "epochs_done": epoch,
+        "settings": {**asdict(settings), "betas": list(settings.betas)},
+        "param_groups": state["param_groups"],
+        "scalars": scalars,
+        "history": history,
+    }
+    ckpt.atomic_write_bytes(run_dir / RESUME_TENSORS, save(tensors))
+    ckpt.atomic_write_bytes(run_dir / RESUME_JSON, (json.dumps(meta, indent=2) + "\n").encode())
+
+
+def _load_resume(
+    run_dir: Path, opt: torch.optim.Optimizer, settings: TrainSettings
+) -> tuple[int, list]:
+    from safetensors.torch import load_file
+
+    meta = json.loads((run_dir / RESUME_JSON).read_text())
+    saved = meta["settings"]
+    for key in ("batch_size", "lr", "seed"):
+        if saved[key] != getattr(settings, key):
+            raise CraneError(
+                f"cannot resume {run_dir}: it was trained with {key}={saved[key]}, "
+                f"now {key}={getattr(settings, key)}"
+            )
+    tensors = load_file(str(run_dir / RESUME_TENSORS))
+    state: dict[int, dict[str, Any]] = {}
+    for key, val in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = val
+    for key, val in meta["scalars"].items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = val
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return int(meta["epochs_done"]), list(meta["history"])
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> bool:
+    """True when resuming. Refuses to mix a new run into an existing one."""
+    has_state = (run_dir / RESUME_JSON).is_file()
+    if resume:
+        if not has_state:
+            raise CraneError(
+                f"--resume: {run_dir} holds no interrupted run ({RESUME_JSON} missing)"
+            )
+        return True
+    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise CraneError(
+            f"{run_dir} is not empty; pass --resume to continue the run there or --overwrite "
+            "to start a new one in it"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return False
+
+
+def train(
+    model: CraneModel,
+    dataset: torch.utils.data.Dataset,
+    run_dir: str | Path,
+    settings: TrainSettings | None = None,
+    *,
+    device: torch.device | str | None = None,
+    workers: int = 0,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    stop_after_epoch: int | None = None,
+    cache_location: str = "auto",
+    autocast_dtype: torch.dtype | None = None,
+) -> TrainResult:
+    """Train ``model``'s prompts on ``dataset`` (items as :class:`crane.data.AnomalyDataset`).
+
+    ``stop_after_epoch`` ends the run early as an interruption would (used to test resume).
+    """
+    settings = settings or TrainSettings()
+    run_dir = Path(run_dir)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    resuming = prepare_run_dir(run_dir, resume, overwrite)
+    model.to(device)
+    if resuming:
+        try:
+            state = ckpt.read_checkpoint(run_dir)[1]
+        except CheckpointError as exc:
+            raise CraneError(f"cannot resume {run_dir}: {exc}") from exc
+        model.prompt_learner.load_state_dict(state)
+    opt = torch.optim.Adam(model.trainable_parameters(), lr=settings.lr, betas=settings.betas)
+    start, history = _load_resume(run_dir, opt, settings) if resuming else (0, [])
+    if start >= settings.epochs:
+        log.info("%s already trained for %d epochs", run_dir, start)
+        model.eval()
+        return TrainResult(run_dir, history, [], 0.0, "none")
+
+    t0 = time.perf_counter()
+    mmap = run_dir / ".feature_cache.npy"
+    cache = FeatureCache.build(
+        model,
+        dataset,
+        device,
+        batch_size=settings.batch_size,
+        workers=workers,
+        location=cache_location,
+        mmap_path=mmap,
+        progress=progress,
+        autocast_dtype=autocast_dtype,
+    )
+    encode_s = time.perf_counter() - t0
+    size = cache.masks.shape[-1]
+    n = len(cache)
+    location = cache.location
+    model.train()
+    epoch_times = []
+    try:
+        for epoch in range(start, settings.epochs):
+            t_ep = time.perf_counter()
+            order = _epoch_order(n, settings.seed, epoch)
+            sums: dict[str, float] = {}
+            steps = 0
+            bar = tqdm(
+                range(0, n, settings.batch_size),
+                desc=f"epoch {epoch + 1}/{settings.epochs}",
+                disable=not progress,
+                unit="batch",
+            )
+            for i in bar:
+                vis, masks, labels = cache.batch(order[i : i + settings.batch_size], device)
+                out = model.forward_train(vis)
+                loss, parts = crane_loss(out, masks, labels, size, model.cfg.train_set_multiplicity)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                steps += 1
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                bar.set_postfix(loss=f"{sums['loss'] / steps:.4f}")
+            means = {k: v / steps for k, v in sums.items()}
+            history.append({"epoch": epoch + 1, **means})
+            epoch_times.append(time.perf_counter() - t_ep)
+            provenance = {
+                "epoch": epoch + 1,
+                "settings": {**asdict(settings), "betas": list(settings.betas)},
+                "losses": means,
+            }
+            save_model(model, run_dir / f"epoch_{epoch + 1}", overwrite=True, **provenance)
+            _save_resume(run_dir, opt, epoch + 1, settings, history)
+            save_model(model, run_dir, overwrite=True, **provenance)
+            with open(run_dir / "train_log.jsonl", "a") as f:
+                f.write(json.dumps(history[-1]) + "\n")
+            log.info(
+                "epoch %d/%d: %s (%.1fs)",
+                epoch + 1,
+                settings.epochs,
+                ", ".join(f"{k}={v:.4f}" for k, v in means.items()),
+                epoch_times[-1],
+            )
+            if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+                break
+    finally:
+        model.eval()
+        del cache
+        release_memmap(mmap)
+    return TrainResult(run_dir, history, epoch_times, encode_s, location)

@@ -1,0 +1,192 @@
+"""The CLI through real subprocesses, end to end on synthetic data with the tiny presets."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from crane.data import make_synthetic_dataset
+
+
+def crane(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run(
+        [sys.executable, "-m", "crane.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **(env or {})},
+    )
+    if check and r.returncode != 0:
+        raise AssertionError(
+            f"crane {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
+        )
+    return r
+
+
+def test_models_lists_presets():
+    out = crane("models").stdout
+    for name in ("crane ", "crane+", "tiny ", "tiny+"):
+        assert name in out
+
+
+def test_demo_trains_prompts_that_beat_untrained_ones(tmp_path):
+    """Measured on this CPU: pixel AUROC 0.20 -> 0.93 with 15 epochs, 0.20 -> ~0.9 with 10.
+
+    Untrained (random) prompts point in an arbitrary direction, so their AUROC is anywhere;
+    trained ones must localise the synthetic defects. The bound (>= 0.80 and +0.25 over the
+    untrained value) sits well below the measured results and far above chance."""
+    r = crane("demo", "--out", str(tmp_path / "demo"), "--epochs", "10", "--no-progress")
+    res = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    before, after = res["before_training"], res["after_training"]
+    assert after["pixel_auroc"] >= 0.80
+    assert after["pixel_auroc"] >= before["pixel_auroc"] + 0.25
+    losses = [e["loss"] for e in res["epoch_losses"]]
+    assert losses[-1] < losses[0]
+    html = (tmp_path / "demo" / "report.html").read_text()
+    assert "<table>" in html and html.count("<img") >= 8
+    for rel in (
+        "eval/metrics.csv",
+        "eval/metrics.json",
+        "predict/predictions.csv",
+        "run/config.json",
+    ):
+        assert (tmp_path / "demo" / rel).is_file(), rel
+    assert "report:" in r.stdout
+
+
+def test_train_resume_evaluate_calibrate_predict(tmp_path):
+    data = tmp_path / "synth"
+    make_synthetic_dataset(
+        data, seed=0, classes=("tile", "plate"), n_train=2, n_test_good=3, n_test_bad=5, size=128
+    )
+    run = tmp_path / "run"
+    common = ["--preset", "tiny", "--image-size", "112", "--batch-size", "4", "--no-progress"]
+    crane(
+        "train",
+        "--dataset",
+        "mvtec",
+        "--root",
+        str(data),
+        "--out",
+        str(run),
+        "--epochs",
+        "2",
+        *common,
+    )
+    assert (run / "epoch_2" / "prompts.safetensors").is_file()
+    r = crane(
+        "train",
+        "--dataset",
+        "mvtec",
+        "--root",
+        str(data),
+        "--out",
+        str(run),
+        "--epochs",
+        "2",
+        *common,
+        check=False,
+    )
+    assert r.returncode == 2 and "--resume" in r.stderr and "Traceback" not in r.stderr
+    crane(
+        "train",
+        "--dataset",
+        "mvtec",
+        "--root",
+        str(data),
+        "--out",
+        str(run),
+        "--epochs",
+        "3",
+        "--resume",
+        *common,
+    )
+    assert len(open(run / "train_log.jsonl").read().splitlines()) == 3
+
+    ev = tmp_path / "ev"
+    r = crane(
+        "evaluate",
+        "--dataset",
+        "mvtec",
+        "--root",
+        str(data),
+        "--model",
+        str(run),
+        "--out",
+        str(ev),
+        "--aupro",
+        "legacy",
+        "--visualize",
+        str(tmp_path / "viz"),
+        "--no-progress",
+    )
+    assert "| **mean** |" in r.stdout
+    rows = list(csv.DictReader(open(ev / "metrics.csv")))
+    assert [x["class"] for x in rows] == ["tile", "plate", "mean"]
+    assert json.loads((ev / "metrics.json").read_text())["aupro"] == "legacy"
+    assert len(list((tmp_path / "viz").rglob("*.png"))) == 16
+
+    crane(
+        "calibrate",
+        "--model",
+        str(run),
+        "--root",
+        str(data),
+        "--mode",
+        "fpr",
+        "--target-fpr",
+        "0.2",
+    )
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["image_threshold"] is not None and cfg["provenance"]["calibration"]["mode"] == "fpr"
+
+    out = tmp_path / "pred"
+    crane(
+        "predict",
+        str(data / "tile" / "test"),
+        str(data / "plate" / "test" / "good" / "*.png"),
+        "--model",
+        str(run),
+        "--out",
+        str(out),
+        "--no-progress",
+    )
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert len(rows) == 8 + 3
+    assert all(x["decision"] in ("normal", "anomalous") for x in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["threshold"] == pytest.approx(cfg["image_threshold"])
+
+
+def test_predict_offline_without_weights_explains_and_points_to_demo(tmp_path):
+    img_dir = Path(__file__).resolve().parents[1] / "examples" / "images"
+    r = crane(
+        "predict",
+        str(img_dir),
+        "--out",
+        str(tmp_path / "o"),
+        check=False,
+        env={"CRANE_OFFLINE": "1", "CRANE_CACHE_DIR": str(tmp_path / "cache")},
+    )
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert (
+        "--clip-weights" in r.stderr
+        and "CRANE_CLIP_WEIGHTS" in r.stderr
+        and "crane demo" in r.stderr
+    )
+
+
+def test_unknown_preset_and_dataset_are_clear(tmp_path):
+    r = crane(
+        "evaluate", "--dataset", "mvtec", "--root", str(tmp_path), "--model", "nope", check=False
+    )
+    assert r.returncode == 2 and "unknown model preset" in r.stderr and "Traceback" not in r.stderr
+    r = crane("datasets", "prepare", "nope", "--root", str(tmp_path), check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr

@@ -1,0 +1,296 @@
+"""Pipelines: losses, training (+ exact resume), evaluation, prediction, calibration."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from crane.data import AnomalyDataset, make_synthetic_dataset
+from crane.engine.calibrate import f1_optimal_threshold, fpr_threshold
+from crane.engine.evaluate import evaluate, paper_protocol, write_report
+from crane.engine.losses import crane_loss, dice_loss, focal_loss
+from crane.engine.predict import Detector, run_predict
+from crane.engine.train import TrainSettings, train
+from crane.errors import CraneError
+from crane.models import create_model
+from crane.models.crane import TrainOutput
+
+SIZE = 112  # 8x8 patch grid: fast, still exercises every code path
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    make_synthetic_dataset(
+        root, seed=0, classes=("tile", "plate"), n_train=2, n_test_good=3, n_test_bad=5, size=128
+    )
+    return root
+
+
+def test_focal_matches_reference_formula():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(2, 2, 5, 5, generator=g), 1)
+    target = (torch.rand(2, 5, 5, generator=g) > 0.7).float()
+    # Reference (AnomalyCLIP/Crane FocalLoss): flatten, one-hot via scatter, clamp, +smooth, mean.
+    logit = probs.view(2, 2, -1).permute(0, 2, 1).reshape(-1, 2)
+    idx = target.view(-1, 1).long()
+    onehot = torch.zeros(idx.shape[0], 2).scatter_(1, idx, 1).clamp(1e-5, 1 - 1e-5)
+    pt = (onehot * logit).sum(1) + 1e-5
+    ref = (-((1 - pt) ** 2) * pt.log()).mean()
+    torch.testing.assert_close(focal_loss(probs, target), ref)
+
+
+def test_dice_matches_naive_loop():
+    g = torch.Generator().manual_seed(1)
+    p = torch.rand(3, 4, 4, generator=g)
+    t = (torch.rand(3, 4, 4, generator=g) > 0.5).float()
+    vals = [(2 * (p[i] * t[i]).sum() + 1) / (p[i].sum() + t[i].sum() + 1) for i in range(3)]
+    torch.testing.assert_close(dice_loss(p, t), 1 - sum(vals) / 3)
+
+
+def test_crane_loss_weights_and_set_multiplicity():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(1, 2, 4, 2, generator=g)
+    out = TrainOutput(patch_logits=logits, image_logits=torch.randn(2, 2, generator=g))
+    masks = torch.zeros(2, 4, 4)
+    masks[0, :2, :2] = 1
+    labels = torch.tensor([1, 0])
+    one, p1 = crane_loss(out, masks, labels, 4, 1)
+    four, p4 = crane_loss(out, masks, labels, 4, 4)
+    # Nearest upsampling of a 2x2 grid to 4x4 = each patch repeated in a 2x2 block.
+    probs = logits.softmax(-1)[0].permute(0, 2, 1).reshape(2, 2, 2, 2)
+    up = probs.repeat_interleave(2, -1).repeat_interleave(2, -2)
+    focal, dice = focal_loss(up, masks), dice_loss(up[:, 1], masks)
+    ce = F.cross_entropy(out.image_logits, labels)
+    torch.testing.assert_close(one, 2 * focal + 2 * dice + 0.2 * ce)
+    torch.testing.assert_close(four, 8 * focal + 8 * dice + 0.2 * ce)
+
+
+def _train(root, run, epochs, stop=None, resume=False):
+    model = create_model("tiny", seed=111, image_size=SIZE)
+    ds = AnomalyDataset(root, "test", image_size=SIZE)
+    res = train(
+        model,
+        ds,
+        run,
+        TrainSettings(epochs=epochs, batch_size=4),
+        progress=False,
+        resume=resume,
+        stop_after_epoch=stop,
+        device="cpu",
+    )
+    return model, res
+
+
+def test_resume_is_exact(synth, tmp_path):
+    full, res_full = _train(synth, tmp_path / "full", 3)
+    _train(synth, tmp_path / "cut", 3, stop=1)
+    assert json.loads((tmp_path / "cut" / "resume.json").read_text())["epochs_done"] == 1
+    resumed, res_resumed = _train(synth, tmp_path / "cut", 3, resume=True)
+    for (k, a), (_, b) in zip(
+        full.prompt_learner.state_dict().items(),
+        resumed.prompt_learner.state_dict().items(),
+        strict=True,
+    ):
+        assert torch.equal(a, b), k
+    assert res_resumed.epoch_losses == res_full.epoch_losses
+    assert sorted(p.name for p in (tmp_path / "full").iterdir() if p.is_dir()) == [
+        "epoch_1",
+        "epoch_2",
+        "epoch_3",
+    ]
+    # a finished run reloads as a model
+    again = create_model(str(tmp_path / "full"))
+    assert torch.equal(again.prompt_learner.ctx_pos, full.prompt_learner.ctx_pos)
+
+
+def test_training_refuses_to_clobber_a_run(synth, tmp_path):
+    _train(synth, tmp_path / "r", 1)
+    with pytest.raises(CraneError, match="not empty"):
+        _train(synth, tmp_path / "r", 1)
+    with pytest.raises(CraneError, match="no interrupted run"):
+        _train(synth, tmp_path / "empty", 1, resume=True)
+
+
+def test_evaluate_streams_into_complete_reports(synth, tmp_path):
+    model = create_model("tiny+", image_size=SIZE)
+    ds = AnomalyDataset(synth, "test", image_size=SIZE)
+    res = evaluate(
+        model,
+        ds,
+        device=torch.device("cpu"),
+        batch_size=3,
+        progress=False,
+        visualize_dir=tmp_path / "viz",
+    )
+    assert res.n_images == 16 and set(res.report.per_class) == {"tile", "plate"}
+    files = write_report(res.report, tmp_path / "out", {"dataset": "synth"})
+    rows = list(csv.DictReader(open(files["csv"])))
+    assert [r["class"] for r in rows] == ["tile", "plate", "mean"]
+    data = json.loads(files["json"].read_text())
+    for k, v in data["mean"].items():
+        assert v is None or 0 <= v <= 1, k
+    assert "| **mean** |" in files["md"].read_text()
+    assert len(list((tmp_path / "viz").rglob("*.png"))) == 16
+
+
+def test_image_level_dataset_gives_undefined_pixel_metrics(tmp_path):
+    root = tmp_path / "brain"
+    for sub, n in (("no", 3), ("yes", 3)):
+        (root / "brain_tumor_dataset" / sub).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(
+                np.full((40, 50), 30 * i + (100 if sub == "yes" else 0), np.uint8)
+            ).save(root / "brain_tumor_dataset" / sub / f"{i}.jpg")
+    from crane.engine.common import open_dataset
+
+    ds = open_dataset(root, "brainmri", "test", SIZE)
+    res = evaluate(
+        create_model("tiny", image_size=SIZE), ds, device=torch.device("cpu"), progress=False
+    )
+    m = res.report.mean
+    assert math.isnan(m["pixel_auroc"]) and math.isnan(m["pixel_aupro"])
+    assert 0 <= m["image_auroc"] <= 1
+
+
+def test_detector_inputs_and_map_sizes(synth, tmp_path):
+    det = Detector(create_model("tiny", image_size=SIZE), device="cpu", batch_size=2, threshold=0.5)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 90, 3), dtype=np.uint8))
+    preds = det.predict([img, np.asarray(img)])
+    assert [p.anomaly_map.shape for p in preds] == [(60, 90), (60, 90)]
+    assert preds[0].score == pytest.approx(preds[1].score)
+    assert preds[0].is_anomalous == (preds[0].score >= 0.5)
+    folder = det.predict(synth / "tile" / "test" / "good")
+    assert len(folder) == 3 and all(p.anomaly_map.shape == (128, 128) for p in folder)
+    with pytest.raises(CraneError):
+        det.predict(tmp_path / "missing.png")
+
+
+def test_run_predict_writes_everything_and_survives_bad_files(synth, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for p in (synth / "plate" / "test" / "good").glob("*.png"):
+        (src / p.name).write_bytes(p.read_bytes())
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    det = Detector(create_model("tiny", image_size=SIZE), device="cpu", threshold=0.4)
+    summary = run_predict(det, [src], tmp_path / "out", save_maps=True, progress=False)
+    assert summary["n_images"] == 3 and summary["n_failed"] == 1
+    assert summary["failed"][0]["path"].endswith("broken.png")
+    rows = list(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))
+    assert len(rows) == 3 and {r["decision"] for r in rows} <= {"normal", "anomalous"}
+    for r in rows:
+        assert (float(r["image_score"]) >= 0.4) == (r["decision"] == "anomalous")
+    maps = sorted((tmp_path / "out" / "maps").glob("*.npy"))
+    assert len(maps) == 3 and np.load(maps[0]).shape == (128, 128)
+    assert len(list((tmp_path / "out" / "overlays").glob("*.png"))) == 3
+    assert float(rows[0]["max_pixel_score"]) == pytest.approx(
+        float(np.load(maps[0]).max()), abs=1e-6
+    )
+    with pytest.raises(CraneError, match="already holds predictions"):
+        run_predict(det, [src], tmp_path / "out", progress=False)
+
+
+def test_calibration_thresholds_against_brute_force():
+    rng = np.random.default_rng(3)
+    scores = np.round(rng.random(200), 2)
+    labels = (rng.random(200) < 0.4).astype(int)
+    t, stats = f1_optimal_threshold(scores, labels)
+    best = 0.0
+    for c in np.unique(scores):
+        pred = scores >= c
+        tp = (pred & (labels == 1)).sum()
+        f1 = 2 * tp / (pred.sum() + labels.sum())
+        best = max(best, f1)
+    assert stats["f1"] == pytest.approx(best)
+    pred = scores >= t
+    assert 2 * (pred & (labels == 1)).sum() / (pred.sum() + labels.sum()) == pytest.approx(best)
+    for target in (0.0, 0.05, 0.2):
+        t, st = fpr_threshold(scores, labels, target)
+        fpr = (scores[labels == 0] >= t).mean()
+        assert fpr <= target + 1e-12 and st["fpr"] == pytest.approx(fpr)
+        # no lower distinct score would still satisfy the target
+        lower = scores[scores < t]
+        if lower.size:
+            assert (scores[labels == 0] >= lower.max()).mean() > target
+
+
+def test_paper_protocol_table():
+    assert paper_protocol("mvtec", "crane+") == {
+        "prompts": "official:visa",
+        "map_combine": "logit_mean",
+    }
+    assert paper_protocol("visa", "crane") == {
+        "prompts": "official:mvtec",
+        "map_combine": "soft_mean",
+    }
+    assert paper_protocol("dagm", "crane+")["map_combine"] == "soft_mean"
+    assert paper_protocol("isic", "crane+") == {
+        "prompts": "official:mvtec-medical",
+        "map_combine": "soft_mean",
+    }
+    assert paper_protocol("isic", "crane")["prompts"] == "official:mvtec"
+
+
+def test_compiled_detector_matches_eager():
+    """torch.compile path (inductor, CPU here) gives the eager results."""
+    model = create_model("tiny", image_size=SIZE)
+    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    eager = Detector(model, device="cpu").predict_tensor(x)
+    compiled = Detector(model, device="cpu", compile=True).predict_tensor(x)
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_autocast_close_to_fp32():
+    """The mixed-precision path (bf16 autocast; CPU here, CUDA in production) stays within the
+    accuracy guard of the speed benchmark: maps within 1e-2 of fp32."""
+    model = create_model("tiny+", image_size=SIZE)
+    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    s32, m32 = Detector(model, device="cpu").predict_tensor(x)
+    s16, m16 = Detector(model, device="cpu", precision="bf16").predict_tensor(x)
+    assert m16.dtype == torch.float32
+    assert (m16 - m32).abs().max() <= 1e-2
+    assert (s16 - s32).abs().max() <= 1e-2
+    with pytest.raises(CraneError, match="fp16 needs a CUDA"):
+        Detector(model, device="cpu", precision="fp16")
+
+
+def test_fast_decode_for_large_jpegs_is_close_and_keeps_true_size(tmp_path):
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    big = Image.fromarray(base).resize((2048, 1536), Image.Resampling.BICUBIC)
+    big.save(tmp_path / "big.jpg", quality=92)
+    model = create_model("tiny", image_size=SIZE)
+    exact = Detector(model, device="cpu").predict(tmp_path / "big.jpg")[0]
+    fast = Detector(model, device="cpu", fast_decode=True).predict(tmp_path / "big.jpg")[0]
+    assert fast.anomaly_map.shape == exact.anomaly_map.shape == (1536, 2048)
+    assert abs(fast.score - exact.score) < 1e-2
+    assert np.abs(fast.anomaly_map - exact.anomaly_map).max() < 5e-2
+
+
+def test_memory_mapped_feature_cache_trains_identically(synth, tmp_path):
+    ds = AnomalyDataset(synth, "test", image_size=SIZE)
+    weights = []
+    for loc in ("ram", "mmap"):
+        model = create_model("tiny", seed=111, image_size=SIZE)
+        res = train(
+            model,
+            ds,
+            tmp_path / loc,
+            TrainSettings(epochs=2, batch_size=4),
+            progress=False,
+            device="cpu",
+            cache_location=loc,
+        )
+        assert res.cache_location == loc
+        assert not (tmp_path / loc / ".feature_cache.npy").exists()  # removed after training
+        weights.append(model.prompt_learner.state_dict())
+    for k in weights[0]:
+        assert torch.equal(weights[0][k], weights[1][k]), k
