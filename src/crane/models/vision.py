@@ -117,8 +117,13 @@ class CraneVisionEncoder(nn.Module):
         where bf16 rounding would move the maps by more than 1e-2.
         """
         v = self.visual
+        ln = v.ln_post
         with torch.autocast(tokens.device.type, enabled=False):
-            return F.normalize(v.ln_post(tokens.float()) @ v.proj.float(), dim=-1)
+            # Explicit fp32 copies of ln_post/proj, so a bf16-cast model scores in fp32 too.
+            y = F.layer_norm(
+                tokens.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps
+            )
+            return F.normalize(y @ v.proj.float(), dim=-1)
 
     def dino_tokens(self, images: torch.Tensor) -> torch.Tensor:
         x = images * self._dino_a + self._dino_b
