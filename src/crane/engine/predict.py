@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from crane.data.imageio import is_image_file, load_image
 from crane.data.transforms import image_to_tensor, read_image_tensor
 from crane.engine.runtime import autocast, autocast_dtype, pick_device
-from crane.errors import CraneError
+from crane.errors import CraneError, ImageReadError
 from crane.models.checkpoint import atomic_write_bytes
 from crane.models.crane import CraneModel
 from crane.models.factory import create_model
@@ -187,8 +187,6 @@ class Detector:
         results = []
         for r in self.predict_iter(expanded):
             if isinstance(r, Failure):
-                from crane.errors import ImageReadError
-
                 raise ImageReadError(r.error)
             results.append(r)
         return results
