@@ -252,6 +252,9 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--compile", action="store_true", help="torch.compile the optimised path")
     ap.add_argument("--train-images", type=int, default=1725)
+    ap.add_argument("--presets", nargs="+", default=["crane", "crane+"], help="full mode only")
+    ap.add_argument("--files", type=int, default=512, help="JPEG files for the end-to-end run")
+    ap.add_argument("--workers", type=int, default=8, help="DataLoader workers end to end")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -287,14 +290,16 @@ def main(argv=None) -> int:
         for preset in ("crane", "crane+"):
             results["model"].append(bench_model(preset, device, 1, None, amp, 1, False))
     else:
-        for preset in ("crane", "crane+"):
+        for preset in args.presets:
             for batch in (args.batch, 1):
                 results["model"].append(
                     bench_model(preset, device, batch, None, amp, 5, args.compile)
                 )
             for fast in (False, True):
                 results["end_to_end"].append(
-                    bench_end_to_end(preset, device, 512, args.batch, 8, None, amp, 2048, fast)
+                    bench_end_to_end(
+                        preset, device, args.files, args.batch, args.workers, None, amp, 2048, fast
+                    )
                 )
             results["train"].append(bench_train(preset, device, args.train_images, None, 3))
 
