@@ -77,6 +77,8 @@ def test_no_hang_without_offline_flag(tmp_path, monkeypatch):
     monkeypatch.setenv(W.CACHE_ENV, str(tmp_path))
     monkeypatch.delenv("CRANE_OFFLINE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
     t = time.time()
     unreachable = W.hub_unreachable()
     assert time.time() - t < 15

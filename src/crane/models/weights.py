@@ -43,6 +43,8 @@ def cache_dir() -> Path:
 def _offline() -> bool:
     if any(os.environ.get(k, "").strip() not in ("", "0") for k in OFFLINE_ENVS):
         return True
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return False  # direct probes say nothing behind a proxy; let the hub client try
     for host, port in _HUB_HOSTS:
         try:
             with socket.create_connection((host, port), timeout=3):
