@@ -190,3 +190,45 @@ def test_unknown_preset_and_dataset_are_clear(tmp_path):
     assert r.returncode == 2 and "unknown model preset" in r.stderr and "Traceback" not in r.stderr
     r = crane("datasets", "prepare", "nope", "--root", str(tmp_path), check=False)
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_model_selection_follows_the_paper_protocol(monkeypatch, tmp_path):
+    """Presets get the released prompts SPEC §7 names for the dataset; --paper-protocol also sets
+    the map combination; run directories and tiny presets are loaded as they are."""
+    import argparse
+
+    import crane.models as models
+    from crane.cli.pipelines import _load_model
+
+    calls = []
+    monkeypatch.setattr(models, "create_model", lambda name, **kw: calls.append((name, kw)))
+
+    def args(model, paper=False, prompts=None):
+        return argparse.Namespace(
+            model=model, prompts=prompts, paper_protocol=paper, clip_weights=None, dino_weights=None
+        )
+
+    _load_model(args("crane+", paper=True), "isic")
+    _load_model(args("crane+", paper=True), "mvtec")
+    _load_model(args("crane"), "visa")
+    _load_model(args("crane+", prompts="my.pth"), "visa")
+    _load_model(args("tiny"), "visa")
+    (tmp_path / "run").mkdir()
+    _load_model(args(str(tmp_path / "run"), paper=True), "visa")
+    assert calls[0] == (
+        "crane+",
+        {
+            "prompts": "official:mvtec-medical",
+            "clip_weights": None,
+            "dino_weights": None,
+            "map_combine": "soft_mean",
+        },
+    )
+    assert calls[1][1]["prompts"] == "official:visa" and calls[1][1]["map_combine"] == "logit_mean"
+    assert calls[2][1]["prompts"] == "official:mvtec" and "map_combine" not in calls[2][1]
+    assert calls[3][1]["prompts"] == "my.pth"
+    assert calls[4][1]["prompts"] is None
+    assert calls[5] == (
+        str(tmp_path / "run"),
+        {"prompts": None, "clip_weights": None, "dino_weights": None},
+    )
