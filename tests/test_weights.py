@@ -42,7 +42,7 @@ def test_missing_clip_weights_offline_is_one_clear_paragraph(no_weights):
 
 
 def test_missing_dino_weights_names_its_fix(no_weights, tmp_path):
-    # CLIP present (tiny-sized file is enough to get past resolution? no: use a bad path for DINO)
+    # An explicit path that does not exist is reported as such.
     with pytest.raises(WeightsError) as exc:
         create_model(
             "crane+", dino_weights=tmp_path / "nope.pth", clip_weights=tmp_path / "nope2.pt"

@@ -394,15 +394,17 @@ def scan_pixel_only(
 
 # --------------------------------------------------------------------------- datasets
 
+MVTEC_LAYOUT = """
+  <cls>/train/good/*.png
+  <cls>/test/<good|defect>/*.png
+  <cls>/ground_truth/<defect>/<stem>_mask.png"""
+
 
 @register_layout(
     "mvtec",
     title="MVTec AD (15 classes)",
     classes=MVTEC_CLASSES,
-    layout="""
-  <cls>/train/good/*.png
-  <cls>/test/<good|defect>/*.png
-  <cls>/ground_truth/<defect>/<stem>_mask.png""",
+    layout=MVTEC_LAYOUT,
 )
 def _mvtec(ctx: ScanContext) -> Meta:
     return scan_known_classes(ctx, MVTEC_CLASSES)
@@ -473,10 +475,7 @@ def _visa(ctx: ScanContext) -> Meta:
     "mpdd",
     title="MPDD (6 classes), MVTec layout",
     classes=MPDD_CLASSES,
-    layout="""
-  <cls>/train/good/*.png
-  <cls>/test/<good|defect>/*.png
-  <cls>/ground_truth/<defect>/<stem>_mask.png""",
+    layout=MVTEC_LAYOUT,
 )
 def _mpdd(ctx: ScanContext) -> Meta:
     return scan_known_classes(ctx, MPDD_CLASSES)

@@ -139,6 +139,31 @@ def _clamp(p: tuple[float, float], size: int, margin: float) -> tuple[float, flo
     return (min(max(p[0], margin), size - margin), min(max(p[1], margin), size - margin))
 
 
+def _walk(
+    rng: np.random.Generator,
+    start: tuple[float, float],
+    steps: int,
+    turn: float,
+    step_range: tuple[float, float],
+    size: int,
+    margin: float,
+) -> list[tuple[float, float]]:
+    """A random polyline from ``start``: heading drawn once, then per step a turn in
+    [-turn, turn] and a length in ``step_range`` (fractions of ``size``), clamped inside."""
+    angle = rng.uniform(0, 2 * np.pi)
+    pts = [start]
+    for _ in range(steps):
+        angle += rng.uniform(-turn, turn)
+        step = rng.uniform(*step_range) * size
+        last = pts[-1]
+        pts.append(
+            _clamp(
+                (last[0] + step * math.cos(angle), last[1] + step * math.sin(angle)), size, margin
+            )
+        )
+    return pts
+
+
 def _draw_defect(
     kind: str, size: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, list[list[float]]]:
@@ -149,19 +174,7 @@ def _draw_defect(
     if kind == "scratch":
         # Start near the centre so the three-segment line rarely runs into the margin.
         start = (float(rng.uniform(0.3, 0.7) * size), float(rng.uniform(0.3, 0.7) * size))
-        angle = rng.uniform(0, 2 * np.pi)
-        pts = [start]
-        for _ in range(2):
-            angle += rng.uniform(-0.35, 0.35)
-            step = rng.uniform(0.1, 0.16) * size
-            last = pts[-1]
-            pts.append(
-                _clamp(
-                    (last[0] + step * math.cos(angle), last[1] + step * math.sin(angle)),
-                    size,
-                    0.06 * size,
-                )
-            )
+        pts = _walk(rng, start, 2, 0.35, (0.1, 0.16), size, 0.06 * size)
         draw.line(pts, fill=255, width=max(3, round(size / 85)))
         colours = [[235.0, 235.0, 230.0], [20.0, 20.0, 24.0]]
     elif kind == "spot":
@@ -170,19 +183,7 @@ def _draw_defect(
         draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=255)
         colours = list(_STAIN_COLOURS)
     elif kind == "crack":
-        pts = [_point(rng, size, margin)]
-        angle = rng.uniform(0, 2 * np.pi)
-        for _ in range(10):
-            angle += rng.uniform(-0.9, 0.9)
-            step = rng.uniform(0.03, 0.05) * size
-            last = pts[-1]
-            pts.append(
-                _clamp(
-                    (last[0] + step * math.cos(angle), last[1] + step * math.sin(angle)),
-                    size,
-                    margin,
-                )
-            )
+        pts = _walk(rng, _point(rng, size, margin), 10, 0.9, (0.03, 0.05), size, margin)
         draw.line(pts, fill=255, width=max(3, round(size / 75)), joint="curve")
         colours = [[12.0, 10.0, 10.0]]
     elif kind == "missing":

@@ -113,7 +113,7 @@ class CraneModel(nn.Module):
         """Differentiable w.r.t. the prompts only; ``vis`` may come from a feature cache."""
         cfg = self.cfg
         context = vis.global_feat if cfg.image_context_train else None
-        text = self.text_features(context) if context is not None else self.text_features()
+        text = self.text_features(context)
         logits = scoring.patch_logits(vis.patch_sets.float(), text, cfg.pixel_temperature)
         fused = scoring.fused_image_feature(
             vis.patch_sets.float(), logits, vis.global_feat.float(), cfg.fusion_alpha
