@@ -54,6 +54,10 @@ class CraneConfig:
     # when the similarities are rounded to bf16 (measured on tiny+: maps move 1.0e-2 with a
     # bf16 DINO, 4e-3 with an fp32 one). Costs ~20% of Crane+'s FLOPs at full precision.
     dino_fp32: bool = True
+    # With ``dino_fp32`` under autocast on CUDA, let DINOv2's fp32 matmuls use TF32 tensor
+    # cores (10-bit mantissa, bf16 has 7): most of the speed of a bf16 DINO, little of its
+    # error. Plain fp32 runs (no autocast) are never affected.
+    dino_tf32: bool = True
     # --- text side (SPEC §4) ---------------------------------------------------------------
     n_ctx: int = 12
     n_deep: int = 8

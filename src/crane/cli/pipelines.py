@@ -92,9 +92,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-maps", action="store_true", help="also write raw maps as .npy")
     p.add_argument("--no-overlays", action="store_true")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--fast-decode", action="store_true",
-                   help="decode large JPEGs at a reduced scale (>= 2x the model input); faster, "
-                        "pixels differ slightly from the reference pipeline")
+    p.add_argument(
+        "--fast-decode",
+        action="store_true",
+        help="decode large JPEGs at a reduced scale (>= the model input); faster, "
+        "pixels differ slightly from the reference pipeline",
+    )
     _common(p)
     p.set_defaults(func=cmd_predict)
 

@@ -15,18 +15,19 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from crane.data.imageio import is_image_file, load_image
-from crane.data.transforms import image_to_tensor, read_image_tensor
+from crane.data.transforms import image_to_uint8, normalize_uint8, read_image_tensor
 from crane.engine.runtime import autocast, autocast_dtype, pick_device
 from crane.errors import CraneError, ImageReadError
 from crane.models.checkpoint import atomic_write_bytes
 from crane.models.crane import CraneModel
 from crane.models.factory import create_model
-from crane.viz import overlay, resize_map, save_png
+from crane.viz import overlay, save_png
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,8 @@ class Failure:
 
 
 class _Inputs(Dataset):
-    """Decodes and preprocesses inputs (in DataLoader workers); failures become records."""
+    """Decodes and resizes inputs (in DataLoader workers) to uint8 pixels; failures become
+    records. Normalisation happens on the device (:func:`normalize_uint8`, bitwise equal)."""
 
     def __init__(self, items: Sequence[ImageInput], size: int, draft: int | None = None):
         self.items, self.size, self.draft = list(items), size, draft
@@ -70,12 +72,12 @@ class _Inputs(Dataset):
         item = self.items[i]
         try:
             if isinstance(item, (str, os.PathLike)):
-                tensor, (h, w) = read_image_tensor(item, self.size, draft=self.draft)
-                return {"ok": True, "image": tensor, "hw": (h, w), "path": os.fspath(item), "i": i}
+                pixels, (h, w) = read_image_tensor(item, self.size, draft=self.draft, as_uint8=True)
+                return {"ok": True, "image": pixels, "hw": (h, w), "path": os.fspath(item), "i": i}
             pil = item if isinstance(item, Image.Image) else Image.fromarray(np.asarray(item))
             return {
                 "ok": True,
-                "image": image_to_tensor(pil, self.size),
+                "image": image_to_uint8(pil, self.size),
                 "hw": (pil.height, pil.width),
                 "path": None,
                 "i": i,
@@ -98,11 +100,42 @@ def _collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+@dataclass
+class _InFlight:
+    """One batch whose device work has been queued but whose results are not read yet."""
+
+    ok: list[dict[str, Any]]
+    failed: list[Failure]
+    scores: torch.Tensor | None = None
+    maps: list[torch.Tensor] | None = None  # per size group, on the device
+    groups: list[list[int]] | None = None
+    done: torch.cuda.Event | None = None
+
+
+def resize_maps(maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bilinear resize of (B, H, W) maps, antialiased when shrinking: what PIL's BILINEAR
+    does for :func:`crane.viz.resize_map`, on the maps' device."""
+    if maps.shape[-2:] == (height, width):
+        return maps
+    return F.interpolate(
+        maps[:, None], size=(height, width), mode="bilinear", align_corners=False, antialias=True
+    )[:, 0]
+
+
 class Detector:
     """Load a model once, then ``predict`` images, paths or folders.
 
     >>> det = Detector("runs/mvtec", device="cuda", precision="bf16")   # doctest: +SKIP
     >>> [p.score for p in det.predict(["a.png", "b.png"])]               # doctest: +SKIP
+
+    ``precision``: fp32, or bf16/fp16 autocast for the backbones (scoring stays fp32).
+    ``workers``: DataLoader processes that decode and resize files (use most CPU cores on a
+    GPU machine). ``fast_decode``: JPEGs decoded at a reduced DCT scale (still >= the model
+    input) — much cheaper for large photos, pixels differ slightly from the reference.
+    ``compile``: ``torch.compile`` the model (first batch compiles). ``cast_weights``: store the
+    frozen matmul weights in the autocast dtype (same results, half the memory); default on
+    for a CUDA Detector that loaded its own model, off for a model passed in (it is changed
+    in place).
     """
 
     def __init__(
@@ -119,10 +152,12 @@ class Detector:
         workers: int = 0,
         compile: bool = False,
         fast_decode: bool = False,
+        cast_weights: bool | None = None,
         **overrides: Any,
     ):
         self.device = pick_device(device)
         self.amp = autocast_dtype(precision, self.device)
+        owned = not isinstance(model, CraneModel)
         if isinstance(model, CraneModel):
             self.model = model
         else:
@@ -134,27 +169,81 @@ class Detector:
                 **overrides,
             )
         self.model.to(self.device).eval()
+        if cast_weights is None:
+            cast_weights = owned and self.amp is not None and self.device.type == "cuda"
+        if cast_weights and self.amp is not None and self.model.matmul_dtype is None:
+            # Same results as plain autocast, half the weight memory (see cast_frozen_matmuls).
+            self.model.cast_frozen_matmuls(self.amp)
         # torch.compile fuses the post-processing and attention glue; first call compiles.
         self._forward = torch.compile(self.model) if compile else self.model
         self.threshold = threshold if threshold is not None else self.model.image_threshold
         self.batch_size, self.workers = batch_size, workers
         self.size = self.model.cfg.image_size
-        # Large JPEGs: decode at a reduced DCT scale that stays >= 2x the model input, then
+        # Large JPEGs: decode at a reduced DCT scale that stays >= the model input, then
         # resize as usual. Off by default: exact reference pixels for evaluation.
-        self.draft = 2 * self.size if fast_decode else None
+        self.draft = self.size if fast_decode else None
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     @torch.no_grad()
     def predict_tensor(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Preprocessed (B, 3, S, S) batch → (scores (B,), maps (B, S, S)) on the device."""
+        """Preprocessed (B, 3, S, S) batch → (scores (B,), maps (B, S, S)) on the device.
+
+        ``images`` are CLIP-normalised floats, or the uint8 pixels of
+        :func:`crane.data.transforms.image_to_uint8` (normalised here, on the device)."""
         images = images.to(self.device, non_blocking=True)
+        if images.dtype == torch.uint8:
+            images = normalize_uint8(images)
         with autocast(self.device, self.amp):
             out = self._forward(images)
         return out.image_scores.float(), out.anomaly_maps.float()
 
+    def _launch(self, batch: dict[str, Any]) -> _InFlight:
+        """Queue a batch's device work (forward, resize to each image's size) and return."""
+        job = _InFlight(batch["ok"], batch["failed"])
+        if batch["images"] is None:
+            return job
+        scores, maps = self.predict_tensor(batch["images"])
+        groups: dict[tuple[int, int], list[int]] = {}
+        for j, item in enumerate(job.ok):
+            groups.setdefault(tuple(item["hw"]), []).append(j)
+        job.groups = list(groups.values())
+        job.maps = [
+            resize_maps(maps if len(idx) == len(job.ok) else maps[idx], *hw)
+            for hw, idx in groups.items()
+        ]
+        job.scores = scores
+        if self.device.type == "cuda":
+            job.done = torch.cuda.Event()
+            job.done.record()
+        return job
+
+    def _collect(self, job: _InFlight) -> Iterator[Prediction | Failure]:
+        """Copy a launched batch's results to the host and yield them in input order."""
+        yield from job.failed
+        if job.scores is None:
+            return
+        if job.done is not None:
+            # Copy on a side stream that waits for this batch only, so the next batch (already
+            # queued on the main stream) keeps the GPU busy meanwhile.
+            with torch.cuda.stream(self._copy_stream):
+                self._copy_stream.wait_event(job.done)
+                scores = job.scores.cpu()
+                host = [m.cpu() for m in job.maps]
+        else:
+            scores, host = job.scores.cpu(), [m.cpu() for m in job.maps]
+        maps: list[np.ndarray | None] = [None] * len(job.ok)
+        for idx, group in zip(job.groups, host, strict=True):
+            for k, j in enumerate(idx):
+                maps[j] = group[k].numpy()
+        for j, item in enumerate(job.ok):
+            yield Prediction(item["path"], float(scores[j]), maps[j], self.threshold)
+
     def predict_iter(
         self, inputs: Iterable[ImageInput], progress: bool = False
     ) -> Iterator[Prediction | Failure]:
-        """Yield a :class:`Prediction` per readable input, a :class:`Failure` per unreadable one."""
+        """Yield a :class:`Prediction` per readable input, a :class:`Failure` per unreadable one,
+        in input order. Workers decode ahead; on CUDA batch k+1 runs while batch k is copied
+        back and handed out."""
         data = _Inputs(list(inputs), self.size, self.draft)
         loader = DataLoader(
             data,
@@ -162,16 +251,16 @@ class Detector:
             num_workers=self.workers,
             collate_fn=_collate,
             pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if self.workers else None,
         )
+        pending: _InFlight | None = None
         for batch in tqdm(loader, desc="predict", unit="batch", disable=not progress):
-            yield from batch["failed"]
-            if batch["images"] is None:
-                continue
-            scores, maps = self.predict_tensor(batch["images"])
-            scores, maps = scores.cpu().numpy(), maps.cpu().numpy()
-            for item, s, m in zip(batch["ok"], scores, maps, strict=True):
-                h, w = item["hw"]
-                yield Prediction(item["path"], float(s), resize_map(m, h, w), self.threshold)
+            job = self._launch(batch)
+            if pending is not None:
+                yield from self._collect(pending)
+            pending = job
+        if pending is not None:
+            yield from self._collect(pending)
 
     def predict(self, inputs: ImageInput | Iterable[ImageInput]) -> list[Prediction]:
         """Predictions for one input or a list; paths to folders expand to their images.

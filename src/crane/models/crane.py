@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from crane.config import CraneConfig
+from crane.errors import CraneError
 from crane.models import scoring
 from crane.models.text import PromptLearner, PromptTextEncoder
 from crane.models.vision import CraneVisionEncoder, VisionOutput
@@ -42,6 +43,8 @@ class CraneModel(nn.Module):
         #: Image-level decision threshold (set by calibration / stored in checkpoints).
         self.image_threshold: float | None = None
         self._text_cache: tuple[tuple, torch.Tensor] | None = None
+        #: Set by :meth:`cast_frozen_matmuls`: the vision tower then needs autocast.
+        self.matmul_dtype: torch.dtype | None = None
 
     # -- training mode only touches the prompts; backbones stay in eval (no dropout etc.) ---
     def train(self, mode: bool = True) -> CraneModel:
@@ -80,7 +83,38 @@ class CraneModel(nn.Module):
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> VisionOutput:
         """Frozen vision features; the only expensive part, cacheable across epochs."""
+        if self.matmul_dtype is not None and not torch.is_autocast_enabled(images.device.type):
+            raise CraneError(
+                f"this model's frozen matmul weights are stored in {self.matmul_dtype} "
+                "(cast_frozen_matmuls); run it under torch.autocast with that dtype, e.g. "
+                "Detector(precision='bf16'), or rebuild it for fp32"
+            )
         return self.vision(images)
+
+    @torch.no_grad()
+    def cast_frozen_matmuls(self, dtype: torch.dtype) -> CraneModel:
+        """Store the vision backbones' big matmul weights in ``dtype`` (bf16/fp16), in place.
+
+        For inference under autocast of the same dtype this changes no result: autocast casts
+        exactly these weights to ``dtype`` before every matmul anyway. It halves their memory
+        and removes the per-forward casts. Kept in fp32: norms, embeddings, ``ln_post``/``proj``
+        and ``out_proj`` (D-Attn uses it in fp32), the text tower (run once for static
+        prompts), and DINOv2 when ``cfg.dino_fp32``. Afterwards the vision tower refuses to run
+        without autocast.
+        """
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"cast_frozen_matmuls takes bfloat16 or float16, got {dtype}")
+        visual = self.vision.visual
+        weights = [visual.conv1.weight]
+        for blk in visual.transformer.resblocks:
+            weights += [blk.attn.in_proj_weight, blk.mlp.c_fc.weight, blk.mlp.c_proj.weight]
+        dino = self.vision.dino
+        if dino is not None and not self.cfg.dino_fp32:
+            weights += [m.weight for m in dino.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        for w in weights:
+            w.data = w.data.to(dtype)
+        self.matmul_dtype = dtype
+        return self
 
     # -- heads -----------------------------------------------------------------------------
     def predict_from_features(self, vis: VisionOutput, size: int) -> CraneOutput:

@@ -7,6 +7,7 @@ Crane+ the DINO-guided D-Attn at one block. Everything here is pure tensor code.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,21 @@ class VisionOutput:
 
     global_feat: torch.Tensor
     patch_sets: torch.Tensor
+
+
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool = True):
+    """Let fp32 CUDA matmuls/convolutions inside the block use TF32 tensor cores; restores the
+    previous global settings on exit (a no-op when ``enabled`` is False)."""
+    if not enabled:
+        yield
+        return
+    mm, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = mm, cudnn
 
 
 def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -128,9 +144,11 @@ class CraneVisionEncoder(nn.Module):
     def dino_tokens(self, images: torch.Tensor) -> torch.Tensor:
         x = images * self._dino_a + self._dino_b
         dtype = next(self.dino.parameters()).dtype
-        with torch.autocast(
-            x.device.type,
-            enabled=torch.is_autocast_enabled(x.device.type) and not self.cfg.dino_fp32,
+        amp = torch.is_autocast_enabled(x.device.type)
+        tf32 = amp and self.cfg.dino_fp32 and self.cfg.dino_tf32 and x.device.type == "cuda"
+        with (
+            torch.autocast(x.device.type, enabled=amp and not self.cfg.dino_fp32),
+            tf32_matmuls(tf32),
         ):
             feats = self.dino.forward_features(x.to(dtype))
         return feats[:, self.dino.num_prefix_tokens :]

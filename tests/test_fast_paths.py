@@ -1,0 +1,212 @@
+"""The throughput paths (issue 6): uint8 transfer + device normalisation, device-side map
+resizing, frozen-weight casting, TF32 DINO, the pipelined predict loop. CPU tests check they
+compute what the plain paths compute; the ``cuda`` ones run where a GPU exists (the device
+machine) and compare CUDA against CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from crane.data.transforms import image_to_tensor, image_to_uint8, normalize_uint8
+from crane.engine.predict import Detector, Failure, Prediction, resize_maps
+from crane.errors import CraneError
+from crane.models import create_model
+from crane.models.vision import tf32_matmuls
+from crane.viz import resize_map
+
+SIZE = 112
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _image(mode: str, seed: int = 0, hw=(70, 95)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    rgb = Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8))
+    if mode == "P":
+        return rgb.convert("P", palette=Image.Palette.ADAPTIVE)
+    return rgb.convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "P", "RGBA", "LA", "I;16", "CMYK"])
+def test_uint8_path_is_bitwise_the_float_path(mode):
+    im = _image("L" if mode == "I;16" else mode)
+    if mode == "I;16":
+        im = Image.fromarray(np.asarray(im).astype(np.uint16) * 257)
+    ref = image_to_tensor(im, SIZE)
+    px = image_to_uint8(im, SIZE)
+    assert px.dtype == torch.uint8 and px.shape == (3, SIZE, SIZE)
+    assert torch.equal(normalize_uint8(px), ref)
+    assert torch.equal(normalize_uint8(px[None])[0], ref)  # batched
+
+
+@pytest.mark.parametrize("hw", [(300, 410), (40, 33), (SIZE, 2 * SIZE)])
+def test_device_map_resize_matches_pil(hw):
+    maps = torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    out = resize_maps(maps, *hw)
+    assert out.shape == (3, *hw)
+    for m, o in zip(maps, out, strict=True):
+        ref = resize_map(m.numpy(), *hw)
+        np.testing.assert_allclose(o.numpy(), ref, atol=2e-5)  # PIL: float weights
+    assert resize_maps(maps, SIZE, SIZE) is maps
+
+
+def test_cast_frozen_matmuls_changes_nothing_under_autocast():
+    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    ref = create_model("tiny+", image_size=SIZE, seed=3)
+    cast = create_model("tiny+", image_size=SIZE, seed=3)
+
+    def nbytes(m):
+        return sum(p.numel() * p.element_size() for p in m.parameters())
+
+    before = nbytes(cast.vision.visual.transformer)
+    cast.cast_frozen_matmuls(torch.bfloat16)
+    after = nbytes(cast.vision.visual.transformer)
+    blk = cast.vision.visual.transformer.resblocks[0]
+    assert blk.mlp.c_fc.weight.dtype == blk.attn.in_proj_weight.dtype == torch.bfloat16
+    assert blk.attn.out_proj.weight.dtype == torch.float32  # D-Attn uses it in fp32
+    assert cast.vision.visual.proj.dtype == torch.float32
+    assert next(cast.vision.dino.parameters()).dtype == torch.float32  # dino_fp32
+    assert after < 0.55 * before
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = ref(x), cast(x)
+    assert torch.equal(a.anomaly_maps, b.anomaly_maps)
+    assert torch.equal(a.image_scores, b.image_scores)
+    with pytest.raises(CraneError, match="autocast"):
+        cast(x)
+    with pytest.raises(ValueError):
+        ref.cast_frozen_matmuls(torch.float32)
+
+
+def test_detector_casts_only_models_it_owns():
+    model = create_model("tiny", image_size=SIZE)
+    Detector(model, device="cpu", precision="bf16")
+    assert model.matmul_dtype is None  # a model passed in is left alone by default
+    Detector(model, device="cpu", precision="bf16", cast_weights=True)
+    assert model.matmul_dtype is torch.bfloat16
+    with pytest.raises(CraneError, match="autocast"):
+        Detector(model, device="cpu").predict_tensor(torch.zeros(1, 3, SIZE, SIZE))
+
+
+def test_tf32_context_restores_global_flags():
+    mm, cd = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    with tf32_matmuls(True):
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (mm, cd)
+    with tf32_matmuls(False):
+        assert torch.backends.cuda.matmul.allow_tf32 == mm
+
+
+def _files(tmp_path, n=7):
+    paths = []
+    for i in range(n):
+        hw = (90, 120) if i % 3 else (SIZE, SIZE)
+        p = tmp_path / f"{i}.png"
+        _image("RGB", seed=i, hw=hw).save(p)
+        paths.append(str(p))
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    paths.insert(3, str(bad))
+    return paths
+
+
+def _reference(model, paths):
+    """One image at a time through the float preprocessing and PIL map resize."""
+    out = {}
+    for p in paths:
+        try:
+            im = Image.open(p)
+            im.load()
+        except OSError:
+            continue
+        x = image_to_tensor(im, SIZE)[None]
+        with torch.no_grad():
+            r = model(x)
+        out[p] = (
+            float(r.image_scores[0]),
+            resize_map(r.anomaly_maps[0].numpy(), im.height, im.width),
+        )
+    return out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_predict_iter_order_failures_and_values(tmp_path, workers):
+    paths = _files(tmp_path)
+    model = create_model("tiny", image_size=SIZE)
+    ref = _reference(model, paths)
+    det = Detector(model, device="cpu", batch_size=3, workers=workers)
+    got = list(det.predict_iter(paths))
+    assert [r.path for r in got] == paths  # input order, failures in place
+    assert isinstance(got[3], Failure) and "bad.png" in got[3].path
+    for r in got:
+        if isinstance(r, Prediction):
+            score, amap = ref[r.path]
+            assert r.score == pytest.approx(score, abs=1e-5)
+            assert r.anomaly_map.dtype == np.float32 and r.anomaly_map.shape == amap.shape
+            np.testing.assert_allclose(r.anomaly_map, amap, atol=1e-5)
+
+
+def test_fast_decode_keeps_model_input_resolution(tmp_path):
+    """Draft decoding never goes below the model input: a 4x larger JPEG is decoded at 1/2
+    scale for a model whose input is just under half its size, not at 1/4."""
+    from crane.data.imageio import open_image
+
+    big = Image.fromarray(
+        np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    ).resize((4 * SIZE, 4 * SIZE))
+    big.save(tmp_path / "big.jpg", quality=90)
+    det = Detector(create_model("tiny", image_size=SIZE + 14), device="cpu", fast_decode=True)
+    assert open_image(tmp_path / "big.jpg", det.draft).size == (2 * SIZE, 2 * SIZE)
+
+
+# --- CUDA (run on the device machine; skipped elsewhere) ------------------------------------
+
+
+@cuda
+def test_cuda_fp32_matches_cpu():
+    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    model = create_model("tiny+", image_size=SIZE, seed=5)
+    s_cpu, m_cpu = Detector(model, device="cpu").predict_tensor(x)
+    s_gpu, m_gpu = Detector(model, device="cuda").predict_tensor(x)
+    torch.testing.assert_close(m_gpu.cpu(), m_cpu, atol=2e-3, rtol=0)  # cudnn TF32 convs
+    torch.testing.assert_close(s_gpu.cpu(), s_cpu, atol=2e-3, rtol=0)
+
+
+@cuda
+@pytest.mark.parametrize("preset", ["tiny", "tiny+"])
+def test_cuda_bf16_cast_weights_within_guard(preset):
+    x = torch.randn(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    s32, m32 = Detector(
+        create_model(preset, image_size=SIZE, seed=2), device="cuda"
+    ).predict_tensor(x)
+    fast = Detector(
+        create_model(preset, image_size=SIZE, seed=2),
+        device="cuda",
+        precision="bf16",
+        cast_weights=True,
+    )
+    assert fast.model.matmul_dtype is torch.bfloat16
+    s16, m16 = fast.predict_tensor(x)
+    assert (m16 - m32).abs().max() <= 1e-2
+    assert (s16 - s32).abs().max() <= 1e-2
+
+
+@cuda
+def test_cuda_pipelined_predict_matches_cpu(tmp_path):
+    paths = _files(tmp_path, n=9)
+    model = create_model("tiny+", image_size=SIZE, seed=4)
+    cpu = list(Detector(model, device="cpu", batch_size=2).predict_iter(paths))
+    gpu = list(Detector(model, device="cuda", batch_size=2, workers=2).predict_iter(paths))
+    assert [r.path for r in gpu] == [r.path for r in cpu]
+    for a, b in zip(cpu, gpu, strict=True):
+        assert type(a) is type(b)
+        if isinstance(a, Prediction):
+            assert b.score == pytest.approx(a.score, abs=2e-3)
+            np.testing.assert_allclose(b.anomaly_map, a.anomaly_map, atol=2e-3)
+
+
+@cuda
+def test_cuda_uint8_normalisation_bitwise():
+    px = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    assert torch.equal(normalize_uint8(px.cuda()).cpu(), normalize_uint8(px))
