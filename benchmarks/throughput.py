@@ -180,6 +180,7 @@ def bench_end_to_end(
     workers: int,
     amp: str,
     fast_decode: bool = False,
+    map_size: str = "input",
 ) -> dict:
     det = Detector(
         copy.deepcopy(base),
@@ -189,6 +190,7 @@ def bench_end_to_end(
         workers=workers,
         fast_decode=fast_decode,
         cast_weights=device.type == "cuda" and amp != "fp32",
+        map_size=map_size,
     )
     list(det.predict_iter(paths[: min(len(paths), 2 * batch)]))  # warm-up (workers, text)
     reset_peak(device)
@@ -204,12 +206,40 @@ def bench_end_to_end(
         "batch": batch,
         "precision": amp,
         "fast_decode": fast_decode,
+        "map_size": map_size,
         "end_to_end_img_s": k / dt,
         "peak_mb": peak_mem_mb(device),
     }
     del det
     release(device)
     return out
+
+
+def bench_decode(paths: list[str], size: int, batch: int, workers: int, fast: bool) -> dict:
+    """The input pipeline alone (decode + resize in workers, collate, pinned batches): the
+    ceiling for end-to-end throughput on this machine's CPUs."""
+    from torch.utils.data import DataLoader
+
+    from crane.engine.predict import _collate, _Inputs
+
+    loader = DataLoader(
+        _Inputs(paths, size, size if fast else None),
+        batch_size=batch,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=torch.cuda.is_available(),
+        prefetch_factor=4 if workers else None,
+    )
+    t = time.perf_counter()
+    k = sum(len(b["ok"]) for b in loader)
+    return {
+        "n_files": k,
+        "jpeg_px": Image.open(paths[0]).size[0],
+        "image_size": size,
+        "workers": workers,
+        "fast_decode": fast,
+        "decode_img_s": k / (time.perf_counter() - t),
+    }
 
 
 def bench_train(base: torch.nn.Module, device: torch.device, n: int, epochs: int, amp: str) -> dict:
@@ -319,6 +349,13 @@ def main(argv=None) -> int:
         default=min(16, os.cpu_count() or 1),
         help="DataLoader workers end to end (default: the CPU count, at most 16)",
     )
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        default=["model", "e2e", "train"],
+        choices=["model", "e2e", "train"],
+        help="full mode: which parts to run",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -333,6 +370,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "model": [],
         "end_to_end": [],
+        "decode": [],
         "train": [],
     }
     try:
@@ -359,18 +397,26 @@ def main(argv=None) -> int:
             results["model"].append(bench_model(base, device, 1, amp, 1, False))
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            paths = make_jpegs(Path(tmp), args.files, 2048, args.workers) if args.files else []
+            want_files = args.files and "e2e" in args.only
+            paths = make_jpegs(Path(tmp), args.files, 2048, args.workers) if want_files else []
+            for fast in (False, True) if paths else ():
+                results["decode"].append(bench_decode(paths, 518, args.batch, args.workers, fast))
+                print(results["decode"][-1], flush=True)
             for preset in args.presets:
                 base = create_model(preset, pretrained=False)
-                for batch in (args.batch, 1):
+                for batch in (args.batch, 1) if "model" in args.only else ():
                     results["model"].append(bench_model(base, device, batch, amp, 5, args.compile))
                     print(results["model"][-1], flush=True)
-                for fast in (False, True) if paths else ():
+                combos = [(False, "input"), (True, "input"), (True, "model")]
+                combos = combos if paths and "e2e" in args.only else []
+                for fast, map_size in combos:
                     results["end_to_end"].append(
-                        bench_end_to_end(base, device, paths, args.batch, args.workers, amp, fast)
+                        bench_end_to_end(
+                            base, device, paths, args.batch, args.workers, amp, fast, map_size
+                        )
                     )
                     print(results["end_to_end"][-1], flush=True)
-                if args.train_images:
+                if args.train_images and "train" in args.only:
                     results["train"].append(bench_train(base, device, args.train_images, 3, amp))
                     print(results["train"][-1], flush=True)
                 save(results, args.json)  # partial results survive a later failure
@@ -409,10 +455,16 @@ def main(argv=None) -> int:
             "batch",
             "precision",
             "fast_decode",
+            "map_size",
             "end_to_end_img_s",
             "peak_mb",
         ],
     )
+    if results["decode"]:
+        table(
+            results["decode"],
+            ["n_files", "jpeg_px", "image_size", "workers", "fast_decode", "decode_img_s"],
+        )
     table(
         results["train"],
         [

@@ -108,6 +108,9 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         variant("bf16 default + torch.compile", copy.deepcopy(base), compile_model=True)
         rows[-1]["compile_plus_timing_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        variant("bf16, DINO bf16 + torch.compile", with_cfg(dino_fp32=False), compile_model=True)
+        rows[-1]["compile_plus_timing_s"] = time.perf_counter() - t
 
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(f"\ndevice {name}, torch {torch.__version__}, batch {args.batch}, size {s}")

@@ -74,7 +74,9 @@ def normalize_uint8(
     def stat(values: Sequence[float]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.float32, device=pixels.device).view(-1, 1, 1)
 
-    x = pixels.to(torch.float32) / 255
+    # A tensor divisor: CUDA turns division by a Python scalar into multiplication by its
+    # reciprocal, which is not bitwise the IEEE division numpy does.
+    x = pixels.to(torch.float32) / torch.tensor(255.0, device=pixels.device)
     return (x - stat(mean)) / stat(std)
 
 

@@ -132,7 +132,10 @@ class Detector:
     ``workers``: DataLoader processes that decode and resize files (use most CPU cores on a
     GPU machine). ``fast_decode``: JPEGs decoded at a reduced DCT scale (still >= the model
     input) — much cheaper for large photos, pixels differ slightly from the reference.
-    ``compile``: ``torch.compile`` the model (first batch compiles). ``cast_weights``: store the
+    ``compile``: ``torch.compile`` the model (first batch compiles; a string picks the mode,
+    e.g. ``"reduce-overhead"`` for CUDA graphs at small batches). ``map_size``: ``"input"``
+    (maps at each image's own size) or ``"model"`` (S×S maps: 16× fewer bytes to copy back
+    for 2048-px photos). ``cast_weights``: store the
     frozen matmul weights in the autocast dtype (same results, half the memory); default on
     for a CUDA Detector that loaded its own model, off for a model passed in (it is changed
     in place).
@@ -150,13 +153,17 @@ class Detector:
         threshold: float | None = None,
         batch_size: int = 8,
         workers: int = 0,
-        compile: bool = False,
+        compile: bool | str = False,
         fast_decode: bool = False,
         cast_weights: bool | None = None,
+        map_size: str = "input",
         **overrides: Any,
     ):
         self.device = pick_device(device)
         self.amp = autocast_dtype(precision, self.device)
+        if map_size not in ("input", "model"):
+            raise CraneError(f"map_size must be 'input' or 'model', got {map_size!r}")
+        self.map_size = map_size
         owned = not isinstance(model, CraneModel)
         if isinstance(model, CraneModel):
             self.model = model
@@ -175,7 +182,11 @@ class Detector:
             # Same results as plain autocast, half the weight memory (see cast_frozen_matmuls).
             self.model.cast_frozen_matmuls(self.amp)
         # torch.compile fuses the post-processing and attention glue; first call compiles.
-        self._forward = torch.compile(self.model) if compile else self.model
+        if compile:
+            mode = compile if isinstance(compile, str) else None
+            self._forward = torch.compile(self.model, mode=mode)
+        else:
+            self._forward = self.model
         self.threshold = threshold if threshold is not None else self.model.image_threshold
         self.batch_size, self.workers = batch_size, workers
         self.size = self.model.cfg.image_size
@@ -205,7 +216,8 @@ class Detector:
         scores, maps = self.predict_tensor(batch["images"])
         groups: dict[tuple[int, int], list[int]] = {}
         for j, item in enumerate(job.ok):
-            groups.setdefault(tuple(item["hw"]), []).append(j)
+            hw = tuple(item["hw"]) if self.map_size == "input" else (self.size, self.size)
+            groups.setdefault(hw, []).append(j)
         job.groups = list(groups.values())
         job.maps = [
             resize_maps(maps if len(idx) == len(job.ok) else maps[idx], *hw)
