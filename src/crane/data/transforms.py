@@ -10,6 +10,7 @@ BICUBIC)``, ``CenterCrop(S)`` (a no-op after the resize), RGB conversion, ``ToTe
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -70,14 +71,22 @@ def normalize_uint8(
 ) -> torch.Tensor:
     """uint8 (..., 3, H, W) → float32 ``(x / 255 − mean) / std``, the same IEEE operations in the
     same order as :func:`image_to_tensor`, hence bitwise equal to it on CPU and CUDA."""
-
-    def stat(values: Sequence[float]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32, device=pixels.device).view(-1, 1, 1)
-
+    div, m, s = _norm_constants(pixels.device, tuple(mean), tuple(std))
     # A tensor divisor: CUDA turns division by a Python scalar into multiplication by its
     # reciprocal, which is not bitwise the IEEE division numpy does.
-    x = pixels.to(torch.float32) / torch.tensor(255.0, device=pixels.device)
-    return (x - stat(mean)) / stat(std)
+    return (pixels.to(torch.float32) / div - m) / s
+
+
+@functools.lru_cache(maxsize=16)
+def _norm_constants(
+    device: torch.device, mean: tuple[float, ...], std: tuple[float, ...]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Made once per device: a fresh host-to-device copy per batch would make the host wait
+    # for the GPU's queued work (a blocking copy) and stall the predict pipeline.
+    def put(values):
+        return torch.tensor(values, dtype=torch.float32).view(-1, 1, 1).to(device)
+
+    return torch.tensor(255.0).to(device), put(mean), put(std)
 
 
 def mask_to_tensor(mask: np.ndarray | Image.Image, size: int = DEFAULT_IMAGE_SIZE) -> torch.Tensor:
