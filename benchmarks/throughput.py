@@ -213,7 +213,11 @@ def bench_end_to_end(
     det._launch, det._collect = timed_launch, timed_collect
     reset_peak(device)
     t = time.perf_counter()
-    k = sum(isinstance(r, Prediction) for r in det.predict_iter(paths))
+    k, first = 0, None
+    for r in det.predict_iter(paths):
+        k += isinstance(r, Prediction)
+        if first is None:  # worker start-up (fork) + the first batch through the model
+            first = time.perf_counter() - t
     sync(device)
     dt = time.perf_counter() - t
     out = {
@@ -226,6 +230,8 @@ def bench_end_to_end(
         "fast_decode": fast_decode,
         "map_size": map_size,
         "end_to_end_img_s": k / dt,
+        "first_batch_s": first,
+        "after_first_batch_img_s": (k - batch) / (dt - first) if k > batch else None,
         "peak_mb": peak_mem_mb(device),
         "main_launch_s": spent["launch"],
         "main_collect_s": spent["collect"],
@@ -479,6 +485,8 @@ def main(argv=None) -> int:
             "fast_decode",
             "map_size",
             "end_to_end_img_s",
+            "first_batch_s",
+            "after_first_batch_img_s",
             "peak_mb",
             "main_launch_s",
             "main_collect_s",
