@@ -3,13 +3,18 @@
 Compares, in the same run, an fp32 eager *baseline* path (reference-style: text features
 recomputed per batch, Gaussian smoothing with scipy on the CPU, one image at a time through
 post-processing) with the *optimised* path (cached text features, smoothing/fusion on the
-device, autocast bf16 where the device supports it, optional torch.compile). Weights are random:
-speed does not depend on their values.
+device, autocast bf16 where the device supports it with bf16-stored frozen matmul weights,
+optional torch.compile). Weights are random: speed does not depend on their values.
 
   python benchmarks/throughput.py --device cpu --quick          # tiny presets + 1 full-size image
   python benchmarks/throughput.py --device cuda --json out.json        # full-size presets
+  python benchmarks/throughput.py --device cuda --presets crane+ --only e2e --files 2048
 
-Prints a table; --json writes every figure. Accuracy guard: max |bf16 − fp32| of maps and scores.
+End to end: photo-like 2048-px JPEGs, decoded by DataLoader workers (exact and --fast-decode),
+maps at input size and at model size, plus the input pipeline alone (decode only) and where the
+main thread's time goes. Training: features encoded once, then epochs over the cache.
+Prints tables; --json writes every figure (updated after each preset). Accuracy guard:
+max |bf16 − fp32| of maps and scores. See also ``variants.py`` (which speed options pay off).
 """
 
 from __future__ import annotations

@@ -210,3 +210,31 @@ def test_cuda_pipelined_predict_matches_cpu(tmp_path):
 def test_cuda_uint8_normalisation_bitwise():
     px = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
     assert torch.equal(normalize_uint8(px.cuda()).cpu(), normalize_uint8(px))
+
+
+def test_cli_predict_map_size_and_dino_bf16(tmp_path):
+    from crane.cli import main
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(2):
+        _image("RGB", seed=i, hw=(90, 120)).save(src / f"{i}.png")
+    base = [
+        "predict",
+        str(src),
+        "--model",
+        "tiny+",
+        "--no-progress",
+        "--save-maps",
+        "--no-overlays",
+    ]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    assert main([*base, "--out", str(tmp_path / "b"), "--map-size", "model"]) == 0
+    big = np.load(tmp_path / "a" / "maps" / "0.npy")
+    small = np.load(tmp_path / "b" / "maps" / "0.npy")
+    assert big.shape == (90, 120) and small.shape == (224, 224)
+    np.testing.assert_allclose(resize_map(small, 90, 120), big, atol=2e-5)
+    out = tmp_path / "c"
+    argv = [*base, "--out", str(out), "--precision", "bf16", "--dino-bf16"]
+    assert main(argv) == 0
+    assert np.abs(np.load(out / "maps" / "0.npy") - big).max() < 2e-2
