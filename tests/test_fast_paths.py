@@ -107,7 +107,7 @@ def _files(tmp_path, n=7):
         paths.append(str(p))
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
-    paths.insert(3, str(bad))
+    paths.insert(4, str(bad))  # mid-batch for batch sizes 2 and 3
     return paths
 
 
@@ -138,7 +138,7 @@ def test_predict_iter_order_failures_and_values(tmp_path, workers):
     det = Detector(model, device="cpu", batch_size=3, workers=workers)
     got = list(det.predict_iter(paths))
     assert [r.path for r in got] == paths  # input order, failures in place
-    assert isinstance(got[3], Failure) and "bad.png" in got[3].path
+    assert isinstance(got[4], Failure) and "bad.png" in got[4].path
     for r in got:
         if isinstance(r, Prediction):
             score, amap = ref[r.path]

@@ -96,7 +96,7 @@ def _collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "images": torch.stack([b["image"] for b in ok]) if ok else None,
         "ok": ok,
-        "failed": [Failure(b["path"], b["error"]) for b in batch if not b["ok"]],
+        "failed": [(b["i"], Failure(b["path"], b["error"])) for b in batch if not b["ok"]],
     }
 
 
@@ -105,7 +105,7 @@ class _InFlight:
     """One batch whose device work has been queued but whose results are not read yet."""
 
     ok: list[dict[str, Any]]
-    failed: list[Failure]
+    failed: list[tuple[int, Failure]]  # (input index, failure)
     scores: torch.Tensor | None = None
     maps: list[torch.Tensor] | None = None  # per size group, on the device
     groups: list[list[int]] | None = None
@@ -231,8 +231,8 @@ class Detector:
 
     def _collect(self, job: _InFlight) -> Iterator[Prediction | Failure]:
         """Copy a launched batch's results to the host and yield them in input order."""
-        yield from job.failed
         if job.scores is None:
+            yield from (f for _, f in job.failed)
             return
         if job.done is not None:
             # Copy on a side stream that waits for this batch only, so the next batch (already
@@ -254,8 +254,11 @@ class Detector:
         for idx, group in zip(job.groups, host, strict=True):
             for k, j in enumerate(idx):
                 maps[j] = group[k].numpy()
+        results: list[tuple[int, Prediction | Failure]] = list(job.failed)
         for j, item in enumerate(job.ok):
-            yield Prediction(item["path"], float(scores[j]), maps[j], self.threshold)
+            pred = Prediction(item["path"], float(scores[j]), maps[j], self.threshold)
+            results.append((item["i"], pred))
+        yield from (r for _, r in sorted(results, key=lambda x: x[0]))
 
     def predict_iter(
         self, inputs: Iterable[ImageInput], progress: bool = False
