@@ -238,3 +238,30 @@ def test_cli_predict_map_size_and_dino_bf16(tmp_path):
     argv = [*base, "--out", str(out), "--precision", "bf16", "--dino-bf16"]
     assert main(argv) == 0
     assert np.abs(np.load(out / "maps" / "0.npy") - big).max() < 2e-2
+
+
+@pytest.mark.parametrize(("batch", "workers"), [(3, 0), (3, 2), (4, 3), (16, 2)])
+def test_chunked_loading_keeps_input_order_and_batch_sizes(tmp_path, batch, workers):
+    """Workers decode chunks smaller than a batch; the main process joins them into exact
+    batches. Failures anywhere (first, consecutive, last) come out in input order."""
+    good = []
+    for i in range(8):
+        p = tmp_path / f"g{i}.png"
+        _image("RGB", seed=i, hw=(40, 50)).save(p)
+        good.append(str(p))
+    bad = []
+    for i in range(4):
+        p = tmp_path / f"b{i}.png"
+        p.write_bytes(b"broken")
+        bad.append(str(p))
+    paths = [bad[0], *good[:4], bad[1], bad[2], *good[4:], bad[3]]
+    det = Detector(create_model("tiny", image_size=SIZE), device="cpu", batch_size=batch)
+    det.workers = workers
+    sizes = []
+    launch = det._launch
+    det._launch = lambda b: (sizes.append(len(b["ok"])), launch(b))[1]
+    got = list(det.predict_iter(paths))
+    assert [r.path for r in got] == paths
+    assert [isinstance(r, Failure) for r in got] == [p in bad for p in paths]
+    full, rest = divmod(len(good), batch)
+    assert [s for s in sizes if s] == [batch] * full + ([rest] if rest else [])

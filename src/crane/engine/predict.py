@@ -100,6 +100,43 @@ def _collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _rebatch(
+    chunks: Iterable[dict[str, Any]], batch_size: int, pin: bool
+) -> Iterator[dict[str, Any]]:
+    """Join loader chunks into batches of ``batch_size`` readable images (the last may be
+    smaller), in input order; each failure travels with the batch that precedes it in the
+    input, so results come out in input order. With ``pin`` the images land in a pinned
+    buffer (one copy) for an asynchronous transfer to the GPU."""
+    ok: list[dict[str, Any]] = []
+    images: list[torch.Tensor] = []
+    failed: list[tuple[int, Failure]] = []
+
+    def emit(n: int) -> dict[str, Any]:
+        nonlocal ok, images, failed
+        take, ok = ok[:n], ok[n:]
+        joined = torch.cat(images) if len(images) > 1 else images[0]
+        rows, rest = joined[:n], joined[n:]
+        images = [rest] if len(rest) else []
+        if pin:
+            rows = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True).copy_(rows)
+        last = take[-1]["i"]
+        mine = [f for f in failed if f[0] < last]
+        failed = [f for f in failed if f[0] >= last]
+        return {"images": rows, "ok": take, "failed": mine}
+
+    for c in chunks:
+        failed += c["failed"]
+        if c["images"] is not None:
+            ok += c["ok"]
+            images.append(c["images"])
+        while len(ok) >= batch_size:
+            yield emit(batch_size)
+    if ok:
+        yield emit(len(ok))
+    if failed:
+        yield {"images": None, "ok": [], "failed": failed}
+
+
 @dataclass
 class _InFlight:
     """One batch whose device work has been queued but whose results are not read yet."""
@@ -117,8 +154,10 @@ def resize_maps(maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
     does for :func:`crane.viz.resize_map`, on the maps' device."""
     if maps.shape[-2:] == (height, width):
         return maps
+    # Antialiasing only changes anything when shrinking; the plain kernel is much faster.
+    shrink = height < maps.shape[-2] or width < maps.shape[-1]
     return F.interpolate(
-        maps[:, None], size=(height, width), mode="bilinear", align_corners=False, antialias=True
+        maps[:, None], size=(height, width), mode="bilinear", align_corners=False, antialias=shrink
     )[:, 0]
 
 
@@ -267,16 +306,24 @@ class Detector:
         in input order. Workers decode ahead; on CUDA batch k+1 runs while batch k is copied
         back and handed out."""
         data = _Inputs(list(inputs), self.size, self.draft)
+        # Workers decode small chunks that the main process joins into model batches: with
+        # whole batches per worker, the first batch would wait for one worker to decode all
+        # of it alone, and a job of a few hundred images would decode in one wave before
+        # the GPU saw anything.
+        chunk = -(-self.batch_size // self.workers) if self.workers else self.batch_size
         loader = DataLoader(
             data,
-            batch_size=self.batch_size,
+            batch_size=chunk,
             num_workers=self.workers,
             collate_fn=_collate,
-            pin_memory=self.device.type == "cuda",
-            prefetch_factor=4 if self.workers else None,
+            prefetch_factor=max(2, -(-2 * self.batch_size // (chunk * self.workers)))
+            if self.workers
+            else None,
         )
         pending: _InFlight | None = None
-        for batch in tqdm(loader, desc="predict", unit="batch", disable=not progress):
+        batches = _rebatch(loader, self.batch_size, pin=self.device.type == "cuda")
+        total = -(-len(data) // self.batch_size)
+        for batch in tqdm(batches, desc="predict", unit="batch", total=total, disable=not progress):
             job = self._launch(batch)
             if pending is not None:
                 yield from self._collect(pending)
