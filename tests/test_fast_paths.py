@@ -240,7 +240,7 @@ def test_cli_predict_map_size_and_dino_bf16(tmp_path):
     assert np.abs(np.load(out / "maps" / "0.npy") - big).max() < 2e-2
 
 
-@pytest.mark.parametrize(("batch", "workers"), [(3, 0), (3, 2), (4, 3), (16, 2)])
+@pytest.mark.parametrize(("batch", "workers"), [(3, 0), (3, 2), (5, 2), (16, 2)])
 def test_chunked_loading_keeps_input_order_and_batch_sizes(tmp_path, batch, workers):
     """Workers decode chunks smaller than a batch; the main process joins them into exact
     batches. Failures anywhere (first, consecutive, last) come out in input order."""
