@@ -174,10 +174,9 @@ class Detector:
     ``compile``: ``torch.compile`` the model (first batch compiles; a string picks the mode,
     e.g. ``"reduce-overhead"`` for CUDA graphs at small batches). ``map_size``: ``"input"``
     (maps at each image's own size) or ``"model"`` (S×S maps: 16× fewer bytes to copy back
-    for 2048-px photos). ``cast_weights``: store the
-    frozen matmul weights in the autocast dtype (same results, half the memory); default on
-    for a CUDA Detector that loaded its own model, off for a model passed in (it is changed
-    in place).
+    for 2048-px photos). ``cast_weights``: store the frozen matmul weights in the autocast
+    dtype (same results, half the memory); default on for a CUDA Detector that loaded its own
+    model, off for a model passed in (it is changed in place).
     """
 
     def __init__(
