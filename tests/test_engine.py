@@ -238,9 +238,10 @@ def test_paper_protocol_table():
     assert paper_protocol("isic", "crane")["prompts"] == "official:mvtec"
 
 
-def test_compiled_detector_matches_eager():
+@pytest.mark.parametrize("preset", ["tiny", "tiny+"])
+def test_compiled_detector_matches_eager(preset):
     """torch.compile path (inductor, CPU here) gives the eager results."""
-    model = create_model("tiny", image_size=SIZE)
+    model = create_model(preset, image_size=SIZE)
     x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     eager = Detector(model, device="cpu").predict_tensor(x)
     compiled = Detector(model, device="cpu", compile=True).predict_tensor(x)

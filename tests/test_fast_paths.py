@@ -89,6 +89,29 @@ def test_detector_casts_only_models_it_owns():
         Detector(model, device="cpu").predict_tensor(torch.zeros(1, 3, SIZE, SIZE))
 
 
+def test_tf32_dino_stays_out_of_torch_compile():
+    """The TF32 DINOv2 helper is never traced into a compiled caller's graph (the TF32 switch
+    would not carry into compiled code), and it restores the TF32 flags."""
+    from crane.models.vision import _dino_features_tf32
+
+    dino = create_model("tiny+", image_size=SIZE).vision.dino
+    captured: list[str] = []
+
+    def backend(gm, example_inputs):
+        captured.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    x = torch.randn(1, 3, SIZE, SIZE)
+    mm = torch.backends.cuda.matmul.allow_tf32
+    f = torch.compile(lambda t: _dino_features_tf32(dino, t + 1) * 2, backend=backend)
+    with torch.no_grad():
+        out = f(x)
+        torch.testing.assert_close(out, dino.forward_features(x + 1) * 2)
+    assert captured, "the caller was compiled"
+    assert not any("linear" in t or "layer_norm" in t or "conv" in t for t in captured), captured
+    assert torch.backends.cuda.matmul.allow_tf32 == mm
+
+
 def test_tf32_context_restores_global_flags():
     mm, cd = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     with tf32_matmuls(True):
