@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from throughput import peak_mem_mb, reset_peak, time_it  # same folder
 
 from crane.engine.predict import Detector
 from crane.models import create_model
@@ -26,18 +27,9 @@ from crane.models import create_model
 
 def timed(det: Detector, x: torch.Tensor, reps: int) -> tuple[float, float]:
     det.predict_tensor(x)  # warm-up (text features, compilation, cuDNN plans)
-    det.predict_tensor(x)
-    if x.is_cuda:
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    for _ in range(reps):
-        det.predict_tensor(x)
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    dt = (time.perf_counter() - t) / reps
-    peak = torch.cuda.max_memory_allocated() / 2**20 if x.is_cuda else float("nan")
+    reset_peak(x.device)
+    dt = time_it(lambda: det.predict_tensor(x), x.device, warmup=1, reps=reps)
+    peak = peak_mem_mb(x.device) if x.is_cuda else float("nan")
     return x.shape[0] / dt, peak
 
 
