@@ -9,6 +9,10 @@ optional torch.compile). Weights are random: speed does not depend on their valu
   python benchmarks/throughput.py --device cpu --quick          # tiny presets + 1 full-size image
   python benchmarks/throughput.py --device cuda --json out.json        # full-size presets
   python benchmarks/throughput.py --device cuda --presets crane+ --only e2e --files 2048
+  python benchmarks/throughput.py --device cuda --presets crane+ --only eval
+
+Evaluate: ``crane evaluate``'s loop over an MVTec-layout PNG dataset with masks (2 classes,
+1024 px), exact streaming metrics included; fp32 float inputs vs the optimised path.
 
 End to end: photo-like 2048-px JPEGs, decoded by DataLoader workers (exact and --fast-decode),
 maps at input size and at model size, plus the input pipeline alone (decode only) and where the
@@ -275,6 +279,53 @@ def bench_decode(paths: list[str], size: int, batch: int, workers: int, fast: bo
     }
 
 
+def make_eval_dataset(folder: Path, per_class: int, px: int) -> Path:
+    """An MVTec-layout dataset (PNG images and masks, half of them anomalous) in 2 classes."""
+    from crane.data import make_synthetic_dataset
+
+    half = per_class // 2
+    make_synthetic_dataset(
+        folder, classes=("tile", "plate"), n_train=0, n_test_good=per_class - half,
+        n_test_bad=half, size=px,
+    )  # fmt: skip
+    return folder
+
+
+def bench_evaluate(
+    base: torch.nn.Module, device: torch.device, root: Path, batch: int, workers: int, amp: str
+) -> dict:
+    """``evaluate`` end to end (decode in workers, model, streaming exact metrics with both
+    AUPROs, per-class finalisation): fp32 with float inputs (the previous path) against the
+    optimised path (uint8 inputs normalised on the device, ``amp`` with bf16-stored weights
+    on CUDA), in the same run."""
+    from crane.data import AnomalyDataset
+    from crane.engine.evaluate import evaluate
+    from crane.engine.runtime import autocast_dtype
+
+    out: dict = {"preset": base.cfg.name, "workers": workers, "batch": batch, "precision": amp}
+    ds = AnomalyDataset(root, "test", image_size=base.cfg.image_size)
+    out["n_images"], out["png_px"] = len(ds), Image.open(root / ds.samples[0].img_path).size[0]
+    reports = {}
+    for name, fast in (("baseline_fp32_float", False), ("opt", True)):
+        model = copy.deepcopy(base).to(device)
+        dtype = autocast_dtype(amp, device) if fast else None
+        if fast and dtype is not None and device.type == "cuda":
+            model.cast_frozen_matmuls(dtype)
+        kw = dict(device=device, amp_dtype=dtype, batch_size=batch, workers=workers)
+        evaluate(model, ds, progress=False, uint8_inputs=fast, **kw)  # warm-up
+        reset_peak(device)
+        res = evaluate(model, ds, progress=False, uint8_inputs=fast, **kw)
+        out[f"{name}_img_s"] = res.n_images / res.seconds
+        out[f"{name}_peak_mb"] = peak_mem_mb(device)
+        reports[name] = res.report.mean
+        del model
+        release(device)
+    out["speedup"] = out["opt_img_s"] / out["baseline_fp32_float_img_s"]
+    a, b = reports["baseline_fp32_float"], reports["opt"]
+    out["max_abs_diff_mean_metrics"] = max(abs(a[k] - b[k]) for k in a if a[k] == a[k])
+    return out
+
+
 def bench_train(base: torch.nn.Module, device: torch.device, n: int, epochs: int, amp: str) -> dict:
     """Encode ``n`` images once (autocast ``amp``, as ``crane train --precision`` does), then
     time epochs over the cached features (batch 8, Adam on the prompts)."""
@@ -385,9 +436,12 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--only",
         nargs="+",
-        default=["model", "e2e", "train"],
-        choices=["model", "e2e", "train"],
+        default=["model", "e2e", "train", "eval"],
+        choices=["model", "e2e", "train", "eval"],
         help="full mode: which parts to run",
+    )
+    ap.add_argument(
+        "--eval-images", type=int, default=256, help="images per class (2 classes) for evaluate"
     )
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -405,6 +459,7 @@ def main(argv=None) -> int:
         "end_to_end": [],
         "decode": [],
         "train": [],
+        "evaluate": [],
     }
     try:
         results["cpu"] = next(
@@ -425,6 +480,9 @@ def main(argv=None) -> int:
                         bench_end_to_end(base, device, paths, 8, 2, amp, fast)
                     )
             results["train"].append(bench_train(base, device, 64, 3, amp))
+            with tempfile.TemporaryDirectory() as tmp:
+                root = make_eval_dataset(Path(tmp), 24, 1024)
+                results["evaluate"].append(bench_evaluate(base, device, root, 8, 2, amp))
         for preset in ("crane", "crane+"):
             base = create_model(preset, pretrained=False)
             results["model"].append(bench_model(base, device, 1, amp, 1, False))
@@ -440,6 +498,14 @@ def main(argv=None) -> int:
                 for batch in (args.batch, 1) if "model" in args.only else ():
                     results["model"].append(bench_model(base, device, batch, amp, 5, args.compile))
                     print(results["model"][-1], flush=True)
+                if "eval" in args.only and args.eval_images:
+                    root = Path(tmp) / "eval"
+                    if not root.exists():
+                        make_eval_dataset(root, args.eval_images, 1024)
+                    results["evaluate"].append(
+                        bench_evaluate(base, device, root, args.batch, args.workers, amp)
+                    )
+                    print(results["evaluate"][-1], flush=True)
                 combos = [(False, "input"), (True, "input"), (True, "model")]
                 combos = combos if paths and "e2e" in args.only else []
                 for fast, map_size in combos:
@@ -514,6 +580,23 @@ def main(argv=None) -> int:
             "cached_epoch_s",
             "cache",
             "cache_gb",
+        ],
+    )
+    table(
+        results["evaluate"],
+        [
+            "preset",
+            "n_images",
+            "png_px",
+            "workers",
+            "batch",
+            "precision",
+            "baseline_fp32_float_img_s",
+            "opt_img_s",
+            "speedup",
+            "baseline_fp32_float_peak_mb",
+            "opt_peak_mb",
+            "max_abs_diff_mean_metrics",
         ],
     )
     save(results, args.json)

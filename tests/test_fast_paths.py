@@ -288,3 +288,128 @@ def test_chunked_loading_keeps_input_order_and_batch_sizes(tmp_path, batch, work
     assert [isinstance(r, Failure) for r in got] == [p in bad for p in paths]
     full, rest = divmod(len(good), batch)
     assert [s for s in sizes if s] == [batch] * full + ([rest] if rest else [])
+
+
+# --- evaluation and training inputs: uint8 pixels, bool masks, pipelined metric updates -----
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    from crane.data import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("synth")
+    make_synthetic_dataset(
+        root, seed=1, classes=("tile", "plate"), n_train=2, n_test_good=3, n_test_bad=4, size=96
+    )
+    return root
+
+
+def test_uint8_dataset_items_are_the_float_items(synth):
+    from crane.data import AnomalyDataset
+    from crane.errors import DatasetError
+
+    ds = AnomalyDataset(synth, "test", image_size=SIZE)
+    view = ds.uint8_view()
+    assert ds.pixels == "float" and view.pixels == "uint8" and ds.clip_normalised
+    assert view.uint8_view() is view
+    n_masked = 0
+    for i in range(len(ds)):
+        a, b = ds[i], view[i]
+        assert b["image"].dtype == torch.uint8 and b["mask"].dtype == torch.bool
+        assert torch.equal(normalize_uint8(b["image"]), a["image"])
+        assert torch.equal(b["mask"], a["mask"] > 0.5)
+        assert torch.equal(a["mask"], b["mask"].float())
+        n_masked += int(b["mask"].any())
+        assert {k: v for k, v in a.items() if k not in ("image", "mask")} == {
+            k: v for k, v in b.items() if k not in ("image", "mask")
+        }
+    assert n_masked == 8  # 4 anomalous images per class, all with masks
+    assert not AnomalyDataset(synth, "test", image_size=SIZE, mean=None, std=None).clip_normalised
+    with pytest.raises(DatasetError, match="pixels must be one of"):
+        AnomalyDataset(synth, "test", pixels="half")
+
+
+@pytest.mark.parametrize("mode", ["exact", "binned"])
+def test_evaluate_uint8_inputs_give_identical_reports(synth, mode):
+    from crane.data import AnomalyDataset
+    from crane.engine.evaluate import evaluate
+
+    model = create_model("tiny+", image_size=SIZE, seed=3)
+    ds = AnomalyDataset(synth, "test", image_size=SIZE)
+    kw = dict(device=torch.device("cpu"), batch_size=3, progress=False, metric_mode=mode)
+    fast = evaluate(model, ds, **kw)
+    slow = evaluate(model, ds, uint8_inputs=False, **kw)
+    assert ds.pixels == "float"  # the caller's dataset is left as it was
+    assert fast.n_images == slow.n_images == 14
+    assert fast.report.per_class == slow.report.per_class
+    # The pixel metrics are defined and not degenerate, so a wrong mask would show.
+    for cls in ("tile", "plate"):
+        assert 0 < fast.report.per_class[cls]["pixel_auroc"] < 1
+
+
+def test_evaluate_refuses_uint8_dataset_without_clip_normalisation(synth):
+    from crane.data import AnomalyDataset
+    from crane.engine.evaluate import evaluate
+
+    ds = AnomalyDataset(synth, "test", image_size=SIZE, mean=None, std=None, pixels="uint8")
+    with pytest.raises(CraneError, match="CLIP-normalised"):
+        evaluate(create_model("tiny", image_size=SIZE), ds, device=torch.device("cpu"))
+
+
+def test_feature_cache_uint8_inputs_match_float(synth):
+    from torch.utils.data import Dataset
+
+    from crane.data import AnomalyDataset
+    from crane.engine.features import FeatureCache
+
+    class Plain(Dataset):  # not an AnomalyDataset: handed over as is (float images)
+        def __init__(self, ds):
+            self.ds = ds
+
+        def __len__(self):
+            return len(self.ds)
+
+        def __getitem__(self, i):
+            return self.ds[i]
+
+    model = create_model("tiny+", image_size=SIZE, seed=6).eval()
+    ds = AnomalyDataset(synth, "test", image_size=SIZE)
+    cpu = torch.device("cpu")
+    a = FeatureCache.build(model, ds, cpu, batch_size=4, progress=False)
+    b = FeatureCache.build(model, Plain(ds), cpu, batch_size=4, progress=False)
+    assert ds.pixels == "float"
+    for name in ("global_feat", "patch_sets", "masks", "labels"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_cli_workers_default_and_validation(synth, tmp_path):
+    from crane.cli import main
+    from crane.cli.pipelines import _runtime
+
+    class Args:
+        device, precision, workers = "cpu", "fp32", None
+
+    args = Args()
+    _runtime(args)
+    assert args.workers == 0  # on the CPU the model already uses every core
+    argv = ["evaluate", "--dataset", "generic", "--root", str(synth), "--model", "tiny"]
+    assert main([*argv, "--workers", "-1", "--out", str(tmp_path / "e")]) != 0
+    assert main([*argv, "--workers", "2", "--no-progress", "--out", str(tmp_path / "e")]) == 0
+    assert (tmp_path / "e" / "metrics.json").is_file()
+
+
+@cuda
+def test_cuda_pipelined_evaluate_matches_cpu(synth):
+    """Metric updates on a side stream while the next batch runs: same metrics as the CPU
+    (maps differ by ~1e-6 between devices, so near-tied pixels may swap ranks)."""
+    from crane.data import AnomalyDataset
+    from crane.engine.evaluate import evaluate
+
+    model = create_model("tiny+", image_size=SIZE, seed=3)
+    ds = AnomalyDataset(synth, "test", image_size=SIZE)
+    kw = dict(batch_size=3, progress=False, workers=2)
+    cpu = evaluate(model, ds, device=torch.device("cpu"), **kw).report
+    gpu = evaluate(model, ds, device=torch.device("cuda"), **kw).report
+    for cls, vals in cpu.per_class.items():
+        for k, v in vals.items():
+            assert gpu.per_class[cls][k] == pytest.approx(v, abs=2e-3, nan_ok=True), (cls, k)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
+
+from crane.errors import CraneError
 
 log = logging.getLogger("crane")
 
@@ -18,9 +21,17 @@ def _common(p: argparse.ArgumentParser, batch: int = 8) -> None:
     )
     g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     g.add_argument("--batch-size", type=int, default=batch)
-    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    g.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="DataLoader worker processes that decode images (default: min(8, CPU cores) on "
+        "a GPU, 0 on the CPU, where the model already uses every core)",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (predict)")
+    g.add_argument(
+        "--compile", action="store_true", help="torch.compile the model (evaluate, predict)"
+    )
     w = p.add_argument_group("weights")
     w.add_argument(
         "--clip-weights", default=None, help="local CLIP file (OpenAI .pt or state dict)"
@@ -144,6 +155,10 @@ def _runtime(args):
     from crane.engine.runtime import autocast_dtype, pick_device
 
     device = pick_device(args.device)
+    if args.workers is None:
+        args.workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+    elif args.workers < 0:
+        raise CraneError(f"--workers must be >= 0, got {args.workers}")
     return device, autocast_dtype(args.precision, device)
 
 
@@ -240,6 +255,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         args.classes,
         on_error="skip" if args.skip_bad else "raise",
     )
+    if amp is not None and device.type == "cuda":
+        model.cast_frozen_matmuls(amp)  # the model is ours: same results, half the memory
     res = evaluate(
         model,
         ds,
@@ -251,6 +268,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         metric_mode=args.metric_mode,
         visualize_dir=args.visualize,
         progress=not args.no_progress,
+        compile=args.compile,
     )
     out = Path(args.out or f"eval_{args.dataset}")
     extra = {
@@ -312,7 +330,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from crane.engine.calibrate import f1_optimal_threshold, fpr_threshold
     from crane.engine.common import open_dataset
     from crane.engine.predict import Detector
-    from crane.errors import CraneError
     from crane.models.checkpoint import update_threshold
 
     if not Path(args.model).is_dir():

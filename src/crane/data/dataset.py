@@ -11,12 +11,14 @@ with one warning in "skip" mode.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.utils.data import Dataset, default_collate
 
 from crane.constants import DEFAULT_IMAGE_SIZE, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -29,20 +31,24 @@ from crane.data.meta import (
     read_meta,
     sample_missing_files,
 )
-from crane.data.transforms import empty_mask, image_to_tensor, mask_to_tensor
+from crane.data.transforms import empty_mask, image_to_tensor, image_to_uint8, mask_to_tensor
 from crane.errors import CraneError, DatasetError
 
 logger = logging.getLogger(__name__)
 
 ON_ERROR = ("raise", "skip")
+PIXELS = ("float", "uint8")
 
 
 class AnomalyDataset(Dataset):
     """Samples of one split of a meta.json dataset, preprocessed for the model.
 
     Each item is a dict:
-      ``image``  float32 (3, S, S), CLIP-normalised;
-      ``mask``   float32 (1, S, S) of 0/1 (all zeros when the sample has no mask);
+      ``image``  float32 (3, S, S), CLIP-normalised (``pixels="uint8"``: the uint8 RGB pixels,
+                 to be normalised on the device with :func:`~crane.data.transforms.normalize_uint8`,
+                 which gives the identical float tensor);
+      ``mask``   float32 (1, S, S) of 0/1, all zeros when the sample has no mask (``"uint8"``:
+                 bool);
       ``label``  int, 0 normal / 1 anomalous;
       ``cls_name``, ``specie_name`` str;
       ``path``   str, the image path joined to the root; ``mask_path`` str ("" if none).
@@ -55,6 +61,9 @@ class AnomalyDataset(Dataset):
         on_error: "raise" or "skip" (see the module docstring).
         mean, std: normalisation (CLIP by default; ``None`` for [0, 1] pixels).
         meta: an already loaded index to use instead of reading ``<root>/meta.json``.
+        pixels: "float" (normalised float32 images, 0/1 float masks) or "uint8" (uint8 images
+            and bool masks: a quarter / an eighth of the bytes between worker processes and to
+            the GPU; ``mean``/``std`` are then applied by the consumer).
     """
 
     def __init__(
@@ -67,7 +76,10 @@ class AnomalyDataset(Dataset):
         mean: Sequence[float] | None = OPENAI_CLIP_MEAN,
         std: Sequence[float] | None = OPENAI_CLIP_STD,
         meta: Meta | None = None,
+        pixels: str = "float",
     ) -> None:
+        if pixels not in PIXELS:
+            raise DatasetError(f"pixels must be one of {', '.join(PIXELS)}, got {pixels!r}")
         if split not in SPLITS:
             raise DatasetError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
         if on_error not in ON_ERROR:
@@ -79,6 +91,7 @@ class AnomalyDataset(Dataset):
         self.image_size = int(image_size)
         self.on_error = on_error
         self.mean, self.std = mean, std
+        self.pixels = pixels
         if meta is None:
             meta = read_meta(self.root, check_files=False)
         by_class = meta.get(split, {})
@@ -95,6 +108,23 @@ class AnomalyDataset(Dataset):
         samples = [s for cls in wanted for s in by_class[cls]]
         self.samples: list[Sample] = self._drop_missing(samples)
         self.class_names: list[str] = wanted
+
+    @property
+    def clip_normalised(self) -> bool:
+        """Whether the float images carry the CLIP normalisation the models expect."""
+        if self.mean is None or self.std is None:
+            return False
+        return (tuple(self.mean), tuple(self.std)) == (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+
+    def uint8_view(self) -> AnomalyDataset:
+        """The same samples as uint8 images and bool masks (a shallow copy; ``self`` is not
+        changed). The consumer normalises with :func:`~crane.data.transforms.normalize_uint8`,
+        which yields exactly the float images of a CLIP-normalised dataset."""
+        if self.pixels == "uint8":
+            return self
+        view = copy.copy(self)
+        view.pixels = "uint8"
+        return view
 
     def _drop_missing(self, samples: list[Sample]) -> list[Sample]:
         kept, missing = [], []
@@ -131,6 +161,7 @@ class AnomalyDataset(Dataset):
         """Load item ``index``, raising on any problem whatever ``on_error`` says."""
         s = self.samples[index]
         img_file = self.root / s.img_path
+        mask_dtype = torch.bool if self.pixels == "uint8" else torch.float32
         image = open_image(img_file)
         if s.mask_path:
             mask_file = self.root / s.mask_path
@@ -142,11 +173,15 @@ class AnomalyDataset(Dataset):
                     f"mask {mask_file} is {fg.shape[1]}x{fg.shape[0]} but its image "
                     f"{img_file} is {width}x{height} (width x height)"
                 )
-            mask = mask_to_tensor(fg, self.image_size)
+            mask = mask_to_tensor(fg, self.image_size, dtype=mask_dtype)
         else:
-            mask = empty_mask(self.image_size)
+            mask = empty_mask(self.image_size, dtype=mask_dtype)
+        if self.pixels == "uint8":
+            pixels = image_to_uint8(image, self.image_size)
+        else:
+            pixels = image_to_tensor(image, self.image_size, self.mean, self.std)
         return {
-            "image": image_to_tensor(image, self.image_size, self.mean, self.std),
+            "image": pixels,
             "mask": mask,
             "label": int(s.anomaly),
             "cls_name": s.cls_name,

@@ -89,8 +89,13 @@ def _norm_constants(
     return torch.tensor(255.0).to(device), put(mean), put(std)
 
 
-def mask_to_tensor(mask: np.ndarray | Image.Image, size: int = DEFAULT_IMAGE_SIZE) -> torch.Tensor:
-    """Binarise and resize a mask into a float32 (1, size, size) tensor of 0/1.
+def mask_to_tensor(
+    mask: np.ndarray | Image.Image,
+    size: int = DEFAULT_IMAGE_SIZE,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Binarise and resize a mask into a (1, size, size) tensor of 0/1 (float32 by default;
+    ``dtype=torch.bool`` for a compact one).
 
     ``mask`` is a PIL mask image or an (H, W) array (non-zero = anomalous).
     """
@@ -100,12 +105,12 @@ def mask_to_tensor(mask: np.ndarray | Image.Image, size: int = DEFAULT_IMAGE_SIZ
     grey = Image.fromarray(np.where(fg, 255, 0).astype(np.uint8))
     resized = np.asarray(grey.resize((size, size), Image.Resampling.BILINEAR))
     # ToTensor gives v / 255 and the reference keeps v / 255 > 0.5, i.e. v >= 128.
-    return torch.from_numpy((resized > 127).astype(np.float32)[None])
+    return torch.from_numpy(resized[None] > 127).to(dtype)
 
 
-def empty_mask(size: int = DEFAULT_IMAGE_SIZE) -> torch.Tensor:
+def empty_mask(size: int = DEFAULT_IMAGE_SIZE, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """An all-normal (1, size, size) mask."""
-    return torch.from_numpy(np.zeros((1, size, size), dtype=np.float32))
+    return torch.zeros((1, size, size), dtype=dtype)
 
 
 def read_image_tensor(

@@ -17,7 +17,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from crane.data import collate_skip_none
+from crane.data import AnomalyDataset, collate_skip_none
+from crane.engine.runtime import model_input
 from crane.models.crane import CraneModel
 from crane.models.vision import VisionOutput
 
@@ -97,6 +98,8 @@ class FeatureCache:
         progress: bool = True,
         autocast_dtype: torch.dtype | None = None,
     ) -> FeatureCache:
+        if isinstance(dataset, AnomalyDataset) and dataset.clip_normalised:
+            dataset = dataset.uint8_view()  # a quarter of the bytes; normalised on the device
         loader = DataLoader(
             dataset,
             batch_size=batch_size,
@@ -114,7 +117,7 @@ class FeatureCache:
         ):
             if batch is None:
                 continue
-            images = batch["image"].to(device, non_blocking=True)
+            images = model_input(batch["image"], device)
             with torch.autocast(
                 device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
             ):

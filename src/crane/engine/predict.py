@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from crane.data.imageio import is_image_file, load_image
-from crane.data.transforms import image_to_uint8, normalize_uint8, read_image_tensor
-from crane.engine.runtime import autocast, autocast_dtype, pick_device
+from crane.data.transforms import image_to_uint8, read_image_tensor
+from crane.engine.runtime import autocast, autocast_dtype, model_input, pick_device
 from crane.errors import CraneError, ImageReadError
 from crane.models.checkpoint import atomic_write_bytes
 from crane.models.crane import CraneModel
@@ -239,11 +239,8 @@ class Detector:
 
         ``images`` are CLIP-normalised floats, or the uint8 pixels of
         :func:`crane.data.transforms.image_to_uint8` (normalised here, on the device)."""
-        images = images.to(self.device, non_blocking=True)
-        if images.dtype == torch.uint8:
-            images = normalize_uint8(images)
         with autocast(self.device, self.amp):
-            out = self._forward(images)
+            out = self._forward(model_input(images, self.device))
         return out.image_scores.float(), out.anomaly_maps.float()
 
     def _launch(self, batch: dict[str, Any]) -> _InFlight:

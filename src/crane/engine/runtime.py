@@ -6,6 +6,7 @@ import contextlib
 
 import torch
 
+from crane.data.transforms import normalize_uint8
 from crane.errors import CraneError
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -35,3 +36,10 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A loader's batch on ``device`` as the model takes it: uint8 pixels (from workers, a
+    quarter of the bytes) are normalised there, bitwise equal to normalising on the host."""
+    images = images.to(device, non_blocking=True)
+    return normalize_uint8(images) if images.dtype == torch.uint8 else images

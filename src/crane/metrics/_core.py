@@ -310,12 +310,13 @@ def average_precision_from_stats(st: RankStats) -> float:
 
 
 def pixel_inputs(
-    maps: ArrayLike, masks: ArrayLike, *, widen: bool = True
+    maps: ArrayLike, masks: ArrayLike, *, widen: bool = True, masks_on_device: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate anomaly maps and masks; returns (B, H, W) scores and a bool mask on their device.
 
     Accepts (H, W), (B, H, W) or (B, 1, H, W), NumPy or torch. ``widen=False`` keeps half
-    precision maps as they are (for compact storage).
+    precision maps as they are (for compact storage). ``masks_on_device=False`` leaves the
+    masks where they are (the streaming accumulator only labels them, on the CPU).
     """
     scores = score_tensor(maps, widen=widen)
     gt = binary_tensor(masks)
@@ -324,7 +325,7 @@ def pixel_inputs(
         raise ValueError(
             f"anomaly maps {tuple(scores.shape)} and masks {tuple(gt.shape)} differ in shape"
         )
-    return scores, gt.to(scores.device)
+    return scores, gt.to(scores.device) if masks_on_device else gt
 
 
 def _as_stack(t: torch.Tensor, name: str) -> torch.Tensor:

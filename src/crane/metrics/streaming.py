@@ -301,7 +301,8 @@ class MetricAccumulator:
             raise ValueError("maps and masks must be given together")
         pix = None
         if maps is not None and masks is not None:
-            pix = pixel_inputs(maps, masks, widen=self.mode == "binned")
+            # Masks are only labelled (on the CPU): host masks never make a device round trip.
+            pix = pixel_inputs(maps, masks, widen=self.mode == "binned", masks_on_device=False)
             if pix[0].shape[0] != n:
                 raise ValueError(f"{pix[0].shape[0]} maps for {n} labels")
         for name in dict.fromkeys(names):
@@ -323,13 +324,13 @@ class MetricAccumulator:
                 state.scores.append(self._rows(scores, sel).clone())
                 state.labels.append(self._rows(y, sel).clone())
             if pix is not None:
-                state.pixels.add(self._rows(pix[0], sel), self._rows(pix[1], sel))
+                state.pixels.add(self._rows(pix[0], sel), self._rows(pix[1], sel, move=False))
                 state.has_pixels = True
 
-    def _rows(self, t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    def _rows(self, t: torch.Tensor, rows: torch.Tensor | None, move: bool = True) -> torch.Tensor:
         if rows is not None:
             t = t[rows.to(t.device)]
-        return t if self.device is None else t.to(self.device)
+        return t if self.device is None or not move else t.to(self.device)
 
     def finalize_class(self, cls_name: str) -> dict[str, float]:
         """Compute one class now and free its state; later updates to it raise ValueError.
