@@ -257,11 +257,13 @@ def bench_decode(paths: list[str], size: int, batch: int, workers: int, fast: bo
     ceiling for end-to-end throughput on this machine's CPUs."""
     from torch.utils.data import DataLoader
 
-    from crane.engine.predict import _collate, _Inputs
+    from crane.engine.predict import _collate, _Decode, _Jobs
 
+    jobs = _Jobs(batch)
+    jobs.keys = list(enumerate(paths))
     loader = DataLoader(
-        _Inputs(paths, size, size if fast else None),
-        batch_size=batch,
+        _Decode(size, size if fast else None),
+        batch_sampler=jobs,
         num_workers=workers,
         collate_fn=_collate,
         pin_memory=torch.cuda.is_available(),

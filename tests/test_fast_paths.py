@@ -413,3 +413,46 @@ def test_cuda_pipelined_evaluate_matches_cpu(synth):
     for cls, vals in cpu.per_class.items():
         for k, v in vals.items():
             assert gpu.per_class[cls][k] == pytest.approx(v, abs=2e-3, nan_ok=True), (cls, k)
+
+
+def _same(a, b):
+    """Same inputs, same order, same values (up to batch composition's float rounding)."""
+    assert [r.path for r in a] == [r.path for r in b]
+    for x, y in zip(a, b, strict=True):
+        assert type(x) is type(y)
+        if isinstance(x, Prediction):
+            assert x.score == pytest.approx(y.score, abs=1e-5)
+            np.testing.assert_allclose(x.anomaly_map, y.anomaly_map, atol=1e-5)
+
+
+def test_decode_workers_persist_across_calls_and_survive_abandoned_iterators(tmp_path):
+    import os
+
+    paths = _files(tmp_path, n=7)
+    model = create_model("tiny", image_size=SIZE, seed=1)
+    ref = list(Detector(model, device="cpu", batch_size=2).predict_iter(paths))
+    with Detector(model, device="cpu", batch_size=2, workers=2) as det:
+        _same(list(det.predict_iter(paths)), ref)
+        pids = [w.pid for w in det._loader[1]._iterator._workers]
+        assert len(pids) == 2
+        # A caller that stops early, then new calls: leftovers are discarded, order kept.
+        it = det.predict_iter(paths)
+        next(it)
+        it.close()
+        _same(list(det.predict_iter(paths[::-1])), ref[::-1])
+        # Two iterators open at once: the second gets its own loader.
+        first = det.predict_iter(paths)
+        got = [next(first)]
+        _same(list(det.predict_iter(paths[:3])), ref[:3])
+        got += list(first)
+        _same(got, ref)
+        _same(det.predict(paths[0]), ref[:1])
+        assert [w.pid for w in det._loader[1]._iterator._workers] == pids  # same processes
+    assert det._loader is None
+    for pid in pids:  # close() stopped them
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

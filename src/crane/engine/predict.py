@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from crane.data.imageio import is_image_file, load_image
@@ -58,18 +59,18 @@ class Failure:
     error: str
 
 
-class _Inputs(Dataset):
+class _Decode(Dataset):
     """Decodes and resizes inputs (in DataLoader workers) to uint8 pixels; failures become
-    records. Normalisation happens on the device (:func:`normalize_uint8`, bitwise equal)."""
+    records. Normalisation happens on the device (:func:`normalize_uint8`, bitwise equal).
 
-    def __init__(self, items: Sequence[ImageInput], size: int, draft: int | None = None):
-        self.items, self.size, self.draft = list(items), size, draft
+    Keys are ``(input index, input)`` pairs handed out by :class:`_Jobs`, so long-lived
+    workers can decode whatever a later ``predict`` call brings."""
 
-    def __len__(self) -> int:
-        return len(self.items)
+    def __init__(self, size: int, draft: int | None = None):
+        self.size, self.draft = size, draft
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        item = self.items[i]
+    def __getitem__(self, key: tuple[int, ImageInput]) -> dict[str, Any]:
+        i, item = key
         try:
             if isinstance(item, (str, os.PathLike)):
                 pixels, (h, w) = read_image_tensor(item, self.size, draft=self.draft, as_uint8=True)
@@ -89,6 +90,22 @@ class _Inputs(Dataset):
                 "error": str(exc),
                 "i": i,
             }
+
+
+class _Jobs(Sampler):
+    """Batch sampler of the decode loader: chunks of ``(index, input)`` keys of the current
+    call, refilled by each ``predict_iter`` (the loader, and its workers, outlive calls)."""
+
+    def __init__(self, chunk: int):
+        self.chunk = chunk
+        self.keys: list[tuple[int, ImageInput]] = []
+
+    def __iter__(self) -> Iterator[list[tuple[int, ImageInput]]]:
+        keys, c = self.keys, self.chunk
+        return (keys[s : s + c] for s in range(0, len(keys), c))
+
+    def __len__(self) -> int:
+        return -(-len(self.keys) // self.chunk)
 
 
 def _collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
@@ -232,6 +249,9 @@ class Detector:
         # resize as usual. Off by default: exact reference pixels for evaluation.
         self.draft = self.size if fast_decode else None
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._loader: tuple[tuple, DataLoader, _Jobs] | None = None
+        self._loader_busy = False
+        self._loader_lock = threading.Lock()
 
     @torch.no_grad()
     def predict_tensor(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,32 +320,74 @@ class Detector:
     ) -> Iterator[Prediction | Failure]:
         """Yield a :class:`Prediction` per readable input, a :class:`Failure` per unreadable one,
         in input order. Workers decode ahead; on CUDA batch k+1 runs while batch k is copied
-        back and handed out."""
-        data = _Inputs(list(inputs), self.size, self.draft)
-        # Workers decode small chunks that the main process joins into model batches: with
-        # whole batches per worker, the first batch would wait for one worker to decode all
-        # of it alone, and a job of a few hundred images would decode in one wave before
-        # the GPU saw anything.
-        chunk = -(-self.batch_size // self.workers) if self.workers else self.batch_size
-        loader = DataLoader(
-            data,
-            batch_size=chunk,
-            num_workers=self.workers,
-            collate_fn=_collate,
-            prefetch_factor=max(2, -(-2 * self.batch_size // (chunk * self.workers)))
-            if self.workers
-            else None,
-        )
+        back and handed out. The decode workers are started by the first call and reused by
+        later ones (:meth:`close` stops them)."""
+        keys = list(enumerate(inputs))
+        loader, jobs, shared = self._decode_loader()
+        jobs.keys = keys
         pending: _InFlight | None = None
         batches = _rebatch(loader, self.batch_size, pin=self.device.type == "cuda")
-        total = -(-len(data) // self.batch_size)
-        for batch in tqdm(batches, desc="predict", unit="batch", total=total, disable=not progress):
-            job = self._launch(batch)
+        total = -(-len(keys) // self.batch_size)
+        try:
+            for batch in tqdm(
+                batches, desc="predict", unit="batch", total=total, disable=not progress
+            ):
+                job = self._launch(batch)
+                if pending is not None:
+                    yield from self._collect(pending)
+                pending = job
             if pending is not None:
                 yield from self._collect(pending)
-            pending = job
-        if pending is not None:
-            yield from self._collect(pending)
+        finally:
+            jobs.keys = []
+            if shared:
+                self._loader_busy = False
+
+    def _decode_loader(self) -> tuple[DataLoader, _Jobs, bool]:
+        """The DataLoader that decodes inputs, and whether it is the long-lived one.
+
+        Workers decode small chunks that the main process joins into model batches: with
+        whole batches per worker, the first batch would wait for one worker to decode all of
+        it alone, and a job of a few hundred images would decode in one wave before the GPU
+        saw anything. The workers persist across calls (starting them costs ~0.1 s per call
+        on a small machine, more than decoding one image); a call made while another call's
+        iterator is still open gets its own short-lived loader.
+        """
+        w = self.workers
+        chunk = -(-self.batch_size // w) if w else self.batch_size
+        key = (w, chunk, self.size, self.draft)
+        with self._loader_lock:
+            shared = w > 0 and not self._loader_busy
+            self._loader_busy = self._loader_busy or shared
+        if shared and self._loader is not None and self._loader[0] == key:
+            return self._loader[1], self._loader[2], True
+        jobs = _Jobs(chunk)
+        loader = DataLoader(
+            _Decode(self.size, self.draft),
+            batch_sampler=jobs,
+            num_workers=w,
+            collate_fn=_collate,
+            prefetch_factor=max(2, -(-2 * self.batch_size // (chunk * w))) if w else None,
+            persistent_workers=shared,
+        )
+        if shared:
+            self.close()
+            self._loader = (key, loader, jobs)
+        return loader, jobs, shared
+
+    def close(self) -> None:
+        """Stop the decode worker processes (otherwise they live as long as the Detector)."""
+        if self._loader is not None:
+            it = getattr(self._loader[1], "_iterator", None)
+            self._loader = None
+            if it is not None and hasattr(it, "_shutdown_workers"):
+                it._shutdown_workers()
+
+    def __enter__(self) -> Detector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def predict(self, inputs: ImageInput | Iterable[ImageInput]) -> list[Prediction]:
         """Predictions for one input or a list; paths to folders expand to their images.
