@@ -225,7 +225,7 @@ def bench_end_to_end(
     k, first = 0, None
     for r in det.predict_iter(paths):
         k += isinstance(r, Prediction)
-        if first is None:  # worker start-up (fork) + the first batch through the model
+        if first is None:  # the first batch through decode + model (workers already up)
             first = time.perf_counter() - t
     sync(device)
     dt = time.perf_counter() - t
@@ -247,6 +247,44 @@ def bench_end_to_end(
         "main_wait_loader_s": dt - spent["launch"] - spent["collect"],
         "total_s": dt,
     }
+    del det
+    release(device)
+    return out
+
+
+def bench_latency(
+    base: torch.nn.Module, device: torch.device, path: str, workers: int, amp: str, reps: int = 7
+) -> dict:
+    """One file per ``predict`` call (an inspection line): median ms per call with no
+    workers, with ``workers`` started afresh for every call (the previous behaviour, forced
+    here by ``close()``), and with the persistent workers a Detector now keeps."""
+    det = Detector(
+        copy.deepcopy(base),
+        device=device,
+        precision=amp,
+        batch_size=1,
+        cast_weights=device.type == "cuda" and amp != "fp32",
+    )
+    out: dict = {"preset": base.cfg.name, "workers": workers, "precision": amp}
+    out["file_px"] = Image.open(path).size[0]
+    for name, w, fresh in (
+        ("no_workers", 0, False),
+        ("fresh", workers, True),
+        ("kept", workers, False),
+    ):
+        det.workers = w
+        det.predict(path)  # warm-up
+        times = []
+        for _ in range(reps):
+            if fresh:
+                det.close()
+            sync(device)
+            t = time.perf_counter()
+            det.predict(path)
+            sync(device)
+            times.append(time.perf_counter() - t)
+        out[f"{name}_ms"] = 1e3 * float(np.median(times))
+    det.close()
     del det
     release(device)
     return out
@@ -462,6 +500,7 @@ def main(argv=None) -> int:
         "decode": [],
         "train": [],
         "evaluate": [],
+        "latency": [],
     }
     try:
         results["cpu"] = next(
@@ -481,6 +520,7 @@ def main(argv=None) -> int:
                     results["end_to_end"].append(
                         bench_end_to_end(base, device, paths, 8, 2, amp, fast)
                     )
+                results["latency"].append(bench_latency(base, device, paths[0], 2, amp))
             results["train"].append(bench_train(base, device, 64, 3, amp))
             with tempfile.TemporaryDirectory() as tmp:
                 root = make_eval_dataset(Path(tmp), 24, 1024)
@@ -517,6 +557,10 @@ def main(argv=None) -> int:
                         )
                     )
                     print(results["end_to_end"][-1], flush=True)
+                if paths and "e2e" in args.only:
+                    lat = bench_latency(base, device, paths[0], args.workers, amp)
+                    results["latency"].append(lat)
+                    print(lat, flush=True)
                 if args.train_images and "train" in args.only:
                     results["train"].append(bench_train(base, device, args.train_images, 3, amp))
                     print(results["train"][-1], flush=True)
@@ -583,6 +627,10 @@ def main(argv=None) -> int:
             "cache",
             "cache_gb",
         ],
+    )
+    table(
+        results["latency"],
+        ["preset", "file_px", "workers", "precision", "no_workers_ms", "fresh_ms", "kept_ms"],
     )
     table(
         results["evaluate"],
