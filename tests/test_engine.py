@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from crane.data import AnomalyDataset, make_synthetic_dataset
+from crane.data import AnomalyDataset
 from crane.engine.calibrate import f1_optimal_threshold, fpr_threshold
 from crane.engine.evaluate import evaluate, paper_protocol, write_report
 from crane.engine.losses import crane_loss, dice_loss, focal_loss
@@ -23,15 +23,6 @@ from crane.models import create_model
 from crane.models.crane import TrainOutput
 
 SIZE = 112  # 8x8 patch grid: fast, still exercises every code path
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    make_synthetic_dataset(
-        root, seed=0, classes=("tile", "plate"), n_train=2, n_test_good=3, n_test_bad=5, size=128
-    )
-    return root
 
 
 def test_focal_matches_reference_formula():

@@ -134,6 +134,17 @@ def _files(tmp_path, n=7):
     return paths
 
 
+def _same(a, b, atol=1e-5):
+    """Same inputs, same order, same values (within ``atol``: batch composition changes the
+    float rounding)."""
+    assert [r.path for r in a] == [r.path for r in b]
+    for x, y in zip(a, b, strict=True):
+        assert type(x) is type(y)
+        if isinstance(x, Prediction):
+            assert x.score == pytest.approx(y.score, abs=atol)
+            np.testing.assert_allclose(x.anomaly_map, y.anomaly_map, atol=atol)
+
+
 def _reference(model, paths):
     """One image at a time through the float preprocessing and PIL map resize."""
     out = {}
@@ -221,12 +232,7 @@ def test_cuda_pipelined_predict_matches_cpu(tmp_path):
     model = create_model("tiny+", image_size=SIZE, seed=4)
     cpu = list(Detector(model, device="cpu", batch_size=2).predict_iter(paths))
     gpu = list(Detector(model, device="cuda", batch_size=2, workers=2).predict_iter(paths))
-    assert [r.path for r in gpu] == [r.path for r in cpu]
-    for a, b in zip(cpu, gpu, strict=True):
-        assert type(a) is type(b)
-        if isinstance(a, Prediction):
-            assert b.score == pytest.approx(a.score, abs=2e-3)
-            np.testing.assert_allclose(b.anomaly_map, a.anomaly_map, atol=2e-3)
+    _same(gpu, cpu, atol=2e-3)
 
 
 @cuda
@@ -293,17 +299,6 @@ def test_chunked_loading_keeps_input_order_and_batch_sizes(tmp_path, batch, work
 # --- evaluation and training inputs: uint8 pixels, bool masks, pipelined metric updates -----
 
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    from crane.data import make_synthetic_dataset
-
-    root = tmp_path_factory.mktemp("synth")
-    make_synthetic_dataset(
-        root, seed=1, classes=("tile", "plate"), n_train=2, n_test_good=3, n_test_bad=4, size=96
-    )
-    return root
-
-
 def test_uint8_dataset_items_are_the_float_items(synth):
     from crane.data import AnomalyDataset
     from crane.errors import DatasetError
@@ -323,7 +318,7 @@ def test_uint8_dataset_items_are_the_float_items(synth):
         assert {k: v for k, v in a.items() if k not in ("image", "mask")} == {
             k: v for k, v in b.items() if k not in ("image", "mask")
         }
-    assert n_masked == 8  # 4 anomalous images per class, all with masks
+    assert n_masked == 10  # 5 anomalous images per class, all with masks
     assert not AnomalyDataset(synth, "test", image_size=SIZE, mean=None, std=None).clip_normalised
     with pytest.raises(DatasetError, match="pixels must be one of"):
         AnomalyDataset(synth, "test", pixels="half")
@@ -340,7 +335,7 @@ def test_evaluate_uint8_inputs_give_identical_reports(synth, mode):
     fast = evaluate(model, ds, **kw)
     slow = evaluate(model, ds, uint8_inputs=False, **kw)
     assert ds.pixels == "float"  # the caller's dataset is left as it was
-    assert fast.n_images == slow.n_images == 14
+    assert fast.n_images == slow.n_images == 16
     assert fast.report.per_class == slow.report.per_class
     # The pixel metrics are defined and not degenerate, so a wrong mask would show.
     for cls in ("tile", "plate"):
@@ -413,16 +408,6 @@ def test_cuda_pipelined_evaluate_matches_cpu(synth):
     for cls, vals in cpu.per_class.items():
         for k, v in vals.items():
             assert gpu.per_class[cls][k] == pytest.approx(v, abs=2e-3, nan_ok=True), (cls, k)
-
-
-def _same(a, b):
-    """Same inputs, same order, same values (up to batch composition's float rounding)."""
-    assert [r.path for r in a] == [r.path for r in b]
-    for x, y in zip(a, b, strict=True):
-        assert type(x) is type(y)
-        if isinstance(x, Prediction):
-            assert x.score == pytest.approx(y.score, abs=1e-5)
-            np.testing.assert_allclose(x.anomaly_map, y.anomaly_map, atol=1e-5)
 
 
 def test_decode_workers_persist_across_calls_and_survive_abandoned_iterators(tmp_path):
