@@ -441,3 +441,24 @@ def test_decode_workers_persist_across_calls_and_survive_abandoned_iterators(tmp
             pass
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+@cuda
+def test_cuda_graphs_compile_survives_the_pipelines(tmp_path, synth):
+    """With CUDA graphs, a call overwrites the previous call's outputs; the pipelines read
+    batch k after launching batch k+1, so the outputs must have been copied out."""
+    from crane.data import AnomalyDataset
+    from crane.engine.evaluate import evaluate
+
+    paths = _files(tmp_path, n=9)
+    model = create_model("tiny", image_size=SIZE, seed=4)
+    eager = list(Detector(model, device="cuda", batch_size=2).predict_iter(paths))
+    det = Detector(model, device="cuda", batch_size=2, compile="reduce-overhead")
+    _same(list(det.predict_iter(paths)), eager, atol=2e-3)
+    ds = AnomalyDataset(synth, "test", image_size=SIZE)
+    kw = dict(device=torch.device("cuda"), batch_size=3, progress=False)
+    a = evaluate(model, ds, **kw).report
+    b = evaluate(model, ds, compile="reduce-overhead", **kw).report
+    for cls, vals in a.per_class.items():
+        for k, v in vals.items():
+            assert b.per_class[cls][k] == pytest.approx(v, abs=2e-3, nan_ok=True), (cls, k)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from crane.data import AnomalyDataset, collate_skip_none
 from crane.data.imageio import load_image
-from crane.engine.runtime import autocast, model_input
+from crane.engine.runtime import autocast, model_input, scoring_forward
 from crane.errors import CraneError
 from crane.metrics import METRICS, MetricAccumulator, MetricsReport
 from crane.models.checkpoint import atomic_write_bytes
@@ -100,9 +100,7 @@ def evaluate(
         pin_memory=device.type == "cuda",
     )
     model.to(device).eval()
-    forward = model
-    if compile:
-        forward = torch.compile(model, mode=compile if isinstance(compile, str) else None)
+    forward = scoring_forward(model, device, compile)
     side = torch.cuda.Stream(device) if device.type == "cuda" else None
     # Finalise each class once all its images are in, so the exact accumulator only ever holds
     # one class's pixels (the dataset lists samples class by class).
@@ -111,8 +109,7 @@ def evaluate(
 
     def launch(batch: dict[str, Any]) -> _Job:
         with autocast(device, amp_dtype):
-            out = forward(model_input(batch["image"], device))
-        job = _Job(batch, out.image_scores.float(), out.anomaly_maps.float())
+            job = _Job(batch, *forward(model_input(batch["image"], device)))
         if side is not None:
             job.done = torch.cuda.Event()
             job.done.record()

@@ -23,7 +23,13 @@ from tqdm.auto import tqdm
 
 from crane.data.imageio import is_image_file, load_image
 from crane.data.transforms import image_to_uint8, read_image_tensor
-from crane.engine.runtime import autocast, autocast_dtype, model_input, pick_device
+from crane.engine.runtime import (
+    autocast,
+    autocast_dtype,
+    model_input,
+    pick_device,
+    scoring_forward,
+)
 from crane.errors import CraneError, ImageReadError
 from crane.models.checkpoint import atomic_write_bytes
 from crane.models.crane import CraneModel
@@ -237,11 +243,7 @@ class Detector:
             # Same results as plain autocast, half the weight memory (see cast_frozen_matmuls).
             self.model.cast_frozen_matmuls(self.amp)
         # torch.compile fuses the post-processing and attention glue; first call compiles.
-        if compile:
-            mode = compile if isinstance(compile, str) else None
-            self._forward = torch.compile(self.model, mode=mode)
-        else:
-            self._forward = self.model
+        self._forward = scoring_forward(self.model, self.device, compile)
         self.threshold = threshold if threshold is not None else self.model.image_threshold
         self.batch_size, self.workers = batch_size, workers
         self.size = self.model.cfg.image_size
@@ -260,8 +262,7 @@ class Detector:
         ``images`` are CLIP-normalised floats, or the uint8 pixels of
         :func:`crane.data.transforms.image_to_uint8` (normalised here, on the device)."""
         with autocast(self.device, self.amp):
-            out = self._forward(model_input(images, self.device))
-        return out.image_scores.float(), out.anomaly_maps.float()
+            return self._forward(model_input(images, self.device))
 
     def _launch(self, batch: dict[str, Any]) -> _InFlight:
         """Queue a batch's device work (forward, resize to each image's size) and return."""

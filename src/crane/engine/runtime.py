@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
+from torch import nn
 
 from crane.data.transforms import normalize_uint8
 from crane.errors import CraneError
@@ -43,3 +45,27 @@ def model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     quarter of the bytes) are normalised there, bitwise equal to normalising on the host."""
     images = images.to(device, non_blocking=True)
     return normalize_uint8(images) if images.dtype == torch.uint8 else images
+
+
+def scoring_forward(
+    model: nn.Module, device: torch.device, compile: bool | str = False
+) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``images -> (scores, maps)`` in fp32 through ``model``, optionally ``torch.compile``d
+    (``compile`` True or a mode name; the first call compiles).
+
+    With a CUDA-graph mode (``"reduce-overhead"``, ``"max-autotune"``) on CUDA the outputs are
+    copied out of the graph's memory pool: the next call would overwrite them, and the
+    predict/evaluate pipelines launch batch k+1 before they read batch k.
+    """
+    mode = compile if isinstance(compile, str) else None
+    fn = torch.compile(model, mode=mode) if compile else model
+    graphs = device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
+
+    def run(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        out = fn(images)
+        scores, maps = out.image_scores.float(), out.anomaly_maps.float()
+        return (scores.clone(), maps.clone()) if graphs else (scores, maps)
+
+    return run
