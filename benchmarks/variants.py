@@ -92,6 +92,7 @@ def main(argv=None) -> int:
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
     del det
     variant("bf16, DINO strict fp32", with_cfg(dino_tf32=False))
+    variant("bf16, DINO fp32+TF32 with fp16 flash attention", with_cfg(dino_attn_fp16=True))
     variant("bf16, DINO bf16", with_cfg(dino_fp32=False))
     variant("bf16 autocast, weights fp32", copy.deepcopy(base), cast=False)
     crane = create_model("crane", pretrained=False, **over)

@@ -5,6 +5,8 @@ machine) and compare CUDA against CPU."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -462,3 +464,54 @@ def test_cuda_graphs_compile_survives_the_pipelines(tmp_path, synth):
     for cls, vals in a.per_class.items():
         for k, v in vals.items():
             assert b.per_class[cls][k] == pytest.approx(v, abs=2e-3, nan_ok=True), (cls, k)
+
+
+def test_dino_half_precision_attention():
+    """DINOv2's attention modules are timm's outside the context; inside, with fp32 q/k/v the
+    re-implemented path is bitwise timm's, with fp16 q/k/v it stays close."""
+    from timm.models.vision_transformer import Attention
+
+    from crane.models.backbones import _DinoAttention
+    from crane.models.vision import half_precision_attention
+
+    model = create_model("tiny+", image_size=SIZE, seed=7)
+    dino = model.vision.dino
+    for blk in dino.blocks:  # timm initialises LayerScale at 1e-5: let attention matter
+        blk.ls1.gamma.data.fill_(1.0)
+    attn = [m for m in dino.modules() if isinstance(m, Attention)]
+    assert attn and all(type(m) is _DinoAttention for m in attn)
+    plain = copy.deepcopy(dino)
+    for m in plain.modules():
+        if type(m) is _DinoAttention:
+            m.__class__ = Attention
+    assert dino.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = plain.forward_features(x)
+        assert torch.equal(dino.forward_features(x), ref)
+        with half_precision_attention(torch.float32):
+            assert torch.equal(dino.forward_features(x), ref)
+        with half_precision_attention(torch.float16):
+            half = dino.forward_features(x)
+        assert torch.equal(dino.forward_features(x), ref)  # the context is gone
+    err = (half - ref).abs().max() / ref.abs().max()
+    assert 1e-5 < err < 2e-3, err  # fp16 rounding (2^-11 relative), not a different result
+    # Through D-Attn to the maps (on CUDA the config's dino_attn_fp16 turns this on).
+    det = Detector(model, device="cpu")
+    s32, m32 = det.predict_tensor(x)
+    with half_precision_attention(torch.float16):
+        s16, m16 = det.predict_tensor(x)
+    assert 0 < (m16 - m32).abs().max() <= 1e-2
+    assert (s16 - s32).abs().max() <= 1e-2
+
+
+@cuda
+def test_cuda_dino_fp16_attention_within_guard():
+    x = torch.randn(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    s32, m32 = Detector(
+        create_model("tiny+", image_size=SIZE, seed=2), device="cuda"
+    ).predict_tensor(x)
+    model = create_model("tiny+", image_size=SIZE, seed=2, dino_attn_fp16=True)
+    s16, m16 = Detector(model, device="cuda", precision="bf16").predict_tensor(x)
+    assert (m16 - m32).abs().max() <= 1e-2
+    assert (s16 - s32).abs().max() <= 1e-2

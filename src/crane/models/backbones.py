@@ -14,8 +14,40 @@ from torch import nn
 
 from crane.config import CraneConfig
 from crane.models import weights as W
+from crane.models.vision import dino_attention_dtype
 
 log = logging.getLogger(__name__)
+
+
+class _DinoAttention(timm.models.vision_transformer.Attention):
+    """timm's ``Attention`` (same parameters and state dict); differs only inside
+    :func:`~crane.models.vision.half_precision_attention`, in the plain case DINOv2 uses
+    (fused attention, no mask, no gate)."""
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        dtype = dino_attention_dtype()
+        plain = self.fused_attn and attn_mask is None and not is_causal and self.gate is None
+        if dtype is None or not plain or x.dtype != torch.float32:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        o = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype)).to(x.dtype)
+        o = o.transpose(1, 2).reshape(b, n, self.attn_dim)
+        return self.proj_drop(self.proj(self.norm(o)))
+
+
+def _swap_attention(model: nn.Module) -> None:
+    """Make DINOv2's timm ``Attention`` modules :class:`_DinoAttention` (in place; a timm
+    version whose Attention lacks what it uses keeps its own)."""
+    base = timm.models.vision_transformer.Attention
+    needed = ("qkv", "q_norm", "k_norm", "norm", "proj", "proj_drop", "gate", "attn_dim")
+    for m in model.modules():
+        if type(m) is base and all(hasattr(m, a) for a in needed):
+            m.__class__ = _DinoAttention
 
 
 class _DropRandomInitWarning(logging.Filter):
@@ -137,4 +169,5 @@ def build_dino(
             W.load_into(model, sd, local, f"DINOv2 {arch}")
             log.info("loaded DINOv2 weights from %s", local)
     model.eval().requires_grad_(False)
+    _swap_attention(model)
     return model

@@ -8,6 +8,7 @@ Crane+ the DINO-guided D-Attn at one block. Everything here is pure tensor code.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from dataclasses import dataclass
 
 import torch
@@ -41,13 +42,40 @@ def tf32_matmuls(enabled: bool = True):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = mm, cudnn
 
 
+# dtype for the q/k/v of DINOv2's fused attention while set (see half_precision_attention).
+_ATTN_DTYPE: contextvars.ContextVar[torch.dtype | None] = contextvars.ContextVar(
+    "crane_dino_attn_dtype", default=None
+)
+
+
+def dino_attention_dtype() -> torch.dtype | None:
+    """The dtype :func:`half_precision_attention` currently asks for (None outside)."""
+    return _ATTN_DTYPE.get()
+
+
+@contextlib.contextmanager
+def half_precision_attention(dtype: torch.dtype | None = torch.float16):
+    """Inside, DINOv2's fused attention (fp32 activations) takes q/k/v in ``dtype``: on CUDA
+    fp16 inputs reach the flash/cuDNN kernels (fp32 has only a slower kernel without tensor
+    cores). fp16 keeps a 10-bit mantissa, the rounding TF32 matmuls already apply to their
+    inputs; softmax and accumulation stay fp32 in those kernels, the output goes back to fp32
+    before the projection. ``None`` leaves attention as timm computes it."""
+    token = _ATTN_DTYPE.set(dtype)
+    try:
+        yield
+    finally:
+        _ATTN_DTYPE.reset(token)
+
+
 @torch.compiler.disable
-def _dino_features_tf32(dino: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """DINOv2 in fp32 with TF32 matmuls, kept out of ``torch.compile``. On an H100 the compiled
-    default Crane+ (this part included) ran at 88 img/s against 120 eager, while compiling a
-    bf16 DINOv2 paid off (cause of the fp32 slowdown not established), so this part always
-    runs as it does eagerly."""
-    with torch.autocast(x.device.type, enabled=False), tf32_matmuls(True):
+def _dino_features_tf32(dino: nn.Module, x: torch.Tensor, attn_fp16: bool = False) -> torch.Tensor:
+    """DINOv2 in fp32 with TF32 matmuls (and with ``attn_fp16`` fp16 flash attention, see
+    :func:`half_precision_attention`), kept out of ``torch.compile``.
+    On an H100 the compiled default Crane+ (this part included) ran at 88 img/s against 120
+    eager, while compiling a bf16 DINOv2 paid off (cause of the fp32 slowdown not
+    established), so this part always runs as it does eagerly."""
+    half = half_precision_attention(torch.float16 if attn_fp16 else None)
+    with torch.autocast(x.device.type, enabled=False), tf32_matmuls(True), half:
         return dino.forward_features(x)
 
 
@@ -157,7 +185,7 @@ class CraneVisionEncoder(nn.Module):
         amp = torch.is_autocast_enabled(x.device.type)
         tf32 = amp and self.cfg.dino_fp32 and self.cfg.dino_tf32 and x.device.type == "cuda"
         if tf32:
-            feats = _dino_features_tf32(self.dino, x.to(dtype))
+            feats = _dino_features_tf32(self.dino, x.to(dtype), self.cfg.dino_attn_fp16)
         else:
             with torch.autocast(x.device.type, enabled=amp and not self.cfg.dino_fp32):
                 feats = self.dino.forward_features(x.to(dtype))
