@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The GPU measurements that benchmarks/RESULTS.md lists as unmeasured, one step per call so
+# that each fits a 10-minute device-tool command (≈ 3–8 min each on one H100):
+#   benchmarks/pending_gpu.sh tests   OUT   # CUDA tests (CUDA = CPU, guards, pipelines)
+#   benchmarks/pending_gpu.sh variants OUT  # which options pay off, incl. fp16 DINO attention
+#   benchmarks/pending_gpu.sh e2e OUT       # predict from 2048-px JPEGs, latency, evaluate
+#   benchmarks/pending_gpu.sh model OUT     # model-only fp32 baseline vs optimised, memory
+# OUT: folder for the JSON (default benchmarks/results).
+set -euo pipefail
+step=${1:?usage: pending_gpu.sh tests|variants|e2e|model [OUT]}
+out=${2:-benchmarks/results}
+mkdir -p "$out"
+case "$step" in
+  tests) python -m pytest -q -rs tests/test_fast_paths.py tests/test_metrics_streaming.py -k cuda ;;
+  variants) python benchmarks/variants.py --device cuda --batch 32 --compile --json "$out/variants_b32.json" ;;
+  e2e) python benchmarks/throughput.py --device cuda --presets crane+ --only e2e eval \
+         --files 1024 --eval-images 256 --json "$out/e2e_eval.json" ;;
+  model) python benchmarks/throughput.py --device cuda --only model --json "$out/model.json" ;;
+  *) echo "unknown step $step" >&2; exit 2 ;;
+esac
