@@ -6,6 +6,7 @@ machine) and compare CUDA against CPU."""
 from __future__ import annotations
 
 import copy
+import os
 
 import numpy as np
 import pytest
@@ -515,3 +516,27 @@ def test_cuda_dino_fp16_attention_within_guard():
     s16, m16 = Detector(model, device="cuda", precision="bf16").predict_tensor(x)
     assert (m16 - m32).abs().max() <= 1e-2
     assert (s16 - s32).abs().max() <= 1e-2
+
+
+_TEST_PID = os.getpid()
+
+
+class _KillsWorker:
+    """An input whose unpickling ends the decode worker that receives it."""
+
+    def __init__(self):
+        self.state = 1
+
+    def __setstate__(self, state):
+        if os.getpid() != _TEST_PID:
+            os._exit(3)
+
+
+def test_dead_decode_worker_fails_the_call_not_the_detector(tmp_path):
+    paths = _files(tmp_path, n=4)
+    det = Detector(create_model("tiny", image_size=SIZE), device="cpu", batch_size=2, workers=2)
+    ref = list(det.predict_iter(paths))
+    with pytest.raises(RuntimeError, match="exited unexpectedly"):
+        list(det.predict_iter([paths[0], _KillsWorker(), paths[1]]))
+    _same(list(det.predict_iter(paths)), ref)  # fresh workers
+    det.close()

@@ -193,8 +193,9 @@ class Detector:
     ``precision``: fp32, or bf16/fp16 autocast for the backbones (scoring stays fp32).
     ``workers``: DataLoader processes that decode and resize files (use most CPU cores on a
     GPU machine); started by the first call and kept for later ones until :meth:`close` (or
-    the end of a ``with Detector(...) as det:`` block). ``fast_decode``: JPEGs decoded at a reduced DCT scale (still >= the model
-    input) — much cheaper for large photos, pixels differ slightly from the reference.
+    the end of a ``with Detector(...) as det:`` block). ``fast_decode``: JPEGs decoded at a
+    reduced DCT scale (still >= the model input) — much cheaper for large photos, pixels
+    differ slightly from the reference.
     ``compile``: ``torch.compile`` the model (first batch compiles; a string picks the mode,
     e.g. ``"reduce-overhead"`` for CUDA graphs at small batches). ``map_size``: ``"input"``
     (maps at each image's own size) or ``"model"`` (S×S maps: 16× fewer bytes to copy back
@@ -340,6 +341,10 @@ class Detector:
                 pending = job
             if pending is not None:
                 yield from self._collect(pending)
+        except Exception:
+            if shared:  # e.g. a worker died: the next call starts fresh workers
+                self.close()
+            raise
         finally:
             jobs.keys = []
             if shared:
