@@ -345,13 +345,16 @@ def test_evaluate_uint8_inputs_give_identical_reports(synth, mode):
         assert 0 < fast.report.per_class[cls]["pixel_auroc"] < 1
 
 
-def test_evaluate_refuses_uint8_dataset_without_clip_normalisation(synth):
+def test_uint8_dataset_refuses_another_normalisation(synth):
     from crane.data import AnomalyDataset
-    from crane.engine.evaluate import evaluate
+    from crane.errors import DatasetError
 
-    ds = AnomalyDataset(synth, "test", image_size=SIZE, mean=None, std=None, pixels="uint8")
-    with pytest.raises(CraneError, match="CLIP-normalised"):
-        evaluate(create_model("tiny", image_size=SIZE), ds, device=torch.device("cpu"))
+    with pytest.raises(DatasetError, match="CLIP statistics"):
+        AnomalyDataset(synth, "test", image_size=SIZE, mean=None, std=None, pixels="uint8")
+    with pytest.raises(DatasetError, match="CLIP statistics"):
+        AnomalyDataset(synth, "test", image_size=SIZE, mean=(0.5,) * 3, pixels="uint8")
+    with pytest.raises(DatasetError, match="CLIP statistics"):
+        AnomalyDataset(synth, "test", image_size=SIZE, mean=None, std=None).uint8_view()
 
 
 def test_feature_cache_uint8_inputs_match_float(synth):

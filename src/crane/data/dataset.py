@@ -92,6 +92,12 @@ class AnomalyDataset(Dataset):
         self.on_error = on_error
         self.mean, self.std = mean, std
         self.pixels = pixels
+        if pixels == "uint8" and not self.clip_normalised:
+            raise DatasetError(
+                "pixels='uint8' hands over raw pixels that the model side normalises with the "
+                f"CLIP statistics; mean={mean}, std={std} cannot apply to them (use "
+                "pixels='float' for another normalisation)"
+            )
         if meta is None:
             meta = read_meta(self.root, check_files=False)
         by_class = meta.get(split, {})
@@ -122,6 +128,11 @@ class AnomalyDataset(Dataset):
         which yields exactly the float images of a CLIP-normalised dataset."""
         if self.pixels == "uint8":
             return self
+        if not self.clip_normalised:
+            raise DatasetError(
+                f"this dataset normalises with mean={self.mean}, std={self.std}; its uint8 view "
+                "would be normalised with the CLIP statistics instead"
+            )
         view = copy.copy(self)
         view.pixels = "uint8"
         return view

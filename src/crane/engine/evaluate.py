@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 from crane.data import AnomalyDataset, collate_skip_none
 from crane.data.imageio import load_image
 from crane.engine.runtime import autocast, model_input, scoring_forward
-from crane.errors import CraneError
 from crane.metrics import METRICS, MetricAccumulator, MetricsReport
 from crane.models.checkpoint import atomic_write_bytes
 from crane.models.crane import CraneModel
@@ -86,11 +85,6 @@ def evaluate(
     acc = MetricAccumulator(aupro=aupro, mode=metric_mode)
     if uint8_inputs and dataset.clip_normalised:
         dataset = dataset.uint8_view()  # the caller's dataset keeps handing out floats
-    elif dataset.pixels == "uint8" and not dataset.clip_normalised:
-        raise CraneError(
-            "evaluate needs CLIP-normalised model inputs; this uint8 dataset was built with "
-            f"mean={dataset.mean}, std={dataset.std}"
-        )
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

@@ -368,22 +368,27 @@ class Detector:
             self._loader_busy = self._loader_busy or shared
         if shared and self._loader is not None and self._loader[0] == key:
             return self._loader[1], self._loader[2], True
-        jobs = _Jobs(chunk)
-        loader = DataLoader(
-            _Decode(self.size, self.draft),
-            batch_sampler=jobs,
-            num_workers=w,
-            collate_fn=_collate,
-            prefetch_factor=max(2, -(-2 * self.batch_size // (chunk * w))) if w else None,
-            persistent_workers=shared,
-        )
+        try:
+            jobs = _Jobs(chunk)
+            loader = DataLoader(
+                _Decode(self.size, self.draft),
+                batch_sampler=jobs,
+                num_workers=w,
+                collate_fn=_collate,
+                prefetch_factor=max(2, -(-2 * self.batch_size // (chunk * w))) if w else None,
+                persistent_workers=shared,
+            )
+        except BaseException:
+            self._loader_busy = self._loader_busy and not shared
+            raise
         if shared:
             self.close()
             self._loader = (key, loader, jobs)
         return loader, jobs, shared
 
     def close(self) -> None:
-        """Stop the decode worker processes (otherwise they live as long as the Detector)."""
+        """Stop the decode worker processes (otherwise they live as long as the Detector).
+        Not while a ``predict_iter`` is still being consumed: it would lose its workers."""
         if self._loader is not None:
             it = getattr(self._loader[1], "_iterator", None)
             self._loader = None
