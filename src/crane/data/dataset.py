@@ -63,7 +63,8 @@ class AnomalyDataset(Dataset):
         meta: an already loaded index to use instead of reading ``<root>/meta.json``.
         pixels: "float" (normalised float32 images, 0/1 float masks) or "uint8" (uint8 images
             and bool masks: a quarter / an eighth of the bytes between worker processes and to
-            the GPU; ``mean``/``std`` are then applied by the consumer).
+            the GPU; the consumer normalises with the CLIP statistics, so ``mean``/``std``
+            must stay the default).
     """
 
     def __init__(
