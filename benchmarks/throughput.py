@@ -24,6 +24,7 @@ max |bf16 − fp32| of maps and scores. See also ``variants.py`` (which speed op
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -35,6 +36,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -42,7 +44,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from crane.engine.predict import Detector, Prediction
-from crane.models import create_model, scoring
+from crane.models import create_model, scoring, vision
 
 
 def peak_mem_mb(device: torch.device) -> float:
@@ -79,9 +81,11 @@ def sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def baseline_forward(model, images: torch.Tensor):
-    """Reference-style inference: fp32, text recomputed per batch, scipy Gaussian per map on CPU."""
+    """Reference-style inference: fp32, open_clip's MLP modules (QuickGELU as three elementwise
+    passes), text recomputed per batch, scipy Gaussian per map on CPU."""
     cfg = model.cfg
-    vis = model.encode_images(images)
+    with reference_mlp():
+        vis = model.encode_images(images)
     text = model.text_features()
     logits = scoring.patch_logits(vis.patch_sets, text, cfg.pixel_temperature)
     maps = scoring.anomaly_map(logits, images.shape[-1], cfg.map_combine).cpu().numpy()
@@ -89,6 +93,13 @@ def baseline_forward(model, images: torch.Tensor):
     fused = scoring.fused_image_feature(vis.patch_sets, logits, vis.global_feat, cfg.fusion_alpha)
     scores = torch.softmax(scoring.image_logits(fused, text, cfg.image_temperature), -1)[:, 1].cpu()
     return scores, maps
+
+
+@contextlib.contextmanager
+def reference_mlp():
+    """Inside, the vision loop calls CLIP's MLP modules as open_clip defines them."""
+    with mock.patch.object(vision, "clip_mlp", lambda mlp, x: mlp(x)):
+        yield
 
 
 def time_it(fn, device, warmup=1, reps=3) -> float:

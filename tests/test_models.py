@@ -14,7 +14,7 @@ from scipy.ndimage import gaussian_filter
 from crane.config import ATTN_TYPES, get_config, list_models
 from crane.errors import CheckpointError, CraneError
 from crane.models import create_model, save_model, scoring
-from crane.models.vision import dattn_weights
+from crane.models.vision import clip_mlp, dattn_weights
 
 torch.set_grad_enabled(True)
 
@@ -57,6 +57,55 @@ def test_global_feature_equals_open_clip(tiny_plus, images):
         ref = clip.encode_image(images, normalize=True)
     assert ours.shape == ref.shape
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def _quick_gelu_mlp(width=32, act=None, seed=0):
+    torch.manual_seed(seed)
+    block = open_clip.transformer.ResidualAttentionBlock(
+        width, 4, act_layer=act or open_clip.transformer.QuickGELU
+    )
+    return block.mlp
+
+
+def test_clip_mlp_equals_open_clip_mlp():
+    mlp = _quick_gelu_mlp()
+    x = torch.randn(2, 7, 32) * 3
+    with torch.no_grad():
+        ref = mlp(x)
+        ours = clip_mlp(mlp, x)
+        naive = mlp.c_proj(
+            (lambda h: h * torch.sigmoid(1.702 * h))(x @ mlp.c_fc.weight.t() + mlp.c_fc.bias)
+        )
+    assert ours.shape == ref.shape == (2, 7, 32)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours, naive, atol=1e-5, rtol=1e-5)
+    # A non-contiguous input (the cls-only slice of the last block) goes the same way.
+    with torch.no_grad():
+        torch.testing.assert_close(clip_mlp(mlp, x[:, :1]), mlp(x[:, :1]), atol=1e-5, rtol=1e-5)
+
+
+def test_clip_mlp_gradients_and_autocast():
+    mlp = _quick_gelu_mlp(seed=1)
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    clip_mlp(mlp, x).pow(2).sum().backward()  # in-place SiLU must not break autograd
+    g_ours, x.grad = x.grad.clone(), None
+    mlp(x).pow(2).sum().backward()
+    torch.testing.assert_close(g_ours, x.grad, atol=1e-5, rtol=1e-4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        low, ref = clip_mlp(mlp, x), mlp(x)
+    assert low.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), ref.float(), atol=3e-2, rtol=3e-2)
+
+
+def test_clip_mlp_leaves_other_mlps_to_their_modules():
+    mlp = _quick_gelu_mlp(act=torch.nn.GELU)
+    x = torch.randn(2, 4, 32)
+    with torch.no_grad():
+        assert torch.equal(clip_mlp(mlp, x), mlp(x))
+    mlp = _quick_gelu_mlp()
+    mlp.c_fc.bias = None
+    with torch.no_grad():
+        assert torch.equal(clip_mlp(mlp, x), mlp(x))
 
 
 def _explicit_eattn_sets(model, images, attn_type):
