@@ -5,13 +5,15 @@ one run, each against the same fp32 reference (random weights; CUDA or CPU).
 
 Variants (bf16 autocast unless named): the default optimised path (frozen matmul weights stored
 in bf16, DINOv2 in fp32 with TF32 matmuls); DINOv2 in strict fp32; DINOv2 under bf16 autocast;
-weights left in fp32 (autocast casts them every call); Crane without DINO, for scale;
+weights left in fp32 (autocast casts them every call); open_clip's MLP modules instead of the
+one-SiLU MLP; Crane without DINO, for scale;
 optionally torch.compile of the default. Prints img/s, peak memory and max |Δ| to fp32.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import sys
@@ -19,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from throughput import peak_mem_mb, reset_peak, time_it  # same folder
+from throughput import peak_mem_mb, reference_mlp, reset_peak, time_it  # same folder
 
 from crane.engine.predict import Detector
 from crane.models import create_model
@@ -58,7 +60,7 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
     rows = [{"variant": "fp32 (reference)", "img_s": ips32, "peak_mb": peak32}]
 
-    def variant(name, model, cast=True, compile_model=False):
+    def variant(name, model, cast=True, compile_model=False, ctx=contextlib.nullcontext):
         det = Detector(
             model,
             device=dev,
@@ -67,10 +69,11 @@ def main(argv=None) -> int:
             cast_weights=cast and dev.type == "cuda",
             compile=compile_model,
         )
-        ips, peak = timed(det, x, args.reps)
+        with ctx():
+            ips, peak = timed(det, x, args.reps)
+            s16, m16 = (t.cpu() for t in det.predict_tensor(x))
         row = {"variant": name, "img_s": ips, "peak_mb": peak}
         if model.cfg.use_dattn:
-            s16, m16 = (t.cpu() for t in det.predict_tensor(x))
             row["max_abs_diff_map"] = float((m16 - m32).abs().max())
             row["max_abs_diff_score"] = float((s16 - s32).abs().max())
         rows.append(row)
@@ -91,6 +94,7 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
     del det
+    variant("bf16 default, open_clip's MLP modules", copy.deepcopy(base), ctx=reference_mlp)
     variant("bf16, DINO strict fp32", with_cfg(dino_tf32=False))
     variant("bf16, DINO fp32+TF32 with fp16 flash attention", with_cfg(dino_attn_fp16=True))
     variant("bf16, DINO bf16", with_cfg(dino_fp32=False))
