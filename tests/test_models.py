@@ -97,6 +97,20 @@ def test_clip_mlp_gradients_and_autocast():
     torch.testing.assert_close(low.float(), ref.float(), atol=3e-2, rtol=3e-2)
 
 
+def test_vision_loop_takes_the_one_silu_mlp(tiny_plus, images):
+    """The model's CLIP blocks qualify: their QuickGELU modules never run."""
+    calls = []
+    blocks = tiny_plus.vision.visual.transformer.resblocks
+    hooks = [b.mlp.register_forward_hook(lambda *a: calls.append(1)) for b in blocks]
+    try:
+        with torch.no_grad():
+            tiny_plus.encode_images(images[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == []
+
+
 def test_clip_mlp_leaves_other_mlps_to_their_modules():
     mlp = _quick_gelu_mlp(act=torch.nn.GELU)
     x = torch.randn(2, 4, 32)

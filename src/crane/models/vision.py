@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from open_clip.transformer import QuickGELU
 from torch import nn
 
 from crane.config import CraneConfig
@@ -96,7 +97,7 @@ def clip_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if (
         not isinstance(mlp, nn.Sequential)
         or len(mlp) != 3
-        or type(act).__name__ != "QuickGELU"
+        or not isinstance(act, QuickGELU)
         or not isinstance(fc, nn.Linear)
         or not isinstance(proj, nn.Linear)
         or fc.bias is None
