@@ -1,0 +1,150 @@
+"""benchmarks/floor.py: its FLOP count against an analytic count of the architecture, and its
+replay of recorded calls."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from crane.models import create_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def floor():
+    spec = importlib.util.spec_from_file_location("crane_bench_floor", ROOT / "benchmarks/floor.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def analytic_vision_flops(model, batch: int) -> int:
+    """2 × multiply-adds of Crane's vision side, written from the architecture (SPEC §3)."""
+    cfg = model.cfg
+    visual = model.vision.visual
+    blocks = visual.transformer.resblocks
+    L, W = len(blocks), visual.conv1.out_channels
+    p = visual.conv1.kernel_size[0]
+    n = (cfg.image_size // p) ** 2
+    t = n + 1
+    hidden = blocks[0].mlp.c_fc.out_features
+    e = visual.proj.shape[1]
+    terms = len(cfg.attn_type.split("+"))
+    f = 2 * n * 3 * p * p * W  # patch embedding
+    for i in range(1, L + 1):
+        dattn_here = cfg.use_dattn and i == cfg.dattn_layer
+        lq = 1 if (i == L and not dattn_here) else t  # last block: class token only
+        f += 2 * t * W * 3 * W  # q, k, v for every token
+        f += 4 * lq * t * W + 2 * lq * W * W  # attention (all heads) + out_proj
+        if i >= cfg.eattn_start:
+            f += terms * 4 * t * t * W + 2 * t * W * W  # E-Attn terms + out_proj
+        if dattn_here:
+            f += 2 * t * W * W + 2 * n * n * W + 2 * n * W * W  # values, W·v, out_proj
+        f += 2 * 2 * (1 if i == L else t) * W * hidden  # MLP
+    sets = len(cfg.feature_layers) + int(cfg.use_dattn)
+    f += 2 * W * e + sets * 2 * n * W * e  # ln_post → proj of g and every patch set
+    if cfg.use_dattn:
+        dino = model.vision.dino
+        c = dino.embed_dim
+        td = n + dino.num_prefix_tokens
+        dh = dino.blocks[0].mlp.fc1.out_features
+        f += 2 * n * 3 * p * p * c  # patch embedding (same 14-px patches)
+        f += len(dino.blocks) * (2 * td * c * 3 * c + 4 * td * td * c + 2 * td * c * c)
+        f += len(dino.blocks) * 2 * 2 * td * c * dh
+        f += 2 * n * n * c  # cosine similarities for the D-Attn weights
+    return batch * f
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny+"])
+def test_recorded_flops_equal_the_architecture(floor, preset):
+    model = create_model(preset, pretrained=False).eval()
+    x = torch.randn(2, 3, model.cfg.image_size, model.cfg.image_size)
+    rec = floor.OpRecorder()
+    with torch.inference_mode(), rec:
+        model.encode_images(x)
+    cats = rec.by_category()
+    assert sum(row["flops"] for row in cats.values()) == analytic_vision_flops(model, 2)
+    cfg = model.cfg
+    terms = len(cfg.attn_type.split("+"))
+    n_attn = len(model.vision.visual.transformer.resblocks)  # normal path
+    n_attn += terms * (n_attn - cfg.eattn_start + 1)  # E-Attn
+    if cfg.use_dattn:
+        n_attn += len(model.vision.dino.blocks)
+    assert cats["attention"]["calls"] == n_attn
+    assert cats["conv"]["calls"] == 1 + int(cfg.use_dattn)
+
+
+def test_records_layouts_and_replays_them(floor):
+    a = torch.randn(33, 40)
+    w = torch.randn(24, 40)
+    q = torch.randn(2, 3, 17, 8)
+    rec = floor.OpRecorder()
+    with torch.inference_mode(), rec:
+        for _ in range(3):
+            F.linear(a, w, torch.randn(24))
+        F.scaled_dot_product_attention(q, q, q[..., :4])
+        torch.bmm(torch.randn(5, 6, 7), torch.randn(5, 7, 9))
+    calls = {c.func.__name__: c for c in rec.calls.values()}
+    assert set(calls) == {"addmm.default", "scaled_dot_product_attention.default", "bmm.default"}
+    mm = calls["addmm.default"]
+    assert mm.count == 3 and mm.flops == 2 * 33 * 40 * 24
+    # The weight is replayed transposed, as F.linear passes it to the GEMM.
+    assert mm.args[2].shape == (40, 24) and mm.args[2].stride == (1, 40)
+    assert calls["scaled_dot_product_attention.default"].flops == 2 * 6 * 17 * 17 * (8 + 4)
+    assert calls["bmm.default"].flops == 2 * 5 * 6 * 7 * 9
+    assert [c.func.__name__ for c in rec.sequence] == ["addmm.default"] * 3 + [
+        "scaled_dot_product_attention.default",
+        "bmm.default",
+    ]
+    replayer = floor.Replayer(rec.sequence, torch.device("cpu"))
+    assert all(not c.samples for c in rec.calls.values())  # the warm-up pass is not recorded
+    total = replayer.run()
+    assert [len(c.samples) for c in rec.calls.values()] == [3, 1, 1]
+    assert total == pytest.approx(sum(sum(c.samples) for c in rec.calls.values()))
+    assert all(c.seconds > 0 for c in rec.calls.values())
+    cats = rec.by_category()
+    assert cats["gemm"]["s"] == pytest.approx(3 * mm.seconds + calls["bmm.default"].seconds)
+    assert cats["gemm"]["flops"] == 3 * mm.flops + calls["bmm.default"].flops
+
+
+def test_main_writes_json_and_reports_the_target(floor, tmp_path, capsys):
+    out = tmp_path / "floor.json"
+    argv = ["--preset", "tiny", "--reps", "1", "--target-s", "1e-9", "--json", str(out)]
+    assert floor.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "below the floor: not reachable" in text
+    res = json.loads(out.read_text())
+    assert len(res["floor_runs_s"]) == len(res["whole_runs_s"]) == 1
+    assert res["floor_s"] == res["floor_runs_s"][0] > 0
+    assert res["gflop"] * 1e9 == sum(r["flops"] for r in res["categories"].values())
+    assert sum(c["count"] for c in res["calls"]) == sum(
+        r["calls"] for r in res["categories"].values()
+    )
+    assert res["rest_s"] == pytest.approx(res["whole_s"] - res["floor_s"])  # one round
+
+
+def test_replay_runs_each_call_under_its_recorded_tf32_switches(floor):
+    from crane.models.vision import tf32_matmuls
+
+    a, b = torch.randn(8, 8), torch.randn(8, 8)
+    rec = floor.OpRecorder()
+    with torch.inference_mode(), rec:
+        torch.mm(a, b)
+        with tf32_matmuls(True):  # as DINOv2's part of the forward on CUDA
+            torch.mm(a, b)
+    assert [c.tf32 for c in rec.sequence] == [floor._tf32_flags(), (True, True)]
+    assert len(rec.calls) == 2  # same layout, different switches: two distinct calls
+    seen = []
+    probe = floor.Call(lambda: seen.append(floor._tf32_flags()), (), {}, 0, (True, False))
+    before = floor._tf32_flags()
+    floor.Replayer([probe], torch.device("cpu")).run()
+    assert seen == [(True, False)] * 2  # warm-up and timed pass
+    assert floor._tf32_flags() == before
