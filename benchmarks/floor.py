@@ -309,14 +309,14 @@ def report(res: dict, target_s: float | None, peak_gflops: float | None, verbose
     b = res["batch"]
     lines = [
         f"{res['preset']} at {res['image_size']}², batch {b}, {res['amp']}, {res['device']}, "
-        f"{res['threads']} threads — per image:",
-        "| part | calls | distinct | GFLOP | replayed s | GFLOP/s |",
+        f"{res['threads']} threads — GFLOP and seconds per image:",
+        "| part | calls per batch | distinct | GFLOP | replayed s | GFLOP/s |",
         "|---|---|---|---|---|---|",
     ]
     for name, row in sorted(res["categories"].items()):
         rate = row["flops"] / row["s"] / 1e9 if row["s"] > 0 else float("nan")
         lines.append(
-            f"| {name} | {row['calls'] / b:g} | {row['distinct']} | {row['flops'] / b / 1e9:.1f} "
+            f"| {name} | {row['calls']} | {row['distinct']} | {row['flops'] / b / 1e9:.1f} "
             f"| {row['s'] / b:.3g} | {rate:.0f} |"
         )
     lines += [
@@ -346,11 +346,15 @@ def report(res: dict, target_s: float | None, peak_gflops: float | None, verbose
         )
         lines.append(f"Target {target_s:g} s per image: {verdict}.")
     if verbose:
-        lines += ["", "| call | ×/image | GFLOP | ms | GFLOP/s |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| call | × per batch | GFLOP per call | ms per call | GFLOP/s |",
+            "|---|---|---|---|---|",
+        ]
         for c in res["calls"]:
             rate = f"{c['gflop_s']:.0f}" if c["gflop_s"] else "-"
             lines.append(
-                f"| {c['op']} | {c['count'] / b:g} | {c['gflop']:.2f} | {c['ms']:.2f} | {rate} |"
+                f"| {c['op']} | {c['count']} | {c['gflop']:.2f} | {c['ms']:.2f} | {rate} |"
             )
     return "\n".join(lines)
 

@@ -5,9 +5,10 @@
 #   benchmarks/pending_gpu.sh variants OUT  # which options pay off, incl. fp16 DINO attention
 #   benchmarks/pending_gpu.sh e2e OUT       # predict from 2048-px JPEGs, latency, evaluate
 #   benchmarks/pending_gpu.sh model OUT     # model-only fp32 baseline vs optimised, memory
+#   benchmarks/pending_gpu.sh floor OUT     # GEMM/attention time vs the rest (≈ 2 min)
 # OUT: folder for the JSON (default benchmarks/results).
 set -euo pipefail
-step=${1:?usage: pending_gpu.sh tests|variants|e2e|model [OUT]}
+step=${1:?usage: pending_gpu.sh tests|variants|e2e|model|floor [OUT]}
 out=${2:-benchmarks/results}
 mkdir -p "$out"
 case "$step" in
@@ -16,5 +17,7 @@ case "$step" in
   e2e) python benchmarks/throughput.py --device cuda --presets crane+ --only e2e eval \
          --files 1024 --eval-images 256 --json "$out/e2e_eval.json" ;;
   model) python benchmarks/throughput.py --device cuda --only model --json "$out/model.json" ;;
+  floor) python benchmarks/floor.py --device cuda --batch 32 --amp bf16 --reps 5 --verbose \
+           --json "$out/floor_cuda_b32.json" ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac
