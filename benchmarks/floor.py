@@ -96,8 +96,14 @@ class TensorSpec:
     dtype: torch.dtype
 
     def make(self, device: torch.device) -> torch.Tensor:
-        t = torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=device)
-        return t.normal_() if t.is_floating_point() else t.zero_()
+        """Random values in the recorded layout (also overlapping ones, e.g. expanded)."""
+        span = 1 + sum((n - 1) * st for n, st in zip(self.shape, self.stride, strict=True))
+        span = span if all(self.shape) else 0
+        if self.dtype.is_floating_point:
+            base = torch.randn(span, device=device).to(self.dtype)
+        else:
+            base = torch.zeros(span, dtype=self.dtype, device=device)
+        return base.as_strided(self.shape, self.stride)
 
 
 def _spec(x):

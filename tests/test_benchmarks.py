@@ -148,3 +148,13 @@ def test_replay_runs_each_call_under_its_recorded_tf32_switches(floor):
     floor.Replayer([probe], torch.device("cpu")).run()
     assert seen == [(True, False)] * 2  # warm-up and timed pass
     assert floor._tf32_flags() == before
+
+
+def test_tensor_specs_rebuild_strided_and_expanded_layouts(floor):
+    base = torch.randn(4, 6)
+    for x in (base, base.t(), base[:, ::2], base[:1].expand(5, 6), torch.zeros(0, 3)):
+        y = floor._spec(x).make(torch.device("cpu"))
+        assert y.shape == x.shape and y.stride() == x.stride() and y.dtype == x.dtype
+    assert (
+        floor._spec(torch.ones(3, dtype=torch.bool)).make(torch.device("cpu")).dtype == torch.bool
+    )
