@@ -4,10 +4,12 @@ one run, each against the same fp32 reference (random weights; CUDA or CPU).
   python benchmarks/variants.py --device cuda --batch 32 --json out.json [--profile] [--compile]
 
 Variants (bf16 autocast unless named): the default optimised path (frozen matmul weights stored
-in bf16, DINOv2 in fp32 with TF32 matmuls); DINOv2 in strict fp32; DINOv2 under bf16 autocast;
+in bf16, DINOv2 in fp32 with TF32 matmuls); DINOv2 in strict fp32; DINOv2's attention in fp16
+(``dino_attn_fp16``); DINOv2 under bf16 autocast;
 weights left in fp32 (autocast casts them every call); open_clip's MLP modules instead of the
 one-SiLU MLP; Crane without DINO, for scale;
-optionally torch.compile of the default. Prints img/s, peak memory and max |Δ| to fp32.
+optionally (--compile) torch.compile of the default, of DINOv2-in-bf16 and of the default with
+fp16 DINO attention. Prints img/s, peak memory and max |Δ| to fp32.
 """
 
 from __future__ import annotations
@@ -107,6 +109,13 @@ def main(argv=None) -> int:
         rows[-1]["compile_plus_timing_s"] = time.perf_counter() - t
         t = time.perf_counter()
         variant("bf16, DINO bf16 + torch.compile", with_cfg(dino_fp32=False), compile_model=True)
+        rows[-1]["compile_plus_timing_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        variant(
+            "bf16 default, DINO fp16 flash attention + torch.compile",
+            with_cfg(dino_attn_fp16=True),
+            compile_model=True,
+        )
         rows[-1]["compile_plus_timing_s"] = time.perf_counter() - t
 
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
