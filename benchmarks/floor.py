@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import platform
 import statistics
@@ -33,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from throughput import save, sync  # same folder
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from crane.engine.predict import Detector
@@ -193,11 +193,6 @@ class OpRecorder(TorchDispatchMode):
             row["flops"] += c.flops * c.count
             row["s"] += c.seconds * c.count
         return cats
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _tf32_flags() -> tuple[bool, bool]:
@@ -391,11 +386,8 @@ def main(argv=None) -> int:
     }
     print(report(res, args.target_s, args.peak_gflops, args.verbose))
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(res, indent=2, default=str))
-        os.replace(tmp, path)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        save(res, args.json)
     return 0
 
 

@@ -104,19 +104,15 @@ def main(argv=None) -> int:
     crane = create_model("crane", pretrained=False, **over)
     variant("crane (no DINO), bf16 default", crane)
     if args.compile:
-        t = time.perf_counter()
-        variant("bf16 default + torch.compile", copy.deepcopy(base), compile_model=True)
-        rows[-1]["compile_plus_timing_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        variant("bf16, DINO bf16 + torch.compile", with_cfg(dino_fp32=False), compile_model=True)
-        rows[-1]["compile_plus_timing_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        variant(
-            "bf16 default, DINO fp16 flash attention + torch.compile",
-            with_cfg(dino_attn_fp16=True),
-            compile_model=True,
-        )
-        rows[-1]["compile_plus_timing_s"] = time.perf_counter() - t
+        compiled = {
+            "bf16 default + torch.compile": {},
+            "bf16, DINO bf16 + torch.compile": {"dino_fp32": False},
+            "bf16 default, DINO fp16 flash attention + torch.compile": {"dino_attn_fp16": True},
+        }
+        for label, changes in compiled.items():
+            t = time.perf_counter()
+            variant(label, with_cfg(**changes), compile_model=True)
+            rows[-1]["compile_plus_timing_s"] = time.perf_counter() - t
 
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(f"\ndevice {name}, torch {torch.__version__}, batch {args.batch}, size {s}")

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def floor():
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # floor.py imports throughput.py beside it
     spec = importlib.util.spec_from_file_location("crane_bench_floor", ROOT / "benchmarks/floor.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
