@@ -10,6 +10,8 @@ optional torch.compile). Weights are random: speed does not depend on their valu
   python benchmarks/throughput.py --device cuda --json out.json        # full-size presets
   python benchmarks/throughput.py --device cuda --presets crane+ --only e2e --files 2048
   python benchmarks/throughput.py --device cuda --presets crane+ --only eval
+  python benchmarks/throughput.py --device cuda --presets crane+ --only e2e --e2e fast-model \
+      --cfg dino_attn_fp16=true --compile     # the fastest end-to-end configuration
 
 Evaluate: ``crane evaluate``'s loop over an MVTec-layout PNG dataset with masks (2 classes,
 1024 px), exact streaming metrics included; fp32 float inputs vs the optimised path.
@@ -17,6 +19,8 @@ Evaluate: ``crane evaluate``'s loop over an MVTec-layout PNG dataset with masks 
 End to end: photo-like 2048-px JPEGs, decoded by DataLoader workers (exact and --fast-decode),
 maps at input size and at model size, plus the input pipeline alone (decode only) and where the
 main thread's time goes. Training: features encoded once, then epochs over the cache.
+``--cfg FIELD=VALUE`` changes the model config of every preset (for instance the DINOv2
+precision options), ``--compile`` compiles the optimised model and end-to-end paths.
 Prints tables; --json writes every figure (updated after each preset). Accuracy guard:
 max |bf16 − fp32| of maps and scores. See also ``variants.py`` (which speed options pay off).
 """
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import gc
 import json
 import os
@@ -43,6 +48,7 @@ import torch
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
+from crane.config import CraneConfig
 from crane.engine.predict import Detector, Prediction
 from crane.models import create_model, scoring, vision
 
@@ -201,6 +207,7 @@ def bench_end_to_end(
     amp: str,
     fast_decode: bool = False,
     map_size: str = "input",
+    compile_model: bool = False,
 ) -> dict:
     det = Detector(
         copy.deepcopy(base),
@@ -211,6 +218,7 @@ def bench_end_to_end(
         fast_decode=fast_decode,
         cast_weights=device.type == "cuda" and amp != "fp32",
         map_size=map_size,
+        compile=compile_model,
     )
     list(det.predict_iter(paths[: min(len(paths), 2 * batch)]))  # warm-up (workers, text)
     # Where the main thread's time goes: queuing device work, copying results back and
@@ -249,6 +257,7 @@ def bench_end_to_end(
         "precision": amp,
         "fast_decode": fast_decode,
         "map_size": map_size,
+        "compiled": compile_model,
         "end_to_end_img_s": k / dt,
         "first_batch_s": first,
         "after_first_batch_img_s": (k - batch) / (dt - first) if k > batch else None,
@@ -448,6 +457,55 @@ def bench_train(base: torch.nn.Module, device: torch.device, n: int, epochs: int
     return out
 
 
+# --e2e names → (fast JPEG decode, map size).
+E2E_COMBOS = {
+    "exact-input": (False, "input"),
+    "fast-input": (True, "input"),
+    "fast-model": (True, "model"),
+}
+
+
+def cfg_override(text: str) -> tuple[str, object]:
+    """``FIELD=VALUE`` for ``--cfg``: a :class:`CraneConfig` field, the value parsed as JSON
+    (``true``, ``3``, ``"vv"``) or else taken as a string."""
+    field, sep, raw = text.partition("=")
+    names = {f.name for f in dataclasses.fields(CraneConfig)}
+    if not sep or field not in names:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(names))}"
+        )
+    try:
+        return field, json.loads(raw)
+    except json.JSONDecodeError:
+        return field, raw
+
+
+def unit_layer_scale(model: torch.nn.Module) -> int:
+    """Set every LayerScale (DINOv2's) to 1; returns how many there were.
+
+    timm initialises DINOv2's LayerScale at 1e-5, so in a randomly initialised model every
+    block's attention and MLP add almost nothing and DINOv2's output is its patch embedding:
+    an accuracy guard on such a model cannot see how DINOv2's precision moves the maps. At 1
+    every branch counts in full (trained values are unknown here, so this is the stress case).
+    Speed does not change."""
+    from timm.layers import LayerScale
+
+    scales = [m for m in model.modules() if isinstance(m, LayerScale)]
+    with torch.no_grad():
+        for m in scales:
+            m.gamma.fill_(1.0)
+    return len(scales)
+
+
+def random_model(name: str, timm_layer_scale: bool = False, **overrides) -> torch.nn.Module:
+    """A randomly initialised preset for benchmarking, LayerScale at 1 unless asked otherwise
+    (see :func:`unit_layer_scale`)."""
+    model = create_model(name, pretrained=False, **overrides)
+    if not timm_layer_scale:
+        unit_layer_scale(model)
+    return model
+
+
 def table(rows: list[dict], keys: list[str]) -> None:
     keys = list(dict.fromkeys(keys))  # fp32 runs name the same column twice
 
@@ -474,7 +532,17 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--amp", default=None, help="bf16 or fp16 for the optimised path (default: bf16 on CUDA)"
     )
-    ap.add_argument("--compile", action="store_true", help="torch.compile the optimised path")
+    ap.add_argument(
+        "--compile", action="store_true", help="torch.compile the optimised path (model, e2e)"
+    )
+    ap.add_argument(
+        "--cfg",
+        nargs="+",
+        default=[],
+        type=cfg_override,
+        metavar="FIELD=VALUE",
+        help="model config changes for every preset, e.g. dino_attn_fp16=true (JSON values)",
+    )
     ap.add_argument("--train-images", type=int, default=1725)
     ap.add_argument("--presets", nargs="+", default=["crane", "crane+"], help="full mode only")
     ap.add_argument("--files", type=int, default=512, help="JPEG files for the end-to-end run")
@@ -487,12 +555,25 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--only",
         nargs="+",
-        default=["model", "e2e", "train", "eval"],
-        choices=["model", "e2e", "train", "eval"],
-        help="full mode: which parts to run",
+        default=["model", "e2e", "latency", "train", "eval"],
+        choices=["model", "e2e", "latency", "train", "eval"],
+        help="full mode: which parts to run (latency: one file per call, from the e2e files)",
+    )
+    ap.add_argument(
+        "--e2e",
+        nargs="+",
+        default=list(E2E_COMBOS),
+        choices=list(E2E_COMBOS),
+        help="full mode: end-to-end runs (exact or fast decode; maps at input or model size)",
     )
     ap.add_argument(
         "--eval-images", type=int, default=256, help="images per class (2 classes) for evaluate"
+    )
+    ap.add_argument(
+        "--timm-layer-scale",
+        action="store_true",
+        help="keep timm's 1e-5 LayerScale init in DINOv2 (default: 1, so the accuracy guard "
+        "sees DINOv2's precision)",
     )
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -500,7 +581,11 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         torch.set_num_threads(torch.get_num_threads())
     amp = args.amp or ("bf16" if device.type == "cuda" else "fp32")
+    overrides = dict(args.cfg)
     results: dict = {
+        "cfg_overrides": overrides,
+        "dino_layer_scale": "timm init (1e-5)" if args.timm_layer_scale else 1.0,
+        "compiled": args.compile,
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else platform.processor() or platform.machine(),
@@ -523,7 +608,7 @@ def main(argv=None) -> int:
         pass
     if args.quick:
         for preset in ("tiny", "tiny+"):
-            base = create_model(preset, pretrained=False)
+            base = random_model(preset, args.timm_layer_scale, **overrides)
             results["model"].append(bench_model(base, device, 8, amp, 3, args.compile))
             with tempfile.TemporaryDirectory() as tmp:
                 paths = make_jpegs(Path(tmp), 32, 2048, args.workers)
@@ -537,17 +622,17 @@ def main(argv=None) -> int:
                 root = make_eval_dataset(Path(tmp), 24, 1024)
                 results["evaluate"].append(bench_evaluate(base, device, root, 8, 2, amp))
         for preset in ("crane", "crane+"):
-            base = create_model(preset, pretrained=False)
+            base = random_model(preset, args.timm_layer_scale, **overrides)
             results["model"].append(bench_model(base, device, 1, amp, 1, False))
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            want_files = args.files and "e2e" in args.only
+            want_files = args.files and {"e2e", "latency"} & set(args.only)
             paths = make_jpegs(Path(tmp), args.files, 2048, args.workers) if want_files else []
-            for fast in (False, True) if paths else ():
+            for fast in (False, True) if paths and "e2e" in args.only else ():
                 results["decode"].append(bench_decode(paths, 518, args.batch, args.workers, fast))
                 print(results["decode"][-1], flush=True)
             for preset in args.presets:
-                base = create_model(preset, pretrained=False)
+                base = random_model(preset, args.timm_layer_scale, **overrides)
                 for batch in (args.batch, 1) if "model" in args.only else ():
                     results["model"].append(bench_model(base, device, batch, amp, 5, args.compile))
                     print(results["model"][-1], flush=True)
@@ -559,16 +644,16 @@ def main(argv=None) -> int:
                         bench_evaluate(base, device, root, args.batch, args.workers, amp)
                     )
                     print(results["evaluate"][-1], flush=True)
-                combos = [(False, "input"), (True, "input"), (True, "model")]
-                combos = combos if paths and "e2e" in args.only else []
+                combos = [E2E_COMBOS[c] for c in args.e2e] if paths and "e2e" in args.only else []
                 for fast, map_size in combos:
                     results["end_to_end"].append(
                         bench_end_to_end(
-                            base, device, paths, args.batch, args.workers, amp, fast, map_size
+                            base, device, paths, args.batch, args.workers, amp, fast, map_size,
+                            args.compile,
                         )
-                    )
+                    )  # fmt: skip
                     print(results["end_to_end"][-1], flush=True)
-                if paths and "e2e" in args.only:
+                if paths and "latency" in args.only:
                     lat = bench_latency(base, device, paths[0], args.workers, amp)
                     results["latency"].append(lat)
                     print(lat, flush=True)
@@ -581,7 +666,7 @@ def main(argv=None) -> int:
 
     print(
         f"device: {results['device']} ({results.get('cpu', '')}), threads {results['threads']}, "
-        f"torch {results['torch']}, optimised precision {amp}"
+        f"torch {results['torch']}, optimised precision {amp}, config changes {overrides or '-'}"
     )
     table(
         results["model"],
@@ -612,6 +697,7 @@ def main(argv=None) -> int:
             "precision",
             "fast_decode",
             "map_size",
+            "compiled",
             "end_to_end_img_s",
             "first_batch_s",
             "after_first_batch_img_s",

@@ -7,9 +7,13 @@ Variants (bf16 autocast unless named): the default optimised path (frozen matmul
 in bf16, DINOv2 in fp32 with TF32 matmuls); DINOv2 in strict fp32; DINOv2's attention in fp16
 (``dino_attn_fp16``); DINOv2 under bf16 autocast;
 weights left in fp32 (autocast casts them every call); open_clip's MLP modules instead of the
-one-SiLU MLP; Crane without DINO, for scale;
+one-SiLU MLP; Crane without DINO, for scale; in fp32 with only DINOv2's attention in fp16, and
+with only DINOv2 in bf16 (DINOv2's own share of the differences);
 optionally (--compile) torch.compile of the default, of DINOv2-in-bf16 and of the default with
-fp16 DINO attention. Prints img/s, peak memory and max |Δ| to fp32.
+fp16 DINO attention. ``--select TEXT`` runs only the matching variants. Prints img/s, peak
+memory and max |Δ| to fp32. DINOv2's LayerScale is set
+to 1 (``--timm-layer-scale`` keeps timm's 1e-5 init, under which DINOv2's precision is invisible
+in the maps; see ``throughput.unit_layer_scale``).
 """
 
 from __future__ import annotations
@@ -17,16 +21,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
+import functools
 import sys
 import time
-from pathlib import Path
 
 import torch
-from throughput import peak_mem_mb, reference_mlp, reset_peak, time_it  # same folder
+from throughput import (  # same folder
+    peak_mem_mb,
+    random_model,
+    reference_mlp,
+    reset_peak,
+    save,
+    time_it,
+)
 
 from crane.engine.predict import Detector
-from crane.models import create_model
+from crane.models.vision import half_precision_attention
 
 
 def timed(det: Detector, x: torch.Tensor, reps: int) -> tuple[float, float]:
@@ -35,6 +45,23 @@ def timed(det: Detector, x: torch.Tensor, reps: int) -> tuple[float, float]:
     dt = time_it(lambda: det.predict_tensor(x), x.device, warmup=1, reps=reps)
     peak = peak_mem_mb(x.device) if x.is_cuda else float("nan")
     return x.shape[0] / dt, peak
+
+
+@contextlib.contextmanager
+def dino_autocast_only(dino: torch.nn.Module, dtype: torch.dtype):
+    """While open, ``dino.forward_features`` runs under autocast ``dtype`` (fp32 out) even
+    inside an fp32 predict: DINOv2's share of the bf16 differences, alone."""
+    plain = dino.forward_features
+
+    def run(x):
+        with torch.autocast(x.device.type, dtype=dtype):
+            return plain(x).float()
+
+    dino.forward_features = run
+    try:
+        yield
+    finally:
+        del dino.forward_features  # the class's method again
 
 
 def main(argv=None) -> int:
@@ -46,10 +73,23 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--profile", action="store_true", help="top CUDA kernels of the default")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--tiny", action="store_true", help="tiny+/tiny presets (a smoke test)")
+    ap.add_argument(
+        "--select",
+        nargs="+",
+        metavar="TEXT",
+        help="only the variants whose name contains one of these (the fp32 reference always runs)",
+    )
+    ap.add_argument(
+        "--timm-layer-scale",
+        action="store_true",
+        help="keep timm's 1e-5 LayerScale init in DINOv2 (default 1: see unit_layer_scale)",
+    )
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     over = {"image_size": args.image_size} if args.image_size else {}
-    base = create_model("crane+", pretrained=False, **over)
+    plus, plain = ("tiny+", "tiny") if args.tiny else ("crane+", "crane")
+    base = random_model(plus, args.timm_layer_scale, **over)
     s = base.cfg.image_size
     x = torch.randn(args.batch, 3, s, s, generator=torch.Generator().manual_seed(0)).to(dev)
 
@@ -62,13 +102,17 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
     rows = [{"variant": "fp32 (reference)", "img_s": ips32, "peak_mb": peak32}]
 
-    def variant(name, model, cast=True, compile_model=False, ctx=contextlib.nullcontext):
+    def variant(
+        name, model, cast=True, compile_model=False, ctx=contextlib.nullcontext, precision="bf16"
+    ):
+        if args.select and not any(text in name for text in args.select):
+            return None
         det = Detector(
             model,
             device=dev,
-            precision="bf16",
+            precision=precision,
             batch_size=args.batch,
-            cast_weights=cast and dev.type == "cuda",
+            cast_weights=cast and dev.type == "cuda" and precision != "fp32",
             compile=compile_model,
         )
         row = {"variant": name}
@@ -88,7 +132,7 @@ def main(argv=None) -> int:
         return m
 
     det = variant("bf16 default (cast weights, DINO fp32+TF32)", copy.deepcopy(base))
-    if args.profile and dev.type == "cuda":
+    if det is not None and args.profile and dev.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -101,8 +145,17 @@ def main(argv=None) -> int:
     variant("bf16, DINO fp32+TF32 with fp16 flash attention", with_cfg(dino_attn_fp16=True))
     variant("bf16, DINO bf16", with_cfg(dino_fp32=False))
     variant("bf16 autocast, weights fp32", copy.deepcopy(base), cast=False)
-    crane = create_model("crane", pretrained=False, **over)
-    variant("crane (no DINO), bf16 default", crane)
+    # DINOv2's own share of the differences: everything else in fp32.
+    variant(
+        "fp32 except DINO attention fp16",
+        copy.deepcopy(base),
+        ctx=half_precision_attention,
+        precision="fp32",
+    )
+    dino_bf16 = copy.deepcopy(base)
+    only_dino = functools.partial(dino_autocast_only, dino_bf16.vision.dino, torch.bfloat16)
+    variant("fp32 except DINO bf16", dino_bf16, ctx=only_dino, precision="fp32")
+    variant(f"{plain} (no DINO), bf16 default", random_model(plain, **over))
     if args.compile:
         compiled = {
             "bf16 default + torch.compile": {},
@@ -121,13 +174,13 @@ def main(argv=None) -> int:
     for r in rows:
         d1, d2 = r.get("max_abs_diff_map"), r.get("max_abs_diff_score")
         print(
-            f"| {r['variant']} | {r['img_s']:.1f} | {r['peak_mb']:.0f} | "
+            f"| {r['variant']} | {r['img_s']:.3g} | {r['peak_mb']:.0f} | "
             f"{'-' if d1 is None else f'{d1:.2e}'} | {'-' if d2 is None else f'{d2:.2e}'} |"
         )
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps({"device": name, "torch": torch.__version__, "rows": rows}, indent=2)
-        )
+    scale = "timm init (1e-5)" if args.timm_layer_scale else 1.0
+    print(f"DINOv2 LayerScale {scale}")
+    results = {"device": name, "torch": torch.__version__, "preset": plus, "rows": rows}
+    save({**results, "dino_layer_scale": scale}, args.json)
     return 0
 
 

@@ -1,8 +1,10 @@
-"""benchmarks/floor.py: its FLOP count against an analytic count of the architecture, and its
-replay of recorded calls."""
+"""benchmarks/: floor.py's FLOP count against an analytic count of the architecture and its
+replay of recorded calls; throughput.py and variants.py run through every part on tiny models
+(the commands a GPU session runs, so that a script error costs no device time)."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import sys
@@ -17,14 +19,21 @@ from crane.models import create_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _bench(name: str):
+    folder = str(ROOT / "benchmarks")  # the scripts import throughput.py beside them
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(name)
+
+
 @pytest.fixture(scope="module")
 def floor():
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # floor.py imports throughput.py beside it
-    spec = importlib.util.spec_from_file_location("crane_bench_floor", ROOT / "benchmarks/floor.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return _bench("floor")
+
+
+@pytest.fixture(scope="module")
+def throughput():
+    return _bench("throughput")
 
 
 def analytic_vision_flops(model, batch: int) -> int:
@@ -159,3 +168,119 @@ def test_tensor_specs_rebuild_strided_and_expanded_layouts(floor):
     assert (
         floor._spec(torch.ones(3, dtype=torch.bool)).make(torch.device("cpu")).dtype == torch.bool
     )
+
+
+def test_throughput_runs_every_part_with_config_changes(throughput, tmp_path, monkeypatch):
+    made = []
+    real_create = throughput.create_model
+
+    def spy(name, **kw):
+        made.append((name, kw))
+        return real_create(name, **kw)
+
+    monkeypatch.setattr(throughput, "create_model", spy)
+    out = tmp_path / "t.json"
+    argv = [
+        "--device", "cpu", "--presets", "tiny+", "--amp", "bf16", "--batch", "2",
+        "--files", "3", "--workers", "1", "--eval-images", "4", "--train-images", "4",
+        "--e2e", "fast-model", "--cfg", "dino_attn_fp16=true", "map_combine=logit_mean",
+        "--json", str(out),
+    ]  # fmt: skip
+    assert throughput.main(argv) == 0
+    assert made == [
+        ("tiny+", {"pretrained": False, "dino_attn_fp16": True, "map_combine": "logit_mean"})
+    ]
+    res = json.loads(out.read_text())
+    assert res["cfg_overrides"] == {"dino_attn_fp16": True, "map_combine": "logit_mean"}
+    assert res["dino_layer_scale"] == 1.0
+    assert [r["batch"] for r in res["model"]] == [2, 1]
+    for row in res["model"]:
+        assert row["opt_bf16_img_s"] > 0 and row["max_abs_diff_map"] <= 1e-2
+    (e2e,) = res["end_to_end"]  # only the combination asked for
+    assert (e2e["fast_decode"], e2e["map_size"], e2e["n_files"]) == (True, "model", 3)
+    assert [d["fast_decode"] for d in res["decode"]] == [False, True]
+    assert all(d["n_files"] == 3 for d in res["decode"])
+    assert len(res["latency"]) == len(res["train"]) == len(res["evaluate"]) == 1
+    assert res["evaluate"][0]["n_images"] == 8
+    assert res["evaluate"][0]["max_abs_diff_mean_metrics"] <= 1e-2
+
+
+def test_random_models_get_unit_layer_scale(throughput):
+    from timm.layers import LayerScale
+
+    def gammas(model):
+        return torch.cat([m.gamma for m in model.modules() if isinstance(m, LayerScale)])
+
+    kept = throughput.random_model("tiny+", timm_layer_scale=True)
+    assert torch.all(gammas(kept) == 1e-5)  # timm's DINOv2 init: blocks add ~nothing
+    model = throughput.random_model("tiny+")
+    n_blocks = len(model.vision.dino.blocks)
+    assert gammas(model).numel() == 2 * n_blocks * model.vision.dino.embed_dim
+    assert torch.all(gammas(model) == 1)
+    # Only LayerScale moved: every other weight is the seeded init.
+    a, b = kept.state_dict(), model.state_dict()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == [
+        f"vision.dino.blocks.{i}.{ls}.gamma" for i in range(n_blocks) for ls in ("ls1", "ls2")
+    ]
+    # At 1, DINOv2's blocks change its output (at 1e-5 they hardly do).
+    x = torch.randn(1, 3, 224, 224)
+
+    def blocks_share(m):  # how far the blocks move the output from the embedding alone
+        dino = m.vision.dino
+        with torch.no_grad():
+            embed = dino.norm(dino._pos_embed(dino.patch_embed(x)))
+            return ((dino.forward_features(x) - embed).norm() / embed.norm()).item()
+
+    assert blocks_share(kept) < 1e-3 < 0.1 < blocks_share(model)
+
+
+def test_throughput_rejects_unknown_config_fields(throughput, capsys):
+    assert throughput.cfg_override("attn_type=vv") == ("attn_type", "vv")
+    assert throughput.cfg_override("dattn_gamma=2.5") == ("dattn_gamma", 2.5)
+    with pytest.raises(SystemExit):
+        throughput.main(["--cfg", "no_such_field=1"])
+    assert "no_such_field=1" in capsys.readouterr().err
+
+
+def test_variants_table_on_tiny_models(tmp_path):
+    variants = _bench("variants")
+    out = tmp_path / "v.json"
+    argv = ["--device", "cpu", "--tiny", "--batch", "2", "--reps", "1", "--json", str(out)]
+    assert variants.main(argv) == 0
+    res = json.loads(out.read_text())
+    assert res["preset"] == "tiny+"
+    rows = {r["variant"]: r for r in res["rows"]}
+    assert list(rows)[0] == "fp32 (reference)" and "tiny (no DINO), bf16 default" in rows
+    assert len(rows) == 10 and all(r["img_s"] > 0 for r in res["rows"])
+    guarded = [r for r in res["rows"] if "max_abs_diff_map" in r]
+    assert len(guarded) == 8  # every Crane+ variant against the fp32 reference
+    # DINOv2's own share: its attention's fp16 rounding moves the maps less than bf16 DINOv2.
+    attn16 = rows["fp32 except DINO attention fp16"]["max_abs_diff_map"]
+    assert 0 < attn16 < rows["fp32 except DINO bf16"]["max_abs_diff_map"]
+    # Within the guard wherever DINOv2 stays in fp32 (DINOv2 in bf16 is an opt-in trade).
+    assert all(
+        0 < r["max_abs_diff_map"] <= 1e-2 for r in guarded if "DINO bf16" not in r["variant"]
+    )
+
+
+def test_variants_select_runs_only_matching_rows(tmp_path):
+    variants = _bench("variants")
+    out = tmp_path / "v.json"
+    argv = ["--device", "cpu", "--tiny", "--batch", "2", "--reps", "1", "--json", str(out)]
+    assert variants.main([*argv, "--select", "except DINO bf16"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["fp32 (reference)", "fp32 except DINO bf16"]
+
+
+def test_dino_autocast_only_puts_dinov2_alone_under_autocast():
+    variants = _bench("variants")
+    dino = create_model("tiny+").vision.dino
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        ref = dino.forward_features(x)
+        with variants.dino_autocast_only(dino, torch.bfloat16):
+            half = dino.forward_features(x)
+            assert not torch.is_autocast_enabled("cpu")  # only inside DINOv2's forward
+        assert "forward_features" not in vars(dino)  # the class's method again
+        assert torch.equal(dino.forward_features(x), ref)
+    assert half.dtype == torch.float32 and 0 < (half - ref).abs().max() < 0.1 * ref.abs().max()

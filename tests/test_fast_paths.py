@@ -509,14 +509,38 @@ def test_dino_half_precision_attention():
     assert (s16 - s32).abs().max() <= 1e-2
 
 
-@cuda
-def test_cuda_dino_fp16_attention_within_guard():
+def test_dino_fp16_attention_config_on_cpu():
+    """``dino_attn_fp16`` under autocast = DINOv2 in fp32 with fp16 q/k/v, on the CPU as on
+    CUDA; plain fp32 runs ignore it."""
+    from crane.models.vision import half_precision_attention
+
+    model = create_model("tiny+", image_size=SIZE, seed=2, dino_attn_fp16=True)
+    for blk in model.vision.dino.blocks:  # LayerScale 1e-5 would hide attention's part
+        blk.ls1.gamma.data.fill_(1.0)
+    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    vis = model.vision
+    with torch.no_grad():
+        plain = vis.dino_tokens(x)
+        with half_precision_attention():
+            half = vis.dino_tokens(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = vis.dino_tokens(x)
+        vis.cfg = vis.cfg.replace(dino_attn_fp16=False)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            off = vis.dino_tokens(x)
+    assert plain.dtype == auto.dtype == torch.float32
+    assert torch.equal(auto, half) and not torch.equal(half, plain)
+    assert torch.equal(off, plain)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_dino_fp16_attention_within_guard(device):
     x = torch.randn(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     s32, m32 = Detector(
-        create_model("tiny+", image_size=SIZE, seed=2), device="cuda"
+        create_model("tiny+", image_size=SIZE, seed=2), device=device
     ).predict_tensor(x)
     model = create_model("tiny+", image_size=SIZE, seed=2, dino_attn_fp16=True)
-    s16, m16 = Detector(model, device="cuda", precision="bf16").predict_tensor(x)
+    s16, m16 = Detector(model, device=device, precision="bf16").predict_tensor(x)
     assert (m16 - m32).abs().max() <= 1e-2
     assert (s16 - s32).abs().max() <= 1e-2
 

@@ -58,9 +58,10 @@ class CraneConfig:
     # cores (10-bit mantissa, bf16 has 7): most of the speed of a bf16 DINO, little of its
     # error. Plain fp32 runs (no autocast) are never affected.
     dino_tf32: bool = True
-    # On that TF32 path, run DINOv2's attention as fp16 flash attention (q/k/v rounded to the
-    # same 10-bit mantissa TF32 gives matmul inputs; softmax and sums in fp32). fp32 attention
-    # has no tensor-core kernel: it was 26% of Crane+'s H100 time. Off until measured there.
+    # With ``dino_fp32`` under autocast, run DINOv2's attention as fp16 flash attention (q/k/v
+    # rounded to the same 10-bit mantissa TF32 gives matmul inputs; softmax and sums in fp32),
+    # on any device. fp32 attention has no tensor-core kernel: it was 26% of Crane+'s H100
+    # time. Off until its speed is measured there.
     dino_attn_fp16: bool = False
     # --- text side (SPEC §4) ---------------------------------------------------------------
     n_ctx: int = 12

@@ -216,11 +216,14 @@ class CraneVisionEncoder(nn.Module):
         x = images * self._dino_a + self._dino_b
         dtype = next(self.dino.parameters()).dtype
         amp = torch.is_autocast_enabled(x.device.type)
-        tf32 = amp and self.cfg.dino_fp32 and self.cfg.dino_tf32 and x.device.type == "cuda"
-        if tf32:
-            feats = _dino_features_tf32(self.dino, x.to(dtype), self.cfg.dino_attn_fp16)
-        else:
-            with torch.autocast(x.device.type, enabled=amp and not self.cfg.dino_fp32):
+        keep_fp32 = amp and self.cfg.dino_fp32  # DINOv2 out of autocast
+        attn_fp16 = keep_fp32 and self.cfg.dino_attn_fp16
+        if keep_fp32 and self.cfg.dino_tf32 and x.device.type == "cuda":
+            feats = _dino_features_tf32(self.dino, x.to(dtype), attn_fp16)
+        else:  # CPU (fp16 attention too, when asked: same rounding as on CUDA), or no TF32
+            # (no context otherwise: the compiled bf16-DINOv2 graph stays as it was measured)
+            half = half_precision_attention() if attn_fp16 else contextlib.nullcontext()
+            with torch.autocast(x.device.type, enabled=amp and not self.cfg.dino_fp32), half:
                 feats = self.dino.forward_features(x.to(dtype))
         return feats[:, self.dino.num_prefix_tokens :]
 
