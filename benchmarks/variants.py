@@ -11,9 +11,9 @@ one-SiLU MLP; Crane without DINO, for scale; in fp32 with only DINOv2's attentio
 with only DINOv2 in bf16 (DINOv2's own share of the differences);
 optionally (--compile) torch.compile of the default, of DINOv2-in-bf16 and of the default with
 fp16 DINO attention. ``--select TEXT`` runs only the matching variants. Prints img/s, peak
-memory and max |Δ| to fp32. DINOv2's LayerScale is set
-to 1 (``--timm-layer-scale`` keeps timm's 1e-5 init, under which DINOv2's precision is invisible
-in the maps; see ``throughput.unit_layer_scale``).
+memory and max |Δ| to fp32. DINOv2's LayerScale is set to 1 (``--timm-layer-scale`` keeps
+timm's 1e-5 init, under which DINOv2's precision is invisible in the maps; see
+``throughput.unit_layer_scale``).
 """
 
 from __future__ import annotations

@@ -5,7 +5,6 @@ replay of recorded calls; throughput.py and variants.py run through every part o
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import sys
 from pathlib import Path
