@@ -480,8 +480,9 @@ def cfg_override(text: str) -> tuple[str, object]:
         return field, raw
 
 
-def unit_layer_scale(model: torch.nn.Module) -> int:
-    """Set every LayerScale (DINOv2's) to 1; returns how many there were.
+def random_model(name: str, timm_layer_scale: bool = False, **overrides) -> torch.nn.Module:
+    """A randomly initialised preset for benchmarking, with every LayerScale (DINOv2's) at 1
+    unless ``timm_layer_scale``.
 
     timm initialises DINOv2's LayerScale at 1e-5, so in a randomly initialised model every
     block's attention and MLP add almost nothing and DINOv2's output is its patch embedding:
@@ -490,20 +491,18 @@ def unit_layer_scale(model: torch.nn.Module) -> int:
     Speed does not change."""
     from timm.layers import LayerScale
 
-    scales = [m for m in model.modules() if isinstance(m, LayerScale)]
-    with torch.no_grad():
-        for m in scales:
-            m.gamma.fill_(1.0)
-    return len(scales)
-
-
-def random_model(name: str, timm_layer_scale: bool = False, **overrides) -> torch.nn.Module:
-    """A randomly initialised preset for benchmarking, LayerScale at 1 unless asked otherwise
-    (see :func:`unit_layer_scale`)."""
     model = create_model(name, pretrained=False, **overrides)
     if not timm_layer_scale:
-        unit_layer_scale(model)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, LayerScale):
+                    m.gamma.fill_(1.0)
     return model
+
+
+def layer_scale_label(timm_layer_scale: bool) -> str | float:
+    """What the JSON records as DINOv2's LayerScale (see :func:`random_model`)."""
+    return "timm init (1e-5)" if timm_layer_scale else 1.0
 
 
 def table(rows: list[dict], keys: list[str]) -> None:
@@ -584,7 +583,7 @@ def main(argv=None) -> int:
     overrides = dict(args.cfg)
     results: dict = {
         "cfg_overrides": overrides,
-        "dino_layer_scale": "timm init (1e-5)" if args.timm_layer_scale else 1.0,
+        "dino_layer_scale": layer_scale_label(args.timm_layer_scale),
         "compiled": args.compile,
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"

@@ -13,7 +13,7 @@ optionally (--compile) torch.compile of the default, of DINOv2-in-bf16 and of th
 fp16 DINO attention. ``--select TEXT`` runs only the matching variants. Prints img/s, peak
 memory and max |Δ| to fp32. DINOv2's LayerScale is set to 1 (``--timm-layer-scale`` keeps
 timm's 1e-5 init, under which DINOv2's precision is invisible in the maps; see
-``throughput.unit_layer_scale``).
+``throughput.random_model``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import time
 
 import torch
 from throughput import (  # same folder
+    layer_scale_label,
     peak_mem_mb,
     random_model,
     reference_mlp,
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--timm-layer-scale",
         action="store_true",
-        help="keep timm's 1e-5 LayerScale init in DINOv2 (default 1: see unit_layer_scale)",
+        help="keep timm's 1e-5 LayerScale init in DINOv2 (default 1: see random_model)",
     )
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
@@ -177,7 +178,7 @@ def main(argv=None) -> int:
             f"| {r['variant']} | {r['img_s']:.3g} | {r['peak_mb']:.0f} | "
             f"{'-' if d1 is None else f'{d1:.2e}'} | {'-' if d2 is None else f'{d2:.2e}'} |"
         )
-    scale = "timm init (1e-5)" if args.timm_layer_scale else 1.0
+    scale = layer_scale_label(args.timm_layer_scale)
     print(f"DINOv2 LayerScale {scale}")
     results = {"device": name, "torch": torch.__version__, "preset": plus, "rows": rows}
     save({**results, "dino_layer_scale": scale}, args.json)
