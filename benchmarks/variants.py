@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import functools
 import sys
 import time
 
@@ -103,11 +102,12 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
     rows = [{"variant": "fp32 (reference)", "img_s": ips32, "peak_mb": peak32}]
 
-    def variant(
-        name, model, cast=True, compile_model=False, ctx=contextlib.nullcontext, precision="bf16"
-    ):
+    def variant(name, make, cast=True, compile_model=False, ctx=None, precision="bf16"):
+        """Times ``make()``'s model under ``ctx(model)``; variants not selected are not built."""
         if args.select and not any(text in name for text in args.select):
             return None
+        t = time.perf_counter()
+        model = make()
         det = Detector(
             model,
             device=dev,
@@ -117,22 +117,30 @@ def main(argv=None) -> int:
             compile=compile_model,
         )
         row = {"variant": name}
-        with ctx():
+        with ctx(model) if ctx else contextlib.nullcontext():
             row["img_s"], row["peak_mb"] = timed(det, x, args.reps)
             if model.cfg.use_dattn:  # Δ against the fp32 Crane+ reference
                 s16, m16 = (t.cpu() for t in det.predict_tensor(x))
                 row["max_abs_diff_map"] = float((m16 - m32).abs().max())
                 row["max_abs_diff_score"] = float((s16 - s32).abs().max())
+        if compile_model:
+            row["compile_plus_timing_s"] = time.perf_counter() - t
         rows.append(row)
         print(row, flush=True)
         return det
 
-    def with_cfg(**changes):
-        m = copy.deepcopy(base)
-        m.cfg = m.vision.cfg = base.cfg.replace(**changes)
-        return m
+    def fresh():
+        return copy.deepcopy(base)
 
-    det = variant("bf16 default (cast weights, DINO fp32+TF32)", copy.deepcopy(base))
+    def with_cfg(**changes):
+        def make():
+            m = fresh()
+            m.cfg = m.vision.cfg = base.cfg.replace(**changes)
+            return m
+
+        return make
+
+    det = variant("bf16 default (cast weights, DINO fp32+TF32)", fresh)
     if det is not None and args.profile and dev.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
@@ -141,22 +149,25 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
     del det
-    variant("bf16 default, open_clip's MLP modules", copy.deepcopy(base), ctx=reference_mlp)
+    variant("bf16 default, open_clip's MLP modules", fresh, ctx=lambda m: reference_mlp())
     variant("bf16, DINO strict fp32", with_cfg(dino_tf32=False))
     variant("bf16, DINO fp32+TF32 with fp16 flash attention", with_cfg(dino_attn_fp16=True))
     variant("bf16, DINO bf16", with_cfg(dino_fp32=False))
-    variant("bf16 autocast, weights fp32", copy.deepcopy(base), cast=False)
+    variant("bf16 autocast, weights fp32", fresh, cast=False)
     # DINOv2's own share of the differences: everything else in fp32.
     variant(
         "fp32 except DINO attention fp16",
-        copy.deepcopy(base),
-        ctx=half_precision_attention,
+        fresh,
+        ctx=lambda m: half_precision_attention(),
         precision="fp32",
     )
-    dino_bf16 = copy.deepcopy(base)
-    only_dino = functools.partial(dino_autocast_only, dino_bf16.vision.dino, torch.bfloat16)
-    variant("fp32 except DINO bf16", dino_bf16, ctx=only_dino, precision="fp32")
-    variant(f"{plain} (no DINO), bf16 default", random_model(plain, **over))
+    variant(
+        "fp32 except DINO bf16",
+        fresh,
+        ctx=lambda m: dino_autocast_only(m.vision.dino, torch.bfloat16),
+        precision="fp32",
+    )
+    variant(f"{plain} (no DINO), bf16 default", lambda: random_model(plain, **over))
     if args.compile:
         compiled = {
             "bf16 default + torch.compile": {},
@@ -164,9 +175,7 @@ def main(argv=None) -> int:
             "bf16 default, DINO fp16 flash attention + torch.compile": {"dino_attn_fp16": True},
         }
         for label, changes in compiled.items():
-            t = time.perf_counter()
             variant(label, with_cfg(**changes), compile_model=True)
-            rows[-1]["compile_plus_timing_s"] = time.perf_counter() - t
 
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(f"\ndevice {name}, torch {torch.__version__}, batch {args.batch}, size {s}")

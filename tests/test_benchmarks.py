@@ -262,13 +262,22 @@ def test_variants_table_on_tiny_models(tmp_path):
     )
 
 
-def test_variants_select_runs_only_matching_rows(tmp_path):
+def test_variants_select_runs_only_matching_rows(tmp_path, monkeypatch):
     variants = _bench("variants")
     out = tmp_path / "v.json"
     argv = ["--device", "cpu", "--tiny", "--batch", "2", "--reps", "1", "--json", str(out)]
-    assert variants.main([*argv, "--select", "except DINO bf16"]) == 0
+    built = []
+    make = variants.random_model
+    monkeypatch.setattr(
+        variants, "random_model", lambda *a, **k: built.append(a[0]) or make(*a, **k)
+    )
+    # With --compile but no compiled variant selected: nothing compiles, no row gets a
+    # compile time it did not spend, and unselected variants' models are never built.
+    assert variants.main([*argv, "--compile", "--select", "except DINO bf16"]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["variant"] for r in rows] == ["fp32 (reference)", "fp32 except DINO bf16"]
+    assert not any("compile_plus_timing_s" in r for r in rows)
+    assert built == ["tiny+"]  # not the tiny (no DINO) row's model
 
 
 def test_dino_autocast_only_puts_dinov2_alone_under_autocast():
