@@ -1,32 +1,106 @@
 #!/usr/bin/env bash
-# The GPU measurements that benchmarks/RESULTS.md lists as unmeasured, one step per call so
-# that each fits a 10-minute device-tool command (≈ 3–8 min each on one H100):
-#   benchmarks/pending_gpu.sh tests   OUT   # CUDA tests (CUDA = CPU, guards, pipelines)
-#   benchmarks/pending_gpu.sh variants OUT  # which options pay off, incl. fp16 DINO attention
-#   benchmarks/pending_gpu.sh compiled OUT  # the same with torch.compile (three compilations)
-#   benchmarks/pending_gpu.sh e2e OUT       # predict from 2048-px JPEGs, latency, evaluate
-#   benchmarks/pending_gpu.sh e2e-fast OUT  # the same from JPEGs with the fastest model options
-#   benchmarks/pending_gpu.sh model OUT     # model-only fp32 baseline vs optimised, memory
-#   benchmarks/pending_gpu.sh floor OUT     # GEMM/attention time vs the rest (≈ 2 min)
-# OUT: folder for the JSON (default benchmarks/results).
-set -euo pipefail
-step=${1:?usage: pending_gpu.sh tests|variants|compiled|e2e|e2e-fast|model|floor [OUT]}
+# The GPU measurements that benchmarks/RESULTS.md lists as unmeasured.
+#
+#   benchmarks/pending_gpu.sh STEP[,STEP...] [OUT] [BUDGET_S]
+#
+# Steps, in the order of what they decide (rough H100 minutes in brackets):
+#   variants  which options pay off, incl. fp16 DINOv2 attention and the one-SiLU MLP (≈ 2–3)
+#   compiled  the same with torch.compile: three compilations of ≈ 1 min each (≈ 4)
+#   tests     CUDA tests: CUDA = CPU, guards, pipelines, CUDA-graph outputs (≈ 1–2)
+#   e2e-fast  predict from 2048-px JPEGs with the fastest model options, compiled (≈ 3)
+#   floor     GEMM/attention time against the rest of a batch-32 bf16 predict (≈ 2)
+#   e2e       predict from JPEGs, one-file latency, evaluate end to end (≈ 4)
+#   model     model-only fp32 baseline against the optimised path, memory at batch 1 (≈ 3)
+#   all       = variants,compiled,tests,e2e-fast,floor,e2e,model
+#
+# OUT: folder for the JSON and log.txt (default benchmarks/results). BUDGET_S: wall-clock
+# seconds for all the steps together (0 = none). A device machine is lent for minutes and goes
+# back 30 s after a call, so one call should run several steps: each step runs under a timeout
+# of the time left, a step whose useful minimum no longer fits is skipped, and the benchmarks
+# write their JSON as rows finish, so a step cut short still returns what it measured. A step
+# that fails does not stop the next. Exit status: 0 if every step ran and passed, else 1.
+# Packages: crane from src/; open_clip (and anything else missing) from wheels in .whl/ if
+# the interpreter lacks them (benchmarks/fetch_gpu_wheels.sh downloads them). Interpreter:
+# $PYTHON, default python3.
+set -uo pipefail
+steps=${1:?usage: pending_gpu.sh STEP[,STEP...]|all [OUT] [BUDGET_S]}
 out=${2:-benchmarks/results}
-mkdir -p "$out"
-case "$step" in
-  tests) python -m pytest -q -rs tests/test_fast_paths.py tests/test_metrics_streaming.py -k cuda ;;
-  variants) python benchmarks/variants.py --device cuda --batch 32 --json "$out/variants_b32.json" ;;
-  compiled) python benchmarks/variants.py --device cuda --batch 32 --compile --select torch.compile \
-              --json "$out/variants_compiled_b32.json" ;;
-  e2e) python benchmarks/throughput.py --device cuda --presets crane+ --only e2e latency eval \
-         --files 1024 --eval-images 256 --json "$out/e2e_eval.json" ;;
-  # Can end to end reach 150 img/s at all? Fast decode, maps at model size, DINOv2 attention
-  # in fp16 and torch.compile (the accuracy guard is in variants.py's row of the same options).
-  e2e-fast) python benchmarks/throughput.py --device cuda --presets crane+ --only e2e \
-         --e2e fast-model --files 1024 --cfg dino_attn_fp16=true --compile \
-         --json "$out/e2e_fast.json" ;;
-  model) python benchmarks/throughput.py --device cuda --only model --json "$out/model.json" ;;
-  floor) python benchmarks/floor.py --device cuda --batch 32 --amp bf16 --reps 5 --verbose \
-           --json "$out/floor_cuda_b32.json" ;;
-  *) echo "unknown step $step" >&2; exit 2 ;;
-esac
+budget=${3:-0}
+py=${PYTHON:-python3}
+[[ $steps == all ]] && steps=variants,compiled,tests,e2e-fast,floor,e2e,model
+mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 2
+cd "$(dirname "$0")/.." || exit 2
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+log="$out/log.txt"
+
+# Seconds a step needs to return anything useful (skipped below that; PENDING_GPU_LEAST_S
+# sets one value for all, e.g. for a dry run with a stand-in interpreter).
+declare -A least=([variants]=60 [compiled]=120 [tests]=45 [e2e-fast]=120 [floor]=90 [e2e]=120
+                  [model]=90)
+if [[ -n ${PENDING_GPU_LEAST_S:-} ]]; then
+  for step in "${!least[@]}"; do least[$step]=$PENDING_GPU_LEAST_S; done
+fi
+for step in ${steps//,/ }; do
+  [[ -n ${least[$step]:-} ]] || { echo "unknown step $step" >&2; exit 2; }
+done
+
+if ! "$py" -c "import open_clip, timm" 2>/dev/null; then
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/crane-site .whl/*.whl || exit 3
+    export PYTHONPATH="/tmp/crane-site:$PYTHONPATH"
+  fi
+  "$py" -c "import open_clip, timm" ||
+    { echo "open_clip/timm missing: run benchmarks/fetch_gpu_wheels.sh here first" >&2; exit 3; }
+fi
+
+run_step() {  # the command of one step
+  case "$1" in
+    tests) "$py" -m pytest -q -rs -p no:cacheprovider tests/test_fast_paths.py \
+             tests/test_metrics_streaming.py -k cuda ;;
+    variants) "$py" benchmarks/variants.py --device cuda --batch 32 --json "$out/variants_b32.json" ;;
+    compiled) "$py" benchmarks/variants.py --device cuda --batch 32 --compile \
+                --select torch.compile --json "$out/variants_compiled_b32.json" ;;
+    # Can end to end reach 150 img/s at all? Fast decode, maps at model size, DINOv2 attention
+    # in fp16 and torch.compile (the accuracy guard is in variants.py's row of the same options).
+    e2e-fast) "$py" benchmarks/throughput.py --device cuda --presets crane+ --only e2e \
+                --e2e fast-model --files 1024 --cfg dino_attn_fp16=true --compile \
+                --json "$out/e2e_fast.json" ;;
+    e2e) "$py" benchmarks/throughput.py --device cuda --presets crane+ --only e2e latency eval \
+           --files 1024 --eval-images 256 --json "$out/e2e_eval.json" ;;
+    model) "$py" benchmarks/throughput.py --device cuda --only model --json "$out/model.json" ;;
+    floor) "$py" benchmarks/floor.py --device cuda --batch 32 --amp bf16 --reps 5 --verbose \
+             --json "$out/floor_cuda_b32.json" ;;
+  esac
+}
+
+start=$SECONDS
+summary=()
+status=0
+for step in ${steps//,/ }; do
+  t0=$SECONDS
+  limit=()
+  if ((budget > 0)); then
+    left=$((budget - (t0 - start)))
+    if ((left < least[$step])); then
+      summary+=("$step: skipped (${left} s left, needs at least ${least[$step]} s)")
+      status=1
+      continue
+    fi
+    # SIGINT first: Python unwinds (pytest prints its summary), JSON written so far stays.
+    limit=(timeout -s INT -k 20 "$left")
+  fi
+  echo "=== $step ($(date -u +%H:%M:%S))" | tee -a "$log"
+  "${limit[@]}" bash -c "$(declare -f run_step); py=$(printf %q "$py") out=$(printf %q "$out");
+    run_step $step" 2>&1 | tee -a "$log"
+  rc=${PIPESTATUS[0]}
+  ((rc == 124 || rc == 137)) && note="cut at the budget" || note="exit $rc"
+  ((rc == 0)) && note="ok" || status=1
+  summary+=("$step: $note, $((SECONDS - t0)) s")
+done
+{
+  echo "=== summary ($((SECONDS - start)) s in all)"
+  printf '%s\n' "${summary[@]}"
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+} | tee -a "$log"
+exit $status

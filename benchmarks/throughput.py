@@ -624,42 +624,42 @@ def main(argv=None) -> int:
             base = random_model(preset, args.timm_layer_scale, **overrides)
             results["model"].append(bench_model(base, device, 1, amp, 1, False))
     else:
+
+        def record(part: str, row: dict) -> None:
+            results[part].append(row)
+            print(row, flush=True)
+            save(results, args.json)  # after every row: a run cut short keeps what it measured
+
         with tempfile.TemporaryDirectory() as tmp:
             want_files = args.files and {"e2e", "latency"} & set(args.only)
             paths = make_jpegs(Path(tmp), args.files, 2048, args.workers) if want_files else []
             for fast in (False, True) if paths and "e2e" in args.only else ():
-                results["decode"].append(bench_decode(paths, 518, args.batch, args.workers, fast))
-                print(results["decode"][-1], flush=True)
+                record("decode", bench_decode(paths, 518, args.batch, args.workers, fast))
             for preset in args.presets:
                 base = random_model(preset, args.timm_layer_scale, **overrides)
                 for batch in (args.batch, 1) if "model" in args.only else ():
-                    results["model"].append(bench_model(base, device, batch, amp, 5, args.compile))
-                    print(results["model"][-1], flush=True)
+                    record("model", bench_model(base, device, batch, amp, 5, args.compile))
                 if "eval" in args.only and args.eval_images:
                     root = Path(tmp) / "eval"
                     if not root.exists():
                         make_eval_dataset(root, args.eval_images, 1024)
-                    results["evaluate"].append(
-                        bench_evaluate(base, device, root, args.batch, args.workers, amp)
+                    record(
+                        "evaluate",
+                        bench_evaluate(base, device, root, args.batch, args.workers, amp),
                     )
-                    print(results["evaluate"][-1], flush=True)
                 combos = [E2E_COMBOS[c] for c in args.e2e] if paths and "e2e" in args.only else []
                 for fast, map_size in combos:
-                    results["end_to_end"].append(
+                    record(
+                        "end_to_end",
                         bench_end_to_end(
                             base, device, paths, args.batch, args.workers, amp, fast, map_size,
                             args.compile,
-                        )
+                        ),
                     )  # fmt: skip
-                    print(results["end_to_end"][-1], flush=True)
                 if paths and "latency" in args.only:
-                    lat = bench_latency(base, device, paths[0], args.workers, amp)
-                    results["latency"].append(lat)
-                    print(lat, flush=True)
+                    record("latency", bench_latency(base, device, paths[0], args.workers, amp))
                 if args.train_images and "train" in args.only:
-                    results["train"].append(bench_train(base, device, args.train_images, 3, amp))
-                    print(results["train"][-1], flush=True)
-                save(results, args.json)  # partial results survive a later failure
+                    record("train", bench_train(base, device, args.train_images, 3, amp))
                 del base
                 release(device)
 

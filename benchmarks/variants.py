@@ -101,6 +101,16 @@ def main(argv=None) -> int:
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     rows = [{"variant": "fp32 (reference)", "img_s": ips32, "peak_mb": peak32}]
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    scale = layer_scale_label(args.timm_layer_scale)
+    results = {
+        "device": device_name,
+        "torch": torch.__version__,
+        "preset": plus,
+        "dino_layer_scale": scale,
+        "rows": rows,
+    }
+    save(results, args.json)  # after every row: a run cut short keeps what it measured
 
     def variant(name, make, cast=True, compile_model=False, ctx=None, precision="bf16"):
         """Times ``make()``'s model under ``ctx(model)``; variants not selected are not built."""
@@ -127,6 +137,7 @@ def main(argv=None) -> int:
             row["compile_plus_timing_s"] = time.perf_counter() - t
         rows.append(row)
         print(row, flush=True)
+        save(results, args.json)
         return det
 
     def fresh():
@@ -177,8 +188,7 @@ def main(argv=None) -> int:
         for label, changes in compiled.items():
             variant(label, with_cfg(**changes), compile_model=True)
 
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    print(f"\ndevice {name}, torch {torch.__version__}, batch {args.batch}, size {s}")
+    print(f"\ndevice {device_name}, torch {torch.__version__}, batch {args.batch}, size {s}")
     print("| variant | img/s | peak MB | max abs Δ map | max abs Δ score |")
     print("|---|---|---|---|---|")
     for r in rows:
@@ -187,10 +197,7 @@ def main(argv=None) -> int:
             f"| {r['variant']} | {r['img_s']:.3g} | {r['peak_mb']:.0f} | "
             f"{'-' if d1 is None else f'{d1:.2e}'} | {'-' if d2 is None else f'{d2:.2e}'} |"
         )
-    scale = layer_scale_label(args.timm_layer_scale)
     print(f"DINOv2 LayerScale {scale}")
-    results = {"device": name, "torch": torch.__version__, "preset": plus, "rows": rows}
-    save({**results, "dino_layer_scale": scale}, args.json)
     return 0
 
 

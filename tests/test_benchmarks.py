@@ -204,6 +204,24 @@ def test_throughput_runs_every_part_with_config_changes(throughput, tmp_path, mo
     assert res["evaluate"][0]["max_abs_diff_mean_metrics"] <= 1e-2
 
 
+def test_throughput_json_keeps_the_rows_of_a_run_cut_short(throughput, tmp_path, monkeypatch):
+    def cut(*a, **k):  # as if the device call's time ran out during the latency part
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(throughput, "bench_latency", cut)
+    out = tmp_path / "t.json"
+    argv = [
+        "--device", "cpu", "--presets", "tiny", "--batch", "2", "--files", "2",
+        "--workers", "0", "--only", "e2e", "latency", "--e2e", "fast-model",
+        "--json", str(out),
+    ]  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        throughput.main(argv)
+    res = json.loads(out.read_text())
+    assert len(res["decode"]) == 2 and len(res["end_to_end"]) == 1
+    assert res["end_to_end"][0]["n_files"] == 2 and res["latency"] == []
+
+
 def test_random_models_get_unit_layer_scale(throughput):
     from timm.layers import LayerScale
 
@@ -280,6 +298,30 @@ def test_variants_select_runs_only_matching_rows(tmp_path, monkeypatch):
     assert built == ["tiny+"]  # not the tiny (no DINO) row's model
 
 
+def test_variants_json_keeps_the_rows_of_a_run_cut_short(tmp_path, monkeypatch):
+    variants = _bench("variants")
+    out = tmp_path / "v.json"
+    argv = ["--device", "cpu", "--tiny", "--batch", "2", "--reps", "1", "--json", str(out)]
+    timed, calls = variants.timed, []
+
+    def cut_at_the_third(*a, **k):  # as if the device call's time ran out during row 3
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return timed(*a, **k)
+
+    monkeypatch.setattr(variants, "timed", cut_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        variants.main(argv)
+    res = json.loads(out.read_text())
+    assert [r["variant"] for r in res["rows"]] == [
+        "fp32 (reference)",
+        "bf16 default (cast weights, DINO fp32+TF32)",
+    ]
+    assert res["device"] == "cpu" and res["dino_layer_scale"] == 1.0
+    assert res["rows"][1]["max_abs_diff_map"] > 0
+
+
 def test_dino_autocast_only_puts_dinov2_alone_under_autocast():
     variants = _bench("variants")
     dino = create_model("tiny+").vision.dino
@@ -292,3 +334,60 @@ def test_dino_autocast_only_puts_dinov2_alone_under_autocast():
         assert "forward_features" not in vars(dino)  # the class's method again
         assert torch.equal(dino.forward_features(x), ref)
     assert half.dtype == torch.float32 and 0 < (half - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def _run_pending(tmp_path, steps: str, budget: int, least: int | None = None, out: str = "out"):
+    """pending_gpu.sh with a stand-in interpreter: compiled runs hang, pytest fails."""
+    import subprocess
+
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        "[[ $1 == -c ]] && exit 0\n"  # the import check
+        'echo "ran: $*"\n'
+        '[[ "$*" == *--compile* ]] && exec sleep 60\n'
+        "[[ $1 == -m && $2 == pytest ]] && exit 1\n"
+        "exit 0\n"
+    )
+    fake.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "HOME": str(tmp_path)}
+    if least is not None:
+        env["PENDING_GPU_LEAST_S"] = str(least)
+    out = tmp_path / out
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "pending_gpu.sh"), steps, str(out), str(budget)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    return proc, out
+
+
+def test_pending_gpu_runs_steps_in_order_within_the_budget(tmp_path):
+    import time
+
+    t = time.monotonic()
+    proc, out = _run_pending(tmp_path, "variants,compiled,floor", budget=4, least=2)
+    assert time.monotonic() - t < 30  # the hanging step was cut at the budget, not waited for
+    assert proc.returncode == 1
+    summary = proc.stdout.split("=== summary")[1].splitlines()
+    assert summary[1].startswith("variants: ok")
+    assert summary[2].startswith("compiled: cut at the budget")
+    assert summary[3].startswith("floor: skipped")
+    log = (out / "log.txt").read_text()
+    assert f"variants.py --device cuda --batch 32 --json {out}/variants_b32.json" in log
+    assert "--compile --select torch.compile" in log
+    assert "floor.py" not in log
+
+
+def test_pending_gpu_reports_failures_and_rejects_unknown_steps(tmp_path):
+    proc, _ = _run_pending(tmp_path, "tests,model", budget=0)
+    assert proc.returncode == 1
+    assert "tests: exit 1" in proc.stdout and "model: ok" in proc.stdout
+    # A step whose useful minimum does not fit is skipped, not started.
+    proc, out = _run_pending(tmp_path, "compiled", budget=30, out="second")
+    assert "compiled: skipped (30 s left, needs at least 120 s)" in proc.stdout
+    assert "ran:" not in (out / "log.txt").read_text()
+    proc, _ = _run_pending(tmp_path, "variants,no-such-step", budget=0)
+    assert proc.returncode == 2 and "unknown step no-such-step" in proc.stderr
