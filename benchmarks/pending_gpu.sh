@@ -14,15 +14,18 @@
 #   all       = variants,compiled,tests,e2e-fast,floor,e2e,model
 #
 # OUT: folder for the JSON and log.txt (default benchmarks/results). BUDGET_S: wall-clock
-# seconds for all the steps together (0 = none). A device machine is lent for minutes and goes
-# back 30 s after a call, so one call should run several steps: each step runs under a timeout
-# of the time left, a step whose useful minimum no longer fits is skipped, and the benchmarks
-# write their JSON as rows finish, so a step cut short still returns what it measured. A step
-# that fails does not stop the next. Exit status: 0 if every step ran and passed, else 1.
+# seconds for the whole script (0 = none); a step cut at the budget gets 20 s more to exit
+# before it is killed, so stay that far below a hard limit (540 for a 600 s device call).
+# A device machine is lent for minutes and goes back 30 s after a call, so one call should
+# run several steps: each step runs under a timeout of the time left, a step whose useful
+# minimum no longer fits is skipped, and the benchmarks write their JSON as rows finish, so
+# a step cut short still returns what it measured. A step that fails does not stop the next.
+# Exit status: 0 if every step ran and passed, else 1.
 # Packages: crane from src/; open_clip (and anything else missing) from wheels in .whl/ if
 # the interpreter lacks them (benchmarks/fetch_gpu_wheels.sh downloads them). Interpreter:
 # $PYTHON, default python3.
 set -uo pipefail
+start=$SECONDS  # the budget counts from here, wheel installation included
 steps=${1:?usage: pending_gpu.sh STEP[,STEP...]|all [OUT] [BUDGET_S]}
 out=${2:-benchmarks/results}
 budget=${3:-0}
@@ -74,7 +77,6 @@ run_step() {  # the command of one step
   esac
 }
 
-start=$SECONDS
 summary=()
 status=0
 for step in ${steps//,/ }; do
