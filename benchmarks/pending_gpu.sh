@@ -57,6 +57,7 @@ if ! "$py" -c "import open_clip, timm" 2>/dev/null; then
     { echo "open_clip/timm missing: run benchmarks/fetch_gpu_wheels.sh here first" >&2; exit 3; }
 fi
 
+# shellcheck disable=SC2329  # run by name in a child bash (timeout needs a process)
 run_step() {  # the command of one step
   case "$1" in
     tests) "$py" -m pytest -q -rs -p no:cacheprovider tests/test_fast_paths.py \
