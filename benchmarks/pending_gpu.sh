@@ -32,6 +32,7 @@ budget=${3:-0}
 py=${PYTHON:-python3}
 [[ $steps == all ]] && steps=variants,compiled,tests,e2e-fast,floor,e2e,model
 mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 2
+[[ $py == */* ]] && { py="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")" || exit 2; }
 cd "$(dirname "$0")/.." || exit 2
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 log="$out/log.txt"
