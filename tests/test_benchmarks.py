@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,11 @@ def floor():
 @pytest.fixture(scope="module")
 def throughput():
     return _bench("throughput")
+
+
+@pytest.fixture(scope="module")
+def variants():
+    return _bench("variants")
 
 
 def analytic_vision_flops(model, batch: int) -> int:
@@ -259,8 +266,7 @@ def test_throughput_rejects_unknown_config_fields(throughput, capsys):
     assert "no_such_field=1" in capsys.readouterr().err
 
 
-def test_variants_table_on_tiny_models(tmp_path):
-    variants = _bench("variants")
+def test_variants_table_on_tiny_models(variants, tmp_path):
     out = tmp_path / "v.json"
     argv = ["--device", "cpu", "--tiny", "--batch", "2", "--reps", "1", "--json", str(out)]
     assert variants.main(argv) == 0
@@ -280,8 +286,7 @@ def test_variants_table_on_tiny_models(tmp_path):
     )
 
 
-def test_variants_select_runs_only_matching_rows(tmp_path, monkeypatch):
-    variants = _bench("variants")
+def test_variants_select_runs_only_matching_rows(variants, tmp_path, monkeypatch):
     out = tmp_path / "v.json"
     argv = ["--device", "cpu", "--tiny", "--batch", "2", "--reps", "1", "--json", str(out)]
     built = []
@@ -298,8 +303,7 @@ def test_variants_select_runs_only_matching_rows(tmp_path, monkeypatch):
     assert built == ["tiny+"]  # not the tiny (no DINO) row's model
 
 
-def test_variants_json_keeps_the_rows_of_a_run_cut_short(tmp_path, monkeypatch):
-    variants = _bench("variants")
+def test_variants_json_keeps_the_rows_of_a_run_cut_short(variants, tmp_path, monkeypatch):
     out = tmp_path / "v.json"
     argv = ["--device", "cpu", "--tiny", "--batch", "2", "--reps", "1", "--json", str(out)]
     timed, calls = variants.timed, []
@@ -322,8 +326,7 @@ def test_variants_json_keeps_the_rows_of_a_run_cut_short(tmp_path, monkeypatch):
     assert res["rows"][1]["max_abs_diff_map"] > 0
 
 
-def test_dino_autocast_only_puts_dinov2_alone_under_autocast():
-    variants = _bench("variants")
+def test_dino_autocast_only_puts_dinov2_alone_under_autocast(variants):
     dino = create_model("tiny+").vision.dino
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
@@ -338,8 +341,6 @@ def test_dino_autocast_only_puts_dinov2_alone_under_autocast():
 
 def _run_pending(tmp_path, steps: str, budget: int, least: int | None = None, out: str = "out"):
     """pending_gpu.sh with a stand-in interpreter: compiled runs hang, pytest fails."""
-    import subprocess
-
     fake = tmp_path / "python"
     fake.write_text(
         "#!/usr/bin/env bash\n"
@@ -365,8 +366,6 @@ def _run_pending(tmp_path, steps: str, budget: int, least: int | None = None, ou
 
 
 def test_pending_gpu_runs_steps_in_order_within_the_budget(tmp_path):
-    import time
-
     t = time.monotonic()
     proc, out = _run_pending(tmp_path, "variants,compiled,floor", budget=4, least=2)
     assert time.monotonic() - t < 30  # the hanging step was cut at the budget, not waited for
