@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import platform
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from throughput import save, sync  # same folder
@@ -57,13 +57,6 @@ CATEGORIES = {
 }
 
 
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
 def op_flops(func, args: tuple, out) -> int:
     """Multiply-adds × 2 of one recorded call (bias adds and softmax not counted)."""
     if func in (
@@ -77,15 +70,15 @@ def op_flops(func, args: tuple, out) -> int:
         a, b = args[0], args[1]
     elif func == aten.convolution.default:
         w = args[1]  # (Cout, Cin/groups, kh, kw)
-        return 2 * _numel(out.shape) * (w.shape[1] * _numel(w.shape[2:]))  # Cin/groups·kh·kw
+        return 2 * math.prod(out.shape) * (w.shape[1] * math.prod(w.shape[2:]))  # Cin/groups·kh·kw
     elif CATEGORIES.get(func) == "attention":
         q, k, v = args[:3]
-        batch = _numel(q.shape[:-2])
+        batch = math.prod(q.shape[:-2])
         lq, lk, d, dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
         return 2 * batch * lq * lk * d + 2 * batch * lq * lk * dv
     else:
         return 0
-    batch = _numel(a.shape[:-2])
+    batch = math.prod(a.shape[:-2])
     return 2 * batch * a.shape[-2] * a.shape[-1] * b.shape[-1]
 
 
@@ -385,9 +378,7 @@ def main(argv=None) -> int:
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
     print(report(res, args.target_s, args.peak_gflops, args.verbose))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        save(res, args.json)
+    save(res, args.json)
     return 0
 
 

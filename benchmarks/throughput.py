@@ -751,6 +751,7 @@ def main(argv=None) -> int:
 
 def save(results: dict, path: str | None) -> None:
     if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(path).with_suffix(".tmp")
         tmp.write_text(json.dumps(results, indent=2) + "\n")
         tmp.replace(path)
