@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from crane.data import AnomalyDataset, collate_skip_none
+from crane.data import AnomalyDataset
 from crane.data.imageio import load_image
-from crane.engine.runtime import autocast, model_input, scoring_forward
+from crane.engine.runtime import autocast, batch_loader, model_input, scoring_forward
 from crane.metrics import METRICS, MetricAccumulator, MetricsReport
 from crane.models.checkpoint import atomic_write_bytes
 from crane.models.crane import CraneModel
@@ -83,16 +82,7 @@ def evaluate(
     """
     has_masks = any(s.mask_path for s in dataset.samples if s.anomaly)
     acc = MetricAccumulator(aupro=aupro, mode=metric_mode)
-    if uint8_inputs and dataset.clip_normalised:
-        dataset = dataset.uint8_view()  # the caller's dataset keeps handing out floats
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=collate_skip_none,
-        pin_memory=device.type == "cuda",
-    )
+    loader = batch_loader(dataset, batch_size, workers, device, uint8=uint8_inputs)
     model.to(device).eval()
     forward = scoring_forward(model, device, compile)
     side = torch.cuda.Stream(device) if device.type == "cuda" else None

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from crane.data import AnomalyDataset, collate_skip_none
-from crane.engine.runtime import model_input
+from crane.engine.runtime import batch_loader, model_input
 from crane.models.crane import CraneModel
 from crane.models.vision import VisionOutput
 
@@ -98,16 +97,7 @@ class FeatureCache:
         progress: bool = True,
         autocast_dtype: torch.dtype | None = None,
     ) -> FeatureCache:
-        if isinstance(dataset, AnomalyDataset) and dataset.clip_normalised:
-            dataset = dataset.uint8_view()  # a quarter of the bytes; normalised on the device
-        loader = DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=False,
-            num_workers=workers,
-            collate_fn=collate_skip_none,
-            pin_memory=device.type == "cuda",
-        )
+        loader = batch_loader(dataset, batch_size, workers, device)
         n = len(dataset)
         g_all = p_all = masks = labels = None
         paths: list[str] = []

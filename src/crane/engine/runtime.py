@@ -7,7 +7,9 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
+from crane.data import AnomalyDataset, collate_skip_none
 from crane.data.transforms import normalize_uint8
 from crane.errors import CraneError
 
@@ -45,6 +47,26 @@ def model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     quarter of the bytes) are normalised there, bitwise equal to normalising on the host."""
     images = images.to(device, non_blocking=True)
     return normalize_uint8(images) if images.dtype == torch.uint8 else images
+
+
+def batch_loader(
+    dataset: Dataset, batch_size: int, workers: int, device: torch.device, uint8: bool = True
+) -> DataLoader:
+    """A dataset's batches in order for a forward pass on ``device`` (pinned for CUDA;
+    unreadable samples dropped). With ``uint8``, an :class:`AnomalyDataset` with the CLIP
+    normalisation hands over uint8 pixels and bool masks instead (a quarter / an eighth of the
+    bytes), which :func:`model_input` normalises there: bitwise the same model inputs. The
+    caller's dataset keeps handing out floats."""
+    if uint8 and isinstance(dataset, AnomalyDataset) and dataset.clip_normalised:
+        dataset = dataset.uint8_view()
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate_skip_none,
+        pin_memory=device.type == "cuda",
+    )
 
 
 def scoring_forward(
