@@ -506,6 +506,9 @@ def layer_scale_label(timm_layer_scale: bool) -> str | float:
 
 
 def table(rows: list[dict], keys: list[str]) -> None:
+    """A markdown table of ``rows``; nothing for a part that did not run."""
+    if not rows:
+        return
     keys = list(dict.fromkeys(keys))  # fp32 runs name the same column twice
 
     def cell(v):
@@ -519,15 +522,30 @@ def table(rows: list[dict], keys: list[str]) -> None:
         print("| " + " | ".join(cell(r.get(k)) for k in keys) + " |")
 
 
+# Defaults of the size options; --quick: CPU-sized, every part on the tiny presets.
+FULL_SIZES = {
+    "batch": 32,
+    "files": 512,
+    "workers": min(16, os.cpu_count() or 1),
+    "train_images": 1725,
+    "eval_images": 256,
+}
+QUICK_SIZES = {"batch": 8, "files": 32, "workers": 2, "train_images": 64, "eval_images": 24}
+QUICK_PARTS_PRESETS = ("tiny", "tiny+")  # the presets --quick runs every part for
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument(
-        "--quick", action="store_true", help="CPU-sized: tiny presets plus one full-size image"
+        "--quick",
+        action="store_true",
+        help="CPU-sized: every part on the tiny presets at small sizes, plus one image through "
+        "each full-size preset (model only); the size options below still apply when given",
     )
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=None, help="default 32 (quick: 8)")
     ap.add_argument(
         "--amp", default=None, help="bf16 or fp16 for the optimised path (default: bf16 on CUDA)"
     )
@@ -542,31 +560,44 @@ def main(argv=None) -> int:
         metavar="FIELD=VALUE",
         help="model config changes for every preset, e.g. dino_attn_fp16=true (JSON values)",
     )
-    ap.add_argument("--train-images", type=int, default=1725)
-    ap.add_argument("--presets", nargs="+", default=["crane", "crane+"], help="full mode only")
-    ap.add_argument("--files", type=int, default=512, help="JPEG files for the end-to-end run")
+    ap.add_argument("--train-images", type=int, default=None, help="default 1725 (quick: 64)")
+    ap.add_argument(
+        "--presets",
+        nargs="+",
+        default=None,
+        help="default crane crane+ (quick: tiny tiny+ crane crane+)",
+    )
+    ap.add_argument(
+        "--files",
+        type=int,
+        default=None,
+        help="JPEG files for the end-to-end run (default 512; quick: 32)",
+    )
     ap.add_argument(
         "--workers",
         type=int,
-        default=min(16, os.cpu_count() or 1),
-        help="DataLoader workers end to end (default: the CPU count, at most 16)",
+        default=None,
+        help="DataLoader workers end to end (default: the CPU count, at most 16; quick: 2)",
     )
     ap.add_argument(
         "--only",
         nargs="+",
         default=["model", "e2e", "latency", "train", "eval"],
         choices=["model", "e2e", "latency", "train", "eval"],
-        help="full mode: which parts to run (latency: one file per call, from the e2e files)",
+        help="which parts to run (latency: one file per call, from the e2e files)",
     )
     ap.add_argument(
         "--e2e",
         nargs="+",
         default=list(E2E_COMBOS),
         choices=list(E2E_COMBOS),
-        help="full mode: end-to-end runs (exact or fast decode; maps at input or model size)",
+        help="end-to-end runs (exact or fast decode; maps at input or model size)",
     )
     ap.add_argument(
-        "--eval-images", type=int, default=256, help="images per class (2 classes) for evaluate"
+        "--eval-images",
+        type=int,
+        default=None,
+        help="images per class (2 classes) for evaluate (default 256; quick: 24)",
     )
     ap.add_argument(
         "--timm-layer-scale",
@@ -576,6 +607,13 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    sizes = QUICK_SIZES if args.quick else FULL_SIZES
+    for name, value in sizes.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    presets = args.presets or (
+        [*QUICK_PARTS_PRESETS, "crane", "crane+"] if args.quick else ["crane", "crane+"]
+    )
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(torch.get_num_threads())
@@ -605,63 +643,61 @@ def main(argv=None) -> int:
         )
     except (OSError, StopIteration):
         pass
-    if args.quick:
-        for preset in ("tiny", "tiny+"):
-            base = random_model(preset, args.timm_layer_scale, **overrides)
-            results["model"].append(bench_model(base, device, 8, amp, 3, args.compile))
-            with tempfile.TemporaryDirectory() as tmp:
-                paths = make_jpegs(Path(tmp), 32, 2048, args.workers)
-                for fast in (False, True):
-                    results["end_to_end"].append(
-                        bench_end_to_end(base, device, paths, 8, 2, amp, fast)
-                    )
-                results["latency"].append(bench_latency(base, device, paths[0], 2, amp))
-            results["train"].append(bench_train(base, device, 64, 3, amp))
-            with tempfile.TemporaryDirectory() as tmp:
-                root = make_eval_dataset(Path(tmp), 24, 1024)
-                results["evaluate"].append(bench_evaluate(base, device, root, 8, 2, amp))
-        for preset in ("crane", "crane+"):
-            base = random_model(preset, args.timm_layer_scale, **overrides)
-            results["model"].append(bench_model(base, device, 1, amp, 1, False))
-    else:
 
-        def record(part: str, row: dict) -> None:
-            results[part].append(row)
-            print(row, flush=True)
-            save(results, args.json)  # after every row: a run cut short keeps what it measured
+    def record(part: str, row: dict) -> None:
+        results[part].append(row)
+        print(row, flush=True)
+        save(results, args.json)  # after every row: a run cut short keeps what it measured
 
-        with tempfile.TemporaryDirectory() as tmp:
-            want_files = args.files and {"e2e", "latency"} & set(args.only)
-            paths = make_jpegs(Path(tmp), args.files, 2048, args.workers) if want_files else []
-            for fast in (False, True) if paths and "e2e" in args.only else ():
-                record("decode", bench_decode(paths, 518, args.batch, args.workers, fast))
-            for preset in args.presets:
-                base = random_model(preset, args.timm_layer_scale, **overrides)
-                for batch in (args.batch, 1) if "model" in args.only else ():
-                    record("model", bench_model(base, device, batch, amp, 5, args.compile))
-                if "eval" in args.only and args.eval_images:
-                    root = Path(tmp) / "eval"
-                    if not root.exists():
-                        make_eval_dataset(root, args.eval_images, 1024)
-                    record(
-                        "evaluate",
-                        bench_evaluate(base, device, root, args.batch, args.workers, amp),
-                    )
-                combos = [E2E_COMBOS[c] for c in args.e2e] if paths and "e2e" in args.only else []
-                for fast, map_size in combos:
-                    record(
-                        "end_to_end",
-                        bench_end_to_end(
-                            base, device, paths, args.batch, args.workers, amp, fast, map_size,
-                            args.compile,
-                        ),
-                    )  # fmt: skip
-                if paths and "latency" in args.only:
-                    record("latency", bench_latency(base, device, paths[0], args.workers, amp))
-                if args.train_images and "train" in args.only:
-                    record("train", bench_train(base, device, args.train_images, 3, amp))
-                del base
-                release(device)
+    def one_image(preset: str) -> bool:  # --quick: a full-size preset, one image, model only
+        return args.quick and preset not in QUICK_PARTS_PRESETS
+
+    def parts_of(preset: str) -> set[str]:
+        return {"model"} & set(args.only) if one_image(preset) else set(args.only)
+
+    for preset in presets:
+        if one_image(preset) and set(args.only) - {"model"}:
+            print(f"quick: {preset} runs one image through the model part only", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        want_files = args.files and any({"e2e", "latency"} & parts_of(p) for p in presets)
+        paths = make_jpegs(Path(tmp), args.files, 2048, args.workers) if want_files else []
+        for fast in (False, True) if paths and "e2e" in args.only else ():
+            record("decode", bench_decode(paths, 518, args.batch, args.workers, fast))
+        for preset in presets:
+            parts = parts_of(preset)
+            if not parts:
+                continue
+            base = random_model(preset, args.timm_layer_scale, **overrides)
+            if one_image(preset):
+                batches, reps, compile_model = (1,), 1, False
+            else:
+                batches = (args.batch,) if args.quick else (args.batch, 1)
+                reps, compile_model = (3 if args.quick else 5), args.compile
+            for batch in batches if "model" in parts else ():
+                record("model", bench_model(base, device, batch, amp, reps, compile_model))
+            if "eval" in parts and args.eval_images:
+                root = Path(tmp) / "eval"
+                if not root.exists():
+                    make_eval_dataset(root, args.eval_images, 1024)
+                record(
+                    "evaluate",
+                    bench_evaluate(base, device, root, args.batch, args.workers, amp),
+                )
+            combos = [E2E_COMBOS[c] for c in args.e2e] if paths and "e2e" in parts else []
+            for fast, map_size in combos:
+                record(
+                    "end_to_end",
+                    bench_end_to_end(
+                        base, device, paths, args.batch, args.workers, amp, fast, map_size,
+                        args.compile,
+                    ),
+                )  # fmt: skip
+            if paths and "latency" in parts:
+                record("latency", bench_latency(base, device, paths[0], args.workers, amp))
+            if args.train_images and "train" in parts:
+                record("train", bench_train(base, device, args.train_images, 3, amp))
+            del base
+            release(device)
 
     print(
         f"device: {results['device']} ({results.get('cpu', '')}), threads {results['threads']}, "

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -227,6 +228,52 @@ def test_throughput_json_keeps_the_rows_of_a_run_cut_short(throughput, tmp_path,
     res = json.loads(out.read_text())
     assert len(res["decode"]) == 2 and len(res["end_to_end"]) == 1
     assert res["end_to_end"][0]["n_files"] == 2 and res["latency"] == []
+
+
+def test_throughput_quick_mode_keeps_only_presets_and_sizes(throughput, tmp_path, monkeypatch):
+    calls = []
+
+    def fake(part):
+        def bench(base, device, *args):
+            calls.append((part, base.cfg.name, args))
+            return {"preset": base.cfg.name}
+
+        return bench
+
+    for part in ("model", "end_to_end", "latency", "train", "evaluate"):
+        monkeypatch.setattr(throughput, f"bench_{part}", fake(part))
+
+    def model(preset, *a, **k):  # no full-size model is built
+        return SimpleNamespace(cfg=SimpleNamespace(name=preset))
+
+    monkeypatch.setattr(throughput, "random_model", model)
+    monkeypatch.setattr(
+        throughput, "make_jpegs", lambda folder, n, px, w: [f"{i}.jpg" for i in range(n)]
+    )
+    monkeypatch.setattr(throughput, "make_eval_dataset", lambda root, n, px: root.mkdir())
+    monkeypatch.setattr(throughput, "bench_decode", lambda *a: {"n_files": len(a[0])})
+    out = tmp_path / "q.json"
+    # Only the asked-for parts and presets; the quick sizes fill what was not given.
+    assert throughput.main(["--device", "cpu", "--quick", "--presets", "tiny", "--only", "model",
+                            "train", "--batch", "4", "--json", str(out)]) == 0  # fmt: skip
+    assert calls == [("model", "tiny", (4, "fp32", 3, False)), ("train", "tiny", (64, 3, "fp32"))]
+    assert json.loads(out.read_text())["model"] == [{"preset": "tiny"}]
+    # A full-size preset: one image through the model part, whatever else was asked for.
+    calls.clear()
+    assert throughput.main(["--device", "cpu", "--quick", "--presets", "tiny", "crane",
+                            "--only", "e2e", "model", "--e2e", "fast-model"]) == 0  # fmt: skip
+    paths = [f"{i}.jpg" for i in range(32)]
+    assert calls == [
+        ("model", "tiny", (8, "fp32", 3, False)),
+        ("end_to_end", "tiny", (paths, 8, 2, "fp32", True, "model", False)),
+        ("model", "crane", (1, "fp32", 1, False)),
+    ]
+    calls.clear()
+    assert (
+        throughput.main(["--device", "cpu", "--quick", "--presets", "crane", "--only", "train"])
+        == 0
+    )
+    assert calls == []
 
 
 def test_random_models_get_unit_layer_scale(throughput):
