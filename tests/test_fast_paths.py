@@ -345,6 +345,24 @@ def test_evaluate_uint8_inputs_give_identical_reports(synth, mode):
         assert 0 < fast.report.per_class[cls]["pixel_auroc"] < 1
 
 
+def test_batch_loader_hands_over_uint8_only_where_bitwise_equal(synth):
+    from crane.data import AnomalyDataset
+    from crane.engine.runtime import batch_loader, model_input
+
+    cpu = torch.device("cpu")
+    ds = AnomalyDataset(synth, "test", image_size=SIZE)
+    fast = next(iter(batch_loader(ds, 4, 0, cpu)))
+    slow = next(iter(batch_loader(ds, 4, 0, cpu, uint8=False)))
+    assert fast["image"].dtype == torch.uint8 and fast["mask"].dtype == torch.bool
+    assert slow["image"].dtype == torch.float32 and ds.pixels == "float"
+    assert torch.equal(model_input(fast["image"], cpu), slow["image"])
+    assert torch.equal(fast["mask"], slow["mask"] > 0.5)
+    assert fast["path"] == slow["path"] == [ds[i]["path"] for i in range(4)]  # in order
+    # Another normalisation cannot be applied on the device bitwise: floats as given.
+    other = AnomalyDataset(synth, "test", image_size=SIZE, mean=None, std=None)
+    assert next(iter(batch_loader(other, 4, 0, cpu)))["image"].dtype == torch.float32
+
+
 def test_uint8_dataset_refuses_another_normalisation(synth):
     from crane.data import AnomalyDataset
     from crane.errors import DatasetError
