@@ -21,7 +21,7 @@ maps at input size and at model size, plus the input pipeline alone (decode only
 main thread's time goes. Training: features encoded once, then epochs over the cache.
 ``--cfg FIELD=VALUE`` changes the model config of every preset (for instance the DINOv2
 precision options), ``--compile`` compiles the optimised model and end-to-end paths.
-Prints tables; --json writes every figure (updated after each preset). Accuracy guard:
+Prints tables; --json writes every figure (updated after each row). Accuracy guard:
 max |bf16 − fp32| of maps and scores. See also ``variants.py`` (which speed options pay off).
 """
 
