@@ -3,15 +3,19 @@
 #
 #   benchmarks/pending_gpu.sh STEP[,STEP...] [OUT] [BUDGET_S]
 #
-# Steps, in the order of what they decide (rough H100 minutes in brackets):
-#   variants  which options pay off, incl. fp16 DINOv2 attention and the one-SiLU MLP (≈ 2–3)
-#   compiled  the same with torch.compile: three compilations of ≈ 1 min each (≈ 4)
-#   tests     CUDA tests: CUDA = CPU, guards, pipelines, CUDA-graph outputs (≈ 1–2)
-#   e2e-fast  predict from 2048-px JPEGs with the fastest model options, compiled (≈ 3)
-#   floor     GEMM/attention time against the rest of a batch-32 bf16 predict (≈ 2)
-#   e2e       predict from JPEGs, one-file latency, evaluate end to end (≈ 4)
-#   model     model-only fp32 baseline against the optimised path, memory at batch 1 (≈ 3)
-#   all       = variants,compiled,tests,e2e-fast,floor,e2e,model
+# Steps (seconds they took on an H200 in the eleventh session, wheel install excluded):
+#   tests     CUDA tests: CUDA = CPU, guards, pipelines, CUDA-graph outputs (55)
+#   e2e       predict from JPEGs (default options), one-file latency, evaluate end to end
+#             (cut at 152 s that session, while writing the evaluate PNGs: now written by
+#             16 processes after the other two parts)
+#   model     model-only fp32 baseline against the optimised path, memory at batch 1 (≈ 180 on
+#             an H100 in the second session)
+#   variants  which options pay off: DINOv2 precisions, the one-SiLU MLP (66)
+#   compiled  the same with torch.compile (71)
+#   e2e-fast  predict from 2048-px JPEGs with the fastest options measured, compiled (159)
+#   floor     GEMM/attention time against the rest of a batch-32 bf16 predict (20)
+#   all       = tests,e2e,model,variants,compiled,e2e-fast,floor: what is still unmeasured on
+#             the current code first (RESULTS.md, "Where the targets stand")
 #
 # OUT: folder for the JSON and log.txt (default benchmarks/results). BUDGET_S: wall-clock
 # seconds for the whole script (0 = none); a step cut at the budget gets 20 s more to exit
@@ -30,7 +34,7 @@ steps=${1:?usage: pending_gpu.sh STEP[,STEP...]|all [OUT] [BUDGET_S]}
 out=${2:-benchmarks/results}
 budget=${3:-0}
 py=${PYTHON:-python3}
-[[ $steps == all ]] && steps=variants,compiled,tests,e2e-fast,floor,e2e,model
+[[ $steps == all ]] && steps=tests,e2e,model,variants,compiled,e2e-fast,floor
 mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 2
 [[ $py == */* ]] && { py="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")" || exit 2; }
 cd "$(dirname "$0")/.." || exit 2
@@ -66,10 +70,10 @@ run_step() {  # the command of one step
     variants) "$py" benchmarks/variants.py --device cuda --batch 32 --json "$out/variants_b32.json" ;;
     compiled) "$py" benchmarks/variants.py --device cuda --batch 32 --compile \
                 --select torch.compile --json "$out/variants_compiled_b32.json" ;;
-    # Can end to end reach 150 img/s at all? Fast decode, maps at model size, DINOv2 attention
-    # in fp16 and torch.compile (the accuracy guard is in variants.py's row of the same options).
+    # The fastest end to end measured: fast decode, maps at model size, DINOv2 in bf16 and
+    # torch.compile (the accuracy guard is in variants.py's row of the same options).
     e2e-fast) "$py" benchmarks/throughput.py --device cuda --presets crane+ --only e2e \
-                --e2e fast-model --files 1024 --cfg dino_attn_fp16=true --compile \
+                --e2e fast-model --files 1024 --cfg dino_fp32=false --compile \
                 --json "$out/e2e_fast.json" ;;
     e2e) "$py" benchmarks/throughput.py --device cuda --presets crane+ --only e2e latency eval \
            --files 1024 --eval-images 256 --json "$out/e2e_eval.json" ;;

@@ -96,7 +96,17 @@ def test_recorded_flops_equal_the_architecture(floor, preset):
     if cfg.use_dattn:
         n_attn += len(model.vision.dino.blocks)
     assert cats["attention"]["calls"] == n_attn
-    assert cats["conv"]["calls"] == 1 + int(cfg.use_dattn)
+    # The patch embeddings run as GEMMs (PatchConv): no convolution left, one GEMM each with
+    # K = 3·14·14, the same FLOPs (the total above).
+    assert "conv" not in cats
+    k = 3 * 14 * 14
+
+    def is_patch_gemm(c):  # (B·N, 3·14·14) patches times a (3·14·14, C) weight
+        mats = [a.shape for a in c.args if isinstance(a, floor.TensorSpec) and len(a.shape) == 2]
+        return c.category == "gemm" and any(m[1] == k for m in mats)
+
+    patch = [c for c in rec.calls.values() if is_patch_gemm(c)]
+    assert sum(c.count for c in patch) == 1 + int(cfg.use_dattn)
 
 
 def test_records_layouts_and_replays_them(floor):
@@ -250,7 +260,12 @@ def test_throughput_quick_mode_keeps_only_presets_and_sizes(throughput, tmp_path
     monkeypatch.setattr(
         throughput, "make_jpegs", lambda folder, n, px, w: [f"{i}.jpg" for i in range(n)]
     )
-    monkeypatch.setattr(throughput, "make_eval_dataset", lambda root, n, px: root.mkdir())
+
+    def make_eval(root, n, px, workers):
+        calls.append(("make_eval_dataset", n, px, workers))
+        root.mkdir()
+
+    monkeypatch.setattr(throughput, "make_eval_dataset", make_eval)
     monkeypatch.setattr(throughput, "bench_decode", lambda *a: {"n_files": len(a[0])})
     out = tmp_path / "q.json"
     # Only the asked-for parts and presets; the quick sizes fill what was not given.
@@ -274,6 +289,13 @@ def test_throughput_quick_mode_keeps_only_presets_and_sizes(throughput, tmp_path
         == 0
     )
     assert calls == []
+    # Writing the evaluate dataset's PNGs is slow: it comes after end to end and latency, which
+    # a run cut short should not lose to it; written by the DataLoader worker count.
+    assert throughput.main(["--device", "cpu", "--quick", "--presets", "tiny", "--only", "eval",
+                            "latency", "e2e", "--e2e", "fast-model", "--eval-images", "6",
+                            "--workers", "3"]) == 0  # fmt: skip
+    assert [c[0] for c in calls] == ["end_to_end", "latency", "make_eval_dataset", "evaluate"]
+    assert calls[2] == ("make_eval_dataset", 6, 1024, 3)
 
 
 def test_random_models_get_unit_layer_scale(throughput):
@@ -367,7 +389,7 @@ def test_variants_json_keeps_the_rows_of_a_run_cut_short(variants, tmp_path, mon
     res = json.loads(out.read_text())
     assert [r["variant"] for r in res["rows"]] == [
         "fp32 (reference)",
-        "bf16 default (cast weights, DINO fp32+TF32)",
+        "bf16 default (cast weights, DINO fp32+TF32, fp16 attention)",
     ]
     assert res["device"] == "cpu" and res["dino_layer_scale"] == 1.0
     assert res["rows"][1]["max_abs_diff_map"] > 0

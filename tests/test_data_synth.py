@@ -39,6 +39,14 @@ def test_same_seed_gives_identical_bytes(tmp_path):
     assert all(a[k] != c[k] for k in images)
 
 
+def test_worker_processes_write_the_same_files(tmp_path):
+    make_synthetic_dataset(tmp_path / "a", seed=3, **SMALL)
+    make_synthetic_dataset(tmp_path / "b", seed=3, workers=2, **SMALL)
+    a, b = files_bytes(tmp_path / "a"), files_bytes(tmp_path / "b")
+    assert "meta.json" in a and len(a) == 2 * (2 + 2 + 2 * 5) + 1
+    assert a == b
+
+
 def test_class_images_do_not_depend_on_other_classes(tmp_path):
     make_synthetic_dataset(tmp_path / "a", seed=1, **SMALL)
     make_synthetic_dataset(tmp_path / "b", seed=1, **{**SMALL, "classes": ("fabric",)})
@@ -148,6 +156,7 @@ def test_refuses_to_overwrite(tmp_path):
         ({"classes": ("tile", "tile")}, "duplicate"),
         ({"n_test_good": 0, "n_test_bad": 0}, "at least one test image"),
         ({"size": 8}, "at least 32"),
+        ({"workers": -1}, "workers must be >= 0"),
     ],
 )
 def test_bad_arguments(tmp_path, kwargs, message):

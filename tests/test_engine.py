@@ -17,8 +17,9 @@ from crane.engine.calibrate import f1_optimal_threshold, fpr_threshold
 from crane.engine.evaluate import evaluate, paper_protocol, write_report
 from crane.engine.losses import crane_loss, dice_loss, focal_loss
 from crane.engine.predict import Detector, run_predict
+from crane.engine.runtime import nan_score_message
 from crane.engine.train import TrainSettings, train
-from crane.errors import CraneError
+from crane.errors import CraneError, ImageReadError
 from crane.models import create_model
 from crane.models.crane import TrainOutput
 
@@ -186,6 +187,56 @@ def test_run_predict_writes_everything_and_survives_bad_files(synth, tmp_path):
     )
     with pytest.raises(CraneError, match="already holds predictions"):
         run_predict(det, [src], tmp_path / "out", progress=False)
+
+
+def _poison_dino(model, image: int):
+    """A NaN in one token of one image's DINOv2 features, as an fp16 overflow would leave."""
+
+    def hook(module, inputs, out):
+        out = out.clone()
+        out[image, -1, 0] = float("nan")  # a patch token (not a prefix one)
+        return out
+
+    return model.vision.dino.blocks[-1].register_forward_hook(hook)
+
+
+def test_nan_scores_become_failures_not_numbers(synth, tmp_path):
+    """A NaN inside the model reaches that image's score only; predict reports it as a failure
+    with the fix, the other images keep their results, and nothing NaN is written."""
+    model = create_model("tiny+", image_size=SIZE)
+    files = sorted((synth / "plate" / "test" / "good").glob("*.png"))
+    det = Detector(model, device="cpu", batch_size=3)
+    clean = [r.score for r in det.predict_iter(files)]
+    handle = _poison_dino(model, image=1)
+    out = list(det.predict_iter(files))
+    assert [type(r).__name__ for r in out] == ["Prediction", "Failure", "Prediction"]
+    assert out[1].reason == "nan" and out[1].path == str(files[1])
+    assert "NaN" in out[1].error and "weights" in out[1].error  # fp32: not an overflow
+    assert [out[0].score, out[2].score] == [clean[0], clean[2]]
+    with pytest.raises(CraneError, match="NaN") as err:
+        det.predict(files)
+    assert not isinstance(err.value, ImageReadError)
+    summary = run_predict(det, files, tmp_path / "out", overlays=False, progress=False)
+    assert summary["n_images"] == 2 and summary["failed"][0]["reason"] == "nan"
+    rows = list(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))
+    assert all(math.isfinite(float(r["image_score"])) for r in rows)
+    handle.remove()
+
+
+def test_nan_score_message_names_the_setting_to_change():
+    cfg = create_model("tiny+", image_size=SIZE).cfg
+    assert "--dino-precision fp32" in nan_score_message(cfg, torch.bfloat16)
+    off = cfg.replace(dino_attn_fp16=False)
+    assert "bfloat16 autocast" in nan_score_message(off, torch.bfloat16)
+    assert "weights" in nan_score_message(cfg, None)
+
+
+def test_evaluate_refuses_nan_scores(synth):
+    model = create_model("tiny+", image_size=SIZE)
+    ds = AnomalyDataset(synth, "test", image_size=SIZE)
+    _poison_dino(model, image=2)
+    with pytest.raises(CraneError, match="NaN .*first image: .*png, 1 in this batch"):
+        evaluate(model, ds, device=torch.device("cpu"), batch_size=3, progress=False)
 
 
 def test_calibration_thresholds_against_brute_force():

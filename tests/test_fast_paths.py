@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import os
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -270,6 +271,39 @@ def test_cli_predict_map_size_and_dino_bf16(tmp_path):
     argv = [*base, "--out", str(out), "--precision", "bf16", "--dino-bf16"]
     assert main(argv) == 0
     assert np.abs(np.load(out / "maps" / "0.npy") - big).max() < 2e-2
+
+
+@pytest.mark.parametrize(
+    ("flags", "fp32", "attn_fp16"),
+    [
+        ([], True, True),  # the preset's default: fp32 DINOv2 with fp16 attention
+        (["--dino-precision", "fp32"], True, False),
+        (["--dino-precision", "fp16-attention"], True, True),
+        (["--dino-precision", "bf16"], False, True),
+        (["--dino-bf16"], False, True),
+    ],
+)
+def test_cli_dino_precision_sets_the_config(flags, fp32, attn_fp16):
+    from crane.cli import build_parser
+    from crane.cli.pipelines import _load_model
+
+    predict = ["predict", "x.png", "--out", "o"]
+    for cmd in (predict, ["evaluate", "--dataset", "mvtec", "--root", "r"]):
+        if "--dino-bf16" in flags and cmd[0] == "evaluate":
+            continue  # predict's older spelling only
+        args = build_parser().parse_args([*cmd, "--model", "tiny+", *flags])
+        cfg = _load_model(args).cfg
+        assert (cfg.dino_fp32, cfg.dino_attn_fp16) == (fp32, attn_fp16), (cmd[0], flags)
+
+
+def test_cli_dino_precision_conflict_is_refused():
+    from crane.cli import build_parser
+    from crane.cli.pipelines import _load_model
+
+    argv = ["predict", "x.png", "--out", "o", "--model", "tiny+", "--dino-bf16"]
+    args = build_parser().parse_args([*argv, "--dino-precision", "fp32"])
+    with pytest.raises(CraneError, match="contradicts"):
+        _load_model(args)
 
 
 @pytest.mark.parametrize(("batch", "workers"), [(3, 0), (3, 2), (5, 2), (16, 2)])
@@ -585,3 +619,37 @@ def test_dead_decode_worker_fails_the_call_not_the_detector(tmp_path):
         list(det.predict_iter([paths[0], _KillsWorker(), paths[1]]))
     _same(list(det.predict_iter(paths)), ref)  # fresh workers
     det.close()
+
+
+def test_patch_conv_is_the_convolution_as_one_gemm():
+    """PatchConv = nn.Conv2d (same state dict) for ViT patch embeddings, up to summation order;
+    other convolutions run as nn.Conv2d; the built backbones use it."""
+    from crane.models.backbones import PatchConv
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 98, 70, generator=g)
+    for bias in (False, True):  # CLIP's conv1 has no bias, DINOv2's has one
+        ref = torch.nn.Conv2d(3, 32, 14, stride=14, bias=bias)
+        conv = PatchConv(3, 32, 14, stride=14, bias=bias)
+        conv.load_state_dict(ref.state_dict())
+        want = ref(x)
+        with mock.patch.object(torch.nn.Conv2d, "_conv_forward", side_effect=AssertionError):
+            got = conv(x)  # the GEMM, not the convolution
+        assert got.shape == want.shape == (2, 32, 7, 5)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert got.flatten(2).transpose(1, 2).is_contiguous()  # tokens without a copy
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want16, got16 = ref(x), conv(x)
+        assert got16.dtype == want16.dtype == torch.bfloat16
+        torch.testing.assert_close(got16.float(), want.float(), rtol=2e-2, atol=5e-2)
+    # Not a patch embedding (overlapping, padded, or a size the kernel does not divide):
+    # exactly nn.Conv2d.
+    for kw, size in (({"stride": 7}, 98), ({"stride": 14, "padding": 1}, 98), ({"stride": 14}, 99)):
+        ref = torch.nn.Conv2d(3, 8, 14, **kw)
+        conv = PatchConv(3, 8, 14, **kw)
+        conv.load_state_dict(ref.state_dict())
+        y = torch.randn(1, 3, size, size, generator=g)
+        assert torch.equal(conv(y), ref(y))
+    model = create_model("tiny+", image_size=SIZE)
+    assert type(model.vision.visual.conv1) is PatchConv
+    assert type(model.vision.dino.patch_embed.proj) is PatchConv

@@ -60,6 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--n-test-bad", type=int, default=12, help="anomalous test images per class")
     p.add_argument("--size", type=int, default=256, help="image side in pixels")
     p.add_argument("--overwrite", action="store_true", help="replace existing output")
+    p.add_argument(
+        "--workers", type=int, default=0, help="processes writing files (same files either way)"
+    )
     p.set_defaults(func=cmd_synth)
 
 
@@ -112,6 +115,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         n_test_bad=args.n_test_bad,
         size=args.size,
         overwrite=args.overwrite,
+        workers=args.workers,
     )
     print(format_summary(meta))
     print(f"wrote {meta_path(args.out)}")

@@ -39,6 +39,14 @@ def _common(p: argparse.ArgumentParser, batch: int = 8) -> None:
     w.add_argument("--dino-weights", default=None, help="local DINOv2 file (original or timm)")
 
 
+# --dino-precision NAME -> config fields (what a run or preset stored otherwise stays).
+DINO_PRECISIONS = {
+    "fp16-attention": {"dino_fp32": True, "dino_attn_fp16": True},
+    "fp32": {"dino_fp32": True, "dino_attn_fp16": False},
+    "bf16": {"dino_fp32": False},
+}
+
+
 def _model_args(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument(
         "--model",
@@ -51,6 +59,15 @@ def _model_args(p: argparse.ArgumentParser, default: str | None) -> None:
         default=None,
         help="prompt weights for a preset: a released .pth, official:mvtec|visa|mvtec-medical, "
         "or a run directory",
+    )
+    p.add_argument(
+        "--dino-precision",
+        default=None,
+        choices=list(DINO_PRECISIONS),
+        help="DINOv2 (Crane+) under --precision bf16/fp16: fp16-attention (the default) keeps "
+        "it in fp32 with TF32 matmuls and fp16 flash attention; fp32 also keeps its attention "
+        "in fp32 (slowest); bf16 runs all of it in the autocast dtype (fastest; the D-Attn cut "
+        "sees rounded similarities). Default: the model's own setting",
     )
 
 
@@ -118,8 +135,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dino-bf16",
         action="store_true",
-        help="with --precision bf16/fp16, run DINOv2 in that precision too (Crane+ ~1.4x faster "
-        "on an H100; the D-Attn cut sees rounded similarities)",
+        help="the same as --dino-precision bf16",
     )
     _common(p)
     p.set_defaults(func=cmd_predict)
@@ -170,6 +186,11 @@ def _load_model(args, dataset: str | None = None, **overrides):
     from crane.models import create_model
 
     prompts = args.prompts
+    dino = "bf16" if getattr(args, "dino_bf16", False) else getattr(args, "dino_precision", None)
+    if dino is not None:
+        if args.dino_precision not in (None, dino):
+            raise CraneError(f"--dino-bf16 contradicts --dino-precision {args.dino_precision}")
+        overrides.update(DINO_PRECISIONS[dino])
     if Path(args.model).is_dir():
         if getattr(args, "paper_protocol", False):
             log.warning(
@@ -292,7 +313,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from crane.engine.predict import Detector, run_predict
 
     device, _ = _runtime(args)
-    model = _load_model(args, **({"dino_fp32": False} if args.dino_bf16 else {}))
+    model = _load_model(args)
     det = Detector(
         model,
         device=device,

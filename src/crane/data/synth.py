@@ -10,12 +10,15 @@ byte-identical files on any machine (numpy's PCG64 streams, lossless PNG).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import multiprocessing
 import os
 import shutil
 import zlib
 from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -278,6 +281,23 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array).save(path, format="PNG", compress_level=1)
 
 
+def _write_sample(out: Path, seed: int, size: int, job: tuple[str, str, int]) -> Sample:
+    """Generate and write one file of :func:`make_synthetic_dataset` (and its mask)."""
+    cls, stream, i = job
+    s = synth_sample(cls, seed=seed, stream=stream, index=i, size=size)
+    if stream != "test_bad":
+        rel = f"{cls}/{'train' if stream == 'train' else 'test'}/good/{i:03d}.png"
+        _save_png(s.image, out / rel)
+        return Sample(rel, "", cls, "good", 0)
+    assert s.defect is not None
+    name = f"{i // len(DEFECTS):03d}"
+    rel = f"{cls}/test/{s.defect}/{name}.png"
+    mask_rel = f"{cls}/ground_truth/{s.defect}/{name}_mask.png"
+    _save_png(s.image, out / rel)
+    _save_png(np.where(s.mask, 255, 0).astype(np.uint8), out / mask_rel)
+    return Sample(rel, mask_rel, cls, s.defect, 1)
+
+
 def make_synthetic_dataset(
     out: str | os.PathLike[str],
     seed: int = 0,
@@ -288,13 +308,15 @@ def make_synthetic_dataset(
     size: int = 256,
     *,
     overwrite: bool = False,
+    workers: int = 0,
 ) -> Meta:
     """Write a synthetic dataset in MVTec layout plus meta.json under ``out``; return its Meta.
 
     Layout: ``<cls>/train/good/NNN.png``, ``<cls>/test/good/NNN.png``,
     ``<cls>/test/<defect>/NNN.png`` and ``<cls>/ground_truth/<defect>/NNN_mask.png``
     (0/255), anomalous samples cycling through :data:`DEFECTS`. Existing class folders
-    or meta.json are only replaced with ``overwrite=True``.
+    or meta.json are only replaced with ``overwrite=True``. ``workers`` > 0 writes the files
+    in that many processes (the same files: each sample has its own seed).
     """
     classes = tuple(classes)
     if not classes:
@@ -309,6 +331,8 @@ def make_synthetic_dataset(
         raise DatasetError(f"duplicate class names in {classes}")
     if min(n_train, n_test_good, n_test_bad) < 0 or n_test_good + n_test_bad == 0:
         raise DatasetError("sample counts must be >= 0 with at least one test image")
+    if workers < 0:
+        raise DatasetError(f"workers must be >= 0, got {workers}")
     if size < 32:
         raise DatasetError(f"size must be at least 32 pixels, got {size}")
     out = Path(out)
@@ -323,32 +347,34 @@ def make_synthetic_dataset(
         if (out / cls).exists():
             shutil.rmtree(out / cls)
 
+    # One job per file (class, stream, index); written in worker processes when asked. Every
+    # sample is seeded by its own (seed, class, stream, index): the files do not depend on
+    # ``workers``.
+    jobs = [
+        (cls, stream, i)
+        for cls in classes
+        for stream, n in (("train", n_train), ("test_good", n_test_good), ("test_bad", n_test_bad))
+        for i in range(n)
+    ]
+    write = functools.partial(_write_sample, out, seed, size)
+    if workers > 0 and len(jobs) > 1:
+        ctx = multiprocessing.get_context("spawn")  # no fork of a caller holding threads/CUDA
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
+            written = list(pool.map(write, jobs, chunksize=max(1, len(jobs) // (8 * workers))))
+    else:
+        written = [write(job) for job in jobs]
+
     meta = new_meta()
     for cls in classes:
-        train = []
-        for i in range(n_train):
-            rel = f"{cls}/train/good/{i:03d}.png"
-            _save_png(
-                synth_sample(cls, seed=seed, stream="train", index=i, size=size).image, out / rel
-            )
-            train.append(Sample(rel, "", cls, "good", 0))
+        train: list[Sample] = []
         by_specie: dict[str, list[Sample]] = {"good": []}
-        for i in range(n_test_good):
-            rel = f"{cls}/test/good/{i:03d}.png"
-            _save_png(
-                synth_sample(cls, seed=seed, stream="test_good", index=i, size=size).image,
-                out / rel,
-            )
-            by_specie["good"].append(Sample(rel, "", cls, "good", 0))
-        for j in range(n_test_bad):
-            s = synth_sample(cls, seed=seed, stream="test_bad", index=j, size=size)
-            assert s.defect is not None
-            name = f"{j // len(DEFECTS):03d}"
-            rel = f"{cls}/test/{s.defect}/{name}.png"
-            mask_rel = f"{cls}/ground_truth/{s.defect}/{name}_mask.png"
-            _save_png(s.image, out / rel)
-            _save_png(np.where(s.mask, 255, 0).astype(np.uint8), out / mask_rel)
-            by_specie.setdefault(s.defect, []).append(Sample(rel, mask_rel, cls, s.defect, 1))
+        for (c, stream, _), sample in zip(jobs, written, strict=True):
+            if c != cls:
+                continue
+            if stream == "train":
+                train.append(sample)
+            else:
+                by_specie.setdefault(sample.specie_name, []).append(sample)
         if n_train:
             meta["train"][cls] = train
         # Species sorted by name, the order the generic layout scanner produces.

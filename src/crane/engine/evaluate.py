@@ -20,7 +20,14 @@ from tqdm.auto import tqdm
 
 from crane.data import AnomalyDataset
 from crane.data.imageio import load_image
-from crane.engine.runtime import autocast, batch_loader, model_input, scoring_forward
+from crane.engine.runtime import (
+    autocast,
+    batch_loader,
+    model_input,
+    nan_score_message,
+    scoring_forward,
+)
+from crane.errors import CraneError
 from crane.metrics import METRICS, MetricAccumulator, MetricsReport
 from crane.models.checkpoint import atomic_write_bytes
 from crane.models.crane import CraneModel
@@ -104,6 +111,13 @@ def evaluate(
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             if side is not None:
                 side.wait_event(job.done)
+            if bool(torch.isnan(job.scores).any()):  # syncs this stream only: the batch is done
+                scores = job.scores.tolist()
+                bad = [p for p, v in zip(batch["path"], scores, strict=True) if math.isnan(v)]
+                raise CraneError(
+                    f"{nan_score_message(model.cfg, amp_dtype)}; first image: {bad[0]}, "
+                    f"{len(bad)} in this batch. Metrics over NaN scores would be meaningless."
+                )
             if has_masks:
                 # Masks stay on the host: region labelling needs them there.
                 masks = batch["mask"][:, 0]

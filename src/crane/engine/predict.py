@@ -7,6 +7,7 @@ import glob
 import io
 import json
 import logging
+import math
 import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -27,6 +28,7 @@ from crane.engine.runtime import (
     autocast,
     autocast_dtype,
     model_input,
+    nan_score_message,
     pick_device,
     scoring_forward,
 )
@@ -61,8 +63,12 @@ class Prediction:
 
 @dataclass
 class Failure:
+    """An input without a result: ``reason`` is ``"unreadable"`` (decoding failed) or
+    ``"nan"`` (the model's score came out NaN, e.g. an overflow in reduced precision)."""
+
     path: str
     error: str
+    reason: str = "unreadable"
 
 
 class _Decode(Dataset):
@@ -314,17 +320,22 @@ class Detector:
                 maps[j] = group[k].numpy()
         results: list[tuple[int, Prediction | Failure]] = list(job.failed)
         for j, item in enumerate(job.ok):
-            pred = Prediction(item["path"], float(scores[j]), maps[j], self.threshold)
-            results.append((item["i"], pred))
+            score = float(scores[j])
+            if math.isnan(score):  # a NaN anywhere in an image's patch logits reaches its score
+                why = nan_score_message(self.model.cfg, self.amp)
+                path = item["path"] or f"<input {item['i']}>"
+                results.append((item["i"], Failure(path, why, "nan")))
+                continue
+            results.append((item["i"], Prediction(item["path"], score, maps[j], self.threshold)))
         yield from (r for _, r in sorted(results, key=lambda x: x[0]))
 
     def predict_iter(
         self, inputs: Iterable[ImageInput], progress: bool = False
     ) -> Iterator[Prediction | Failure]:
-        """Yield a :class:`Prediction` per readable input, a :class:`Failure` per unreadable one,
-        in input order. Workers decode ahead; on CUDA batch k+1 runs while batch k is copied
-        back and handed out. The decode workers are started by the first call and reused by
-        later ones (:meth:`close` stops them)."""
+        """Yield a :class:`Prediction` per readable input, a :class:`Failure` per unreadable one
+        (or one whose score comes out NaN), in input order. Workers decode ahead; on CUDA batch
+        k+1 runs while batch k is copied back and handed out. The decode workers are started by
+        the first call and reused by later ones (:meth:`close` stops them)."""
         keys = list(enumerate(inputs))
         loader, jobs, shared = self._decode_loader()
         jobs.keys = keys
@@ -415,7 +426,7 @@ class Detector:
         results = []
         for r in self.predict_iter(expanded):
             if isinstance(r, Failure):
-                raise ImageReadError(r.error)
+                raise (ImageReadError if r.reason == "unreadable" else CraneError)(r.error)
             results.append(r)
         return results
 
@@ -464,7 +475,8 @@ def run_predict(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Predict files and write ``predictions.csv``, ``summary.json``, ``overlays/*.png`` and
-    (on request) ``maps/*.npy``. Unreadable files are reported and skipped."""
+    (on request) ``maps/*.npy``. Unreadable files, and any whose score comes out NaN, are
+    reported (``summary.json``'s ``failed``) and skipped."""
     out = Path(out_dir)
     if (out / "predictions.csv").exists() and not overwrite:
         raise CraneError(
@@ -476,8 +488,9 @@ def run_predict(
     rows, failures = [], []
     for r in detector.predict_iter(paths, progress=progress):
         if isinstance(r, Failure):
-            log.warning("skipped unreadable %s: %s", r.path, r.error)
-            failures.append({"path": r.path, "error": r.error})
+            what = "unreadable" if r.reason == "unreadable" else "no result for"
+            log.warning("skipped %s %s: %s", what, r.path, r.error)
+            failures.append({"path": r.path, "error": r.error, "reason": r.reason})
             continue
         decision = "" if r.is_anomalous is None else ("anomalous" if r.is_anomalous else "normal")
         rows.append(

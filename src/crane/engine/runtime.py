@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from crane.config import CraneConfig
 from crane.data import AnomalyDataset, collate_skip_none
 from crane.data.transforms import normalize_uint8
 from crane.errors import CraneError
@@ -40,6 +41,21 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def nan_score_message(cfg: CraneConfig, amp: torch.dtype | None) -> str:
+    """Why a model may have scored NaN, and what to change (predict and evaluate say this)."""
+    if amp is None:
+        why = "in fp32 this points to weights holding NaN/inf values"
+    elif cfg.use_dattn and cfg.dino_fp32 and cfg.dino_attn_fp16:
+        why = (
+            "DINOv2's attention ran in fp16 (range ±65504) and may have overflowed: use "
+            "--dino-precision fp32 (API: dino_attn_fp16=False) or --precision fp32"
+        )
+    else:
+        name = str(amp).removeprefix("torch.")
+        why = f"{name} autocast may have overflowed: try --precision fp32"
+    return f"the model's anomaly score is NaN ({why})"
 
 
 def model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
