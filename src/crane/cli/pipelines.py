@@ -64,10 +64,11 @@ def _model_args(p: argparse.ArgumentParser, default: str | None) -> None:
         "--dino-precision",
         default=None,
         choices=list(DINO_PRECISIONS),
-        help="DINOv2 (Crane+) under --precision bf16/fp16: fp16-attention (the default) keeps "
-        "it in fp32 with TF32 matmuls and fp16 flash attention; fp32 also keeps its attention "
-        "in fp32 (slowest); bf16 runs all of it in the autocast dtype (fastest; the D-Attn cut "
-        "sees rounded similarities). Default: the model's own setting",
+        help="DINOv2 (Crane+) under --precision bf16/fp16: fp16-attention keeps it in fp32 "
+        "with TF32 matmuls and fp16 flash attention (the presets' default); fp32 also keeps "
+        "its attention in fp32 (the slowest of the three); bf16 runs all of it in the autocast "
+        "dtype (fastest; the D-Attn cut sees rounded similarities). Default: what the run or "
+        "preset stores",
     )
 
 
