@@ -310,31 +310,46 @@ def bench_latency(
     return out
 
 
-def bench_decode(paths: list[str], size: int, batch: int, workers: int, fast: bool) -> dict:
-    """The input pipeline alone (decode + resize in workers, collate, pinned batches): the
-    ceiling for end-to-end throughput on this machine's CPUs."""
+DECODE_LOADERS = ("batches", "predict")
+
+
+def bench_decode(
+    paths: list[str], size: int, batch: int, workers: int, fast: bool, loader: str = "batches"
+) -> dict:
+    """The input pipeline alone, no model: decode + resize in workers into pinned batches.
+    ``loader="batches"``: whole batches per worker (prefetch 4) — the ceiling for end-to-end
+    throughput on this machine's CPUs; ``"predict"``: exactly the loader ``Detector.predict``
+    uses (chunks of ⌈batch / workers⌉ joined in the main process), so that its rate alone can
+    be set against its rate beside the model."""
     from torch.utils.data import DataLoader
 
-    from crane.engine.predict import _collate, _Decode, _Jobs
+    from crane.engine.predict import _collate, _Decode, _Jobs, _rebatch, decode_loader
 
-    jobs = _Jobs(batch)
+    draft = size if fast else None
+    pin = torch.cuda.is_available()
+    if loader == "predict":
+        chunks, jobs = decode_loader(size, draft, batch, workers)
+        batches = _rebatch(chunks, batch, pin=pin)
+    else:
+        jobs = _Jobs(batch)
+        batches = DataLoader(
+            _Decode(size, draft),
+            batch_sampler=jobs,
+            num_workers=workers,
+            collate_fn=_collate,
+            pin_memory=pin,
+            prefetch_factor=4 if workers else None,
+        )
     jobs.keys = list(enumerate(paths))
-    loader = DataLoader(
-        _Decode(size, size if fast else None),
-        batch_sampler=jobs,
-        num_workers=workers,
-        collate_fn=_collate,
-        pin_memory=torch.cuda.is_available(),
-        prefetch_factor=4 if workers else None,
-    )
     t = time.perf_counter()
-    k = sum(len(b["ok"]) for b in loader)
+    k = sum(len(b["ok"]) for b in batches)
     return {
         "n_files": k,
         "jpeg_px": Image.open(paths[0]).size[0],
         "image_size": size,
         "workers": workers,
         "fast_decode": fast,
+        "loader": loader,
         "decode_img_s": k / (time.perf_counter() - t),
     }
 
@@ -663,7 +678,9 @@ def main(argv=None) -> int:
         want_files = args.files and any({"e2e", "latency"} & parts_of(p) for p in presets)
         paths = make_jpegs(Path(tmp), args.files, 2048, args.workers) if want_files else []
         for fast in (False, True) if paths and "e2e" in args.only else ():
-            record("decode", bench_decode(paths, 518, args.batch, args.workers, fast))
+            for loader in DECODE_LOADERS:
+                row = bench_decode(paths, 518, args.batch, args.workers, fast, loader)
+                record("decode", row)
         for preset in presets:
             parts = parts_of(preset)
             if not parts:
@@ -746,7 +763,15 @@ def main(argv=None) -> int:
     if results["decode"]:
         table(
             results["decode"],
-            ["n_files", "jpeg_px", "image_size", "workers", "fast_decode", "decode_img_s"],
+            [
+                "n_files",
+                "jpeg_px",
+                "image_size",
+                "workers",
+                "fast_decode",
+                "loader",
+                "decode_img_s",
+            ],
         )
     table(
         results["train"],

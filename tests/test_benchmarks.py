@@ -215,7 +215,9 @@ def test_throughput_runs_every_part_with_config_changes(throughput, tmp_path, mo
         assert row["opt_bf16_img_s"] > 0 and row["max_abs_diff_map"] <= 1e-2
     (e2e,) = res["end_to_end"]  # only the combination asked for
     assert (e2e["fast_decode"], e2e["map_size"], e2e["n_files"]) == (True, "model", 3)
-    assert [d["fast_decode"] for d in res["decode"]] == [False, True]
+    assert [(d["fast_decode"], d["loader"]) for d in res["decode"]] == [
+        (False, "batches"), (False, "predict"), (True, "batches"), (True, "predict")
+    ]  # fmt: skip
     assert all(d["n_files"] == 3 for d in res["decode"])
     assert len(res["latency"]) == len(res["train"]) == len(res["evaluate"]) == 1
     assert res["evaluate"][0]["n_images"] == 8
@@ -236,7 +238,7 @@ def test_throughput_json_keeps_the_rows_of_a_run_cut_short(throughput, tmp_path,
     with pytest.raises(KeyboardInterrupt):
         throughput.main(argv)
     res = json.loads(out.read_text())
-    assert len(res["decode"]) == 2 and len(res["end_to_end"]) == 1
+    assert len(res["decode"]) == 4 and len(res["end_to_end"]) == 1
     assert res["end_to_end"][0]["n_files"] == 2 and res["latency"] == []
 
 

@@ -166,6 +166,25 @@ def _rebatch(
         yield {"images": None, "ok": [], "failed": failed}
 
 
+def decode_loader(
+    size: int, draft: int | None, batch_size: int, workers: int, persistent: bool = False
+) -> tuple[DataLoader, _Jobs]:
+    """The loader :class:`Detector` decodes with: ``workers`` processes decode chunks of
+    ⌈batch / workers⌉ inputs (set ``jobs.keys`` to ``(index, input)`` pairs before iterating),
+    which :func:`_rebatch` joins into model batches. Chunks are collated as uint8 pixels."""
+    chunk = -(-batch_size // workers) if workers else batch_size
+    jobs = _Jobs(chunk)
+    loader = DataLoader(
+        _Decode(size, draft),
+        batch_sampler=jobs,
+        num_workers=workers,
+        collate_fn=_collate,
+        prefetch_factor=max(2, -(-2 * batch_size // (chunk * workers))) if workers else None,
+        persistent_workers=persistent,
+    )
+    return loader, jobs
+
+
 @dataclass
 class _InFlight:
     """One batch whose device work has been queued but whose results are not read yet."""
@@ -372,23 +391,14 @@ class Detector:
         iterator is still open gets its own short-lived loader.
         """
         w = self.workers
-        chunk = -(-self.batch_size // w) if w else self.batch_size
-        key = (w, chunk, self.size, self.draft)
+        key = (w, self.batch_size, self.size, self.draft)
         with self._loader_lock:
             shared = w > 0 and not self._loader_busy
             self._loader_busy = self._loader_busy or shared
         if shared and self._loader is not None and self._loader[0] == key:
             return self._loader[1], self._loader[2], True
         try:
-            jobs = _Jobs(chunk)
-            loader = DataLoader(
-                _Decode(self.size, self.draft),
-                batch_sampler=jobs,
-                num_workers=w,
-                collate_fn=_collate,
-                prefetch_factor=max(2, -(-2 * self.batch_size // (chunk * w))) if w else None,
-                persistent_workers=shared,
-            )
+            loader, jobs = decode_loader(self.size, self.draft, self.batch_size, w, shared)
         except BaseException:
             self._loader_busy = self._loader_busy and not shared
             raise
