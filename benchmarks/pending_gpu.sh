@@ -7,7 +7,7 @@
 #   tests     CUDA tests: CUDA = CPU, guards, pipelines, CUDA-graph outputs (55)
 #   e2e       predict from JPEGs (default options), one-file latency, evaluate end to end
 #             (cut at 152 s that session, while writing the evaluate PNGs: now written by
-#             16 processes after the other two parts)
+#             --workers processes, after the other two parts)
 #   model     model-only fp32 baseline against the optimised path, memory at batch 1 (≈ 180 on
 #             an H100 in the second session)
 #   variants  which options pay off: DINOv2 precisions, the one-SiLU MLP (66)

@@ -424,7 +424,8 @@ class Detector:
 
     def predict(self, inputs: ImageInput | Iterable[ImageInput]) -> list[Prediction]:
         """Predictions for one input or a list; paths to folders expand to their images.
-        Unreadable files raise :class:`~crane.errors.ImageReadError`."""
+        Unreadable files raise :class:`~crane.errors.ImageReadError`, a NaN score
+        :class:`~crane.errors.CraneError` (:meth:`predict_iter` reports both and goes on)."""
         if isinstance(inputs, (str, os.PathLike, Image.Image, np.ndarray)):
             inputs = [inputs]
         expanded: list[ImageInput] = []
@@ -436,7 +437,9 @@ class Detector:
         results = []
         for r in self.predict_iter(expanded):
             if isinstance(r, Failure):
-                raise (ImageReadError if r.reason == "unreadable" else CraneError)(r.error)
+                if r.reason == "unreadable":
+                    raise ImageReadError(r.error)
+                raise CraneError(f"{r.path}: {r.error}")
             results.append(r)
         return results
 
