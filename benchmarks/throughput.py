@@ -321,9 +321,7 @@ def bench_decode(
     throughput on this machine's CPUs; ``"predict"``: exactly the loader ``Detector.predict``
     uses (chunks of ⌈batch / workers⌉ joined in the main process), so that its rate alone can
     be set against its rate beside the model."""
-    from torch.utils.data import DataLoader
-
-    from crane.engine.predict import _collate, _Decode, _Jobs, _rebatch, decode_loader
+    from crane.engine.predict import _rebatch, decode_loader
 
     draft = size if fast else None
     pin = torch.cuda.is_available()
@@ -331,14 +329,8 @@ def bench_decode(
         chunks, jobs = decode_loader(size, draft, batch, workers)
         batches = _rebatch(chunks, batch, pin=pin)
     else:
-        jobs = _Jobs(batch)
-        batches = DataLoader(
-            _Decode(size, draft),
-            batch_sampler=jobs,
-            num_workers=workers,
-            collate_fn=_collate,
-            pin_memory=pin,
-            prefetch_factor=4 if workers else None,
+        batches, jobs = decode_loader(
+            size, draft, batch, workers, chunk=batch, prefetch=4, pin_memory=pin
         )
     jobs.keys = list(enumerate(paths))
     t = time.perf_counter()

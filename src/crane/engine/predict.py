@@ -167,19 +167,32 @@ def _rebatch(
 
 
 def decode_loader(
-    size: int, draft: int | None, batch_size: int, workers: int, persistent: bool = False
+    size: int,
+    draft: int | None,
+    batch_size: int,
+    workers: int,
+    persistent: bool = False,
+    *,
+    chunk: int | None = None,
+    prefetch: int | None = None,
+    pin_memory: bool = False,
 ) -> tuple[DataLoader, _Jobs]:
     """The loader :class:`Detector` decodes with: ``workers`` processes decode chunks of
     ⌈batch / workers⌉ inputs (set ``jobs.keys`` to ``(index, input)`` pairs before iterating),
-    which :func:`_rebatch` joins into model batches. Chunks are collated as uint8 pixels."""
-    chunk = -(-batch_size // workers) if workers else batch_size
+    which :func:`_rebatch` joins into model batches. Chunks are collated as uint8 pixels.
+    ``chunk``/``prefetch``/``pin_memory`` change those choices (benchmarks compare them)."""
+    if chunk is None:
+        chunk = -(-batch_size // workers) if workers else batch_size
+    if prefetch is None:
+        prefetch = max(2, -(-2 * batch_size // (chunk * workers))) if workers else None
     jobs = _Jobs(chunk)
     loader = DataLoader(
         _Decode(size, draft),
         batch_sampler=jobs,
         num_workers=workers,
         collate_fn=_collate,
-        prefetch_factor=max(2, -(-2 * batch_size // (chunk * workers))) if workers else None,
+        pin_memory=pin_memory,
+        prefetch_factor=prefetch if workers else None,
         persistent_workers=persistent,
     )
     return loader, jobs
