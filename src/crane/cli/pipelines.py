@@ -187,11 +187,13 @@ def _load_model(args, dataset: str | None = None, **overrides):
     from crane.models import create_model
 
     prompts = args.prompts
-    dino = "bf16" if getattr(args, "dino_bf16", False) else getattr(args, "dino_precision", None)
-    if dino is not None:
-        if args.dino_precision not in (None, dino):
-            raise CraneError(f"--dino-bf16 contradicts --dino-precision {args.dino_precision}")
-        overrides.update(DINO_PRECISIONS[dino])
+    asked = getattr(args, "dino_precision", None)
+    if getattr(args, "dino_bf16", False):
+        if asked not in (None, "bf16"):
+            raise CraneError(f"--dino-bf16 contradicts --dino-precision {asked}")
+        asked = "bf16"
+    if asked is not None:
+        overrides.update(DINO_PRECISIONS[asked])
     if Path(args.model).is_dir():
         if getattr(args, "paper_protocol", False):
             log.warning(
