@@ -73,7 +73,7 @@ run_step() {  # the command of one step
     # The fastest end to end measured: fast decode, maps at model size, DINOv2 in bf16 and
     # torch.compile (the accuracy guard is in variants.py's row of the same options).
     e2e-fast) "$py" benchmarks/throughput.py --device cuda --presets crane+ --only e2e \
-                --e2e fast-model --files 1024 --cfg dino_fp32=false --compile \
+                --e2e fast-model --decode fast --files 1024 --cfg dino_fp32=false --compile \
                 --json "$out/e2e_fast.json" ;;
     e2e) "$py" benchmarks/throughput.py --device cuda --presets crane+ --only e2e latency eval \
            --files 1024 --eval-images 256 --json "$out/e2e_eval.json" ;;

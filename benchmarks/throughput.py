@@ -48,6 +48,7 @@ import torch
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
+import crane.engine.predict as predict_module
 from crane.config import CraneConfig
 from crane.engine.predict import Detector, Prediction
 from crane.models import create_model, scoring, vision
@@ -222,15 +223,35 @@ def bench_end_to_end(
     )
     list(det.predict_iter(paths[: min(len(paths), 2 * batch)]))  # warm-up (workers, text)
     # Where the main thread's time goes: queuing device work, copying results back and
-    # handing them out, or waiting for the DataLoader (the rest).
-    spent = {"launch": 0.0, "collect": 0.0}
+    # handing them out, or waiting for the DataLoader (the rest: blocked on the workers'
+    # chunks, or joining them into pinned batches). And the workers' own decode time per
+    # image, to set against the decode-only rows: the same per-image time with the workers
+    # idle part of the run means they were starved of work; a longer one, that they ran
+    # slower beside the model (CPU contention).
+    spent = {"launch": 0.0, "collect": 0.0, "chunks": 0.0, "decode": 0.0}
     launch, collect = det._launch, det._collect
 
     def timed_launch(batch):
+        spent["decode"] += sum(item["decode_s"] for item in batch["ok"])
         t0 = time.perf_counter()
         job = launch(batch)
         spent["launch"] += time.perf_counter() - t0
         return job
+
+    def timed_chunks(chunks):
+        it = iter(chunks)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                chunk = next(it)
+            except StopIteration:
+                return
+            finally:
+                spent["chunks"] += time.perf_counter() - t0
+            yield chunk
+
+    def timed_rebatch(chunks, *args, **kwargs):
+        return rebatch(timed_chunks(chunks), *args, **kwargs)
 
     def timed_collect(job):
         t0 = time.perf_counter()
@@ -239,15 +260,17 @@ def bench_end_to_end(
         yield from out
 
     det._launch, det._collect = timed_launch, timed_collect
+    rebatch = predict_module._rebatch
     reset_peak(device)
-    t = time.perf_counter()
-    k, first = 0, None
-    for r in det.predict_iter(paths):
-        k += isinstance(r, Prediction)
-        if first is None:  # the first batch through decode + model (workers already up)
-            first = time.perf_counter() - t
-    sync(device)
-    dt = time.perf_counter() - t
+    with mock.patch.object(predict_module, "_rebatch", timed_rebatch):
+        t = time.perf_counter()
+        k, first = 0, None
+        for r in det.predict_iter(paths):
+            k += isinstance(r, Prediction)
+            if first is None:  # the first batch through decode + model (workers already up)
+                first = time.perf_counter() - t
+        sync(device)
+        dt = time.perf_counter() - t
     out = {
         "preset": base.cfg.name,
         "n_files": k,
@@ -265,6 +288,9 @@ def bench_end_to_end(
         "main_launch_s": spent["launch"],
         "main_collect_s": spent["collect"],
         "main_wait_loader_s": dt - spent["launch"] - spent["collect"],
+        "main_wait_chunks_s": spent["chunks"],
+        "worker_ms_per_image": 1e3 * spent["decode"] / max(k, 1),
+        "workers_busy": spent["decode"] / (max(workers, 1) * dt),
         "total_s": dt,
     }
     del det
@@ -311,38 +337,57 @@ def bench_latency(
 
 
 DECODE_LOADERS = ("batches", "predict")
+# --decode names → (fast decode, fast resize): exact; fast decode with PIL's shrink (before
+# torch's uint8 kernel took over); fast decode as predict runs it now.
+DECODE_MODES = {"exact": (False, False), "fast-pil": (True, False), "fast": (True, True)}
 
 
 def bench_decode(
-    paths: list[str], size: int, batch: int, workers: int, fast: bool, loader: str = "batches"
+    paths: list[str],
+    size: int,
+    batch: int,
+    workers: int,
+    fast: bool,
+    loader: str = "batches",
+    fast_resize: bool | None = None,
 ) -> dict:
     """The input pipeline alone, no model: decode + resize in workers into pinned batches.
     ``loader="batches"``: whole batches per worker (prefetch 4) — the ceiling for end-to-end
     throughput on this machine's CPUs; ``"predict"``: exactly the loader ``Detector.predict``
     uses (chunks of ⌈batch / workers⌉ joined in the main process), so that its rate alone can
-    be set against its rate beside the model."""
+    be set against its rate beside the model. ``fast_resize``: shrink with torch's uint8
+    kernel (default: with fast decoding, as predict does) or PIL's."""
     from crane.engine.predict import _rebatch, decode_loader
 
     draft = size if fast else None
+    fast_resize = fast if fast_resize is None else fast_resize
     pin = torch.cuda.is_available()
     if loader == "predict":
-        chunks, jobs = decode_loader(size, draft, batch, workers)
+        chunks, jobs = decode_loader(size, draft, batch, workers, fast_resize=fast_resize)
         batches = _rebatch(chunks, batch, pin=pin)
     else:
         batches, jobs = decode_loader(
-            size, draft, batch, workers, chunk=batch, prefetch=4, pin_memory=pin
-        )
+            size, draft, batch, workers, chunk=batch, prefetch=4, pin_memory=pin,
+            fast_resize=fast_resize,
+        )  # fmt: skip
     jobs.keys = list(enumerate(paths))
     t = time.perf_counter()
-    k = sum(len(b["ok"]) for b in batches)
+    k, busy = 0, 0.0
+    for b in batches:
+        k += len(b["ok"])
+        busy += sum(item["decode_s"] for item in b["ok"])
+    dt = time.perf_counter() - t
     return {
         "n_files": k,
         "jpeg_px": Image.open(paths[0]).size[0],
         "image_size": size,
         "workers": workers,
         "fast_decode": fast,
+        "fast_resize": fast_resize,
         "loader": loader,
-        "decode_img_s": k / (time.perf_counter() - t),
+        "decode_img_s": k / dt,
+        "worker_ms_per_image": 1e3 * busy / max(k, 1),
+        "workers_busy": busy / (max(workers, 1) * dt),
     }
 
 
@@ -602,6 +647,13 @@ def main(argv=None) -> int:
         help="end-to-end runs (exact or fast decode; maps at input or model size)",
     )
     ap.add_argument(
+        "--decode",
+        nargs="*",
+        default=list(DECODE_MODES),
+        choices=list(DECODE_MODES),
+        help="decode-only rows with the e2e part, each with both loaders (none: no value)",
+    )
+    ap.add_argument(
         "--eval-images",
         type=int,
         default=None,
@@ -669,9 +721,10 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         want_files = args.files and any({"e2e", "latency"} & parts_of(p) for p in presets)
         paths = make_jpegs(Path(tmp), args.files, 2048, args.workers) if want_files else []
-        for fast in (False, True) if paths and "e2e" in args.only else ():
+        modes = [DECODE_MODES[m] for m in args.decode] if paths and "e2e" in args.only else []
+        for fast, fast_resize in modes:
             for loader in DECODE_LOADERS:
-                row = bench_decode(paths, 518, args.batch, args.workers, fast, loader)
+                row = bench_decode(paths, 518, args.batch, args.workers, fast, loader, fast_resize)
                 record("decode", row)
         for preset in presets:
             parts = parts_of(preset)
@@ -750,6 +803,9 @@ def main(argv=None) -> int:
             "main_launch_s",
             "main_collect_s",
             "main_wait_loader_s",
+            "main_wait_chunks_s",
+            "worker_ms_per_image",
+            "workers_busy",
         ],
     )
     if results["decode"]:
@@ -761,8 +817,11 @@ def main(argv=None) -> int:
                 "image_size",
                 "workers",
                 "fast_decode",
+                "fast_resize",
                 "loader",
                 "decode_img_s",
+                "worker_ms_per_image",
+                "workers_busy",
             ],
         )
     table(

@@ -215,10 +215,16 @@ def test_throughput_runs_every_part_with_config_changes(throughput, tmp_path, mo
         assert row["opt_bf16_img_s"] > 0 and row["max_abs_diff_map"] <= 1e-2
     (e2e,) = res["end_to_end"]  # only the combination asked for
     assert (e2e["fast_decode"], e2e["map_size"], e2e["n_files"]) == (True, "model", 3)
-    assert [(d["fast_decode"], d["loader"]) for d in res["decode"]] == [
-        (False, "batches"), (False, "predict"), (True, "batches"), (True, "predict")
+    assert [(d["fast_decode"], d["fast_resize"], d["loader"]) for d in res["decode"]] == [
+        (False, False, "batches"), (False, False, "predict"),
+        (True, False, "batches"), (True, False, "predict"),
+        (True, True, "batches"), (True, True, "predict"),
     ]  # fmt: skip
     assert all(d["n_files"] == 3 for d in res["decode"])
+    # The workers' own decode time per image, and the share of the run they spent on it.
+    for row in (*res["decode"], e2e):
+        assert row["worker_ms_per_image"] > 0 and 0 < row["workers_busy"] <= 1
+    assert 0 < e2e["main_wait_chunks_s"] <= e2e["main_wait_loader_s"]
     assert len(res["latency"]) == len(res["train"]) == len(res["evaluate"]) == 1
     assert res["evaluate"][0]["n_images"] == 8
     assert res["evaluate"][0]["max_abs_diff_mean_metrics"] <= 1e-2
@@ -233,12 +239,15 @@ def test_throughput_json_keeps_the_rows_of_a_run_cut_short(throughput, tmp_path,
     argv = [
         "--device", "cpu", "--presets", "tiny", "--batch", "2", "--files", "2",
         "--workers", "0", "--only", "e2e", "latency", "--e2e", "fast-model",
-        "--json", str(out),
+        "--decode", "fast", "--json", str(out),
     ]  # fmt: skip
     with pytest.raises(KeyboardInterrupt):
         throughput.main(argv)
     res = json.loads(out.read_text())
-    assert len(res["decode"]) == 4 and len(res["end_to_end"]) == 1
+    assert [(d["fast_resize"], d["loader"]) for d in res["decode"]] == [
+        (True, "batches"), (True, "predict")
+    ]  # fmt: skip
+    assert len(res["end_to_end"]) == 1
     assert res["end_to_end"][0]["n_files"] == 2 and res["latency"] == []
 
 

@@ -45,6 +45,74 @@ def test_uint8_path_is_bitwise_the_float_path(mode):
     assert torch.equal(normalize_uint8(px[None])[0], ref)  # batched
 
 
+def _photo(mode: str, hw: tuple[int, int], seed: int = 0) -> Image.Image:
+    """Smooth content plus sensor-like noise, as in a photograph."""
+    rng = np.random.default_rng(seed)
+    low = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8))
+    arr = np.asarray(low.resize(hw[::-1], Image.Resampling.BICUBIC), dtype=np.int16)
+    arr = arr + rng.integers(-12, 13, (*hw, 3), dtype=np.int16)
+    return Image.fromarray(arr.clip(0, 255).astype(np.uint8)).convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+@pytest.mark.parametrize("hw", [(3 * SIZE + 7, 4 * SIZE), (SIZE, 2 * SIZE + 1), (SIZE, SIZE)])
+def test_fast_uint8_shrink_is_torchs_kernel_and_within_a_level_of_pil(mode, hw):
+    from torchvision.transforms.v2 import functional as TF
+
+    im = _photo(mode, hw)
+    fast, ref = image_to_uint8(im, SIZE, fast=True), image_to_uint8(im, SIZE)
+    assert fast.dtype == torch.uint8 and fast.shape == (3, SIZE, SIZE) and fast.is_contiguous()
+    # An independent call of the same kernel: torchvision's resize of the CHW uint8 tensor.
+    chw = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+    tv = TF.resize(chw, [SIZE, SIZE], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    assert torch.equal(fast, tv)
+    diff = (fast.int() - ref.int()).abs()
+    assert diff.max() <= 2 and (diff > 0).float().mean() < 0.02
+    if mode == "L":
+        assert torch.equal(fast[0], fast[1]) and torch.equal(fast[0], fast[2])
+
+
+@pytest.mark.parametrize(
+    "mode, hw",
+    [("RGB", (SIZE - 1, 3 * SIZE)), ("L", (50, 60)), ("P", (2 * SIZE, 2 * SIZE))]
+    + [(m, (2 * SIZE, 3 * SIZE)) for m in ("RGBA", "LA", "1", "I;16", "CMYK")],
+)
+def test_fast_uint8_takes_the_reference_path_for_enlarging_and_other_modes(mode, hw):
+    """Enlarging, palette (PIL resizes it nearest), alpha (premultiplied) and bilevel images
+    keep PIL's exact pixels; 16-bit and CMYK are converted first, then shrunk the fast way."""
+    im = _photo("RGB", hw) if mode in ("I;16", "CMYK") else _photo(mode, hw)
+    if mode == "I;16":
+        im = Image.fromarray(np.asarray(im.convert("L")).astype(np.uint16) * 257)
+    elif mode == "CMYK":
+        im = im.convert("CMYK")
+    fast, ref = image_to_uint8(im, SIZE, fast=True), image_to_uint8(im, SIZE)
+    if mode in ("I;16", "CMYK"):
+        assert (fast.int() - ref.int()).abs().max() <= 2
+    else:
+        assert torch.equal(fast, ref)
+
+
+def test_fast_uint8_on_a_real_visa_photo():
+    from data_fixtures import shared_data_dir
+
+    data = shared_data_dir()
+    if data is None:
+        pytest.skip("shared sample data not available")
+    with Image.open(data / "visa/fryum/Data/Images/Normal/000.JPG") as im:
+        im.load()
+        fast, ref = image_to_uint8(im, 518, fast=True), image_to_uint8(im, 518)
+    diff = (fast.int() - ref.int()).abs()
+    assert diff.max() <= 3 and (diff > 0).float().mean() < 0.01
+
+
+def test_read_image_tensor_fast_resize_needs_uint8(tmp_path):
+    from crane.data.transforms import read_image_tensor
+
+    _photo("RGB", (40, 50)).save(tmp_path / "a.png")
+    with pytest.raises(ValueError, match="as_uint8"):
+        read_image_tensor(tmp_path / "a.png", 32, fast_resize=True)
+
+
 @pytest.mark.parametrize("hw", [(300, 410), (40, 33), (SIZE, 2 * SIZE)])
 def test_device_map_resize_matches_pil(hw):
     maps = torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
@@ -196,6 +264,25 @@ def test_fast_decode_keeps_model_input_resolution(tmp_path):
     big.save(tmp_path / "big.jpg", quality=90)
     det = Detector(create_model("tiny", image_size=SIZE + 14), device="cpu", fast_decode=True)
     assert open_image(tmp_path / "big.jpg", det.draft).size == (2 * SIZE, 2 * SIZE)
+
+
+def test_fast_decode_workers_shrink_with_torchs_kernel(tmp_path):
+    """What a fast-decode loader hands over: the draft-decoded image shrunk the fast way (and
+    the exact loader: PIL's pixels of the full decode), for files and in-memory images."""
+    from crane.data.imageio import open_image
+    from crane.engine.predict import _Decode
+
+    size = SIZE + 14
+    _photo("RGB", (4 * SIZE, 5 * SIZE)).save(tmp_path / "big.jpg", quality=90)
+    path = tmp_path / "big.jpg"
+    fast, exact = _Decode(size, draft=size), _Decode(size)
+    got = fast[(0, path)]
+    assert got["ok"] and got["hw"] == (4 * SIZE, 5 * SIZE)
+    assert torch.equal(got["image"], image_to_uint8(open_image(path, size), size, fast=True))
+    assert torch.equal(exact[(0, path)]["image"], image_to_uint8(open_image(path), size))
+    pil = _photo("RGB", (3 * SIZE, 3 * SIZE))
+    assert torch.equal(fast[(1, pil)]["image"], image_to_uint8(pil, size, fast=True))
+    assert not torch.equal(fast[(1, pil)]["image"], exact[(1, pil)]["image"])
 
 
 # --- CUDA (run on the device machine; skipped elsewhere) ------------------------------------

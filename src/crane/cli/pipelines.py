@@ -124,8 +124,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--fast-decode",
         action="store_true",
-        help="decode large JPEGs at a reduced scale (>= the model input); faster, "
-        "pixels differ slightly from the reference pipeline",
+        help="decode large JPEGs at a reduced scale (>= the model input) and shrink images "
+        "with torch's uint8 bicubic kernel; faster, pixels differ slightly from the reference "
+        "pipeline",
     )
     p.add_argument(
         "--map-size",

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from crane.constants import (
@@ -56,12 +57,39 @@ def image_to_tensor(
     return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
 
-def image_to_uint8(image: Image.Image, size: int = DEFAULT_IMAGE_SIZE) -> torch.Tensor:
+def image_to_uint8(
+    image: Image.Image, size: int = DEFAULT_IMAGE_SIZE, fast: bool = False
+) -> torch.Tensor:
     """The resized RGB pixels as a uint8 (3, size, size) tensor: a quarter of the bytes of
     :func:`image_to_tensor` to move between processes and to the GPU. Finish with
-    :func:`normalize_uint8` (on any device) for the identical float tensor."""
+    :func:`normalize_uint8` (on any device) for the identical float tensor.
+
+    ``fast``: shrink RGB and greyscale images with torch's vectorised uint8 antialiased
+    bicubic kernel instead of PIL's (about 4x faster for a 1024-px image on one core; the
+    same filter, so pixels differ from PIL's by at most a level or two, in well under 1 %
+    of values). Other modes, and images smaller than ``size`` on either side, take the
+    reference path."""
+    if fast:
+        pixels = _shrunk_uint8(normalize_mode(image), size)
+        if pixels is not None:
+            return pixels
     rgb = np.asarray(_resized_rgb(image, size), dtype=np.uint8)
     return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
+
+
+def _shrunk_uint8(image: Image.Image, size: int) -> torch.Tensor | None:
+    """(3, size, size) uint8 by torch's antialiased bicubic resize, or None where PIL's
+    semantics differ (palette/alpha/bilevel modes) or it would enlarge."""
+    if image.mode not in ("RGB", "L") or min(image.size) < size:
+        return None
+    hwc = torch.from_numpy(np.array(image))  # a writable copy (PIL's buffer is read-only)
+    if hwc.ndim == 2:
+        hwc = hwc[..., None]
+    # (1, C, H, W) with channels-last strides: the layout torch's AVX2 uint8 kernel takes.
+    out = F.interpolate(
+        hwc.permute(2, 0, 1)[None], size=(size, size), mode="bicubic", antialias=True
+    )[0]
+    return out.expand(3, -1, -1).contiguous() if out.shape[0] == 1 else out.contiguous()
 
 
 def normalize_uint8(
@@ -120,20 +148,24 @@ def read_image_tensor(
     std: Sequence[float] | None = OPENAI_CLIP_STD,
     draft: int | None = None,
     as_uint8: bool = False,
+    fast_resize: bool = False,
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Decode and preprocess one image file.
 
     Returns the (3, size, size) tensor (float32 normalised, or the uint8 pixels with
-    ``as_uint8``; see :func:`image_to_uint8`) and the original ``(height, width)``. Raises
-    :class:`~crane.errors.ImageReadError` naming the file if it cannot be decoded.
+    ``as_uint8``; see :func:`image_to_uint8`, which ``fast_resize`` is passed to as ``fast``)
+    and the original ``(height, width)``. Raises :class:`~crane.errors.ImageReadError` naming
+    the file if it cannot be decoded.
     """
+    if fast_resize and not as_uint8:
+        raise ValueError("fast_resize applies to the uint8 pixels (as_uint8=True)")
     image = open_image(path, draft)
     width, height = image.size
     if draft:  # report the file's true size, not the reduced decode
         with Image.open(path) as header:
             width, height = header.size
     if as_uint8:
-        return image_to_uint8(image, size), (height, width)
+        return image_to_uint8(image, size, fast=fast_resize), (height, width)
     return image_to_tensor(image, size, mean, std), (height, width)
 
 

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,19 +79,28 @@ class _Decode(Dataset):
     Keys are ``(input index, input)`` pairs handed out by :class:`_Jobs`, so long-lived
     workers can decode whatever a later ``predict`` call brings."""
 
-    def __init__(self, size: int, draft: int | None = None):
+    def __init__(self, size: int, draft: int | None = None, fast_resize: bool | None = None):
+        # Fast decoding (a draft size) also shrinks with torch's uint8 kernel (image_to_uint8).
         self.size, self.draft = size, draft
+        self.fast = draft is not None if fast_resize is None else fast_resize
 
     def __getitem__(self, key: tuple[int, ImageInput]) -> dict[str, Any]:
-        i, item = key
+        t0 = time.perf_counter()
+        out = self._decode(*key)
+        out["decode_s"] = time.perf_counter() - t0  # the worker's time (benchmarks sum it)
+        return out
+
+    def _decode(self, i: int, item: ImageInput) -> dict[str, Any]:
         try:
             if isinstance(item, (str, os.PathLike)):
-                pixels, (h, w) = read_image_tensor(item, self.size, draft=self.draft, as_uint8=True)
+                pixels, (h, w) = read_image_tensor(
+                    item, self.size, draft=self.draft, as_uint8=True, fast_resize=self.fast
+                )
                 return {"ok": True, "image": pixels, "hw": (h, w), "path": os.fspath(item), "i": i}
             pil = item if isinstance(item, Image.Image) else Image.fromarray(np.asarray(item))
             return {
                 "ok": True,
-                "image": image_to_uint8(pil, self.size),
+                "image": image_to_uint8(pil, self.size, fast=self.fast),
                 "hw": (pil.height, pil.width),
                 "path": None,
                 "i": i,
@@ -176,18 +186,21 @@ def decode_loader(
     chunk: int | None = None,
     prefetch: int | None = None,
     pin_memory: bool = False,
+    fast_resize: bool | None = None,
 ) -> tuple[DataLoader, _Jobs]:
     """The loader :class:`Detector` decodes with: ``workers`` processes decode chunks of
     ⌈batch / workers⌉ inputs (set ``jobs.keys`` to ``(index, input)`` pairs before iterating),
-    which :func:`_rebatch` joins into model batches. Chunks are collated as uint8 pixels.
-    ``chunk``/``prefetch``/``pin_memory`` change those choices (benchmarks compare them)."""
+    which :func:`_rebatch` joins into model batches. Chunks are collated as uint8 pixels,
+    shrunk the fast way when ``draft`` is set (or as ``fast_resize`` says).
+    ``chunk``/``prefetch``/``pin_memory``/``fast_resize`` change those choices (benchmarks
+    compare them)."""
     if chunk is None:
         chunk = -(-batch_size // workers) if workers else batch_size
     if prefetch is None:
         prefetch = max(2, -(-2 * batch_size // (chunk * workers))) if workers else None
     jobs = _Jobs(chunk)
     loader = DataLoader(
-        _Decode(size, draft),
+        _Decode(size, draft, fast_resize),
         batch_sampler=jobs,
         num_workers=workers,
         collate_fn=_collate,
@@ -232,8 +245,9 @@ class Detector:
     ``workers``: DataLoader processes that decode and resize files (use most CPU cores on a
     GPU machine); started by the first call and kept for later ones until :meth:`close` (or
     the end of a ``with Detector(...) as det:`` block). ``fast_decode``: JPEGs decoded at a
-    reduced DCT scale (still >= the model input) — much cheaper for large photos, pixels
-    differ slightly from the reference.
+    reduced DCT scale (still >= the model input) and images shrunk by torch's uint8 bicubic
+    kernel (:func:`~crane.data.transforms.image_to_uint8` ``fast``) — much cheaper for large
+    photos, pixels differ slightly from the reference.
     ``compile``: ``torch.compile`` the model (first batch compiles; a string picks the mode,
     e.g. ``"reduce-overhead"`` for CUDA graphs at small batches). ``map_size``: ``"input"``
     (maps at each image's own size) or ``"model"`` (S×S maps: 16× fewer bytes to copy back
