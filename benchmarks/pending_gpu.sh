@@ -12,7 +12,8 @@
 #             an H100 in the second session)
 #   variants  which options pay off: DINOv2 precisions, the one-SiLU MLP (66)
 #   compiled  the same with torch.compile (71)
-#   e2e-fast  predict from 2048-px JPEGs with the fastest options measured, compiled (159)
+#   e2e-fast  predict from 2048-px JPEGs with the fastest options measured, compiled (159;
+#             since the 12th session also at 12 and 8 workers: ≈ 20 s more, not measured)
 #   floor     GEMM/attention time against the rest of a batch-32 bf16 predict (20)
 #   all       = tests,e2e,model,variants,compiled,e2e-fast,floor: what is still unmeasured on
 #             the current code first (RESULTS.md, "Where the targets stand")
@@ -71,10 +72,11 @@ run_step() {  # the command of one step
     compiled) "$py" benchmarks/variants.py --device cuda --batch 32 --compile \
                 --select torch.compile --json "$out/variants_compiled_b32.json" ;;
     # The fastest end to end measured: fast decode, maps at model size, DINOv2 in bf16 and
-    # torch.compile (the accuracy guard is in variants.py's row of the same options).
+    # torch.compile (the accuracy guard is in variants.py's row of the same options), at 16,
+    # 12 and 8 workers (one compile); decode-only rows with PIL's and torch's shrink.
     e2e-fast) "$py" benchmarks/throughput.py --device cuda --presets crane+ --only e2e \
-                --e2e fast-model --decode fast --files 1024 --cfg dino_fp32=false --compile \
-                --json "$out/e2e_fast.json" ;;
+                --e2e fast-model --e2e-workers 16 12 8 --decode fast-pil fast --files 1024 \
+                --cfg dino_fp32=false --compile --json "$out/e2e_fast.json" ;;
     e2e) "$py" benchmarks/throughput.py --device cuda --presets crane+ --only e2e latency eval \
            --files 1024 --eval-images 256 --json "$out/e2e_eval.json" ;;
     model) "$py" benchmarks/throughput.py --device cuda --only model --json "$out/model.json" ;;

@@ -39,6 +39,7 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from unittest import mock
@@ -204,23 +205,37 @@ def bench_end_to_end(
     device: torch.device,
     paths: list[str],
     batch: int,
-    workers: int,
+    workers: int | list[int],
     amp: str,
     fast_decode: bool = False,
     map_size: str = "input",
     compile_model: bool = False,
-) -> dict:
+) -> Iterator[dict]:
+    """Predict from the files, a row per worker count (one Detector, so one compile)."""
+    counts = [workers] if isinstance(workers, int) else list(workers)
     det = Detector(
         copy.deepcopy(base),
         device=device,
         precision=amp,
         batch_size=batch,
-        workers=workers,
+        workers=counts[0],
         fast_decode=fast_decode,
         cast_weights=device.type == "cuda" and amp != "fp32",
         map_size=map_size,
         compile=compile_model,
     )
+    try:
+        for w in counts:
+            det.workers = w
+            yield _end_to_end_row(det, base, device, paths, amp, compile_model)
+    finally:
+        det.close()
+        del det
+        release(device)
+
+
+def _end_to_end_row(det, base, device, paths, amp, compile_model) -> dict:
+    batch, workers = det.batch_size, det.workers
     list(det.predict_iter(paths[: min(len(paths), 2 * batch)]))  # warm-up (workers, text)
     # Where the main thread's time goes: queuing device work, copying results back and
     # handing them out, or waiting for the DataLoader (the rest: blocked on the workers'
@@ -228,41 +243,33 @@ def bench_end_to_end(
     # image, to set against the decode-only rows: the same per-image time with the workers
     # idle part of the run means they were starved of work; a longer one, that they ran
     # slower beside the model (CPU contention).
-    spent = {"launch": 0.0, "collect": 0.0, "chunks": 0.0, "decode": 0.0}
-    launch, collect = det._launch, det._collect
+    spent = {"launch": 0.0, "collect": 0.0, "decode": 0.0}
+    chunk_timer = ChunkTimer()
+    launch, collect = Detector._launch, Detector._collect
 
     def timed_launch(batch):
         spent["decode"] += sum(item["decode_s"] for item in batch["ok"])
         t0 = time.perf_counter()
-        job = launch(batch)
+        job = launch(det, batch)
         spent["launch"] += time.perf_counter() - t0
         return job
 
-    def timed_chunks(chunks):
-        it = iter(chunks)
-        while True:
-            t0 = time.perf_counter()
-            try:
-                chunk = next(it)
-            except StopIteration:
-                return
-            finally:
-                spent["chunks"] += time.perf_counter() - t0
-            yield chunk
-
     def timed_rebatch(chunks, *args, **kwargs):
-        return rebatch(timed_chunks(chunks), *args, **kwargs)
+        return rebatch(chunk_timer.wrap(chunks), *args, **kwargs)
 
     def timed_collect(job):
         t0 = time.perf_counter()
-        out = list(collect(job))
+        out = list(collect(det, job))
         spent["collect"] += time.perf_counter() - t0
         yield from out
 
-    det._launch, det._collect = timed_launch, timed_collect
     rebatch = predict_module._rebatch
     reset_peak(device)
-    with mock.patch.object(predict_module, "_rebatch", timed_rebatch):
+    with (
+        mock.patch.object(predict_module, "_rebatch", timed_rebatch),
+        mock.patch.object(det, "_launch", timed_launch),
+        mock.patch.object(det, "_collect", timed_collect),
+    ):
         t = time.perf_counter()
         k, first = 0, None
         for r in det.predict_iter(paths):
@@ -271,15 +278,15 @@ def bench_end_to_end(
                 first = time.perf_counter() - t
         sync(device)
         dt = time.perf_counter() - t
-    out = {
+    return {
         "preset": base.cfg.name,
         "n_files": k,
         "jpeg_px": Image.open(paths[0]).size[0],
         "workers": workers,
         "batch": batch,
         "precision": amp,
-        "fast_decode": fast_decode,
-        "map_size": map_size,
+        "fast_decode": det.draft is not None,
+        "map_size": det.map_size,
         "compiled": compile_model,
         "end_to_end_img_s": k / dt,
         "first_batch_s": first,
@@ -288,14 +295,36 @@ def bench_end_to_end(
         "main_launch_s": spent["launch"],
         "main_collect_s": spent["collect"],
         "main_wait_loader_s": dt - spent["launch"] - spent["collect"],
-        "main_wait_chunks_s": spent["chunks"],
+        "main_wait_chunks_s": chunk_timer.wait,
+        "main_wait_transfer_s": chunk_timer.transfer,
         "worker_ms_per_image": 1e3 * spent["decode"] / max(k, 1),
         "workers_busy": spent["decode"] / (max(workers, 1) * dt),
         "total_s": dt,
     }
-    del det
-    release(device)
-    return out
+
+
+class ChunkTimer:
+    """Times the main thread's waits for decode-loader chunks. ``wait``: seconds blocked in
+    the loader; ``transfer``: the part of it after the worker had finished the chunk (its
+    ``done_at``) — handing the chunk between processes (pickling, shared memory, the queue,
+    dispatching new work), not decoding."""
+
+    def __init__(self):
+        self.wait = self.transfer = 0.0
+
+    def wrap(self, chunks):
+        it = iter(chunks)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                chunk = next(it)
+            except StopIteration:
+                self.wait += time.perf_counter() - t0
+                return
+            t1 = time.perf_counter()
+            self.wait += t1 - t0
+            self.transfer += t1 - max(t0, chunk["done_at"])
+            yield chunk
 
 
 def bench_latency(
@@ -362,14 +391,16 @@ def bench_decode(
     draft = size if fast else None
     fast_resize = fast if fast_resize is None else fast_resize
     pin = torch.cuda.is_available()
+    timer = ChunkTimer()
     if loader == "predict":
         chunks, jobs = decode_loader(size, draft, batch, workers, fast_resize=fast_resize)
-        batches = _rebatch(chunks, batch, pin=pin)
+        batches = _rebatch(timer.wrap(chunks), batch, pin=pin)
     else:
-        batches, jobs = decode_loader(
+        whole, jobs = decode_loader(
             size, draft, batch, workers, chunk=batch, prefetch=4, pin_memory=pin,
             fast_resize=fast_resize,
         )  # fmt: skip
+        batches = timer.wrap(whole)
     jobs.keys = list(enumerate(paths))
     t = time.perf_counter()
     k, busy = 0, 0.0
@@ -388,6 +419,9 @@ def bench_decode(
         "decode_img_s": k / dt,
         "worker_ms_per_image": 1e3 * busy / max(k, 1),
         "workers_busy": busy / (max(workers, 1) * dt),
+        "main_wait_s": timer.wait,
+        "main_wait_transfer_s": timer.transfer,
+        "total_s": dt,
     }
 
 
@@ -633,6 +667,14 @@ def main(argv=None) -> int:
         help="DataLoader workers end to end (default: the CPU count, at most 16; quick: 2)",
     )
     ap.add_argument(
+        "--e2e-workers",
+        nargs="+",
+        type=int,
+        default=None,
+        help="end-to-end rows at each of these worker counts, one Detector (one compile) for "
+        "all (default: --workers); fewer workers than cores tells CPU contention apart",
+    )
+    ap.add_argument(
         "--only",
         nargs="+",
         default=["model", "e2e", "latency", "train", "eval"],
@@ -740,13 +782,11 @@ def main(argv=None) -> int:
                 record("model", bench_model(base, device, batch, amp, reps, compile_model))
             combos = [E2E_COMBOS[c] for c in args.e2e] if paths and "e2e" in parts else []
             for fast, map_size in combos:
-                record(
-                    "end_to_end",
-                    bench_end_to_end(
-                        base, device, paths, args.batch, args.workers, amp, fast, map_size,
-                        args.compile,
-                    ),
-                )  # fmt: skip
+                for row in bench_end_to_end(
+                    base, device, paths, args.batch, args.e2e_workers or args.workers, amp,
+                    fast, map_size, args.compile,
+                ):  # fmt: skip
+                    record("end_to_end", row)
             if paths and "latency" in parts:
                 record("latency", bench_latency(base, device, paths[0], args.workers, amp))
             if "eval" in parts and args.eval_images:  # after e2e: writing its PNGs takes a while
@@ -804,6 +844,7 @@ def main(argv=None) -> int:
             "main_collect_s",
             "main_wait_loader_s",
             "main_wait_chunks_s",
+            "main_wait_transfer_s",
             "worker_ms_per_image",
             "workers_busy",
         ],
@@ -822,6 +863,9 @@ def main(argv=None) -> int:
                 "decode_img_s",
                 "worker_ms_per_image",
                 "workers_busy",
+                "main_wait_s",
+                "main_wait_transfer_s",
+                "total_s",
             ],
         )
     table(

@@ -200,7 +200,8 @@ def test_throughput_runs_every_part_with_config_changes(throughput, tmp_path, mo
     argv = [
         "--device", "cpu", "--presets", "tiny+", "--amp", "bf16", "--batch", "2",
         "--files", "3", "--workers", "1", "--eval-images", "4", "--train-images", "4",
-        "--e2e", "fast-model", "--cfg", "dino_attn_fp16=true", "map_combine=logit_mean",
+        "--e2e", "fast-model", "--e2e-workers", "1", "0",
+        "--cfg", "dino_attn_fp16=true", "map_combine=logit_mean",
         "--json", str(out),
     ]  # fmt: skip
     assert throughput.main(argv) == 0
@@ -213,8 +214,12 @@ def test_throughput_runs_every_part_with_config_changes(throughput, tmp_path, mo
     assert [r["batch"] for r in res["model"]] == [2, 1]
     for row in res["model"]:
         assert row["opt_bf16_img_s"] > 0 and row["max_abs_diff_map"] <= 1e-2
-    (e2e,) = res["end_to_end"]  # only the combination asked for
-    assert (e2e["fast_decode"], e2e["map_size"], e2e["n_files"]) == (True, "model", 3)
+    # Only the combination asked for, at each worker count asked for (one Detector).
+    assert [r["workers"] for r in res["end_to_end"]] == [1, 0]
+    for e2e in res["end_to_end"]:
+        assert (e2e["fast_decode"], e2e["map_size"], e2e["n_files"]) == (True, "model", 3)
+        assert e2e["precision"] == "bf16"
+    e2e = res["end_to_end"][0]
     assert [(d["fast_decode"], d["fast_resize"], d["loader"]) for d in res["decode"]] == [
         (False, False, "batches"), (False, False, "predict"),
         (True, False, "batches"), (True, False, "predict"),
@@ -224,10 +229,29 @@ def test_throughput_runs_every_part_with_config_changes(throughput, tmp_path, mo
     # The workers' own decode time per image, and the share of the run they spent on it.
     for row in (*res["decode"], e2e):
         assert row["worker_ms_per_image"] > 0 and 0 < row["workers_busy"] <= 1
-    assert 0 < e2e["main_wait_chunks_s"] <= e2e["main_wait_loader_s"]
+    assert 0 <= e2e["main_wait_transfer_s"] <= e2e["main_wait_chunks_s"]
+    assert e2e["main_wait_chunks_s"] <= e2e["main_wait_loader_s"]
+    for row in res["decode"]:
+        assert 0 <= row["main_wait_transfer_s"] <= row["main_wait_s"] <= row["total_s"]
     assert len(res["latency"]) == len(res["train"]) == len(res["evaluate"]) == 1
     assert res["evaluate"][0]["n_images"] == 8
     assert res["evaluate"][0]["max_abs_diff_mean_metrics"] <= 1e-2
+
+
+def test_chunk_timer_splits_waiting_for_workers_from_transfer(throughput):
+    """Blocked while the worker still decodes → wait only; blocked on a chunk the worker had
+    finished long before → all of it is transfer."""
+
+    def chunks():
+        time.sleep(0.05)
+        yield {"done_at": time.perf_counter()}  # finished just now: the wait was decoding
+        time.sleep(0.04)
+        yield {"done_at": 0.0}  # finished long ago: the wait was handing it over
+
+    timer = throughput.ChunkTimer()
+    assert len(list(timer.wrap(chunks()))) == 2
+    assert timer.wait >= 0.09
+    assert 0.04 <= timer.transfer < 0.04 + 0.02
 
 
 def test_throughput_json_keeps_the_rows_of_a_run_cut_short(throughput, tmp_path, monkeypatch):
@@ -257,7 +281,8 @@ def test_throughput_quick_mode_keeps_only_presets_and_sizes(throughput, tmp_path
     def fake(part):
         def bench(base, device, *args):
             calls.append((part, base.cfg.name, args))
-            return {"preset": base.cfg.name}
+            row = {"preset": base.cfg.name}
+            return [row] if part == "end_to_end" else row  # end to end: a row per worker count
 
         return bench
 
