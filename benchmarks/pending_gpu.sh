@@ -8,15 +8,16 @@
 #   e2e       predict from JPEGs (default options), one-file latency, evaluate end to end
 #             (cut at 152 s that session, while writing the evaluate PNGs: now written by
 #             --workers processes, after the other two parts)
-#   model     model-only fp32 baseline against the optimised path, memory at batch 1 (≈ 180 on
-#             an H100 in the second session)
+#   model     Crane+ model only, fp32 baseline against the optimised path, memory at batch 1
+#             (≈ 180 for Crane and Crane+ on an H100 in the second session)
 #   variants  which options pay off: DINOv2 precisions, the one-SiLU MLP (66)
 #   compiled  the same with torch.compile (71)
 #   e2e-fast  predict from 2048-px JPEGs with the fastest options measured, compiled (159;
 #             since the 12th session also at 12 and 8 workers: ≈ 20 s more, not measured)
 #   floor     GEMM/attention time against the rest of a batch-32 bf16 predict (20)
-#   all       = tests,e2e,model,variants,compiled,e2e-fast,floor: what is still unmeasured on
-#             the current code first (RESULTS.md, "Where the targets stand")
+#   all       = tests,e2e-fast,e2e,model,variants,compiled,floor: what is still unmeasured on
+#             the current code first (RESULTS.md, "Where the targets stand"); e2e-fast first
+#             since the 12th session changed fast decoding (the end-to-end target's path)
 #
 # OUT: folder for the JSON and log.txt (default benchmarks/results). BUDGET_S: wall-clock
 # seconds for the whole script (0 = none); a step cut at the budget gets 20 s more to exit
@@ -35,7 +36,7 @@ steps=${1:?usage: pending_gpu.sh STEP[,STEP...]|all [OUT] [BUDGET_S]}
 out=${2:-benchmarks/results}
 budget=${3:-0}
 py=${PYTHON:-python3}
-[[ $steps == all ]] && steps=tests,e2e,model,variants,compiled,e2e-fast,floor
+[[ $steps == all ]] && steps=tests,e2e-fast,e2e,model,variants,compiled,floor
 mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 2
 [[ $py == */* ]] && { py="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")" || exit 2; }
 cd "$(dirname "$0")/.." || exit 2
@@ -79,7 +80,8 @@ run_step() {  # the command of one step
                 --cfg dino_fp32=false --compile --json "$out/e2e_fast.json" ;;
     e2e) "$py" benchmarks/throughput.py --device cuda --presets crane+ --only e2e latency eval \
            --files 1024 --eval-images 256 --json "$out/e2e_eval.json" ;;
-    model) "$py" benchmarks/throughput.py --device cuda --only model --json "$out/model.json" ;;
+    model) "$py" benchmarks/throughput.py --device cuda --presets crane+ --only model \
+             --json "$out/model.json" ;;
     floor) "$py" benchmarks/floor.py --device cuda --batch 32 --amp bf16 --reps 5 --verbose \
              --json "$out/floor_cuda_b32.json" ;;
   esac
