@@ -85,7 +85,8 @@ def _shrunk_uint8(image: Image.Image, size: int) -> torch.Tensor | None:
     hwc = torch.from_numpy(np.array(image))  # a writable copy (PIL's buffer is read-only)
     if hwc.ndim == 2:
         hwc = hwc[..., None]
-    # (1, C, H, W) with channels-last strides: the layout torch's AVX2 uint8 kernel takes.
+    # (1, C, H, W) with channels-last strides: the layout torch's AVX2 uint8 kernel takes
+    # (torch >= 2.1, pytorch/pytorch#103252, written to match PIL's antialiased bicubic).
     out = F.interpolate(
         hwc.permute(2, 0, 1)[None], size=(size, size), mode="bicubic", antialias=True
     )[0]
