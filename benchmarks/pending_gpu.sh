@@ -15,7 +15,9 @@
 #   e2e-fast  predict from 2048-px JPEGs with the fastest options measured, compiled (159;
 #             since the 12th session also at 12 and 8 workers: ≈ 20 s more, not measured)
 #   floor     GEMM/attention time against the rest of a batch-32 bf16 predict (20)
-#   all       = tests,e2e-fast,e2e,model,variants,compiled,floor: what is still unmeasured on
+#   outputs   how fast this machine's CPUs draw and write predict's overlays (12th session;
+#             ≈ 20 s expected, not measured)
+#   all       = tests,e2e-fast,e2e,model,variants,compiled,floor,outputs: what is still unmeasured on
 #             the current code first (RESULTS.md, "Where the targets stand"); e2e-fast first
 #             since the 12th session changed fast decoding (the end-to-end target's path)
 #
@@ -36,7 +38,7 @@ steps=${1:?usage: pending_gpu.sh STEP[,STEP...]|all [OUT] [BUDGET_S]}
 out=${2:-benchmarks/results}
 budget=${3:-0}
 py=${PYTHON:-python3}
-[[ $steps == all ]] && steps=tests,e2e-fast,e2e,model,variants,compiled,floor
+[[ $steps == all ]] && steps=tests,e2e-fast,e2e,model,variants,compiled,floor,outputs
 mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 2
 [[ $py == */* ]] && { py="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")" || exit 2; }
 cd "$(dirname "$0")/.." || exit 2
@@ -46,7 +48,7 @@ log="$out/log.txt"
 # Seconds a step needs to return anything useful (skipped below that; PENDING_GPU_LEAST_S
 # sets one value for all, e.g. for a dry run with a stand-in interpreter).
 declare -A least=([variants]=60 [compiled]=120 [tests]=45 [e2e-fast]=120 [floor]=90 [e2e]=120
-                  [model]=90)
+                  [model]=90 [outputs]=20)
 if [[ -n ${PENDING_GPU_LEAST_S:-} ]]; then
   for step in "${!least[@]}"; do least[$step]=$PENDING_GPU_LEAST_S; done
 fi
@@ -82,6 +84,8 @@ run_step() {  # the command of one step
            --files 1024 --eval-images 256 --json "$out/e2e_eval.json" ;;
     model) "$py" benchmarks/throughput.py --device cuda --presets crane+ --only model \
              --json "$out/model.json" ;;
+    outputs) "$py" benchmarks/outputs.py --files 64 --threads 8 16 --skip-baseline \
+               --json "$out/outputs.json" ;;
     floor) "$py" benchmarks/floor.py --device cuda --batch 32 --amp bf16 --reps 5 --verbose \
              --json "$out/floor_cuda_b32.json" ;;
   esac

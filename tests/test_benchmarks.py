@@ -495,3 +495,19 @@ def test_pending_gpu_reports_failures_and_rejects_unknown_steps(tmp_path):
     assert "ran:" not in (out / "log.txt").read_text()
     proc, _ = _run_pending(tmp_path, "variants,no-such-step", budget=0)
     assert proc.returncode == 2 and "unknown step no-such-step" in proc.stderr
+
+
+def test_outputs_benchmark_rows_and_files(tmp_path, capsys):
+    outputs = _bench("outputs")
+    out = tmp_path / "o.json"
+    argv = ["--files", "3", "--px", "96", "--size", "28", "--threads", "0", "2", "--maps",
+            "--json", str(out)]  # fmt: skip
+    assert outputs.main(argv) == 0
+    res = json.loads(out.read_text())
+    assert [(r["threads"], r["png"]) for r in res["rows"]] == [
+        (0, "Pillow default (level 6)"), (0, "level 1, RLE"), (2, "level 1, RLE")
+    ]  # fmt: skip
+    assert all(r["img_s"] > 0 and r["png_mb"] > 0 for r in res["rows"])
+    assert "| 2 | level 1, RLE |" in capsys.readouterr().out
+    assert outputs.main([*argv[:-2], "--skip-baseline", "--json", str(out)]) == 0
+    assert [r["threads"] for r in json.loads(out.read_text())["rows"]] == [0, 2]

@@ -72,6 +72,17 @@ def _model_args(p: argparse.ArgumentParser, default: str | None) -> None:
     )
 
 
+def _write_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--write-threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="threads that draw and write overlays (and maps) beside the model loop "
+        "(default: the CPU count, at most 8; 0 = in the loop)",
+    )
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list model presets")
     p.set_defaults(func=cmd_models)
@@ -109,6 +120,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--out", default=None, help="where metrics.{md,csv,json} go (default: ./eval_<dataset>)"
     )
     p.add_argument("--visualize", default=None, metavar="DIR", help="write heatmap overlays here")
+    _write_threads_arg(p)
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (logged)")
     _common(p)
     p.set_defaults(func=cmd_evaluate)
@@ -120,6 +132,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, default=None, help="image decision threshold")
     p.add_argument("--save-maps", action="store_true", help="also write raw maps as .npy")
     p.add_argument("--no-overlays", action="store_true")
+    _write_threads_arg(p)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument(
         "--fast-decode",
@@ -177,6 +190,8 @@ def _runtime(args):
         args.workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
     elif args.workers < 0:
         raise CraneError(f"--workers must be >= 0, got {args.workers}")
+    if getattr(args, "write_threads", None) is not None and args.write_threads < 0:
+        raise CraneError(f"--write-threads must be >= 0, got {args.write_threads}")
     return device, autocast_dtype(args.precision, device)
 
 
@@ -294,6 +309,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         visualize_dir=args.visualize,
         progress=not args.no_progress,
         compile=args.compile,
+        write_threads=args.write_threads,
     )
     out = Path(args.out or f"eval_{args.dataset}")
     extra = {
@@ -338,6 +354,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         save_maps=args.save_maps,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        write_threads=args.write_threads,
     )
     print(json.dumps({k: summary[k] for k in ("n_images", "n_anomalous", "n_failed", "threshold")}))
     if summary["n_failed"]:

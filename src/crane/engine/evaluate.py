@@ -19,7 +19,6 @@ import torch
 from tqdm.auto import tqdm
 
 from crane.data import AnomalyDataset
-from crane.data.imageio import load_image
 from crane.engine.runtime import (
     autocast,
     batch_loader,
@@ -27,11 +26,12 @@ from crane.engine.runtime import (
     nan_score_message,
     scoring_forward,
 )
+from crane.engine.writer import OutputWriter
 from crane.errors import CraneError
 from crane.metrics import METRICS, MetricAccumulator, MetricsReport
 from crane.models.checkpoint import atomic_write_bytes
 from crane.models.crane import CraneModel
-from crane.viz import overlay, save_png
+from crane.viz import write_overlay
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ def evaluate(
     progress: bool = True,
     uint8_inputs: bool = True,
     compile: bool | str = False,
+    write_threads: int | None = None,
 ) -> EvalResult:
     """Run ``model`` over ``dataset`` and accumulate the six SPEC §9 metrics per class.
 
@@ -83,6 +84,9 @@ def evaluate(
     the float bytes), normalised on the device: bitwise the same model inputs. It applies to
     a float dataset with the CLIP normalisation (the default); other datasets run as given.
     ``compile``: ``torch.compile`` the model (a string picks the mode).
+    ``visualize_dir``: overlays written there by ``write_threads`` threads beside the loop
+    (default: the CPU count, at most 8; 0 = in the loop), see
+    :class:`~crane.engine.writer.OutputWriter`.
 
     On CUDA, batch k's metric update (which needs the host: region labelling, validation)
     runs on a side stream while batch k+1's forward is already queued on the main one.
@@ -125,7 +129,7 @@ def evaluate(
             else:
                 acc.update(batch["cls_name"], job.scores, batch["label"])
             if visualize_dir is not None:
-                _visualize(Path(visualize_dir), batch, job.maps.cpu().numpy())
+                _visualize(writer, Path(visualize_dir), batch, job.maps.cpu().numpy())
             for cls in batch["cls_name"]:
                 remaining[cls] -= 1
                 if remaining[cls] == 0:
@@ -136,7 +140,8 @@ def evaluate(
 
     t0 = time.perf_counter()
     pending: _Job | None = None
-    with torch.no_grad():
+    writer = OutputWriter(write_threads if visualize_dir is not None else 0)
+    with torch.no_grad(), writer:
         for batch in tqdm(loader, desc="evaluate", unit="batch", disable=not progress):
             if batch is None:
                 continue
@@ -158,13 +163,11 @@ class _Job:
     done: Any = None
 
 
-def _visualize(out: Path, batch: dict[str, Any], maps) -> None:
+def _visualize(writer: OutputWriter, out: Path, batch: dict[str, Any], maps) -> None:
     for i, path in enumerate(batch["path"]):
         mask = batch["mask"][i, 0].numpy() if batch["label"][i] else None
-        img = load_image(path)
-        name = Path(path).stem
-        specie = batch["specie_name"][i]
-        save_png(overlay(img, maps[i], mask), out / batch["cls_name"][i] / f"{specie}_{name}.png")
+        name = f"{batch['specie_name'][i]}_{Path(path).stem}.png"
+        writer.submit(write_overlay, out / batch["cls_name"][i] / name, path, maps[i], mask)
 
 
 def _cell(v: float, scale: float = 100.0) -> str:

@@ -23,7 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from crane.data.imageio import is_image_file, load_image
+from crane.data.imageio import is_image_file
 from crane.data.transforms import image_to_uint8, read_image_tensor
 from crane.engine.runtime import (
     autocast,
@@ -33,11 +33,12 @@ from crane.engine.runtime import (
     pick_device,
     scoring_forward,
 )
+from crane.engine.writer import OutputWriter
 from crane.errors import CraneError, ImageReadError
 from crane.models.checkpoint import atomic_write_bytes
 from crane.models.crane import CraneModel
 from crane.models.factory import create_model
-from crane.viz import overlay, save_png
+from crane.viz import write_overlay
 
 log = logging.getLogger(__name__)
 
@@ -507,6 +508,12 @@ def _output_names(paths: Sequence[str]) -> dict[str, str]:
     return names
 
 
+def _write_map(path: Path, amap: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, amap.astype(np.float32, copy=False))
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def run_predict(
     detector: Detector,
     inputs: Sequence[str | os.PathLike],
@@ -516,10 +523,13 @@ def run_predict(
     save_maps: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    write_threads: int | None = None,
 ) -> dict[str, Any]:
     """Predict files and write ``predictions.csv``, ``summary.json``, ``overlays/*.png`` and
     (on request) ``maps/*.npy``. Unreadable files, and any whose score comes out NaN, are
-    reported (``summary.json``'s ``failed``) and skipped."""
+    reported (``summary.json``'s ``failed``) and skipped. Overlays and maps are written by
+    ``write_threads`` threads beside the prediction loop (default: the CPU count, at most 8;
+    0 = in the loop), see :class:`~crane.engine.writer.OutputWriter`."""
     out = Path(out_dir)
     if (out / "predictions.csv").exists() and not overwrite:
         raise CraneError(
@@ -529,30 +539,30 @@ def run_predict(
     paths = expand_inputs(inputs)
     names = _output_names(paths)
     rows, failures = [], []
-    for r in detector.predict_iter(paths, progress=progress):
-        if isinstance(r, Failure):
-            what = "unreadable" if r.reason == "unreadable" else "no result for"
-            log.warning("skipped %s %s: %s", what, r.path, r.error)
-            failures.append({"path": r.path, "error": r.error, "reason": r.reason})
-            continue
-        decision = "" if r.is_anomalous is None else ("anomalous" if r.is_anomalous else "normal")
-        rows.append(
-            {
-                "path": r.path,
-                "image_score": f"{r.score:.6f}",
-                "decision": decision,
-                "max_pixel_score": f"{r.max_pixel_score:.6f}",
-            }
-        )
-        if overlays:
-            save_png(
-                overlay(load_image(r.path), r.anomaly_map),
-                out / "overlays" / f"{names[r.path]}.png",
+    with OutputWriter(write_threads) as writer:
+        for r in detector.predict_iter(paths, progress=progress):
+            if isinstance(r, Failure):
+                what = "unreadable" if r.reason == "unreadable" else "no result for"
+                log.warning("skipped %s %s: %s", what, r.path, r.error)
+                failures.append({"path": r.path, "error": r.error, "reason": r.reason})
+                continue
+            decision = (
+                "" if r.is_anomalous is None else ("anomalous" if r.is_anomalous else "normal")
             )
-        if save_maps:
-            buf = io.BytesIO()
-            np.save(buf, r.anomaly_map.astype(np.float32))
-            atomic_write_bytes(out / "maps" / f"{names[r.path]}.npy", buf.getvalue())
+            rows.append(
+                {
+                    "path": r.path,
+                    "image_score": f"{r.score:.6f}",
+                    "decision": decision,
+                    "max_pixel_score": f"{r.max_pixel_score:.6f}",
+                }
+            )
+            if overlays:
+                writer.submit(
+                    write_overlay, out / "overlays" / f"{names[r.path]}.png", r.path, r.anomaly_map
+                )
+            if save_maps:
+                writer.submit(_write_map, out / "maps" / f"{names[r.path]}.npy", r.anomaly_map)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["path", "image_score", "decision", "max_pixel_score"])
     writer.writeheader()

@@ -1,0 +1,116 @@
+"""What writing `crane predict`'s files costs, apart from the model.
+
+For each JPEG an overlay is drawn at the photo's own size and saved as PNG (what
+``run_predict`` does per image, from a smooth S×S anomaly map), and optionally the map is saved
+as .npy at that size. Rows: the way it used to run (in the loop, Pillow's default zlib level 6),
+in the loop with zlib level 1 and its run-length strategy (now the default), and beside the
+loop on writer threads (``OutputWriter``).
+
+  python benchmarks/outputs.py --files 48 --px 2048 --threads 0 2 --json results/outputs.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from throughput import make_jpegs, save  # same folder
+
+from crane.data.imageio import load_image
+from crane.engine.predict import _write_map
+from crane.engine.writer import OutputWriter, default_write_threads
+from crane.viz import overlay, resize_map, save_png, write_overlay
+
+
+def smooth_map(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A model-like S×S map: a few smooth blobs in [0, 1]."""
+    return resize_map(rng.random((37, 37), dtype=np.float32) ** 4, size, size)
+
+
+def run(
+    paths: list[str], maps: list[np.ndarray], out: Path, threads: int, fast: bool, npy: bool
+) -> float:
+    def job(path: str, amap: np.ndarray, name: str) -> None:
+        if fast:
+            write_overlay(out / f"{name}.png", path, amap)
+        else:  # the previous default: Pillow's PNG options
+            save_png(overlay(load_image(path), amap), out / f"{name}.png", fast=False)
+        if npy:
+            with Image.open(path) as im:
+                w, h = im.size
+            _write_map(out / f"{name}.npy", resize_map(amap, h, w))
+
+    t = time.perf_counter()
+    with OutputWriter(threads) as writer:
+        for i, (path, amap) in enumerate(zip(paths, maps, strict=True)):
+            writer.submit(job, path, amap, f"{i:05d}")
+    return time.perf_counter() - t
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--files", type=int, default=48)
+    ap.add_argument("--px", type=int, default=2048, help="JPEG side in pixels")
+    ap.add_argument("--size", type=int, default=518, help="anomaly map side (model input)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[0, default_write_threads()],
+        help="writer threads per row (0: in the loop); Pillow's defaults run in the loop only",
+    )
+    ap.add_argument("--maps", action="store_true", help="also save each map as .npy")
+    ap.add_argument(
+        "--skip-baseline", action="store_true", help="no row with Pillow's defaults in the loop"
+    )
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    rng = np.random.default_rng(0)
+    results: dict = {
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "files": args.files,
+        "px": args.px,
+        "maps": args.maps,
+        "rows": [],
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = make_jpegs(Path(tmp) / "in", args.files, args.px, os.cpu_count() or 1)
+        maps = [smooth_map(rng, args.size) for _ in paths]
+        plan = [] if args.skip_baseline else [(0, False)]
+        plan += [(t, True) for t in args.threads]
+        for k, (threads, fast) in enumerate(plan):
+            out = Path(tmp) / f"out{k}"
+            out.mkdir()
+            dt = run(paths, maps, out, threads, fast, args.maps)
+            png = sorted(out.glob("*.png"))
+            row = {
+                "threads": threads,
+                "png": "level 1, RLE" if fast else "Pillow default (level 6)",
+                "img_s": len(paths) / dt,
+                "ms_per_image": 1e3 * dt / len(paths),
+                "png_mb": sum(p.stat().st_size for p in png) / len(png) / 2**20,
+            }
+            results["rows"].append(row)
+            print(row, flush=True)
+            save(results, args.json)
+    print(f"\n{args.files} JPEGs of {args.px} px, {os.cpu_count()} CPUs, maps: {args.maps}")
+    print("| writer threads | PNG options | img/s | ms per image | MB per overlay |")
+    print("|---|---|---|---|---|")
+    for r in results["rows"]:
+        print(
+            f"| {r['threads']} | {r['png']} | {r['img_s']:.2f} | "
+            f"{r['ms_per_image']:.0f} | {r['png_mb']:.2f} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Outputs written beside the predict/evaluate loop (crane.engine.writer): every job runs, off
+the caller's thread, with bounded memory; failures reach the caller after the other jobs have
+finished; the files are the same bytes as when written in the loop."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from crane.engine.predict import Detector, run_predict
+from crane.engine.writer import OutputWriter, default_write_threads
+from crane.models import create_model
+from crane.viz import jet, overlay, resize_map, save_png, write_overlay
+
+SIZE = 56
+
+
+def test_jobs_run_on_writer_threads_and_all_finish():
+    done, names = [], set()
+
+    def job(i):
+        time.sleep(0.01)
+        names.add(threading.current_thread().name)
+        done.append(i)
+
+    with OutputWriter(3) as writer:
+        for i in range(12):
+            writer.submit(job, i)
+    assert sorted(done) == list(range(12))
+    assert names and all(n.startswith("crane-write") for n in names)
+
+
+def test_submit_waits_once_max_pending_jobs_are_queued():
+    started = []
+    gate = threading.Event()
+
+    def job(i):
+        started.append(i)
+        gate.wait(5)
+
+    writer = OutputWriter(1, max_pending=2)
+    writer.submit(job, 0)
+    writer.submit(job, 1)
+    t = threading.Thread(target=writer.submit, args=(job, 2))
+    t.start()
+    t.join(0.2)
+    assert t.is_alive()  # the third job waits for the first to finish
+    gate.set()
+    t.join(5)
+    assert not t.is_alive()
+    writer.close()
+    assert started == [0, 1, 2]
+
+
+def test_a_failure_surfaces_after_the_other_jobs_ran(caplog):
+    done = []
+
+    def job(i):
+        if i in (2, 4):
+            raise OSError(f"disk full at {i}")
+        time.sleep(0.005)
+        done.append(i)
+
+    writer = OutputWriter(2, max_pending=100)
+    for i in range(8):
+        writer.submit(job, i)
+    with pytest.raises(OSError, match="disk full at 2"):
+        writer.close()
+    assert sorted(done) == [0, 1, 3, 5, 6, 7]
+    assert "disk full at 4" in caplog.text  # the second failure is logged, not lost
+
+
+def test_an_error_in_the_loop_keeps_it_and_still_writes_what_was_queued():
+    done = []
+    with pytest.raises(KeyError):
+        with OutputWriter(2) as writer:
+            for i in range(4):
+                writer.submit(lambda i=i: (time.sleep(0.01), done.append(i)))
+            raise KeyError("loop failed")
+    assert sorted(done) == [0, 1, 2, 3]
+
+
+def test_zero_threads_writes_in_the_callers_thread():
+    seen = []
+    with OutputWriter(0) as writer:
+        writer.submit(lambda: seen.append(threading.current_thread()))
+        assert seen == [threading.current_thread()]  # already done at submit
+    with pytest.raises(ValueError, match=">= 0"):
+        OutputWriter(-1)
+    assert 1 <= default_write_threads() <= 8
+
+
+def _reference_overlay(image, amap, mask=None, alpha=0.5, vmin=0.0, vmax=1.0):
+    """The overlay as first written (plain expressions, a temporary per step)."""
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    h, w = rgb.shape[:2]
+    m = resize_map(np.asarray(amap, dtype=np.float32), h, w)
+    m = (m - vmin) / max(vmax - vmin, 1e-12)
+    v = np.clip(m, 0, 1)
+    r, g, b = (np.clip(1.5 - np.abs(4 * v - k), 0, 1) for k in (3, 2, 1))
+    heat = (np.stack([r, g, b], -1) * 255).round().astype(np.uint8)
+    out = (1 - alpha) * rgb + alpha * heat.astype(np.float32)
+    if mask is not None:
+        fg = np.asarray(mask) > 0
+        edge = fg & ~ndimage.binary_erosion(fg, iterations=max(1, min(h, w) // 256))
+        out[edge] = (0, 255, 0)
+    return out.clip(0, 255).astype(np.uint8), heat
+
+
+@pytest.mark.parametrize(
+    "mode, kw", [("RGB", {}), ("L", {"alpha": 0.3, "vmin": 0.2, "vmax": 0.7}), ("RGBA", {})]
+)
+def test_overlay_and_jet_are_bitwise_the_reference_formulas(mode, kw):
+    rng = np.random.default_rng(1)
+    im = Image.fromarray(rng.integers(0, 256, (90, 130, 3), dtype=np.uint8)).convert(mode)
+    amap = rng.normal(0.5, 0.4, (23, 31)).astype(np.float32)  # values outside [0, 1] too
+    mask = np.zeros((90, 130), np.uint8)
+    mask[20:50, 30:90] = 1
+    full = rng.normal(0.5, 0.4, (90, 130)).astype(np.float32)  # already the image's size
+    for a in (amap, full):
+        before = a.copy()
+        for m in (None, mask):
+            ref, heat = _reference_overlay(im, a, m, **kw)
+            assert np.array_equal(np.asarray(overlay(im, a, m, **kw)), ref)
+        assert np.array_equal(a, before)  # the caller's map is not changed in place
+    lo, hi = kw.get("vmin", 0.0), kw.get("vmax", 1.0)
+    assert np.array_equal(jet((full - lo) / (hi - lo)), heat)  # heat: of the last map, full
+
+
+def test_overlay_png_is_lossless_with_the_fast_options(tmp_path):
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    amap = rng.random((10, 10)).astype(np.float32)
+    ov = overlay(im, amap)
+    save_png(ov, tmp_path / "a.png")
+    save_png(ov, tmp_path / "slow.png", fast=False)
+    assert (tmp_path / "a.png").read_bytes() != (tmp_path / "slow.png").read_bytes()
+    for name in ("a.png", "slow.png"):
+        with Image.open(tmp_path / name) as back:
+            assert np.array_equal(np.asarray(back), np.asarray(ov))
+    im.save(tmp_path / "src.png")
+    write_overlay(tmp_path / "b.png", tmp_path / "src.png", amap)  # from the file
+    assert (tmp_path / "b.png").read_bytes() == (tmp_path / "a.png").read_bytes()
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic: no temp file left behind
+
+
+def test_run_predict_writes_the_same_files_with_and_without_threads(synth, tmp_path):
+    files = sorted((synth / "plate" / "test").rglob("*.png"))[:5]
+    det = Detector(create_model("tiny", image_size=SIZE), device="cpu", batch_size=2)
+    for threads in (0, 3):
+        run_predict(
+            det, files, tmp_path / f"out{threads}", save_maps=True, progress=False,
+            write_threads=threads,
+        )  # fmt: skip
+    for sub in ("overlays", "maps"):
+        a = sorted((tmp_path / "out0" / sub).iterdir())
+        b = sorted((tmp_path / "out3" / sub).iterdir())
+        assert [p.name for p in a] == [p.name for p in b] and len(a) == 5
+        assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b, strict=True))
+
+
+def test_run_predict_reports_a_write_failure(synth, tmp_path):
+    files = sorted((synth / "plate" / "test" / "good").glob("*.png"))[:2]
+    det = Detector(create_model("tiny", image_size=SIZE), device="cpu")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "overlays").write_text("a file where the overlay folder should be")
+    with pytest.raises(OSError):
+        run_predict(det, files, out, progress=False, write_threads=2)
+    assert not (out / "predictions.csv").exists()  # nothing claims outputs that are missing
