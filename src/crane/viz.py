@@ -50,15 +50,23 @@ def overlay(
 ) -> Image.Image:
     """RGB overlay at the image's own size. ``amap`` is any size (resized bilinearly);
     ``mask`` (same size as the image, non-zero = anomalous) is drawn as a green contour."""
-    out = np.asarray(image.convert("RGB"), dtype=np.float32)  # a new array: blended in place
-    h, w = out.shape[:2]
+    rgb = image.convert("RGB")
+    h, w = rgb.height, rgb.width
     m = np.subtract(resize_map(np.asarray(amap, dtype=np.float32), h, w), vmin)
     m /= max(vmax - vmin, 1e-12)
-    # (1 − alpha)·rgb + alpha·jet(m), the same float32 operations done in place.
-    out *= 1 - alpha
-    heat = jet(m).astype(np.float32)
-    heat *= alpha
-    out += heat
+    if alpha == 0.5:
+        # The float blend below, exactly: 0.5·a + 0.5·b is exact in float32 for bytes and the
+        # cast truncates, so it equals (a + b) >> 1 — in integers, without float copies.
+        out = np.asarray(rgb, dtype=np.uint16)
+        out += jet(m)
+        out >>= 1
+    else:
+        # (1 − alpha)·rgb + alpha·jet(m), the float32 operations done in place.
+        out = np.asarray(rgb, dtype=np.float32)
+        out *= 1 - alpha
+        heat = jet(m).astype(np.float32)
+        heat *= alpha
+        out += heat
     if mask is not None:
         fg = np.asarray(mask) > 0
         if fg.shape != (h, w):
@@ -72,7 +80,9 @@ def overlay(
             )
         edge = fg & ~ndimage.binary_erosion(fg, iterations=max(1, min(h, w) // 256))
         out[edge] = (0, 255, 0)
-    return Image.fromarray(np.clip(out, 0, 255, out=out).astype(np.uint8))
+    if out.dtype != np.uint16:  # the integer blend cannot leave [0, 255]
+        np.clip(out, 0, 255, out=out)
+    return Image.fromarray(out.astype(np.uint8))
 
 
 # zlib's run-length strategy ("designed to be almost as fast as Huffman-only, but give better
