@@ -3,8 +3,8 @@
 For each JPEG an overlay is drawn at the photo's own size and saved as PNG (what
 ``run_predict`` does per image, from a smooth S×S anomaly map), and optionally the map is saved
 as .npy at that size. Rows: the way it used to run (in the loop, Pillow's default zlib level 6),
-in the loop with zlib level 1 and its run-length strategy (now the default), and beside the
-loop on writer threads (``OutputWriter``).
+in the loop with zlib level 1 and its run-length strategy (now the default), beside the loop
+on writer threads (``OutputWriter``), and as JPEG (``--overlay-format jpg``) on the most threads.
 
   python benchmarks/outputs.py --files 48 --px 2048 --threads 0 2 --json results/outputs.json
 """
@@ -34,14 +34,24 @@ def smooth_map(rng: np.random.Generator, size: int) -> np.ndarray:
     return resize_map(rng.random((37, 37), dtype=np.float32) ** 4, size, size)
 
 
+# Row kinds: how an overlay is saved.
+KINDS = {
+    "png-pillow": "Pillow default (level 6)",  # the previous default
+    "png": "level 1, RLE",
+    "jpg": "JPEG q90",
+}
+
+
 def run(
-    paths: list[str], maps: list[np.ndarray], out: Path, threads: int, fast: bool, npy: bool
+    paths: list[str], maps: list[np.ndarray], out: Path, threads: int, kind: str, npy: bool
 ) -> float:
+    suffix = "jpg" if kind == "jpg" else "png"
+
     def job(path: str, amap: np.ndarray, name: str) -> None:
-        if fast:
-            write_overlay(out / f"{name}.png", path, amap)
-        else:  # the previous default: Pillow's PNG options
+        if kind == "png-pillow":
             save_png(overlay(load_image(path), amap), out / f"{name}.png", fast=False)
+        else:
+            write_overlay(out / f"{name}.{suffix}", path, amap)
         if npy:
             with Image.open(path) as im:
                 w, h = im.size
@@ -64,7 +74,8 @@ def main(argv=None) -> int:
         type=int,
         nargs="+",
         default=[0, default_write_threads()],
-        help="writer threads per row (0: in the loop); Pillow's defaults run in the loop only",
+        help="writer threads per row (0: in the loop); Pillow's defaults run in the loop only, "
+        "JPEG at the last count only",
     )
     ap.add_argument("--maps", action="store_true", help="also save each map as .npy")
     ap.add_argument(
@@ -84,30 +95,30 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_jpegs(Path(tmp) / "in", args.files, args.px, os.cpu_count() or 1)
         maps = [smooth_map(rng, args.size) for _ in paths]
-        plan = [] if args.skip_baseline else [(0, False)]
-        plan += [(t, True) for t in args.threads]
-        for k, (threads, fast) in enumerate(plan):
+        plan = [] if args.skip_baseline else [(0, "png-pillow")]
+        plan += [(t, "png") for t in args.threads] + [(args.threads[-1], "jpg")]
+        for k, (threads, kind) in enumerate(plan):
             out = Path(tmp) / f"out{k}"
             out.mkdir()
-            dt = run(paths, maps, out, threads, fast, args.maps)
-            png = sorted(out.glob("*.png"))
+            dt = run(paths, maps, out, threads, kind, args.maps)
+            files = sorted(out.glob("*.jpg" if kind == "jpg" else "*.png"))
             row = {
                 "threads": threads,
-                "png": "level 1, RLE" if fast else "Pillow default (level 6)",
+                "format": KINDS[kind],
                 "img_s": len(paths) / dt,
                 "ms_per_image": 1e3 * dt / len(paths),
-                "png_mb": sum(p.stat().st_size for p in png) / len(png) / 2**20,
+                "overlay_mb": sum(p.stat().st_size for p in files) / len(files) / 2**20,
             }
             results["rows"].append(row)
             print(row, flush=True)
             save(results, args.json)
     print(f"\n{args.files} JPEGs of {args.px} px, {os.cpu_count()} CPUs, maps: {args.maps}")
-    print("| writer threads | PNG options | img/s | ms per image | MB per overlay |")
+    print("| writer threads | overlay file | img/s | ms per image | MB per overlay |")
     print("|---|---|---|---|---|")
     for r in results["rows"]:
         print(
-            f"| {r['threads']} | {r['png']} | {r['img_s']:.2f} | "
-            f"{r['ms_per_image']:.0f} | {r['png_mb']:.2f} |"
+            f"| {r['threads']} | {r['format']} | {r['img_s']:.2f} | "
+            f"{r['ms_per_image']:.0f} | {r['overlay_mb']:.2f} |"
         )
     return 0
 

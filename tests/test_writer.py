@@ -14,6 +14,7 @@ from scipy import ndimage
 
 from crane.engine.predict import Detector, run_predict
 from crane.engine.writer import OutputWriter, default_write_threads
+from crane.errors import CraneError
 from crane.models import create_model
 from crane.viz import jet, overlay, resize_map, save_png, write_overlay
 
@@ -173,3 +174,20 @@ def test_run_predict_reports_a_write_failure(synth, tmp_path):
     with pytest.raises(OSError):
         run_predict(det, files, out, progress=False, write_threads=2)
     assert not (out / "predictions.csv").exists()  # nothing claims outputs that are missing
+
+
+def test_jpeg_overlays_on_request(synth, tmp_path):
+    files = sorted((synth / "plate" / "test" / "good").glob("*.png"))[:2]
+    det = Detector(create_model("tiny", image_size=SIZE), device="cpu")
+    run_predict(det, files, tmp_path / "out", progress=False, overlay_format="jpg")
+    written = sorted((tmp_path / "out" / "overlays").iterdir())
+    assert [p.suffix for p in written] == [".jpg", ".jpg"]
+    r = det.predict(files[0])[0]
+    with Image.open(written[0]) as jpg:
+        assert jpg.format == "JPEG" and jpg.size == Image.open(files[0]).size
+        ref = np.asarray(overlay(Image.open(files[0]), r.anomaly_map), dtype=float)
+        assert np.abs(np.asarray(jpg, dtype=float) - ref).mean() < 8  # lossy, but the overlay
+    with pytest.raises(CraneError, match="overlay format"):
+        run_predict(det, files, tmp_path / "o2", progress=False, overlay_format="gif")
+    with pytest.raises(ValueError, match=".png or .jpg"):
+        write_overlay(tmp_path / "x.bmp", Image.open(files[0]), r.anomaly_map)

@@ -102,14 +102,29 @@ def save_png(image: Image.Image, path: str | os.PathLike, fast: bool = True) -> 
     os.replace(tmp, path)
 
 
+def save_jpeg(image: Image.Image, path: str | os.PathLike, quality: int = 90) -> None:
+    """Atomic JPEG write (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="JPEG", quality=quality)
+    os.replace(tmp, path)
+
+
+OVERLAY_FORMATS = {"png": save_png, "jpg": save_jpeg}
+
+
 def write_overlay(
     path: str | os.PathLike,
     image: Image.Image | str | os.PathLike,
     amap: np.ndarray,
     mask: np.ndarray | None = None,
 ) -> None:
-    """:func:`overlay` of ``image`` (or the image file it names, decoded here) saved as PNG:
-    one job for a writer thread."""
+    """:func:`overlay` of ``image`` (or the image file it names, decoded here) saved as PNG,
+    or as JPEG (quality 90) for a ``.jpg`` path: one job for a writer thread."""
     if not isinstance(image, Image.Image):
         image = load_image(image)
-    save_png(overlay(image, amap, mask), path)
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in OVERLAY_FORMATS:
+        raise ValueError(f"overlay path must end in .png or .jpg, got {path}")
+    OVERLAY_FORMATS[suffix](overlay(image, amap, mask), path)

@@ -132,6 +132,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, default=None, help="image decision threshold")
     p.add_argument("--save-maps", action="store_true", help="also write raw maps as .npy")
     p.add_argument("--no-overlays", action="store_true")
+    p.add_argument(
+        "--overlay-format",
+        default="png",
+        choices=["png", "jpg"],
+        help="png: lossless; jpg: quality 90, far cheaper to encode (the PNG encode is most "
+        "of an overlay's cost)",
+    )
     _write_threads_arg(p)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument(
@@ -355,6 +362,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
         write_threads=args.write_threads,
+        overlay_format=args.overlay_format,
     )
     print(json.dumps({k: summary[k] for k in ("n_images", "n_anomalous", "n_failed", "threshold")}))
     if summary["n_failed"]:
