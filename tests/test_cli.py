@@ -156,9 +156,14 @@ def test_train_resume_evaluate_calibrate_predict(tmp_path):
         "--out",
         str(out),
         "--no-progress",
+        "--overlay-format",
+        "jpg",
+        "--write-threads",
+        "2",
     )
     rows = list(csv.DictReader(open(out / "predictions.csv")))
     assert len(rows) == 8 + 3
+    assert len(list((out / "overlays").glob("*.jpg"))) == 8 + 3
     assert all(x["decision"] in ("normal", "anomalous") for x in rows)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["threshold"] == pytest.approx(cfg["image_threshold"])
