@@ -50,7 +50,7 @@ def overlay(
 ) -> Image.Image:
     """RGB overlay at the image's own size. ``amap`` is any size (resized bilinearly);
     ``mask`` (same size as the image, non-zero = anomalous) is drawn as a green contour."""
-    rgb = image.convert("RGB")
+    rgb = image if image.mode == "RGB" else image.convert("RGB")  # read only: no copy needed
     h, w = rgb.height, rgb.width
     m = np.subtract(resize_map(np.asarray(amap, dtype=np.float32), h, w), vmin)
     m /= max(vmax - vmin, 1e-12)
