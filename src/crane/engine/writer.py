@@ -1,8 +1,9 @@
 """Output files written beside the predict/evaluate loop instead of inside it.
 
-An overlay is a full-resolution blend and a PNG encode: ≈ 0.25 s for a 1.5-megapixel photo on
-one core (Pillow's default zlib level 6 took ≈ 0.75 s), against a few milliseconds of GPU time
-per image. Done in the loop, it would set the pace of ``crane predict``. Pillow's encoders,
+An overlay is a full-resolution blend and a PNG encode: ≈ 0.6 s of one core for a 2048-px
+photo (2.8 s with Pillow's default PNG options; benchmarks/RESULTS.md), against a few
+milliseconds of GPU time per image. Done in the loop, it would set the pace of
+``crane predict``. Pillow's encoders,
 zlib, its resampling and NumPy's array arithmetic release the GIL, so a few threads run them in
 parallel without copying maps to other processes.
 """
@@ -30,8 +31,9 @@ class OutputWriter:
     At most ``max_pending`` jobs (default 2 × threads) are queued or running: ``submit`` waits
     for the oldest beyond that, so the maps a job holds cannot pile up when writing is slower
     than predicting. A job's exception is raised in the caller by a later ``submit`` or by
-    :meth:`close`; every job already submitted still runs to the end first (no finished
-    prediction loses its files because another one failed to write).
+    :meth:`close`, and :meth:`close` (or leaving the ``with`` block, also on an error) waits
+    for every job already submitted: no finished prediction loses its files because another
+    one failed to write.
 
     >>> with OutputWriter(4) as writer:                        # doctest: +SKIP
     ...     writer.submit(save_png, image, "out/a.png")
