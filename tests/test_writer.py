@@ -191,3 +191,12 @@ def test_jpeg_overlays_on_request(synth, tmp_path):
         run_predict(det, files, tmp_path / "o2", progress=False, overlay_format="gif")
     with pytest.raises(ValueError, match=".png or .jpg"):
         write_overlay(tmp_path / "x.bmp", Image.open(files[0]), r.anomaly_map)
+
+
+def test_a_failed_save_leaves_no_file_behind(tmp_path):
+    from crane.viz import save_jpeg
+
+    rgba = Image.new("RGBA", (8, 8))
+    with pytest.raises(OSError):
+        save_jpeg(rgba, tmp_path / "a.jpg")  # JPEG has no alpha channel
+    assert list(tmp_path.iterdir()) == []

@@ -90,25 +90,31 @@ def overlay(
 _Z_RLE = 3
 
 
-def save_png(image: Image.Image, path: str | os.PathLike, fast: bool = True) -> None:
-    """Atomic PNG write (temp file + rename). ``fast``: zlib level 1 with the run-length
-    strategy, 5-7× faster than Pillow's default (level 6) on photo overlays, files no larger
-    (measured: benchmarks/RESULTS.md); otherwise Pillow's defaults."""
+def _atomic_save(image: Image.Image, path: str | os.PathLike, **options) -> None:
+    """Save to a temp file beside ``path``, then rename over it (no half-written image ever
+    carries the final name; the temp file is removed if saving fails)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        image.save(tmp, **options)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, fast: bool = True) -> None:
+    """Atomic PNG write. ``fast``: zlib level 1 with the run-length strategy, 5-7× faster than
+    Pillow's default (level 6) on photo overlays, files no larger (measured:
+    benchmarks/RESULTS.md); otherwise Pillow's defaults."""
     options = {"compress_level": 1, "compress_type": _Z_RLE} if fast else {}
-    image.save(tmp, format="PNG", **options)
-    os.replace(tmp, path)
+    _atomic_save(image, path, format="PNG", **options)
 
 
 def save_jpeg(image: Image.Image, path: str | os.PathLike, quality: int = 90) -> None:
-    """Atomic JPEG write (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="JPEG", quality=quality)
-    os.replace(tmp, path)
+    """Atomic JPEG write."""
+    _atomic_save(image, path, format="JPEG", quality=quality)
 
 
 OVERLAY_FORMATS = {"png": save_png, "jpg": save_jpeg}
