@@ -238,20 +238,22 @@ def test_throughput_runs_every_part_with_config_changes(throughput, tmp_path, mo
     assert res["evaluate"][0]["max_abs_diff_mean_metrics"] <= 1e-2
 
 
-def test_chunk_timer_splits_waiting_for_workers_from_transfer(throughput):
+def test_chunk_timer_splits_waiting_for_workers_from_transfer(throughput, monkeypatch):
     """Blocked while the worker still decodes → wait only; blocked on a chunk the worker had
-    finished long before → all of it is transfer."""
+    finished long before → all of it is transfer. On a stand-in clock: exact seconds."""
+    clock = [100.0]
+    monkeypatch.setattr(throughput.time, "perf_counter", lambda: clock[0])
 
     def chunks():
-        time.sleep(0.05)
-        yield {"done_at": time.perf_counter()}  # finished just now: the wait was decoding
-        time.sleep(0.04)
+        clock[0] += 0.05
+        yield {"done_at": clock[0]}  # finished just now: the wait was decoding
+        clock[0] += 0.04
         yield {"done_at": 0.0}  # finished long ago: the wait was handing it over
 
     timer = throughput.ChunkTimer()
     assert len(list(timer.wrap(chunks()))) == 2
-    assert timer.wait >= 0.09
-    assert 0.04 <= timer.transfer < 0.04 + 0.02
+    assert timer.wait == pytest.approx(0.09)
+    assert timer.transfer == pytest.approx(0.04)
 
 
 def test_throughput_json_keeps_the_rows_of_a_run_cut_short(throughput, tmp_path, monkeypatch):

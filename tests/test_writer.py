@@ -200,3 +200,8 @@ def test_a_failed_save_leaves_no_file_behind(tmp_path):
     with pytest.raises(OSError):
         save_jpeg(rgba, tmp_path / "a.jpg")  # JPEG has no alpha channel
     assert list(tmp_path.iterdir()) == []
+    # The encode succeeds but the rename fails (a folder holds the name): the temp file goes.
+    (tmp_path / "b.png").mkdir()
+    with pytest.raises(OSError):
+        save_png(Image.new("RGB", (8, 8)), tmp_path / "b.png")
+    assert [p.name for p in tmp_path.iterdir()] == ["b.png"]
