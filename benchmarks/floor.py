@@ -12,7 +12,7 @@ run faster inside the model than on fresh tensors).
 
   python benchmarks/floor.py                                 # crane+ at 518², 1 image, CPU
   python benchmarks/floor.py --preset crane --target-s 10 --json out.json
-  python benchmarks/floor.py --device cuda --batch 32 --amp bf16
+  python benchmarks/floor.py --device cuda --batch 32 --amp bf16 [--attention cudnn]
 
 On CUDA each call is timed with a synchronisation around it, which adds launch latency to
 small calls. Optional ``--peak-gflops P`` adds the bound at P GFLOP/s for every FLOP (e.g. the
@@ -36,6 +36,7 @@ from throughput import save, sync  # same folder
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from crane.engine.predict import Detector
+from crane.engine.runtime import ATTENTION_KERNELS, attention_kernel_used, attention_kernels
 from crane.models import create_model
 
 aten = torch.ops.aten
@@ -124,6 +125,7 @@ class Call:
     kwargs: dict
     flops: int
     tf32: tuple[bool, bool] = (False, False)  # CUDA matmul / cuDNN TF32 switches at the call
+    kernel: str | None = None  # the kernel the public SDPA op dispatched to (flash, cudnn...)
     count: int = 0
     samples: list = field(default_factory=list)  # seconds of each replayed call
 
@@ -138,7 +140,8 @@ class Call:
 
     def describe(self) -> str:
         shapes = [list(a.shape) for a in self.args if isinstance(a, TensorSpec)]
-        return f"{self.func.__name__} {shapes}"
+        kernel = f" ({self.kernel})" if self.kernel else ""
+        return f"{self.func.__name__}{kernel} {shapes}"
 
 
 class OpRecorder(TorchDispatchMode):
@@ -166,12 +169,13 @@ class OpRecorder(TorchDispatchMode):
         out = func(*args, **kwargs)
         if func in CATEGORIES:
             tf32 = _tf32_flags()
-            key = (func, repr(_spec(args)), repr(_spec(kwargs)), tf32)
+            kernel = _sdpa_kernel(func, args, kwargs)
+            key = (func, repr(_spec(args)), repr(_spec(kwargs)), tf32, kernel)
             call = self.calls.get(key)
             if call is None:
                 first = out[0] if isinstance(out, (tuple, list)) else out
                 flops = op_flops(func, args, first)
-                call = Call(func, _spec(args), _spec(kwargs), flops, tf32)
+                call = Call(func, _spec(args), _spec(kwargs), flops, tf32, kernel)
                 self.calls[key] = call
             call.count += 1
             self.sequence.append(call)
@@ -186,6 +190,14 @@ class OpRecorder(TorchDispatchMode):
             row["flops"] += c.flops * c.count
             row["s"] += c.seconds * c.count
         return cats
+
+
+def _sdpa_kernel(func, args: tuple, kwargs: dict) -> str | None:
+    """The kernel the public SDPA op picks for these arguments under the current settings."""
+    if func != aten.scaled_dot_product_attention.default:
+        return None
+    q, k, v, *rest = args
+    return attention_kernel_used(q, k, v, *rest, **kwargs)
 
 
 def _tf32_flags() -> tuple[bool, bool]:
@@ -222,6 +234,12 @@ class Replayer:
             for c in sequence:
                 if id(c) not in self._fns:
                     args, kwargs = _build(c.args, device), _build(c.kwargs, device)
+                    now = _sdpa_kernel(c.func, args, kwargs)
+                    if now != c.kernel:
+                        raise RuntimeError(
+                            f"the replay of {c.describe()} would run the {now} kernel: replay "
+                            "under the attention settings the forward ran with"
+                        )
                     call = functools.partial(c.func, *args, **kwargs)
                     self._fns[id(c)] = functools.partial(_with_tf32, c.tf32, call)
         self.run(record=False)  # warm-up
@@ -364,12 +382,20 @@ def main(argv=None) -> int:
     ap.add_argument("--target-s", type=float, default=None, help="seconds per image to check")
     ap.add_argument("--peak-gflops", type=float, default=None)
     ap.add_argument("--verbose", action="store_true", help="one row per distinct call")
+    ap.add_argument(
+        "--attention",
+        default="auto",
+        choices=list(ATTENTION_KERNELS),
+        help="fused attention kernel tried first, in the predict calls and their replays",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.reps < 1 or args.batch < 1:
         ap.error("--reps and --batch must be at least 1")
     device = torch.device(args.device)
-    res = run(args.preset, device, args.batch, args.amp, args.reps, args.image_size)
+    with attention_kernels(args.attention):  # the replayed attentions pick their kernel too
+        res = run(args.preset, device, args.batch, args.amp, args.reps, args.image_size)
+    res["attention"] = args.attention
     res["machine"] = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),

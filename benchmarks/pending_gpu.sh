@@ -4,22 +4,28 @@
 #   benchmarks/pending_gpu.sh STEP[,STEP...] [OUT] [BUDGET_S]
 #
 # Steps (seconds they took on an H200 in the eleventh session, wheel install excluded):
-#   tests     CUDA tests: CUDA = CPU, guards, pipelines, CUDA-graph outputs (55)
+#   tests     CUDA tests: CUDA = CPU, guards, pipelines, CUDA-graph outputs, attention
+#             kernels (55 before the 13th session's attention-kernel tests)
+#   attention each attention kernel at Crane+'s shapes (attention.py: which kernel runs, ms,
+#             TFLOP/s), then Crane+ with cuDNN attention first against the fp32 reference
+#             (variants.py --select cuDNN) (13th session; ≈ 60 s expected, not measured)
 #   e2e       predict from JPEGs (default options), one-file latency, evaluate end to end
 #             (cut at 152 s that session, while writing the evaluate PNGs: now written by
 #             --workers processes, after the other two parts)
 #   model     Crane+ model only, fp32 baseline against the optimised path, memory at batch 1
 #             (≈ 180 for Crane and Crane+ on an H100 in the second session)
 #   variants  which options pay off: DINOv2 precisions, the one-SiLU MLP (66)
-#   compiled  the same with torch.compile (71)
+#   compiled  the same with torch.compile (71; twice the rows since the 13th session, which
+#             added the compiled variants with cuDNN attention first)
 #   e2e-fast  predict from 2048-px JPEGs with the fastest options measured, compiled (159;
 #             since the 12th session also at 12 and 8 workers: ≈ 20 s more, not measured)
 #   floor     GEMM/attention time against the rest of a batch-32 bf16 predict (20)
 #   outputs   how fast this machine's CPUs draw and write predict's overlays (12th session;
 #             ≈ 20 s expected, not measured)
-#   all       = tests,e2e-fast,e2e,model,variants,compiled,floor,outputs: what is still unmeasured on
-#             the current code first (RESULTS.md, "Where the targets stand"); e2e-fast first
-#             since the 12th session changed fast decoding (the end-to-end target's path)
+#   all       = tests,attention,e2e-fast,e2e,model,variants,compiled,floor,outputs: what is still
+#             unmeasured on the current code first (RESULTS.md, "Where the targets stand");
+#             attention first: the largest open lever on the model-only target (13th session),
+#             then e2e-fast (the 12th session changed fast decoding, the end-to-end target's path)
 #
 # OUT: folder for the JSON and log.txt (default benchmarks/results). BUDGET_S: wall-clock
 # seconds for the whole script (0 = none); a step cut at the budget gets 20 s more to exit
@@ -38,7 +44,7 @@ steps=${1:?usage: pending_gpu.sh STEP[,STEP...]|all [OUT] [BUDGET_S]}
 out=${2:-benchmarks/results}
 budget=${3:-0}
 py=${PYTHON:-python3}
-[[ $steps == all ]] && steps=tests,e2e-fast,e2e,model,variants,compiled,floor,outputs
+[[ $steps == all ]] && steps=tests,attention,e2e-fast,e2e,model,variants,compiled,floor,outputs
 mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 2
 [[ $py == */* ]] && { py="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")" || exit 2; }
 cd "$(dirname "$0")/.." || exit 2
@@ -48,7 +54,7 @@ log="$out/log.txt"
 # Seconds a step needs to return anything useful (skipped below that; PENDING_GPU_LEAST_S
 # sets one value for all, e.g. for a dry run with a stand-in interpreter).
 declare -A least=([variants]=60 [compiled]=120 [tests]=45 [e2e-fast]=120 [floor]=90 [e2e]=120
-                  [model]=90 [outputs]=20)
+                  [model]=90 [outputs]=20 [attention]=30)
 if [[ -n ${PENDING_GPU_LEAST_S:-} ]]; then
   for step in "${!least[@]}"; do least[$step]=$PENDING_GPU_LEAST_S; done
 fi
@@ -70,7 +76,12 @@ fi
 run_step() {  # the command of one step
   case "$1" in
     tests) "$py" -m pytest -q -rs -p no:cacheprovider tests/test_fast_paths.py \
-             tests/test_metrics_streaming.py -k cuda ;;
+             tests/test_metrics_streaming.py tests/test_attention_kernels.py -k cuda ;;
+    attention) "$py" benchmarks/attention.py --device cuda --batch 32 \
+                 --json "$out/attention_b32.json"; rc=$?  # the second part runs either way
+               "$py" benchmarks/variants.py --device cuda --batch 32 --select cuDNN \
+                 --json "$out/variants_cudnn_b32.json" || rc=1
+               return $rc ;;
     variants) "$py" benchmarks/variants.py --device cuda --batch 32 --json "$out/variants_b32.json" ;;
     compiled) "$py" benchmarks/variants.py --device cuda --batch 32 --compile \
                 --select torch.compile --json "$out/variants_compiled_b32.json" ;;

@@ -128,6 +128,7 @@ def bench_model(
     amp: str,
     reps: int,
     compile_model: bool,
+    attention: str = "auto",
 ) -> dict:
     """``base`` stays on the CPU; the fp32 runs use it on the device, then it goes back and a
     copy with bf16-stored matmul weights runs the optimised path (measured alone for memory)."""
@@ -164,6 +165,7 @@ def bench_model(
             batch_size=batch,
             cast_weights=device.type == "cuda",
             compile=compile_model,
+            attention=attention,
         )
         det_amp.predict_tensor(x)  # warm-up: text features, compilation
         reset_peak(device)
@@ -176,6 +178,7 @@ def bench_model(
         out["max_abs_diff_score"] = float((s16 - s32).abs().max())
         out[f"speedup_{amp}"] = out[f"opt_{amp}_img_s"] / out["baseline_fp32_img_s"]
         out["compiled"] = compile_model
+        out["attention"] = attention
         del det_amp, fast
         release(device)
     return out
@@ -210,6 +213,7 @@ def bench_end_to_end(
     fast_decode: bool = False,
     map_size: str = "input",
     compile_model: bool = False,
+    attention: str = "auto",
 ) -> Iterator[dict]:
     """Predict from the files, a row per worker count (one Detector, so one compile)."""
     counts = [workers] if isinstance(workers, int) else list(workers)
@@ -223,6 +227,7 @@ def bench_end_to_end(
         cast_weights=device.type == "cuda" and amp != "fp32",
         map_size=map_size,
         compile=compile_model,
+        attention=attention,
     )
     try:
         for w in counts:
@@ -640,6 +645,12 @@ def main(argv=None) -> int:
         "--compile", action="store_true", help="torch.compile the optimised path (model, e2e)"
     )
     ap.add_argument(
+        "--attention",
+        default="auto",
+        choices=["auto", "cudnn", "flash", "efficient", "math"],
+        help="fused attention kernel tried first on the optimised path (model, e2e)",
+    )
+    ap.add_argument(
         "--cfg",
         nargs="+",
         default=[],
@@ -725,6 +736,7 @@ def main(argv=None) -> int:
         "cfg_overrides": overrides,
         "dino_layer_scale": layer_scale_label(args.timm_layer_scale),
         "compiled": args.compile,
+        "attention": args.attention,
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else platform.processor() or platform.machine(),
@@ -779,12 +791,13 @@ def main(argv=None) -> int:
                 batches = (args.batch,) if args.quick else (args.batch, 1)
                 reps, compile_model = (3 if args.quick else 5), args.compile
             for batch in batches if "model" in parts else ():
-                record("model", bench_model(base, device, batch, amp, reps, compile_model))
+                row = bench_model(base, device, batch, amp, reps, compile_model, args.attention)
+                record("model", row)
             combos = [E2E_COMBOS[c] for c in args.e2e] if paths and "e2e" in parts else []
             for fast, map_size in combos:
                 for row in bench_end_to_end(
                     base, device, paths, args.batch, args.e2e_workers or args.workers, amp,
-                    fast, map_size, args.compile,
+                    fast, map_size, args.compile, args.attention,
                 ):  # fmt: skip
                     record("end_to_end", row)
             if paths and "latency" in parts:
@@ -804,7 +817,8 @@ def main(argv=None) -> int:
 
     print(
         f"device: {results['device']} ({results.get('cpu', '')}), threads {results['threads']}, "
-        f"torch {results['torch']}, optimised precision {amp}, config changes {overrides or '-'}"
+        f"torch {results['torch']}, optimised precision {amp}, attention {args.attention}, "
+        f"config changes {overrides or '-'}"
     )
     table(
         results["model"],

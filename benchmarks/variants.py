@@ -9,7 +9,9 @@ in bf16, DINOv2 in fp32 with TF32 matmuls and fp16 flash attention); DINOv2's at
 autocast; open_clip's MLP modules instead of the one-SiLU MLP; DINOv2 in strict fp32; weights
 left in fp32 (autocast casts them every call); in fp32 with only DINOv2's attention in fp16,
 and with only DINOv2 in bf16 (DINOv2's own share of the differences); Crane without DINO, for
-scale; optionally (--compile) torch.compile of the default and of DINOv2-in-bf16.
+scale; cuDNN's fused attention tried first (``attention="cudnn"``; torch tries
+FlashAttention-2 first and cuDNN last); optionally (--compile) torch.compile of the default and
+of DINOv2-in-bf16, each also with cuDNN attention first.
 ``--select TEXT`` runs only the matching variants. Prints img/s, peak memory and max |Δ| to
 fp32. DINOv2's LayerScale is set to 1 (``--timm-layer-scale`` keeps
 timm's 1e-5 init, under which DINOv2's precision is invisible in the maps; see
@@ -112,7 +114,9 @@ def main(argv=None) -> int:
     }
     save(results, args.json)  # after every row: a run cut short keeps what it measured
 
-    def variant(name, make, cast=True, compile_model=False, ctx=None, precision="bf16"):
+    def variant(
+        name, make, cast=True, compile_model=False, ctx=None, precision="bf16", attention="auto"
+    ):
         """Times ``make()``'s model under ``ctx(model)``; variants not selected are not built."""
         if args.select and not any(text in name for text in args.select):
             return None
@@ -125,6 +129,7 @@ def main(argv=None) -> int:
             batch_size=args.batch,
             cast_weights=cast and dev.type == "cuda" and precision != "fp32",
             compile=compile_model,
+            attention=attention,
         )
         row = {"variant": name}
         with ctx(model) if ctx else contextlib.nullcontext():
@@ -161,6 +166,8 @@ def main(argv=None) -> int:
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
     del det
     # Rows in the order of what they decide (a run cut short keeps the rows done so far).
+    variant("bf16 default, cuDNN attention first", fresh, attention="cudnn")
+    variant("bf16, DINO bf16, cuDNN attention first", with_cfg(dino_fp32=False), attention="cudnn")
     variant("bf16, DINO fp32+TF32 with fp32 attention", with_cfg(dino_attn_fp16=False))
     variant("bf16, DINO bf16", with_cfg(dino_fp32=False))
     variant("bf16 default, open_clip's MLP modules", fresh, ctx=lambda m: reference_mlp())
@@ -182,11 +189,16 @@ def main(argv=None) -> int:
     variant(f"{plain} (no DINO), bf16 default", lambda: random_model(plain, **over))
     if args.compile:
         compiled = {
-            "bf16 default + torch.compile": {},
-            "bf16, DINO bf16 + torch.compile": {"dino_fp32": False},
+            "bf16 default + torch.compile": ({}, "auto"),
+            "bf16, DINO bf16 + torch.compile": ({"dino_fp32": False}, "auto"),
+            "bf16 default + torch.compile, cuDNN attention first": ({}, "cudnn"),
+            "bf16, DINO bf16 + torch.compile, cuDNN attention first": (
+                {"dino_fp32": False},
+                "cudnn",
+            ),
         }
-        for label, changes in compiled.items():
-            variant(label, with_cfg(**changes), compile_model=True)
+        for label, (changes, attention) in compiled.items():
+            variant(label, with_cfg(**changes), compile_model=True, attention=attention)
 
     print(f"\ndevice {device_name}, torch {torch.__version__}, batch {args.batch}, size {s}")
     print("| variant | img/s | peak MB | max abs Δ map | max abs Δ score |")

@@ -188,28 +188,37 @@ def test_tensor_specs_rebuild_strided_and_expanded_layouts(floor):
 
 
 def test_throughput_runs_every_part_with_config_changes(throughput, tmp_path, monkeypatch):
-    made = []
-    real_create = throughput.create_model
+    made, kernels = [], []
+    real_create, real_detector = throughput.create_model, throughput.Detector
 
     def spy(name, **kw):
         made.append((name, kw))
         return real_create(name, **kw)
 
+    class DetectorSpy(real_detector):
+        def __init__(self, *a, **kw):
+            kernels.append((kw.get("precision"), kw.get("attention", "auto")))
+            super().__init__(*a, **kw)
+
     monkeypatch.setattr(throughput, "create_model", spy)
+    monkeypatch.setattr(throughput, "Detector", DetectorSpy)
     out = tmp_path / "t.json"
     argv = [
         "--device", "cpu", "--presets", "tiny+", "--amp", "bf16", "--batch", "2",
         "--files", "3", "--workers", "1", "--eval-images", "4", "--train-images", "4",
         "--e2e", "fast-model", "--e2e-workers", "1", "0",
-        "--cfg", "dino_attn_fp16=true", "map_combine=logit_mean",
+        "--cfg", "dino_attn_fp16=true", "map_combine=logit_mean", "--attention", "math",
         "--json", str(out),
     ]  # fmt: skip
     assert throughput.main(argv) == 0
+    # The optimised model path at both batches and the end-to-end Detector got the kernel.
+    assert kernels.count(("bf16", "math")) == 3 and ("fp32", "math") not in kernels
     assert made == [
         ("tiny+", {"pretrained": False, "dino_attn_fp16": True, "map_combine": "logit_mean"})
     ]
     res = json.loads(out.read_text())
     assert res["cfg_overrides"] == {"dino_attn_fp16": True, "map_combine": "logit_mean"}
+    assert res["attention"] == "math" and {r["attention"] for r in res["model"]} == {"math"}
     assert res["dino_layer_scale"] == 1.0
     assert [r["batch"] for r in res["model"]] == [2, 1]
     for row in res["model"]:
@@ -381,9 +390,13 @@ def test_variants_table_on_tiny_models(variants, tmp_path):
     assert res["preset"] == "tiny+"
     rows = {r["variant"]: r for r in res["rows"]}
     assert list(rows)[0] == "fp32 (reference)" and "tiny (no DINO), bf16 default" in rows
-    assert len(rows) == 10 and all(r["img_s"] > 0 for r in res["rows"])
+    assert len(rows) == 12 and all(r["img_s"] > 0 for r in res["rows"])
     guarded = [r for r in res["rows"] if "max_abs_diff_map" in r]
-    assert len(guarded) == 8  # every Crane+ variant against the fp32 reference
+    assert len(guarded) == 10  # every Crane+ variant against the fp32 reference
+    # The CPU has one fused attention kernel: cuDNN first computes exactly the default.
+    default = rows["bf16 default (cast weights, DINO fp32+TF32, fp16 attention)"]
+    cudnn = rows["bf16 default, cuDNN attention first"]
+    assert cudnn["max_abs_diff_map"] == default["max_abs_diff_map"]
     # DINOv2's own share: its attention's fp16 rounding moves the maps less than bf16 DINOv2.
     attn16 = rows["fp32 except DINO attention fp16"]["max_abs_diff_map"]
     assert 0 < attn16 < rows["fp32 except DINO bf16"]["max_abs_diff_map"]
@@ -514,3 +527,67 @@ def test_outputs_benchmark_rows_and_files(tmp_path, capsys):
     assert "| 2 | level 1, RLE |" in capsys.readouterr().out
     assert outputs.main([*argv[:-2], "--skip-baseline", "--json", str(out)]) == 0
     assert [r["threads"] for r in json.loads(out.read_text())["rows"]] == [0, 2, 2]
+
+
+def test_attention_benchmark_rows_and_per_image_sums(tmp_path, capsys):
+    bench = _bench("attention")
+    out = tmp_path / "a.json"
+    argv = ["--device", "cpu", "--tokens", "100", "--reps", "1", "--json", str(out)]
+    assert bench.main(argv) == 0
+    res = json.loads(out.read_text())
+    rows = res["rows"]
+    # On the CPU: no fp16 DINOv2 row; each shape times torch's fused kernel and math once.
+    assert [r["shape"] for r in rows[::5]] == [
+        "CLIP ViT-L/14 (E-Attn q=k)",
+        "DINOv2-B/14, fp32 attention",
+    ]
+    for shape in {r["shape"] for r in rows}:
+        mine = {r["setting"]: r for r in rows if r["shape"] == shape}
+        assert list(mine) == ["auto", "cudnn", "flash", "efficient", "math"]
+        assert (mine["auto"]["kernel"], mine["math"]["kernel"]) == ("flash", "math")
+        for name in ("cudnn", "flash", "efficient"):
+            assert mine[name]["same_as"] == "auto" and "ms_per_call" not in mine[name]
+        for name in ("auto", "math"):
+            r = mine[name]
+            assert 0 < r["max_abs_diff"] < 1e-5  # both against the materialised fp32 reference
+            assert r["tflop_s"] == pytest.approx(r["gflop_per_call"] / r["ms_per_call"])
+        heads = 16 if shape.startswith("CLIP") else 12
+        assert mine["auto"]["gflop_per_call"] == pytest.approx(4 * heads * 100 * 100 * 64 / 1e9)
+    ms = {(r["shape"][:4], r["setting"]): r.get("ms_per_call") for r in rows}
+    for s in res["per_image"]:
+        own = "math" if s["setting"] == "math" else "auto"
+        assert s["ms"] == pytest.approx(81 * ms[("CLIP", own)] + 12 * ms[("DINO", own)])
+    assert "| DINOv2-B/14, fp32 attention | math | math/math |" in capsys.readouterr().out
+
+
+def test_floor_replays_under_the_attention_kernel_asked_for(floor, tmp_path):
+    kernels = {}
+    for name in ("auto", "math"):
+        out = tmp_path / f"{name}.json"
+        argv = ["--preset", "tiny", "--reps", "1", "--attention", name, "--json", str(out)]
+        assert floor.main(argv) == 0  # the replay checks it runs the recorded kernels
+        res = json.loads(out.read_text())
+        assert res["attention"] == name
+        attn = [c for c in res["calls"] if c["category"] == "attention"]
+        kernels[name] = {c["op"].split(" [")[0] for c in attn}
+        # tiny: 4 CLIP blocks + 3 E-Attn terms in each of blocks 2-4 (text features come first).
+        assert sum(c["count"] for c in attn) == 4 + 3 * 3
+    assert kernels == {
+        "auto": {"scaled_dot_product_attention.default (flash)"},
+        "math": {"scaled_dot_product_attention.default (math)"},
+    }
+
+
+def test_floor_refuses_a_replay_that_would_run_another_attention_kernel(floor):
+    from crane.engine.runtime import attention_kernels
+
+    q = torch.randn(1, 2, 16, 8)
+    rec = floor.OpRecorder()
+    with torch.inference_mode(), rec, attention_kernels("math"):
+        F.scaled_dot_product_attention(q, q, q)
+    (call,) = rec.sequence
+    assert call.kernel == "math" and call.category == "attention"
+    with attention_kernels("math"):
+        floor.Replayer(rec.sequence, torch.device("cpu")).run()
+    with pytest.raises(RuntimeError, match="would run the flash kernel"):
+        floor.Replayer(rec.sequence, torch.device("cpu"))

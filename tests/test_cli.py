@@ -168,6 +168,27 @@ def test_train_resume_evaluate_calibrate_predict(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["threshold"] == pytest.approx(cfg["image_threshold"])
 
+    # The unfused reference attention kernel: the same scores up to rounding.
+    crane(
+        "predict",
+        str(data / "tile" / "test"),
+        "--model",
+        str(run),
+        "--out",
+        str(tmp_path / "pred_math"),
+        "--no-overlays",
+        "--no-progress",
+        "--attention",
+        "math",
+    )
+    math_rows = list(csv.DictReader(open(tmp_path / "pred_math" / "predictions.csv")))
+    assert len(math_rows) == 8
+    score = {x["path"]: float(x["image_score"]) for x in rows}
+    for x in math_rows:
+        assert float(x["image_score"]) == pytest.approx(score[x["path"]], abs=1e-5)
+    r = crane("predict", str(data), "--model", str(run), "--attention", "fa3", check=False)
+    assert r.returncode == 2 and "invalid choice: 'fa3'" in r.stderr
+
 
 def test_predict_offline_without_weights_explains_and_points_to_demo(tmp_path):
     img_dir = Path(__file__).resolve().parents[1] / "examples" / "images"

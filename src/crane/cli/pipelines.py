@@ -30,7 +30,17 @@ def _common(p: argparse.ArgumentParser, batch: int = 8) -> None:
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument(
-        "--compile", action="store_true", help="torch.compile the model (evaluate, predict)"
+        "--compile",
+        action="store_true",
+        help="torch.compile the model (evaluate, predict, calibrate)",
+    )
+    g.add_argument(
+        "--attention",
+        default="auto",
+        choices=["auto", "cudnn", "flash", "efficient", "math"],
+        help="fused attention kernel tried first on CUDA (torch's order after it, for calls it "
+        "cannot serve): auto keeps torch's order (FlashAttention-2 first); cudnn may be faster "
+        "on Hopper GPUs; math is the unfused reference, on any device",
     )
     w = p.add_argument_group("weights")
     w.add_argument(
@@ -277,6 +287,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
         autocast_dtype=amp,
+        attention=args.attention,
     )
     for h in res.epoch_losses:
         print(
@@ -316,6 +327,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         visualize_dir=args.visualize,
         progress=not args.no_progress,
         compile=args.compile,
+        attention=args.attention,
         write_threads=args.write_threads,
     )
     out = Path(args.out or f"eval_{args.dataset}")
@@ -349,6 +361,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         workers=args.workers,
         compile=args.compile,
+        attention=args.attention,
         fast_decode=args.fast_decode,
         cast_weights=True,  # the model is ours; a no-op for fp32
         map_size=args.map_size,
@@ -391,6 +404,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         precision=args.precision,
         batch_size=args.batch_size,
         workers=args.workers,
+        compile=args.compile,
+        attention=args.attention,
         clip_weights=args.clip_weights,
         dino_weights=args.dino_weights,
     )

@@ -77,13 +77,15 @@ def evaluate(
     uint8_inputs: bool = True,
     compile: bool | str = False,
     write_threads: int | None = None,
+    attention: str = "auto",
 ) -> EvalResult:
     """Run ``model`` over ``dataset`` and accumulate the six SPEC §9 metrics per class.
 
     ``uint8_inputs``: workers hand over uint8 pixels and bool masks (a quarter / an eighth of
     the float bytes), normalised on the device: bitwise the same model inputs. It applies to
     a float dataset with the CLIP normalisation (the default); other datasets run as given.
-    ``compile``: ``torch.compile`` the model (a string picks the mode).
+    ``compile``: ``torch.compile`` the model (a string picks the mode). ``attention``: the
+    fused attention kernel tried first (:func:`~crane.engine.runtime.attention_kernels`).
     ``visualize_dir``: overlays written there by ``write_threads`` threads beside the loop
     (default: the CPU count, at most 8; 0 = in the loop), see
     :class:`~crane.engine.writer.OutputWriter`.
@@ -95,7 +97,7 @@ def evaluate(
     acc = MetricAccumulator(aupro=aupro, mode=metric_mode)
     loader = batch_loader(dataset, batch_size, workers, device, uint8=uint8_inputs)
     model.to(device).eval()
-    forward = scoring_forward(model, device, compile)
+    forward = scoring_forward(model, device, compile, attention)
     side = torch.cuda.Stream(device) if device.type == "cuda" else None
     # Finalise each class once all its images are in, so the exact accumulator only ever holds
     # one class's pixels (the dataset lists samples class by class).

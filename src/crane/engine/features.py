@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from crane.engine.runtime import batch_loader, model_input
+from crane.engine.runtime import attention_kernels, batch_loader, check_attention, model_input
 from crane.models.crane import CraneModel
 from crane.models.vision import VisionOutput
 
@@ -96,7 +96,9 @@ class FeatureCache:
         mmap_path: str | os.PathLike | None = None,
         progress: bool = True,
         autocast_dtype: torch.dtype | None = None,
+        attention: str = "auto",
     ) -> FeatureCache:
+        check_attention(attention)
         loader = batch_loader(dataset, batch_size, workers, device)
         n = len(dataset)
         g_all = p_all = masks = labels = None
@@ -108,8 +110,11 @@ class FeatureCache:
             if batch is None:
                 continue
             images = model_input(batch["image"], device)
-            with torch.autocast(
-                device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
+            with (
+                torch.autocast(
+                    device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
+                ),
+                attention_kernels(attention),
             ):
                 vis = model.encode_images(images)
             g, p = vis.global_feat.float(), vis.patch_sets.float().transpose(0, 1)

@@ -253,7 +253,9 @@ class Detector:
     kernel (:func:`~crane.data.transforms.image_to_uint8` ``fast``) — much cheaper for large
     photos, pixels differ slightly from the reference.
     ``compile``: ``torch.compile`` the model (first batch compiles; a string picks the mode,
-    e.g. ``"reduce-overhead"`` for CUDA graphs at small batches). ``map_size``: ``"input"``
+    e.g. ``"reduce-overhead"`` for CUDA graphs at small batches). ``attention``: which fused
+    attention kernel runs first (``auto``, ``cudnn``, ``flash``, ``efficient``, ``math``; see
+    :func:`~crane.engine.runtime.attention_kernels`). ``map_size``: ``"input"``
     (maps at each image's own size) or ``"model"`` (S×S maps: 16× fewer bytes to copy back
     for 2048-px photos). ``cast_weights``: store the frozen matmul weights in the autocast
     dtype (same results, half the memory); default on for a CUDA Detector that loaded its own
@@ -273,6 +275,7 @@ class Detector:
         batch_size: int = 8,
         workers: int = 0,
         compile: bool | str = False,
+        attention: str = "auto",
         fast_decode: bool = False,
         cast_weights: bool | None = None,
         map_size: str = "input",
@@ -301,7 +304,7 @@ class Detector:
             # Same results as plain autocast, half the weight memory (see cast_frozen_matmuls).
             self.model.cast_frozen_matmuls(self.amp)
         # torch.compile fuses the post-processing and attention glue; first call compiles.
-        self._forward = scoring_forward(self.model, self.device, compile)
+        self._forward = scoring_forward(self.model, self.device, compile, attention)
         self.threshold = threshold if threshold is not None else self.model.image_threshold
         self.batch_size, self.workers = batch_size, workers
         self.size = self.model.cfg.image_size

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, Dataset
 
 from crane.config import CraneConfig
@@ -41,6 +42,66 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+#: ``--attention NAME`` -> the fused-attention kernel ``scaled_dot_product_attention`` tries
+#: first (None: torch's own order).
+ATTENTION_KERNELS: dict[str, SDPBackend | None] = {
+    "auto": None,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+
+def check_attention(name: str) -> str:
+    if name not in ATTENTION_KERNELS:
+        raise CraneError(f"attention must be one of {', '.join(ATTENTION_KERNELS)}, got {name!r}")
+    return name
+
+
+def attention_kernels(name: str = "auto") -> contextlib.AbstractContextManager:
+    """While open, every ``scaled_dot_product_attention`` (CLIP's, the E-Attn terms, DINOv2's)
+    tries the kernel ``name`` first, then the kernels torch would have tried, in torch's order.
+
+    ``auto``: torch's order unchanged (PyTorch 2.x: FlashAttention-2, memory-efficient, math,
+    cuDNN last, so cuDNN never runs). ``cudnn``/``flash``/``efficient``: that CUDA kernel first
+    where it can serve the call (dtype, head size, strides, GPU); a call it cannot serve runs
+    as under ``auto``, so no setting fails. cuDNN's attention was reported 1.7-2.3x faster than
+    FlashAttention-2 on Hopper GPUs (and slower on Ampere, Ada and Blackwell). On the CPU
+    torch has one fused kernel and keeps it whatever the order says. ``math``: only the
+    unfused reference (materialises every N×N matrix; for checks), on any device.
+    Backends switched off before stay off; the previous settings come back on exit.
+    """
+    first = ATTENTION_KERNELS[check_attention(name)]
+    if first is None:
+        return contextlib.nullcontext()
+    if first == SDPBackend.MATH:
+        return sdpa_kernel([SDPBackend.MATH])
+    on = {
+        SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.cudnn_sdp_enabled(),
+        SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled(),
+        SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled(),
+        SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled(),
+    }
+    order = [first] + [
+        b
+        for b in (SDPBackend(int(i)) for i in torch._C._get_sdp_priority_order())
+        if b != first and on.get(b, False)
+    ]
+    return sdpa_kernel(order, set_priority=True)
+
+
+def attention_kernel_used(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args, **kwargs
+) -> str:
+    """The kernel ``scaled_dot_product_attention(q, k, v, *args, **kwargs)`` would run under
+    the current settings (``flash``, ``efficient``, ``cudnn``, ``math``...), as torch's
+    dispatcher picks it."""
+    choice = SDPBackend(int(torch._fused_sdp_choice(q, k, v, *args, **kwargs)))
+    names = {b: n for n, b in ATTENTION_KERNELS.items() if b is not None}
+    return names.get(choice, choice.name.lower())
 
 
 def nan_score_message(cfg: CraneConfig, amp: torch.dtype | None) -> str:
@@ -86,23 +147,27 @@ def batch_loader(
 
 
 def scoring_forward(
-    model: nn.Module, device: torch.device, compile: bool | str = False
+    model: nn.Module, device: torch.device, compile: bool | str = False, attention: str = "auto"
 ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """``images -> (scores, maps)`` in fp32 through ``model``, optionally ``torch.compile``d
-    (``compile`` True or a mode name; the first call compiles).
+    (``compile`` True or a mode name; the first call compiles), every call under
+    :func:`attention_kernels` ``(attention)`` (a compiled graph keeps the kernels chosen when
+    it was traced, so the setting is fixed per forward).
 
     With a CUDA-graph mode (``"reduce-overhead"``, ``"max-autotune"``) on CUDA the outputs are
     copied out of the graph's memory pool: the next call would overwrite them, and the
     predict/evaluate pipelines launch batch k+1 before they read batch k.
     """
     mode = compile if isinstance(compile, str) else None
+    check_attention(attention)
     fn = torch.compile(model, mode=mode) if compile else model
     graphs = device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
 
     def run(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        out = fn(images)
+        with attention_kernels(attention):
+            out = fn(images)
         scores, maps = out.image_scores.float(), out.anomaly_maps.float()
         return (scores.clone(), maps.clone()) if graphs else (scores, maps)
 

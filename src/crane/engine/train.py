@@ -142,10 +142,13 @@ def train(
     stop_after_epoch: int | None = None,
     cache_location: str = "auto",
     autocast_dtype: torch.dtype | None = None,
+    attention: str = "auto",
 ) -> TrainResult:
     """Train ``model``'s prompts on ``dataset`` (items as :class:`crane.data.AnomalyDataset`).
 
     ``stop_after_epoch`` ends the run early as an interruption would (used to test resume).
+    ``attention``: the fused attention kernel tried first while the frozen features are
+    encoded (:func:`~crane.engine.runtime.attention_kernels`).
     """
     settings = settings or TrainSettings()
     run_dir = Path(run_dir)
@@ -177,6 +180,7 @@ def train(
         mmap_path=mmap,
         progress=progress,
         autocast_dtype=autocast_dtype,
+        attention=attention,
     )
     encode_s = time.perf_counter() - t0
     size = cache.masks.shape[-1]
