@@ -7,8 +7,9 @@
 #   tests     CUDA tests: CUDA = CPU, guards, pipelines, CUDA-graph outputs, attention
 #             kernels (55 before the 13th session's attention-kernel tests)
 #   attention each attention kernel at Crane+'s shapes (attention.py: which kernel runs, ms,
-#             TFLOP/s), then Crane+ with cuDNN attention first against the fp32 reference
-#             (variants.py --select cuDNN) (13th session; ≈ 60 s expected, not measured)
+#             TFLOP/s), then Crane+ with cuDNN attention first and with DINOv2 under fp16
+#             autocast against the fp32 reference (variants.py --select cuDNN "DINO fp16")
+#             (13th session; ≈ 70 s expected, not measured)
 #   e2e       predict from JPEGs (default options), one-file latency, evaluate end to end
 #             (cut at 152 s that session, while writing the evaluate PNGs: now written by
 #             --workers processes, after the other two parts)
@@ -79,7 +80,7 @@ run_step() {  # the command of one step
              tests/test_metrics_streaming.py tests/test_attention_kernels.py -k cuda ;;
     attention) "$py" benchmarks/attention.py --device cuda --batch 32 \
                  --json "$out/attention_b32.json"; rc=$?  # the second part runs either way
-               "$py" benchmarks/variants.py --device cuda --batch 32 --select cuDNN \
+               "$py" benchmarks/variants.py --device cuda --batch 32 --select cuDNN "DINO fp16" \
                  --json "$out/variants_cudnn_b32.json" || rc=1
                return $rc ;;
     variants) "$py" benchmarks/variants.py --device cuda --batch 32 --json "$out/variants_b32.json" ;;

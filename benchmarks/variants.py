@@ -4,14 +4,15 @@ one run, each against the same fp32 reference (random weights; CUDA or CPU).
   python benchmarks/variants.py --device cuda --batch 32 --json out.json [--profile] [--compile]
 
 Variants (bf16 autocast unless named): the default optimised path (frozen matmul weights stored
-in bf16, DINOv2 in fp32 with TF32 matmuls and fp16 flash attention); DINOv2's attention in fp32
-(``dino_attn_fp16=False``, the default until an H200 measured both); DINOv2 under bf16
-autocast; open_clip's MLP modules instead of the one-SiLU MLP; DINOv2 in strict fp32; weights
-left in fp32 (autocast casts them every call); in fp32 with only DINOv2's attention in fp16,
-and with only DINOv2 in bf16 (DINOv2's own share of the differences); Crane without DINO, for
-scale; cuDNN's fused attention tried first (``attention="cudnn"``; torch tries
-FlashAttention-2 first and cuDNN last); optionally (--compile) torch.compile of the default and
-of DINOv2-in-bf16, each also with cuDNN attention first.
+in bf16, DINOv2 in fp32 with TF32 matmuls and fp16 flash attention); cuDNN's fused attention
+tried first (``attention="cudnn"``; torch tries FlashAttention-2 first and cuDNN last), also
+with DINOv2 in bf16; DINOv2 under fp16 autocast (``dino_fp16``: bf16's rate, TF32's mantissa);
+DINOv2's attention in fp32 (``dino_attn_fp16=False``, the default until an H200 measured
+both); DINOv2 under bf16 autocast; open_clip's MLP modules instead of the one-SiLU MLP;
+DINOv2 in strict fp32; weights left in fp32 (autocast casts them every call); in fp32 with
+only DINOv2's attention in fp16, and with only DINOv2 in bf16 or in fp16 (DINOv2's own share
+of the differences); Crane without DINO, for scale; optionally (--compile) torch.compile of
+the default and of DINOv2 in bf16 and in fp16, the first two also with cuDNN attention first.
 ``--select TEXT`` runs only the matching variants. Prints img/s, peak memory and max |Δ| to
 fp32. DINOv2's LayerScale is set to 1 (``--timm-layer-scale`` keeps
 timm's 1e-5 init, under which DINOv2's precision is invisible in the maps; see
@@ -168,6 +169,7 @@ def main(argv=None) -> int:
     # Rows in the order of what they decide (a run cut short keeps the rows done so far).
     variant("bf16 default, cuDNN attention first", fresh, attention="cudnn")
     variant("bf16, DINO bf16, cuDNN attention first", with_cfg(dino_fp32=False), attention="cudnn")
+    variant("bf16, DINO fp16", with_cfg(dino_fp32=False, dino_fp16=True))
     variant("bf16, DINO fp32+TF32 with fp32 attention", with_cfg(dino_attn_fp16=False))
     variant("bf16, DINO bf16", with_cfg(dino_fp32=False))
     variant("bf16 default, open_clip's MLP modules", fresh, ctx=lambda m: reference_mlp())
@@ -186,11 +188,18 @@ def main(argv=None) -> int:
         ctx=lambda m: dino_autocast_only(m.vision.dino, torch.bfloat16),
         precision="fp32",
     )
+    variant(
+        "fp32 except DINO fp16",
+        fresh,
+        ctx=lambda m: dino_autocast_only(m.vision.dino, torch.float16),
+        precision="fp32",
+    )
     variant(f"{plain} (no DINO), bf16 default", lambda: random_model(plain, **over))
     if args.compile:
         compiled = {
             "bf16 default + torch.compile": ({}, "auto"),
             "bf16, DINO bf16 + torch.compile": ({"dino_fp32": False}, "auto"),
+            "bf16, DINO fp16 + torch.compile": ({"dino_fp32": False, "dino_fp16": True}, "auto"),
             "bf16 default + torch.compile, cuDNN attention first": ({}, "cudnn"),
             "bf16, DINO bf16 + torch.compile, cuDNN attention first": (
                 {"dino_fp32": False},

@@ -230,6 +230,9 @@ def test_nan_score_message_names_the_setting_to_change():
     assert "--dino-precision fp32" in nan_score_message(cfg, torch.bfloat16)
     off = cfg.replace(dino_attn_fp16=False)
     assert "bfloat16 autocast" in nan_score_message(off, torch.bfloat16)
+    fp16 = cfg.replace(dino_fp32=False, dino_fp16=True)
+    assert "DINOv2 ran in fp16" in nan_score_message(fp16, torch.bfloat16)
+    assert "--dino-precision bf16" in nan_score_message(fp16, torch.bfloat16)
     assert "weights" in nan_score_message(cfg, None)
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from crane.data.transforms import image_to_tensor, image_to_uint8, normalize_uint8
 from crane.engine.predict import Detector, Failure, Prediction, resize_maps
@@ -361,16 +362,17 @@ def test_cli_predict_map_size_and_dino_bf16(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("flags", "fp32", "attn_fp16"),
+    ("flags", "fp32", "attn_fp16", "fp16"),
     [
-        ([], True, True),  # the preset's default: fp32 DINOv2 with fp16 attention
-        (["--dino-precision", "fp32"], True, False),
-        (["--dino-precision", "fp16-attention"], True, True),
-        (["--dino-precision", "bf16"], False, True),
-        (["--dino-bf16"], False, True),
+        ([], True, True, False),  # the preset's default: fp32 DINOv2 with fp16 attention
+        (["--dino-precision", "fp32"], True, False, False),
+        (["--dino-precision", "fp16-attention"], True, True, False),
+        (["--dino-precision", "bf16"], False, True, False),
+        (["--dino-precision", "fp16"], False, True, True),
+        (["--dino-bf16"], False, True, False),
     ],
 )
-def test_cli_dino_precision_sets_the_config(flags, fp32, attn_fp16):
+def test_cli_dino_precision_sets_the_config(flags, fp32, attn_fp16, fp16):
     from crane.cli import build_parser
     from crane.cli.pipelines import _load_model
 
@@ -380,7 +382,86 @@ def test_cli_dino_precision_sets_the_config(flags, fp32, attn_fp16):
             continue  # predict's older spelling only
         args = build_parser().parse_args([*cmd, "--model", "tiny+", *flags])
         cfg = _load_model(args).cfg
-        assert (cfg.dino_fp32, cfg.dino_attn_fp16) == (fp32, attn_fp16), (cmd[0], flags)
+        assert (cfg.dino_fp32, cfg.dino_attn_fp16, cfg.dino_fp16) == (fp32, attn_fp16, fp16)
+
+
+def test_cli_dino_precision_overrides_what_a_run_stored(tmp_path):
+    from crane.cli import build_parser
+    from crane.cli.pipelines import _load_model
+    from crane.models.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    stored = create_model("tiny+", image_size=SIZE, dino_fp32=False, dino_fp16=True)
+    save_checkpoint(run, stored.cfg, stored.prompt_learner.state_dict())
+    for flag, want in (("fp16-attention", (True, False)), ("bf16", (False, False))):
+        args = build_parser().parse_args(
+            ["predict", "x.png", "--out", "o", "--model", str(run), "--dino-precision", flag]
+        )
+        cfg = _load_model(args).cfg
+        assert (cfg.dino_fp32, cfg.dino_fp16) == want, flag
+
+
+def test_dino_fp16_needs_dinov2_out_of_fp32():
+    with pytest.raises(CraneError, match="dino_fp16=True .* needs dino_fp32=False"):
+        create_model("tiny+", image_size=SIZE, dino_fp16=True)
+
+
+def _unit_layer_scale(model):
+    for blk in model.vision.dino.blocks:  # timm's 1e-5 init would hide DINOv2's precision
+        blk.ls1.gamma.data.fill_(1.0)
+        blk.ls2.gamma.data.fill_(1.0)
+    return model
+
+
+class _MatmulDtypes(TorchDispatchMode):
+    """The input dtypes of every addmm/mm/bmm run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[torch.dtype] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.addmm.default, torch.ops.aten.mm.default):
+            self.seen.append(args[-1].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+def test_dino_fp16_runs_dinov2_matmuls_in_fp16_under_any_autocast():
+    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    model = _unit_layer_scale(create_model("tiny+", image_size=SIZE, seed=2))
+    vis = model.vision
+    outs = {}
+    with torch.no_grad():
+        plain = vis.dino_tokens(x)
+        for name, changes in (
+            ("fp16", {"dino_fp32": False, "dino_fp16": True}),
+            ("bf16", {"dino_fp32": False, "dino_fp16": False}),
+        ):
+            vis.cfg = vis.cfg.replace(**changes)
+            with torch.autocast("cpu", dtype=torch.bfloat16), _MatmulDtypes() as rec:
+                outs[name] = vis.dino_tokens(x)
+            # Every DINOv2 matmul (patch embedding included) ran in the dtype asked for.
+            assert set(rec.seen) == {torch.float16 if name == "fp16" else torch.bfloat16}
+        assert torch.equal(vis.dino_tokens(x), plain)  # plain fp32 runs are never affected
+    err = {n: float((o.float() - plain).abs().max() / plain.abs().max()) for n, o in outs.items()}
+    # fp16 keeps 3 more mantissa bits than bf16: several times closer to fp32.
+    assert 0 < err["fp16"] < err["bf16"] / 3, err
+
+
+def test_dino_fp16_cast_weights_change_nothing_and_maps_stay_within_guard():
+    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    base = _unit_layer_scale(create_model("tiny+", image_size=SIZE, seed=3))
+    s32, m32 = Detector(base, device="cpu").predict_tensor(x)
+    fp16 = copy.deepcopy(base)
+    fp16.cfg = fp16.vision.cfg = base.cfg.replace(dino_fp32=False, dino_fp16=True)
+    cast = copy.deepcopy(fp16).cast_frozen_matmuls(torch.bfloat16)
+    assert cast.vision.dino.blocks[0].mlp.fc1.weight.dtype == torch.float16
+    assert cast.vision.visual.transformer.resblocks[0].mlp.c_fc.weight.dtype == torch.bfloat16
+    s16, m16 = Detector(fp16, device="cpu", precision="bf16").predict_tensor(x)
+    sc, mc = Detector(cast, device="cpu", precision="bf16").predict_tensor(x)
+    assert torch.equal(mc, m16) and torch.equal(sc, s16)  # stored = cast by autocast per call
+    assert 0 < (m16 - m32).abs().max() <= 1e-2
+    assert (s16 - s32).abs().max() <= 1e-2
 
 
 def test_cli_dino_precision_conflict_is_refused():

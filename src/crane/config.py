@@ -64,6 +64,12 @@ class CraneConfig:
     # time. On an H200 (batch 32, bf16) this took Crane+ from 133 to 173 img/s with maps
     # within 2.1e-3 of fp32 (1.9e-3 without it). Plain fp32 runs are never affected.
     dino_attn_fp16: bool = True
+    # With ``dino_fp32=False`` under autocast, run DINOv2 under fp16 autocast (whatever the
+    # outer dtype) instead of the outer one: its matmul inputs keep fp16's 10-bit mantissa,
+    # as TF32 does, at the tensor cores' bf16 rate (bf16 keeps 7 bits). Its residual stream
+    # stays fp32 (LayerScale's fp32 gamma promotes each branch); fp16's ±65504 range applies
+    # to the matmul outputs, and an overflow surfaces as a NaN score (reported, never scored).
+    dino_fp16: bool = False
     # --- text side (SPEC §4) ---------------------------------------------------------------
     n_ctx: int = 12
     n_deep: int = 8
@@ -91,6 +97,10 @@ class CraneConfig:
             )
         if self.dattn_threshold_scope not in ("image", "batch"):
             raise CraneError("dattn_threshold_scope must be 'image' or 'batch'")
+        if self.dino_fp16 and self.dino_fp32:
+            raise CraneError(
+                "dino_fp16=True runs DINOv2 under fp16 autocast and needs dino_fp32=False"
+            )
         if self.use_dattn and not self.dino_model:
             raise CraneError("use_dattn=True needs a dino_model")
         if not self.feature_layers and not self.use_dattn:

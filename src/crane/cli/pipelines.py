@@ -51,9 +51,10 @@ def _common(p: argparse.ArgumentParser, batch: int = 8) -> None:
 
 # --dino-precision NAME -> config fields (what a run or preset stored otherwise stays).
 DINO_PRECISIONS = {
-    "fp16-attention": {"dino_fp32": True, "dino_attn_fp16": True},
-    "fp32": {"dino_fp32": True, "dino_attn_fp16": False},
-    "bf16": {"dino_fp32": False},
+    "fp16-attention": {"dino_fp32": True, "dino_attn_fp16": True, "dino_fp16": False},
+    "fp32": {"dino_fp32": True, "dino_attn_fp16": False, "dino_fp16": False},
+    "bf16": {"dino_fp32": False, "dino_fp16": False},
+    "fp16": {"dino_fp32": False, "dino_fp16": True},
 }
 
 
@@ -76,9 +77,10 @@ def _model_args(p: argparse.ArgumentParser, default: str | None) -> None:
         choices=list(DINO_PRECISIONS),
         help="DINOv2 (Crane+) under --precision bf16/fp16: fp16-attention keeps it in fp32 "
         "with TF32 matmuls and fp16 flash attention (the presets' default); fp32 also keeps "
-        "its attention in fp32 (the slowest of the three); bf16 runs all of it in the autocast "
-        "dtype (fastest; the D-Attn cut sees rounded similarities). Default: what the run or "
-        "preset stores",
+        "its attention in fp32 (the slowest); bf16 runs all of it in the autocast dtype "
+        "(fastest measured; the D-Attn cut sees rounded similarities); fp16 runs all of it "
+        "under fp16 autocast (bf16's speed with TF32's 10-bit mantissa, fp16's range). "
+        "Default: what the run or preset stores",
     )
 
 

@@ -113,6 +113,11 @@ def nan_score_message(cfg: CraneConfig, amp: torch.dtype | None) -> str:
             "DINOv2's attention ran in fp16 (range ±65504) and may have overflowed: use "
             "--dino-precision fp32 (API: dino_attn_fp16=False) or --precision fp32"
         )
+    elif cfg.use_dattn and not cfg.dino_fp32 and cfg.dino_fp16:
+        why = (
+            "DINOv2 ran in fp16 (range ±65504) and may have overflowed: use --dino-precision "
+            "bf16 or fp32 (API: dino_fp16=False) or --precision fp32"
+        )
     else:
         name = str(amp).removeprefix("torch.")
         why = f"{name} autocast may have overflowed: try --precision fp32"

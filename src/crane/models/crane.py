@@ -99,8 +99,9 @@ class CraneModel(nn.Module):
         exactly these weights to ``dtype`` before every matmul anyway. It halves their memory
         and removes the per-forward casts. Kept in fp32: norms, embeddings, ``ln_post``/``proj``
         and ``out_proj`` (D-Attn uses it in fp32), the text tower (run once for static
-        prompts), and DINOv2 when ``cfg.dino_fp32``. Afterwards the vision tower refuses to run
-        without autocast.
+        prompts), and DINOv2 when ``cfg.dino_fp32``; with ``cfg.dino_fp16`` DINOv2's weights
+        are stored in fp16, the dtype its autocast casts them to. Afterwards the vision tower
+        refuses to run without autocast.
         """
         if dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"cast_frozen_matmuls takes bfloat16 or float16, got {dtype}")
@@ -108,11 +109,14 @@ class CraneModel(nn.Module):
         weights = [visual.conv1.weight]
         for blk in visual.transformer.resblocks:
             weights += [blk.attn.in_proj_weight, blk.mlp.c_fc.weight, blk.mlp.c_proj.weight]
-        dino = self.vision.dino
-        if dino is not None and not self.cfg.dino_fp32:
-            weights += [m.weight for m in dino.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
         for w in weights:
             w.data = w.data.to(dtype)
+        dino = self.vision.dino
+        if dino is not None and not self.cfg.dino_fp32:
+            dino_dtype = torch.float16 if self.cfg.dino_fp16 else dtype
+            for m in dino.modules():
+                if isinstance(m, (nn.Linear, nn.Conv2d)):
+                    m.weight.data = m.weight.data.to(dino_dtype)
         self.matmul_dtype = dtype
         return self
 

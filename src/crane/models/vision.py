@@ -223,7 +223,11 @@ class CraneVisionEncoder(nn.Module):
         else:  # CPU (fp16 attention too, when asked: same rounding as on CUDA), or no TF32
             # (no context otherwise: the compiled bf16-DINOv2 graph stays as it was measured)
             half = half_precision_attention() if attn_fp16 else contextlib.nullcontext()
-            with torch.autocast(x.device.type, enabled=amp and not self.cfg.dino_fp32), half:
+            if amp and self.cfg.dino_fp16 and not self.cfg.dino_fp32:
+                cast = torch.autocast(x.device.type, dtype=torch.float16)
+            else:
+                cast = torch.autocast(x.device.type, enabled=amp and not self.cfg.dino_fp32)
+            with cast, half:
                 feats = self.dino.forward_features(x.to(dtype))
         return feats[:, self.dino.num_prefix_tokens :]
 
