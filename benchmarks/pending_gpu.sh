@@ -19,7 +19,8 @@
 #   compiled  the same with torch.compile (71; twice the rows since the 13th session, which
 #             added the compiled variants with cuDNN attention first)
 #   e2e-fast  predict from 2048-px JPEGs with the fastest options measured, compiled (159;
-#             since the 12th session also at 12 and 8 workers: ≈ 20 s more, not measured)
+#             since the 12th session also at 12 and 8 workers: ≈ 20 s more, not measured;
+#             since the 13th each also with 2 torch threads in the main process: ≈ 25 s more)
 #   floor     GEMM/attention time against the rest of a batch-32 bf16 predict (20)
 #   outputs   how fast this machine's CPUs draw and write predict's overlays (12th session;
 #             ≈ 20 s expected, not measured)
@@ -88,9 +89,11 @@ run_step() {  # the command of one step
                 --select torch.compile --json "$out/variants_compiled_b32.json" ;;
     # The fastest end to end measured: fast decode, maps at model size, DINOv2 in bf16 and
     # torch.compile (the accuracy guard is in variants.py's row of the same options), at 16,
-    # 12 and 8 workers (one compile); decode-only rows with PIL's and torch's shrink.
+    # 12 and 8 workers, each with torch's and with 2 intra-op threads in the main process
+    # (one compile); decode-only rows with PIL's and torch's shrink.
     e2e-fast) "$py" benchmarks/throughput.py --device cuda --presets crane+ --only e2e \
-                --e2e fast-model --e2e-workers 16 12 8 --decode fast-pil fast --files 1024 \
+                --e2e fast-model --e2e-workers 16 12 8 --e2e-threads 0 2 --decode fast-pil fast \
+                --files 1024 \
                 --cfg dino_fp32=false --compile --json "$out/e2e_fast.json" ;;
     e2e) "$py" benchmarks/throughput.py --device cuda --presets crane+ --only e2e latency eval \
            --files 1024 --eval-images 256 --json "$out/e2e_eval.json" ;;

@@ -214,9 +214,15 @@ def bench_end_to_end(
     map_size: str = "input",
     compile_model: bool = False,
     attention: str = "auto",
+    main_threads: list[int] | None = None,
 ) -> Iterator[dict]:
-    """Predict from the files, a row per worker count (one Detector, so one compile)."""
+    """Predict from the files, a row per worker count and main-process thread count (one
+    Detector, so one compile). ``main_threads``: torch's intra-op threads in this process
+    (``torch.set_num_threads``; 0 or none: as set when called), restored afterwards — on a GPU
+    machine the main process's thread pool shares the cores with the decode workers."""
     counts = [workers] if isinstance(workers, int) else list(workers)
+    threads_before = torch.get_num_threads()
+    thread_counts = [n or threads_before for n in main_threads or [0]]
     det = Detector(
         copy.deepcopy(base),
         device=device,
@@ -232,8 +238,11 @@ def bench_end_to_end(
     try:
         for w in counts:
             det.workers = w
-            yield _end_to_end_row(det, base, device, paths, amp, compile_model)
+            for n in thread_counts:
+                torch.set_num_threads(n)
+                yield _end_to_end_row(det, base, device, paths, amp, compile_model)
     finally:
+        torch.set_num_threads(threads_before)
         det.close()
         del det
         release(device)
@@ -270,6 +279,7 @@ def _end_to_end_row(det, base, device, paths, amp, compile_model) -> dict:
 
     rebatch = predict_module._rebatch
     reset_peak(device)
+    cpu0 = _process_cpu_s()
     with (
         mock.patch.object(predict_module, "_rebatch", timed_rebatch),
         mock.patch.object(det, "_launch", timed_launch),
@@ -283,6 +293,7 @@ def _end_to_end_row(det, base, device, paths, amp, compile_model) -> dict:
                 first = time.perf_counter() - t
         sync(device)
         dt = time.perf_counter() - t
+    cpu = _process_cpu_s() - cpu0
     return {
         "preset": base.cfg.name,
         "n_files": k,
@@ -304,8 +315,18 @@ def _end_to_end_row(det, base, device, paths, amp, compile_model) -> dict:
         "main_wait_transfer_s": chunk_timer.transfer,
         "worker_ms_per_image": 1e3 * spent["decode"] / max(k, 1),
         "workers_busy": spent["decode"] / (max(workers, 1) * dt),
+        "main_threads": torch.get_num_threads(),
+        # CPU seconds this process (all its threads: the loop, torch's pool, the CUDA
+        # driver's) used per second of the run: ≫ 1 means it takes cores from the workers.
+        "main_cpu_per_s": cpu / dt,
         "total_s": dt,
     }
+
+
+def _process_cpu_s() -> float:
+    """User + system CPU seconds of this process so far (every thread; not its children)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 class ChunkTimer:
@@ -686,6 +707,14 @@ def main(argv=None) -> int:
         "all (default: --workers); fewer workers than cores tells CPU contention apart",
     )
     ap.add_argument(
+        "--e2e-threads",
+        nargs="+",
+        type=int,
+        default=None,
+        help="end-to-end rows (for each worker count) at each of these torch intra-op thread "
+        "counts in the main process (0 or default: torch's); fewer leaves cores to the workers",
+    )
+    ap.add_argument(
         "--only",
         nargs="+",
         default=["model", "e2e", "latency", "train", "eval"],
@@ -797,7 +826,7 @@ def main(argv=None) -> int:
             for fast, map_size in combos:
                 for row in bench_end_to_end(
                     base, device, paths, args.batch, args.e2e_workers or args.workers, amp,
-                    fast, map_size, args.compile, args.attention,
+                    fast, map_size, args.compile, args.attention, args.e2e_threads,
                 ):  # fmt: skip
                     record("end_to_end", row)
             if paths and "latency" in parts:
@@ -861,6 +890,8 @@ def main(argv=None) -> int:
             "main_wait_transfer_s",
             "worker_ms_per_image",
             "workers_busy",
+            "main_threads",
+            "main_cpu_per_s",
         ],
     )
     if results["decode"]:

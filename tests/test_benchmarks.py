@@ -206,10 +206,11 @@ def test_throughput_runs_every_part_with_config_changes(throughput, tmp_path, mo
     argv = [
         "--device", "cpu", "--presets", "tiny+", "--amp", "bf16", "--batch", "2",
         "--files", "3", "--workers", "1", "--eval-images", "4", "--train-images", "4",
-        "--e2e", "fast-model", "--e2e-workers", "1", "0",
+        "--e2e", "fast-model", "--e2e-workers", "1", "0", "--e2e-threads", "1", "0",
         "--cfg", "dino_attn_fp16=true", "map_combine=logit_mean", "--attention", "math",
         "--json", str(out),
     ]  # fmt: skip
+    threads = torch.get_num_threads()
     assert throughput.main(argv) == 0
     # The optimised model path at both batches and the end-to-end Detector got the kernel.
     assert kernels.count(("bf16", "math")) == 3 and ("fp32", "math") not in kernels
@@ -223,8 +224,14 @@ def test_throughput_runs_every_part_with_config_changes(throughput, tmp_path, mo
     assert [r["batch"] for r in res["model"]] == [2, 1]
     for row in res["model"]:
         assert row["opt_bf16_img_s"] > 0 and row["max_abs_diff_map"] <= 1e-2
-    # Only the combination asked for, at each worker count asked for (one Detector).
-    assert [r["workers"] for r in res["end_to_end"]] == [1, 0]
+    # Only the combination asked for, at each worker and thread count asked for (one
+    # Detector); the thread count is restored afterwards.
+    rows = [(r["workers"], r["main_threads"]) for r in res["end_to_end"]]
+    assert threads > 1  # (2 cores here) so that the two thread counts differ
+    assert rows == [(1, 1), (1, threads), (0, 1), (0, threads)]  # 0: as it was
+    assert torch.get_num_threads() == threads
+    for e2e in res["end_to_end"]:
+        assert e2e["main_cpu_per_s"] > 0
     for e2e in res["end_to_end"]:
         assert (e2e["fast_decode"], e2e["map_size"], e2e["n_files"]) == (True, "model", 3)
         assert e2e["precision"] == "bf16"
