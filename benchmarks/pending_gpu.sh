@@ -16,18 +16,20 @@
 #   model     Crane+ model only, fp32 baseline against the optimised path, memory at batch 1
 #             (≈ 180 for Crane and Crane+ on an H100 in the second session)
 #   variants  which options pay off: DINOv2 precisions, the one-SiLU MLP (66)
-#   compiled  the same with torch.compile (71; twice the rows since the 13th session, which
-#             added the compiled variants with cuDNN attention first)
+#   compiled  the same with torch.compile (71 for 2 rows; 5 rows since the 13th session,
+#             which added DINOv2 in fp16 and the default and DINOv2-bf16 rows with cuDNN
+#             attention first: ≈ 180 s expected)
 #   e2e-fast  predict from 2048-px JPEGs with the fastest options measured, compiled (159;
 #             since the 12th session also at 12 and 8 workers: ≈ 20 s more, not measured;
 #             since the 13th each also with 2 torch threads in the main process: ≈ 25 s more)
 #   floor     GEMM/attention time against the rest of a batch-32 bf16 predict (20)
 #   outputs   how fast this machine's CPUs draw and write predict's overlays (12th session;
 #             ≈ 20 s expected, not measured)
-#   all       = tests,attention,e2e-fast,e2e,model,variants,compiled,floor,outputs: what is still
-#             unmeasured on the current code first (RESULTS.md, "Where the targets stand");
-#             attention first: the largest open lever on the model-only target (13th session),
-#             then e2e-fast (the 12th session changed fast decoding, the end-to-end target's path)
+#   all       = tests,attention,compiled,e2e-fast,e2e,model,variants,floor,outputs: what is
+#             still unmeasured on the current code first (RESULTS.md, "Where the targets
+#             stand"): attention and compiled measure the 13th session's levers on the
+#             model-only target (cuDNN attention, fp16 DINOv2; ≈ 320 s with the tests), then
+#             e2e-fast (the 12th session changed fast decoding, the end-to-end target's path)
 #
 # OUT: folder for the JSON and log.txt (default benchmarks/results). BUDGET_S: wall-clock
 # seconds for the whole script (0 = none); a step cut at the budget gets 20 s more to exit
@@ -46,7 +48,7 @@ steps=${1:?usage: pending_gpu.sh STEP[,STEP...]|all [OUT] [BUDGET_S]}
 out=${2:-benchmarks/results}
 budget=${3:-0}
 py=${PYTHON:-python3}
-[[ $steps == all ]] && steps=tests,attention,e2e-fast,e2e,model,variants,compiled,floor,outputs
+[[ $steps == all ]] && steps=tests,attention,compiled,e2e-fast,e2e,model,variants,floor,outputs
 mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 2
 [[ $py == */* ]] && { py="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")" || exit 2; }
 cd "$(dirname "$0")/.." || exit 2
