@@ -129,6 +129,46 @@ def test_detector_math_runs_every_attention_unfused_with_the_same_results():
     assert not torch.equal(m_math, m_auto)  # another kernel did run: rounding differs
 
 
+def test_compiled_detectors_keep_their_own_attention_kernels(monkeypatch):
+    """torch.compile bakes the kernels into its graph and does not guard on torch's global
+    attention settings: each Detector's graph must be traced under its own setting, and not
+    serve another one (with the setting entered around the compiled call, a second compiled
+    model of the same class ran the first one's kernel)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    traced: list[list[str]] = []
+
+    def keep_ops(gm, example_inputs):  # the graph as traced, run as it is (no inductor)
+        traced.append([str(n.target) for n in gm.graph.nodes if n.op == "call_function"])
+        return gm
+
+    real, backend = torch.compile, aot_autograd(fw_compiler=keep_ops)
+    # One backend for every compile, as "inductor" is (a new one per call would recompile).
+    monkeypatch.setattr(torch, "compile", lambda m, mode=None: real(m, backend=backend))
+    model = create_model("tiny", image_size=SIZE, seed=0)
+    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    Detector(model, device="cpu").predict_tensor(x)  # text features: computed once, eagerly
+    expected = _attention_calls(model)  # 13 for tiny
+    eager = Detector(model, device="cpu").predict_tensor(x)
+
+    def traced_ops(name: str) -> list[str]:
+        traced.clear()
+        s, m = Detector(model, device="cpu", compile=True, attention=name).predict_tensor(x)
+        torch.testing.assert_close(m, eager[1], atol=1e-5, rtol=0)
+        return [op for graph in traced for op in graph]
+
+    torch._dynamo.reset()
+    try:
+        runs = [traced_ops(name) for name in ("auto", "math", "auto", "auto")]
+    finally:
+        torch._dynamo.reset()
+    auto, math, again, same = runs
+    assert auto.count(FUSED_CPU) == expected and MATH_SOFTMAX not in auto
+    assert math.count(MATH_SOFTMAX) == expected and FUSED_CPU not in math
+    assert again.count(FUSED_CPU) == expected and MATH_SOFTMAX not in again
+    assert same == []  # the same setting again: the cached graphs serve it
+
+
 def test_evaluate_and_the_training_feature_cache_pass_the_choice_on(synth):
     from crane.data import AnomalyDataset
     from crane.engine.evaluate import evaluate

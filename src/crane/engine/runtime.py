@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import threading
 from collections.abc import Callable
 
 import torch
@@ -14,6 +16,8 @@ from crane.config import CraneConfig
 from crane.data import AnomalyDataset, collate_skip_none
 from crane.data.transforms import normalize_uint8
 from crane.errors import CraneError
+
+log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -151,13 +155,39 @@ def batch_loader(
     )
 
 
+# The attention setting the process's torch.compile caches were traced under (see
+# scoring_forward); None before the first compiled call.
+_COMPILED_UNDER: str | None = None
+_COMPILED_LOCK = threading.Lock()
+
+
+def _compiled_attention(attention: str) -> None:
+    """Before a compiled call under ``attention``: a compiled graph has its attention kernels
+    baked in, and torch.compile does not guard on torch's attention settings (nor can a guard
+    placed in our code cover the frames that graph breaks split off), so a graph traced under
+    one setting would serve a Detector that asked for another — seen on the CPU: a second
+    compiled Detector of the same model under ``math`` ran the first one's fused kernel. When
+    the setting differs from the one the caches were traced under, they are dropped
+    (``torch._dynamo.reset()``) and traced again under the new one."""
+    global _COMPILED_UNDER
+    with _COMPILED_LOCK:
+        if _COMPILED_UNDER not in (None, attention):
+            log.warning(
+                "attention=%r differs from the %r the compiled graphs in this process were "
+                "traced under: dropping torch.compile's caches, the next calls compile again",
+                attention,
+                _COMPILED_UNDER,
+            )
+            torch._dynamo.reset()
+        _COMPILED_UNDER = attention
+
+
 def scoring_forward(
     model: nn.Module, device: torch.device, compile: bool | str = False, attention: str = "auto"
 ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """``images -> (scores, maps)`` in fp32 through ``model``, optionally ``torch.compile``d
     (``compile`` True or a mode name; the first call compiles), every call under
-    :func:`attention_kernels` ``(attention)`` (a compiled graph keeps the kernels chosen when
-    it was traced, so the setting is fixed per forward).
+    :func:`attention_kernels` ``(attention)`` (compiled: see :func:`_compiled_attention`).
 
     With a CUDA-graph mode (``"reduce-overhead"``, ``"max-autotune"``) on CUDA the outputs are
     copied out of the graph's memory pool: the next call would overwrite them, and the
@@ -169,6 +199,8 @@ def scoring_forward(
     graphs = device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
 
     def run(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if compile:
+            _compiled_attention(attention)
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
         with attention_kernels(attention):
