@@ -337,7 +337,7 @@ def test_throughput_quick_mode_keeps_only_presets_and_sizes(throughput, tmp_path
     paths = [f"{i}.jpg" for i in range(32)]
     assert calls == [
         ("model", "tiny", (8, "fp32", 3, False, "auto")),
-        ("end_to_end", "tiny", (paths, 8, 2, "fp32", True, "model", False, "auto")),
+        ("end_to_end", "tiny", (paths, 8, 2, "fp32", True, "model", False, "auto", None)),
         ("model", "crane", (1, "fp32", 1, False, "auto")),
     ]
     calls.clear()
