@@ -230,15 +230,20 @@ def test_cuda_cudnn_first_reaches_cudnn_and_matches_flash():
     # CLIP ViT-L/14's attention at 518 px: 16 heads of 64 over 1370 tokens; E-Attn's q = k.
     q, v = (torch.randn(2, 16, 1370, 64, device="cuda", generator=g) for _ in range(2))
     q, v = q.to(torch.bfloat16), v.to(torch.bfloat16)
+    with attention_kernels("math"):  # fp32 reference on the same (bf16) inputs
+        ref = F.scaled_dot_product_attention(q.float(), q.float(), v.float())
     with attention_kernels("flash"):
         assert attention_kernel_used(q, q, v) == "flash"
-        ref = F.scaled_dot_product_attention(q, q, v)
+        flash = F.scaled_dot_product_attention(q, q, v)
     with attention_kernels("cudnn"):
         used = attention_kernel_used(q, q, v)
         out = F.scaled_dot_product_attention(q, q, v)
     if used != "cudnn":
         pytest.skip(f"this torch/cuDNN serves the call with {used}, not cuDNN")
-    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=0)
+    # Both bf16 kernels round their output to bf16: cuDNN's error as small as flash's.
+    err_cudnn = float((out.float() - ref).abs().max())
+    err_flash = float((flash.float() - ref).abs().max())
+    assert 0 < err_flash and err_cudnn <= 2 * err_flash + 1e-3, (err_cudnn, err_flash)
     # fp32 inputs: cuDNN's and flash's kernels take half precision only; the fallback serves.
     with attention_kernels("cudnn"):
         assert attention_kernel_used(q.float(), q.float(), v.float()) in ("efficient", "math")
