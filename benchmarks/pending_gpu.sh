@@ -8,8 +8,8 @@
 #             kernels (55 before the 13th session's attention-kernel tests)
 #   attention each attention kernel at Crane+'s shapes (attention.py: which kernel runs, ms,
 #             TFLOP/s), then Crane+ with cuDNN attention first and with DINOv2 under fp16
-#             autocast against the fp32 reference (variants.py --select cuDNN "DINO fp16")
-#             (13th session; ≈ 70 s expected, not measured)
+#             autocast, beside the default and DINOv2-bf16 rows of the same run, against the
+#             fp32 reference (variants.py --select ...) (13th session; ≈ 90 s expected)
 #   e2e       predict from JPEGs (default options), one-file latency, evaluate end to end
 #             (cut at 152 s that session, while writing the evaluate PNGs: now written by
 #             --workers processes, after the other two parts)
@@ -58,7 +58,7 @@ log="$out/log.txt"
 # Seconds a step needs to return anything useful (skipped below that; PENDING_GPU_LEAST_S
 # sets one value for all, e.g. for a dry run with a stand-in interpreter).
 declare -A least=([variants]=60 [compiled]=120 [tests]=45 [e2e-fast]=120 [floor]=90 [e2e]=120
-                  [model]=90 [outputs]=20 [attention]=30)
+                  [model]=90 [outputs]=20 [attention]=45)
 if [[ -n ${PENDING_GPU_LEAST_S:-} ]]; then
   for step in "${!least[@]}"; do least[$step]=$PENDING_GPU_LEAST_S; done
 fi
@@ -83,8 +83,8 @@ run_step() {  # the command of one step
              tests/test_metrics_streaming.py tests/test_attention_kernels.py -k cuda ;;
     attention) "$py" benchmarks/attention.py --device cuda --batch 32 \
                  --json "$out/attention_b32.json"; rc=$?  # the second part runs either way
-               "$py" benchmarks/variants.py --device cuda --batch 32 --select cuDNN "DINO fp16" \
-                 --json "$out/variants_cudnn_b32.json" || rc=1
+               "$py" benchmarks/variants.py --device cuda --batch 32 --select "bf16 default (cast" \
+                 cuDNN "DINO fp16" "bf16, DINO bf16" --json "$out/variants_cudnn_b32.json" || rc=1
                return $rc ;;
     variants) "$py" benchmarks/variants.py --device cuda --batch 32 --json "$out/variants_b32.json" ;;
     compiled) "$py" benchmarks/variants.py --device cuda --batch 32 --compile \
