@@ -57,7 +57,7 @@ def _state():
 def test_named_kernel_goes_first_then_torchs_order_and_is_restored(name):
     before = _state()
     default = [int(i) for i in before[0]]
-    first = int(ATTENTION_KERNELS[name])
+    first = int(getattr(SDPBackend, ATTENTION_KERNELS[name]))
     with attention_kernels(name):
         order = [int(i) for i in torch._C._get_sdp_priority_order()]
         assert order == [first] + [i for i in default if i != first]
@@ -94,6 +94,20 @@ def test_unknown_kernel_name_is_refused_up_front():
         Detector(model, device="cpu", attention="fa3")
     with pytest.raises(CraneError, match="attention must be one of"):
         scoring_forward(model, torch.device("cpu"), attention="")
+
+
+def test_named_kernels_need_a_torch_with_sdpa_priorities(monkeypatch):
+    from crane.engine import runtime
+
+    monkeypatch.setattr(runtime, "_sdpa_api", lambda: None)  # as on an older torch
+    model = create_model("tiny", image_size=SIZE)
+    x = torch.zeros(1, 3, SIZE, SIZE)
+    for name in ("cudnn", "math"):
+        with pytest.raises(CraneError, match=f"--attention {name} needs a torch whose"):
+            Detector(model, device="cpu", attention=name)
+    Detector(model, device="cpu", attention="auto").predict_tensor(x)  # auto needs nothing
+    with attention_kernels("auto"):
+        pass
 
 
 def _attention_calls(model) -> int:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import threading
 from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, Dataset
 
 from crane.config import CraneConfig
@@ -48,20 +48,40 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
-#: ``--attention NAME`` -> the fused-attention kernel ``scaled_dot_product_attention`` tries
-#: first (None: torch's own order).
-ATTENTION_KERNELS: dict[str, SDPBackend | None] = {
+#: ``--attention NAME`` -> the ``torch.nn.attention.SDPBackend`` member that
+#: ``scaled_dot_product_attention`` tries first (None: torch's own order).
+ATTENTION_KERNELS: dict[str, str | None] = {
     "auto": None,
-    "cudnn": SDPBackend.CUDNN_ATTENTION,
-    "flash": SDPBackend.FLASH_ATTENTION,
-    "efficient": SDPBackend.EFFICIENT_ATTENTION,
-    "math": SDPBackend.MATH,
+    "cudnn": "CUDNN_ATTENTION",
+    "flash": "FLASH_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "math": "MATH",
 }
+
+
+def _sdpa_api():
+    """``(SDPBackend, sdpa_kernel)``, or None on a torch without ``sdpa_kernel``'s
+    ``set_priority`` (the package allows torch versions older than that, where only ``auto``
+    runs)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return None
+    has_priority = "set_priority" in inspect.signature(sdpa_kernel).parameters
+    if not has_priority or not hasattr(torch._C, "_get_sdp_priority_order"):
+        return None
+    return SDPBackend, sdpa_kernel
 
 
 def check_attention(name: str) -> str:
     if name not in ATTENTION_KERNELS:
         raise CraneError(f"attention must be one of {', '.join(ATTENTION_KERNELS)}, got {name!r}")
+    if name != "auto" and _sdpa_api() is None:
+        raise CraneError(
+            f"--attention {name} needs a torch whose torch.nn.attention.sdpa_kernel takes "
+            f"set_priority (this is torch {torch.__version__}, the 2.14 pin has it): upgrade "
+            "torch or use --attention auto"
+        )
     return name
 
 
@@ -78,9 +98,10 @@ def attention_kernels(name: str = "auto") -> contextlib.AbstractContextManager:
     unfused reference (materialises every N×N matrix; for checks), on any device.
     Backends switched off before stay off; the previous settings come back on exit.
     """
-    first = ATTENTION_KERNELS[check_attention(name)]
-    if first is None:
+    if ATTENTION_KERNELS[check_attention(name)] is None:
         return contextlib.nullcontext()
+    SDPBackend, sdpa_kernel = _sdpa_api()
+    first = getattr(SDPBackend, ATTENTION_KERNELS[name])
     if first == SDPBackend.MATH:
         return sdpa_kernel([SDPBackend.MATH])
     on = {
@@ -103,9 +124,11 @@ def attention_kernel_used(
     """The kernel ``scaled_dot_product_attention(q, k, v, *args, **kwargs)`` would run under
     the current settings (``flash``, ``efficient``, ``cudnn``, ``math``...), as torch's
     dispatcher picks it."""
+    from torch.nn.attention import SDPBackend
+
     choice = SDPBackend(int(torch._fused_sdp_choice(q, k, v, *args, **kwargs)))
-    names = {b: n for n, b in ATTENTION_KERNELS.items() if b is not None}
-    return names.get(choice, choice.name.lower())
+    names = {member: name for name, member in ATTENTION_KERNELS.items() if member is not None}
+    return names.get(choice.name, choice.name.lower())
 
 
 def nan_score_message(cfg: CraneConfig, amp: torch.dtype | None) -> str:
