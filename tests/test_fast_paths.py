@@ -414,7 +414,7 @@ def _unit_layer_scale(model):
 
 
 class _MatmulDtypes(TorchDispatchMode):
-    """The input dtypes of every addmm/mm/bmm run inside it."""
+    """The weight-side input dtype of every addmm/mm run inside it (linear layers, PatchConv)."""
 
     def __init__(self):
         super().__init__()
