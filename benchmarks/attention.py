@@ -1,11 +1,13 @@
 """Crane+'s attentions under each fused-attention kernel (``--attention``): the kernel torch
 really runs, ms per call, TFLOP/s and max |Δ| to an fp32 reference, at 518².
 
-Per image Crane+ runs 81 CLIP attentions (24 blocks + 3 E-Attn terms in each of 19 blocks;
-16 heads × 1370 tokens × 64, bf16 under autocast; the E-Attn terms use q = k) and 12 DINOv2
-ones (12 heads × 1374 tokens × 64; fp16 with the default ``--dino-precision
-fp16-attention``, fp32 with ``fp32``). In an H200 profile these calls were 61 % of the time a
-batch needed (3.99 of 6.54 ms per image of GEMM and attention time), CLIP's at 340 TFLOP/s.
+The inputs are laid out as the model passes them (views of one qkv projection: the strides
+decide which kernels accept a call). Per image Crane+ runs 81 CLIP attentions (24 blocks + 3
+E-Attn terms in each of 19 blocks; 16 heads × 1370 tokens × 64, bf16 under autocast; the
+E-Attn terms use q = k) and 12 DINOv2 ones (12 heads × 1374 tokens × 64; fp16 with the default
+``--dino-precision fp16-attention``, fp32 with ``fp32``). In an H200 profile these calls were
+61 % of the time a batch needed (3.99 of 6.54 ms per image of GEMM and attention time),
+CLIP's at 340 TFLOP/s.
 The summary estimates each setting's attention time per image from the rows.
 
   python benchmarks/attention.py --device cuda --batch 32 --json out.json
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from throughput import save  # same folder
 
 from crane.engine.runtime import ATTENTION_KERNELS, attention_kernel_used, attention_kernels
+from crane.models.vision import _heads
 
 #: name -> (heads, tokens, dtype on CUDA, calls per Crane+ image)
 SHAPES = {
@@ -49,6 +52,20 @@ def timed_ms(fn, device: torch.device, reps: int) -> float:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t)
     return 1e3 * sorted(times)[len(times) // 2]
+
+
+def model_layout(
+    shape: str, batch: int, heads: int, tokens: int, dtype, dev, g
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v as the model hands them to the kernel — views of one qkv projection, whose
+    strides decide which kernels accept them: CLIP's through the vision loop's ``_heads``,
+    DINOv2's as timm's Attention permutes them."""
+    width = heads * HEAD_DIM
+    qkv = torch.randn(batch, tokens, 3 * width, device=dev, generator=g).to(dtype)
+    if shape.startswith("CLIP"):
+        return tuple(_heads(t, heads) for t in qkv.chunk(3, -1))
+    qkv = qkv.reshape(batch, tokens, 3, heads, HEAD_DIM).permute(2, 0, 3, 1, 4)
+    return tuple(qkv.unbind(0))
 
 
 def reference(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -103,8 +120,7 @@ def main(argv=None) -> int:
     for shape, (heads, tokens, dtype, calls) in shapes.items():
         n = args.tokens or tokens
         # Activation-like scale: unit-variance entries give logits of O(√d)/√d = O(1).
-        q = torch.randn(batch, heads, n, HEAD_DIM, device=dev, generator=g).to(dtype)
-        v = torch.randn(batch, heads, n, HEAD_DIM, device=dev, generator=g).to(dtype)
+        q, _, v = model_layout(shape, batch, heads, n, dtype, dev, g)
         ref = reference(q, v)
         timed: dict[str, str] = {}  # kernel run -> the setting that timed it
         gflop = 4 * batch * heads * n * n * HEAD_DIM / 1e9

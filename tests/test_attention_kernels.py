@@ -240,10 +240,13 @@ def test_train_encodes_its_features_under_the_choice(synth, tmp_path, monkeypatc
 
 @cuda
 def test_cuda_cudnn_first_reaches_cudnn_and_matches_flash():
+    from crane.models.vision import _heads
+
     g = torch.Generator(device="cuda").manual_seed(0)
-    # CLIP ViT-L/14's attention at 518 px: 16 heads of 64 over 1370 tokens; E-Attn's q = k.
-    q, v = (torch.randn(2, 16, 1370, 64, device="cuda", generator=g) for _ in range(2))
-    q, v = q.to(torch.bfloat16), v.to(torch.bfloat16)
+    # CLIP ViT-L/14's attention at 518 px: 16 heads of 64 over 1370 tokens, laid out as the
+    # vision loop passes them (views of one qkv projection); E-Attn's q = k.
+    qkv = torch.randn(2, 1370, 3 * 1024, device="cuda", generator=g).to(torch.bfloat16)
+    q, _, v = (_heads(t, 16) for t in qkv.chunk(3, -1))
     with attention_kernels("math"):  # fp32 reference on the same (bf16) inputs
         ref = F.scaled_dot_product_attention(q.float(), q.float(), v.float())
     with attention_kernels("flash"):
