@@ -51,6 +51,7 @@ from scipy.ndimage import gaussian_filter
 
 import crane.engine.predict as predict_module
 from crane.config import CraneConfig
+from crane.constants import ATTENTION_KERNELS
 from crane.engine.predict import Detector, Prediction
 from crane.models import create_model, scoring, vision
 
@@ -668,7 +669,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--attention",
         default="auto",
-        choices=["auto", "cudnn", "flash", "efficient", "math"],
+        choices=list(ATTENTION_KERNELS),
         help="fused attention kernel tried first on the optimised path (model, e2e)",
     )
     ap.add_argument(

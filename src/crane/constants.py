@@ -7,3 +7,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: Reference input size for both CLIP and DINOv2 (37x37 patch grid at patch size 14).
 DEFAULT_IMAGE_SIZE = 518
+
+#: ``--attention NAME`` -> the ``torch.nn.attention.SDPBackend`` member that
+#: ``scaled_dot_product_attention`` tries first (None: torch's own order).
+ATTENTION_KERNELS: dict[str, str | None] = {
+    "auto": None,
+    "cudnn": "CUDNN_ATTENTION",
+    "flash": "FLASH_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "math": "MATH",
+}

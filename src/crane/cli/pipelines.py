@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from crane.constants import ATTENTION_KERNELS
 from crane.errors import CraneError
 
 log = logging.getLogger("crane")
@@ -37,7 +38,7 @@ def _common(p: argparse.ArgumentParser, batch: int = 8) -> None:
     g.add_argument(
         "--attention",
         default="auto",
-        choices=["auto", "cudnn", "flash", "efficient", "math"],
+        choices=list(ATTENTION_KERNELS),
         help="fused attention kernel tried first on CUDA (torch's order after it, for calls it "
         "cannot serve): auto keeps torch's order (FlashAttention-2 first); cudnn may be faster "
         "on Hopper GPUs; math is the unfused reference, on any device",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import threading
@@ -13,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from crane.config import CraneConfig
+from crane.constants import ATTENTION_KERNELS
 from crane.data import AnomalyDataset, collate_skip_none
 from crane.data.transforms import normalize_uint8
 from crane.errors import CraneError
@@ -48,21 +50,11 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
-#: ``--attention NAME`` -> the ``torch.nn.attention.SDPBackend`` member that
-#: ``scaled_dot_product_attention`` tries first (None: torch's own order).
-ATTENTION_KERNELS: dict[str, str | None] = {
-    "auto": None,
-    "cudnn": "CUDNN_ATTENTION",
-    "flash": "FLASH_ATTENTION",
-    "efficient": "EFFICIENT_ATTENTION",
-    "math": "MATH",
-}
-
-
+@functools.cache
 def _sdpa_api():
     """``(SDPBackend, sdpa_kernel)``, or None on a torch without ``sdpa_kernel``'s
     ``set_priority`` (the package allows torch versions older than that, where only ``auto``
-    runs)."""
+    runs). Looked up once: named kernels enter it on every forward."""
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
     except ImportError:
