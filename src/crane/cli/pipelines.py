@@ -162,6 +162,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "pipeline",
     )
     p.add_argument(
+        "--device-decode",
+        action="store_true",
+        help="decode JPEG files on the GPU (nvJPEG, resized there as PIL does) so the CPUs "
+        "only read files; other files are decoded on the CPU as usual. Pixels match the "
+        "reference pipeline within a level or so",
+    )
+    p.add_argument(
         "--map-size",
         default="input",
         choices=["input", "model"],
@@ -366,6 +373,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         compile=args.compile,
         attention=args.attention,
         fast_decode=args.fast_decode,
+        device_decode=args.device_decode,
         cast_weights=True,  # the model is ours; a no-op for fp32
         map_size=args.map_size,
     )

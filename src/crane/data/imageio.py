@@ -102,6 +102,31 @@ def normalize_mode(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # CMYK, YCbCr, LAB, HSV, RGBX, ...
 
 
+def read_jpeg(path: PathLike) -> tuple[bytes, tuple[int, int]] | None:
+    """The undecoded bytes and ``(height, width)`` of a JPEG file that a GPU decoder can take
+    exactly as the reference reads it, or None for anything else (decode those with
+    :func:`open_image`, which also reports unreadable files).
+
+    Taken: JPEG files in RGB or greyscale (L) whose data ends with the end-of-image marker.
+    Left to :func:`open_image`: other formats, CMYK/YCCK JPEGs (converted to RGB there), and
+    JPEGs that do not end with the marker — truncated files, which PIL refuses, and files
+    with trailing data — so a GPU decoder never sees data PIL would reject. Only the header
+    is parsed here (no decoding)."""
+    try:
+        with Image.open(path) as im:
+            if im.format != "JPEG" or im.mode not in ("RGB", "L"):
+                return None
+            width, height = im.size
+        data = Path(path).read_bytes()
+    except MemoryError:
+        raise
+    except Exception:  # missing, unreadable or not an image: open_image says why
+        return None
+    if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        return None
+    return data, (height, width)
+
+
 def load_image(path: PathLike) -> Image.Image:
     """Decode an image as 8-bit RGB (for display and overlays).
 

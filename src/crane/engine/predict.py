@@ -23,8 +23,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from crane.data.imageio import is_image_file
-from crane.data.transforms import image_to_uint8, read_image_tensor
+from crane.data.imageio import is_image_file, read_jpeg
+from crane.data.transforms import decode_jpegs, image_to_uint8, read_image_tensor
 from crane.engine.runtime import (
     autocast,
     autocast_dtype,
@@ -76,13 +76,21 @@ class Failure:
 class _Decode(Dataset):
     """Decodes and resizes inputs (in DataLoader workers) to uint8 pixels; failures become
     records. Normalisation happens on the device (:func:`normalize_uint8`, bitwise equal).
+    With ``device_jpeg``, JPEG files that :func:`~crane.data.imageio.read_jpeg` takes are only
+    read (their bytes travel as ``"jpeg"``) and the main process decodes them on the device.
 
     Keys are ``(input index, input)`` pairs handed out by :class:`_Jobs`, so long-lived
     workers can decode whatever a later ``predict`` call brings."""
 
-    def __init__(self, size: int, draft: int | None = None, fast_resize: bool | None = None):
+    def __init__(
+        self,
+        size: int,
+        draft: int | None = None,
+        fast_resize: bool | None = None,
+        device_jpeg: bool = False,
+    ):
         # Fast decoding (a draft size) also shrinks with torch's uint8 kernel (image_to_uint8).
-        self.size, self.draft = size, draft
+        self.size, self.draft, self.device_jpeg = size, draft, device_jpeg
         self.fast = draft is not None if fast_resize is None else fast_resize
 
     def __getitem__(self, key: tuple[int, ImageInput]) -> dict[str, Any]:
@@ -94,6 +102,16 @@ class _Decode(Dataset):
     def _decode(self, i: int, item: ImageInput) -> dict[str, Any]:
         try:
             if isinstance(item, (str, os.PathLike)):
+                jpeg = read_jpeg(item) if self.device_jpeg else None
+                if jpeg is not None:
+                    data = torch.from_numpy(np.frombuffer(bytearray(jpeg[0]), dtype=np.uint8))
+                    return {
+                        "ok": True,
+                        "jpeg": data,
+                        "hw": jpeg[1],
+                        "path": os.fspath(item),
+                        "i": i,
+                    }
                 pixels, (h, w) = read_image_tensor(
                     item, self.size, draft=self.draft, as_uint8=True, fast_resize=self.fast
                 )
@@ -132,9 +150,20 @@ class _Jobs(Sampler):
 
 
 def _collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    ok = [b for b in batch if b["ok"]]
+    """A chunk as one tensor per kind of payload: every tensor leaving a worker is copied into
+    its own shared-memory segment, so the records keep none (``"image"`` rows are stacked in
+    input order; ``"jpeg"`` bytes are joined, each record keeping its span)."""
+    ok = [{k: v for k, v in b.items() if k not in ("image", "jpeg")} for b in batch if b["ok"]]
+    pixels = [b["image"] for b in batch if b["ok"] and "image" in b]
+    jpegs = [b["jpeg"] for b in batch if b["ok"] and "jpeg" in b]
+    start = 0
+    for rec, b in zip(ok, (b for b in batch if b["ok"]), strict=True):
+        if "jpeg" in b:
+            rec["jpeg_span"] = (start, start + len(b["jpeg"]))
+            start += len(b["jpeg"])
     return {
-        "images": torch.stack([b["image"] for b in ok]) if ok else None,
+        "images": torch.stack(pixels) if pixels else None,
+        "jpegs": torch.cat(jpegs) if jpegs else None,
         "ok": ok,
         "failed": [(b["i"], Failure(b["path"], b["error"])) for b in batch if not b["ok"]],
         # When the worker finished this chunk (a system-wide monotonic clock on Linux, macOS
@@ -149,7 +178,8 @@ def _rebatch(
     """Join loader chunks into batches of ``batch_size`` readable images (the last may be
     smaller), in input order; each failure travels with the batch that precedes it in the
     input, so results come out in input order. With ``pin`` the images land in a pinned
-    buffer (one copy) for an asynchronous transfer to the GPU."""
+    buffer (one copy) for an asynchronous transfer to the GPU. ``images`` holds the rows of
+    the records without ``"jpeg"`` (undecoded bytes, a view of their chunk's), in order."""
     ok: list[dict[str, Any]] = []
     images: list[torch.Tensor] = []
     failed: list[tuple[int, Failure]] = []
@@ -157,11 +187,14 @@ def _rebatch(
     def emit(n: int) -> dict[str, Any]:
         nonlocal ok, images, failed
         take, ok = ok[:n], ok[n:]
-        joined = torch.cat(images) if len(images) > 1 else images[0]
-        rows, rest = joined[:n], joined[n:]
-        images = [rest] if len(rest) else []
-        if pin:
-            rows = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True).copy_(rows)
+        rows = None
+        n_rows = sum("jpeg" not in item for item in take)
+        if n_rows:
+            joined = torch.cat(images) if len(images) > 1 else images[0]
+            rows, rest = joined[:n_rows], joined[n_rows:]
+            images = [rest] if len(rest) else []
+            if pin:
+                rows = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True).copy_(rows)
         last = take[-1]["i"]
         mine = [f for f in failed if f[0] < last]
         failed = [f for f in failed if f[0] >= last]
@@ -169,8 +202,11 @@ def _rebatch(
 
     for c in chunks:
         failed += c["failed"]
+        ok += c["ok"]
+        for item in c["ok"]:
+            if "jpeg_span" in item:
+                item["jpeg"] = c["jpegs"][slice(*item.pop("jpeg_span"))]
         if c["images"] is not None:
-            ok += c["ok"]
             images.append(c["images"])
         while len(ok) >= batch_size:
             yield emit(batch_size)
@@ -191,20 +227,21 @@ def decode_loader(
     prefetch: int | None = None,
     pin_memory: bool = False,
     fast_resize: bool | None = None,
+    device_jpeg: bool = False,
 ) -> tuple[DataLoader, _Jobs]:
     """The loader :class:`Detector` decodes with: ``workers`` processes decode chunks of
     ⌈batch / workers⌉ inputs (set ``jobs.keys`` to ``(index, input)`` pairs before iterating),
     which :func:`_rebatch` joins into model batches. Chunks are collated as uint8 pixels,
     shrunk the fast way when ``draft`` is set (or as ``fast_resize`` says).
     ``chunk``/``prefetch``/``pin_memory``/``fast_resize`` change those choices (benchmarks
-    compare them)."""
+    compare them). ``device_jpeg``: JPEG files are read, not decoded (see :class:`_Decode`)."""
     if chunk is None:
         chunk = -(-batch_size // workers) if workers else batch_size
     if prefetch is None:
         prefetch = max(2, -(-2 * batch_size // (chunk * workers))) if workers else None
     jobs = _Jobs(chunk)
     loader = DataLoader(
-        _Decode(size, draft, fast_resize),
+        _Decode(size, draft, fast_resize, device_jpeg),
         batch_sampler=jobs,
         num_workers=workers,
         collate_fn=_collate,
@@ -225,6 +262,35 @@ class _InFlight:
     maps: list[torch.Tensor] | None = None  # per size group, on the device
     groups: list[list[int]] | None = None
     done: torch.cuda.Event | None = None
+
+
+_PROBE_JPEG: dict[str, str | None] = {}  # device → None (works) or why it does not
+
+
+def check_device_decode(device: torch.device) -> None:
+    """Raise a :class:`~crane.errors.CraneError` naming the cause and the fix when JPEGs cannot
+    be decoded on ``device`` (a torchvision without nvJPEG, for instance); checked once per
+    device by decoding a small JPEG there."""
+    key = str(device)
+    if key not in _PROBE_JPEG:
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (90, 160, 30)).save(buf, format="JPEG")
+        data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+        try:
+            (pixels,) = decode_jpegs([data], 16, device)
+            _PROBE_JPEG[key] = str(pixels) if isinstance(pixels, RuntimeError) else None
+        except Exception as exc:  # an import error, a missing libnvjpeg, ...
+            _PROBE_JPEG[key] = f"{type(exc).__name__}: {exc}"
+    why = _PROBE_JPEG[key]
+    if why is not None:
+        import torchvision
+
+        raise CraneError(
+            f"device_decode: torchvision {torchvision.__version__} cannot decode JPEGs on "
+            f"{device} ({why.splitlines()[0]}). Install a torchvision built for this CUDA "
+            "(its Linux CUDA wheels include nvJPEG), or decode on the CPU: drop "
+            "--device-decode (device_decode=False)."
+        )
 
 
 def resize_maps(maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -251,7 +317,14 @@ class Detector:
     the end of a ``with Detector(...) as det:`` block). ``fast_decode``: JPEGs decoded at a
     reduced DCT scale (still >= the model input) and images shrunk by torch's uint8 bicubic
     kernel (:func:`~crane.data.transforms.image_to_uint8` ``fast``) — much cheaper for large
-    photos, pixels differ slightly from the reference.
+    photos, pixels differ slightly from the reference. ``device_decode``: JPEG files are decoded
+    on the model's device (nvJPEG on CUDA, the GPU's hardware JPEG engines where it has them)
+    and resized there as PIL does (:func:`~crane.data.transforms.decode_jpegs`): the workers
+    only read files, so a GPU is no longer held back by the CPUs' decoding; other files,
+    CMYK and truncated JPEGs, and JPEGs the GPU decoder rejects are decoded on the CPU as
+    usual (``fast_decode`` then applies to them). Pixels equal the reference's but for ±1
+    in about 1e-4 of the values from the resize, plus whatever nvJPEG's inverse DCT rounds
+    differently. On a CPU device it only moves decoding into the main process.
     ``compile``: ``torch.compile`` the model (first batch compiles; a string picks the mode,
     e.g. ``"reduce-overhead"`` for CUDA graphs at small batches). ``attention``: which fused
     attention kernel runs first (``auto``, ``cudnn``, ``flash``, ``efficient``, ``math``; see
@@ -277,11 +350,15 @@ class Detector:
         compile: bool | str = False,
         attention: str = "auto",
         fast_decode: bool = False,
+        device_decode: bool = False,
         cast_weights: bool | None = None,
         map_size: str = "input",
         **overrides: Any,
     ):
         self.device = pick_device(device)
+        if device_decode:
+            check_device_decode(self.device)
+        self.device_decode = device_decode
         self.amp = autocast_dtype(precision, self.device)
         if map_size not in ("input", "model"):
             raise CraneError(f"map_size must be 'input' or 'model', got {map_size!r}")
@@ -328,9 +405,10 @@ class Detector:
     def _launch(self, batch: dict[str, Any]) -> _InFlight:
         """Queue a batch's device work (forward, resize to each image's size) and return."""
         job = _InFlight(batch["ok"], batch["failed"])
-        if batch["images"] is None:
+        images = self._pixels(job, batch["images"])
+        if images is None:
             return job
-        scores, maps = self.predict_tensor(batch["images"])
+        scores, maps = self.predict_tensor(images)
         groups: dict[tuple[int, int], list[int]] = {}
         for j, item in enumerate(job.ok):
             hw = tuple(item["hw"]) if self.map_size == "input" else (self.size, self.size)
@@ -345,6 +423,43 @@ class Detector:
             job.done = torch.cuda.Event()
             job.done.record()
         return job
+
+    def _pixels(self, job: _InFlight, rows: torch.Tensor | None) -> torch.Tensor | None:
+        """The batch's (B, 3, S, S) uint8 pixels: the workers' ``rows``, with the undecoded
+        JPEGs (``"jpeg"`` records, see :class:`_Decode`) decoded on the device in their places.
+        A JPEG the device decoder rejects is decoded on the host; if that fails too, it moves
+        from ``job.ok`` to ``job.failed``. None when no image is left."""
+        at = [j for j, item in enumerate(job.ok) if "jpeg" in item]
+        if not at:
+            return rows
+        size = self.size
+        decoded = decode_jpegs([job.ok[j].pop("jpeg") for j in at], size, self.device)
+        out = torch.empty((len(job.ok), 3, size, size), dtype=torch.uint8, device=self.device)
+        if rows is not None:
+            taken = set(at)
+            index = [j for j in range(len(job.ok)) if j not in taken]
+            out[index] = rows.to(self.device, non_blocking=True)
+        lost: list[int] = []
+        for j, pixels in zip(at, decoded, strict=True):
+            if isinstance(pixels, RuntimeError):
+                item = job.ok[j]
+                log.warning("%s: device JPEG decoding failed (%s); decoding on the CPU",
+                            item["path"], str(pixels).splitlines()[0])  # fmt: skip
+                try:
+                    pixels, _ = read_image_tensor(
+                        item["path"], size, draft=self.draft, as_uint8=True,
+                        fast_resize=self.draft is not None,
+                    )  # fmt: skip
+                except CraneError as exc:
+                    job.failed.append((item["i"], Failure(item["path"], str(exc))))
+                    lost.append(j)
+                    continue
+            out[j] = pixels.to(self.device, non_blocking=True)
+        if lost:
+            keep = [j for j in range(len(job.ok)) if j not in lost]
+            job.ok = [job.ok[j] for j in keep]
+            out = out[keep] if keep else None
+        return out
 
     def _collect(self, job: _InFlight) -> Iterator[Prediction | Failure]:
         """Copy a launched batch's results to the host and yield them in input order."""
@@ -425,14 +540,16 @@ class Detector:
         iterator is still open gets its own short-lived loader.
         """
         w = self.workers
-        key = (w, self.batch_size, self.size, self.draft)
+        key = (w, self.batch_size, self.size, self.draft, self.device_decode)
         with self._loader_lock:
             shared = w > 0 and not self._loader_busy
             self._loader_busy = self._loader_busy or shared
         if shared and self._loader is not None and self._loader[0] == key:
             return self._loader[1], self._loader[2], True
         try:
-            loader, jobs = decode_loader(self.size, self.draft, self.batch_size, w, shared)
+            loader, jobs = decode_loader(
+                self.size, self.draft, self.batch_size, w, shared, device_jpeg=self.device_decode
+            )
         except BaseException:
             self._loader_busy = self._loader_busy and not shared
             raise

@@ -1,0 +1,353 @@
+"""JPEG decoding on the model's device (``Detector(device_decode=True)``, ``crane predict
+--device-decode``): the workers only read JPEG files and the main process decodes them with
+torchvision (nvJPEG on CUDA) and resizes them as PIL does. On the CPU torchvision's decoder is
+libjpeg-turbo, so these tests check the whole path against the reference pixels; the ``cuda``
+ones run where a GPU exists."""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from crane.data.imageio import read_jpeg
+from crane.data.transforms import decode_jpegs, read_image_tensor, resize_uint8
+from crane.engine import predict as predict_module
+from crane.engine.predict import Detector, Failure, Prediction, check_device_decode
+from crane.errors import CraneError
+from crane.models import create_model
+
+SIZE = 112
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _photo(mode: str, hw: tuple[int, int], seed: int = 0) -> Image.Image:
+    """Smooth content plus sensor-like noise, as in a photograph."""
+    rng = np.random.default_rng(seed)
+    low = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8))
+    arr = np.asarray(low.resize(hw[::-1], Image.Resampling.BICUBIC), dtype=np.int16)
+    arr = arr + rng.integers(-12, 13, (*hw, 3), dtype=np.int16)
+    return Image.fromarray(arr.clip(0, 255).astype(np.uint8)).convert(mode)
+
+
+def _jpeg_bytes(im: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+def _pil_pixels(im: Image.Image, size: int) -> torch.Tensor:
+    """The reference: PIL's bicubic resize, then RGB, as uint8 (3, size, size)."""
+    rgb = im.resize((size, size), Image.Resampling.BICUBIC).convert("RGB")
+    return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)
+
+
+def _levels(a: torch.Tensor, b: torch.Tensor) -> tuple[int, float]:
+    """Largest difference in levels, and the fraction of values that differ."""
+    d = (a.int() - b.int()).abs()
+    return int(d.max()), float((d > 0).float().mean())
+
+
+# --- reading JPEG files in the workers -------------------------------------------------------
+
+
+def test_read_jpeg_takes_rgb_and_grey_jpegs_whole_and_leaves_the_rest(tmp_path):
+    photo = _photo("RGB", (60, 80))
+    cases = {
+        "rgb.jpg": _jpeg_bytes(photo),
+        "grey.jpg": _jpeg_bytes(photo.convert("L")),
+        "progressive.jpg": _jpeg_bytes(photo, progressive=True),
+        "padded.jpg": _jpeg_bytes(photo) + b"\x00" * 7,  # zero padding after the marker
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        got = read_jpeg(tmp_path / name)
+        assert got is not None, name
+        assert got[0] == data and got[1] == (60, 80), name
+
+    whole = _jpeg_bytes(photo)
+    (tmp_path / "truncated.jpg").write_bytes(whole[: len(whole) * 2 // 3])
+    (tmp_path / "trailing.jpg").write_bytes(whole + b"more data")
+    photo.convert("CMYK").save(tmp_path / "cmyk.jpg", quality=90)
+    photo.save(tmp_path / "photo.png")
+    (tmp_path / "text.jpg").write_bytes(b"not an image")
+    for name in ("truncated.jpg", "trailing.jpg", "cmyk.jpg", "photo.png", "text.jpg", "nope.jpg"):
+        assert read_jpeg(tmp_path / name) is None, name
+
+
+# --- resizing as PIL does -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+@pytest.mark.parametrize(
+    "hw",
+    [(3 * SIZE + 7, 4 * SIZE), (4 * SIZE, SIZE + 20), (SIZE, 2 * SIZE + 1)]
+    + [(SIZE // 2 + 3, SIZE - 9), (SIZE, SIZE)],
+)
+def test_resize_uint8_is_within_a_level_of_pil(mode, hw):
+    """Shrinking (a tall image too, which Pillow 13 resizes vertical pass first), one side
+    unchanged, enlarging, and no change at all."""
+    im = _photo(mode, hw, seed=sum(hw))
+    rgb = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+    got = resize_uint8(rgb, SIZE)
+    assert got.dtype == torch.uint8 and got.shape == (3, SIZE, SIZE)
+    worst, frac = _levels(got, _pil_pixels(im, SIZE))
+    assert worst <= 1 and frac < 2e-3, (worst, frac)
+    if hw == (SIZE, SIZE):
+        assert torch.equal(got, rgb)
+
+
+def test_resize_uint8_on_the_shared_photos():
+    """Real photos (VisA's 1500x1000 JPEGs, Brain MRI scans smaller than the model input)."""
+    files = sorted(glob.glob(str(SHARED / "visa" / "**" / "*.JPG"), recursive=True))[:2]
+    files += sorted(glob.glob(str(SHARED / "brainmri" / "**" / "*.jpg"), recursive=True))[:4]
+    if not files:
+        pytest.skip("../shared/data is not beside the checkout")
+    for path in files:
+        ref, _ = read_image_tensor(path, 518, as_uint8=True)
+        with Image.open(path) as im:
+            rgb = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+        worst, frac = _levels(resize_uint8(rgb, 518), ref)
+        assert worst <= 1 and frac < 2e-3, (path, worst, frac)
+
+
+# --- decoding a batch ----------------------------------------------------------------------------
+
+
+def test_decode_jpegs_matches_the_reference_and_isolates_a_bad_stream(tmp_path):
+    ims = [_photo("RGB", (150, 170), seed=1), _photo("L", (90, 130), seed=2)]
+    ims.append(_photo("RGB", (100, 100), seed=3))
+    data = [torch.frombuffer(bytearray(_jpeg_bytes(im)), dtype=torch.uint8) for im in ims]
+    good = decode_jpegs(data, SIZE, "cpu")
+    for raw, pixels in zip(data, good, strict=True):
+        decoded = Image.open(io.BytesIO(raw.numpy().tobytes()))
+        assert pixels.shape == (3, SIZE, SIZE) and pixels.dtype == torch.uint8
+        worst, frac = _levels(pixels, _pil_pixels(decoded, SIZE))
+        assert worst <= 1 and frac < 2e-3
+
+    broken = bytearray(_jpeg_bytes(ims[0]))
+    broken[2:] = bytes(len(broken) - 4) + b"\xff\xd9"  # header gone, end marker kept
+    mixed = decode_jpegs(
+        [data[0], torch.frombuffer(broken, dtype=torch.uint8), data[2]], SIZE, "cpu"
+    )
+    assert isinstance(mixed[1], RuntimeError)
+    assert torch.equal(mixed[0], good[0]) and torch.equal(mixed[2], good[2])
+
+
+# --- the Detector ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mixed_inputs(tmp_path_factory):
+    """Every kind of input the device path must route: JPEGs it decodes (RGB, grey,
+    progressive), files it leaves to the CPU (PNG, CMYK and truncated JPEGs), a JPEG that
+    passes the header check but no decoder reads (a bad Huffman table), a missing file, an
+    in-memory image."""
+    root = tmp_path_factory.mktemp("mixed")
+    photo = _photo("RGB", (2 * SIZE + 5, 3 * SIZE), seed=7)
+    photo.save(root / "a.jpg", quality=90)
+    _photo("L", (SIZE + 40, SIZE + 11), seed=8).save(root / "b.jpg", quality=85)
+    _photo("RGB", (3 * SIZE, 2 * SIZE), seed=9).save(root / "c.jpg", quality=90, progressive=True)
+    _photo("RGB", (SIZE + 3, SIZE + 30), seed=10).save(root / "d.png")
+    _photo("RGB", (SIZE + 50, SIZE + 20), seed=11).convert("CMYK").save(root / "e.jpg")
+    whole = _jpeg_bytes(photo)
+    (root / "f.jpg").write_bytes(whole[: len(whole) // 2])
+    bad = bytearray(whole)
+    dht = bad.find(b"\xff\xc4")  # a Huffman table whose code counts add up to > 256
+    bad[dht + 5 : dht + 21] = b"\xff" * 16
+    (root / "g.jpg").write_bytes(bytes(bad))
+    _photo("RGB", (SIZE * 2, SIZE * 2), seed=12).save(root / "h.jpg", quality=95)
+    paths = [os.fspath(root / f"{c}.{'png' if c == 'd' else 'jpg'}") for c in "abcdefgh"]
+    return [*paths[:4], os.fspath(root / "missing.jpg"), *paths[4:], _photo("RGB", (90, 90), 13)]
+
+
+def _run(det: Detector, inputs: list) -> tuple[list, torch.Tensor]:
+    """The results and, in order, every uint8 pixel row the model was given."""
+    seen = []
+    forward = det.predict_tensor
+
+    def spy(images):
+        seen.append(images.cpu())
+        return forward(images)
+
+    with mock.patch.object(det, "predict_tensor", spy):
+        results = list(det.predict_iter(inputs))
+    return results, torch.cat(seen)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_detector_device_decode_matches_the_cpu_path(mixed_inputs, workers):
+    model = create_model("tiny+", image_size=SIZE, seed=3)
+    ref = Detector(model, device="cpu", batch_size=3, workers=workers)
+    dev = Detector(model, device="cpu", batch_size=3, workers=workers, device_decode=True)
+    decoded_on_device = []
+    real = predict_module.decode_jpegs
+
+    def counting(data, size, device):
+        decoded_on_device.extend(bytes(d.numpy()) for d in data)
+        return real(data, size, device)
+
+    try:
+        want, want_px = _run(ref, mixed_inputs)
+        with mock.patch.object(predict_module, "decode_jpegs", counting):
+            got, got_px = _run(dev, mixed_inputs)
+    finally:
+        ref.close(), dev.close()
+
+    # a, b, c, g and h reach the device decoder; d, e and f (PNG, CMYK, truncated) do not.
+    names = [p for p in mixed_inputs if isinstance(p, str)]
+    sent = {n for n in names if os.path.exists(n) and Path(n).read_bytes() in decoded_on_device}
+    assert sorted(Path(n).stem for n in sent) == ["a", "b", "c", "g", "h"]
+    assert [type(r) for r in got] == [type(r) for r in want]
+    assert [type(r).__name__ for r in want].count("Failure") == 3  # missing, f, g
+    for r, w in zip(got, want, strict=True):
+        assert r.path == w.path
+        if isinstance(w, Failure):
+            assert (r.error, r.reason) == (w.error, w.reason)  # g: PIL's own message
+            continue
+        assert r.anomaly_map.shape == w.anomaly_map.shape
+        assert r.score == pytest.approx(w.score, abs=2e-3)
+    worst, frac = _levels(got_px, want_px)
+    assert worst <= 1 and frac < 2e-3, (worst, frac)
+
+
+def test_a_jpeg_the_device_rejects_is_decoded_on_the_host(mixed_inputs, caplog):
+    """If nvJPEG refuses a stream PIL reads, the image gets exactly the reference pixels."""
+    model = create_model("tiny", image_size=SIZE, seed=4)
+    jpegs = [mixed_inputs[0], mixed_inputs[1]]
+    real = predict_module.decode_jpegs
+
+    def refuse_first(data, size, device):
+        out = real(data, size, device)
+        return [RuntimeError("Error while decoding JPEG images: code 2"), *out[1:]]
+
+    with Detector(model, device="cpu", batch_size=2) as ref:
+        _, want_px = _run(ref, jpegs)
+    with (
+        Detector(model, device="cpu", batch_size=2, device_decode=True) as dev,
+        mock.patch.object(predict_module, "decode_jpegs", refuse_first),
+    ):
+        got, got_px = _run(dev, jpegs)
+    assert all(isinstance(r, Prediction) for r in got)
+    assert torch.equal(got_px[0], want_px[0])
+    assert _levels(got_px[1], want_px[1])[0] <= 1
+    assert "device JPEG decoding failed" in caplog.text and "a.jpg" in caplog.text
+
+
+def test_chunks_carry_each_payload_once():
+    """Records leave the workers without their tensors: the stacked pixel rows and the joined
+    JPEG bytes are the only tensors of a chunk (each tensor costs a shared-memory segment)."""
+    from crane.engine.predict import _collate, _rebatch
+
+    px = [torch.full((3, 4, 4), k, dtype=torch.uint8) for k in range(3)]
+    jp = [torch.arange(5, dtype=torch.uint8), torch.arange(3, dtype=torch.uint8) + 100]
+    items = [
+        {"ok": True, "image": px[0], "hw": (4, 4), "path": "p0", "i": 0},
+        {"ok": True, "jpeg": jp[0], "hw": (9, 9), "path": "j1", "i": 1},
+        {"ok": False, "path": "x2", "error": "bad", "i": 2},
+        {"ok": True, "image": px[1], "hw": (4, 4), "path": "p3", "i": 3},
+        {"ok": True, "jpeg": jp[1], "hw": (8, 8), "path": "j4", "i": 4},
+        {"ok": True, "image": px[2], "hw": (4, 4), "path": "p5", "i": 5},
+    ]
+    chunk = _collate(items)
+    assert not any(isinstance(v, torch.Tensor) for rec in chunk["ok"] for v in rec.values())
+    assert torch.equal(chunk["images"], torch.stack(px))
+    assert torch.equal(chunk["jpegs"], torch.cat(jp))
+    first, second = _rebatch([chunk], batch_size=3, pin=False)
+    assert [r["i"] for r in first["ok"]] == [0, 1, 3] and [r["i"] for r in second["ok"]] == [4, 5]
+    assert torch.equal(first["images"], torch.stack(px[:2]))  # rows of 0 and 3
+    assert torch.equal(first["ok"][1]["jpeg"], jp[0]) and torch.equal(
+        second["ok"][0]["jpeg"], jp[1]
+    )
+    assert torch.equal(second["images"], px[2][None])
+    assert [i for i, _ in first["failed"]] == [2] and not second["failed"]
+
+
+def test_device_decode_is_checked_up_front(monkeypatch):
+    model = create_model("tiny", image_size=SIZE, seed=4)
+    monkeypatch.setattr(predict_module, "_PROBE_JPEG", {})
+    Detector(model, device="cpu", device_decode=True)  # torchvision decodes on the CPU
+
+    def no_nvjpeg(*_):
+        raise RuntimeError("decode_jpegs_cuda: torchvision not compiled with nvJPEG support")
+
+    monkeypatch.setattr(predict_module, "_PROBE_JPEG", {})
+    monkeypatch.setattr(predict_module, "decode_jpegs", no_nvjpeg)
+    with pytest.raises(CraneError) as err:
+        check_device_decode(torch.device("cpu"))
+    msg = str(err.value)
+    assert "nvJPEG support" in msg and "--device-decode" in msg and "torchvision" in msg
+    with pytest.raises(CraneError):  # remembered: not probed again
+        check_device_decode(torch.device("cpu"))
+    assert list(predict_module._PROBE_JPEG) == ["cpu"]
+
+
+def test_cli_predict_device_decode(tmp_path, monkeypatch, capsys):
+    """``crane predict --device-decode`` decodes the JPEGs through the device path and gives
+    the scores of the CPU path up to the resize's ±1 levels."""
+    import csv
+
+    from crane.cli import main
+
+    for k in range(3):
+        _photo("RGB", (150 + 10 * k, 130), seed=k).save(tmp_path / f"{k}.jpg", quality=90)
+    calls = []
+    real = predict_module.decode_jpegs
+
+    def counting(data, size, device):
+        calls.append(len(data))
+        return real(data, size, device)
+
+    monkeypatch.setattr(predict_module, "decode_jpegs", counting)
+    scores = {}
+    for name, extra in (("cpu", []), ("device", ["--device-decode"])):
+        out = tmp_path / name
+        argv = ["predict", str(tmp_path / "*.jpg"), "--model", "tiny", "--out", str(out)]
+        assert main([*argv, "--no-progress", "--no-overlays", *extra]) == 0
+        rows = csv.DictReader(open(out / "predictions.csv"))
+        scores[name] = {r["path"]: float(r["image_score"]) for r in rows}
+        assert len(scores[name]) == 3
+        assert sum(calls) == (3 if extra else 0)
+    for path, score in scores["cpu"].items():
+        assert scores["device"][path] == pytest.approx(score, abs=2e-3)
+
+
+# --- CUDA (run on the device machine; skipped elsewhere) ------------------------------------------
+
+
+@cuda
+def test_cuda_decode_is_close_to_the_reference_pixels(mixed_inputs):
+    """nvJPEG's inverse DCT and chroma upsampling may round differently from libjpeg-turbo's:
+    after the shrink to the model input the pixels stay within a few levels."""
+    check_device_decode(torch.device("cuda"))
+    paths = [p for p in mixed_inputs if isinstance(p, str) and Path(p).stem in "abch"]
+    data = [torch.frombuffer(bytearray(read_jpeg(p)[0]), dtype=torch.uint8) for p in paths]
+    got = decode_jpegs(data, SIZE, "cuda")
+    for path, pixels in zip(paths, got, strict=True):
+        assert pixels.is_cuda and pixels.shape == (3, SIZE, SIZE)
+        ref, _ = read_image_tensor(path, SIZE, as_uint8=True)
+        d = (pixels.cpu().int() - ref.int()).abs().float()
+        assert d.mean() < 1.0 and d.max() <= 8, (path, d.mean(), d.max())
+
+
+@cuda
+def test_cuda_detector_device_decode_matches_the_cpu_path(mixed_inputs):
+    model = create_model("tiny+", image_size=SIZE, seed=3)
+    with Detector(model, device="cuda", batch_size=3) as ref:
+        want = list(ref.predict_iter(mixed_inputs))
+    with Detector(model, device="cuda", batch_size=3, device_decode=True) as dev:
+        got = list(dev.predict_iter(mixed_inputs))
+    assert [type(r) for r in got] == [type(r) for r in want]
+    for r, w in zip(got, want, strict=True):
+        assert r.path == w.path
+        if isinstance(w, Prediction):
+            assert r.anomaly_map.shape == w.anomaly_map.shape
+            assert r.score == pytest.approx(w.score, abs=2e-2)
