@@ -5,11 +5,15 @@
 #
 # Steps (seconds they took on an H200 in the eleventh session, wheel install excluded):
 #   tests     CUDA tests: CUDA = CPU, guards, pipelines, CUDA-graph outputs, attention
-#             kernels (55 before the 13th session's attention-kernel tests)
+#             kernels, nvJPEG decoding (55 before the 13th session's attention-kernel tests)
 #   attention each attention kernel at Crane+'s shapes (attention.py: which kernel runs, ms,
 #             TFLOP/s), then Crane+ with cuDNN attention first and with DINOv2 under fp16
 #             autocast, beside the default and DINOv2-bf16 rows of the same run, against the
 #             fp32 reference (variants.py --select ...) (13th session; ≈ 90 s expected)
+#   device-decode  predict from 2048-px JPEGs decoded on the GPU (nvJPEG; --device-decode,
+#             14th session) against fast CPU decoding, same options as e2e-fast, at 16 and 4
+#             workers; its pixel, map and score differences from the reference decode; the
+#             decode-only rate of each (≈ 200 s expected: 1024 files, a compile, 6 rows)
 #   e2e       predict from JPEGs (default options), one-file latency, evaluate end to end
 #             (cut at 152 s that session, while writing the evaluate PNGs: now written by
 #             --workers processes, after the other two parts)
@@ -25,11 +29,11 @@
 #   floor     GEMM/attention time against the rest of a batch-32 bf16 predict (20)
 #   outputs   how fast this machine's CPUs draw and write predict's overlays (12th session;
 #             ≈ 20 s expected, not measured)
-#   all       = tests,attention,compiled,e2e-fast,e2e,model,variants,floor,outputs: what is
-#             still unmeasured on the current code first (RESULTS.md, "Where the targets
-#             stand"): attention and compiled measure the 13th session's levers on the
-#             model-only target (cuDNN attention, fp16 DINOv2; ≈ 320 s with the tests), then
-#             e2e-fast (the 12th session changed fast decoding, the end-to-end target's path)
+#   all       = tests,attention,device-decode,compiled,e2e-fast,e2e,model,variants,floor,
+#             outputs: what is still unmeasured on the current code first (RESULTS.md, "Where
+#             the targets stand"): attention measures the 13th session's levers on the
+#             model-only target (cuDNN attention, fp16 DINOv2), device-decode the 14th's on
+#             the end-to-end one (≈ 350 s with the tests), then compiled and e2e-fast
 #
 # OUT: folder for the JSON and log.txt (default benchmarks/results). BUDGET_S: wall-clock
 # seconds for the whole script (0 = none); a step cut at the budget gets 20 s more to exit
@@ -48,7 +52,8 @@ steps=${1:?usage: pending_gpu.sh STEP[,STEP...]|all [OUT] [BUDGET_S]}
 out=${2:-benchmarks/results}
 budget=${3:-0}
 py=${PYTHON:-python3}
-[[ $steps == all ]] && steps=tests,attention,compiled,e2e-fast,e2e,model,variants,floor,outputs
+[[ $steps == all ]] &&
+  steps=tests,attention,device-decode,compiled,e2e-fast,e2e,model,variants,floor,outputs
 mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 2
 [[ $py == */* ]] && { py="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")" || exit 2; }
 cd "$(dirname "$0")/.." || exit 2
@@ -58,7 +63,7 @@ log="$out/log.txt"
 # Seconds a step needs to return anything useful (skipped below that; PENDING_GPU_LEAST_S
 # sets one value for all, e.g. for a dry run with a stand-in interpreter).
 declare -A least=([variants]=60 [compiled]=120 [tests]=45 [e2e-fast]=120 [floor]=90 [e2e]=120
-                  [model]=90 [outputs]=20 [attention]=45)
+                  [model]=90 [outputs]=20 [attention]=45 [device-decode]=120)
 if [[ -n ${PENDING_GPU_LEAST_S:-} ]]; then
   for step in "${!least[@]}"; do least[$step]=$PENDING_GPU_LEAST_S; done
 fi
@@ -80,7 +85,8 @@ fi
 run_step() {  # the command of one step
   case "$1" in
     tests) "$py" -m pytest -q -rs -p no:cacheprovider tests/test_fast_paths.py \
-             tests/test_metrics_streaming.py tests/test_attention_kernels.py -k cuda ;;
+             tests/test_metrics_streaming.py tests/test_attention_kernels.py \
+             tests/test_device_decode.py -k cuda ;;
     attention) "$py" benchmarks/attention.py --device cuda --batch 32 \
                  --json "$out/attention_b32.json"; rc=$?  # the second part runs either way
                "$py" benchmarks/variants.py --device cuda --batch 32 --select "bf16 default (cast" \
@@ -97,6 +103,12 @@ run_step() {  # the command of one step
                 --e2e fast-model --e2e-workers 16 12 8 --e2e-threads 0 2 --decode fast-pil fast \
                 --files 1024 \
                 --cfg dino_fp32=false --compile --json "$out/e2e_fast.json" ;;
+    # JPEGs decoded by nvJPEG on the GPU (the workers only read files) against the fastest
+    # CPU decoding, with e2e-fast's model options; 4 workers: whether a few cores now suffice.
+    device-decode) "$py" benchmarks/throughput.py --device cuda --presets crane+ --only e2e \
+                     --e2e device-model device-input fast-model --e2e-workers 16 4 \
+                     --decode device fast --files 1024 --cfg dino_fp32=false --compile \
+                     --json "$out/e2e_device.json" ;;
     e2e) "$py" benchmarks/throughput.py --device cuda --presets crane+ --only e2e latency eval \
            --files 1024 --eval-images 256 --json "$out/e2e_eval.json" ;;
     model) "$py" benchmarks/throughput.py --device cuda --presets crane+ --only model \

@@ -216,6 +216,7 @@ def bench_end_to_end(
     compile_model: bool = False,
     attention: str = "auto",
     main_threads: list[int] | None = None,
+    device_decode: bool = False,
 ) -> Iterator[dict]:
     """Predict from the files, a row per worker count and main-process thread count (one
     Detector, so one compile). ``main_threads``: torch's intra-op threads in this process
@@ -231,6 +232,7 @@ def bench_end_to_end(
         batch_size=batch,
         workers=counts[0],
         fast_decode=fast_decode,
+        device_decode=device_decode,
         cast_weights=device.type == "cuda" and amp != "fp32",
         map_size=map_size,
         compile=compile_model,
@@ -303,6 +305,7 @@ def _end_to_end_row(det, base, device, paths, amp, compile_model) -> dict:
         "batch": batch,
         "precision": amp,
         "fast_decode": det.draft is not None,
+        "device_decode": det.device_decode,
         "map_size": det.map_size,
         "compiled": compile_model,
         "end_to_end_img_s": k / dt,
@@ -395,7 +398,13 @@ def bench_latency(
 DECODE_LOADERS = ("batches", "predict")
 # --decode names → (fast decode, fast resize): exact; fast decode with PIL's shrink (before
 # torch's uint8 kernel took over); fast decode as predict runs it now.
-DECODE_MODES = {"exact": (False, False), "fast-pil": (True, False), "fast": (True, True)}
+# --decode names → (fast JPEG decode, torch's shrink, JPEGs decoded on the device).
+DECODE_MODES = {
+    "exact": (False, False, False),
+    "fast-pil": (True, False, False),
+    "fast": (True, True, False),
+    "device": (False, False, True),
+}
 
 
 def bench_decode(
@@ -406,21 +415,28 @@ def bench_decode(
     fast: bool,
     loader: str = "batches",
     fast_resize: bool | None = None,
+    device: torch.device | None = None,
 ) -> dict:
     """The input pipeline alone, no model: decode + resize in workers into pinned batches.
     ``loader="batches"``: whole batches per worker (prefetch 4) — the ceiling for end-to-end
     throughput on this machine's CPUs; ``"predict"``: exactly the loader ``Detector.predict``
     uses (chunks of ⌈batch / workers⌉ joined in the main process), so that its rate alone can
     be set against its rate beside the model. ``fast_resize``: shrink with torch's uint8
-    kernel (default: with fast decoding, as predict does) or PIL's."""
-    from crane.engine.predict import _rebatch, decode_loader
+    kernel (default: with fast decoding, as predict does) or PIL's. ``device``: the workers
+    only read the JPEGs, which are decoded and resized on that device in the main process
+    (``Detector(device_decode=True)``; predict's loader only)."""
+    from crane.engine.predict import _rebatch, batch_pixels, decode_loader
 
     draft = size if fast else None
     fast_resize = fast if fast_resize is None else fast_resize
     pin = torch.cuda.is_available()
     timer = ChunkTimer()
+    if device is not None and loader != "predict":
+        raise ValueError("decoding on the device takes predict's loader")
     if loader == "predict":
-        chunks, jobs = decode_loader(size, draft, batch, workers, fast_resize=fast_resize)
+        chunks, jobs = decode_loader(
+            size, draft, batch, workers, fast_resize=fast_resize, device_jpeg=device is not None
+        )
         batches = _rebatch(timer.wrap(chunks), batch, pin=pin)
     else:
         whole, jobs = decode_loader(
@@ -432,6 +448,9 @@ def bench_decode(
     t = time.perf_counter()
     k, busy = 0, 0.0
     for b in batches:
+        if device is not None:
+            pixels, b["ok"], _ = batch_pixels(b["ok"], b["images"], size, device, draft)
+            sync(device)
         k += len(b["ok"])
         busy += sum(item["decode_s"] for item in b["ok"])
     dt = time.perf_counter() - t
@@ -442,6 +461,7 @@ def bench_decode(
         "workers": workers,
         "fast_decode": fast,
         "fast_resize": fast_resize,
+        "device_decode": device is not None,
         "loader": loader,
         "decode_img_s": k / dt,
         "worker_ms_per_image": 1e3 * busy / max(k, 1),
@@ -450,6 +470,50 @@ def bench_decode(
         "main_wait_transfer_s": timer.transfer,
         "total_s": dt,
     }
+
+
+def bench_decode_accuracy(
+    base: torch.nn.Module, device: torch.device, paths: list[str], amp: str
+) -> dict:
+    """How far the device-decoded and the fast-decoded model inputs are from the reference
+    decode (PIL, full size) of the same JPEG files: levels of the uint8 pixels, then the maps
+    (at the model's size) and scores of the model in ``amp`` from each against the
+    reference's, on the same device and precision."""
+    from crane.data.imageio import read_jpeg
+    from crane.data.transforms import decode_jpegs, read_image_tensor
+
+    size = base.cfg.image_size
+    ref = [read_image_tensor(p, size, as_uint8=True)[0] for p in paths]
+    data = [torch.frombuffer(bytearray(read_jpeg(p)[0]), dtype=torch.uint8) for p in paths]
+    inputs = {
+        "device": [px.cpu() for px in decode_jpegs(data, size, device)],
+        "fast": [
+            read_image_tensor(p, size, draft=size, as_uint8=True, fast_resize=True)[0]
+            for p in paths
+        ],
+    }
+    det = Detector(
+        copy.deepcopy(base), device=device, precision=amp, map_size="model",
+        cast_weights=device.type == "cuda" and amp != "fp32",
+    )  # fmt: skip
+    want_scores, want_maps = det.predict_tensor(torch.stack(ref))
+    out = {"preset": base.cfg.name, "precision": amp, "n_files": len(paths), "rows": []}
+    for name, pixels in inputs.items():
+        levels = (torch.stack(pixels).int() - torch.stack(ref).int()).abs()
+        scores, maps = det.predict_tensor(torch.stack(pixels))
+        out["rows"].append({
+            "preset": base.cfg.name,
+            "decode": name,
+            "n_files": len(paths),
+            "max_level_diff": int(levels.max()),
+            "mean_level_diff": float(levels.float().mean()),
+            "frac_values_differ": float((levels > 0).float().mean()),
+            "max_abs_diff_map": float((maps - want_maps).abs().max()),
+            "max_abs_diff_score": float((scores - want_scores).abs().max()),
+        })  # fmt: skip
+    del det
+    release(device)
+    return out
 
 
 def make_eval_dataset(folder: Path, per_class: int, px: int, workers: int = 0) -> Path:
@@ -571,12 +635,15 @@ def bench_train(base: torch.nn.Module, device: torch.device, n: int, epochs: int
     return out
 
 
-# --e2e names → (fast JPEG decode, map size).
+# --e2e names → (fast JPEG decode, map size, JPEGs decoded on the device).
 E2E_COMBOS = {
-    "exact-input": (False, "input"),
-    "fast-input": (True, "input"),
-    "fast-model": (True, "model"),
+    "exact-input": (False, "input", False),
+    "fast-input": (True, "input", False),
+    "fast-model": (True, "model", False),
+    "device-input": (False, "input", True),
+    "device-model": (False, "model", True),
 }
+E2E_DEFAULT = ["exact-input", "fast-input", "fast-model"]
 
 
 def cfg_override(text: str) -> tuple[str, object]:
@@ -725,9 +792,10 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--e2e",
         nargs="+",
-        default=list(E2E_COMBOS),
+        default=E2E_DEFAULT,
         choices=list(E2E_COMBOS),
-        help="end-to-end runs (exact or fast decode; maps at input or model size)",
+        help="end-to-end runs (exact, fast or device decode; maps at input or model size); "
+        "with a device one, the decode accuracy rows too",
     )
     ap.add_argument(
         "--decode",
@@ -775,6 +843,7 @@ def main(argv=None) -> int:
         "model": [],
         "end_to_end": [],
         "decode": [],
+        "decode_accuracy": [],
         "train": [],
         "evaluate": [],
         "latency": [],
@@ -806,9 +875,12 @@ def main(argv=None) -> int:
         want_files = args.files and any({"e2e", "latency"} & parts_of(p) for p in presets)
         paths = make_jpegs(Path(tmp), args.files, 2048, args.workers) if want_files else []
         modes = [DECODE_MODES[m] for m in args.decode] if paths and "e2e" in args.only else []
-        for fast, fast_resize in modes:
-            for loader in DECODE_LOADERS:
-                row = bench_decode(paths, 518, args.batch, args.workers, fast, loader, fast_resize)
+        for fast, fast_resize, on_device in modes:
+            for loader in ["predict"] if on_device else DECODE_LOADERS:
+                row = bench_decode(
+                    paths, 518, args.batch, args.workers, fast, loader, fast_resize,
+                    device if on_device else None,
+                )  # fmt: skip
                 record("decode", row)
         for preset in presets:
             parts = parts_of(preset)
@@ -824,10 +896,13 @@ def main(argv=None) -> int:
                 row = bench_model(base, device, batch, amp, reps, compile_model, args.attention)
                 record("model", row)
             combos = [E2E_COMBOS[c] for c in args.e2e] if paths and "e2e" in parts else []
-            for fast, map_size in combos:
+            if any(on_device for *_, on_device in combos):
+                n = min(len(paths), 32)
+                record("decode_accuracy", bench_decode_accuracy(base, device, paths[:n], amp))
+            for fast, map_size, on_device in combos:
                 for row in bench_end_to_end(
                     base, device, paths, args.batch, args.e2e_workers or args.workers, amp,
-                    fast, map_size, args.compile, args.attention, args.e2e_threads,
+                    fast, map_size, args.compile, args.attention, args.e2e_threads, on_device,
                 ):  # fmt: skip
                     record("end_to_end", row)
             if paths and "latency" in parts:
@@ -878,6 +953,7 @@ def main(argv=None) -> int:
             "batch",
             "precision",
             "fast_decode",
+            "device_decode",
             "map_size",
             "compiled",
             "end_to_end_img_s",
@@ -905,6 +981,7 @@ def main(argv=None) -> int:
                 "workers",
                 "fast_decode",
                 "fast_resize",
+                "device_decode",
                 "loader",
                 "decode_img_s",
                 "worker_ms_per_image",
@@ -914,6 +991,19 @@ def main(argv=None) -> int:
                 "total_s",
             ],
         )
+    table(
+        [row for part in results["decode_accuracy"] for row in part["rows"]],
+        [
+            "preset",
+            "decode",
+            "n_files",
+            "max_level_diff",
+            "mean_level_diff",
+            "frac_values_differ",
+            "max_abs_diff_map",
+            "max_abs_diff_score",
+        ],
+    )
     table(
         results["train"],
         [

@@ -236,11 +236,14 @@ def test_throughput_runs_every_part_with_config_changes(throughput, tmp_path, mo
         assert (e2e["fast_decode"], e2e["map_size"], e2e["n_files"]) == (True, "model", 3)
         assert e2e["precision"] == "bf16"
     e2e = res["end_to_end"][0]
-    assert [(d["fast_decode"], d["fast_resize"], d["loader"]) for d in res["decode"]] == [
-        (False, False, "batches"), (False, False, "predict"),
-        (True, False, "batches"), (True, False, "predict"),
-        (True, True, "batches"), (True, True, "predict"),
+    modes = [(d["fast_decode"], d["fast_resize"], d["device_decode"]) for d in res["decode"]]
+    assert list(zip(modes, [d["loader"] for d in res["decode"]], strict=True)) == [
+        ((False, False, False), "batches"), ((False, False, False), "predict"),
+        ((True, False, False), "batches"), ((True, False, False), "predict"),
+        ((True, True, False), "batches"), ((True, True, False), "predict"),
+        ((False, False, True), "predict"),  # JPEGs decoded in the main process, on the device
     ]  # fmt: skip
+    assert res["decode_accuracy"] == []  # only with a device-decode end-to-end run
     assert all(d["n_files"] == 3 for d in res["decode"])
     # The workers' own decode time per image, and the share of the run they spent on it.
     for row in (*res["decode"], e2e):
@@ -252,6 +255,33 @@ def test_throughput_runs_every_part_with_config_changes(throughput, tmp_path, mo
     assert len(res["latency"]) == len(res["train"]) == len(res["evaluate"]) == 1
     assert res["evaluate"][0]["n_images"] == 8
     assert res["evaluate"][0]["max_abs_diff_mean_metrics"] <= 1e-2
+
+
+def test_throughput_device_decode_rows_and_accuracy(throughput, tmp_path):
+    """End to end with JPEGs decoded on the device (here the CPU: torchvision's decoder), the
+    decode-only row of that loader, and how far device and fast decoding are from the
+    reference pixels, maps and scores."""
+    out = tmp_path / "t.json"
+    argv = [
+        "--device", "cpu", "--presets", "tiny", "--batch", "2", "--files", "3",
+        "--workers", "1", "--only", "e2e", "--e2e", "device-model", "exact-input",
+        "--decode", "device", "--json", str(out),
+    ]  # fmt: skip
+    assert throughput.main(argv) == 0
+    res = json.loads(out.read_text())
+    e2e = [(r["device_decode"], r["fast_decode"], r["map_size"]) for r in res["end_to_end"]]
+    assert e2e == [(True, False, "model"), (False, False, "input")]
+    assert all(r["n_files"] == 3 for r in res["end_to_end"])
+    (row,) = res["decode"]
+    assert row["device_decode"] and row["loader"] == "predict" and row["n_files"] == 3
+    (acc,) = res["decode_accuracy"]
+    rows = {r["decode"]: r for r in acc["rows"]}
+    assert acc["n_files"] == 3 and set(rows) == {"device", "fast"}
+    # The device path differs from PIL by the resize's rare ±1; fast decoding by far more.
+    assert rows["device"]["max_level_diff"] <= 1 and rows["device"]["frac_values_differ"] < 2e-3
+    assert rows["fast"]["mean_level_diff"] > 10 * rows["device"]["mean_level_diff"]
+    for r in rows.values():
+        assert 0 <= r["max_abs_diff_map"] < 0.5 and 0 <= r["max_abs_diff_score"] < 0.5
 
 
 def test_chunk_timer_splits_waiting_for_workers_from_transfer(throughput, monkeypatch):
@@ -337,7 +367,7 @@ def test_throughput_quick_mode_keeps_only_presets_and_sizes(throughput, tmp_path
     paths = [f"{i}.jpg" for i in range(32)]
     assert calls == [
         ("model", "tiny", (8, "fp32", 3, False, "auto")),
-        ("end_to_end", "tiny", (paths, 8, 2, "fp32", True, "model", False, "auto", None)),
+        ("end_to_end", "tiny", (paths, 8, 2, "fp32", True, "model", False, "auto", None, False)),
         ("model", "crane", (1, "fp32", 1, False, "auto")),
     ]
     calls.clear()

@@ -133,6 +133,15 @@ def test_decode_jpegs_matches_the_reference_and_isolates_a_bad_stream(tmp_path):
         worst, frac = _levels(pixels, _pil_pixels(decoded, SIZE))
         assert worst <= 1 and frac < 2e-3
 
+    # Same-size images are resized together, 8 at a time: each keeps its own pixels.
+    same = [_photo("RGB", (60, 130), seed=20 + k) for k in range(11)]
+    raw = [torch.frombuffer(bytearray(_jpeg_bytes(im)), dtype=torch.uint8) for im in same]
+    together = decode_jpegs([*raw[:5], data[1], *raw[5:]], SIZE, "cpu")
+    alone = [decode_jpegs([r], SIZE, "cpu")[0] for r in raw]
+    assert torch.equal(together[5], good[1])
+    for got, want in zip([*together[:5], *together[6:]], alone, strict=True):
+        assert torch.equal(got, want)
+
     broken = bytearray(_jpeg_bytes(ims[0]))
     broken[2:] = bytes(len(broken) - 4) + b"\xff\xd9"  # header gone, end marker kept
     mixed = decode_jpegs(

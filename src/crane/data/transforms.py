@@ -98,7 +98,8 @@ def _shrunk_uint8(image: Image.Image, size: int) -> torch.Tensor | None:
 
 
 def resize_uint8(pixels: torch.Tensor, size: int) -> torch.Tensor:
-    """(C, H, W) uint8 → (C, size, size) uint8 by PIL's resampling, on the tensor's device.
+    """(..., C, H, W) uint8 → (..., C, size, size) uint8 by PIL's resampling, on the tensor's
+    device.
 
     PIL's bicubic ``resize`` (antialiased when shrinking) runs two passes, rounding to 8 bits
     (half up) after each and skipping a pass whose side does not change: horizontal then
@@ -109,7 +110,7 @@ def resize_uint8(pixels: torch.Tensor, size: int) -> torch.Tensor:
     and Brain MRI photos). Rounding only at the end, or the passes in the other order, would
     differ in 15-30 % of the values, by up to 15 levels. For GPU-decoded images
     (:func:`decode_jpegs`), where PIL cannot run."""
-    x = pixels[None].float()
+    x = pixels.reshape(-1, *pixels.shape[-3:]).float()
     height, width = x.shape[-2:]
     steps = [(height, size), (size, size)]
     if _pil_vertical_first() and height - size > 0 and height - size > 2 * (width - size):
@@ -118,7 +119,7 @@ def resize_uint8(pixels: torch.Tensor, size: int) -> torch.Tensor:
         if tuple(x.shape[-2:]) != target:
             x = F.interpolate(x, size=target, mode="bicubic", antialias=True)
             x = x.add_(0.5).floor_().clamp_(0, 255)
-    return x[0].to(torch.uint8)
+    return x.to(torch.uint8).view(*pixels.shape[:-2], *x.shape[-2:])
 
 
 @functools.lru_cache(maxsize=1)
@@ -166,7 +167,22 @@ def decode_jpegs(
                 images.append(run([d])[0])
             except RuntimeError as exc:
                 images.append(exc)
-    return [im if isinstance(im, RuntimeError) else resize_uint8(im, size) for im in images]
+    # Images of one size are resized together, a few at a time (float32 copies of 2048-px
+    # photos take 50 MB each).
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, im in enumerate(images):
+        if not isinstance(im, RuntimeError):
+            groups.setdefault(tuple(im.shape), []).append(i)
+    for members in groups.values():
+        for start in range(0, len(members), _RESIZE_GROUP):
+            part = members[start : start + _RESIZE_GROUP]
+            resized = resize_uint8(torch.stack([images[i] for i in part]), size)
+            for i, pixels in zip(part, resized, strict=True):
+                images[i] = pixels
+    return images
+
+
+_RESIZE_GROUP = 8
 
 
 @functools.lru_cache(maxsize=1)

@@ -264,6 +264,52 @@ class _InFlight:
     done: torch.cuda.Event | None = None
 
 
+def batch_pixels(
+    records: list[dict[str, Any]],
+    rows: torch.Tensor | None,
+    size: int,
+    device: torch.device,
+    draft: int | None = None,
+) -> tuple[torch.Tensor | None, list[dict[str, Any]], list[tuple[int, Failure]]]:
+    """A decode-loader batch's (B, 3, S, S) uint8 pixels: the workers' ``rows`` (those of the
+    records without ``"jpeg"``, in order), with the undecoded JPEGs decoded on ``device`` in
+    their places (:func:`~crane.data.transforms.decode_jpegs`). A JPEG the device decoder
+    rejects is decoded on the host as the workers would (``draft``: fast decoding); if that
+    fails too its record leaves the batch as a :class:`Failure`. Returns the pixels (None when
+    no image is left), the records they belong to, and ``(input index, Failure)`` pairs."""
+    at = [j for j, item in enumerate(records) if "jpeg" in item]
+    if not at:
+        return rows, records, []
+    decoded = decode_jpegs([records[j].pop("jpeg") for j in at], size, device)
+    out = torch.empty((len(records), 3, size, size), dtype=torch.uint8, device=device)
+    if rows is not None:
+        taken = set(at)
+        out[[j for j in range(len(records)) if j not in taken]] = rows.to(device, non_blocking=True)
+    failed: list[tuple[int, Failure]] = []
+    lost: set[int] = set()
+    for j, pixels in zip(at, decoded, strict=True):
+        if isinstance(pixels, RuntimeError):
+            item = records[j]
+            why = str(pixels).splitlines()[0]
+            log.warning(
+                "%s: device JPEG decoding failed (%s); decoding on the CPU", item["path"], why
+            )
+            try:
+                pixels, _ = read_image_tensor(
+                    item["path"], size, draft=draft, as_uint8=True, fast_resize=draft is not None
+                )
+            except CraneError as exc:
+                failed.append((item["i"], Failure(item["path"], str(exc))))
+                lost.add(j)
+                continue
+        out[j] = pixels.to(device, non_blocking=True)
+    if lost:
+        keep = [j for j in range(len(records)) if j not in lost]
+        records = [records[j] for j in keep]
+        out = out[keep] if keep else None
+    return out, records, failed
+
+
 _PROBE_JPEG: dict[str, str | None] = {}  # device → None (works) or why it does not
 
 
@@ -425,41 +471,11 @@ class Detector:
         return job
 
     def _pixels(self, job: _InFlight, rows: torch.Tensor | None) -> torch.Tensor | None:
-        """The batch's (B, 3, S, S) uint8 pixels: the workers' ``rows``, with the undecoded
-        JPEGs (``"jpeg"`` records, see :class:`_Decode`) decoded on the device in their places.
-        A JPEG the device decoder rejects is decoded on the host; if that fails too, it moves
-        from ``job.ok`` to ``job.failed``. None when no image is left."""
-        at = [j for j, item in enumerate(job.ok) if "jpeg" in item]
-        if not at:
-            return rows
-        size = self.size
-        decoded = decode_jpegs([job.ok[j].pop("jpeg") for j in at], size, self.device)
-        out = torch.empty((len(job.ok), 3, size, size), dtype=torch.uint8, device=self.device)
-        if rows is not None:
-            taken = set(at)
-            index = [j for j in range(len(job.ok)) if j not in taken]
-            out[index] = rows.to(self.device, non_blocking=True)
-        lost: list[int] = []
-        for j, pixels in zip(at, decoded, strict=True):
-            if isinstance(pixels, RuntimeError):
-                item = job.ok[j]
-                log.warning("%s: device JPEG decoding failed (%s); decoding on the CPU",
-                            item["path"], str(pixels).splitlines()[0])  # fmt: skip
-                try:
-                    pixels, _ = read_image_tensor(
-                        item["path"], size, draft=self.draft, as_uint8=True,
-                        fast_resize=self.draft is not None,
-                    )  # fmt: skip
-                except CraneError as exc:
-                    job.failed.append((item["i"], Failure(item["path"], str(exc))))
-                    lost.append(j)
-                    continue
-            out[j] = pixels.to(self.device, non_blocking=True)
-        if lost:
-            keep = [j for j in range(len(job.ok)) if j not in lost]
-            job.ok = [job.ok[j] for j in keep]
-            out = out[keep] if keep else None
-        return out
+        """The batch's uint8 pixels on the device (:func:`batch_pixels`); records of JPEGs no
+        decoder reads move from ``job.ok`` to ``job.failed``."""
+        pixels, job.ok, failed = batch_pixels(job.ok, rows, self.size, self.device, self.draft)
+        job.failed += failed
+        return pixels
 
     def _collect(self, job: _InFlight) -> Iterator[Prediction | Failure]:
         """Copy a launched batch's results to the host and yield them in input order."""
