@@ -98,3 +98,13 @@ def counts(meta, split: str, cls: str) -> tuple[int, int]:
     """(normal, anomalous) of one class."""
     s = samples_of(meta, split, cls)
     return sum(x.anomaly == 0 for x in s), sum(x.anomaly == 1 for x in s)
+
+
+def photo_like(mode: str, hw: tuple[int, int], seed: int = 0) -> Image.Image:
+    """An (H, W) = ``hw`` image in ``mode``: smooth content plus sensor-like noise, as in a
+    photograph (resampling and JPEG tests need both)."""
+    rng = np.random.default_rng(seed)
+    low = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8))
+    arr = np.asarray(low.resize(hw[::-1], Image.Resampling.BICUBIC), dtype=np.int16)
+    arr = arr + rng.integers(-12, 13, (*hw, 3), dtype=np.int16)
+    return Image.fromarray(arr.clip(0, 255).astype(np.uint8)).convert(mode)

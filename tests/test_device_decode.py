@@ -15,6 +15,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from data_fixtures import photo_like, shared_data_dir
 from PIL import Image
 
 from crane.data.imageio import read_jpeg
@@ -25,17 +26,7 @@ from crane.errors import CraneError
 from crane.models import create_model
 
 SIZE = 112
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def _photo(mode: str, hw: tuple[int, int], seed: int = 0) -> Image.Image:
-    """Smooth content plus sensor-like noise, as in a photograph."""
-    rng = np.random.default_rng(seed)
-    low = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8))
-    arr = np.asarray(low.resize(hw[::-1], Image.Resampling.BICUBIC), dtype=np.int16)
-    arr = arr + rng.integers(-12, 13, (*hw, 3), dtype=np.int16)
-    return Image.fromarray(arr.clip(0, 255).astype(np.uint8)).convert(mode)
 
 
 def _jpeg_bytes(im: Image.Image, **kw) -> bytes:
@@ -60,7 +51,7 @@ def _levels(a: torch.Tensor, b: torch.Tensor) -> tuple[int, float]:
 
 
 def test_read_jpeg_takes_rgb_and_grey_jpegs_whole_and_leaves_the_rest(tmp_path):
-    photo = _photo("RGB", (60, 80))
+    photo = photo_like("RGB", (60, 80))
     cases = {
         "rgb.jpg": _jpeg_bytes(photo),
         "grey.jpg": _jpeg_bytes(photo.convert("L")),
@@ -95,7 +86,7 @@ def test_read_jpeg_takes_rgb_and_grey_jpegs_whole_and_leaves_the_rest(tmp_path):
 def test_resize_uint8_is_within_a_level_of_pil(mode, hw):
     """Shrinking (a tall image too, which Pillow 13 resizes vertical pass first), one side
     unchanged, enlarging, and no change at all."""
-    im = _photo(mode, hw, seed=sum(hw))
+    im = photo_like(mode, hw, seed=sum(hw))
     rgb = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
     got = resize_uint8(rgb, SIZE)
     assert got.dtype == torch.uint8 and got.shape == (3, SIZE, SIZE)
@@ -107,10 +98,12 @@ def test_resize_uint8_is_within_a_level_of_pil(mode, hw):
 
 def test_resize_uint8_on_the_shared_photos():
     """Real photos (VisA's 1500x1000 JPEGs, Brain MRI scans smaller than the model input)."""
-    files = sorted(glob.glob(str(SHARED / "visa" / "**" / "*.JPG"), recursive=True))[:2]
-    files += sorted(glob.glob(str(SHARED / "brainmri" / "**" / "*.jpg"), recursive=True))[:4]
-    if not files:
+    shared = shared_data_dir()
+    if shared is None:
         pytest.skip("../shared/data is not beside the checkout")
+    files = sorted(glob.glob(str(shared / "visa" / "**" / "*.JPG"), recursive=True))[:2]
+    files += sorted(glob.glob(str(shared / "brainmri" / "**" / "*.jpg"), recursive=True))[:4]
+    assert len(files) == 6
     for path in files:
         ref, _ = read_image_tensor(path, 518, as_uint8=True)
         with Image.open(path) as im:
@@ -123,8 +116,8 @@ def test_resize_uint8_on_the_shared_photos():
 
 
 def test_decode_jpegs_matches_the_reference_and_isolates_a_bad_stream(tmp_path):
-    ims = [_photo("RGB", (150, 170), seed=1), _photo("L", (90, 130), seed=2)]
-    ims.append(_photo("RGB", (100, 100), seed=3))
+    ims = [photo_like("RGB", (150, 170), seed=1), photo_like("L", (90, 130), seed=2)]
+    ims.append(photo_like("RGB", (100, 100), seed=3))
     data = [torch.frombuffer(bytearray(_jpeg_bytes(im)), dtype=torch.uint8) for im in ims]
     good = decode_jpegs(data, SIZE, "cpu")
     for raw, pixels in zip(data, good, strict=True):
@@ -134,7 +127,7 @@ def test_decode_jpegs_matches_the_reference_and_isolates_a_bad_stream(tmp_path):
         assert worst <= 1 and frac < 2e-3
 
     # Same-size images are resized together, 8 at a time: each keeps its own pixels.
-    same = [_photo("RGB", (60, 130), seed=20 + k) for k in range(11)]
+    same = [photo_like("RGB", (60, 130), seed=20 + k) for k in range(11)]
     raw = [torch.frombuffer(bytearray(_jpeg_bytes(im)), dtype=torch.uint8) for im in same]
     together = decode_jpegs([*raw[:5], data[1], *raw[5:]], SIZE, "cpu")
     alone = [decode_jpegs([r], SIZE, "cpu")[0] for r in raw]
@@ -161,21 +154,28 @@ def mixed_inputs(tmp_path_factory):
     passes the header check but no decoder reads (a bad Huffman table), a missing file, an
     in-memory image."""
     root = tmp_path_factory.mktemp("mixed")
-    photo = _photo("RGB", (2 * SIZE + 5, 3 * SIZE), seed=7)
+    photo = photo_like("RGB", (2 * SIZE + 5, 3 * SIZE), seed=7)
     photo.save(root / "a.jpg", quality=90)
-    _photo("L", (SIZE + 40, SIZE + 11), seed=8).save(root / "b.jpg", quality=85)
-    _photo("RGB", (3 * SIZE, 2 * SIZE), seed=9).save(root / "c.jpg", quality=90, progressive=True)
-    _photo("RGB", (SIZE + 3, SIZE + 30), seed=10).save(root / "d.png")
-    _photo("RGB", (SIZE + 50, SIZE + 20), seed=11).convert("CMYK").save(root / "e.jpg")
+    photo_like("L", (SIZE + 40, SIZE + 11), seed=8).save(root / "b.jpg", quality=85)
+    photo_like("RGB", (3 * SIZE, 2 * SIZE), seed=9).save(
+        root / "c.jpg", quality=90, progressive=True
+    )
+    photo_like("RGB", (SIZE + 3, SIZE + 30), seed=10).save(root / "d.png")
+    photo_like("RGB", (SIZE + 50, SIZE + 20), seed=11).convert("CMYK").save(root / "e.jpg")
     whole = _jpeg_bytes(photo)
     (root / "f.jpg").write_bytes(whole[: len(whole) // 2])
     bad = bytearray(whole)
     dht = bad.find(b"\xff\xc4")  # a Huffman table whose code counts add up to > 256
     bad[dht + 5 : dht + 21] = b"\xff" * 16
     (root / "g.jpg").write_bytes(bytes(bad))
-    _photo("RGB", (SIZE * 2, SIZE * 2), seed=12).save(root / "h.jpg", quality=95)
+    photo_like("RGB", (SIZE * 2, SIZE * 2), seed=12).save(root / "h.jpg", quality=95)
     paths = [os.fspath(root / f"{c}.{'png' if c == 'd' else 'jpg'}") for c in "abcdefgh"]
-    return [*paths[:4], os.fspath(root / "missing.jpg"), *paths[4:], _photo("RGB", (90, 90), 13)]
+    return [
+        *paths[:4],
+        os.fspath(root / "missing.jpg"),
+        *paths[4:],
+        photo_like("RGB", (90, 90), 13),
+    ]
 
 
 def _run(det: Detector, inputs: list) -> tuple[list, torch.Tensor]:
@@ -307,7 +307,7 @@ def test_cli_predict_device_decode(tmp_path, monkeypatch, capsys):
     from crane.cli import main
 
     for k in range(3):
-        _photo("RGB", (150 + 10 * k, 130), seed=k).save(tmp_path / f"{k}.jpg", quality=90)
+        photo_like("RGB", (150 + 10 * k, 130), seed=k).save(tmp_path / f"{k}.jpg", quality=90)
     calls = []
     real = predict_module.decode_jpegs
 

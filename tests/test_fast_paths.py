@@ -12,6 +12,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from data_fixtures import photo_like
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -46,15 +47,6 @@ def test_uint8_path_is_bitwise_the_float_path(mode):
     assert torch.equal(normalize_uint8(px[None])[0], ref)  # batched
 
 
-def _photo(mode: str, hw: tuple[int, int], seed: int = 0) -> Image.Image:
-    """Smooth content plus sensor-like noise, as in a photograph."""
-    rng = np.random.default_rng(seed)
-    low = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8))
-    arr = np.asarray(low.resize(hw[::-1], Image.Resampling.BICUBIC), dtype=np.int16)
-    arr = arr + rng.integers(-12, 13, (*hw, 3), dtype=np.int16)
-    return Image.fromarray(arr.clip(0, 255).astype(np.uint8)).convert(mode)
-
-
 @pytest.mark.parametrize("mode", ["RGB", "L"])
 @pytest.mark.parametrize(
     "hw", [(3 * SIZE + 7, 4 * SIZE), (SIZE, 2 * SIZE + 1), (SIZE, SIZE), (4 * SIZE, SIZE + 20)]
@@ -66,7 +58,7 @@ def test_fast_uint8_shrink_is_torchs_kernel_and_within_a_level_of_pil(mode, hw):
 
     from crane.data.transforms import _pil_vertical_first
 
-    im = _photo(mode, hw)
+    im = photo_like(mode, hw)
     fast, ref = image_to_uint8(im, SIZE, fast=True), image_to_uint8(im, SIZE)
     assert fast.dtype == torch.uint8 and fast.shape == (3, SIZE, SIZE) and fast.is_contiguous()
     # Independent calls of the same kernel: torchvision's resize of the CHW uint8 tensor.
@@ -90,7 +82,7 @@ def test_fast_uint8_shrink_is_torchs_kernel_and_within_a_level_of_pil(mode, hw):
 def test_fast_uint8_takes_the_reference_path_for_enlarging_and_other_modes(mode, hw):
     """Enlarging, palette (PIL resizes it nearest), alpha (premultiplied) and bilevel images
     keep PIL's exact pixels; 16-bit and CMYK are converted first, then shrunk the fast way."""
-    im = _photo("RGB", hw) if mode in ("I;16", "CMYK") else _photo(mode, hw)
+    im = photo_like("RGB", hw) if mode in ("I;16", "CMYK") else photo_like(mode, hw)
     if mode == "I;16":
         im = Image.fromarray(np.asarray(im.convert("L")).astype(np.uint16) * 257)
     elif mode == "CMYK":
@@ -118,7 +110,7 @@ def test_fast_uint8_on_a_real_visa_photo():
 def test_read_image_tensor_fast_resize_needs_uint8(tmp_path):
     from crane.data.transforms import read_image_tensor
 
-    _photo("RGB", (40, 50)).save(tmp_path / "a.png")
+    photo_like("RGB", (40, 50)).save(tmp_path / "a.png")
     with pytest.raises(ValueError, match="as_uint8"):
         read_image_tensor(tmp_path / "a.png", 32, fast_resize=True)
 
@@ -283,14 +275,14 @@ def test_fast_decode_workers_shrink_with_torchs_kernel(tmp_path):
     from crane.engine.predict import _Decode
 
     size = SIZE + 14
-    _photo("RGB", (4 * SIZE, 5 * SIZE)).save(tmp_path / "big.jpg", quality=90)
+    photo_like("RGB", (4 * SIZE, 5 * SIZE)).save(tmp_path / "big.jpg", quality=90)
     path = tmp_path / "big.jpg"
     fast, exact = _Decode(size, draft=size), _Decode(size)
     got = fast[(0, path)]
     assert got["ok"] and got["hw"] == (4 * SIZE, 5 * SIZE)
     assert torch.equal(got["image"], image_to_uint8(open_image(path, size), size, fast=True))
     assert torch.equal(exact[(0, path)]["image"], image_to_uint8(open_image(path), size))
-    pil = _photo("RGB", (3 * SIZE, 3 * SIZE))
+    pil = photo_like("RGB", (3 * SIZE, 3 * SIZE))
     assert torch.equal(fast[(1, pil)]["image"], image_to_uint8(pil, size, fast=True))
     assert not torch.equal(fast[(1, pil)]["image"], exact[(1, pil)]["image"])
 
