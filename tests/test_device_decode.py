@@ -251,6 +251,20 @@ def test_a_jpeg_the_device_rejects_is_decoded_on_the_host(mixed_inputs, caplog):
     assert "device JPEG decoding failed" in caplog.text and "a.jpg" in caplog.text
 
 
+def test_failures_keep_input_order_when_a_whole_batch_fails(mixed_inputs, tmp_path):
+    """A batch whose JPEGs all fail on the device and on the host, with a worker's failure
+    between them: the results still come out in input order."""
+    bad = next(p for p in mixed_inputs if isinstance(p, str) and Path(p).stem == "g")
+    again = tmp_path / "g2.jpg"
+    again.write_bytes(Path(bad).read_bytes())
+    inputs = [bad, os.fspath(tmp_path / "missing.jpg"), os.fspath(again), mixed_inputs[0]]
+    model = create_model("tiny", image_size=SIZE, seed=4)
+    with Detector(model, device="cpu", batch_size=2, device_decode=True) as det:
+        got = list(det.predict_iter(inputs))
+    assert [r.path for r in got] == inputs
+    assert [type(r) for r in got] == [Failure, Failure, Failure, Prediction]
+
+
 def test_chunks_carry_each_payload_once():
     """Records leave the workers without their tensors: the stacked pixel rows and the joined
     JPEG bytes are the only tensors of a chunk (each tensor costs a shared-memory segment)."""

@@ -479,8 +479,8 @@ class Detector:
 
     def _collect(self, job: _InFlight) -> Iterator[Prediction | Failure]:
         """Copy a launched batch's results to the host and yield them in input order."""
-        if job.scores is None:
-            yield from (f for _, f in job.failed)
+        if job.scores is None:  # (device decoding adds failures after the workers' ones)
+            yield from (f for _, f in sorted(job.failed, key=lambda x: x[0]))
             return
         if job.done is not None:
             # Copy on a side stream that waits for this batch only, so the next batch (already
