@@ -52,7 +52,8 @@ from scipy.ndimage import gaussian_filter
 import crane.engine.predict as predict_module
 from crane.config import CraneConfig
 from crane.constants import ATTENTION_KERNELS
-from crane.engine.predict import Detector, Prediction
+from crane.engine.predict import Detector, Prediction, check_device_decode
+from crane.errors import CraneError
 from crane.models import create_model, scoring, vision
 
 
@@ -362,7 +363,9 @@ def bench_latency(
 ) -> dict:
     """One file per ``predict`` call (an inspection line): median ms per call with no
     workers, with ``workers`` started afresh for every call (the previous behaviour, forced
-    here by ``close()``), and with the persistent workers a Detector now keeps."""
+    here by ``close()``), with the persistent workers a Detector now keeps, and with no
+    workers and the JPEG decoded on the device (``device_decode``; None with the reason where
+    this torchvision cannot)."""
     det = Detector(
         copy.deepcopy(base),
         device=device,
@@ -372,12 +375,19 @@ def bench_latency(
     )
     out: dict = {"preset": base.cfg.name, "workers": workers, "precision": amp}
     out["file_px"] = Image.open(path).size[0]
-    for name, w, fresh in (
-        ("no_workers", 0, False),
-        ("fresh", workers, True),
-        ("kept", workers, False),
+    for name, w, fresh, on_device in (
+        ("no_workers", 0, False, False),
+        ("fresh", workers, True, False),
+        ("kept", workers, False, False),
+        ("device_decode", 0, False, True),
     ):
-        det.workers = w
+        if on_device:
+            try:
+                check_device_decode(device)
+            except CraneError as exc:
+                out[f"{name}_ms"], out[f"{name}_error"] = None, str(exc)
+                continue
+        det.workers, det.device_decode = w, on_device
         det.predict(path)  # warm-up
         times = []
         for _ in range(reps):
@@ -396,9 +406,9 @@ def bench_latency(
 
 
 DECODE_LOADERS = ("batches", "predict")
-# --decode names → (fast decode, fast resize): exact; fast decode with PIL's shrink (before
-# torch's uint8 kernel took over); fast decode as predict runs it now.
-# --decode names → (fast JPEG decode, torch's shrink, JPEGs decoded on the device).
+# --decode names → (fast JPEG decode, torch's shrink, JPEGs decoded on the device): exact;
+# fast decode with PIL's shrink (before torch's uint8 kernel took over); fast decode as
+# predict runs it now; JPEGs read by the workers and decoded on the device.
 DECODE_MODES = {
     "exact": (False, False, False),
     "fast-pil": (True, False, False),
@@ -1019,7 +1029,16 @@ def main(argv=None) -> int:
     )
     table(
         results["latency"],
-        ["preset", "file_px", "workers", "precision", "no_workers_ms", "fresh_ms", "kept_ms"],
+        [
+            "preset",
+            "file_px",
+            "workers",
+            "precision",
+            "no_workers_ms",
+            "fresh_ms",
+            "kept_ms",
+            "device_decode_ms",
+        ],  # fmt: skip
     )
     table(
         results["evaluate"],

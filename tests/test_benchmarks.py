@@ -253,6 +253,8 @@ def test_throughput_runs_every_part_with_config_changes(throughput, tmp_path, mo
     for row in res["decode"]:
         assert 0 <= row["main_wait_transfer_s"] <= row["main_wait_s"] <= row["total_s"]
     assert len(res["latency"]) == len(res["train"]) == len(res["evaluate"]) == 1
+    latency = res["latency"][0]  # one file per call, the last with the JPEG decoded on the device
+    assert all(latency[f"{k}_ms"] > 0 for k in ("no_workers", "fresh", "kept", "device_decode"))
     assert res["evaluate"][0]["n_images"] == 8
     assert res["evaluate"][0]["max_abs_diff_mean_metrics"] <= 1e-2
 
