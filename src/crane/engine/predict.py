@@ -283,8 +283,11 @@ def batch_pixels(
     decoded = decode_jpegs([records[j].pop("jpeg") for j in at], size, device)
     out = torch.empty((len(records), 3, size, size), dtype=torch.uint8, device=device)
     if rows is not None:
-        taken = set(at)
-        out[[j for j in range(len(records)) if j not in taken]] = rows.to(device, non_blocking=True)
+        # Row by row: indexing with a list would copy the index to the GPU synchronously,
+        # making the host wait for the batch still running there.
+        taken, rows = set(at), rows.to(device, non_blocking=True)
+        for k, j in enumerate(j for j in range(len(records)) if j not in taken):
+            out[j] = rows[k]
     failed: list[tuple[int, Failure]] = []
     lost: set[int] = set()
     for j, pixels in zip(at, decoded, strict=True):
@@ -306,7 +309,7 @@ def batch_pixels(
     if lost:
         keep = [j for j in range(len(records)) if j not in lost]
         records = [records[j] for j in keep]
-        out = out[keep] if keep else None
+        out = torch.stack([out[j] for j in keep]) if keep else None
     return out, records, failed
 
 
