@@ -251,6 +251,25 @@ def test_a_jpeg_the_device_rejects_is_decoded_on_the_host(mixed_inputs, caplog):
     assert "device JPEG decoding failed" in caplog.text and "a.jpg" in caplog.text
 
 
+def test_with_fast_decode_the_files_left_to_the_cpu_decode_the_fast_way(tmp_path):
+    """``fast_decode`` and ``device_decode`` together: JPEGs are decoded on the device as
+    always (PIL's pixels ±1), the rest (here a PNG and a CMYK JPEG) the fast way."""
+    photo_like("RGB", (3 * SIZE, 2 * SIZE + 9), seed=30).save(tmp_path / "a.jpg", quality=90)
+    photo_like("RGB", (2 * SIZE, 3 * SIZE), seed=31).save(tmp_path / "b.png")
+    photo_like("RGB", (3 * SIZE, 3 * SIZE), seed=32).convert("CMYK").save(tmp_path / "c.jpg")
+    paths = [os.fspath(tmp_path / n) for n in ("a.jpg", "b.png", "c.jpg")]
+    model = create_model("tiny", image_size=SIZE, seed=4)
+    with Detector(model, device="cpu", batch_size=3, fast_decode=True, device_decode=True) as det:
+        got, pixels = _run(det, paths)
+    assert all(isinstance(r, Prediction) for r in got)
+    exact = [read_image_tensor(p, SIZE, as_uint8=True)[0] for p in paths]
+    fast = [
+        read_image_tensor(p, SIZE, draft=SIZE, as_uint8=True, fast_resize=True)[0] for p in paths
+    ]
+    assert _levels(pixels[0], exact[0])[0] <= 1 and not torch.equal(exact[0], fast[0])
+    assert torch.equal(pixels[1], fast[1]) and torch.equal(pixels[2], fast[2])
+
+
 def test_failures_keep_input_order_when_a_whole_batch_fails(mixed_inputs, tmp_path):
     """A batch whose JPEGs all fail on the device and on the host, with a worker's failure
     between them: the results still come out in input order."""
