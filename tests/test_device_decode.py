@@ -362,6 +362,120 @@ def test_cli_predict_device_decode(tmp_path, monkeypatch, capsys):
         assert scores["device"][path] == pytest.approx(score, abs=2e-3)
 
 
+# --- evaluate -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def jpeg_synth(synth, tmp_path_factory):
+    """The shared synthetic dataset with its test images as JPEGs (masks stay PNG)."""
+    import json
+    import shutil
+
+    root = tmp_path_factory.mktemp("jpeg_synth")
+    shutil.copytree(synth, root, dirs_exist_ok=True)
+    meta = json.loads((root / "meta.json").read_text())
+    for samples in meta["test"].values():
+        for s in samples:
+            png = root / s["img_path"]
+            s["img_path"] = s["img_path"][: -len(".png")] + ".jpg"
+            Image.open(png).convert("RGB").save(root / s["img_path"], quality=90)
+            png.unlink()
+    (root / "meta.json").write_text(json.dumps(meta))
+    return root
+
+
+def _evaluate_inputs(ds, **kw):
+    """evaluate's result and the uint8 pixels its forward passes were given, in order."""
+    from crane.engine import evaluate as evaluate_module
+
+    seen = []
+    real = evaluate_module.model_input
+
+    def spy(images, device):
+        seen.append(images.cpu())
+        return real(images, device)
+
+    model = create_model("tiny+", image_size=SIZE, seed=6)
+    with mock.patch.object(evaluate_module, "model_input", spy):
+        res = evaluate_module.evaluate(
+            model, ds, device=torch.device("cpu"), batch_size=3, progress=False, **kw
+        )
+    return res, torch.cat(seen)
+
+
+def test_evaluate_device_decode_matches_the_cpu_path(jpeg_synth, monkeypatch):
+    from crane.data import AnomalyDataset
+
+    check_device_decode(torch.device("cpu"))  # probed once, before counting
+    calls = []
+    real = predict_module.decode_jpegs
+
+    def counting(data, size, device):
+        calls.append(len(data))
+        return real(data, size, device)
+
+    monkeypatch.setattr(predict_module, "decode_jpegs", counting)
+    ds = AnomalyDataset(jpeg_synth, "test", image_size=SIZE)
+    want, want_px = _evaluate_inputs(ds)
+    assert calls == []
+    got, got_px = _evaluate_inputs(ds, device_decode=True, workers=2)
+    assert sum(calls) == got.n_images == want.n_images == 16
+    # These small, sharp synthetic images (128 -> 112 px) differ a little more often than
+    # photos do, and an intermediate rounding that differs can reach 2 levels after the
+    # second pass.
+    worst, frac = _levels(got_px, want_px)
+    assert worst <= 2 and frac < 5e-3, (worst, frac)
+    for cls, metrics in want.report.per_class.items():
+        for name, value in metrics.items():
+            other = got.report.per_class[cls][name]
+            assert (value is None) == (other is None)
+            if value is not None:
+                assert other == pytest.approx(value, abs=0.1), (cls, name)
+
+
+def test_evaluate_device_decode_skips_or_raises_on_a_bad_jpeg(jpeg_synth, tmp_path, caplog):
+    import shutil
+
+    from crane.data import AnomalyDataset
+    from crane.errors import ImageReadError
+
+    root = tmp_path / "ds"
+    shutil.copytree(jpeg_synth, root)
+    bad = root / "tile" / "test" / "good" / "001.jpg"
+    data = bytearray(bad.read_bytes())
+    dht = data.find(b"\xff\xc4")  # a Huffman table no decoder accepts
+    data[dht + 5 : dht + 21] = b"\xff" * 16
+    bad.write_bytes(bytes(data))
+    res, _ = _evaluate_inputs(
+        AnomalyDataset(root, "test", image_size=SIZE, on_error="skip"), device_decode=True
+    )
+    assert res.n_images == 15
+    assert "skipping" in caplog.text and "001.jpg" in caplog.text
+    with pytest.raises(ImageReadError, match="001.jpg"):
+        _evaluate_inputs(AnomalyDataset(root, "test", image_size=SIZE), device_decode=True)
+
+
+def test_cli_evaluate_device_decode(jpeg_synth, tmp_path, monkeypatch):
+    import json
+
+    from crane.cli import main
+
+    check_device_decode(torch.device("cpu"))  # probed once, before counting
+    calls = []
+    real = predict_module.decode_jpegs
+
+    def counting(data, size, device):
+        calls.append(len(data))
+        return real(data, size, device)
+
+    monkeypatch.setattr(predict_module, "decode_jpegs", counting)
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--dataset", "mvtec", "--root", str(jpeg_synth), "--model", "tiny"]
+    assert main([*argv, "--out", str(out), "--no-progress", "--device-decode"]) == 0
+    assert sum(calls) == 16
+    assert json.loads((out / "metrics.json").read_text())["n_images"] == 16
+
+
 # --- CUDA (run on the device machine; skipped elsewhere) ------------------------------------------
 
 

@@ -135,6 +135,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--visualize", default=None, metavar="DIR", help="write heatmap overlays here")
     _write_threads_arg(p)
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (logged)")
+    p.add_argument(
+        "--device-decode",
+        action="store_true",
+        help="decode JPEG images on the GPU (nvJPEG, resized there as PIL does) so the CPUs "
+        "only read them; masks and other images are decoded on the CPU as usual",
+    )
     _common(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -339,6 +345,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         compile=args.compile,
         attention=args.attention,
         write_threads=args.write_threads,
+        device_decode=args.device_decode,
     )
     out = Path(args.out or f"eval_{args.dataset}")
     extra = {

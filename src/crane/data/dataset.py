@@ -18,11 +18,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
 from crane.constants import DEFAULT_IMAGE_SIZE, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from crane.data.imageio import open_image, open_mask
+from crane.data.imageio import open_image, open_mask, read_jpeg
 from crane.data.meta import (
     SPLITS,
     Meta,
@@ -93,6 +94,7 @@ class AnomalyDataset(Dataset):
         self.on_error = on_error
         self.mean, self.std = mean, std
         self.pixels = pixels
+        self.jpeg_on_device = False  # see device_jpeg_view
         if pixels == "uint8" and not self.clip_normalised:
             raise DatasetError(
                 "pixels='uint8' hands over raw pixels that the model side normalises with the "
@@ -138,6 +140,15 @@ class AnomalyDataset(Dataset):
         view.pixels = "uint8"
         return view
 
+    def device_jpeg_view(self) -> AnomalyDataset:
+        """:meth:`uint8_view` whose JPEG images (those :func:`~crane.data.imageio.read_jpeg`
+        takes) are handed over undecoded, as ``"jpeg"`` (their bytes, a 1-D uint8 tensor) in
+        place of ``"image"``, for decoding on the GPU (see
+        :func:`~crane.engine.predict.batch_pixels`); masks are decoded and checked as usual."""
+        view = copy.copy(self.uint8_view())
+        view.jpeg_on_device = True
+        return view
+
     def _drop_missing(self, samples: list[Sample]) -> list[Sample]:
         kept, missing = [], []
         for s in samples:
@@ -174,11 +185,15 @@ class AnomalyDataset(Dataset):
         s = self.samples[index]
         img_file = self.root / s.img_path
         mask_dtype = torch.bool if self.pixels == "uint8" else torch.float32
-        image = open_image(img_file)
+        jpeg = read_jpeg(img_file) if self.jpeg_on_device else None
+        if jpeg is None:
+            image = open_image(img_file)
+            width, height = image.size
+        else:
+            height, width = jpeg[1]
         if s.mask_path:
             mask_file = self.root / s.mask_path
             fg = open_mask(mask_file)
-            width, height = image.size
             if fg.shape != (height, width):
                 # Resizing would silently misalign the ground truth; refuse instead.
                 raise DatasetError(
@@ -188,12 +203,14 @@ class AnomalyDataset(Dataset):
             mask = mask_to_tensor(fg, self.image_size, dtype=mask_dtype)
         else:
             mask = empty_mask(self.image_size, dtype=mask_dtype)
-        if self.pixels == "uint8":
-            pixels = image_to_uint8(image, self.image_size)
+        if jpeg is not None:
+            payload = {"jpeg": torch.from_numpy(np.frombuffer(bytearray(jpeg[0]), dtype=np.uint8))}
+        elif self.pixels == "uint8":
+            payload = {"image": image_to_uint8(image, self.image_size)}
         else:
-            pixels = image_to_tensor(image, self.image_size, self.mean, self.std)
+            payload = {"image": image_to_tensor(image, self.image_size, self.mean, self.std)}
         return {
-            "image": pixels,
+            **payload,
             "mask": mask,
             "label": int(s.anomaly),
             "cls_name": s.cls_name,
@@ -212,11 +229,22 @@ def collate_skip_none(batch: list[dict[str, Any] | None]) -> dict[str, Any] | No
     """``default_collate`` after dropping ``None`` items; ``None`` if nothing is left.
 
     ``label`` becomes an int64 tensor, ``image``/``mask`` stacked tensors, strings lists.
+    Items of a :meth:`AnomalyDataset.device_jpeg_view` may carry ``"jpeg"`` bytes instead of
+    an ``"image"``: then ``jpeg`` is a list (None for the decoded ones) and ``image`` stacks
+    the decoded ones only, in order (None if there are none).
     """
     kept = [item for item in batch if item is not None]
     if not kept:
         return None
-    return default_collate(kept)
+    if not any("jpeg" in item for item in kept):
+        return default_collate(kept)
+    jpegs = [item.get("jpeg") for item in kept]
+    rows = [item["image"] for item in kept if "image" in item]
+    rest = [{k: v for k, v in item.items() if k not in ("jpeg", "image")} for item in kept]
+    out = default_collate(rest)
+    out["image"] = torch.stack(rows) if rows else None
+    out["jpeg"] = jpegs
+    return out
 
 
 def class_counts(dataset: AnomalyDataset) -> dict[str, tuple[int, int]]:

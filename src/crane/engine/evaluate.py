@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from crane.data import AnomalyDataset
+from crane.engine.predict import batch_pixels, check_device_decode
 from crane.engine.runtime import (
     autocast,
     batch_loader,
@@ -27,7 +28,7 @@ from crane.engine.runtime import (
     scoring_forward,
 )
 from crane.engine.writer import OutputWriter
-from crane.errors import CraneError
+from crane.errors import CraneError, ImageReadError
 from crane.metrics import METRICS, MetricAccumulator, MetricsReport
 from crane.models.checkpoint import atomic_write_bytes
 from crane.models.crane import CraneModel
@@ -78,6 +79,7 @@ def evaluate(
     compile: bool | str = False,
     write_threads: int | None = None,
     attention: str = "auto",
+    device_decode: bool = False,
 ) -> EvalResult:
     """Run ``model`` over ``dataset`` and accumulate the six SPEC §9 metrics per class.
 
@@ -88,14 +90,23 @@ def evaluate(
     fused attention kernel tried first (:func:`~crane.engine.runtime.attention_kernels`).
     ``visualize_dir``: overlays written there by ``write_threads`` threads beside the loop
     (default: the CPU count, at most 8; 0 = in the loop), see
-    :class:`~crane.engine.writer.OutputWriter`.
+    :class:`~crane.engine.writer.OutputWriter`. ``device_decode``: JPEG images are read by the
+    workers and decoded on ``device`` (nvJPEG on CUDA), resized there as PIL does, as
+    ``Detector(device_decode=True)`` does; masks and other images are decoded on the CPU.
+    A JPEG no decoder reads is skipped or raises as the dataset's ``on_error`` says.
 
     On CUDA, batch k's metric update (which needs the host: region labelling, validation)
     runs on a side stream while batch k+1's forward is already queued on the main one.
     """
     has_masks = any(s.mask_path for s in dataset.samples if s.anomaly)
     acc = MetricAccumulator(aupro=aupro, mode=metric_mode)
-    loader = batch_loader(dataset, batch_size, workers, device, uint8=uint8_inputs)
+    if device_decode:
+        check_device_decode(device)
+    loader = batch_loader(
+        dataset, batch_size, workers, device, uint8=uint8_inputs, device_jpeg=device_decode
+    )
+    size = model.cfg.image_size
+    on_error = getattr(dataset, "on_error", "raise")
     model.to(device).eval()
     forward = scoring_forward(model, device, compile, attention)
     side = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -104,9 +115,14 @@ def evaluate(
     remaining = Counter(s.cls_name for s in dataset.samples)
     n = 0
 
-    def launch(batch: dict[str, Any]) -> _Job:
+    def launch(batch: dict[str, Any]) -> _Job | None:
+        images = batch["image"]
+        if "jpeg" in batch:
+            batch, images = _device_pixels(batch, size, device, on_error)
+            if images is None:
+                return None
         with autocast(device, amp_dtype):
-            job = _Job(batch, *forward(model_input(batch["image"], device)))
+            job = _Job(batch, *forward(model_input(images, device)))
         if side is not None:
             job.done = torch.cuda.Event()
             job.done.record()
@@ -148,6 +164,8 @@ def evaluate(
             if batch is None:
                 continue
             job = launch(batch)
+            if job is None:  # every image of the batch was skipped
+                continue
             n += job.scores.shape[0]
             if pending is not None:
                 consume(pending)
@@ -155,6 +173,31 @@ def evaluate(
         if pending is not None:
             consume(pending)
     return EvalResult(acc.compute(), n, time.perf_counter() - t0)
+
+
+def _device_pixels(
+    batch: dict[str, Any], size: int, device: torch.device, on_error: str
+) -> tuple[dict[str, Any], torch.Tensor | None]:
+    """A :meth:`AnomalyDataset.device_jpeg_view` batch's pixels on ``device``
+    (:func:`~crane.engine.predict.batch_pixels`), and the batch without the samples whose
+    JPEG no decoder reads (raising instead when ``on_error`` is "raise")."""
+    records = [
+        {"path": path, "i": k, **({} if data is None else {"jpeg": data})}
+        for k, (path, data) in enumerate(zip(batch["path"], batch["jpeg"], strict=True))
+    ]
+    pixels, kept, failed = batch_pixels(records, batch["image"], size, device)
+    rest = {k: v for k, v in batch.items() if k not in ("image", "jpeg")}
+    for _, failure in failed:
+        if on_error == "raise":
+            raise ImageReadError(failure.error)
+        log.warning("skipping %s: %s", failure.path, failure.error)
+    if failed:
+        keep = [r["i"] for r in kept]
+        rest = {
+            k: v[keep] if isinstance(v, torch.Tensor) else [v[i] for i in keep]
+            for k, v in rest.items()
+        }
+    return rest, pixels
 
 
 @dataclass

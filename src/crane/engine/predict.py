@@ -372,8 +372,8 @@ class Detector:
     only read files, so a GPU is no longer held back by the CPUs' decoding; other files,
     CMYK and truncated JPEGs, and JPEGs the GPU decoder rejects are decoded on the CPU as
     usual (``fast_decode`` then applies to them). Pixels equal the reference's but for ±1
-    in about 1e-4 of the values from the resize, plus whatever nvJPEG's inverse DCT rounds
-    differently. On a CPU device it only moves decoding into the main process.
+    (rarely 2) in about 1e-4 of a photo's values from the resize, plus whatever nvJPEG's
+    inverse DCT rounds differently. On a CPU device it only moves decoding into the main process.
     ``compile``: ``torch.compile`` the model (first batch compiles; a string picks the mode,
     e.g. ``"reduce-overhead"`` for CUDA graphs at small batches). ``attention``: which fused
     attention kernel runs first (``auto``, ``cudnn``, ``flash``, ``efficient``, ``math``; see

@@ -151,14 +151,27 @@ def model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def batch_loader(
-    dataset: Dataset, batch_size: int, workers: int, device: torch.device, uint8: bool = True
+    dataset: Dataset,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    uint8: bool = True,
+    device_jpeg: bool = False,
 ) -> DataLoader:
     """A dataset's batches in order for a forward pass on ``device`` (pinned for CUDA;
     unreadable samples dropped). With ``uint8``, an :class:`AnomalyDataset` with the CLIP
     normalisation hands over uint8 pixels and bool masks instead (a quarter / an eighth of the
     bytes), which :func:`model_input` normalises there: bitwise the same model inputs. The
-    caller's dataset keeps handing out floats."""
-    if uint8 and isinstance(dataset, AnomalyDataset) and dataset.clip_normalised:
+    caller's dataset keeps handing out floats. ``device_jpeg``: its uint8 view hands over
+    JPEG files undecoded (:meth:`AnomalyDataset.device_jpeg_view`)."""
+    if device_jpeg:
+        if not (isinstance(dataset, AnomalyDataset) and dataset.clip_normalised):
+            raise CraneError(
+                "decoding JPEGs on the device needs an AnomalyDataset with the CLIP "
+                "normalisation (the model side normalises the decoded pixels)"
+            )
+        dataset = dataset.device_jpeg_view()
+    elif uint8 and isinstance(dataset, AnomalyDataset) and dataset.clip_normalised:
         dataset = dataset.uint8_view()
     return DataLoader(
         dataset,
