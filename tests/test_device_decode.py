@@ -47,6 +47,22 @@ def _levels(a: torch.Tensor, b: torch.Tensor) -> tuple[int, float]:
     return int(d.max()), float((d > 0).float().mean())
 
 
+@pytest.fixture
+def device_decodes(monkeypatch):
+    """The files' bytes of every ``decode_jpegs`` call the device path makes, a list per call
+    (the up-front device check is done before counting)."""
+    check_device_decode(torch.device("cpu"))
+    calls: list[list[bytes]] = []
+    real = predict_module.decode_jpegs
+
+    def counting(data, size, device):
+        calls.append([bytes(d.numpy()) for d in data])
+        return real(data, size, device)
+
+    monkeypatch.setattr(predict_module, "decode_jpegs", counting)
+    return calls
+
+
 # --- reading JPEG files in the workers -------------------------------------------------------
 
 
@@ -193,23 +209,19 @@ def _run(det: Detector, inputs: list) -> tuple[list, torch.Tensor]:
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_detector_device_decode_matches_the_cpu_path(mixed_inputs, workers):
+def test_detector_device_decode_matches_the_cpu_path(mixed_inputs, workers, device_decodes):
     model = create_model("tiny+", image_size=SIZE, seed=3)
     ref = Detector(model, device="cpu", batch_size=3, workers=workers)
-    dev = Detector(model, device="cpu", batch_size=3, workers=workers, device_decode=True)
-    decoded_on_device = []
-    real = predict_module.decode_jpegs
-
-    def counting(data, size, device):
-        decoded_on_device.extend(bytes(d.numpy()) for d in data)
-        return real(data, size, device)
-
     try:
         want, want_px = _run(ref, mixed_inputs)
-        with mock.patch.object(predict_module, "decode_jpegs", counting):
+        assert device_decodes == []
+        with Detector(
+            model, device="cpu", batch_size=3, workers=workers, device_decode=True
+        ) as dev:
             got, got_px = _run(dev, mixed_inputs)
     finally:
-        ref.close(), dev.close()
+        ref.close()
+    decoded_on_device = [data for call in device_decodes for data in call]
 
     # a, b, c, g and h reach the device decoder; d, e and f (PNG, CMYK, truncated) do not.
     names = [p for p in mixed_inputs if isinstance(p, str)]
@@ -332,7 +344,7 @@ def test_device_decode_is_checked_up_front(monkeypatch):
     assert list(predict_module._PROBE_JPEG) == ["cpu"]
 
 
-def test_cli_predict_device_decode(tmp_path, monkeypatch, capsys):
+def test_cli_predict_device_decode(tmp_path, device_decodes):
     """``crane predict --device-decode`` decodes the JPEGs through the device path and gives
     the scores of the CPU path up to the resize's ±1 levels."""
     import csv
@@ -341,14 +353,6 @@ def test_cli_predict_device_decode(tmp_path, monkeypatch, capsys):
 
     for k in range(3):
         photo_like("RGB", (150 + 10 * k, 130), seed=k).save(tmp_path / f"{k}.jpg", quality=90)
-    calls = []
-    real = predict_module.decode_jpegs
-
-    def counting(data, size, device):
-        calls.append(len(data))
-        return real(data, size, device)
-
-    monkeypatch.setattr(predict_module, "decode_jpegs", counting)
     scores = {}
     for name, extra in (("cpu", []), ("device", ["--device-decode"])):
         out = tmp_path / name
@@ -357,7 +361,7 @@ def test_cli_predict_device_decode(tmp_path, monkeypatch, capsys):
         rows = csv.DictReader(open(out / "predictions.csv"))
         scores[name] = {r["path"]: float(r["image_score"]) for r in rows}
         assert len(scores[name]) == 3
-        assert sum(calls) == (3 if extra else 0)
+        assert sum(map(len, device_decodes)) == (3 if extra else 0)
     for path, score in scores["cpu"].items():
         assert scores["device"][path] == pytest.approx(score, abs=2e-3)
 
@@ -403,23 +407,14 @@ def _evaluate_inputs(ds, **kw):
     return res, torch.cat(seen)
 
 
-def test_evaluate_device_decode_matches_the_cpu_path(jpeg_synth, monkeypatch):
+def test_evaluate_device_decode_matches_the_cpu_path(jpeg_synth, device_decodes):
     from crane.data import AnomalyDataset
 
-    check_device_decode(torch.device("cpu"))  # probed once, before counting
-    calls = []
-    real = predict_module.decode_jpegs
-
-    def counting(data, size, device):
-        calls.append(len(data))
-        return real(data, size, device)
-
-    monkeypatch.setattr(predict_module, "decode_jpegs", counting)
     ds = AnomalyDataset(jpeg_synth, "test", image_size=SIZE)
     want, want_px = _evaluate_inputs(ds)
-    assert calls == []
+    assert device_decodes == []
     got, got_px = _evaluate_inputs(ds, device_decode=True, workers=2)
-    assert sum(calls) == got.n_images == want.n_images == 16
+    assert sum(map(len, device_decodes)) == got.n_images == want.n_images == 16
     # These small, sharp synthetic images (128 -> 112 px) differ a little more often than
     # photos do, and an intermediate rounding that differs can reach 2 levels after the
     # second pass.
@@ -455,24 +450,15 @@ def test_evaluate_device_decode_skips_or_raises_on_a_bad_jpeg(jpeg_synth, tmp_pa
         _evaluate_inputs(AnomalyDataset(root, "test", image_size=SIZE), device_decode=True)
 
 
-def test_cli_evaluate_device_decode(jpeg_synth, tmp_path, monkeypatch):
+def test_cli_evaluate_device_decode(jpeg_synth, tmp_path, device_decodes):
     import json
 
     from crane.cli import main
 
-    check_device_decode(torch.device("cpu"))  # probed once, before counting
-    calls = []
-    real = predict_module.decode_jpegs
-
-    def counting(data, size, device):
-        calls.append(len(data))
-        return real(data, size, device)
-
-    monkeypatch.setattr(predict_module, "decode_jpegs", counting)
     out = tmp_path / "eval"
     argv = ["evaluate", "--dataset", "mvtec", "--root", str(jpeg_synth), "--model", "tiny"]
     assert main([*argv, "--out", str(out), "--no-progress", "--device-decode"]) == 0
-    assert sum(calls) == 16
+    assert sum(map(len, device_decodes)) == 16
     assert json.loads((out / "metrics.json").read_text())["n_images"] == 16
 
 
