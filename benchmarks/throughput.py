@@ -459,7 +459,7 @@ def bench_decode(
     k, busy = 0, 0.0
     for b in batches:
         if device is not None:
-            pixels, b["ok"], _ = batch_pixels(b["ok"], b["images"], size, device, draft)
+            _, b["ok"], _ = batch_pixels(b["ok"], b["images"], size, device, draft)
             sync(device)
         k += len(b["ok"])
         busy += sum(item["decode_s"] for item in b["ok"])
@@ -489,12 +489,11 @@ def bench_decode_accuracy(
     decode (PIL, full size) of the same JPEG files: levels of the uint8 pixels, then the maps
     (at the model's size) and scores of the model in ``amp`` from each against the
     reference's, on the same device and precision."""
-    from crane.data.imageio import read_jpeg
-    from crane.data.transforms import decode_jpegs, read_image_tensor
+    from crane.data.transforms import decode_jpegs, read_image_tensor, read_jpeg_tensor
 
     size = base.cfg.image_size
     ref = [read_image_tensor(p, size, as_uint8=True)[0] for p in paths]
-    data = [torch.frombuffer(bytearray(read_jpeg(p)[0]), dtype=torch.uint8) for p in paths]
+    data = [read_jpeg_tensor(p)[0] for p in paths]
     inputs = {
         "device": [px.cpu() for px in decode_jpegs(data, size, device)],
         "fast": [

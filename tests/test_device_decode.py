@@ -19,7 +19,7 @@ from data_fixtures import photo_like, shared_data_dir
 from PIL import Image
 
 from crane.data.imageio import read_jpeg
-from crane.data.transforms import decode_jpegs, read_image_tensor, resize_uint8
+from crane.data.transforms import decode_jpegs, read_image_tensor, read_jpeg_tensor, resize_uint8
 from crane.engine import predict as predict_module
 from crane.engine.predict import Detector, Failure, Prediction, check_device_decode
 from crane.errors import CraneError
@@ -471,7 +471,7 @@ def test_cuda_decode_is_close_to_the_reference_pixels(mixed_inputs):
     after the shrink to the model input the pixels stay within a few levels."""
     check_device_decode(torch.device("cuda"))
     paths = [p for p in mixed_inputs if isinstance(p, str) and Path(p).stem in "abch"]
-    data = [torch.frombuffer(bytearray(read_jpeg(p)[0]), dtype=torch.uint8) for p in paths]
+    data = [read_jpeg_tensor(p)[0] for p in paths]
     got = decode_jpegs(data, SIZE, "cuda")
     for path, pixels in zip(paths, got, strict=True):
         assert pixels.is_cuda and pixels.shape == (3, SIZE, SIZE)

@@ -18,12 +18,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
 from crane.constants import DEFAULT_IMAGE_SIZE, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from crane.data.imageio import open_image, open_mask, read_jpeg
+from crane.data.imageio import open_image, open_mask
 from crane.data.meta import (
     SPLITS,
     Meta,
@@ -32,7 +31,13 @@ from crane.data.meta import (
     read_meta,
     sample_missing_files,
 )
-from crane.data.transforms import empty_mask, image_to_tensor, image_to_uint8, mask_to_tensor
+from crane.data.transforms import (
+    empty_mask,
+    image_to_tensor,
+    image_to_uint8,
+    mask_to_tensor,
+    read_jpeg_tensor,
+)
 from crane.errors import CraneError, DatasetError
 
 logger = logging.getLogger(__name__)
@@ -185,7 +190,7 @@ class AnomalyDataset(Dataset):
         s = self.samples[index]
         img_file = self.root / s.img_path
         mask_dtype = torch.bool if self.pixels == "uint8" else torch.float32
-        jpeg = read_jpeg(img_file) if self.jpeg_on_device else None
+        jpeg = read_jpeg_tensor(img_file) if self.jpeg_on_device else None
         if jpeg is None:
             image = open_image(img_file)
             width, height = image.size
@@ -204,7 +209,7 @@ class AnomalyDataset(Dataset):
         else:
             mask = empty_mask(self.image_size, dtype=mask_dtype)
         if jpeg is not None:
-            payload = {"jpeg": torch.from_numpy(np.frombuffer(bytearray(jpeg[0]), dtype=np.uint8))}
+            payload = {"jpeg": jpeg[0]}
         elif self.pixels == "uint8":
             payload = {"image": image_to_uint8(image, self.image_size)}
         else:

@@ -25,7 +25,7 @@ from crane.constants import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
 )
-from crane.data.imageio import PathLike, binarize_mask, normalize_mode, open_image
+from crane.data.imageio import PathLike, binarize_mask, normalize_mode, open_image, read_jpeg
 
 
 def _resized_rgb(image: Image.Image, size: int) -> Image.Image:
@@ -137,11 +137,20 @@ def _pil_vertical_first() -> bool:
     return bool(np.array_equal(direct, vertical_first))
 
 
+def read_jpeg_tensor(path: PathLike) -> tuple[torch.Tensor, tuple[int, int]] | None:
+    """:func:`~crane.data.imageio.read_jpeg` with the bytes as the 1-D uint8 tensor that
+    :func:`decode_jpegs` takes (it keeps the buffer alive), or None."""
+    got = read_jpeg(path)
+    if got is None:
+        return None
+    return torch.frombuffer(bytearray(got[0]), dtype=torch.uint8), got[1]
+
+
 def decode_jpegs(
     data: Sequence[torch.Tensor], size: int, device: torch.device | str
 ) -> list[torch.Tensor | RuntimeError]:
-    """Decode JPEG files' bytes (1-D uint8 CPU tensors, from
-    :func:`crane.data.imageio.read_jpeg`) on ``device`` and resize them as the reference does
+    """Decode JPEG files' bytes (1-D uint8 CPU tensors, from :func:`read_jpeg_tensor`) on
+    ``device`` and resize them as the reference does
     (:func:`resize_uint8`): (3, size, size) uint8 tensors on ``device``, or for a stream the
     decoder rejects the error it raised (a bad stream fails the batch call, so the batch is
     then decoded one image at a time).

@@ -23,8 +23,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from crane.data.imageio import is_image_file, read_jpeg
-from crane.data.transforms import decode_jpegs, image_to_uint8, read_image_tensor
+from crane.data.imageio import is_image_file
+from crane.data.transforms import (
+    decode_jpegs,
+    image_to_uint8,
+    read_image_tensor,
+    read_jpeg_tensor,
+)
 from crane.engine.runtime import (
     autocast,
     autocast_dtype,
@@ -102,12 +107,11 @@ class _Decode(Dataset):
     def _decode(self, i: int, item: ImageInput) -> dict[str, Any]:
         try:
             if isinstance(item, (str, os.PathLike)):
-                jpeg = read_jpeg(item) if self.device_jpeg else None
+                jpeg = read_jpeg_tensor(item) if self.device_jpeg else None
                 if jpeg is not None:
-                    data = torch.from_numpy(np.frombuffer(bytearray(jpeg[0]), dtype=np.uint8))
                     return {
                         "ok": True,
-                        "jpeg": data,
+                        "jpeg": jpeg[0],
                         "hw": jpeg[1],
                         "path": os.fspath(item),
                         "i": i,
