@@ -205,6 +205,8 @@ def check_binned(data, aupro_def: str, num_bins: int) -> None:
     for name, ref in exact.items():
         got, bound = report.per_class[name], report.bounds[name]
         for metric, value in ref.items():
+            if bound[metric] == math.inf:
+                continue  # no certificate (too few bins to tell); the estimate may be NaN
             if math.isnan(value):
                 assert math.isnan(got[metric])
                 continue
@@ -212,6 +214,11 @@ def check_binned(data, aupro_def: str, num_bins: int) -> None:
         if not math.isnan(ref["pixel_f1_max"]):
             assert got["pixel_f1_max"] <= ref["pixel_f1_max"] + 1e-12  # always a lower bound
     for metric, value in report.mean.items():
+        if report.bounds["mean"][metric] == math.inf:
+            # Only when a class in the mean, or one the estimate may have wrongly left out,
+            # has no finite bound.
+            assert any(report.bounds[c][metric] == math.inf for c in exact), metric
+            continue
         defined = [v[metric] for v in exact.values() if not math.isnan(v[metric])]
         if not defined:
             assert math.isnan(value)
@@ -235,6 +242,45 @@ def test_binned_mode_within_stated_bounds(seed: int, aupro_def: str, num_bins: i
 )
 def test_binned_bounds_hold_property(seed, log_bins, aupro_def, decimals) -> None:
     check_binned(dataset(seed, decimals=decimals), aupro_def, 1 << log_bins)
+
+
+def test_binned_undefined_estimate_of_a_defined_class_leaves_the_mean_unbounded() -> None:
+    """Found by the property test: with 2 bins class c's legacy AUPRO cannot be estimated (the
+    binned curve keeps one point), though the exact one is defined. The estimate is NaN with
+    no finite bound, so the mean -- over the classes whose estimate is defined -- may average
+    other classes than the exact mean: its bound is inf too (it was the mean of the other
+    classes' bounds), and the JSON says so in a form strict parsers read."""
+    import json
+
+    data = dataset(402, decimals=1)
+    acc = MetricAccumulator(aupro="legacy", mode="binned", num_bins=2)
+    feed(acc, data, [3, 7])
+    report = acc.compute()
+    exact = batch_reference(*data, "legacy")
+    assert not math.isnan(exact["c"]["pixel_aupro"])
+    assert math.isnan(report.per_class["c"]["pixel_aupro"])
+    assert report.bounds["c"]["pixel_aupro"] == math.inf
+    assert report.bounds["mean"]["pixel_aupro"] == math.inf
+    assert math.isfinite(report.bounds["mean"]["pixel_auroc"])
+    out = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    assert out["bounds"]["mean"]["pixel_aupro"] == "inf"
+    assert out["per_class"]["c"]["pixel_aupro"] is None
+    check_binned(data, "legacy", 2)
+
+
+@pytest.mark.parametrize(
+    ("x_bound", "mean_bound"), [(math.nan, 0.02), (0.0, 0.02), (math.inf, math.inf)]
+)
+def test_mean_bound_over_a_class_left_out(x_bound: float, mean_bound: float) -> None:
+    """Class x's estimate is undefined: surely so for the exact value too (bound NaN or 0,
+    the mean averages y and z either way) or perhaps not (bound inf: no bound on the mean)."""
+    from crane.metrics.report import make_report
+
+    values = {"x": {"pixel_auroc": math.nan}, "y": {"pixel_auroc": 0.8}, "z": {"pixel_auroc": 0.6}}
+    bounds = {"x": {"pixel_auroc": x_bound}, "y": {"pixel_auroc": 0.01}, "z": {"pixel_auroc": 0.03}}
+    report = make_report(values, aupro="mvtec", mode="binned", bounds=bounds)
+    assert report.mean["pixel_auroc"] == pytest.approx(0.7)
+    assert report.bounds["mean"]["pixel_auroc"] == pytest.approx(mean_bound)
 
 
 def test_binned_bounds_shrink_with_bins() -> None:

@@ -21,7 +21,9 @@ histograms, so they bound |exact - estimate|:
   between the counts strictly above and at-or-above that bin. The area is a weighted mean of
   the segment heights with non-negative weights (the FPR steps); bounding it over all curves
   inside the brackets gives :func:`legacy_enclosure`. It is infinite when the brackets allow a
-  degenerate curve (the kept FPR range could be empty or a single point).
+  degenerate curve (the kept FPR range could be empty or a single point). With very few bins
+  the estimated curve itself can be degenerate: the estimate is then NaN with an infinite
+  bound (the exact value may be defined), and the class mean's bound is infinite too.
 """
 
 from __future__ import annotations

@@ -48,15 +48,21 @@ def class_mean(
 def _mean_bound(
     per_class: Mapping[str, Mapping[str, float]], bounds: Mapping[str, Mapping[str, float]]
 ) -> dict[str, float]:
-    # |mean(exact) - mean(estimate)| <= mean of the bounds over the classes in the mean.
+    # |mean(exact) - mean(estimate)| <= mean of the bounds over the classes in the mean, when
+    # the exact mean averages the same classes. A class left out as undefined (NaN) with a
+    # positive bound (inf; NaN or 0 mean surely undefined) may be defined for the exact value
+    # (too few bins to tell): then the means may average different classes, and nothing
+    # bounds their difference.
     out = {}
     for key in METRICS:
-        vals = [
-            bounds[name].get(key, math.nan)
-            for name, v in per_class.items()
-            if not math.isnan(v.get(key, math.nan))
-        ]
-        out[key] = math.fsum(vals) / len(vals) if vals else math.nan
+        vals, unknown = [], False
+        for name, v in per_class.items():
+            bound = bounds[name].get(key, math.nan)
+            if not math.isnan(v.get(key, math.nan)):
+                vals.append(bound)
+            elif bound > 0:
+                unknown = True
+        out[key] = math.inf if unknown else (math.fsum(vals) / len(vals) if vals else math.nan)
     return out
 
 
@@ -97,7 +103,8 @@ class MetricsReport:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (NaN -> None)."""
+        """JSON-ready dict: NaN (undefined) -> None; in ``bounds``, inf (no finite bound:
+        too few bins to tell) -> the string ``"inf"``, so strict JSON parsers read it."""
         out: dict[str, Any] = {
             "aupro": self.aupro,
             "mode": self.mode,
@@ -105,7 +112,10 @@ class MetricsReport:
             "mean": _json(self.mean),
         }
         if self.bounds is not None:
-            out["bounds"] = {c: _json(v) for c, v in self.bounds.items()}
+            out["bounds"] = {
+                c: {k: "inf" if b == math.inf else b for k, b in _json(v).items()}
+                for c, v in self.bounds.items()
+            }
         return out
 
 
