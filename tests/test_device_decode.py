@@ -462,6 +462,70 @@ def test_cli_evaluate_device_decode(jpeg_synth, tmp_path, device_decodes):
     assert json.loads((out / "metrics.json").read_text())["n_images"] == 16
 
 
+# --- training: the feature cache's one encoding pass ---------------------------------------------
+
+
+def test_feature_cache_device_decode_matches_the_cpu_path(jpeg_synth, device_decodes):
+    from crane.data import AnomalyDataset
+    from crane.engine.features import FeatureCache
+
+    model = create_model("tiny+", image_size=SIZE, seed=6).eval()
+    ds = AnomalyDataset(jpeg_synth, "test", image_size=SIZE)
+    cpu = torch.device("cpu")
+    want = FeatureCache.build(model, ds, cpu, batch_size=3, progress=False)
+    assert device_decodes == []
+    got = FeatureCache.build(
+        model, ds, cpu, batch_size=3, workers=2, progress=False, device_decode=True
+    )
+    assert sum(map(len, device_decodes)) == len(got) == len(want) == 16
+    assert got.paths == want.paths
+    assert torch.equal(got.masks, want.masks) and torch.equal(got.labels, want.labels)
+    assert got.masks.any()  # the anomalous samples' masks came through
+    # Pixels within 2 levels in < 0.5 % of values (evaluate's test above) move the unit-norm
+    # features a little (measured: 4.5e-5 global, 1.8e-2 patch tokens); the samples shifted by
+    # one move them by 0.23 and 0.60.
+    torch.testing.assert_close(got.global_feat, want.global_feat, atol=1e-3, rtol=0)
+    torch.testing.assert_close(got.patch_sets, want.patch_sets, atol=3e-2, rtol=0)
+
+
+def test_feature_cache_device_decode_skips_or_raises_on_a_bad_jpeg(jpeg_synth, tmp_path, caplog):
+    import shutil
+
+    from crane.data import AnomalyDataset
+    from crane.engine.features import FeatureCache
+    from crane.errors import ImageReadError
+
+    root = tmp_path / "ds"
+    shutil.copytree(jpeg_synth, root)
+    bad = root / "plate" / "test" / "good" / "000.jpg"
+    data = bytearray(bad.read_bytes())
+    dht = data.find(b"\xff\xc4")  # a Huffman table no decoder accepts
+    data[dht + 5 : dht + 21] = b"\xff" * 16
+    bad.write_bytes(bytes(data))
+    model = create_model("tiny", image_size=SIZE, seed=6).eval()
+    kw = dict(batch_size=4, progress=False, device_decode=True)
+    ds = AnomalyDataset(root, "test", image_size=SIZE, on_error="skip")
+    cache = FeatureCache.build(model, ds, torch.device("cpu"), **kw)
+    assert len(cache) == 15 and str(bad) not in cache.paths
+    assert cache.masks.shape[0] == cache.labels.shape[0] == cache.patch_sets.shape[0] == 15
+    assert "skipping" in caplog.text and "000.jpg" in caplog.text
+    with pytest.raises(ImageReadError, match="000.jpg"):
+        FeatureCache.build(
+            model, AnomalyDataset(root, "test", image_size=SIZE), torch.device("cpu"), **kw
+        )
+
+
+def test_cli_train_device_decode(jpeg_synth, tmp_path, device_decodes):
+    from crane.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "--dataset", "mvtec", "--root", str(jpeg_synth), "--preset", "tiny"]
+    argv += ["--out", str(out), "--epochs", "1", "--batch-size", "8", "--no-progress"]
+    assert main([*argv, "--device-decode"]) == 0
+    assert sum(map(len, device_decodes)) == 16
+    assert (out / "train_log.jsonl").exists()
+
+
 # --- CUDA (run on the device machine; skipped elsewhere) ------------------------------------------
 
 

@@ -96,6 +96,15 @@ def _write_threads_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _device_decode_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--device-decode",
+        action="store_true",
+        help=f"decode JPEG images on the GPU (nvJPEG, resized there as PIL does) so the CPUs "
+        f"only read them{what} and other images are decoded on the CPU as usual",
+    )
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list model presets")
     p.set_defaults(func=cmd_models)
@@ -113,6 +122,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, default=None, help="default: the preset's")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--overwrite", action="store_true", help="start afresh in a non-empty --out")
+    _device_decode_arg(p, " in the one pass that encodes the training images; masks")
     _common(p)
     p.set_defaults(func=cmd_train)
 
@@ -135,12 +145,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--visualize", default=None, metavar="DIR", help="write heatmap overlays here")
     _write_threads_arg(p)
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (logged)")
-    p.add_argument(
-        "--device-decode",
-        action="store_true",
-        help="decode JPEG images on the GPU (nvJPEG, resized there as PIL does) so the CPUs "
-        "only read them; masks and other images are decoded on the CPU as usual",
-    )
+    _device_decode_arg(p, "; masks")
     _common(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -304,6 +309,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         autocast_dtype=amp,
         attention=args.attention,
+        device_decode=args.device_decode,
     )
     for h in res.epoch_losses:
         print(

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from crane.data import AnomalyDataset
-from crane.engine.predict import batch_pixels, check_device_decode
+from crane.engine.predict import check_device_decode, dataset_device_pixels
 from crane.engine.runtime import (
     autocast,
     batch_loader,
@@ -28,7 +28,7 @@ from crane.engine.runtime import (
     scoring_forward,
 )
 from crane.engine.writer import OutputWriter
-from crane.errors import CraneError, ImageReadError
+from crane.errors import CraneError
 from crane.metrics import METRICS, MetricAccumulator, MetricsReport
 from crane.models.checkpoint import atomic_write_bytes
 from crane.models.crane import CraneModel
@@ -118,7 +118,7 @@ def evaluate(
     def launch(batch: dict[str, Any]) -> _Job | None:
         images = batch["image"]
         if "jpeg" in batch:
-            batch, images = _device_pixels(batch, size, device, on_error)
+            batch, images = dataset_device_pixels(batch, size, device, on_error)
             if images is None:
                 return None
         with autocast(device, amp_dtype):
@@ -173,31 +173,6 @@ def evaluate(
         if pending is not None:
             consume(pending)
     return EvalResult(acc.compute(), n, time.perf_counter() - t0)
-
-
-def _device_pixels(
-    batch: dict[str, Any], size: int, device: torch.device, on_error: str
-) -> tuple[dict[str, Any], torch.Tensor | None]:
-    """A :meth:`AnomalyDataset.device_jpeg_view` batch's pixels on ``device``
-    (:func:`~crane.engine.predict.batch_pixels`), and the batch without the samples whose
-    JPEG no decoder reads (raising instead when ``on_error`` is "raise")."""
-    records = [
-        {"path": path, "i": k, **({} if data is None else {"jpeg": data})}
-        for k, (path, data) in enumerate(zip(batch["path"], batch["jpeg"], strict=True))
-    ]
-    pixels, kept, failed = batch_pixels(records, batch["image"], size, device)
-    rest = {k: v for k, v in batch.items() if k not in ("image", "jpeg")}
-    for _, failure in failed:
-        if on_error == "raise":
-            raise ImageReadError(failure.error)
-        log.warning("skipping %s: %s", failure.path, failure.error)
-    if failed:
-        keep = [r["i"] for r in kept]
-        rest = {
-            k: v[keep] if isinstance(v, torch.Tensor) else [v[i] for i in keep]
-            for k, v in rest.items()
-        }
-    return rest, pixels
 
 
 @dataclass

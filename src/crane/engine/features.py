@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from crane.engine.predict import check_device_decode, dataset_device_pixels
 from crane.engine.runtime import attention_kernels, batch_loader, check_attention, model_input
 from crane.models.crane import CraneModel
 from crane.models.vision import VisionOutput
@@ -97,9 +98,17 @@ class FeatureCache:
         progress: bool = True,
         autocast_dtype: torch.dtype | None = None,
         attention: str = "auto",
+        device_decode: bool = False,
     ) -> FeatureCache:
+        """Encode every readable sample of ``dataset`` once. ``device_decode``: JPEG images
+        are read by the workers and decoded on ``device`` (nvJPEG on CUDA), as
+        ``evaluate(device_decode=True)`` does; a JPEG no decoder reads is skipped or raises
+        as the dataset's ``on_error`` says."""
         check_attention(attention)
-        loader = batch_loader(dataset, batch_size, workers, device)
+        if device_decode:
+            check_device_decode(device)
+        loader = batch_loader(dataset, batch_size, workers, device, device_jpeg=device_decode)
+        on_error = getattr(dataset, "on_error", "raise")
         n = len(dataset)
         g_all = p_all = masks = labels = None
         paths: list[str] = []
@@ -109,7 +118,12 @@ class FeatureCache:
         ):
             if batch is None:
                 continue
-            images = model_input(batch["image"], device)
+            images = batch["image"]
+            if "jpeg" in batch:
+                batch, images = dataset_device_pixels(batch, dataset.image_size, device, on_error)
+                if images is None:  # every image of the batch was skipped
+                    continue
+            images = model_input(images, device)
             with (
                 torch.autocast(
                     device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None

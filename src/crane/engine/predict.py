@@ -317,6 +317,32 @@ def batch_pixels(
     return out, records, failed
 
 
+def dataset_device_pixels(
+    batch: dict[str, Any], size: int, device: torch.device, on_error: str
+) -> tuple[dict[str, Any], torch.Tensor | None]:
+    """A :meth:`AnomalyDataset.device_jpeg_view` batch's uint8 pixels on ``device``
+    (:func:`batch_pixels`; evaluation and the training feature cache), and the batch without
+    its image entries and without the samples whose JPEG no decoder reads (raising an
+    :class:`~crane.errors.ImageReadError` instead when ``on_error`` is "raise")."""
+    records = [
+        {"path": path, "i": k, **({} if data is None else {"jpeg": data})}
+        for k, (path, data) in enumerate(zip(batch["path"], batch["jpeg"], strict=True))
+    ]
+    pixels, kept, failed = batch_pixels(records, batch["image"], size, device)
+    rest = {k: v for k, v in batch.items() if k not in ("image", "jpeg")}
+    for _, failure in failed:
+        if on_error == "raise":
+            raise ImageReadError(failure.error)
+        log.warning("skipping %s: %s", failure.path, failure.error)
+    if failed:
+        keep = [r["i"] for r in kept]
+        rest = {
+            k: v[keep] if isinstance(v, torch.Tensor) else [v[i] for i in keep]
+            for k, v in rest.items()
+        }
+    return rest, pixels
+
+
 _PROBE_JPEG: dict[str, str | None] = {}  # device → None (works) or why it does not
 
 

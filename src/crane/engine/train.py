@@ -143,12 +143,14 @@ def train(
     cache_location: str = "auto",
     autocast_dtype: torch.dtype | None = None,
     attention: str = "auto",
+    device_decode: bool = False,
 ) -> TrainResult:
     """Train ``model``'s prompts on ``dataset`` (items as :class:`crane.data.AnomalyDataset`).
 
     ``stop_after_epoch`` ends the run early as an interruption would (used to test resume).
     ``attention``: the fused attention kernel tried first while the frozen features are
-    encoded (:func:`~crane.engine.runtime.attention_kernels`).
+    encoded (:func:`~crane.engine.runtime.attention_kernels`). ``device_decode``: the
+    dataset's JPEGs are decoded on ``device`` for that encoding (:meth:`FeatureCache.build`).
     """
     settings = settings or TrainSettings()
     run_dir = Path(run_dir)
@@ -181,6 +183,7 @@ def train(
         progress=progress,
         autocast_dtype=autocast_dtype,
         attention=attention,
+        device_decode=device_decode,
     )
     encode_s = time.perf_counter() - t0
     size = cache.masks.shape[-1]
