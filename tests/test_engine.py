@@ -134,6 +134,46 @@ def test_evaluate_streams_into_complete_reports(synth, tmp_path):
     assert len(list((tmp_path / "viz").rglob("*.png"))) == 16
 
 
+def test_binned_evaluate_reports_its_bounds_in_every_file(synth, tmp_path):
+    from crane.engine.evaluate import report_markdown
+    from crane.metrics import make_report
+
+    model = create_model("tiny+", image_size=SIZE)
+    ds = AnomalyDataset(synth, "test", image_size=SIZE)
+    kw = dict(device=torch.device("cpu"), batch_size=8, progress=False)
+    exact = evaluate(model, ds, **kw).report
+    binned = evaluate(model, ds, metric_mode="binned", **kw).report
+    files = write_report(binned, tmp_path / "out", {"dataset": "synth"})
+    rows = {r["class"]: r for r in csv.DictReader(open(files["csv"]))}
+    data = json.loads(files["json"].read_text())
+    assert list(rows) == ["tile", "plate", "mean"]
+    for cls in rows:
+        want = exact.mean if cls == "mean" else exact.per_class[cls]
+        for metric, value in want.items():
+            got, bound = float(rows[cls][metric]), float(rows[cls][f"{metric}_bound"])
+            assert bound == pytest.approx(data["bounds"][cls][metric], abs=1e-6)
+            assert abs(got - value) <= bound + 2e-6, (cls, metric)  # 6 decimals in the CSV
+            if metric.startswith("image"):
+                assert bound == 0.0  # image metrics are exact in both modes
+    assert float(rows["mean"]["pixel_auroc_bound"]) > 0
+    md = files["md"].read_text()
+    assert "±" in md and "certified bound" in md
+    assert "±" not in report_markdown(exact)  # exact mode: as before
+    # No finite bound, and an estimate that could not be made although the exact value may exist.
+    odd = make_report(
+        {"a": {"pixel_aupro": math.nan, "pixel_auroc": 0.9}},
+        aupro="legacy",
+        mode="binned",
+        bounds={"a": {"pixel_aupro": math.inf, "pixel_auroc": 0.001}},
+    )
+    line = report_markdown(odd).splitlines()[2]
+    assert "n/a ±inf" in line and "90.0 ±0.1" in line
+    write_report(odd, tmp_path / "odd", {})
+    odd_rows = list(csv.DictReader(open(tmp_path / "odd" / "metrics.csv")))
+    assert odd_rows[0]["pixel_aupro"] == "" and odd_rows[0]["pixel_aupro_bound"] == "inf"
+    assert odd_rows[1]["class"] == "mean" and odd_rows[1]["pixel_aupro_bound"] == "inf"
+
+
 def test_image_level_dataset_gives_undefined_pixel_metrics(tmp_path):
     root = tmp_path / "brain"
     for sub, n in (("no", 3), ("yes", 3)):

@@ -138,7 +138,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="SPEC §7 settings for this dataset: released prompts and map combination",
     )
     p.add_argument("--aupro", default="mvtec", choices=["mvtec", "legacy"])
-    p.add_argument("--metric-mode", default="exact", choices=["exact", "binned"])
+    p.add_argument(
+        "--metric-mode",
+        default="exact",
+        choices=["exact", "binned"],
+        help="exact: pixel metrics over every pixel (holds one class's maps); binned: from "
+        "65536-bin histograms in bounded memory, each with a certified bound on its error "
+        "(the ± in the table, *_bound columns, the JSON's bounds)",
+    )
     p.add_argument(
         "--out", default=None, help="where metrics.{md,csv,json} go (default: ./eval_<dataset>)"
     )

@@ -30,6 +30,7 @@ from crane.engine.runtime import (
 from crane.engine.writer import OutputWriter
 from crane.errors import CraneError
 from crane.metrics import METRICS, MetricAccumulator, MetricsReport
+from crane.metrics.report import MEAN_ROW
 from crane.models.checkpoint import atomic_write_bytes
 from crane.models.crane import CraneModel
 from crane.viz import write_overlay
@@ -190,34 +191,54 @@ def _visualize(writer: OutputWriter, out: Path, batch: dict[str, Any], maps) -> 
         writer.submit(write_overlay, out / batch["cls_name"][i] / name, path, maps[i], mask)
 
 
-def _cell(v: float, scale: float = 100.0) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v * scale:.1f}"
+def _cell(v: float, scale: float = 100.0, bound: float = 0.0) -> str:
+    """A metric in percent; in binned mode with its error bound, when it has one (image
+    metrics are exact: bound 0; NaN: undefined for the exact value too)."""
+    text = "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v * scale:.1f}"
+    if bound == math.inf:
+        return f"{text} ±inf"
+    return f"{text} ±{bound * scale:.2g}" if bound > 0 else text
 
 
 def report_markdown(report: MetricsReport) -> str:
+    """The report as a Markdown table (percent). In binned mode each estimate carries its
+    certified bound on |exact − estimate| (±inf: too few bins to tell)."""
     head = "| class | " + " | ".join(METRICS) + " |"
     rows = [head, "|" + "---|" * (len(METRICS) + 1)]
-    for cls, vals in (*report.per_class.items(), ("**mean**", report.mean)):
+    for cls, vals in (*report.per_class.items(), (MEAN_ROW, report.mean)):
+        bounds = report.bounds[cls] if report.bounds is not None else {}
+        cells = (_cell(vals.get(k, math.nan), bound=bounds.get(k, 0.0)) for k in METRICS)
+        name = "**mean**" if cls == MEAN_ROW else cls
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    if report.bounds is not None:
         rows.append(
-            f"| {cls} | " + " | ".join(_cell(vals.get(k, math.nan)) for k in METRICS) + " |"
+            "\nBinned metrics: ± is the certified bound on |exact − estimate| "
+            "(±inf: too few bins to tell; more bins tighten it)."
         )
     return "\n".join(rows)
+
+
+def _csv_value(v: float, fmt: str = "{:.6f}") -> str:
+    return "" if math.isnan(v) else "inf" if v == math.inf else fmt.format(v)
 
 
 def write_report(
     report: MetricsReport, out_dir: str | os.PathLike, extra: dict[str, Any]
 ) -> dict[str, Path]:
-    """metrics.md, metrics.csv and metrics.json (atomically) in ``out_dir``."""
+    """metrics.md, metrics.csv and metrics.json (atomically) in ``out_dir``. In binned mode the
+    CSV has a ``<metric>_bound`` column per metric and the JSON a ``bounds`` table."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md = report_markdown(report) + "\n"
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["class", *METRICS])
-    for cls, vals in (*report.per_class.items(), ("mean", report.mean)):
-        w.writerow(
-            [cls, *("" if math.isnan(vals.get(k, math.nan)) else f"{vals[k]:.6f}" for k in METRICS)]
-        )
+    binned = report.bounds is not None
+    w.writerow(["class", *METRICS, *(f"{k}_bound" for k in METRICS if binned)])
+    for cls, vals in (*report.per_class.items(), (MEAN_ROW, report.mean)):
+        row = [cls, *(_csv_value(vals.get(k, math.nan)) for k in METRICS)]
+        if binned:
+            row += [_csv_value(report.bounds[cls].get(k, math.nan), "{:.3g}") for k in METRICS]
+        w.writerow(row)
     data = {**report.to_dict(), **extra}
     files = {"md": out / "metrics.md", "csv": out / "metrics.csv", "json": out / "metrics.json"}
     atomic_write_bytes(files["md"], md.encode())
