@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import io
+import math
 import os
 from pathlib import Path
 from unittest import mock
@@ -557,3 +558,32 @@ def test_cuda_detector_device_decode_matches_the_cpu_path(mixed_inputs):
         if isinstance(w, Prediction):
             assert r.anomaly_map.shape == w.anomaly_map.shape
             assert r.score == pytest.approx(w.score, abs=2e-2)
+
+
+@cuda
+def test_cuda_evaluate_and_feature_cache_device_decode(jpeg_synth):
+    """evaluate and the training feature cache with nvJPEG: the same samples, in order, and
+    results close to the CPU-decoded ones (nvJPEG may round a few levels differently)."""
+    from crane.data import AnomalyDataset
+    from crane.engine.evaluate import evaluate
+    from crane.engine.features import FeatureCache
+
+    model = create_model("tiny+", image_size=SIZE, seed=6).eval()
+    ds = AnomalyDataset(jpeg_synth, "test", image_size=SIZE)
+    gpu = torch.device("cuda")
+    kw = dict(batch_size=3, workers=2, progress=False)
+    want = FeatureCache.build(model, ds, gpu, **kw)
+    got = FeatureCache.build(model, ds, gpu, device_decode=True, **kw)
+    assert got.paths == want.paths and torch.equal(got.labels, want.labels)
+    assert torch.equal(got.masks, want.masks)
+    torch.testing.assert_close(got.global_feat, want.global_feat, atol=2e-2, rtol=0)
+    torch.testing.assert_close(got.patch_sets, want.patch_sets, atol=1e-1, rtol=0)
+    ref = evaluate(model, ds, device=gpu, **kw)
+    dev = evaluate(model, ds, device=gpu, device_decode=True, **kw)
+    assert dev.n_images == ref.n_images == 16
+    for cls, metrics in ref.report.per_class.items():
+        for name, value in metrics.items():
+            other = dev.report.per_class[cls][name]
+            assert math.isnan(other) == math.isnan(value), (cls, name)
+            if not math.isnan(value):
+                assert other == pytest.approx(value, abs=0.1), (cls, name)
