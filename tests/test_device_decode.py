@@ -516,7 +516,7 @@ def test_feature_cache_device_decode_skips_or_raises_on_a_bad_jpeg(jpeg_synth, t
         )
 
 
-def test_cli_train_device_decode(jpeg_synth, tmp_path, device_decodes):
+def test_cli_train_and_calibrate_device_decode(jpeg_synth, tmp_path, device_decodes):
     from crane.cli import main
 
     out = tmp_path / "run"
@@ -525,6 +525,17 @@ def test_cli_train_device_decode(jpeg_synth, tmp_path, device_decodes):
     assert main([*argv, "--device-decode"]) == 0
     assert sum(map(len, device_decodes)) == 16
     assert (out / "train_log.jsonl").exists()
+    # calibrate's scores with the JPEGs decoded on the device: the same F1-optimal threshold
+    # up to the scores' small differences (test_detector_device_decode_matches_the_cpu_path).
+    import json
+
+    thresholds = []
+    for extra in ([], ["--device-decode"]):
+        argv = ["calibrate", "--model", str(out), "--root", str(jpeg_synth), "--no-progress"]
+        assert main([*argv, *extra]) == 0
+        thresholds.append(json.loads((out / "config.json").read_text())["image_threshold"])
+    assert sum(map(len, device_decodes)) == 32
+    assert thresholds[1] == pytest.approx(thresholds[0], abs=2e-3)
 
 
 # --- CUDA (run on the device machine; skipped elsewhere) ------------------------------------------

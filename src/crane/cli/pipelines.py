@@ -96,12 +96,12 @@ def _write_threads_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _device_decode_arg(p: argparse.ArgumentParser, what: str) -> None:
+def _device_decode_arg(p: argparse.ArgumentParser, when: str = "", rest: str = "masks and") -> None:
     p.add_argument(
         "--device-decode",
         action="store_true",
         help=f"decode JPEG images on the GPU (nvJPEG, resized there as PIL does) so the CPUs "
-        f"only read them{what} and other images are decoded on the CPU as usual",
+        f"only read them{when}; {rest} other images are decoded on the CPU as usual",
     )
 
 
@@ -122,7 +122,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, default=None, help="default: the preset's")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--overwrite", action="store_true", help="start afresh in a non-empty --out")
-    _device_decode_arg(p, " in the one pass that encodes the training images; masks")
+    _device_decode_arg(p, " in the one pass that encodes the training images")
     _common(p)
     p.set_defaults(func=cmd_train)
 
@@ -152,7 +152,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--visualize", default=None, metavar="DIR", help="write heatmap overlays here")
     _write_threads_arg(p)
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (logged)")
-    _device_decode_arg(p, "; masks")
+    _device_decode_arg(p)
     _common(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -209,6 +209,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test")
     p.add_argument("--mode", default="f1", choices=["f1", "fpr"])
     p.add_argument("--target-fpr", type=float, default=0.05)
+    _device_decode_arg(p, rest="PNGs and")
     _common(p)
     p.set_defaults(func=cmd_calibrate)
 
@@ -439,6 +440,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         attention=args.attention,
         clip_weights=args.clip_weights,
         dino_weights=args.dino_weights,
+        device_decode=args.device_decode,
     )
     ds = open_dataset(args.root, args.dataset, args.split, det.size)
     paths = [str(Path(ds.root) / s.img_path) for s in ds.samples]
