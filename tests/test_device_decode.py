@@ -429,19 +429,26 @@ def test_evaluate_device_decode_matches_the_cpu_path(jpeg_synth, device_decodes)
                 assert other == pytest.approx(value, abs=0.1), (cls, name)
 
 
-def test_evaluate_device_decode_skips_or_raises_on_a_bad_jpeg(jpeg_synth, tmp_path, caplog):
+def _with_a_bad_jpeg(jpeg_synth: Path, tmp_path: Path, rel: str) -> tuple[Path, Path]:
+    """A copy of the JPEG dataset whose image ``rel`` no decoder reads."""
     import shutil
-
-    from crane.data import AnomalyDataset
-    from crane.errors import ImageReadError
 
     root = tmp_path / "ds"
     shutil.copytree(jpeg_synth, root)
-    bad = root / "tile" / "test" / "good" / "001.jpg"
+    bad = root / rel
     data = bytearray(bad.read_bytes())
     dht = data.find(b"\xff\xc4")  # a Huffman table no decoder accepts
     data[dht + 5 : dht + 21] = b"\xff" * 16
     bad.write_bytes(bytes(data))
+    return root, bad
+
+
+def test_evaluate_device_decode_skips_or_raises_on_a_bad_jpeg(jpeg_synth, tmp_path, caplog):
+
+    from crane.data import AnomalyDataset
+    from crane.errors import ImageReadError
+
+    root, _ = _with_a_bad_jpeg(jpeg_synth, tmp_path, "tile/test/good/001.jpg")
     res, _ = _evaluate_inputs(
         AnomalyDataset(root, "test", image_size=SIZE, on_error="skip"), device_decode=True
     )
@@ -490,19 +497,12 @@ def test_feature_cache_device_decode_matches_the_cpu_path(jpeg_synth, device_dec
 
 
 def test_feature_cache_device_decode_skips_or_raises_on_a_bad_jpeg(jpeg_synth, tmp_path, caplog):
-    import shutil
 
     from crane.data import AnomalyDataset
     from crane.engine.features import FeatureCache
     from crane.errors import ImageReadError
 
-    root = tmp_path / "ds"
-    shutil.copytree(jpeg_synth, root)
-    bad = root / "plate" / "test" / "good" / "000.jpg"
-    data = bytearray(bad.read_bytes())
-    dht = data.find(b"\xff\xc4")  # a Huffman table no decoder accepts
-    data[dht + 5 : dht + 21] = b"\xff" * 16
-    bad.write_bytes(bytes(data))
+    root, bad = _with_a_bad_jpeg(jpeg_synth, tmp_path, "plate/test/good/000.jpg")
     model = create_model("tiny", image_size=SIZE, seed=6).eval()
     kw = dict(batch_size=4, progress=False, device_decode=True)
     ds = AnomalyDataset(root, "test", image_size=SIZE, on_error="skip")
