@@ -258,3 +258,20 @@ def test_model_selection_follows_the_paper_protocol(monkeypatch, tmp_path):
         str(tmp_path / "run"),
         {"prompts": None, "clip_weights": None, "dino_weights": None},
     )
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--metric-mode", "binned", "--bins", "1000"], "--bins must be a power of two"),
+        (["--metric-mode", "binned", "--bins", str(1 << 25)], "--bins must be a power of two"),
+        (["--bins", "64"], "--bins applies to --metric-mode binned only"),
+    ],
+)
+def test_evaluate_bins_are_checked_up_front(tmp_path, capsys, extra, message):
+    from crane.cli import main
+
+    argv = ["evaluate", "--dataset", "mvtec", "--root", str(tmp_path / "none"), "--model", "tiny"]
+    assert main([*argv, *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

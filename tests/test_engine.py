@@ -156,6 +156,11 @@ def test_binned_evaluate_reports_its_bounds_in_every_file(synth, tmp_path):
             if metric.startswith("image"):
                 assert bound == 0.0  # image metrics are exact in both modes
     assert float(rows["mean"]["pixel_auroc_bound"]) > 0
+    coarse = evaluate(model, ds, metric_mode="binned", num_bins=8, **kw).report
+    for metric in ("pixel_auroc", "pixel_aupro"):
+        wide = coarse.bounds["mean"][metric]
+        assert wide > 10 * binned.bounds["mean"][metric]  # 8 bins: far looser than 65536
+        assert abs(coarse.mean[metric] - exact.mean[metric]) <= wide
     md = files["md"].read_text()
     assert "±" in md and "certified bound" in md
     assert "±" not in report_markdown(exact)  # exact mode: as before
