@@ -604,6 +604,32 @@ def test_feature_cache_uint8_inputs_match_float(synth):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 
+def test_feature_cache_build_moves_the_model_to_the_device(synth):
+    """FeatureCache.build moves the model to its device first, as evaluate and train do (a CPU
+    model handed over with a CUDA device failed on an H100 in the 16th session)."""
+    from unittest import mock
+
+    from crane.data import AnomalyDataset
+    from crane.engine.features import FeatureCache
+
+    model = create_model("tiny+", image_size=SIZE, seed=6).eval()
+    ds = AnomalyDataset(synth, "test", image_size=SIZE)
+    cpu = torch.device("cpu")
+    calls = []
+
+    def encode(images):
+        calls.append(spy.call_args_list[:])  # .to must already have been called
+        return real_encode(images)
+
+    real_encode = model.encode_images
+    with (
+        mock.patch.object(model, "to", wraps=model.to) as spy,
+        mock.patch.object(model, "encode_images", side_effect=encode),
+    ):
+        FeatureCache.build(model, ds, cpu, batch_size=8, progress=False)
+    assert calls and all(c == [mock.call(cpu)] for c in calls)
+
+
 def test_cli_workers_default_and_validation(synth, tmp_path):
     from crane.cli import main
     from crane.cli.pipelines import _runtime

@@ -103,10 +103,12 @@ class FeatureCache:
         """Encode every readable sample of ``dataset`` once. ``device_decode``: JPEG images
         are read by the workers and decoded on ``device`` (nvJPEG on CUDA), as
         ``evaluate(device_decode=True)`` does; a JPEG no decoder reads is skipped or raises
-        as the dataset's ``on_error`` says."""
+        as the dataset's ``on_error`` says. The model is moved to ``device`` first, as
+        :func:`~crane.engine.evaluate.evaluate` and :func:`~crane.engine.train.train` do."""
         check_attention(attention)
         if device_decode:
             check_device_decode(device)
+        model.to(device)
         loader = batch_loader(dataset, batch_size, workers, device, device_jpeg=device_decode)
         on_error = getattr(dataset, "on_error", "raise")
         n = len(dataset)
