@@ -3,37 +3,35 @@
 #
 #   benchmarks/pending_gpu.sh STEP[,STEP...] [OUT] [BUDGET_S]
 #
-# Steps (seconds they took on an H200 in the eleventh session, wheel install excluded):
+# Steps (seconds each took on an H100 in the sixteenth session, wheel install excluded):
 #   tests     CUDA tests: CUDA = CPU, guards, pipelines, CUDA-graph outputs, attention
-#             kernels, nvJPEG decoding (55 before the 13th session's attention-kernel tests)
+#             kernels, nvJPEG decoding (59: 16 tests)
 #   attention each attention kernel at Crane+'s shapes (attention.py: which kernel runs, ms,
 #             TFLOP/s), then Crane+ with cuDNN attention first and with DINOv2 under fp16
 #             autocast, beside the default and DINOv2-bf16 rows of the same run, against the
-#             fp32 reference (variants.py --select ...) (13th session; ≈ 90 s expected)
-#   device-decode  predict from 2048-px JPEGs decoded on the GPU (nvJPEG; --device-decode,
-#             14th session) against fast CPU decoding, same options as e2e-fast, at 16 and 4
-#             workers; its pixel, map and score differences from the reference decode; the
-#             decode-only rate of each (≈ 200 s expected: 1024 files, a compile, 6 rows)
-#   e2e       predict from JPEGs (default options), one-file latency, evaluate end to end
-#             (cut at 152 s that session, while writing the evaluate PNGs: now written by
-#             --workers processes, after the other two parts)
+#             fp32 reference (variants.py --select ...) (60)
+#   device-decode  predict from 2048-px JPEGs decoded on the GPU (nvJPEG; --device-decode)
+#             against fast CPU decoding, same options as e2e-fast, at 16 and 4 workers; its
+#             pixel, map and score differences from the reference decode; the decode-only
+#             rate of each (128)
+#   e2e       predict from JPEGs (default options), one-file latency, evaluate end to end (199)
 #   model     Crane+ model only, fp32 baseline against the optimised path, memory at batch 1
-#             (≈ 180 for Crane and Crane+ on an H100 in the second session)
-#   variants  which options pay off: DINOv2 precisions, the one-SiLU MLP (66)
-#   compiled  the same with torch.compile (71 for 2 rows; 5 rows since the 13th session,
-#             which added DINOv2 in fp16 and the default and DINOv2-bf16 rows with cuDNN
-#             attention first: ≈ 180 s expected)
-#   e2e-fast  predict from 2048-px JPEGs with the fastest options measured, compiled (159;
-#             since the 12th session also at 12 and 8 workers: ≈ 20 s more, not measured;
-#             since the 13th each also with 2 torch threads in the main process: ≈ 25 s more)
+#             (48)
+#   variants  which options pay off: DINOv2 precisions, the one-SiLU MLP, cuDNN (81)
+#   compiled  the same with torch.compile, 5 rows (88)
+#   e2e-fast  predict from 2048-px JPEGs with the fastest options measured, compiled, at 16,
+#             12 and 8 workers, each with torch's and 2 main-process threads (159 on an H200
+#             in the 11th session with one row; not run since it has 6)
 #   floor     GEMM/attention time against the rest of a batch-32 bf16 predict (20)
-#   outputs   how fast this machine's CPUs draw and write predict's overlays (12th session;
-#             ≈ 20 s expected, not measured)
-#   all       = tests,attention,device-decode,compiled,e2e-fast,e2e,model,variants,floor,
-#             outputs: what is still unmeasured on the current code first (RESULTS.md, "Where
-#             the targets stand"): attention measures the 13th session's levers on the
-#             model-only target (cuDNN attention, fp16 DINOv2), device-decode the 14th's on
-#             the end-to-end one (≈ 350 s with the tests), then compiled and e2e-fast
+#   outputs   how fast this machine's CPUs draw and write predict's overlays (23)
+#   train     the training target: Crane+ features of 1725 images encoded once in bf16, then
+#             3 epochs over the cache (not in the 3rd-15th sessions' scripts; ≈ 70 s expected)
+#   all       = tests,train,e2e-fast,compiled,device-decode,attention,model,e2e,variants,
+#             floor,outputs: what is still unmeasured on the current code first (RESULTS.md,
+#             "Where the targets stand"): the CUDA tests (one failed on an H100 in the 16th
+#             session, fixed after it), the training target on the current code, and
+#             e2e-fast's 12 and 8 workers and 2 main-process threads; the rest were measured
+#             on an H100 in the 16th session
 #
 # OUT: folder for the JSON and log.txt (default benchmarks/results). BUDGET_S: wall-clock
 # seconds for the whole script (0 = none); a step cut at the budget gets 20 s more to exit
@@ -53,7 +51,7 @@ out=${2:-benchmarks/results}
 budget=${3:-0}
 py=${PYTHON:-python3}
 [[ $steps == all ]] &&
-  steps=tests,attention,device-decode,compiled,e2e-fast,e2e,model,variants,floor,outputs
+  steps=tests,train,e2e-fast,compiled,device-decode,attention,model,e2e,variants,floor,outputs
 mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 2
 [[ $py == */* ]] && { py="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")" || exit 2; }
 cd "$(dirname "$0")/.." || exit 2
@@ -63,7 +61,7 @@ log="$out/log.txt"
 # Seconds a step needs to return anything useful (skipped below that; PENDING_GPU_LEAST_S
 # sets one value for all, e.g. for a dry run with a stand-in interpreter).
 declare -A least=([variants]=60 [compiled]=120 [tests]=45 [e2e-fast]=120 [floor]=90 [e2e]=120
-                  [model]=90 [outputs]=20 [attention]=45 [device-decode]=120)
+                  [model]=90 [outputs]=20 [attention]=45 [device-decode]=120 [train]=60)
 if [[ -n ${PENDING_GPU_LEAST_S:-} ]]; then
   for step in "${!least[@]}"; do least[$step]=$PENDING_GPU_LEAST_S; done
 fi
@@ -115,6 +113,8 @@ run_step() {  # the command of one step
              --json "$out/model.json" ;;
     outputs) "$py" benchmarks/outputs.py --files 64 --threads 8 16 --skip-baseline \
                --json "$out/outputs.json" ;;
+    train) "$py" benchmarks/throughput.py --device cuda --presets crane+ --only train \
+             --json "$out/train.json" ;;
     floor) "$py" benchmarks/floor.py --device cuda --batch 32 --amp bf16 --reps 5 --verbose \
              --json "$out/floor_cuda_b32.json" ;;
   esac

@@ -5,7 +5,8 @@ one run, each against the same fp32 reference (random weights; CUDA or CPU).
 
 Variants (bf16 autocast unless named): the default optimised path (frozen matmul weights stored
 in bf16, DINOv2 in fp32 with TF32 matmuls and fp16 flash attention); cuDNN's fused attention
-tried first (``attention="cudnn"``; torch tries FlashAttention-2 first and cuDNN last), also
+tried first (``attention="cudnn"``; torch itself already does on sm90/sm100 with a recent
+cuDNN, FlashAttention-2 first elsewhere), also
 with DINOv2 in bf16; DINOv2 under fp16 autocast (``dino_fp16``: bf16's rate, TF32's mantissa);
 DINOv2's attention in fp32 (``dino_attn_fp16=False``, the default until an H200 measured
 both); DINOv2 under bf16 autocast; open_clip's MLP modules instead of the one-SiLU MLP;

@@ -40,8 +40,8 @@ def _common(p: argparse.ArgumentParser, batch: int = 8) -> None:
         default="auto",
         choices=list(ATTENTION_KERNELS),
         help="fused attention kernel tried first on CUDA (torch's order after it, for calls it "
-        "cannot serve): auto keeps torch's order (FlashAttention-2 first); cudnn may be faster "
-        "on Hopper GPUs; math is the unfused reference, on any device",
+        "cannot serve): auto keeps torch's choice (cuDNN first on H100/H200-class GPUs with a "
+        "recent cuDNN, else FlashAttention-2); math is the unfused reference, on any device",
     )
     w = p.add_argument_group("weights")
     w.add_argument(

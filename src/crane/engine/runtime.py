@@ -81,11 +81,13 @@ def attention_kernels(name: str = "auto") -> contextlib.AbstractContextManager:
     """While open, every ``scaled_dot_product_attention`` (CLIP's, the E-Attn terms, DINOv2's)
     tries the kernel ``name`` first, then the kernels torch would have tried, in torch's order.
 
-    ``auto``: torch's order unchanged (PyTorch 2.x: FlashAttention-2, memory-efficient, math,
-    cuDNN last, so cuDNN never runs). ``cudnn``/``flash``/``efficient``: that CUDA kernel first
-    where it can serve the call (dtype, head size, strides, GPU); a call it cannot serve runs
-    as under ``auto``, so no setting fails. cuDNN's attention was reported 1.7-2.3x faster than
-    FlashAttention-2 on Hopper GPUs (and slower on Ampere, Ada and Blackwell). On the CPU
+    ``auto``: torch's own choice: FlashAttention-2, memory-efficient, math, cuDNN; but on
+    Hopper/Blackwell data-centre GPUs (sm90/sm100) with a recent cuDNN torch tries cuDNN first
+    unless ``TORCH_CUDNN_SDPA_DEPRIORITIZED`` is set (measured on an H100, torch 2.11 and cuDNN
+    9.19: ``auto`` ran cuDNN, 1.38x FlashAttention-2 at Crane+'s shapes, so ``cudnn`` changed
+    nothing there). ``cudnn``/``flash``/``efficient``: that CUDA kernel first where it can
+    serve the call (dtype, head size, strides, GPU); a call it cannot serve runs as under
+    ``auto``, so no setting fails. On the CPU
     torch has one fused kernel and keeps it whatever the order says. ``math``: only the
     unfused reference (materialises every N×N matrix; for checks), on any device.
     Backends switched off before stay off; the previous settings come back on exit.
