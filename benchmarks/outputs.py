@@ -2,9 +2,12 @@
 
 For each JPEG an overlay is drawn at the photo's own size and saved as PNG (what
 ``run_predict`` does per image, from a smooth S×S anomaly map), and optionally the map is saved
-as .npy at that size. Rows: the way it used to run (in the loop, Pillow's default zlib level 6),
-in the loop with zlib level 1 and its run-length strategy (now the default), beside the loop
-on writer threads (``OutputWriter``), and as JPEG (``--overlay-format jpg``) on the most threads.
+as .npy at that size. Rows: the way it first ran (in the loop, Pillow's default zlib level 6);
+then at each thread count (0: in the loop; else beside it on ``OutputWriter`` threads) Pillow
+at zlib level 1 with the run-length strategy (the default of the 12th-16th sessions) and
+``crane.viz.png_bytes`` (the same zlib settings, every row filtered Up instead of Pillow's
+per-row adaptive choice: the default since); and as JPEG (``--overlay-format jpg``) on the
+most threads.
 
   python benchmarks/outputs.py --files 48 --px 2048 --threads 0 2 --json results/outputs.json
 """
@@ -17,6 +20,7 @@ import platform
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +40,9 @@ def smooth_map(rng: np.random.Generator, size: int) -> np.ndarray:
 
 # Row kinds: how an overlay is saved.
 KINDS = {
-    "png-pillow": "Pillow default (level 6)",  # the previous default
-    "png": "level 1, RLE",
+    "png-pillow": "Pillow default (level 6)",  # the first default
+    "png-pillow-fast": "Pillow, level 1, RLE",  # the 12th-16th sessions' default
+    "png": "Up filter, level 1, RLE",
     "jpg": "JPEG q90",
 }
 
@@ -50,6 +55,10 @@ def run(
     def job(path: str, amap: np.ndarray, name: str) -> None:
         if kind == "png-pillow":
             save_png(overlay(load_image(path), amap), out / f"{name}.png", fast=False)
+        elif kind == "png-pillow-fast":
+            overlay(load_image(path), amap).save(
+                out / f"{name}.png", format="PNG", compress_level=1, compress_type=zlib.Z_RLE
+            )
         else:
             write_overlay(out / f"{name}.{suffix}", path, amap)
         if npy:
@@ -96,7 +105,8 @@ def main(argv=None) -> int:
         paths = make_jpegs(Path(tmp) / "in", args.files, args.px, os.cpu_count() or 1)
         maps = [smooth_map(rng, args.size) for _ in paths]
         plan = [] if args.skip_baseline else [(0, "png-pillow")]
-        plan += [(t, "png") for t in args.threads] + [(args.threads[-1], "jpg")]
+        plan += [(t, kind) for t in args.threads for kind in ("png-pillow-fast", "png")]
+        plan += [(args.threads[-1], "jpg")]
         for k, (threads, kind) in enumerate(plan):
             out = Path(tmp) / f"out{k}"
             out.mkdir()

@@ -566,14 +566,15 @@ def test_outputs_benchmark_rows_and_files(tmp_path, capsys):
             "--json", str(out)]  # fmt: skip
     assert outputs.main(argv) == 0
     res = json.loads(out.read_text())
+    pil, ours = "Pillow, level 1, RLE", "Up filter, level 1, RLE"
     assert [(r["threads"], r["format"]) for r in res["rows"]] == [
-        (0, "Pillow default (level 6)"), (0, "level 1, RLE"), (2, "level 1, RLE"),
+        (0, "Pillow default (level 6)"), (0, pil), (0, ours), (2, pil), (2, ours),
         (2, "JPEG q90"),
     ]  # fmt: skip
     assert all(r["img_s"] > 0 and r["overlay_mb"] > 0 for r in res["rows"])
-    assert "| 2 | level 1, RLE |" in capsys.readouterr().out
+    assert "| 2 | Up filter, level 1, RLE |" in capsys.readouterr().out
     assert outputs.main([*argv[:-2], "--skip-baseline", "--json", str(out)]) == 0
-    assert [r["threads"] for r in json.loads(out.read_text())["rows"]] == [0, 2, 2]
+    assert [r["threads"] for r in json.loads(out.read_text())["rows"]] == [0, 0, 2, 2, 2]
 
 
 def test_attention_benchmark_rows_and_per_image_sums(tmp_path, capsys):

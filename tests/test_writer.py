@@ -150,6 +150,85 @@ def test_overlay_png_is_lossless_with_the_fast_options(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))  # atomic: no temp file left behind
 
 
+def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """(type, payload) of every chunk, each CRC checked (PNG spec: over type and payload)."""
+    import struct
+    import zlib
+
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, at = [], 8
+    while at < len(data):
+        (n,) = struct.unpack(">I", data[at : at + 4])
+        kind, payload = data[at + 4 : at + 8], data[at + 8 : at + 8 + n]
+        (crc,) = struct.unpack(">I", data[at + 8 + n : at + 12 + n])
+        assert crc == zlib.crc32(kind + payload), kind
+        chunks.append((kind, payload))
+        at += 12 + n
+    return chunks
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, 1), (1, 7), (9, 1), (37, 53), (1, 1, 3), (5, 1, 3), (33, 70, 3), (21, 18, 4)]
+)
+def test_png_bytes_decode_to_the_same_pixels(shape):
+    """png_bytes against the PNG spec, undone by hand (every row filtered Up: the byte minus
+    the byte above, modulo 256), and against Pillow's decoder."""
+    import io
+    import struct
+    import zlib
+
+    from crane.viz import png_bytes
+
+    rng = np.random.default_rng(sum(shape))
+    a = rng.integers(0, 256, shape, dtype=np.uint8)
+    a[: shape[0] // 2] = 200  # a flat band too, where run-length coding kicks in
+    data = png_bytes(a)
+    chunks = _png_chunks(data)
+    assert [k for k, _ in chunks] == [b"IHDR", b"IDAT", b"IEND"] and chunks[2][1] == b""
+    w, h, depth, color, comp, filt, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
+    channels = 1 if a.ndim == 2 else shape[2]
+    assert (w, h, depth, comp, filt, interlace) == (shape[1], shape[0], 8, 0, 0, 0)
+    assert color == {1: 0, 3: 2, 4: 6}[channels]
+    raw = zlib.decompress(chunks[1][1])
+    stride = shape[1] * channels + 1
+    assert len(raw) == shape[0] * stride
+    prev = [0] * (stride - 1)
+    rows = []
+    for y in range(shape[0]):
+        line = raw[y * stride : (y + 1) * stride]
+        assert line[0] == 2  # Up
+        prev = [(v + p) % 256 for v, p in zip(line[1:], prev, strict=True)]
+        rows.append(prev)
+    assert np.array_equal(np.array(rows, np.uint8).reshape(a.shape), a)
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.mode == {1: "L", 3: "RGB", 4: "RGBA"}[channels]
+        assert np.array_equal(np.asarray(im), a)
+
+
+def test_png_bytes_refuses_what_it_cannot_write():
+    from crane.viz import png_bytes
+
+    for bad in (np.zeros((4, 4), np.uint16), np.zeros((4, 4, 2), np.uint8), np.zeros(4, np.uint8)):
+        with pytest.raises(ValueError, match="uint8 pixels"):
+            png_bytes(bad)
+
+
+def test_save_png_other_modes_go_through_pillow(tmp_path):
+    """Palette and 1-bit images keep their mode (Pillow writes them); grey, RGB and RGBA
+    take png_bytes."""
+    rng = np.random.default_rng(3)
+    rgb = Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    for mode in ("P", "1", "L", "RGBA"):
+        im = rgb.convert(mode)
+        save_png(im, tmp_path / f"{mode}.png")
+        with Image.open(tmp_path / f"{mode}.png") as back:
+            assert back.mode == mode and np.array_equal(np.asarray(back), np.asarray(im))
+    from crane.viz import png_bytes
+
+    grey = rgb.convert("L")
+    assert (tmp_path / "L.png").read_bytes() == png_bytes(np.asarray(grey))
+
+
 def test_run_predict_writes_the_same_files_with_and_without_threads(synth, tmp_path):
     files = sorted((synth / "plate" / "test").rglob("*.png"))[:5]
     det = Detector(create_model("tiny", image_size=SIZE), device="cpu", batch_size=2)
