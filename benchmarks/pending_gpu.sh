@@ -23,7 +23,8 @@
 #             12 and 8 workers, each with torch's and 2 main-process threads (159 on an H200
 #             in the 11th session with one row; not run since it has 6)
 #   floor     GEMM/attention time against the rest of a batch-32 bf16 predict (20)
-#   outputs   how fast this machine's CPUs draw and write predict's overlays (23)
+#   outputs   how fast this machine's CPUs draw and write predict's overlays (23 s for 3
+#             rows; 5 since: Pillow's and png_bytes's PNGs at 8 and 16 threads, JPEG)
 #   train     the training target: Crane+ features of 1725 images encoded once in bf16, then
 #             3 epochs over the cache (not in the 3rd-15th sessions' scripts; ≈ 70 s expected)
 #   all       = tests,train,e2e-fast,compiled,device-decode,attention,model,e2e,variants,
