@@ -14,7 +14,8 @@
 #             against fast CPU decoding, same options as e2e-fast, at 16 and 4 workers; its
 #             pixel, map and score differences from the reference decode; the decode-only
 #             rate of each (128)
-#   e2e       predict from JPEGs (default options), one-file latency, evaluate end to end (199)
+#   e2e       predict from JPEGs (default options), one-file latency, evaluate end to end (199;
+#             since with each end-to-end row also at 2 main-process threads: ≈ 30 s more)
 #   model     Crane+ model only, fp32 baseline against the optimised path, memory at batch 1
 #             (48)
 #   variants  which options pay off: DINOv2 precisions, the one-SiLU MLP, cuDNN (81)
@@ -27,12 +28,12 @@
 #             rows; 5 since: Pillow's and png_bytes's PNGs at 8 and 16 threads, JPEG)
 #   train     the training target: Crane+ features of 1725 images encoded once in bf16, then
 #             3 epochs over the cache (not in the 3rd-15th sessions' scripts; ≈ 70 s expected)
-#   all       = tests,train,e2e-fast,compiled,device-decode,attention,model,e2e,variants,
+#   all       = tests,train,e2e,e2e-fast,compiled,device-decode,attention,model,variants,
 #             floor,outputs: what is still unmeasured on the current code first (RESULTS.md,
 #             "Where the targets stand"): the CUDA tests (one failed on an H100 in the 16th
-#             session, fixed after it), the training target on the current code, and
-#             e2e-fast's 12 and 8 workers and 2 main-process threads; the rest were measured
-#             on an H100 in the 16th session
+#             session, fixed after it), the training target on the current code, the
+#             default path with 2 main-process threads, and e2e-fast's 12 and 8 workers and
+#             2 main-process threads; the rest were measured on an H100 in the 16th session
 #
 # OUT: folder for the JSON and log.txt (default benchmarks/results). BUDGET_S: wall-clock
 # seconds for the whole script (0 = none); a step cut at the budget gets 20 s more to exit
@@ -52,7 +53,7 @@ out=${2:-benchmarks/results}
 budget=${3:-0}
 py=${PYTHON:-python3}
 [[ $steps == all ]] &&
-  steps=tests,train,e2e-fast,compiled,device-decode,attention,model,e2e,variants,floor,outputs
+  steps=tests,train,e2e,e2e-fast,compiled,device-decode,attention,model,variants,floor,outputs
 mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 2
 [[ $py == */* ]] && { py="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")" || exit 2; }
 cd "$(dirname "$0")/.." || exit 2
@@ -108,8 +109,11 @@ run_step() {  # the command of one step
                      --e2e device-model device-input fast-model --e2e-workers 16 4 \
                      --decode device fast --files 1024 --cfg dino_fp32=false --compile \
                      --json "$out/e2e_device.json" ;;
+    # Default options; each end-to-end row also with 2 torch threads in the main process: in
+    # the 16th session it used 6.7-7.8 of the 16 vCPUs while the 16 workers decoded ~1.6x
+    # slower per image than alone (exact decode, 111 img/s against a 168 img/s model).
     e2e) "$py" benchmarks/throughput.py --device cuda --presets crane+ --only e2e latency eval \
-           --files 1024 --eval-images 256 --json "$out/e2e_eval.json" ;;
+           --e2e-threads 0 2 --files 1024 --eval-images 256 --json "$out/e2e_eval.json" ;;
     model) "$py" benchmarks/throughput.py --device cuda --presets crane+ --only model \
              --json "$out/model.json" ;;
     outputs) "$py" benchmarks/outputs.py --files 64 --threads 8 16 --skip-baseline \
