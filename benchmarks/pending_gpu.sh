@@ -26,14 +26,19 @@
 #   floor     GEMM/attention time against the rest of a batch-32 bf16 predict (20)
 #   outputs   how fast this machine's CPUs draw and write predict's overlays (23 s for 3
 #             rows; 5 since: Pillow's and png_bytes's PNGs at 8 and 16 threads, JPEG)
+#   rebatch   predict's loader alone over 1024 small JPEGs at 16 workers: the main process
+#             joining chunks with torch.cat then pinning (to the 16th session) against
+#             copying them straight into the pinned buffer (since), chunks of 2 and 8, at
+#             torch's and 2 main-process threads (≈ 40 s expected)
 #   train     the training target: Crane+ features of 1725 images encoded once in bf16, then
 #             3 epochs over the cache (not in the 3rd-15th sessions' scripts; ≈ 70 s expected)
-#   all       = tests,train,e2e,e2e-fast,compiled,device-decode,attention,model,variants,
-#             floor,outputs: what is still unmeasured on the current code first (RESULTS.md,
-#             "Where the targets stand"): the CUDA tests (one failed on an H100 in the 16th
-#             session, fixed after it), the training target on the current code, the
-#             default path with 2 main-process threads, and e2e-fast's 12 and 8 workers and
-#             2 main-process threads; the rest were measured on an H100 in the 16th session
+#   all       = tests,train,e2e,rebatch,e2e-fast,compiled,device-decode,attention,model,
+#             variants,floor,outputs: what is still unmeasured on the current code first
+#             (RESULTS.md, "Where the targets stand"): the CUDA tests (one failed on an H100
+#             in the 16th session, fixed after it), the training target on the current code,
+#             the default path with 2 main-process threads and the new chunk join, and
+#             e2e-fast's 12 and 8 workers and 2 main-process threads; the rest were measured
+#             on an H100 in the 16th session
 #
 # OUT: folder for the JSON and log.txt (default benchmarks/results). BUDGET_S: wall-clock
 # seconds for the whole script (0 = none); a step cut at the budget gets 20 s more to exit
@@ -53,7 +58,7 @@ out=${2:-benchmarks/results}
 budget=${3:-0}
 py=${PYTHON:-python3}
 [[ $steps == all ]] &&
-  steps=tests,train,e2e,e2e-fast,compiled,device-decode,attention,model,variants,floor,outputs
+  steps=tests,train,e2e,rebatch,e2e-fast,compiled,device-decode,attention,model,variants,floor,outputs
 mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 2
 [[ $py == */* ]] && { py="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")" || exit 2; }
 cd "$(dirname "$0")/.." || exit 2
@@ -63,7 +68,8 @@ log="$out/log.txt"
 # Seconds a step needs to return anything useful (skipped below that; PENDING_GPU_LEAST_S
 # sets one value for all, e.g. for a dry run with a stand-in interpreter).
 declare -A least=([variants]=60 [compiled]=120 [tests]=45 [e2e-fast]=120 [floor]=90 [e2e]=120
-                  [model]=90 [outputs]=20 [attention]=45 [device-decode]=120 [train]=60)
+                  [model]=90 [outputs]=20 [attention]=45 [device-decode]=120 [train]=60
+                  [rebatch]=30)
 if [[ -n ${PENDING_GPU_LEAST_S:-} ]]; then
   for step in "${!least[@]}"; do least[$step]=$PENDING_GPU_LEAST_S; done
 fi
@@ -118,6 +124,8 @@ run_step() {  # the command of one step
              --json "$out/model.json" ;;
     outputs) "$py" benchmarks/outputs.py --files 64 --threads 8 16 --skip-baseline \
                --json "$out/outputs.json" ;;
+    rebatch) "$py" benchmarks/rebatch.py --workers 16 --batch 32 --files 1024 --chunks 2 8 \
+               --threads 0 2 --reps 1 --json "$out/rebatch.json" ;;
     train) "$py" benchmarks/throughput.py --device cuda --presets crane+ --only train \
              --json "$out/train.json" ;;
     floor) "$py" benchmarks/floor.py --device cuda --batch 32 --amp bf16 --reps 5 --verbose \

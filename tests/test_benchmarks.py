@@ -639,3 +639,25 @@ def test_floor_refuses_a_replay_that_would_run_another_attention_kernel(floor):
         floor.Replayer(rec.sequence, torch.device("cpu")).run()
     with pytest.raises(RuntimeError, match="would run the flash kernel"):
         floor.Replayer(rec.sequence, torch.device("cpu"))
+
+
+def test_rebatch_benchmark_rows_and_the_two_joins_agree(tmp_path, capsys):
+    bench = _bench("rebatch")
+    out = tmp_path / "r.json"
+    argv = ["--files", "10", "--px", "40", "--size", "28", "--batch", "4", "--workers", "2",
+            "--chunks", "3", "1", "--threads", "1", "--reps", "1", "--json", str(out)]  # fmt: skip
+    assert bench.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["join"], r["chunk"]) for r in rows] == [
+        ("cat+pin", 3), ("direct", 3), ("cat+pin", 1), ("direct", 1)
+    ]  # fmt: skip
+    assert all(r["img_s"] > 0 and r["join_ms_per_batch"] >= 0 for r in rows)
+    assert "| direct | 1 | 1 |" in capsys.readouterr().out
+    # The old join, kept for comparison, gives the same batches as the product's.
+    g = torch.Generator().manual_seed(1)
+    chunks = [torch.randint(0, 256, (k, 3, 4, 4), generator=g, dtype=torch.uint8) for k in (3, 3)]
+    for n in (2, 3, 5, 6):
+        a, ra = bench.JOINS["cat+pin"](chunks, n, False)
+        b, rb = bench.JOINS["direct"](chunks, n, False)
+        assert torch.equal(a, b)
+        assert torch.equal(torch.cat(ra) if ra else a[:0], torch.cat(rb) if rb else b[:0])

@@ -848,3 +848,45 @@ def test_patch_conv_is_the_convolution_as_one_gemm():
     model = create_model("tiny+", image_size=SIZE)
     assert type(model.vision.visual.conv1) is PatchConv
     assert type(model.vision.dino.patch_embed.proj) is PatchConv
+
+
+@pytest.mark.parametrize("pin", [False, True])
+def test_take_rows_joins_chunks_in_order(pin):
+    """The decode loader's batch assembly against torch.cat: the first n rows of the chunks,
+    the rest left over as views (no copy); pinned (asked of torch.empty here: no CUDA on the
+    test machine) or a view of the first chunk when it holds them all."""
+    from unittest import mock
+
+    from crane.engine import predict as predict_module
+
+    real_empty = torch.empty
+    asked = []
+
+    def empty(*args, pin_memory=False, **kwargs):
+        asked.append(pin_memory)
+        return real_empty(*args, **kwargs)
+
+    g = torch.Generator().manual_seed(0)
+    for sizes in ([3], [3, 2, 5], [1, 1, 1, 1], [4, 4]):
+        chunks = [
+            torch.randint(0, 256, (k, 3, 5, 4), generator=g, dtype=torch.uint8) for k in sizes
+        ]
+        whole = torch.cat(chunks)
+        for n in range(1, len(whole) + 1):
+            asked.clear()
+            with mock.patch.object(predict_module.torch, "empty", empty):
+                rows, rest = predict_module._take_rows(chunks, n, pin)
+            assert torch.equal(rows, whole[:n])
+            left = torch.cat(rest) if rest else whole[:0]
+            assert torch.equal(left, whole[n:])
+            assert all(any(r.untyped_storage().data_ptr() == c.untyped_storage().data_ptr()
+                           for c in chunks) for r in rest)  # fmt: skip
+            copied = pin or n > sizes[0]
+            assert asked == ([pin] if copied else [])
+            if not copied:  # a view of the first chunk
+                assert rows.data_ptr() == chunks[0].data_ptr()
+    with (
+        mock.patch.object(predict_module.torch, "empty", empty),
+        pytest.raises(ValueError, match="3 rows in the chunks, 4 asked for"),
+    ):
+        predict_module._take_rows([torch.zeros(3, 2, dtype=torch.uint8)], 4, pin)

@@ -176,6 +176,36 @@ def _collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _take_rows(
+    chunks: list[torch.Tensor], n: int, pin: bool
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The first ``n`` rows of the chunks' pixel tensors, in order, as one tensor, and the
+    rows left over (views of their chunks). Without ``pin`` a first chunk that holds them all
+    is returned as a view (no copy). With ``pin`` the rows are copied straight into a pinned
+    buffer from torch's caching host allocator (reused, its pages already mapped): one copy,
+    where joining the chunks and then pinning made two, the first into fresh memory whose
+    every page faulted. Copies go through numpy, on this thread with the GIL released, not
+    through torch's intra-op pool: beside a full set of decode workers, that pool's threads
+    faulting in the workers' fresh shared-memory pages in parallel took the workers' cores
+    (2-core measurements in ``benchmarks/RESULTS.md``)."""
+    first = chunks[0]
+    if not pin and len(first) >= n:
+        return first[:n], ([first[n:]] if len(first) > n else []) + chunks[1:]
+    out = torch.empty((n, *first.shape[1:]), dtype=first.dtype, pin_memory=pin)
+    dst = out.numpy()
+    at, rest = 0, []
+    for t in chunks:
+        k = min(len(t), n - at)
+        if k:
+            np.copyto(dst[at : at + k], t[:k].numpy())
+            at += k
+        if k < len(t):
+            rest.append(t[k:])
+    if at != n:
+        raise ValueError(f"{at} rows in the chunks, {n} asked for")
+    return out, rest
+
+
 def _rebatch(
     chunks: Iterable[dict[str, Any]], batch_size: int, pin: bool
 ) -> Iterator[dict[str, Any]]:
@@ -194,11 +224,7 @@ def _rebatch(
         rows = None
         n_rows = sum("jpeg" not in item for item in take)
         if n_rows:
-            joined = torch.cat(images) if len(images) > 1 else images[0]
-            rows, rest = joined[:n_rows], joined[n_rows:]
-            images = [rest] if len(rest) else []
-            if pin:
-                rows = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True).copy_(rows)
+            rows, images = _take_rows(images, n_rows, pin)
         last = take[-1]["i"]
         mine = [f for f in failed if f[0] < last]
         failed = [f for f in failed if f[0] >= last]
