@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -129,7 +130,10 @@ def test_train_resume_evaluate_calibrate_predict(tmp_path):
     assert "| **mean** |" in r.stdout
     rows = list(csv.DictReader(open(ev / "metrics.csv")))
     assert [x["class"] for x in rows] == ["tile", "plate", "mean"]
-    assert json.loads((ev / "metrics.json").read_text())["aupro"] == "legacy"
+    saved = json.loads((ev / "metrics.json").read_text())
+    assert saved["aupro"] == "legacy"
+    assert set(saved["timings_s"]) == {"loader", "launch", "wait", "metrics", "finalize", "outputs"}
+    assert re.search(r"16 images in [\d.]+s \(loader [\d.]+, launch [\d.]+, wait", r.stdout)
     assert len(list((tmp_path / "viz").rglob("*.png"))) == 16
 
     crane(

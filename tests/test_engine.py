@@ -132,6 +132,14 @@ def test_evaluate_streams_into_complete_reports(synth, tmp_path):
         assert v is None or 0 <= v <= 1, k
     assert "| **mean** |" in files["md"].read_text()
     assert len(list((tmp_path / "viz").rglob("*.png"))) == 16
+    # Where the time went: every activity, each part of the run, together all of it but
+    # setup (on the CPU the forward is in "launch").
+    from crane.engine.evaluate import TIMINGS
+
+    t = res.timings
+    assert list(t) == list(TIMINGS) and all(v >= 0 for v in t.values())
+    assert t["launch"] > 0 and t["metrics"] > 0 and t["finalize"] > 0 and t["outputs"] > 0
+    assert 0.9 * res.seconds <= sum(t.values()) <= res.seconds
 
 
 def test_binned_evaluate_reports_its_bounds_in_every_file(synth, tmp_path):

@@ -391,11 +391,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "config": model.cfg.to_dict(),
         "n_images": res.n_images,
         "seconds": res.seconds,
+        "timings_s": res.timings,
     }
     files = write_report(res.report, out, extra)
     print(report_markdown(res.report))
+    split = ", ".join(f"{k} {v:.1f}" for k, v in res.timings.items())
     print(
-        f"\n{res.n_images} images in {res.seconds:.1f}s; "
+        f"\n{res.n_images} images in {res.seconds:.1f}s ({split}); "
         f"wrote {', '.join(str(f) for f in files.values())}"
     )
     return 0

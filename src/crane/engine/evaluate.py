@@ -11,7 +11,7 @@ import math
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +57,28 @@ def paper_protocol(dataset: str, preset: str) -> dict[str, str]:
     return {"prompts": f"official:{trained_on}", "map_combine": combine}
 
 
+#: What :attr:`EvalResult.timings` splits the main thread's wall time into.
+TIMINGS = {
+    "loader": "starting the loader and waiting for its next batch",
+    "launch": "moving a batch to the device and queueing its forward (on the CPU: the forward)",
+    "wait": "waiting for a batch's outputs (on CUDA: model time not hidden behind the rest)",
+    "metrics": "metric updates",
+    "finalize": "computing the metrics of each finished class, and the report",
+    "outputs": "overlays: maps copied to the host, jobs queued, and the writers' backlog",
+}
+
+
+_END = object()  # the loader's end
+
+
 @dataclass
 class EvalResult:
     report: MetricsReport
     n_images: int
     seconds: float
+    #: Wall seconds of the main thread per activity (keys and meanings: :data:`TIMINGS`);
+    #: they add up to ``seconds`` but for setup and progress-bar time.
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def evaluate(
@@ -118,6 +135,14 @@ def evaluate(
     # one class's pixels (the dataset lists samples class by class).
     remaining = Counter(s.cls_name for s in dataset.samples)
     n = 0
+    timings = dict.fromkeys(TIMINGS, 0.0)
+    clock = time.perf_counter
+
+    def timed(key: str, t0: float) -> float:
+        """Adds the time since ``t0`` to ``key``; returns now."""
+        now = clock()
+        timings[key] += now - t0
+        return now
 
     def launch(batch: dict[str, Any]) -> _Job | None:
         images = batch["image"]
@@ -134,10 +159,13 @@ def evaluate(
 
     def consume(job: _Job) -> None:
         batch = job.batch
+        t = clock()
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             if side is not None:
                 side.wait_event(job.done)
-            if bool(torch.isnan(job.scores).any()):  # syncs this stream only: the batch is done
+            nan = bool(torch.isnan(job.scores).any())  # syncs this stream only: batch done
+            t = timed("wait", t)
+            if nan:
                 scores = job.scores.tolist()
                 bad = [p for p, v in zip(batch["path"], scores, strict=True) if math.isnan(v)]
                 raise CraneError(
@@ -150,33 +178,51 @@ def evaluate(
                 acc.update(batch["cls_name"], job.scores, batch["label"], job.maps, masks)
             else:
                 acc.update(batch["cls_name"], job.scores, batch["label"])
+            t = timed("metrics", t)
             if visualize_dir is not None:
                 _visualize(writer, Path(visualize_dir), batch, job.maps.cpu().numpy())
+                t = timed("outputs", t)
             for cls in batch["cls_name"]:
                 remaining[cls] -= 1
                 if remaining[cls] == 0:
                     acc.finalize_class(cls)
+            t = timed("finalize", t)
         if side is not None:
             # Everything that read this batch's outputs is done before they are freed.
             side.synchronize()
+            timed("metrics", t)
 
     t0 = time.perf_counter()
     pending: _Job | None = None
     writer = OutputWriter(write_threads if visualize_dir is not None else 0)
-    with torch.no_grad(), writer:
-        for batch in tqdm(loader, desc="evaluate", unit="batch", disable=not progress):
-            if batch is None:
-                continue
-            job = launch(batch)
-            if job is None:  # every image of the batch was skipped
-                continue
-            n += job.scores.shape[0]
+    with torch.no_grad():
+        with writer:
+            t = clock()  # starting the loader's workers counts as waiting for it
+            batches = iter(tqdm(loader, desc="evaluate", unit="batch", disable=not progress))
+            timed("loader", t)
+            while True:
+                t = clock()
+                batch = next(batches, _END)
+                t = timed("loader", t)
+                if batch is _END:
+                    break
+                if batch is None:  # every sample of the batch was unreadable and skipped
+                    continue
+                job = launch(batch)
+                timed("launch", t)
+                if job is None:  # every image of the batch was skipped
+                    continue
+                n += job.scores.shape[0]
+                if pending is not None:
+                    consume(pending)
+                pending = job
             if pending is not None:
                 consume(pending)
-            pending = job
-        if pending is not None:
-            consume(pending)
-    return EvalResult(acc.compute(), n, time.perf_counter() - t0)
+            t = clock()
+        t = timed("outputs", t)  # the writers' backlog, waited for on leaving the block
+        report = acc.compute()
+        timed("finalize", t)
+    return EvalResult(report, n, clock() - t0, timings)
 
 
 @dataclass
