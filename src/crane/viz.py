@@ -125,11 +125,12 @@ def png_bytes(pixels: np.ndarray, level: int = 1) -> bytes:
     with the Up filter (its difference from the row above), deflated by zlib at ``level``
     with the run-length strategy. Lossless; any PNG reader decodes it.
 
-    Written here rather than through Pillow because Pillow's PNG encoder chooses a filter per
-    row adaptively, trying all five, and offers no option to fix it: on a 2048-px overlay
-    that choice cost more than the level-1 deflate itself (on the 2-core dev box Pillow took
-    ≈ 390 ms at level 1 and still 260 ms with compression off; this takes ≈ 170-200 ms and
-    makes a file ≈ 6 % larger; ``benchmarks/outputs.py``)."""
+    Written here rather than through Pillow because Pillow's PNG encoder filters the rows its
+    own way, and none of its PNG options (optimize, compress_level, compress_type, dictionary)
+    picks the filter: on a 2048-px overlay that filtering cost more than the level-1 deflate
+    itself (on the 2-core dev box Pillow took ≈ 390 ms at level 1 and still 260 ms with
+    compression off; this takes ≈ 170-200 ms and makes a file ≈ 6 % larger;
+    ``benchmarks/outputs.py``)."""
     a = np.asarray(pixels)
     if a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
         raise ValueError(f"png_bytes takes (H, W[, 3|4]) uint8 pixels, got {a.dtype} {a.shape}")
@@ -156,9 +157,9 @@ def png_bytes(pixels: np.ndarray, level: int = 1) -> bytes:
 
 def save_png(image: Image.Image, path: str | os.PathLike, fast: bool = True) -> None:
     """Atomic PNG write. ``fast``: 8-bit grey, RGB and RGBA images through :func:`png_bytes`
-    (Up filter, zlib level 1, run-length strategy), ≈ 2× faster than Pillow at its fastest
-    settings on photo overlays; other modes through Pillow at level 1 with the run-length
-    strategy. Otherwise Pillow's defaults."""
+    (Up filter, zlib level 1, run-length strategy: on photo overlays the encoding ≈ 2× faster
+    than Pillow's at level 1, a whole overlay 1.5-1.6×); other modes through Pillow at level 1
+    with the run-length strategy. Otherwise Pillow's defaults."""
     if fast and image.mode in _PNG_FAST_MODES:
         data = png_bytes(np.asarray(image))
         _atomic_write(path, lambda tmp: tmp.write_bytes(data))
