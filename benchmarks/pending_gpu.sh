@@ -32,12 +32,12 @@
 #             torch's and 2 main-process threads (≈ 40 s expected)
 #   train     the training target: Crane+ features of 1725 images encoded once in bf16, then
 #             3 epochs over the cache (not in the 3rd-15th sessions' scripts; ≈ 70 s expected)
-#   all       = tests,train,e2e,rebatch,e2e-fast,compiled,device-decode,attention,model,
+#   all       = tests,e2e,rebatch,train,e2e-fast,compiled,device-decode,attention,model,
 #             variants,floor,outputs: what is still unmeasured on the current code first
 #             (RESULTS.md, "Where the targets stand"): the CUDA tests (one failed on an H100
-#             in the 16th session, fixed after it), the training target on the current code,
-#             the default path with 2 main-process threads and the new chunk join, and
-#             e2e-fast's 12 and 8 workers and 2 main-process threads; the rest were measured
+#             in the 16th session, fixed after it), the default path with 2 main-process threads
+#             and the new chunk join (they decide defaults), the training target on the
+#             current code, and e2e-fast's 12 and 8 workers and 2 main-process threads; the rest were measured
 #             on an H100 in the 16th session
 #
 # OUT: folder for the JSON and log.txt (default benchmarks/results). BUDGET_S: wall-clock
@@ -58,7 +58,7 @@ out=${2:-benchmarks/results}
 budget=${3:-0}
 py=${PYTHON:-python3}
 [[ $steps == all ]] &&
-  steps=tests,train,e2e,rebatch,e2e-fast,compiled,device-decode,attention,model,variants,floor,outputs
+  steps=tests,e2e,rebatch,train,e2e-fast,compiled,device-decode,attention,model,variants,floor,outputs
 mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 2
 [[ $py == */* ]] && { py="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")" || exit 2; }
 cd "$(dirname "$0")/.." || exit 2
