@@ -35,10 +35,10 @@
 #   all       = tests,e2e,rebatch,train,e2e-fast,compiled,device-decode,attention,model,
 #             variants,floor,outputs: what is still unmeasured on the current code first
 #             (RESULTS.md, "Where the targets stand"): the CUDA tests (one failed on an H100
-#             in the 16th session, fixed after it), the default path with 2 main-process threads
-#             and the new chunk join (they decide defaults), the training target on the
-#             current code, and e2e-fast's 12 and 8 workers and 2 main-process threads; the rest were measured
-#             on an H100 in the 16th session
+#             in the 16th session, fixed after it), the default path with 2 main-process
+#             threads and the new chunk join (they decide defaults), the training target on
+#             the current code, and e2e-fast's 12 and 8 workers and 2 main-process threads;
+#             the rest were measured on an H100 in the 16th session
 #
 # OUT: folder for the JSON and log.txt (default benchmarks/results). BUDGET_S: wall-clock
 # seconds for the whole script (0 = none); a step cut at the budget gets 20 s more to exit
