@@ -8,12 +8,14 @@ in bf16, DINOv2 in fp32 with TF32 matmuls and fp16 flash attention); cuDNN's fus
 tried first (``attention="cudnn"``; torch itself already does on sm90/sm100 with a recent
 cuDNN, FlashAttention-2 first elsewhere), also
 with DINOv2 in bf16; DINOv2 under fp16 autocast (``dino_fp16``: bf16's rate, TF32's mantissa);
-DINOv2's attention in fp32 (``dino_attn_fp16=False``, the default until an H200 measured
+the fp32 tail (D-Attn mixing, ln_post/proj) on TF32 (``tail_tf32``); DINOv2's attention
+in fp32 (``dino_attn_fp16=False``, the default until an H200 measured
 both); DINOv2 under bf16 autocast; open_clip's MLP modules instead of the one-SiLU MLP;
 DINOv2 in strict fp32; weights left in fp32 (autocast casts them every call); in fp32 with
 only DINOv2's attention in fp16, and with only DINOv2 in bf16 or in fp16 (DINOv2's own share
 of the differences); Crane without DINO, for scale; optionally (--compile) torch.compile of
-the default and of DINOv2 in bf16 and in fp16, the first two also with cuDNN attention first.
+the default and of DINOv2 in bf16 (also with the TF32 tail) and in fp16, the first two also
+with cuDNN attention first.
 ``--select TEXT`` runs only the matching variants. Prints img/s, peak memory and max |Δ| to
 fp32. DINOv2's LayerScale is set to 1 (``--timm-layer-scale`` keeps
 timm's 1e-5 init, under which DINOv2's precision is invisible in the maps; see
@@ -168,6 +170,7 @@ def main(argv=None) -> int:
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
     del det
     # Rows in the order of what they decide (a run cut short keeps the rows done so far).
+    variant("bf16 default, TF32 tail", with_cfg(tail_tf32=True))
     variant("bf16 default, cuDNN attention first", fresh, attention="cudnn")
     variant("bf16, DINO bf16, cuDNN attention first", with_cfg(dino_fp32=False), attention="cudnn")
     variant("bf16, DINO fp16", with_cfg(dino_fp32=False, dino_fp16=True))
@@ -200,6 +203,10 @@ def main(argv=None) -> int:
         compiled = {
             "bf16 default + torch.compile": ({}, "auto"),
             "bf16, DINO bf16 + torch.compile": ({"dino_fp32": False}, "auto"),
+            "bf16, DINO bf16 + torch.compile, TF32 tail": (
+                {"dino_fp32": False, "tail_tf32": True},
+                "auto",
+            ),
             "bf16, DINO fp16 + torch.compile": ({"dino_fp32": False, "dino_fp16": True}, "auto"),
             "bf16 default + torch.compile, cuDNN attention first": ({}, "cudnn"),
             "bf16, DINO bf16 + torch.compile, cuDNN attention first": (

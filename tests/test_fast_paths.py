@@ -186,6 +186,60 @@ def test_tf32_dino_stays_out_of_torch_compile():
     assert torch.backends.cuda.matmul.allow_tf32 == mm
 
 
+def test_tf32_tail_only_under_autocast_on_cuda_when_asked():
+    """cfg.tail_tf32 moves the fp32 tail (D-Attn mixing, ln_post/proj) to TF32 only under
+    autocast on CUDA; the helper runs its function with the TF32 switch on, outside
+    torch.compile's graphs, and restores it. Off or elsewhere: the strict fp32 path,
+    unchanged (bitwise, on the CPU)."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from crane.models.vision import _dattn_mix, _in_tf32, _project_fp32
+
+    on = create_model("tiny+", image_size=SIZE, seed=2, tail_tf32=True)
+    off = create_model("tiny+", image_size=SIZE, seed=2)
+    assert not off.cfg.tail_tf32  # off by default
+    cuda, cpu = SimpleNamespace(device=torch.device("cuda")), torch.zeros(1)
+    for amp in (False, True):
+        with mock.patch.object(torch, "is_autocast_enabled", return_value=amp):
+            assert on.vision.tail_tf32(cuda) is amp
+            assert not on.vision.tail_tf32(cpu) and not off.vision.tail_tf32(cuda)
+    # On the CPU the option changes nothing.
+    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = on(x), off(x)
+    assert torch.equal(a.anomaly_maps, b.anomaly_maps)
+    assert torch.equal(a.image_scores, b.image_scores)
+    # The helper: TF32 on inside, restored after, and not traced into a compiled caller.
+    mm = torch.backends.cuda.matmul.allow_tf32
+    seen = []
+
+    def probe(t):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return t * 3
+
+    captured: list[str] = []
+
+    def backend(gm, example_inputs):
+        captured.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    w = torch.randn(8, 8)
+    f = torch.compile(
+        lambda t: _in_tf32(_dattn_mix, t, t[:, :, :8] + 1, w, w[0]) * 2, backend=backend
+    )
+    t = torch.softmax(torch.randn(2, 8, 8), -1)
+    torch.testing.assert_close(f(t), _dattn_mix(t, t[:, :, :8] + 1, w, w[0]) * 2)
+    assert captured and not any("bmm" in c or "linear" in c for c in captured), captured
+    assert _in_tf32(probe, torch.ones(1)).item() == 3 and seen == [True]
+    assert torch.backends.cuda.matmul.allow_tf32 == mm
+    tokens = torch.randn(2, 5, 8)
+    ref = torch.nn.functional.normalize(
+        torch.nn.functional.layer_norm(tokens, (8,), w[0], w[1], 1e-5) @ w, dim=-1
+    )
+    torch.testing.assert_close(_project_fp32(tokens, w[0], w[1], 1e-5, w), ref)
+
+
 def test_tf32_context_restores_global_flags():
     mm, cd = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     with tf32_matmuls(True):

@@ -70,6 +70,13 @@ class CraneConfig:
     # stays fp32 (LayerScale's fp32 gamma promotes each branch); fp16's ±65504 range applies
     # to the matmul outputs, and an overflow surfaces as a NaN score (reported, never scored).
     dino_fp16: bool = False
+    # Under autocast on CUDA, let the fp32 tail of the vision side — D-Attn's N×N mixing of
+    # the values, its out_proj, and every ln_post/proj projection — use TF32 tensor cores.
+    # D-Attn's similarity (cut at S' = 0) stays strict fp32. These products ran at ≈ 43
+    # TFLOP/s, 8.1 ms of a 188-ms batch of 32 on an H100; emulated on the CPU, TF32 moved
+    # Crane+'s maps by 6.6e-5 (random weights). Speed not yet measured: off by default.
+    # Plain fp32 runs (no autocast) are never affected.
+    tail_tf32: bool = False
     # --- text side (SPEC §4) ---------------------------------------------------------------
     n_ctx: int = 12
     n_deep: int = 8

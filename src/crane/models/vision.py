@@ -80,6 +80,34 @@ def _dino_features_tf32(dino: nn.Module, x: torch.Tensor, attn_fp16: bool = Fals
         return dino.forward_features(x)
 
 
+def _project_fp32(
+    tokens: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float, proj: torch.Tensor
+) -> torch.Tensor:
+    """ln_post (weight ``w``, bias ``b``) → ``proj`` → L2-normalise, in fp32 whatever the
+    autocast (explicit fp32 copies, so a bf16-cast model scores in fp32 too)."""
+    with torch.autocast(tokens.device.type, enabled=False):
+        y = F.layer_norm(tokens.float(), tuple(w.shape), w.float(), b.float(), eps)
+        return F.normalize(y @ proj.float(), dim=-1)
+
+
+def _dattn_mix(
+    weights: torch.Tensor, values: torch.Tensor, w: torch.Tensor, b: torch.Tensor
+) -> torch.Tensor:
+    """D-Attn's output: one N×N weight matrix shared by all heads applied to the concatenated
+    heads' values, then out_proj (``w``, ``b``), in fp32 whatever the autocast (a few GFLOP
+    per image, and it keeps the D-Attn set within bf16 noise)."""
+    with torch.autocast(values.device.type, enabled=False):
+        return F.linear(torch.bmm(weights, values.float()), w.float(), b.float())
+
+
+@torch.compiler.disable
+def _in_tf32(fn, *args):
+    """``fn(*args)`` with TF32 matmuls, kept out of ``torch.compile`` as DINOv2's TF32 part
+    is (:func:`_dino_features_tf32`): the global switch then holds exactly where it is set."""
+    with tf32_matmuls(True):
+        return fn(*args)
+
+
 _QUICK_GELU = 1.702
 
 
@@ -197,20 +225,21 @@ class CraneVisionEncoder(nn.Module):
         x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
         return v.ln_pre(x)
 
+    def tail_tf32(self, x: torch.Tensor) -> bool:
+        """Whether the fp32 tail's products (D-Attn mixing and out_proj, ln_post/proj) run on
+        TF32 tensor cores: with ``cfg.tail_tf32``, under autocast, on CUDA."""
+        return self.cfg.tail_tf32 and x.device.type == "cuda" and torch.is_autocast_enabled("cuda")
+
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
         """ln_post → proj → L2-normalise (used for the global feature and every patch set).
 
         Always in fp32, also under autocast: these unit vectors feed logits scaled by 1/0.07,
-        where bf16 rounding would move the maps by more than 1e-2.
+        where bf16 rounding would move the maps by more than 1e-2 (TF32 with
+        ``cfg.tail_tf32``: see :meth:`tail_tf32`).
         """
-        v = self.visual
-        ln = v.ln_post
-        with torch.autocast(tokens.device.type, enabled=False):
-            # Explicit fp32 copies of ln_post/proj, so a bf16-cast model scores in fp32 too.
-            y = F.layer_norm(
-                tokens.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps
-            )
-            return F.normalize(y @ v.proj.float(), dim=-1)
+        ln = self.visual.ln_post
+        args = (tokens, ln.weight, ln.bias, ln.eps, self.visual.proj)
+        return _in_tf32(_project_fp32, *args) if self.tail_tf32(tokens) else _project_fp32(*args)
 
     def dino_tokens(self, images: torch.Tensor) -> torch.Tensor:
         x = images * self._dino_a + self._dino_b
@@ -273,11 +302,8 @@ class CraneVisionEncoder(nn.Module):
                 val = F.linear(blk.ln_1(x), w_v, b_v)[:, 1:]
                 # One N×N weight matrix shared by all heads: W·v on the concatenated heads
                 # (fp32: a few GFLOP per image, and it keeps the D-Attn set within bf16 noise).
-                with torch.autocast(x.device.type, enabled=False):
-                    mixed = torch.bmm(dattn_w, val.float())
-                    sets["d"] = F.linear(
-                        mixed, attn.out_proj.weight.float(), attn.out_proj.bias.float()
-                    )
+                mix = (dattn_w, val, attn.out_proj.weight, attn.out_proj.bias)
+                sets["d"] = _in_tf32(_dattn_mix, *mix) if self.tail_tf32(x) else _dattn_mix(*mix)
             if last:
                 x = x[:, :1]
             x = x + blk.ls_2(clip_mlp(blk.mlp, blk.ln_2(x)))
