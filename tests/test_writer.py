@@ -205,6 +205,26 @@ def test_png_bytes_decode_to_the_same_pixels(shape):
         assert np.array_equal(np.asarray(im), a)
 
 
+def test_png_bytes_splits_long_data_into_idat_chunks(monkeypatch):
+    import io
+    import zlib
+
+    from crane import viz
+
+    a = np.random.default_rng(5).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    whole = viz.png_bytes(a)
+    monkeypatch.setattr(viz, "_IDAT_MAX", 1000)
+    data = viz.png_bytes(a)
+    chunks = _png_chunks(data)
+    idat = [p for k, p in chunks if k == b"IDAT"]
+    assert len(idat) > 3 and all(len(p) <= 1000 for p in idat)
+    assert [k for k, _ in chunks] == [b"IHDR", *[b"IDAT"] * len(idat), b"IEND"]
+    assert b"".join(idat) == _png_chunks(whole)[1][1]  # the same stream, cut
+    assert len(zlib.decompress(b"".join(idat))) == 30 * (40 * 3 + 1)
+    with Image.open(io.BytesIO(data)) as im:
+        assert np.array_equal(np.asarray(im), a)
+
+
 def test_png_bytes_refuses_what_it_cannot_write():
     from crane.viz import png_bytes
 

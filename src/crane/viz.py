@@ -93,6 +93,7 @@ def overlay(
 _Z_RLE = zlib.Z_RLE
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_FAST_MODES = ("L", "RGB", "RGBA")  # what png_bytes writes
+_IDAT_MAX = 1 << 24  # bytes per IDAT chunk (the format allows up to 2**31 - 1)
 
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
@@ -145,14 +146,8 @@ def png_bytes(pixels: np.ndarray, level: int = 1) -> bytes:
     deflate = zlib.compressobj(level, zlib.DEFLATED, 15, 9, _Z_RLE)
     data = deflate.compress(filtered) + deflate.flush()
     header = struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0)
-    return b"".join(
-        (
-            _PNG_SIGNATURE,
-            _png_chunk(b"IHDR", header),
-            _png_chunk(b"IDAT", data),
-            _png_chunk(b"IEND", b""),
-        )
-    )
+    idat = [_png_chunk(b"IDAT", data[i : i + _IDAT_MAX]) for i in range(0, len(data), _IDAT_MAX)]
+    return b"".join((_PNG_SIGNATURE, _png_chunk(b"IHDR", header), *idat, _png_chunk(b"IEND", b"")))
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, fast: bool = True) -> None:
