@@ -231,6 +231,9 @@ def test_png_bytes_refuses_what_it_cannot_write():
     for bad in (np.zeros((4, 4), np.uint16), np.zeros((4, 4, 2), np.uint8), np.zeros(4, np.uint8)):
         with pytest.raises(ValueError, match="uint8 pixels"):
             png_bytes(bad)
+    for empty in (np.zeros((0, 4), np.uint8), np.zeros((3, 0, 3), np.uint8)):
+        with pytest.raises(ValueError, match="at least one pixel"):
+            png_bytes(empty)
 
 
 def test_save_png_other_modes_go_through_pillow(tmp_path):

@@ -136,6 +136,8 @@ def png_bytes(pixels: np.ndarray, level: int = 1) -> bytes:
     if a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
         raise ValueError(f"png_bytes takes (H, W[, 3|4]) uint8 pixels, got {a.dtype} {a.shape}")
     h, w = a.shape[:2]
+    if not h or not w:
+        raise ValueError(f"a PNG has at least one pixel, got a {h}×{w} image")
     channels = 1 if a.ndim == 2 else a.shape[2]
     color = {1: 0, 3: 2, 4: 6}[channels]
     rows = a.reshape(h, w * channels)
