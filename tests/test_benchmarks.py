@@ -506,15 +506,18 @@ def test_dino_autocast_only_puts_dinov2_alone_under_autocast(variants):
     assert half.dtype == torch.float32 and 0 < (half - ref).abs().max() < 0.1 * ref.abs().max()
 
 
-def _run_pending(tmp_path, steps: str, budget: int, least: int | None = None, out: str = "out"):
-    """pending_gpu.sh with a stand-in interpreter: compiled runs hang, pytest fails."""
+def _run_pending(
+    tmp_path, steps: str, budget: int, least: int | None = None, out: str = "out", hang=True
+):
+    """pending_gpu.sh with a stand-in interpreter: compiled runs hang (``hang``), pytest
+    fails."""
     fake = tmp_path / "python"
     fake.write_text(
         "#!/usr/bin/env bash\n"
         "[[ $1 == -c ]] && exit 0\n"  # the import check
         'echo "ran: $*"\n'
-        '[[ "$*" == *--compile* ]] && exec sleep 60\n'
-        "[[ $1 == -m && $2 == pytest ]] && exit 1\n"
+        + ('[[ "$*" == *--compile* ]] && exec sleep 60\n' if hang else "")
+        + "[[ $1 == -m && $2 == pytest ]] && exit 1\n"
         "exit 0\n"
     )
     fake.chmod(0o755)
@@ -662,3 +665,17 @@ def test_rebatch_benchmark_rows_and_the_two_joins_agree(tmp_path, capsys):
         b, rb = bench.JOINS["direct"](chunks, n, False)
         assert torch.equal(a, b)
         assert torch.equal(torch.cat(ra) if ra else a[:0], torch.cat(rb) if rb else b[:0])
+
+
+def test_pending_gpu_all_runs_every_step_once_in_order(tmp_path):
+    """``all`` expands to every step the script knows, each run once with its command (a
+    stand-in interpreter: nothing runs for real)."""
+    script = (ROOT / "benchmarks" / "pending_gpu.sh").read_text()
+    known = re.search(r"declare -A least=\((.*?)\)\n", script, re.S).group(1)
+    names = set(re.findall(r"\[([a-z0-9-]+)\]=", known))
+    proc, out = _run_pending(tmp_path, "all", budget=0, hang=False)
+    ran = re.findall(r"^=== ([a-z0-9-]+) \(\d\d:\d\d:\d\d\)$", (out / "log.txt").read_text(), re.M)
+    assert ran[:3] == ["tests", "e2e", "rebatch"] and sorted(ran) == sorted(names)
+    log = (out / "log.txt").read_text()
+    assert "rebatch.py --workers 16 --batch 32 --files 1024 --chunks 2 8 --threads 0 2" in log
+    assert "--only train" in log and "--only e2e latency eval --e2e-threads 0 2" in log
