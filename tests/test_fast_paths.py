@@ -374,6 +374,28 @@ def test_cuda_bf16_cast_weights_within_guard(preset):
 
 
 @cuda
+@pytest.mark.parametrize("compile_model", [False, True])
+def test_cuda_tf32_tail_within_guard(compile_model):
+    """cfg.tail_tf32 on CUDA under bf16: close to the strict-fp32 tail (TF32's 10-bit
+    mantissa in the D-Attn mixing and projections only), eager and compiled (the TF32 part
+    runs outside the compiled graphs), and the global TF32 switch is restored."""
+    x = torch.randn(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    mm = torch.backends.cuda.matmul.allow_tf32
+    out = {}
+    for tail in (False, True):
+        det = Detector(
+            create_model("tiny+", image_size=SIZE, seed=2, tail_tf32=tail),
+            device="cuda",
+            precision="bf16",
+            compile=compile_model,
+        )
+        out[tail] = [t.cpu() for t in det.predict_tensor(x)]
+    torch.testing.assert_close(out[True][1], out[False][1], atol=2e-3, rtol=0)
+    torch.testing.assert_close(out[True][0], out[False][0], atol=2e-3, rtol=0)
+    assert torch.backends.cuda.matmul.allow_tf32 == mm
+
+
+@cuda
 def test_cuda_pipelined_predict_matches_cpu(tmp_path):
     paths = _files(tmp_path, n=9)
     model = create_model("tiny+", image_size=SIZE, seed=4)
