@@ -3,9 +3,15 @@
 #
 #   benchmarks/pending_gpu.sh STEP[,STEP...] [OUT] [BUDGET_S]
 #
-# Steps (seconds each took on an H100 in the sixteenth session, wheel install excluded):
+# Steps (seconds each took on an H100 in the 16th or 17th session, wheel install excluded):
 #   tests     CUDA tests: CUDA = CPU, guards, pipelines, CUDA-graph outputs, attention
-#             kernels, nvJPEG decoding (59: 16 tests)
+#             kernels, nvJPEG decoding (104 in the 17th: 19 tests)
+#   eval      evaluate end to end (512 1024-px PNGs with masks), fp32 baseline against the
+#             optimised path, with where the main thread's time went (part of e2e before the
+#             17th session; ≈ 60 s expected)
+#   loader    evaluate's loader alone on the same kind of dataset at 16 workers: whole
+#             batches per worker (to the 17th session) against chunks joined in the main
+#             process (since), free and paced at a model's 190 ms per batch (≈ 60 s expected)
 #   attention each attention kernel at Crane+'s shapes (attention.py: which kernel runs, ms,
 #             TFLOP/s), then Crane+ with cuDNN attention first and with DINOv2 under fp16
 #             autocast, beside the default and DINOv2-bf16 rows of the same run, against the
@@ -14,31 +20,30 @@
 #             against fast CPU decoding, same options as e2e-fast, at 16 and 4 workers; its
 #             pixel, map and score differences from the reference decode; the decode-only
 #             rate of each (128)
-#   e2e       predict from JPEGs (default options), one-file latency, evaluate end to end (199;
-#             since with each end-to-end row also at 2 main-process threads: ≈ 30 s more)
+#   e2e       predict from JPEGs (default options), one-file latency (≈ 150: the 17th
+#             session's 253 s also ran evaluate and each row at 2 main-process threads)
 #   model     Crane+ model only, fp32 baseline against the optimised path, memory at batch 1
 #             (48)
-#   variants  which options pay off: DINOv2 precisions, the one-SiLU MLP, cuDNN (81)
-#   compiled  the same with torch.compile, 5 rows (88)
+#   variants  which options pay off: DINOv2 precisions, the one-SiLU MLP, cuDNN, the TF32
+#             tail (81 without the two TF32-tail rows)
+#   compiled  the same with torch.compile, 5 rows (88; 7 rows since)
 #   e2e-fast  predict from 2048-px JPEGs with the fastest options measured, compiled, at 16,
-#             12 and 8 workers, each with torch's and 2 main-process threads (159 on an H200
-#             in the 11th session with one row; not run since it has 6)
+#             12 and 8 workers, each with torch's and 2 main-process threads (160)
 #   floor     GEMM/attention time against the rest of a batch-32 bf16 predict (20)
 #   outputs   how fast this machine's CPUs draw and write predict's overlays (23 s for 3
 #             rows; 5 since: Pillow's and png_bytes's PNGs at 8 and 16 threads, JPEG)
 #   rebatch   predict's loader alone over 1024 small JPEGs at 16 workers: the main process
 #             joining chunks with torch.cat then pinning (to the 16th session) against
 #             copying them straight into the pinned buffer (since), chunks of 2 and 8, at
-#             torch's and 2 main-process threads (≈ 40 s expected)
+#             torch's and 2 main-process threads (32)
 #   train     the training target: Crane+ features of 1725 images encoded once in bf16, then
-#             3 epochs over the cache (not in the 3rd-15th sessions' scripts; ≈ 70 s expected)
-#   all       = tests,e2e,rebatch,train,e2e-fast,compiled,device-decode,attention,model,
-#             variants,floor,outputs: what is still unmeasured on the current code first
-#             (RESULTS.md, "Where the targets stand"): the CUDA tests (one failed on an H100
-#             in the 16th session, fixed after it), the default path with 2 main-process
-#             threads and the new chunk join (they decide defaults), the training target on
-#             the current code, and e2e-fast's 12 and 8 workers and 2 main-process threads;
-#             the rest were measured on an H100 in the 16th session
+#             3 epochs over the cache (65)
+#   all       = tests,eval,loader,variants,compiled,outputs,e2e,model,floor,device-decode,
+#             attention,e2e-fast,rebatch,train: what is still unmeasured on the current code
+#             first (RESULTS.md, "Where the targets stand"): the CUDA test of the TF32 tail
+#             (compiled, it failed its tolerance in the 17th session; test changed since),
+#             evaluate with the chunked loader, the TF32 tail's speed, the PNG writer on these
+#             CPUs; then what the 16th and 17th sessions measured
 #
 # OUT: folder for the JSON and log.txt (default benchmarks/results). BUDGET_S: wall-clock
 # seconds for the whole script (0 = none); a step cut at the budget gets 20 s more to exit
@@ -58,7 +63,7 @@ out=${2:-benchmarks/results}
 budget=${3:-0}
 py=${PYTHON:-python3}
 [[ $steps == all ]] &&
-  steps=tests,e2e,rebatch,train,e2e-fast,compiled,device-decode,attention,model,variants,floor,outputs
+  steps=tests,eval,loader,variants,compiled,outputs,e2e,model,floor,device-decode,attention,e2e-fast,rebatch,train
 mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 2
 [[ $py == */* ]] && { py="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")" || exit 2; }
 cd "$(dirname "$0")/.." || exit 2
@@ -69,7 +74,7 @@ log="$out/log.txt"
 # sets one value for all, e.g. for a dry run with a stand-in interpreter).
 declare -A least=([variants]=60 [compiled]=120 [tests]=45 [e2e-fast]=120 [floor]=90 [e2e]=120
                   [model]=90 [outputs]=20 [attention]=45 [device-decode]=120 [train]=60
-                  [rebatch]=30)
+                  [rebatch]=30 [eval]=45 [loader]=30)
 if [[ -n ${PENDING_GPU_LEAST_S:-} ]]; then
   for step in "${!least[@]}"; do least[$step]=$PENDING_GPU_LEAST_S; done
 fi
@@ -115,11 +120,13 @@ run_step() {  # the command of one step
                      --e2e device-model device-input fast-model --e2e-workers 16 4 \
                      --decode device fast --files 1024 --cfg dino_fp32=false --compile \
                      --json "$out/e2e_device.json" ;;
-    # Default options; each end-to-end row also with 2 torch threads in the main process: in
-    # the 16th session it used 6.7-7.8 of the 16 vCPUs while the 16 workers decoded ~1.6x
-    # slower per image than alone (exact decode, 111 img/s against a 168 img/s model).
-    e2e) "$py" benchmarks/throughput.py --device cuda --presets crane+ --only e2e latency eval \
-           --e2e-threads 0 2 --files 1024 --eval-images 256 --json "$out/e2e_eval.json" ;;
+    # Default options (2 main-process threads measured in the 17th session: slower).
+    e2e) "$py" benchmarks/throughput.py --device cuda --presets crane+ --only e2e latency \
+           --files 1024 --json "$out/e2e.json" ;;
+    eval) "$py" benchmarks/throughput.py --device cuda --presets crane+ --only eval \
+            --eval-images 256 --json "$out/eval.json" ;;
+    loader) "$py" benchmarks/dataset_loader.py --workers 16 --per-class 256 --px 1024 \
+              --model-ms 0 190 --reps 1 --json "$out/dataset_loader.json" ;;
     model) "$py" benchmarks/throughput.py --device cuda --presets crane+ --only model \
              --json "$out/model.json" ;;
     outputs) "$py" benchmarks/outputs.py --files 64 --threads 8 16 --skip-baseline \

@@ -667,6 +667,34 @@ def test_rebatch_benchmark_rows_and_the_two_joins_agree(tmp_path, capsys):
         assert torch.equal(torch.cat(ra) if ra else a[:0], torch.cat(rb) if rb else b[:0])
 
 
+def test_dataset_loader_benchmark_rows_and_the_two_loaders_agree(tmp_path, capsys):
+    bench = _bench("dataset_loader")
+    out, data = tmp_path / "d.json", tmp_path / "data"
+    argv = ["--per-class", "5", "--px", "40", "--size", "28", "--batch", "4", "--workers", "2",
+            "--model-ms", "0", "30", "--reps", "1", "--data", str(data),
+            "--json", str(out)]  # fmt: skip
+    assert bench.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["loader"], r["model_ms_per_batch"]) for r in rows] == [
+        ("whole", 0), ("chunked", 0), ("whole", 30), ("chunked", 30)
+    ]  # fmt: skip
+    assert all(r["n_images"] == 10 and 0 < r["first_batch_s"] < r["total_s"] for r in rows)
+    # Held 30 ms per batch (3 batches): the paced rows cannot beat the pace.
+    assert all(r["total_s"] >= 0.09 and r["model_only_img_s"] == 4 / 0.03 for r in rows[2:])
+    assert "| chunked | 30 |" in capsys.readouterr().out
+    # The old loader, kept for comparison, gives the product's batches.
+    from crane.data import AnomalyDataset
+
+    ds = AnomalyDataset(data, "test", image_size=28)
+    cpu = torch.device("cpu")
+    old = list(bench.LOADERS["whole"](ds, 4, 0, cpu))
+    new = list(bench.LOADERS["chunked"](ds, 4, 2, cpu))
+    assert [b["path"] for b in old] == [b["path"] for b in new]
+    for a, b in zip(old, new, strict=True):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+        assert torch.equal(a["label"], b["label"])
+
+
 def test_pending_gpu_all_runs_every_step_once_in_order(tmp_path):
     """``all`` expands to every step the script knows, each run once with its command (a
     stand-in interpreter: nothing runs for real)."""
@@ -675,7 +703,9 @@ def test_pending_gpu_all_runs_every_step_once_in_order(tmp_path):
     names = set(re.findall(r"\[([a-z0-9-]+)\]=", known))
     proc, out = _run_pending(tmp_path, "all", budget=0, hang=False)
     ran = re.findall(r"^=== ([a-z0-9-]+) \(\d\d:\d\d:\d\d\)$", (out / "log.txt").read_text(), re.M)
-    assert ran[:3] == ["tests", "e2e", "rebatch"] and sorted(ran) == sorted(names)
+    assert ran[:3] == ["tests", "eval", "loader"] and sorted(ran) == sorted(names)
     log = (out / "log.txt").read_text()
     assert "rebatch.py --workers 16 --batch 32 --files 1024 --chunks 2 8 --threads 0 2" in log
-    assert "--only train" in log and "--only e2e latency eval --e2e-threads 0 2" in log
+    assert "--only train" in log and "--only e2e latency --files 1024" in log
+    assert "--only eval --eval-images 256" in log
+    assert "dataset_loader.py --workers 16 --per-class 256 --px 1024 --model-ms 0 190" in log

@@ -378,9 +378,16 @@ def test_cuda_bf16_cast_weights_within_guard(preset):
 def test_cuda_tf32_tail_within_guard(compile_model):
     """cfg.tail_tf32 on CUDA under bf16: close to the strict-fp32 tail (TF32's 10-bit
     mantissa in the D-Attn mixing and projections only), eager and compiled (the TF32 part
-    runs outside the compiled graphs), and the global TF32 switch is restored."""
+    runs outside the compiled graphs), and the global TF32 switch is restored.
+
+    Compiled, the TF32 part is a graph break, so Inductor fuses the bf16 code around it
+    differently too: on an H100 (17th session) the compiled maps with and without the TF32
+    tail differed by 3.2e-3, eager ones by less than 2e-3. Both must stay within the
+    benchmark's accuracy guard (1e-2) of the fp32 reference."""
     x = torch.randn(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     mm = torch.backends.cuda.matmul.allow_tf32
+    model = create_model("tiny+", image_size=SIZE, seed=2)
+    ref = [t.cpu() for t in Detector(model, device="cuda", precision="fp32").predict_tensor(x)]
     out = {}
     for tail in (False, True):
         det = Detector(
@@ -390,8 +397,11 @@ def test_cuda_tf32_tail_within_guard(compile_model):
             compile=compile_model,
         )
         out[tail] = [t.cpu() for t in det.predict_tensor(x)]
-    torch.testing.assert_close(out[True][1], out[False][1], atol=2e-3, rtol=0)
-    torch.testing.assert_close(out[True][0], out[False][0], atol=2e-3, rtol=0)
+        for got, want in zip(out[tail], ref, strict=True):
+            assert (got - want).abs().max() <= 1e-2
+    tol = 5e-3 if compile_model else 2e-3
+    torch.testing.assert_close(out[True][1], out[False][1], atol=tol, rtol=0)
+    torch.testing.assert_close(out[True][0], out[False][0], atol=tol, rtol=0)
     assert torch.backends.cuda.matmul.allow_tf32 == mm
 
 

@@ -30,6 +30,8 @@ from crane.data.transforms import (
     read_image_tensor,
     read_jpeg_tensor,
 )
+from crane.engine.batching import chunk_plan
+from crane.engine.batching import take_rows as _take_rows
 from crane.engine.runtime import (
     autocast,
     autocast_dtype,
@@ -176,36 +178,6 @@ def _collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _take_rows(
-    chunks: list[torch.Tensor], n: int, pin: bool
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The first ``n`` rows of the chunks' pixel tensors, in order, as one tensor, and the
-    rows left over (views of their chunks). Without ``pin`` a first chunk that holds them all
-    is returned as a view (no copy). With ``pin`` the rows are copied straight into a pinned
-    buffer from torch's caching host allocator (reused, its pages already mapped): one copy,
-    where joining the chunks and then pinning made two, the first into fresh memory whose
-    every page faulted. Copies go through numpy, on this thread with the GIL released, not
-    through torch's intra-op pool: beside a full set of decode workers, that pool's threads
-    faulting in the workers' fresh shared-memory pages in parallel took the workers' cores
-    (2-core measurements in ``benchmarks/RESULTS.md``)."""
-    first = chunks[0]
-    if not pin and len(first) >= n:
-        return first[:n], ([first[n:]] if len(first) > n else []) + chunks[1:]
-    out = torch.empty((n, *first.shape[1:]), dtype=first.dtype, pin_memory=pin)
-    dst = out.numpy()
-    at, rest = 0, []
-    for t in chunks:
-        k = min(len(t), n - at)
-        if k:
-            np.copyto(dst[at : at + k], t[:k].numpy())
-            at += k
-        if k < len(t):
-            rest.append(t[k:])
-    if at != n:
-        raise ValueError(f"{at} rows in the chunks, {n} asked for")
-    return out, rest
-
-
 def _rebatch(
     chunks: Iterable[dict[str, Any]], batch_size: int, pin: bool
 ) -> Iterator[dict[str, Any]]:
@@ -265,8 +237,8 @@ def decode_loader(
     shrunk the fast way when ``draft`` is set (or as ``fast_resize`` says).
     ``chunk``/``prefetch``/``pin_memory``/``fast_resize`` change those choices (benchmarks
     compare them). ``device_jpeg``: JPEG files are read, not decoded (see :class:`_Decode`)."""
-    if chunk is None:
-        chunk = -(-batch_size // workers) if workers else batch_size
+    plan = chunk_plan(batch_size, workers)
+    chunk = plan[0] if chunk is None else chunk
     if prefetch is None:
         prefetch = max(2, -(-2 * batch_size // (chunk * workers))) if workers else None
     jobs = _Jobs(chunk)

@@ -11,12 +11,13 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from crane.config import CraneConfig
 from crane.constants import ATTENTION_KERNELS
 from crane.data import AnomalyDataset, collate_skip_none
 from crane.data.transforms import normalize_uint8
+from crane.engine.batching import ChunkedBatches
 from crane.errors import CraneError
 
 log = logging.getLogger(__name__)
@@ -159,13 +160,14 @@ def batch_loader(
     device: torch.device,
     uint8: bool = True,
     device_jpeg: bool = False,
-) -> DataLoader:
-    """A dataset's batches in order for a forward pass on ``device`` (pinned for CUDA;
-    unreadable samples dropped). With ``uint8``, an :class:`AnomalyDataset` with the CLIP
-    normalisation hands over uint8 pixels and bool masks instead (a quarter / an eighth of the
-    bytes), which :func:`model_input` normalises there: bitwise the same model inputs. The
-    caller's dataset keeps handing out floats. ``device_jpeg``: its uint8 view hands over
-    JPEG files undecoded (:meth:`AnomalyDataset.device_jpeg_view`)."""
+) -> ChunkedBatches:
+    """A dataset's batches in order for a forward pass on ``device`` (images pinned for CUDA;
+    unreadable samples dropped, batches kept full), decoded by ``workers`` processes in chunks of
+    ⌈batch / workers⌉ samples (:class:`~crane.engine.batching.ChunkedBatches`). With ``uint8``, an
+    :class:`AnomalyDataset` with the CLIP normalisation hands over uint8 pixels and bool masks
+    instead (a quarter / an eighth of the bytes), which :func:`model_input` normalises there:
+    bitwise the same model inputs. The caller's dataset keeps handing out floats. ``device_jpeg``:
+    its uint8 view hands over JPEG files undecoded (:meth:`AnomalyDataset.device_jpeg_view`)."""
     if device_jpeg:
         if not (isinstance(dataset, AnomalyDataset) and dataset.clip_normalised):
             raise CraneError(
@@ -175,14 +177,8 @@ def batch_loader(
         dataset = dataset.device_jpeg_view()
     elif uint8 and isinstance(dataset, AnomalyDataset) and dataset.clip_normalised:
         dataset = dataset.uint8_view()
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=collate_skip_none,
-        pin_memory=device.type == "cuda",
-    )
+    pin = ("image",) if device.type == "cuda" else ()  # masks stay on the host
+    return ChunkedBatches(dataset, batch_size, workers, collate_skip_none, pin=pin)
 
 
 # The attention setting the process's torch.compile caches were traced under (see

@@ -1,0 +1,145 @@
+"""Model batches assembled from small chunks that DataLoader workers decode.
+
+With one whole batch per worker, the first batch waits for one worker to decode all of it
+alone, and a dataset of a few hundred images decodes in one wave before the device sees
+anything: with 16 workers and batch 32, the first 512 images arrive together. Workers that
+decode chunks of ⌈batch / workers⌉ samples, joined into batches by the main process, hand
+over the first batch after one chunk's time and keep the device fed in a steady stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+def take_rows(
+    chunks: list[torch.Tensor], n: int, pin: bool
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The first ``n`` rows of the chunks' tensors, in order, as one tensor, and the rows left
+    over (views of their chunks). Without ``pin`` a first chunk that holds them all is
+    returned as a view (no copy). With ``pin`` the rows are copied straight into a pinned
+    buffer from torch's caching host allocator (reused, its pages already mapped): one copy,
+    where joining the chunks and then pinning made two, the first into fresh memory whose
+    every page faulted. Copies go through numpy, on this thread with the GIL released, not
+    through torch's intra-op pool: beside a full set of decode workers, that pool's threads
+    faulting in the workers' fresh shared-memory pages in parallel took the workers' cores
+    (2-core measurements in ``benchmarks/RESULTS.md``)."""
+    first = chunks[0]
+    if not pin and len(first) >= n:
+        return first[:n], ([first[n:]] if len(first) > n else []) + chunks[1:]
+    out = torch.empty((n, *first.shape[1:]), dtype=first.dtype, pin_memory=pin)
+    dst = out.numpy()
+    at, rest = 0, []
+    for t in chunks:
+        k = min(len(t), n - at)
+        if k:
+            np.copyto(dst[at : at + k], t[:k].numpy())
+            at += k
+        if k < len(t):
+            rest.append(t[k:])
+    if at != n:
+        raise ValueError(f"{at} rows in the chunks, {n} asked for")
+    return out, rest
+
+
+def chunk_plan(batch_size: int, workers: int) -> tuple[int, int | None]:
+    """``(chunk, prefetch)``: samples per worker job and jobs queued per worker, so that the
+    workers decode about two model batches ahead of the consumer."""
+    if not workers:
+        return batch_size, None
+    chunk = -(-batch_size // workers)
+    return chunk, max(2, -(-2 * batch_size // (chunk * workers)))
+
+
+class ChunkedBatches:
+    """Batches of ``batch_size`` samples (the last may be smaller) joined, in dataset order,
+    from the chunks of a DataLoader whose workers each decode ⌈batch / workers⌉ samples.
+
+    ``collate`` turns a chunk's list of samples into a dict (``None`` entries are unreadable samples
+    it drops; ``None`` when nothing is left) as :func:`~crane.data.collate_skip_none` does: tensors
+    with one row per sample, lists with one entry per sample. An optional ``"jpeg"`` list marks
+    samples handed over undecoded; then ``"image"`` holds the rows of the others only, in order
+    (``None`` if there are none). Batches stay full when samples are skipped. The tensors named in
+    ``pin`` land in pinned buffers (one copy) for asynchronous copies to a GPU; the others are
+    joined in ordinary memory, or stay views of their chunk. ``len()`` counts the batches of a
+    dataset without skipped samples.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        workers: int,
+        collate: Callable[[list[Any]], dict[str, Any] | None],
+        pin: Collection[str] = (),
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        chunk, prefetch = chunk_plan(batch_size, workers)
+        self.loader = DataLoader(
+            dataset,
+            batch_size=chunk,
+            shuffle=False,
+            num_workers=workers,
+            collate_fn=collate,
+            prefetch_factor=prefetch,
+        )
+        self.batch_size = batch_size
+        self.pin = frozenset(pin)
+        self.n_samples = len(dataset)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return -(-self.n_samples // self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        lists: dict[str, list[Any]] = {}
+        tensors: dict[str, list[torch.Tensor]] = {}
+        pending = 0
+
+        def emit(n: int) -> dict[str, Any]:
+            jpeg = lists.get("jpeg")
+            out: dict[str, Any] = {}
+            for key, values in lists.items():
+                out[key], lists[key] = values[:n], values[n:]
+            for key, chunks in tensors.items():
+                rows = n if jpeg is None or key != "image" else sum(j is None for j in jpeg[:n])
+                if rows:
+                    out[key], tensors[key] = take_rows(chunks, rows, key in self.pin)
+                else:
+                    out[key] = None
+            if jpeg is not None and "image" not in out:
+                out["image"] = None
+            return out
+
+        for chunk in self.loader:
+            if chunk is None:  # every sample of the chunk was unreadable and skipped
+                continue
+            if "jpeg" in chunk and "jpeg" not in lists:  # the samples so far were decoded
+                lists["jpeg"] = [None] * pending
+            elif "jpeg" in lists and "jpeg" not in chunk:
+                chunk = {**chunk, "jpeg": [None] * len(chunk["image"])}
+            k = None
+            for key, value in chunk.items():
+                if isinstance(value, torch.Tensor):
+                    tensors.setdefault(key, []).append(value)
+                    if key != "image" or "jpeg" not in chunk:
+                        k = len(value)
+                elif isinstance(value, list):
+                    lists.setdefault(key, []).extend(value)
+                    k = len(value)
+                elif value is not None:
+                    raise TypeError(
+                        f"chunk entry {key!r} is a {type(value).__name__}: "
+                        "collate must give tensors or lists with one entry per sample"
+                    )
+            pending += k or 0
+            while pending >= self.batch_size:
+                pending -= self.batch_size
+                yield emit(self.batch_size)
+        if pending:
+            yield emit(pending)
