@@ -101,6 +101,7 @@ def test_chunks_are_a_share_of_the_batch_and_only_named_tensors_are_pinned():
     assert chunk_plan(32, 3) == (11, 2)
     assert chunk_plan(8, 0) == (8, None)
     assert chunk_plan(2, 8) == (1, 2)
+    assert chunk_plan(32, 16, chunk=8) == (8, 2) and chunk_plan(32, 2, chunk=1) == (1, 32)
     ds = _Items(8)
     loader = ChunkedBatches(ds, 8, 0, collate_skip_none, pin=("image",))
     real_empty = torch.empty

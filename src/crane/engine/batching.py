@@ -47,12 +47,12 @@ def take_rows(
     return out, rest
 
 
-def chunk_plan(batch_size: int, workers: int) -> tuple[int, int | None]:
-    """``(chunk, prefetch)``: samples per worker job and jobs queued per worker, so that the
-    workers decode about two model batches ahead of the consumer."""
+def chunk_plan(batch_size: int, workers: int, chunk: int | None = None) -> tuple[int, int | None]:
+    """``(chunk, prefetch)``: samples per worker job (⌈batch / workers⌉ unless given) and jobs
+    queued per worker, so that the workers decode about two model batches ahead."""
     if not workers:
-        return batch_size, None
-    chunk = -(-batch_size // workers)
+        return chunk or batch_size, None
+    chunk = chunk or -(-batch_size // workers)
     return chunk, max(2, -(-2 * batch_size // (chunk * workers)))
 
 

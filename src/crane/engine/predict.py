@@ -237,10 +237,8 @@ def decode_loader(
     shrunk the fast way when ``draft`` is set (or as ``fast_resize`` says).
     ``chunk``/``prefetch``/``pin_memory``/``fast_resize`` change those choices (benchmarks
     compare them). ``device_jpeg``: JPEG files are read, not decoded (see :class:`_Decode`)."""
-    plan = chunk_plan(batch_size, workers)
-    chunk = plan[0] if chunk is None else chunk
-    if prefetch is None:
-        prefetch = max(2, -(-2 * batch_size // (chunk * workers))) if workers else None
+    chunk, planned = chunk_plan(batch_size, workers, chunk)
+    prefetch = planned if prefetch is None else prefetch
     jobs = _Jobs(chunk)
     loader = DataLoader(
         _Decode(size, draft, fast_resize, device_jpeg),
