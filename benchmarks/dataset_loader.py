@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from throughput import make_eval_dataset, save  # same folder
+from throughput import host, make_eval_dataset, save  # same folder
 from torch.utils.data import DataLoader
 
 from crane.data import AnomalyDataset, collate_skip_none
@@ -97,8 +96,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     results: dict = {
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
+        **host(),
         "torch": torch.__version__,
         "pinned": torch.cuda.is_available(),
         "px": args.px,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from throughput import make_jpegs, save  # same folder
+from throughput import host, make_jpegs, save  # same folder
 
 from crane.data.imageio import load_image
 from crane.engine.predict import _write_map
@@ -94,8 +93,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
     results: dict = {
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
+        **host(),
         "files": args.files,
         "px": args.px,
         "maps": args.maps,

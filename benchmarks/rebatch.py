@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import resource
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-from throughput import make_jpegs, save  # same folder
+from throughput import host, make_jpegs, save  # same folder
 
 from crane.engine import predict as predict_module
 
@@ -105,8 +104,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     before = torch.get_num_threads()
     results: dict = {
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
+        **host(),
         "torch": torch.__version__,
         "files": args.files,
         "px": args.px,

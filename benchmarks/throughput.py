@@ -1061,6 +1061,11 @@ def main(argv=None) -> int:
     return 0
 
 
+def host() -> dict:
+    """The CPU a CPU-side benchmark ran on, for its JSON header."""
+    return {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
+
+
 def save(results: dict, path: str | None) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
