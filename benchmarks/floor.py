@@ -37,7 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from crane.engine.predict import Detector
 from crane.engine.runtime import ATTENTION_KERNELS, attention_kernel_used, attention_kernels
-from crane.models import create_model
+from crane.models import create_model, kernels
 
 aten = torch.ops.aten
 
@@ -56,6 +56,11 @@ CATEGORIES = {
     aten._scaled_dot_product_cudnn_attention.default: "attention",
     aten.convolution.default: "conv",
 }
+# oneDNN's fp32 CPU product (crane.models.kernels, the default there): linear layers, and
+# each head's two attention products (its softmax then counts as "rest").
+ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+if ONEDNN_LINEAR is not None:
+    CATEGORIES[ONEDNN_LINEAR.default] = "gemm"
 
 
 def op_flops(func, args: tuple, out) -> int:
@@ -69,6 +74,9 @@ def op_flops(func, args: tuple, out) -> int:
         a, b = args[1], args[2]
     elif func in (aten.mm.default, aten.bmm.default):
         a, b = args[0], args[1]
+    elif ONEDNN_LINEAR is not None and func == ONEDNN_LINEAR.default:  # x (…, K), w (N, K)
+        x, w = args[0], args[1]
+        return 2 * math.prod(x.shape[:-1]) * w.shape[1] * w.shape[0]
     elif func == aten.convolution.default:
         w = args[1]  # (Cout, Cin/groups, kh, kw)
         return 2 * math.prod(out.shape) * (w.shape[1] * math.prod(w.shape[2:]))  # Cin/groups·kh·kw
@@ -388,14 +396,23 @@ def main(argv=None) -> int:
         choices=list(ATTENTION_KERNELS),
         help="fused attention kernel tried first, in the predict calls and their replays",
     )
+    ap.add_argument(
+        "--cpu-kernels",
+        default=kernels.get_cpu_kernels(),
+        choices=list(kernels.CPU_KERNELS),
+        help="fp32 CPU products and attention (crane.models.kernels): oneDNN's (the default; "
+        "each head's attention is then two recorded products and a softmax) or torch's",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.reps < 1 or args.batch < 1:
         ap.error("--reps and --batch must be at least 1")
     device = torch.device(args.device)
-    with attention_kernels(args.attention):  # the replayed attentions pick their kernel too
+    # The replayed attentions pick their kernel too.
+    with attention_kernels(args.attention), kernels.cpu_kernels(args.cpu_kernels):
         res = run(args.preset, device, args.batch, args.amp, args.reps, args.image_size)
     res["attention"] = args.attention
+    res["cpu_kernels"] = args.cpu_kernels
     res["machine"] = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),

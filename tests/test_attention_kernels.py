@@ -23,6 +23,7 @@ from crane.engine.runtime import (
 )
 from crane.errors import CraneError
 from crane.models import create_model
+from crane.models.kernels import cpu_kernels
 
 SIZE = 112
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -124,9 +125,13 @@ def test_detector_math_runs_every_attention_unfused_with_the_same_results():
     runs = {}
     for name in ("auto", "math", "cudnn"):
         det = Detector(model, device="cpu", attention=name)
-        with OpCounter() as rec:
+        with cpu_kernels("torch"), OpCounter() as rec:  # torch's SDPA (oneDNN's: below)
             runs[name] = det.predict_tensor(x)
         runs[name + "_ops"] = rec.ops
+    with OpCounter() as rec:  # fp32 CPU products on oneDNN: math still runs torch's reference
+        Detector(model, device="cpu", attention="math").predict_tensor(x)
+    assert rec.ops.get(MATH_SOFTMAX) == _attention_calls(model)
+    assert rec.ops.get("mkldnn._linear_pointwise.default", 0) > 0  # the linear layers
     expected = _attention_calls(model)
     assert expected == 4 + 3 * 3 + 2  # tiny+: 4 CLIP blocks, E-Attn from block 2, 2 DINOv2 blocks
     assert runs["auto_ops"].get(FUSED_CPU) == expected
@@ -195,7 +200,7 @@ def test_evaluate_and_the_training_feature_cache_pass_the_choice_on(synth):
     Detector(model, device="cpu").predict_tensor(torch.zeros(1, 3, SIZE, SIZE))  # text, once
     reports, caches, ops = {}, {}, {}
     for name in ("auto", "math"):
-        with OpCounter() as rec:
+        with cpu_kernels("torch"), OpCounter() as rec:  # torch's SDPA: its kernels counted
             reports[name] = evaluate(model, ds, attention=name, **kw).report.per_class
             caches[name] = FeatureCache.build(model, ds, cpu, 8, attention=name, progress=False)
         ops[name] = rec.ops

@@ -83,10 +83,19 @@ def analytic_vision_flops(model, batch: int) -> int:
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny+"])
 def test_recorded_flops_equal_the_architecture(floor, preset):
+    from crane.models import kernels
+
     model = create_model(preset, pretrained=False).eval()
     x = torch.randn(2, 3, model.cfg.image_size, model.cfg.image_size)
+    if kernels.onednn_available():  # the default fp32 CPU kernels: oneDNN products only
+        rec = floor.OpRecorder()
+        with torch.inference_mode(), rec, kernels.cpu_kernels("onednn"):
+            model.encode_images(x)
+        cats = rec.by_category()
+        assert set(cats) == {"gemm"}  # each head's attention: two products
+        assert cats["gemm"]["flops"] == analytic_vision_flops(model, 2)
     rec = floor.OpRecorder()
-    with torch.inference_mode(), rec:
+    with torch.inference_mode(), rec, kernels.cpu_kernels("torch"):
         model.encode_images(x)
     cats = rec.by_category()
     assert sum(row["flops"] for row in cats.values()) == analytic_vision_flops(model, 2)
@@ -225,6 +234,10 @@ def test_throughput_runs_every_part_with_config_changes(throughput, tmp_path, mo
     assert [r["batch"] for r in res["model"]] == [2, 1]
     for row in res["model"]:
         assert row["opt_bf16_img_s"] > 0 and row["max_abs_diff_map"] <= 1e-2
+        # fp32 with torch's CPU kernels beside the default oneDNN ones (crane.models.kernels)
+        assert row["opt_fp32_torch_kernels_img_s"] > 0
+        ratio = row["opt_fp32_img_s"] / row["opt_fp32_torch_kernels_img_s"]
+        assert row["onednn_vs_torch_kernels"] == pytest.approx(ratio)
     # Only the combination asked for, at each worker and thread count asked for (one
     # Detector); the thread count is restored afterwards.
     rows = [(r["workers"], r["main_threads"]) for r in res["end_to_end"]]
@@ -616,10 +629,11 @@ def test_floor_replays_under_the_attention_kernel_asked_for(floor, tmp_path):
     kernels = {}
     for name in ("auto", "math"):
         out = tmp_path / f"{name}.json"
-        argv = ["--preset", "tiny", "--reps", "1", "--attention", name, "--json", str(out)]
+        argv = ["--preset", "tiny", "--reps", "1", "--attention", name, "--json", str(out),
+                "--cpu-kernels", "torch"]  # torch's fused CPU attention  # fmt: skip
         assert floor.main(argv) == 0  # the replay checks it runs the recorded kernels
         res = json.loads(out.read_text())
-        assert res["attention"] == name
+        assert res["attention"] == name and res["cpu_kernels"] == "torch"
         attn = [c for c in res["calls"] if c["category"] == "attention"]
         kernels[name] = {c["op"].split(" [")[0] for c in attn}
         # tiny: 4 CLIP blocks + 3 E-Attn terms in each of blocks 2-4 (text features come first).
@@ -709,3 +723,29 @@ def test_pending_gpu_all_runs_every_step_once_in_order(tmp_path):
     assert "--only train" in log and "--only e2e latency --files 1024" in log
     assert "--only eval --eval-images 256" in log
     assert "dataset_loader.py --workers 16 --per-class 256 --px 1024 --model-ms 0 190" in log
+
+
+def test_cpu_kernels_benchmark_rows(tmp_path, monkeypatch, capsys):
+    bench = _bench("cpu_kernels")
+    monkeypatch.setattr(bench, "GEMMS", {"small": (37, 24, 40, 3)})
+    monkeypatch.setattr(bench, "ATTENTIONS", {"small attention": (2, 29, 5)})
+    out = tmp_path / "k.json"
+    argv = ["--reps", "1", "--rounds", "2", "--preset", "tiny+", "--image-size", "112",
+            "--json", str(out)]  # fmt: skip
+    assert bench.main(argv) == 0
+    res = json.loads(out.read_text())
+    assert [r["op"] for r in res["ops"]] == ["small", "small attention"]
+    gemm, attn = res["ops"]
+    assert gemm["gflop"] == pytest.approx(2 * 37 * 24 * 40 / 1e9)
+    assert attn["gflop"] == pytest.approx(4 * 2 * 29 * 29 * 64 / 1e9)
+    for row in res["ops"]:
+        for kind in ("torch", "onednn"):
+            assert row[f"{kind}_max_abs_err"] < 1e-4  # both against fp64
+            assert row[f"{kind}_s_per_image"] == pytest.approx(
+                row[f"{kind}_ms"] * row["calls_per_image"] / 1e3
+            )
+        assert row["speedup"] == pytest.approx(row["torch_ms"] / row["onednn_ms"])
+    whole = res["whole"]
+    assert len(whole["torch_s_all"]) == len(whole["onednn_s_all"]) == 2
+    assert 0 < whole["max_abs_diff_map"] <= 1e-5  # other kernels ran; rounding only
+    assert "whole image (tiny+, 112²" in capsys.readouterr().out

@@ -809,6 +809,7 @@ def test_dino_half_precision_attention():
     from timm.models.vision_transformer import Attention
 
     from crane.models.backbones import _DinoAttention
+    from crane.models.kernels import cpu_kernels
     from crane.models.vision import half_precision_attention
 
     model = create_model("tiny+", image_size=SIZE, seed=7)
@@ -823,7 +824,7 @@ def test_dino_half_precision_attention():
             m.__class__ = Attention
     assert dino.state_dict().keys() == plain.state_dict().keys()
     x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
+    with torch.no_grad(), cpu_kernels("torch"):  # bitwise: torch's fp32 CPU kernels
         ref = plain.forward_features(x)
         assert torch.equal(dino.forward_features(x), ref)
         with half_precision_attention(torch.float32):
@@ -831,6 +832,8 @@ def test_dino_half_precision_attention():
         with half_precision_attention(torch.float16):
             half = dino.forward_features(x)
         assert torch.equal(dino.forward_features(x), ref)  # the context is gone
+    with torch.no_grad():  # oneDNN's fp32 kernels (the CPU default): the same up to rounding
+        torch.testing.assert_close(dino.forward_features(x), ref, atol=1e-5, rtol=1e-5)
     err = (half - ref).abs().max() / ref.abs().max()
     assert 1e-5 < err < 2e-3, err  # fp16 rounding (2^-11 relative), not a different result
     # Through D-Attn to the maps (on CUDA the config's dino_attn_fp16 turns this on).

@@ -14,6 +14,8 @@ from torch import nn
 
 from crane.config import CraneConfig
 from crane.models import weights as W
+from crane.models.kernels import attention as cpu_attention
+from crane.models.kernels import swap_linears, use_onednn
 from crane.models.vision import dino_attention_dtype
 
 log = logging.getLogger(__name__)
@@ -21,21 +23,26 @@ log = logging.getLogger(__name__)
 
 class _DinoAttention(timm.models.vision_transformer.Attention):
     """timm's ``Attention`` (same parameters and state dict); differs only inside
-    :func:`~crane.models.vision.half_precision_attention`, in the plain case DINOv2 uses
-    (fused attention, no mask, no gate)."""
+    :func:`~crane.models.vision.half_precision_attention` and where fp32 CPU attention runs on
+    oneDNN (:mod:`crane.models.kernels`), in the plain case DINOv2 uses (fused attention, no
+    mask, no gate)."""
 
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
     ) -> torch.Tensor:
         dtype = dino_attention_dtype()
         plain = self.fused_attn and attn_mask is None and not is_causal and self.gate is None
-        if dtype is None or not plain or x.dtype != torch.float32:
+        onednn = dtype is None and use_onednn(x)
+        if not plain or x.dtype != torch.float32 or (dtype is None and not onednn):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         b, n, _ = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        o = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype)).to(x.dtype)
+        if onednn:
+            o = cpu_attention(q, k, v)
+        else:
+            o = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype)).to(x.dtype)
         o = o.transpose(1, 2).reshape(b, n, self.attn_dim)
         return self.proj_drop(self.proj(self.norm(o)))
 
@@ -143,6 +150,7 @@ def build_clip(
     model.eval().requires_grad_(False)
     resize_clip_pos_embed(model.visual, cfg.grid)
     _swap_patch_conv(model.visual.conv1)
+    swap_linears(model.visual)
     return model
 
 
@@ -214,4 +222,5 @@ def build_dino(
     model.eval().requires_grad_(False)
     _swap_attention(model)
     _swap_patch_conv(model.patch_embed.proj)
+    swap_linears(model)
     return model

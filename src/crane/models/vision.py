@@ -18,6 +18,7 @@ from torch import nn
 
 from crane.config import CraneConfig
 from crane.constants import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from crane.models import kernels
 
 
 @dataclass
@@ -97,7 +98,7 @@ def _dattn_mix(
     heads' values, then out_proj (``w``, ``b``), in fp32 whatever the autocast (a few GFLOP
     per image, and it keeps the D-Attn set within bf16 noise)."""
     with torch.autocast(values.device.type, enabled=False):
-        return F.linear(torch.bmm(weights, values.float()), w.float(), b.float())
+        return kernels.linear(torch.bmm(weights, values.float()), w.float(), b.float())
 
 
 @torch.compiler.disable
@@ -133,6 +134,11 @@ def clip_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     ):
         return mlp(x)
     flat = x.reshape(-1, x.shape[-1])
+    if kernels.use_onednn(flat, fc.weight):  # no alpha there: the scale goes on the inputs
+        h = kernels.linear(flat * _QUICK_GELU, fc.weight, fc.bias * _QUICK_GELU)
+        h = F.silu(h, inplace=True)
+        out = torch.add(proj.bias, kernels.linear(h, proj.weight), alpha=1.0 / _QUICK_GELU)
+        return out.view(*x.shape[:-1], out.shape[-1])
     # beta stays 1 (a pre-scaled bias): cuBLASLt fuses the bias only for beta == 1.
     h = torch.addmm(fc.bias * _QUICK_GELU, flat, fc.weight.t(), alpha=_QUICK_GELU)
     h = F.silu(h, inplace=not h.requires_grad)
@@ -154,13 +160,14 @@ def eattn_mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_type: str)
     """Σ_t softmax(t tᵀ/√d) v over the chosen self-correlations t ∈ {q, k, v}, per head.
 
     Each term is scaled-dot-product attention with (query, key) = (t, t): a fused kernel
-    computes it without materialising the N×N matrix.
+    computes it without materialising the N×N matrix (fp32 on the CPU: oneDNN, one head's
+    N×N matrix at a time, :func:`crane.models.kernels.attention`).
     """
     sources = {"qq": q, "kk": k, "vv": v}
     out = None
     for part in attn_type.split("+"):
         t = sources[part]
-        term = F.scaled_dot_product_attention(t, t, v)
+        term = kernels.attention(t, t, v)
         out = term if out is None else out + term
     return out
 
@@ -279,17 +286,17 @@ class CraneVisionEncoder(nn.Module):
             y = blk.ln_1(x)
             q, k, v = (
                 _heads(t, h)
-                for t in F.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, -1)
+                for t in kernels.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, -1)
             )
             # After the last block only the class token of the normal path is used (for g),
             # unless D-Attn reads this block's post-attention state of every token.
             last = idx == self.n_layers
             cls_only = last and not (dattn_w is not None and idx == cfg.dattn_layer)
-            a = attn.out_proj(
-                _merge(F.scaled_dot_product_attention(q[:, :, :1] if cls_only else q, k, v))
-            )
+            w_o, b_o = attn.out_proj.weight, attn.out_proj.bias
+            a = kernels.attention(q[:, :, :1] if cls_only else q, k, v)
+            a = kernels.linear(_merge(a), w_o, b_o)
             if idx >= cfg.eattn_start:
-                e = attn.out_proj(_merge(eattn_mix(q, k, v, cfg.attn_type)))
+                e = kernels.linear(_merge(eattn_mix(q, k, v, cfg.attn_type)), w_o, b_o)
                 z = (x if z is None else z) + e
                 if idx in want:
                     sets[f"e{idx}"] = z[:, 1:]
@@ -299,7 +306,7 @@ class CraneVisionEncoder(nn.Module):
                 # its MLP): what the released checkpoints were trained with (SPEC §3).
                 w_v = attn.in_proj_weight.chunk(3, 0)[2]
                 b_v = attn.in_proj_bias.chunk(3, 0)[2]
-                val = F.linear(blk.ln_1(x), w_v, b_v)[:, 1:]
+                val = kernels.linear(blk.ln_1(x), w_v, b_v)[:, 1:]
                 # One N×N weight matrix shared by all heads: W·v on the concatenated heads
                 # (fp32: a few GFLOP per image, and it keeps the D-Attn set within bf16 noise).
                 mix = (dattn_w, val, attn.out_proj.weight, attn.out_proj.bias)

@@ -1,0 +1,187 @@
+"""fp32 CPU kernels: torch's (MKL sgemm, fused CPU attention) against oneDNN's
+(``crane.models.kernels``, the default), per op at Crane+'s shapes and for a whole image.
+
+Ops: every GEMM shape of a Crane+ forward at 518² (CLIP ViT-L/14 over 1370 tokens, DINOv2-B/14
+over 1374) and its two attention shapes, inputs laid out as the model passes them; median ms
+of ``--reps`` calls, GFLOP/s, max |Δ| to an fp64 computation, and the time per image from the
+calls an image makes. Whole: ``Detector.predict_tensor`` on one image, the two kernel sets
+alternating for ``--rounds`` rounds (this machine's drift then slows both alike), medians,
+and the largest map/score difference between them.
+
+  python benchmarks/cpu_kernels.py --json results/cpu_kernels.json
+  python benchmarks/cpu_kernels.py --only ops --reps 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from throughput import host, random_model, save, table  # same folder
+
+from crane.engine.predict import Detector
+from crane.models import kernels
+
+CLIP_TOKENS, DINO_TOKENS = 1370, 1374
+#: name -> (tokens, in, out, calls per Crane+ image at 518²)
+GEMMS = {
+    "CLIP qkv": (CLIP_TOKENS, 1024, 3072, 24),
+    "CLIP out_proj": (CLIP_TOKENS, 1024, 1024, 24 + 19),  # normal path + E-Attn path
+    "CLIP mlp fc": (CLIP_TOKENS, 1024, 4096, 23),  # block 24: the class token only
+    "CLIP mlp proj": (CLIP_TOKENS, 4096, 1024, 23),
+    "DINOv2 qkv": (DINO_TOKENS, 768, 2304, 12),
+    "DINOv2 proj": (DINO_TOKENS, 768, 768, 12),
+    "DINOv2 mlp fc1": (DINO_TOKENS, 768, 3072, 12),
+    "DINOv2 mlp fc2": (DINO_TOKENS, 3072, 768, 12),
+}
+#: name -> (heads, tokens, calls per image: CLIP 23 full + 57 E-Attn (the class-token-only
+#: query of block 24 is left out), DINOv2 12)
+ATTENTIONS = {"CLIP attention": (16, CLIP_TOKENS, 80), "DINOv2 attention": (12, DINO_TOKENS, 12)}
+
+
+def median_ms(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+def op_rows(reps: int) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for name, (n, d_in, d_out, calls) in GEMMS.items():
+        x = torch.randn(n, d_in, generator=g)
+        w = torch.randn(d_out, d_in, generator=g) * d_in**-0.5
+        b = torch.randn(d_out, generator=g)
+        ref = F.linear(x.double(), w.double(), b.double())
+        flops = 2 * n * d_in * d_out
+        rows.append(
+            _op_row(name, flops, calls, reps, functools.partial(kernels.linear, x, w, b), ref)
+        )
+    for name, (heads, n, calls) in ATTENTIONS.items():
+        qkv = torch.randn(1, n, 3 * heads * 64, generator=g)  # views of one projection
+        q, k, v = (t.view(1, n, heads, 64).transpose(1, 2) for t in qkv.chunk(3, -1))
+        ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+        flops = 4 * heads * n * n * 64
+        rows.append(
+            _op_row(name, flops, calls, reps, functools.partial(kernels.attention, q, k, v), ref)
+        )
+    return rows
+
+
+def _op_row(name, flops, calls, reps, fn, ref) -> dict:
+    row = {"op": name, "gflop": flops / 1e9, "calls_per_image": calls}
+    for kind in kernels.CPU_KERNELS:
+        with kernels.cpu_kernels(kind):
+            ms = median_ms(fn, reps)
+            err = float((fn().double() - ref).abs().max())
+        row[f"{kind}_ms"] = ms
+        row[f"{kind}_gflop_s"] = flops / ms / 1e6
+        row[f"{kind}_max_abs_err"] = err
+        row[f"{kind}_s_per_image"] = ms * calls / 1e3
+    row["speedup"] = row["torch_ms"] / row["onednn_ms"]
+    print(f"  {name}: torch {row['torch_ms']:.2f} ms, onednn {row['onednn_ms']:.2f} ms", flush=True)
+    return row
+
+
+def whole_rows(preset: str, size: int, rounds: int) -> dict:
+    det = Detector(random_model(preset, image_size=size), device="cpu", precision="fp32")
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    det.predict_tensor(x)  # text features: computed once
+    times: dict[str, list[float]] = {kind: [] for kind in kernels.CPU_KERNELS}
+    outs = {}
+    for r in range(rounds):
+        order = kernels.CPU_KERNELS if r % 2 == 0 else kernels.CPU_KERNELS[::-1]
+        for kind in order:
+            with kernels.cpu_kernels(kind):
+                t = time.perf_counter()
+                outs[kind] = det.predict_tensor(x)
+                times[kind].append(time.perf_counter() - t)
+            print(f"  round {r + 1}, {kind}: {times[kind][-1]:.2f} s", flush=True)
+    (s_t, m_t), (s_o, m_o) = outs["torch"], outs["onednn"]
+    row = {"preset": preset, "image_size": size, "batch": 1, "rounds": rounds}
+    for kind, ts in times.items():
+        row[f"{kind}_s"] = sorted(ts)[len(ts) // 2]
+        row[f"{kind}_s_all"] = [round(t, 3) for t in ts]
+    row["speedup"] = row["torch_s"] / row["onednn_s"]
+    row["max_abs_diff_map"] = float((m_t - m_o).abs().max())
+    row["max_abs_diff_score"] = float((s_t - s_o).abs().max())
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--only", choices=("ops", "whole"), default=None)
+    ap.add_argument("--reps", type=int, default=7, help="calls per op and kernel set")
+    ap.add_argument("--rounds", type=int, default=3, help="whole-image rounds")
+    ap.add_argument("--preset", default="crane+")
+    ap.add_argument("--image-size", type=int, default=518)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if not kernels.onednn_available():
+        print("this torch build has no usable oneDNN linear op: nothing to compare")
+        return 1
+    results: dict = {
+        "host": host(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+    print(f"{results['host']}, torch {torch.__version__}, {results['threads']} threads")
+    if args.only in (None, "ops"):
+        print("ops (fp32, one image's shapes):")
+        rows = results["ops"] = op_rows(args.reps)
+        save(results, args.json)
+        table(
+            rows,
+            [
+                "op",
+                "gflop",
+                "calls_per_image",
+                "torch_ms",
+                "onednn_ms",
+                "torch_gflop_s",
+                "onednn_gflop_s",
+                "speedup",
+                "torch_max_abs_err",
+                "onednn_max_abs_err",
+            ],
+        )
+        per_image = {k: sum(r[f"{k}_s_per_image"] for r in rows) for k in kernels.CPU_KERNELS}
+        results["ops_s_per_image"] = per_image
+        print(
+            f"these ops per image: torch {per_image['torch']:.2f} s, "
+            f"onednn {per_image['onednn']:.2f} s"
+        )
+        save(results, args.json)
+    if args.only in (None, "whole"):
+        print(f"whole image ({args.preset}, {args.image_size}², fp32, batch 1):")
+        results["whole"] = whole_rows(args.preset, args.image_size, args.rounds)
+        table(
+            [results["whole"]],
+            [
+                "preset",
+                "image_size",
+                "rounds",
+                "torch_s",
+                "onednn_s",
+                "speedup",
+                "max_abs_diff_map",
+                "max_abs_diff_score",
+            ],
+        )
+        save(results, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""fp32 matrix products and attention on the CPU through oneDNN.
+
+On x86 CPUs torch runs an fp32 ``linear`` as MKL's sgemm and ``scaled_dot_product_attention``
+as its own fused ("flash") CPU kernel. oneDNN, which torch ships and which its inductor uses for
+CPU linear layers, has faster fp32 kernels on the CPU this was measured on (2-vCPU AMD EPYC,
+Zen 5 with AVX-512, torch 2.14.1; ``benchmarks/cpu_kernels.py``): 380–440 GFLOP/s against MKL's
+180–205 at Crane's GEMM shapes, and a head's attention as two oneDNN products around an in-place
+softmax (its N×N scores materialised, 7.5 MB at 1370 tokens) at 280 GFLOP/s against the fused
+kernel's 175. The arithmetic is fp32 in both: results differ by summation order only
+(≈ 1e-6 relative; a Crane+ map moved by 2.4e-7).
+
+:func:`linear` and :func:`attention` use oneDNN where all of this holds, and otherwise are
+exactly ``F.linear`` / ``F.scaled_dot_product_attention``:
+
+- the switch is on (the default; :func:`cpu_kernels` ``("torch")`` or the environment variable
+  ``CRANE_CPU_KERNELS=torch`` turns it off),
+- every tensor is an fp32 CPU tensor and CPU autocast is off,
+- no autograd graph is being recorded for them (oneDNN's op has no backward),
+- not inside ``torch.compile`` (its graphs keep torch's ops: inductor picks its own kernels),
+- for attention: torch's fused CPU kernel is not switched off (under
+  ``sdpa_kernel([SDPBackend.MATH])`` — ``--attention math`` — torch's reference runs).
+
+Everything else (CUDA, bf16, training the prompts) is untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crane.errors import CraneError
+
+log = logging.getLogger(__name__)
+
+CPU_KERNELS = ("onednn", "torch")
+ENV_VAR = "CRANE_CPU_KERNELS"
+
+_setting: str | None = None  # None: from the environment variable (read when first needed)
+
+
+def _check(name: str, where: str) -> str:
+    if name not in CPU_KERNELS:
+        raise CraneError(f"{where} must be one of {', '.join(CPU_KERNELS)}, got {name!r}")
+    return name
+
+
+def get_cpu_kernels() -> str:
+    """The current choice: ``"onednn"`` (default) or ``"torch"``."""
+    if _setting is not None:
+        return _setting
+    return _check(os.environ.get(ENV_VAR, "onednn").strip().lower(), f"${ENV_VAR}")
+
+
+def set_cpu_kernels(name: str | None) -> None:
+    """Process-wide choice of the fp32 CPU kernels (``None``: back to ``$CRANE_CPU_KERNELS``).
+    A global, not a context variable: the pipelines may run the model in another thread."""
+    global _setting
+    _setting = None if name is None else _check(name, "cpu_kernels")
+
+
+@contextlib.contextmanager
+def cpu_kernels(name: str):
+    """Inside, fp32 CPU matrix products and attention run on ``name``'s kernels (``"onednn"``
+    or ``"torch"``); the previous setting comes back on exit."""
+    global _setting
+    previous = _setting
+    set_cpu_kernels(name)
+    try:
+        yield
+    finally:
+        _setting = previous
+
+
+@functools.cache
+def onednn_available() -> bool:
+    """Whether this torch has oneDNN's linear op, and it computes a small product right."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        g = torch.Generator().manual_seed(0)
+        x, w, b = (torch.randn(*s, generator=g) for s in ((5, 7), (3, 7), (3,)))
+        ok = torch.allclose(op(x, w, b, "none", [], ""), F.linear(x, w, b), atol=1e-5)
+    except Exception as exc:  # an op missing or failing on this build/CPU: torch's kernels
+        log.info("oneDNN linear unavailable (%s): fp32 CPU products stay on torch's kernels", exc)
+        return False
+    if not ok:
+        log.warning("oneDNN linear gave wrong results here: fp32 CPU products stay on torch's")
+    return ok
+
+
+def use_onednn(*tensors: torch.Tensor) -> bool:
+    """Whether :func:`linear`/:func:`attention` on these tensors take the oneDNN path.
+    (``is_compiling`` first: torch.compile resolves it while tracing and never reaches the
+    checks it would have to break its graph for.)"""
+    if torch.compiler.is_compiling():
+        return False
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype != torch.float32:
+            return False
+    if torch.is_autocast_enabled("cpu") or get_cpu_kernels() != "onednn":
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return onednn_available()
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; on oneDNN where :func:`use_onednn` says so (and the
+    weight is contiguous: a strided weight falls to oneDNN's slow reference kernel)."""
+    args = (x, weight) if bias is None else (x, weight, bias)
+    if x.dim() >= 2 and weight.is_contiguous() and use_onednn(*args):
+        return _onednn_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v)`` (no mask, no dropout, scale 1/√d) for
+    (B, H, N, d) tensors; on oneDNN where :func:`use_onednn` says so and torch's fused CPU
+    kernel is not switched off.
+
+    The oneDNN path loops over batch and heads: scores ``(q/√d) kᵀ`` as one product, softmax
+    in place, then ``· v``. The result is a (B, H, N, d) view of a (B, N, H, d) buffer, so
+    merging the heads back into (B, N, H·d) needs no copy.
+    """
+    if not use_onednn(q, k, v) or q.dim() != 4 or not torch.backends.cuda.flash_sdp_enabled():
+        return F.scaled_dot_product_attention(q, k, v)
+    b, h, n, d = q.shape
+    out = q.new_empty(b, n, h, v.shape[-1]).transpose(1, 2)
+    qs = (q * d**-0.5).contiguous()
+    kc = k.contiguous()
+    vt = v.transpose(-1, -2).contiguous()  # oneDNN's weight layout: (d_v, N) per head
+    for i in range(b):
+        for j in range(h):
+            s = _onednn_linear(qs[i, j], kc[i, j], None)
+            torch.softmax(s, dim=-1, out=s)
+            out[i, j] = _onednn_linear(s, vt[i, j], None)
+    return out
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state dict) whose forward is :func:`linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def swap_linears(model: nn.Module) -> None:
+    """Make every plain ``nn.Linear`` in ``model`` a :class:`Linear` (in place). Also runs
+    :func:`onednn_available`'s one-time check now, not inside the model's first forward."""
+    onednn_available()
+    for m in model.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = Linear

@@ -1,0 +1,188 @@
+"""fp32 CPU matrix products and attention through oneDNN (``crane.models.kernels``, issue 6).
+
+Each kernel is compared with an fp64 computation of the same thing, the switch and every
+condition that sends a call back to torch's kernels is checked by counting the aten ops that
+ran, and a whole tiny+ forward is compared between the two kernel sets.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from crane.engine.predict import Detector
+from crane.errors import CraneError
+from crane.models import create_model, kernels
+
+ONEDNN = "mkldnn._linear_pointwise.default"
+FUSED_CPU = "aten._scaled_dot_product_flash_attention_for_cpu.default"
+
+pytestmark = pytest.mark.skipif(
+    not kernels.onednn_available(), reason="this torch build has no oneDNN linear op"
+)
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] = self.ops.get(str(func), 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(autouse=True)
+def _default_setting(monkeypatch):
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    kernels.set_cpu_kernels(None)
+    yield
+    kernels.set_cpu_kernels(None)
+
+
+@pytest.mark.parametrize(
+    "x_shape, bias, transpose_x",
+    [
+        ((37, 24), True, False),
+        ((2, 19, 24), True, False),
+        ((3, 24), False, False),
+        ((24, 37), True, True),
+    ],
+)
+def test_linear_is_fp32_linear_on_onednn(x_shape, bias, transpose_x):
+    x = _rand(*x_shape)
+    x = x.t() if transpose_x else x  # a strided input is fine (oneDNN takes it as it is)
+    w, b = _rand(40, 24, seed=1), (_rand(40, seed=2) if bias else None)
+    with OpCounter() as rec:
+        y = kernels.linear(x, w, b)
+    assert rec.ops.get(ONEDNN) == 1 and "aten.addmm.default" not in rec.ops
+    ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert y.dtype == torch.float32 and y.shape == ref.shape
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def _falls_back(fn) -> bool:
+    with OpCounter() as rec:
+        fn()
+    return ONEDNN not in rec.ops
+
+
+def test_linear_falls_back_to_torch_where_onednn_must_not_run(monkeypatch):
+    x, w, b = _rand(8, 6), _rand(5, 6, seed=1), _rand(5, seed=2)
+    assert not _falls_back(lambda: kernels.linear(x, w, b))
+    with kernels.cpu_kernels("torch"):
+        assert _falls_back(lambda: kernels.linear(x, w, b))
+    assert not _falls_back(lambda: kernels.linear(x, w, b))  # restored on exit
+    assert _falls_back(lambda: kernels.linear(x.bfloat16(), w.bfloat16(), b.bfloat16()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _falls_back(lambda: kernels.linear(x, w, b))
+    assert _falls_back(lambda: kernels.linear(x, w.t().contiguous().t(), b))  # strided weight
+    assert _falls_back(lambda: kernels.linear(x[0], w, b))  # a vector
+    # An autograd graph to record: torch's op (oneDNN's has no backward), gradients right.
+    xg = x.clone().requires_grad_(True)
+    with OpCounter() as rec:
+        kernels.linear(xg, w, b).sum().backward()
+    assert ONEDNN not in rec.ops
+    torch.testing.assert_close(xg.grad, w.sum(0).expand_as(x))
+    with torch.no_grad():
+        assert not _falls_back(lambda: kernels.linear(xg, w, b))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert _falls_back(lambda: kernels.linear(x, w, b))
+
+
+def test_environment_variable_and_bad_names(monkeypatch):
+    x, w = _rand(4, 3), _rand(2, 3, seed=1)
+    monkeypatch.setenv(kernels.ENV_VAR, "Torch")
+    assert kernels.get_cpu_kernels() == "torch"
+    assert _falls_back(lambda: kernels.linear(x, w))
+    with kernels.cpu_kernels("onednn"):  # the API wins over the environment
+        assert not _falls_back(lambda: kernels.linear(x, w))
+    monkeypatch.setenv(kernels.ENV_VAR, "mkl")
+    with pytest.raises(CraneError, match=r"\$CRANE_CPU_KERNELS must be one of onednn, torch"):
+        kernels.linear(x, w)
+    with pytest.raises(CraneError, match="cpu_kernels must be one of onednn, torch, got 'fast'"):
+        kernels.set_cpu_kernels("fast")
+
+
+@pytest.mark.parametrize(
+    "shape_q, shape_kv", [((2, 3, 17, 8), (2, 3, 17, 8)), ((1, 4, 1, 16), (1, 4, 29, 16))]
+)
+def test_attention_is_sdpa_on_onednn(shape_q, shape_kv):
+    q, k, v = _rand(*shape_q), _rand(*shape_kv, seed=1), _rand(*shape_kv, seed=2)
+    q = q * 3  # sharper rows: softmax errors show
+    with OpCounter() as rec:
+        out = kernels.attention(q, k, v)
+    b, h = shape_q[:2]
+    assert rec.ops.get(ONEDNN) == 2 * b * h and FUSED_CPU not in rec.ops
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out.double(), ref, atol=1e-6, rtol=1e-5)
+    # Heads merge back into (B, N, H·d) without a copy.
+    assert out.transpose(1, 2).is_contiguous()
+
+
+def test_attention_from_strided_projections_and_the_math_switch():
+    # q/k/v as the models make them: views of one (B, N, 3·H·d) projection.
+    qkv = _rand(2, 11, 3 * 2 * 8)
+    q, k, v = (t.view(2, 11, 2, 8).transpose(1, 2) for t in qkv.chunk(3, -1))
+    out = kernels.attention(q, k, v)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    torch.testing.assert_close(out.double(), ref, atol=1e-6, rtol=1e-5)
+    with sdpa_kernel([SDPBackend.MATH]), OpCounter() as rec:  # --attention math: torch's
+        kernels.attention(q, k, v)
+    assert ONEDNN not in rec.ops and "aten._safe_softmax.default" in rec.ops
+    with kernels.cpu_kernels("torch"), OpCounter() as rec:
+        kernels.attention(q, k, v)
+    assert ONEDNN not in rec.ops and rec.ops.get(FUSED_CPU) == 1
+
+
+def test_swapped_linear_keeps_its_state_dict():
+    net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.GELU(), torch.nn.Linear(5, 2))
+    x = _rand(3, 6)
+    with torch.no_grad():
+        before = net(x)
+    keys = list(net.state_dict())
+    kernels.swap_linears(net)
+    assert all(type(m) is kernels.Linear for m in (net[0], net[2]))
+    assert list(net.state_dict()) == keys
+    with torch.no_grad(), OpCounter() as rec:
+        after = net(x)
+    assert rec.ops.get(ONEDNN) == 2
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
+
+
+def _onednn_attention_heads(model, batch: int) -> int:
+    """(image, head) pairs of the attentions in one tiny+ forward: CLIP's blocks (the last one
+    with a class-token query), three per E-Attn block, DINOv2's."""
+    cfg, v = model.cfg, model.vision
+    calls = v.n_layers + 3 * (v.n_layers - cfg.eattn_start + 1)
+    dino_heads = v.dino.blocks[0].attn.num_heads
+    return batch * (calls * v.n_heads + len(v.dino.blocks) * dino_heads)
+
+
+def test_tiny_plus_forward_on_onednn_matches_torchs_kernels():
+    model = create_model("tiny+", image_size=112, seed=3)
+    x = _rand(2, 3, 112, 112, seed=4)
+    det = Detector(model, device="cpu")
+    det.predict_tensor(x)  # text features: computed once, kept
+    with kernels.cpu_kernels("torch"), OpCounter() as ref_ops:
+        s_ref, m_ref = det.predict_tensor(x)
+    with OpCounter() as ops:
+        s, m = det.predict_tensor(x)
+    assert ONEDNN not in ref_ops.ops
+    assert FUSED_CPU not in ops.ops  # every attention took the oneDNN path
+    softmaxes = ops.ops.get("aten.softmax.int_out", 0)  # in place, one per (image, head)
+    assert softmaxes == _onednn_attention_heads(model, 2)
+    # 2 products per (image, head) pair; the rest are the linear layers (CLIP: qkv, out_proj
+    # of both paths, MLP ×2; DINOv2: qkv, proj, MLP ×2; D-Attn: values and out_proj).
+    assert ops.ops[ONEDNN] > 2 * softmaxes
+    torch.testing.assert_close(m, m_ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(s, s_ref, atol=1e-5, rtol=0)
+    assert not torch.equal(m, m_ref)  # other kernels did run
