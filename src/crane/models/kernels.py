@@ -137,9 +137,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
         return F.scaled_dot_product_attention(q, k, v)
     b, h, n, d = q.shape
     out = q.new_empty(b, n, h, v.shape[-1]).transpose(1, 2)
-    qs = (q * d**-0.5).contiguous()
+    # Each copied to (B, H, N, d) first: ops on the models' strided head views (and the
+    # transpose straight from them) ran ~10x slower, 9.6 of an attention's 35 ms at 1370 tokens.
+    # (contiguous() returns q itself when it already is: never scale that in place)
+    qs = q * d**-0.5 if q.is_contiguous() else q.contiguous().mul_(d**-0.5)
     kc = k.contiguous()
-    vt = v.transpose(-1, -2).contiguous()  # oneDNN's weight layout: (d_v, N) per head
+    vt = v.contiguous().transpose(-1, -2).contiguous()  # oneDNN's weight layout: (d_v, N)
     for i in range(b):
         for j in range(h):
             s = _onednn_linear(qs[i, j], kc[i, j], None)
