@@ -134,7 +134,6 @@ def main(argv=None) -> int:
         "host": host(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
     print(f"{results['host']}, torch {torch.__version__}, {results['threads']} threads")
     if args.only in (None, "ops"):

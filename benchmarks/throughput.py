@@ -865,14 +865,7 @@ def main(argv=None) -> int:
         "evaluate": [],
         "latency": [],
     }
-    try:
-        results["cpu"] = next(
-            line.split(":", 1)[1].strip()
-            for line in open("/proc/cpuinfo")
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
+    results["cpu"] = cpu_model()
 
     def record(part: str, row: dict) -> None:
         results[part].append(row)
@@ -1070,9 +1063,32 @@ def main(argv=None) -> int:
     return 0
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, with its family/model numbers where the name
+    alone does not tell generations apart (a VM's "AMD EPYC"); the architecture elsewhere."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+                if not line.strip():
+                    break  # the first processor's block is enough
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
+
+
 def host() -> dict:
     """The CPU a CPU-side benchmark ran on, for its JSON header."""
-    return {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
+    return {
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the ISA torch's kernels use
+    }
 
 
 def save(results: dict, path: str | None) -> None:

@@ -749,3 +749,23 @@ def test_cpu_kernels_benchmark_rows(tmp_path, monkeypatch, capsys):
     assert len(whole["torch_s_all"]) == len(whole["onednn_s_all"]) == 2
     assert 0 < whole["max_abs_diff_map"] <= 1e-5  # other kernels ran; rounding only
     assert "whole image (tiny+, 112²" in capsys.readouterr().out
+
+
+def test_host_names_the_cpu_generation(throughput, monkeypatch):
+    import builtins
+    import io
+
+    text = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\n"
+    text += "model name\t: AMD EPYC\n\nprocessor\t: 1\nmodel name\t: other\n"
+    real_open = builtins.open
+    monkeypatch.setattr(
+        builtins,
+        "open",
+        lambda path, *a, **k: (
+            io.StringIO(text) if path == "/proc/cpuinfo" else real_open(path, *a, **k)
+        ),
+    )
+    assert throughput.cpu_model() == "AMD EPYC (family 25, model 1)"
+    info = throughput.host()
+    assert info["cpu"] == "AMD EPYC (family 25, model 1)" and info["cpu_count"] >= 1
+    assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
