@@ -42,6 +42,11 @@ def _rand(*shape, seed=0):
 @pytest.fixture(autouse=True)
 def _default_setting(monkeypatch):
     monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    # The tiny shapes here are below where oneDNN's attention pays off: take it anyway, in
+    # blocks of 8 queries so that the block loop runs (the size rule has its own test).
+    monkeypatch.setattr(kernels, "ATTENTION_MIN_TOKENS", 0)
+    monkeypatch.setattr(kernels, "ATTENTION_MIN_HEAD_DIM", 0)
+    monkeypatch.setattr(kernels, "ATTENTION_BLOCK_ROWS", 8)
     kernels.set_cpu_kernels(None)
     yield
     kernels.set_cpu_kernels(None)
@@ -85,6 +90,7 @@ def test_linear_falls_back_to_torch_where_onednn_must_not_run(monkeypatch):
         assert _falls_back(lambda: kernels.linear(x, w, b))
     assert _falls_back(lambda: kernels.linear(x, w.t().contiguous().t(), b))  # strided weight
     assert _falls_back(lambda: kernels.linear(x[0], w, b))  # a vector
+    assert kernels.linear(x[:0], w, b).shape == (0, 5)  # no rows: torch's op
     # An autograd graph to record: torch's op (oneDNN's has no backward), gradients right.
     xg = x.clone().requires_grad_(True)
     with OpCounter() as rec:
@@ -119,13 +125,27 @@ def test_attention_is_sdpa_on_onednn(shape_q, shape_kv):
     q = q * 3  # sharper rows: softmax errors show
     with OpCounter() as rec:
         out = kernels.attention(q, k, v)
-    b, h = shape_q[:2]
-    assert rec.ops.get(ONEDNN) == 2 * b * h and FUSED_CPU not in rec.ops
+    b, h, n = shape_q[:3]
+    blocks = -(-n // kernels.ATTENTION_BLOCK_ROWS)
+    assert rec.ops.get(ONEDNN) == 2 * b * h * blocks and FUSED_CPU not in rec.ops
     ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
     assert out.shape == ref.shape
     torch.testing.assert_close(out.double(), ref, atol=1e-6, rtol=1e-5)
     # Heads merge back into (B, N, H·d) without a copy.
     assert out.transpose(1, 2).is_contiguous()
+
+
+def test_attention_takes_onednn_only_where_it_pays_off(monkeypatch):
+    monkeypatch.setattr(kernels, "ATTENTION_MIN_TOKENS", 512)
+    monkeypatch.setattr(kernels, "ATTENTION_MIN_HEAD_DIM", 32)
+    monkeypatch.setattr(kernels, "ATTENTION_BLOCK_ROWS", 512)
+    for shape, onednn in [((1, 2, 511, 32), False), ((1, 2, 512, 16), False),
+                          ((1, 2, 600, 32), True)]:  # fmt: skip
+        q = _rand(*shape)
+        assert _falls_back(lambda q=q: kernels.attention(q, q, q)) is not onednn
+    # A class-token query over many keys counts its keys.
+    q, k = _rand(1, 2, 1, 32), _rand(1, 2, 600, 32, seed=1)
+    assert not _falls_back(lambda: kernels.attention(q, k, k))
 
 
 def test_attention_from_strided_projections_and_the_math_switch():
@@ -159,15 +179,16 @@ def test_swapped_linear_keeps_its_state_dict():
 
 
 def _onednn_attention_heads(model, batch: int) -> int:
-    """(image, head) pairs of the attentions in one tiny+ forward: CLIP's blocks (the last one
-    with a class-token query), three per E-Attn block, DINOv2's."""
+    """(image, head) pairs of the attentions in one tiny+ forward: CLIP's blocks, three per
+    E-Attn block, DINOv2's."""
     cfg, v = model.cfg, model.vision
     calls = v.n_layers + 3 * (v.n_layers - cfg.eattn_start + 1)
     dino_heads = v.dino.blocks[0].attn.num_heads
     return batch * (calls * v.n_heads + len(v.dino.blocks) * dino_heads)
 
 
-def test_tiny_plus_forward_on_onednn_matches_torchs_kernels():
+def test_tiny_plus_forward_on_onednn_matches_torchs_kernels(monkeypatch):
+    monkeypatch.setattr(kernels, "ATTENTION_BLOCK_ROWS", 10**6)  # one block per head
     model = create_model("tiny+", image_size=112, seed=3)
     x = _rand(2, 3, 112, 112, seed=4)
     det = Detector(model, device="cpu")

@@ -4,10 +4,11 @@ On x86 CPUs torch runs an fp32 ``linear`` as MKL's sgemm and ``scaled_dot_produc
 as its own fused ("flash") CPU kernel. oneDNN, which torch ships and which its inductor uses for
 CPU linear layers, has faster fp32 kernels on the CPU this was measured on (2-vCPU AMD EPYC,
 Zen 5 with AVX-512, torch 2.14.1; ``benchmarks/cpu_kernels.py``): 380–440 GFLOP/s against MKL's
-180–205 at Crane's GEMM shapes, and a head's attention as two oneDNN products around an in-place
-softmax (its N×N scores materialised, 7.5 MB at 1370 tokens) at 280 GFLOP/s against the fused
-kernel's 175. The arithmetic is fp32 in both: results differ by summation order only
-(≈ 1e-6 relative; a Crane+ map moved by 2.4e-7).
+180–205 at Crane's GEMM shapes, and attention as two oneDNN products around an in-place
+softmax (the scores of 512 queries at a time materialised) at 1.2–1.6x the fused kernel's
+speed. The arithmetic is fp32 in both: results differ by summation order only (≈ 1e-6
+relative; Crane+ maps moved by up to 2e-4 where rounding moved a D-Attn similarity across
+its threshold, as any other GEMM would).
 
 :func:`linear` and :func:`attention` use oneDNN where all of this holds, and otherwise are
 exactly ``F.linear`` / ``F.scaled_dot_product_attention``:
@@ -18,7 +19,8 @@ exactly ``F.linear`` / ``F.scaled_dot_product_attention``:
 - no autograd graph is being recorded for them (oneDNN's op has no backward),
 - not inside ``torch.compile`` (its graphs keep torch's ops: inductor picks its own kernels),
 - for attention: torch's fused CPU kernel is not switched off (under
-  ``sdpa_kernel([SDPBackend.MATH])`` — ``--attention math`` — torch's reference runs).
+  ``sdpa_kernel([SDPBackend.MATH])`` — ``--attention math`` — torch's reference runs), and
+  the problem is large enough for oneDNN to pay off (see :func:`attention`).
 
 Everything else (CUDA, bf16, training the prompts) is untouched.
 """
@@ -119,21 +121,39 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``F.linear(x, weight, bias)``; on oneDNN where :func:`use_onednn` says so (and the
     weight is contiguous: a strided weight falls to oneDNN's slow reference kernel)."""
     args = (x, weight) if bias is None else (x, weight, bias)
-    if x.dim() >= 2 and weight.is_contiguous() and use_onednn(*args):
+    if x.dim() >= 2 and x.numel() and weight.is_contiguous() and use_onednn(*args):
         return _onednn_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
+# Where the oneDNN attention pays off on the CPU it was measured on (``benchmarks/cpu_kernels.py``
+# and RESULTS.md): from 512 keys with heads of 32+ dims (1.2–1.6x torch's fused kernel at
+# Crane's 1370 tokens); with fewer keys or 16-dim heads per-call overhead made it 0.5–0.95x.
+ATTENTION_MIN_TOKENS = 512
+ATTENTION_MIN_HEAD_DIM = 32
+# Query rows per product: a 512 × N block of scores (2.8 MB at 1370 keys) instead of a head's
+# whole N × N matrix (7.5 MB), which allocating per head made 1.3–2x slower and erratic.
+ATTENTION_BLOCK_ROWS = 512
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``F.scaled_dot_product_attention(q, k, v)`` (no mask, no dropout, scale 1/√d) for
-    (B, H, N, d) tensors; on oneDNN where :func:`use_onednn` says so and torch's fused CPU
-    kernel is not switched off.
+    (B, H, N, d) tensors; on oneDNN where :func:`use_onednn` says so, torch's fused CPU
+    kernel is not switched off, and the problem is large enough (``ATTENTION_MIN_TOKENS``
+    keys, ``ATTENTION_MIN_HEAD_DIM``-dim heads).
 
-    The oneDNN path loops over batch and heads: scores ``(q/√d) kᵀ`` as one product, softmax
-    in place, then ``· v``. The result is a (B, H, N, d) view of a (B, N, H, d) buffer, so
-    merging the heads back into (B, N, H·d) needs no copy.
+    The oneDNN path loops over images, heads and blocks of ``ATTENTION_BLOCK_ROWS`` queries:
+    scores ``(q/√d) kᵀ`` as one product, softmax in place, then ``· v``. The result is a
+    (B, H, N, d) view of a (B, N, H, d) buffer, so merging the heads back into (B, N, H·d)
+    needs no copy.
     """
-    if not use_onednn(q, k, v) or q.dim() != 4 or not torch.backends.cuda.flash_sdp_enabled():
+    if (
+        not use_onednn(q, k, v)
+        or q.dim() != 4
+        or k.shape[-2] < ATTENTION_MIN_TOKENS
+        or q.shape[-1] < ATTENTION_MIN_HEAD_DIM
+        or not torch.backends.cuda.flash_sdp_enabled()
+    ):
         return F.scaled_dot_product_attention(q, k, v)
     b, h, n, d = q.shape
     out = q.new_empty(b, n, h, v.shape[-1]).transpose(1, 2)
@@ -143,11 +163,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     qs = q * d**-0.5 if q.is_contiguous() else q.contiguous().mul_(d**-0.5)
     kc = k.contiguous()
     vt = v.contiguous().transpose(-1, -2).contiguous()  # oneDNN's weight layout: (d_v, N)
+    rows = ATTENTION_BLOCK_ROWS
     for i in range(b):
         for j in range(h):
-            s = _onednn_linear(qs[i, j], kc[i, j], None)
-            torch.softmax(s, dim=-1, out=s)
-            out[i, j] = _onednn_linear(s, vt[i, j], None)
+            for r in range(0, n, rows):
+                s = _onednn_linear(qs[i, j, r : r + rows], kc[i, j], None)
+                torch.softmax(s, dim=-1, out=s)
+                out[i, j, r : r + rows] = _onednn_linear(s, vt[i, j], None)
     return out
 
 
