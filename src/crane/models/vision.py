@@ -160,8 +160,8 @@ def eattn_mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_type: str)
     """Σ_t softmax(t tᵀ/√d) v over the chosen self-correlations t ∈ {q, k, v}, per head.
 
     Each term is scaled-dot-product attention with (query, key) = (t, t): a fused kernel
-    computes it without materialising the N×N matrix (fp32 on the CPU: oneDNN, one head's
-    N×N matrix at a time, :func:`crane.models.kernels.attention`).
+    computes it without materialising the N×N matrix (fp32 on the CPU: oneDNN products over
+    blocks of queries, :func:`crane.models.kernels.attention`).
     """
     sources = {"qq": q, "kk": k, "vv": v}
     out = None
