@@ -47,6 +47,7 @@ def _default_setting(monkeypatch):
     monkeypatch.setattr(kernels, "ATTENTION_MIN_TOKENS", 0)
     monkeypatch.setattr(kernels, "ATTENTION_MIN_HEAD_DIM", 0)
     monkeypatch.setattr(kernels, "ATTENTION_BLOCK_ROWS", 8)
+    monkeypatch.setattr(kernels, "ATTENTION_ISA", (kernels._cpu_capability(),))
     kernels.set_cpu_kernels(None)
     yield
     kernels.set_cpu_kernels(None)
@@ -146,6 +147,23 @@ def test_attention_takes_onednn_only_where_it_pays_off(monkeypatch):
     # A class-token query over many keys counts its keys.
     q, k = _rand(1, 2, 1, 32), _rand(1, 2, 600, 32, seed=1)
     assert not _falls_back(lambda: kernels.attention(q, k, k))
+    # Only on AVX-512 CPUs (with oneDNN held to AVX2 it was slower); linear layers on AVX2 too.
+    monkeypatch.setattr(kernels, "ATTENTION_ISA", ("AVX512",))
+    monkeypatch.setattr(kernels, "_cpu_capability", lambda: "AVX2")
+    assert _falls_back(lambda: kernels.attention(q, k, k))
+    w = _rand(5, 32, seed=2)
+    assert not _falls_back(lambda: kernels.linear(k, w))
+
+
+def test_other_cpus_keep_torchs_kernels(monkeypatch):
+    monkeypatch.setattr(kernels, "_cpu_capability", lambda: "SVE256")  # e.g. an ARM server
+    kernels.onednn_available.cache_clear()
+    try:
+        x, w = _rand(4, 3), _rand(2, 3, seed=1)
+        assert not kernels.onednn_available()
+        assert _falls_back(lambda: kernels.linear(x, w))
+    finally:
+        kernels.onednn_available.cache_clear()
 
 
 def test_attention_from_strided_projections_and_the_math_switch():

@@ -15,6 +15,7 @@ exactly ``F.linear`` / ``F.scaled_dot_product_attention``:
 
 - the switch is on (the default; :func:`cpu_kernels` ``("torch")`` or the environment variable
   ``CRANE_CPU_KERNELS=torch`` turns it off),
+- the CPU is x86 with AVX2 or AVX-512 (attention: AVX-512 only),
 - every tensor is an fp32 CPU tensor and CPU autocast is off,
 - no autograd graph is being recorded for them (oneDNN's op has no backward),
 - not inside ``torch.compile`` (its graphs keep torch's ops: inductor picks its own kernels),
@@ -81,8 +82,9 @@ def cpu_kernels(name: str):
 
 @functools.cache
 def onednn_available() -> bool:
-    """Whether this torch has oneDNN's linear op, and it computes a small product right."""
-    if not torch.backends.mkldnn.is_available():
+    """Whether this torch has oneDNN's linear op, it computes a small product right, and the
+    CPU is an x86 one with AVX2 or AVX-512 (where it was measured; elsewhere torch's kernels)."""
+    if not torch.backends.mkldnn.is_available() or _cpu_capability() not in ("AVX2", "AVX512"):
         return False
     try:
         op = torch.ops.mkldnn._linear_pointwise
@@ -95,6 +97,11 @@ def onednn_available() -> bool:
     if not ok:
         log.warning("oneDNN linear gave wrong results here: fp32 CPU products stay on torch's")
     return ok
+
+
+def _cpu_capability() -> str:
+    """The vector ISA torch's CPU kernels use here: ``AVX2``, ``AVX512``, ``DEFAULT``…"""
+    return torch.backends.cpu.get_cpu_capability()
 
 
 def use_onednn(*tensors: torch.Tensor) -> bool:
@@ -127,8 +134,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 # Where the oneDNN attention pays off on the CPU it was measured on (``benchmarks/cpu_kernels.py``
-# and RESULTS.md): from 512 keys with heads of 32+ dims (1.2–1.6x torch's fused kernel at
-# Crane's 1370 tokens); with fewer keys or 16-dim heads per-call overhead made it 0.5–0.95x.
+# and RESULTS.md): with AVX-512, from 512 keys with heads of 32+ dims (1.2–1.6x torch's fused
+# kernel at Crane's 1370 tokens); with fewer keys or 16-dim heads per-call overhead made it
+# 0.5–0.95x, and with oneDNN held to AVX2 it was 0.95x.
+ATTENTION_ISA = ("AVX512",)
 ATTENTION_MIN_TOKENS = 512
 ATTENTION_MIN_HEAD_DIM = 32
 # Query rows per product: a 512 × N block of scores (2.8 MB at 1370 keys) instead of a head's
@@ -139,8 +148,8 @@ ATTENTION_BLOCK_ROWS = 512
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``F.scaled_dot_product_attention(q, k, v)`` (no mask, no dropout, scale 1/√d) for
     (B, H, N, d) tensors; on oneDNN where :func:`use_onednn` says so, torch's fused CPU
-    kernel is not switched off, and the problem is large enough (``ATTENTION_MIN_TOKENS``
-    keys, ``ATTENTION_MIN_HEAD_DIM``-dim heads).
+    kernel is not switched off, and oneDNN measured faster there: an AVX-512 CPU
+    (``ATTENTION_ISA``), ``ATTENTION_MIN_TOKENS`` keys, ``ATTENTION_MIN_HEAD_DIM``-dim heads.
 
     The oneDNN path loops over images, heads and blocks of ``ATTENTION_BLOCK_ROWS`` queries:
     scores ``(q/√d) kᵀ`` as one product, softmax in place, then ``· v``. The result is a
@@ -152,6 +161,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
         or q.dim() != 4
         or k.shape[-2] < ATTENTION_MIN_TOKENS
         or q.shape[-1] < ATTENTION_MIN_HEAD_DIM
+        or _cpu_capability() not in ATTENTION_ISA
         or not torch.backends.cuda.flash_sdp_enabled()
     ):
         return F.scaled_dot_product_attention(q, k, v)
