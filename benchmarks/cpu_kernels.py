@@ -21,7 +21,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-from throughput import host, random_model, save, table  # same folder
+from eattn_cpu import median_ms  # same folder
+from throughput import host, random_model, save, table
 
 from crane.engine.predict import Detector
 from crane.models import kernels
@@ -41,16 +42,6 @@ GEMMS = {
 #: name -> (heads, tokens, calls per image: CLIP 23 full + 57 E-Attn (the class-token-only
 #: query of block 24 is left out), DINOv2 12)
 ATTENTIONS = {"CLIP attention": (16, CLIP_TOKENS, 80), "DINOv2 attention": (12, DINO_TOKENS, 12)}
-
-
-def median_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * sorted(times)[len(times) // 2]
 
 
 def op_rows(reps: int) -> list[dict]:

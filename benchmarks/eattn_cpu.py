@@ -4,7 +4,10 @@ E-Attn sums softmax(t tᵀ/√d)·v over t ∈ {q, k, v}. Summing the three soft
 a single product with v needs 8·N²·d FLOPs per head instead of 12 for three fused attentions,
 but the matrices must then be materialised (here in row chunks of R queries, all heads at
 once, so a chunk stays in cache). This prints both, with the max |Δ| between them, for one
-ViT-L/14 block at 518² (16 heads, 1370 tokens, head dim 64).
+ViT-L/14 block at 518² (16 heads, 1370 tokens, head dim 64). Both use torch's kernels (MKL
+products, the fused CPU attention); since the eighteenth session the model's fp32 CPU
+attention runs oneDNN's products instead (``crane.models.kernels``, ``cpu_kernels.py``), which
+this script does not compare.
 
   python benchmarks/eattn_cpu.py [--tokens 1370] [--reps 5] [--json out.json]
 """

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from op_counter import OpCounter
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from crane.engine.predict import Detector
 from crane.engine.runtime import (
@@ -30,18 +30,6 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 FUSED_CPU = "aten._scaled_dot_product_flash_attention_for_cpu.default"
 MATH_SOFTMAX = "aten._safe_softmax.default"  # the math kernel's softmax (D-Attn's is softmax)
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the aten ops a block of code runs."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: dict[str, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] = self.ops.get(str(func), 0) + 1
-        return func(*args, **(kwargs or {}))
 
 
 def _state():

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from op_counter import OpCounter
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from crane.engine.predict import Detector
 from crane.errors import CraneError
@@ -23,16 +23,6 @@ FUSED_CPU = "aten._scaled_dot_product_flash_attention_for_cpu.default"
 pytestmark = pytest.mark.skipif(
     not kernels.onednn_available(), reason="this torch build has no oneDNN linear op"
 )
-
-
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops: dict[str, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] = self.ops.get(str(func), 0) + 1
-        return func(*args, **(kwargs or {}))
 
 
 def _rand(*shape, seed=0):
