@@ -126,6 +126,25 @@ def test_attention_is_sdpa_on_onednn(shape_q, shape_kv):
     assert out.transpose(1, 2).is_contiguous()
 
 
+def test_attention_sum_shares_one_product_with_v():
+    # E-Attn's form: Σ_t softmax(t tᵀ/√d) v over t ∈ {q, k, v}, views of one projection.
+    qkv = _rand(2, 19, 3 * 3 * 8) * 2
+    q, k, v = (t.view(2, 19, 3, 8).transpose(1, 2) for t in qkv.chunk(3, -1))
+    pairs = [(q, q), (k, k), (v, v)]
+    with OpCounter() as rec:
+        out = kernels.attention_sum(pairs, v)
+    blocks = -(-19 // kernels.ATTENTION_BLOCK_ROWS)
+    # Per image, head and block of queries: a product and a softmax per pair, one product with v.
+    assert rec.ops.get("aten.softmax.int_out") == 3 * 2 * 3 * blocks
+    assert rec.ops.get(ONEDNN) == 4 * 2 * 3 * blocks and FUSED_CPU not in rec.ops
+    ref = sum(F.scaled_dot_product_attention(t.double(), t.double(), v.double()) for t in (q, k, v))
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    with kernels.cpu_kernels("torch"):  # torch's kernels: the terms summed in order, as before
+        plain = kernels.attention_sum(pairs, v)
+        want = F.scaled_dot_product_attention(q, q, v) + F.scaled_dot_product_attention(k, k, v)
+        assert torch.equal(plain, want + F.scaled_dot_product_attention(v, v, v))
+
+
 def test_attention_takes_onednn_only_where_it_pays_off(monkeypatch):
     monkeypatch.setattr(kernels, "ATTENTION_MIN_TOKENS", 512)
     monkeypatch.setattr(kernels, "ATTENTION_MIN_HEAD_DIM", 32)
@@ -209,9 +228,14 @@ def test_tiny_plus_forward_on_onednn_matches_torchs_kernels(monkeypatch):
     assert FUSED_CPU not in ops.ops  # every attention took the oneDNN path
     softmaxes = ops.ops.get("aten.softmax.int_out", 0)  # in place, one per (image, head)
     assert softmaxes == _onednn_attention_heads(model, 2)
-    # 2 products per (image, head) pair; the rest are the linear layers (CLIP: qkv, out_proj
-    # of both paths, MLP ×2; DINOv2: qkv, proj, MLP ×2; D-Attn: values and out_proj).
-    assert ops.ops[ONEDNN] > 2 * softmaxes
+    # A product per softmax, one with v per attention (E-Attn's three terms share it) and
+    # image and head; the rest are the linear layers (CLIP: qkv, out_proj of both paths,
+    # MLP ×2; DINOv2: qkv, proj, MLP ×2; D-Attn: values and out_proj).
+    cfg, v = model.cfg, model.vision
+    with_v = 2 * (2 * v.n_layers - cfg.eattn_start + 1) * v.n_heads
+    with_v += 2 * len(v.dino.blocks) * v.dino.blocks[0].attn.num_heads
+    linears = 4 * v.n_layers + (v.n_layers - cfg.eattn_start + 1) + 4 * len(v.dino.blocks) + 2
+    assert ops.ops[ONEDNN] == softmaxes + with_v + linears
     torch.testing.assert_close(m, m_ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(s, s_ref, atol=1e-5, rtol=0)
     assert not torch.equal(m, m_ref)  # other kernels did run

@@ -32,6 +32,7 @@ import contextlib
 import functools
 import logging
 import os
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -147,39 +148,61 @@ ATTENTION_BLOCK_ROWS = 512
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``F.scaled_dot_product_attention(q, k, v)`` (no mask, no dropout, scale 1/√d) for
-    (B, H, N, d) tensors; on oneDNN where :func:`use_onednn` says so, torch's fused CPU
-    kernel is not switched off, and oneDNN measured faster there: an AVX-512 CPU
-    (``ATTENTION_ISA``), ``ATTENTION_MIN_TOKENS`` keys, ``ATTENTION_MIN_HEAD_DIM``-dim heads.
+    (B, H, N, d) tensors; on oneDNN under the conditions of :func:`attention_sum`."""
+    return attention_sum([(q, k)], v)
+
+
+def attention_sum(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], v: torch.Tensor):
+    """``Σ_i F.scaled_dot_product_attention(q_i, k_i, v)`` over the (query, key) ``pairs``, all
+    with the same values ``v`` (E-Attn's three self-correlations; one pair is plain attention),
+    summed in order. On oneDNN where :func:`use_onednn` says so, torch's fused CPU kernel is not
+    switched off, and oneDNN measured faster there: an AVX-512 CPU (``ATTENTION_ISA``),
+    ``ATTENTION_MIN_TOKENS`` keys, ``ATTENTION_MIN_HEAD_DIM``-dim heads.
 
     The oneDNN path loops over images, heads and blocks of ``ATTENTION_BLOCK_ROWS`` queries:
-    scores ``(q/√d) kᵀ`` as one product, softmax in place, then ``· v``. The result is a
-    (B, H, N, d) view of a (B, N, H, d) buffer, so merging the heads back into (B, N, H·d)
-    needs no copy.
+    per pair the scores ``(q/√d) kᵀ`` as one product and softmax in place, the pairs'
+    probabilities summed, then one product with ``v`` (the sum is linear in them: for E-Attn's
+    three terms 8·N²·d FLOPs per head instead of 12). The result is a (B, H, N, d) view of a
+    (B, N, H, d) buffer, so merging the heads back into (B, N, H·d) needs no copy.
     """
+    tensors = [t for pair in pairs for t in pair]
+    q0, k0 = pairs[0]
     if (
-        not use_onednn(q, k, v)
-        or q.dim() != 4
-        or k.shape[-2] < ATTENTION_MIN_TOKENS
-        or q.shape[-1] < ATTENTION_MIN_HEAD_DIM
+        not use_onednn(*tensors, v)
+        or q0.dim() != 4
+        or k0.shape[-2] < ATTENTION_MIN_TOKENS
+        or q0.shape[-1] < ATTENTION_MIN_HEAD_DIM
         or _cpu_capability() not in ATTENTION_ISA
         or not torch.backends.cuda.flash_sdp_enabled()
+        or any(q.shape != q0.shape or k.shape != k0.shape for q, k in pairs)
     ):
-        return F.scaled_dot_product_attention(q, k, v)
-    b, h, n, d = q.shape
-    out = q.new_empty(b, n, h, v.shape[-1]).transpose(1, 2)
-    # Each copied to (B, H, N, d) first: ops on the models' strided head views (and the
-    # transpose straight from them) ran ~10x slower, 9.6 of an attention's 35 ms at 1370 tokens.
-    # (contiguous() returns q itself when it already is: never scale that in place)
-    qs = q * d**-0.5 if q.is_contiguous() else q.contiguous().mul_(d**-0.5)
-    kc = k.contiguous()
+        out = None
+        for q, k in pairs:
+            term = F.scaled_dot_product_attention(q, k, v)
+            out = term if out is None else out + term
+        return out
+    b, h, n, d = q0.shape
+    scale = d**-0.5
+    # Each copied to (B, H, N, d) first, once per distinct tensor (E-Attn's pairs are (t, t)):
+    # ops on the models' strided head views (and the transpose straight from them) ran ~10x
+    # slower, 9.6 of an attention's 35 ms at 1370 tokens.
+    dense: dict[int, torch.Tensor] = {}
+    for t in tensors:
+        dense.setdefault(id(t), t.contiguous())
+    scaled = {id(q): dense[id(q)] * scale for q, _ in pairs}
+    terms = [(scaled[id(q)], dense[id(k)]) for q, k in pairs]
     vt = v.contiguous().transpose(-1, -2).contiguous()  # oneDNN's weight layout: (d_v, N)
+    out = q0.new_empty(b, n, h, v.shape[-1]).transpose(1, 2)
     rows = ATTENTION_BLOCK_ROWS
     for i in range(b):
         for j in range(h):
             for r in range(0, n, rows):
-                s = _onednn_linear(qs[i, j, r : r + rows], kc[i, j], None)
-                torch.softmax(s, dim=-1, out=s)
-                out[i, j, r : r + rows] = _onednn_linear(s, vt[i, j], None)
+                p = None
+                for qs, kc in terms:
+                    s = _onednn_linear(qs[i, j, r : r + rows], kc[i, j], None)
+                    torch.softmax(s, dim=-1, out=s)
+                    p = s if p is None else p.add_(s)
+                out[i, j, r : r + rows] = _onednn_linear(p, vt[i, j], None)
     return out
 
 

@@ -161,15 +161,11 @@ def eattn_mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_type: str)
 
     Each term is scaled-dot-product attention with (query, key) = (t, t): a fused kernel
     computes it without materialising the N×N matrix (fp32 on the CPU: oneDNN products over
-    blocks of queries, :func:`crane.models.kernels.attention`).
+    blocks of queries, the terms' probabilities summed before one product with v,
+    :func:`crane.models.kernels.attention_sum`).
     """
     sources = {"qq": q, "kk": k, "vv": v}
-    out = None
-    for part in attn_type.split("+"):
-        t = sources[part]
-        term = kernels.attention(t, t, v)
-        out = term if out is None else out + term
-    return out
+    return kernels.attention_sum([(sources[p], sources[p]) for p in attn_type.split("+")], v)
 
 
 def dattn_weights(dino_tokens: torch.Tensor, gamma: float, beta: float, scope: str) -> torch.Tensor:
