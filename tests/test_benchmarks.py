@@ -731,16 +731,19 @@ def test_pending_gpu_all_runs_every_step_once_in_order(tmp_path):
 def test_cpu_kernels_benchmark_rows(tmp_path, monkeypatch, capsys):
     bench = _bench("cpu_kernels")
     monkeypatch.setattr(bench, "GEMMS", {"small": (37, 24, 40, 3)})
-    monkeypatch.setattr(bench, "ATTENTIONS", {"small attention": (2, 29, 5)})
+    monkeypatch.setattr(
+        bench, "ATTENTIONS", {"small attention": (2, 29, 1, 5), "small E-Attn": (2, 29, 3, 4)}
+    )
     out = tmp_path / "k.json"
     argv = ["--reps", "1", "--rounds", "2", "--preset", "tiny+", "--image-size", "112",
             "--json", str(out)]  # fmt: skip
     assert bench.main(argv) == 0
     res = json.loads(out.read_text())
-    assert [r["op"] for r in res["ops"]] == ["small", "small attention"]
-    gemm, attn = res["ops"]
+    assert [r["op"] for r in res["ops"]] == ["small", "small attention", "small E-Attn"]
+    gemm, attn, eattn = res["ops"]
     assert gemm["gflop"] == pytest.approx(2 * 37 * 24 * 40 / 1e9)
     assert attn["gflop"] == pytest.approx(4 * 2 * 29 * 29 * 64 / 1e9)
+    assert eattn["gflop"] == pytest.approx(3 * attn["gflop"])
     for row in res["ops"]:
         for kind in ("torch", "onednn"):
             assert row[f"{kind}_max_abs_err"] < 1e-4  # both against fp64
