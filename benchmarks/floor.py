@@ -401,7 +401,8 @@ def main(argv=None) -> int:
         default=kernels.get_cpu_kernels(),
         choices=list(kernels.CPU_KERNELS),
         help="fp32 CPU products and attention (crane.models.kernels): oneDNN's (the default; "
-        "each head's attention is then two recorded products and a softmax) or torch's",
+        "each head's attention is then recorded as products and a softmax; E-Attn's three terms "
+        "share one product with v) or torch's",
     )
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)

@@ -96,7 +96,13 @@ def test_recorded_flops_equal_the_architecture(floor, preset, monkeypatch):
             model.encode_images(x)
         cats = rec.by_category()
         assert set(cats) == {"gemm"}  # each head's attention: two products
-        assert cats["gemm"]["flops"] == analytic_vision_flops(model, 2)
+        # ... but E-Attn's terms share one product with v: 2·N²·d per head and term saved.
+        cfg, visual = model.cfg, model.vision.visual
+        tokens = (cfg.image_size // visual.conv1.kernel_size[0]) ** 2 + 1
+        width, layers = visual.conv1.out_channels, model.vision.n_layers
+        terms = len(cfg.attn_type.split("+"))
+        saved = (terms - 1) * (layers - cfg.eattn_start + 1) * 2 * 2 * tokens**2 * width
+        assert cats["gemm"]["flops"] == analytic_vision_flops(model, 2) - saved
     rec = floor.OpRecorder()
     with torch.inference_mode(), rec, kernels.cpu_kernels("torch"):
         model.encode_images(x)
