@@ -187,11 +187,12 @@ def attention_sum(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], v: torch.T
     # ops on the models' strided head views (and the transpose straight from them) ran ~10x
     # slower, 9.6 of an attention's 35 ms at 1370 tokens.
     dense: dict[int, torch.Tensor] = {}
-    for t in tensors:
-        dense.setdefault(id(t), t.contiguous())
-    scaled = {id(q): dense[id(q)] * scale for q, _ in pairs}
+    for t in (*tensors, v):
+        if id(t) not in dense:
+            dense[id(t)] = t.contiguous()
+    scaled = {id(q): dense[id(q)] * scale for q, _ in pairs}  # never in place: may be q itself
     terms = [(scaled[id(q)], dense[id(k)]) for q, k in pairs]
-    vt = v.contiguous().transpose(-1, -2).contiguous()  # oneDNN's weight layout: (d_v, N)
+    vt = dense[id(v)].transpose(-1, -2).contiguous()  # oneDNN's weight layout: (d_v, N)
     out = q0.new_empty(b, n, h, v.shape[-1]).transpose(1, 2)
     rows = ATTENTION_BLOCK_ROWS
     for i in range(b):
