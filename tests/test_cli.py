@@ -279,3 +279,14 @@ def test_evaluate_bins_are_checked_up_front(tmp_path, capsys, extra, message):
     assert main([*argv, *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_a_bad_cpu_kernels_variable_fails_before_any_work(tmp_path, capsys, monkeypatch):
+    from crane.cli import main
+
+    monkeypatch.setenv("CRANE_CPU_KERNELS", "mkl")
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "$CRANE_CPU_KERNELS must be one of onednn, torch, got 'mkl'" in err
+    assert "Traceback" not in err and not out.exists()  # nothing written

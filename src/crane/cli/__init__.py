@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from crane.errors import CraneError
@@ -41,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.getLogger("crane").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
+        if os.environ.get("CRANE_CPU_KERNELS"):  # a bad value fails now, not after the work
+            from crane.models.kernels import get_cpu_kernels
+
+            get_cpu_kernels()
         return int(args.func(args) or 0)
     except CraneError as exc:
         # Expected, user-facing failures: one clear paragraph, no traceback.
