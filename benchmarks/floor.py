@@ -57,7 +57,7 @@ CATEGORIES = {
     aten.convolution.default: "conv",
 }
 # oneDNN's fp32 CPU product (crane.models.kernels, the default there): linear layers, and
-# each head's two attention products (its softmax then counts as "rest").
+# the attentions' products (scores per term, one with v; their softmaxes count as "rest").
 ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 if ONEDNN_LINEAR is not None:
     CATEGORIES[ONEDNN_LINEAR.default] = "gemm"
