@@ -29,7 +29,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from throughput import cpu_model  # same folder
 
 from crane.metrics import (
     MetricAccumulator,
@@ -323,17 +323,6 @@ def _gb(x: float) -> str:
     return f"{x / 1e9:.2f} GB"
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="100 maps instead of 1725")
@@ -375,7 +364,7 @@ def main() -> None:
         f"float32 maps {_gb(maps_bytes)}"
     )
     w(
-        f"machine: {_cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+        f"machine: {cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), numpy {np.__version__}; "
         f"date {datetime.date.today().isoformat()}"
     )
@@ -465,7 +454,7 @@ def main() -> None:
                 "size": SIZE,
             },
             "machine": {
-                "cpu": _cpu_model(),
+                "cpu": cpu_model(),
                 "cpus": os.cpu_count(),
                 "torch": torch.__version__,
                 "numpy": np.__version__,
