@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import open_clip
@@ -13,7 +14,7 @@ import pytest
 import timm
 import torch
 
-from crane.config import TINY_CLIP, get_config
+from crane.config import TINY_CLIP, TINY_DINO, get_config
 from crane.errors import CheckpointError, WeightsError
 from crane.models import create_model
 from crane.models import weights as W
@@ -97,7 +98,10 @@ def test_openai_torchscript_archive_loads(tmp_path):
     txt = open_clip.get_tokenizer("ViT-L-14-336-quickgelu")(["a"])
     traced = torch.jit.trace(src, (img, txt), strict=False, check_trace=False)
     traced.save(str(tmp_path / "ViT-L-14-336px.pt"))
-    sd = W.load_state_dict_file(tmp_path / "ViT-L-14-336px.pt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sd = W.load_state_dict_file(tmp_path / "ViT-L-14-336px.pt")
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)]  # jit's deprecation
     dst = _tiny_clip()
     with torch.no_grad():
         for p in dst.parameters():
@@ -194,3 +198,103 @@ def test_full_size_crane_plus_end_to_end_from_original_formats(tmp_path, monkeyp
     assert out.anomaly_maps.shape == (1, 518, 518) and out.image_scores.shape == (1,)
     for t in (out.anomaly_maps, out.image_scores):
         assert torch.isfinite(t).all() and t.min() >= 0 and t.max() <= 1
+
+
+def _tiny_dino():
+    return timm.create_model(
+        "vit_base_patch14_reg4_dinov2", pretrained=False, img_size=56, num_classes=0, **TINY_DINO
+    ).eval()
+
+
+@pytest.mark.parametrize("build", [_tiny_clip, _tiny_dino], ids=["clip", "dino"])
+def test_backbone_built_without_random_init_equals_the_loaded_one(build, tmp_path):
+    """A module built under no_random_init and then loaded is the module the normal build
+    loads: every parameter, every buffer (CLIP's non-persistent causal mask included), the
+    requires_grad flags and the forward output."""
+    torch.manual_seed(0)
+    reference = build()
+    torch.save(reference.state_dict(), tmp_path / "w.pt")
+    with W.no_random_init():
+        fast = build()
+    W.load_into(fast, W.load_state_dict_file(tmp_path / "w.pt"), tmp_path / "w.pt", "test")
+    ref_tensors = dict(reference.named_parameters()) | dict(reference.named_buffers())
+    fast_tensors = dict(fast.named_parameters()) | dict(fast.named_buffers())
+    assert ref_tensors.keys() == fast_tensors.keys()
+    for name, tensor in ref_tensors.items():
+        assert torch.equal(tensor, fast_tensors[name]), name
+        assert tensor.requires_grad == fast_tensors[name].requires_grad, name
+    if build is _tiny_clip:
+        assert "attn_mask" in dict(reference.named_buffers())
+        x = (torch.randn(2, 3, 112, 112), open_clip.get_tokenizer("ViT-L-14-336-quickgelu")(["a"]))
+        with torch.no_grad():
+            for a, b in zip(reference(*x), fast(*x), strict=True):
+                assert torch.equal(a, b)
+    else:
+        x = torch.randn(2, 3, 56, 56)
+        with torch.no_grad():
+            assert torch.equal(reference(x), fast(x))
+
+
+def test_no_random_init_skips_parameter_initialisers_only():
+    def layers():
+        return torch.nn.Sequential(
+            torch.nn.Linear(64, 64), torch.nn.LayerNorm(64), torch.nn.MultiheadAttention(64, 4)
+        )
+
+    state = torch.random.get_rng_state()
+    with W.no_random_init():
+        built = layers()
+        assert torch.equal(torch.random.get_rng_state(), state)  # no random numbers drawn
+        plain = torch.zeros(1000).uniform_()  # a plain tensor is still filled
+        assert plain.min() >= 0 and plain.max() <= 1 and plain.std() > 0.2
+        built[0].weight.requires_grad_(False)  # metadata changes still apply
+        assert not built[0].weight.requires_grad
+    layers()
+    assert not torch.equal(torch.random.get_rng_state(), state)  # drawn again outside
+    after = torch.nn.Parameter(torch.zeros(1000))
+    torch.nn.init.ones_(after)
+    assert torch.equal(after, torch.ones(1000))
+
+
+def test_no_random_init_applies_to_its_own_thread_only():
+    import threading
+
+    torch.manual_seed(3)
+    expected = torch.nn.Linear(32, 32).weight.detach().clone()
+    got = {}
+
+    def other_thread():
+        torch.manual_seed(3)
+        got["weight"] = torch.nn.Linear(32, 32).weight.detach().clone()
+
+    with W.no_random_init():
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join()
+    assert torch.equal(got["weight"], expected)
+
+
+def test_weight_files_are_memory_mapped_then_copied(tmp_path):
+    """Plain torch files are read memory-mapped (no second full-size copy) and load_into
+    copies the values, so the model no longer depends on the file; files in torch's legacy
+    (pre-1.6) format still load."""
+    torch.manual_seed(1)
+    src = _tiny_clip()
+    path = tmp_path / "clip.pt"
+    torch.save(src.state_dict(), path)
+    sd = W.load_state_dict_file(path)
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        assert str(path) in maps.read_text()
+    dst = _tiny_clip()
+    W.load_into(dst, sd, path, "CLIP")
+    del sd
+    torch.save({k: torch.zeros_like(v) for k, v in src.state_dict().items()}, path)
+    path.unlink()
+    for (k, a), (_, b) in zip(src.state_dict().items(), dst.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+
+    legacy = tmp_path / "legacy.pt"
+    torch.save(src.state_dict(), legacy, _use_new_zipfile_serialization=False)
+    sd = W.load_state_dict_file(legacy)
+    assert all(torch.equal(sd[k], v) for k, v in src.state_dict().items())

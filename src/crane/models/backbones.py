@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -142,7 +143,9 @@ def build_clip(
                 "CLIP", W.CLIP_FILENAMES, "--clip-weights", W.CLIP_ENV, f"download failed: {exc}"
             ) from exc
     else:
-        model = open_clip.create_model(cfg.clip_model, pretrained=None, **overrides)
+        # Weights loaded right after need no random initialisation first.
+        with W.no_random_init() if local is not None else contextlib.nullcontext():
+            model = open_clip.create_model(cfg.clip_model, pretrained=None, **overrides)
         if local is not None:
             sd = W.load_state_dict_file(local)
             W.load_into(model, sd, local, f"CLIP {cfg.clip_model}")
@@ -208,7 +211,8 @@ def build_dino(
                 "DINOv2", W.DINO_FILENAMES, "--dino-weights", W.DINO_ENV, f"download failed: {exc}"
             ) from exc
     else:
-        model = timm.create_model(arch, pretrained=False, **kwargs)
+        with W.no_random_init() if local is not None else contextlib.nullcontext():
+            model = timm.create_model(arch, pretrained=False, **kwargs)
         if local is not None:
             from timm.models.vision_transformer import checkpoint_filter_fn
 
