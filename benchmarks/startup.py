@@ -175,14 +175,19 @@ def bench_load(folder: Path, rounds: int) -> list[dict]:
                 got[mode].append((r["build_s"], r["maxrss_mb"]))
         row = {"backbone": {"clip": "CLIP ViT-L/14-336", "dino": "DINOv2-B/14-reg4"}[what]}
         row["file"] = f"{fmt} ({path.stat().st_size / 2**20:.0f} MiB)"
-        for mode in MODES:
-            row[f"{mode}_s"] = statistics.median(s for s, _ in got[mode])
-            row[f"{mode}_peak_rss_mb"] = statistics.median(m for _, m in got[mode])
-            row[f"{mode}_all_s"] = [round(s, 3) for s, _ in got[mode]]
-        row["speedup"] = row["baseline_s"] / row["current_s"]
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        rows.append(summarise(row, got, "s"))
     return rows
+
+
+def summarise(row: dict, got: dict[str, list[tuple[float, float]]], unit: str) -> dict:
+    """Medians of each mode's (seconds, peak RSS) into ``row``, and the speed-up; printed."""
+    for mode in MODES:
+        row[f"{mode}_{unit}"] = statistics.median(s for s, _ in got[mode])
+        row[f"{mode}_peak_rss_mb"] = statistics.median(m for _, m in got[mode])
+        row[f"{mode}_all_s"] = [round(s, 3) for s, _ in got[mode]]
+    row["speedup"] = row[f"baseline_{unit}"] / row[f"current_{unit}"]
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def bench_cli(folder: Path, rounds: int) -> list[dict]:
@@ -199,14 +204,7 @@ def bench_cli(folder: Path, rounds: int) -> list[dict]:
                     argv += ["--dino-weights", str(folder / DINO_FILES["state dict fp32"])]
                     wall, r = run_child(["cli", mode, *argv])
                     got[mode].append((wall, r["maxrss_mb"]))
-        row = {"CLIP file": fmt}
-        for mode in MODES:
-            row[f"{mode}_wall_s"] = statistics.median(s for s, _ in got[mode])
-            row[f"{mode}_peak_rss_mb"] = statistics.median(m for _, m in got[mode])
-            row[f"{mode}_all_s"] = [round(s, 2) for s, _ in got[mode]]
-        row["speedup"] = row["baseline_wall_s"] / row["current_wall_s"]
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        rows.append(summarise({"CLIP file": fmt}, got, "wall_s"))
     return rows
 
 
