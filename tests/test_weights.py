@@ -298,3 +298,67 @@ def test_weight_files_are_memory_mapped_then_copied(tmp_path):
     torch.save(src.state_dict(), legacy, _use_new_zipfile_serialization=False)
     sd = W.load_state_dict_file(legacy)
     assert all(torch.equal(sd[k], v) for k, v in src.state_dict().items())
+
+
+def _hub_snapshot(cache: Path, repo_id: str, filename: str, revision: str = "0123abcd") -> Path:
+    """The Hugging Face hub cache layout a download leaves (models--org--name/refs/main,
+    snapshots/<revision>/<file>); returns the file's path, to be written by the caller."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    path = repo / "snapshots" / revision / filename
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def test_offline_build_uses_the_download_an_online_run_left(tmp_path, monkeypatch):
+    """timm/open_clip download into the hub layout under the cache directory; an offline run
+    afterwards builds from that copy (full-size DINOv2, timm's safetensors) instead of failing."""
+    from safetensors.torch import save_file
+
+    from crane.models.backbones import _dino_hub, build_dino
+
+    cfg = get_config("crane+")
+    monkeypatch.setenv(W.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv("CRANE_OFFLINE", "1")
+    monkeypatch.delenv(W.DINO_ENV, raising=False)
+    with pytest.raises(WeightsError, match="--dino-weights"):
+        build_dino(cfg)  # nothing cached yet
+    torch.manual_seed(2)
+    dino = timm.create_model(
+        "vit_base_patch14_reg4_dinov2", pretrained=False, img_size=518, num_classes=0
+    )
+    repo_id, names = _dino_hub(cfg)
+    assert repo_id == "timm/vit_base_patch14_reg4_dinov2.lvd142m" and "model.safetensors" in names
+    save_file(dict(dino.state_dict()), str(_hub_snapshot(tmp_path / "cache", repo_id, names[0])))
+    built = build_dino(cfg)
+    for name, tensor in dino.state_dict().items():
+        assert torch.equal(built.state_dict()[name], tensor), name
+
+
+def test_clip_weights_found_in_crane_then_default_hub_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from crane.models.backbones import _clip_hub
+
+    repo_id, names = _clip_hub(get_config("crane+"))
+    assert repo_id == "timm/vit_large_patch14_clip_336.openai"
+    assert names == ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+    monkeypatch.setenv(W.CACHE_ENV, str(tmp_path / "crane"))
+    monkeypatch.delenv(W.CLIP_ENV, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+
+    def resolve():
+        hub = (repo_id, names)
+        return W.resolve_local(None, W.CLIP_ENV, W.CLIP_FILENAMES, "--clip-weights", "CLIP", hub)
+
+    assert resolve() is None
+    in_default = _hub_snapshot(tmp_path / "hf", repo_id, names[1])
+    in_default.write_bytes(b"x")
+    assert resolve() == in_default
+    in_crane = _hub_snapshot(tmp_path / "crane", repo_id, names[0])
+    in_crane.write_bytes(b"x")
+    assert resolve() == in_crane  # crane's own cache first
+    flat = tmp_path / "crane" / W.CLIP_FILENAMES[0]
+    flat.write_bytes(b"x")
+    assert resolve() == flat  # a file under its published name before any hub copy

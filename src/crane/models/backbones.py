@@ -110,6 +110,33 @@ class _DropRandomInitWarning(logging.Filter):
 logging.getLogger().addFilter(_DropRandomInitWarning())
 
 
+def _clip_hub(cfg: CraneConfig) -> tuple[str, tuple[str, ...]] | None:
+    """Where open_clip downloads ``cfg``'s CLIP weights on the hub: (repo id, file names)."""
+    if not cfg.clip_pretrained:
+        return None
+    hf_hub = (open_clip.get_pretrained_cfg(cfg.clip_model, cfg.clip_pretrained) or {}).get("hf_hub")
+    if not hf_hub:
+        return None
+    repo_id, filename = os.path.split(hf_hub)
+    filename = filename or "open_clip_pytorch_model.bin"
+    # open_clip downloads a .safetensors twin of the file where the hub has one
+    # (download_pretrained_from_hf).
+    if filename == "open_clip_pytorch_model.bin":
+        twin = "open_clip_model.safetensors"
+    else:
+        twin = os.path.splitext(filename)[0] + ".safetensors"
+    return repo_id, tuple(dict.fromkeys((twin, filename)))
+
+
+def _dino_hub(cfg: CraneConfig) -> tuple[str, tuple[str, ...]] | None:
+    """Where timm downloads ``cfg``'s DINOv2 weights on the hub: (repo id, file names)."""
+    pretrained = timm.models.get_pretrained_cfg(cfg.dino_model or "")
+    if pretrained is None or not pretrained.hf_hub_id:
+        return None
+    names = (pretrained.hf_hub_filename,) if pretrained.hf_hub_filename else ()
+    return pretrained.hf_hub_id, names or ("model.safetensors", "pytorch_model.bin")
+
+
 def build_clip(
     cfg: CraneConfig, clip_weights: str | os.PathLike | None = None, pretrained: bool = True
 ) -> nn.Module:
@@ -123,7 +150,7 @@ def build_clip(
     local = None
     if want_weights:
         local = W.resolve_local(
-            clip_weights, W.CLIP_ENV, W.CLIP_FILENAMES, "--clip-weights", "CLIP"
+            clip_weights, W.CLIP_ENV, W.CLIP_FILENAMES, "--clip-weights", "CLIP", _clip_hub(cfg)
         )
     if want_weights and local is None:
         if W.hub_unreachable():
@@ -190,7 +217,7 @@ def build_dino(
     local = None
     if want_weights:
         local = W.resolve_local(
-            dino_weights, W.DINO_ENV, W.DINO_FILENAMES, "--dino-weights", "DINOv2"
+            dino_weights, W.DINO_ENV, W.DINO_FILENAMES, "--dino-weights", "DINOv2", _dino_hub(cfg)
         )
     kwargs = dict(img_size=cfg.image_size, num_classes=0, **overrides)
     if want_weights and local is None:

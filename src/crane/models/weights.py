@@ -5,7 +5,9 @@ Resolution order for each backbone (first hit wins):
 2. the environment variable (``CRANE_CLIP_WEIGHTS`` / ``CRANE_DINO_WEIGHTS``),
 3. the cache directory (``$CRANE_CACHE_DIR``, default ``~/.cache/crane``) under the
    file name the upstream projects publish,
-4. a download through open_clip / timm (skipped when ``CRANE_OFFLINE`` or ``HF_HUB_OFFLINE``
+4. a copy an earlier download left in a Hugging Face hub cache (the cache directory, then
+   the default hub cache), so an online run's download serves later offline runs,
+5. a download through open_clip / timm (skipped when ``CRANE_OFFLINE`` or ``HF_HUB_OFFLINE``
    is set, or when the hub host cannot be reached within a few seconds).
 When all fail, :class:`~crane.errors.WeightsError` says in one paragraph what to do.
 """
@@ -70,9 +72,18 @@ def _missing_message(what: str, filenames: tuple[str, ...], flag: str, env: str,
 
 
 def resolve_local(
-    explicit: str | os.PathLike | None, env: str, filenames: tuple[str, ...], flag: str, what: str
+    explicit: str | os.PathLike | None,
+    env: str,
+    filenames: tuple[str, ...],
+    flag: str,
+    what: str,
+    hub: tuple[str, tuple[str, ...]] | None = None,
 ) -> Path | None:
-    """The local weight file to use, or None when a download should be attempted."""
+    """The local weight file to use, or None when a download should be attempted.
+
+    ``hub``: ``(repo_id, file names)`` under which open_clip / timm download the weights
+    from the Hugging Face hub; a copy an earlier download left in a hub cache is used
+    (:func:`hub_cached`)."""
     for source, value in (("argument", explicit), (f"${env}", os.environ.get(env))):
         if value:
             path = Path(value).expanduser()
@@ -87,6 +98,26 @@ def resolve_local(
         candidate = cache_dir() / name
         if candidate.is_file():
             return candidate
+    return hub_cached(*hub) if hub else None
+
+
+def hub_cached(repo_id: str, filenames: tuple[str, ...]) -> Path | None:
+    """A file of ``repo_id`` (the first of ``filenames`` present) that an earlier download
+    left in a Hugging Face hub cache: the cache directory, where crane has open_clip and timm
+    download to, then the user's default hub cache (``HF_HUB_CACHE``). No network access."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - a dependency of timm and open_clip
+        return None
+    for cache in (str(cache_dir()), None):
+        for name in filenames:
+            try:
+                found = try_to_load_from_cache(repo_id, name, cache_dir=cache)
+            except Exception as exc:  # a malformed cache folder must not stop the run
+                log.debug("hub cache lookup of %s/%s failed: %s", repo_id, name, exc)
+                continue
+            if isinstance(found, str) and Path(found).is_file():
+                return Path(found)
     return None
 
 
