@@ -169,7 +169,8 @@ def _torch_load(path: Path) -> object:
     if zipfile.is_zipfile(path):
         try:
             return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:  # a platform or file layout that cannot be mapped
+        except Exception as exc:  # a file system or platform that cannot map it, or a bad
+            # file, which the plain read below then reports
             log.debug("memory-mapped load of %s failed (%s); reading it whole", path, exc)
     return torch.load(str(path), map_location="cpu", weights_only=True)
 
