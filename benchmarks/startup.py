@@ -7,15 +7,19 @@ Weight files are random full-size state dicts in the formats users have (speed d
 depend on the values): CLIP ViT-L/14-336 as the OpenAI TorchScript archive (fp16, the official
 ``ViT-L-14-336px.pt``), as a torch state dict and as safetensors (fp32); DINOv2-B/14-reg4 as a
 torch state dict and as timm's safetensors. Each measurement runs in a fresh interpreter
-(what a user's command pays); the files are in the page cache after the first round.
+(what a user's command pays); the files are in the page cache after the first round, or with
+``--cold`` (root on Linux) the page cache is dropped before every measurement, as after a
+reboot (the Python packages are then read from disk too).
 
 ``load`` rows: ``build_clip`` / ``build_dino`` alone, seconds inside the process (imports
-excluded) and the process's peak RSS. ``cli`` rows: ``crane predict`` on one 518×518 JPEG
-with Crane+ and the released MVTec prompts on the CPU, wall seconds from interpreter start
-to exit (imports, model build, text features, the image, the CSV and overlay).
+excluded), the process's peak RSS and its peak anonymous memory (:class:`AnonPeak`).
+``cli`` rows: ``crane predict`` on one 518×518 JPEG with Crane+ and the released MVTec
+prompts on the CPU, wall seconds from interpreter start to exit (imports, model build, text
+features, the image, the CSV and overlay).
 
   python benchmarks/startup.py --json results/startup.json
   python benchmarks/startup.py --weights-dir /tmp/w --rounds 5 --only cli
+  sudo python benchmarks/startup.py --weights-dir /tmp/w --cold
 """
 
 from __future__ import annotations
@@ -100,8 +104,23 @@ def make_image(folder: Path) -> Path:
     return path
 
 
+#: --cold: empty the page cache before each measured child (Linux, root).
+COLD = False
+
+
+def drop_page_cache() -> None:
+    """Write dirty pages back, then drop the clean page cache (as after a reboot)."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as exc:
+        raise SystemExit(f"--cold needs root on Linux (/proc/sys/vm/drop_caches: {exc})") from exc
+
+
 def run_child(args: list[str]) -> tuple[float, dict]:
     """Run this script as a fresh interpreter; (wall s, the JSON line it printed last)."""
+    if COLD and args[0] != "weights":
+        drop_page_cache()
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, __file__, "--child", *args],
@@ -247,15 +266,24 @@ def main(argv=None) -> int:
     ap.add_argument("--weights-dir", default=None, help="reuse/keep the weight files here")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", choices=("load", "cli"), default=None)
+    ap.add_argument(
+        "--cold",
+        action="store_true",
+        help="drop the page cache before each measurement (Linux, root): weight files and "
+        "Python packages read from disk, as in a first run after a reboot",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    global COLD
+    COLD = args.cold
     with contextlib.ExitStack() as stack:
         if args.weights_dir:
             folder = Path(args.weights_dir)
         else:
             folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="crane-startup-")))
         run_child(["weights", str(folder)])  # its 3 GB of models leave with the child
-        results: dict = {"host": host(), "rounds": args.rounds, "load": [], "cli": []}
+        results: dict = {"host": host(), "rounds": args.rounds, "cold": args.cold}
+        results |= {"load": [], "cli": []}
         if args.only in (None, "load"):
             results["load"] = bench_load(folder, args.rounds)
             save(results, args.json)
