@@ -69,6 +69,11 @@ def make_weights(folder: Path) -> None:
     import torch
     from safetensors.torch import save_file
 
+    def write(name: str, save) -> None:  # atomically: an interrupted run leaves no part file
+        part = folder / (name + ".part")
+        save(str(part))
+        os.replace(part, folder / name)
+
     if not all((folder / f).exists() for f in (*CLIP_FILES.values(), *DINO_FILES.values())):
         print(f"writing random full-size weight files to {folder} ...", file=sys.stderr)
     (folder / "openai").mkdir(parents=True, exist_ok=True)
@@ -76,21 +81,21 @@ def make_weights(folder: Path) -> None:
     if not all((folder / f).exists() for f in CLIP_FILES.values()):
         clip = open_clip.create_model("ViT-L-14-336-quickgelu", pretrained=None).eval()
         sd = {k: v.contiguous() for k, v in clip.state_dict().items()}
-        torch.save(sd, folder / CLIP_FILES["state dict fp32"])
-        save_file(sd, str(folder / CLIP_FILES["safetensors fp32"]))
+        write(CLIP_FILES["state dict fp32"], lambda path: torch.save(sd, path))
+        write(CLIP_FILES["safetensors fp32"], lambda path: save_file(sd, path))
         image = torch.randn(1, 3, 336, 336)
         text = open_clip.get_tokenizer("ViT-L-14-336-quickgelu")(["a"])
         with torch.no_grad():
             traced = torch.jit.trace(clip, (image, text), strict=False, check_trace=False)
-        traced.half().save(str(folder / CLIP_FILES["torchscript fp16"]))  # as OpenAI ships it
+        write(CLIP_FILES["torchscript fp16"], traced.half().save)  # as OpenAI ships it
         del clip, sd, traced
     if not all((folder / f).exists() for f in DINO_FILES.values()):
         dino = timm.create_model(
             "vit_base_patch14_reg4_dinov2", pretrained=False, img_size=518, num_classes=0
         )
         sd = {k: v.contiguous() for k, v in dino.state_dict().items()}
-        torch.save(sd, folder / DINO_FILES["state dict fp32"])
-        save_file(sd, str(folder / DINO_FILES["safetensors fp32"]))
+        write(DINO_FILES["state dict fp32"], lambda path: torch.save(sd, path))
+        write(DINO_FILES["safetensors fp32"], lambda path: save_file(sd, path))
 
 
 def make_image(folder: Path) -> Path:
@@ -100,7 +105,9 @@ def make_image(folder: Path) -> Path:
     path = folder / "one.jpg"
     if not path.exists():
         rng = np.random.default_rng(0)
-        Image.fromarray(rng.integers(0, 256, (518, 518, 3), dtype=np.uint8)).save(path)
+        pixels = rng.integers(0, 256, (518, 518, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / "one.part.jpg")
+        os.replace(folder / "one.part.jpg", path)
     return path
 
 
