@@ -97,7 +97,7 @@ run_step() {  # the command of one step
   case "$1" in
     tests) "$py" -m pytest -q -rs -p no:cacheprovider tests/test_fast_paths.py \
              tests/test_metrics_streaming.py tests/test_attention_kernels.py \
-             tests/test_device_decode.py -k cuda ;;
+             tests/test_device_decode.py tests/test_pil_resample.py -k cuda ;;
     attention) "$py" benchmarks/attention.py --device cuda --batch 32 \
                  --json "$out/attention_b32.json"; rc=$?  # the second part runs either way
                "$py" benchmarks/variants.py --device cuda --batch 32 --select "bf16 default (cast" \

@@ -11,6 +11,7 @@ BICUBIC)``, ``CenterCrop(S)`` (a no-op after the resize), RGB conversion, ``ToTe
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,6 +27,7 @@ from crane.constants import (
     OPENAI_CLIP_STD,
 )
 from crane.data.imageio import PathLike, binarize_mask, normalize_mode, open_image, read_jpeg
+from crane.data.pil_resample import pil_resize_uint8
 
 
 def _resized_rgb(image: Image.Image, size: int) -> Image.Image:
@@ -98,29 +100,49 @@ def _shrunk_uint8(image: Image.Image, size: int) -> torch.Tensor | None:
 
 
 def resize_uint8(pixels: torch.Tensor, size: int) -> torch.Tensor:
-    """(..., C, H, W) uint8 → (..., C, size, size) uint8 by PIL's resampling, on the tensor's
-    device.
+    """(..., C, H, W) uint8 → (..., C, size, size) uint8, bitwise PIL's bicubic resize of
+    each image, on the tensor's device.
 
-    PIL's bicubic ``resize`` (antialiased when shrinking) runs two passes, rounding to 8 bits
-    (half up) after each and skipping a pass whose side does not change: horizontal then
-    vertical, or in recent Pillow (13 does) vertical first when the height shrinks by more
-    than twice as many pixels as the width (:func:`_pil_vertical_first`). The same here with
-    torch's antialiased bicubic kernel (the filter PIL uses) in float32: pixels equal PIL's
-    except where its fixed-point sums round the other way, by 1 level (2 where a differing
-    intermediate value carries through the second pass): ≈ 1e-4 of the values on the VisA and
-    Brain MRI photos, ≈ 2e-3 on small sharp synthetic images. Rounding only at the end, or the
-    passes in the other order, differed in 6-27 % of the values, by up to 15 levels. For
-    GPU-decoded images (:func:`decode_jpegs`), where PIL cannot run."""
-    x = pixels.reshape(-1, *pixels.shape[-3:]).float()
-    height, width = x.shape[-2:]
-    steps = [(height, size), (size, size)]
-    if _pil_vertical_first() and height - size > 0 and height - size > 2 * (width - size):
-        steps = [(size, width), (size, size)]
-    for target in steps:
-        if tuple(x.shape[-2:]) != target:
-            x = F.interpolate(x, size=target, mode="bicubic", antialias=True)
-            x = x.add_(0.5).floor_().clamp_(0, 255)
-    return x.to(torch.uint8).view(*pixels.shape[:-2], *x.shape[-2:])
+    PIL's bicubic ``resize`` (antialiased when shrinking) runs two passes of fixed-point sums,
+    rounding to 8 bits after each and skipping a pass whose side does not change: horizontal
+    then vertical, or in recent Pillow (13 does) vertical first when the height shrinks by
+    more than twice as many pixels as the width (:func:`_pil_vertical_first`). On a GPU this
+    is :func:`crane.data.pil_resample.pil_resize_uint8` (the same integer arithmetic, exact
+    in float64 products); on the CPU PIL itself runs, image by image (4-5x faster there than
+    those products). For GPU-decoded images (:func:`decode_jpegs`), where PIL cannot run."""
+    return (
+        _pil_resize_cpu(pixels, size)
+        if pixels.device.type == "cpu"
+        else _pil_resize_tensor(pixels, size)
+    )
+
+
+def _pil_resize_tensor(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """:func:`resize_uint8` as tensor code on any device (the GPU path; tests run it on the CPU)."""
+    height, width = pixels.shape[-2:]
+    vertical_first = (
+        _pil_vertical_first() and 0 < height - size and 2 * (width - size) < height - size
+    )
+    return pil_resize_uint8(pixels, size, size, vertical_first)
+
+
+def _pil_resize_cpu(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """PIL's bicubic resize of each (C, H, W) uint8 image (RGB as one image, other channel
+    counts channel by channel, as PIL resizes each band alone)."""
+    flat = pixels.reshape(-1, *pixels.shape[-3:])
+    out = torch.empty((*flat.shape[:2], size, size), dtype=torch.uint8)
+    for image, dest in zip(flat, out, strict=True):
+        hwc = image.permute(1, 2, 0).numpy()
+        channels = [hwc[..., c] for c in range(hwc.shape[-1])] if hwc.shape[-1] != 3 else [hwc]
+        resized = [
+            np.asarray(Image.fromarray(np.ascontiguousarray(c)).resize((size, size), _BICUBIC))
+            for c in channels
+        ]
+        stacked = resized[0] if len(resized) == 1 else np.stack(resized, axis=-1)
+        dest.copy_(
+            torch.from_numpy(np.ascontiguousarray(stacked.reshape(size, size, -1))).permute(2, 0, 1)
+        )
+    return out.view(*pixels.shape[:-2], size, size)
 
 
 @functools.lru_cache(maxsize=1)
@@ -177,22 +199,24 @@ def decode_jpegs(
                 images.append(run([d])[0])
             except RuntimeError as exc:
                 images.append(exc)
-    # Images of one size are resized together, a few at a time (float32 copies of 2048-px
-    # photos take 50 MB each).
+    # Images of one size are resized together, a few at a time (the float64 windows of a
+    # 2048-px photo's first pass take about 120 MB).
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, im in enumerate(images):
         if not isinstance(im, RuntimeError):
             groups.setdefault(tuple(im.shape), []).append(i)
     for members in groups.values():
-        for start in range(0, len(members), _RESIZE_GROUP):
-            part = members[start : start + _RESIZE_GROUP]
+        step = max(1, _RESIZE_BYTES // (8 * math.prod(images[members[0]].shape)))
+        for start in range(0, len(members), step):
+            part = members[start : start + step]
             resized = resize_uint8(torch.stack([images[i] for i in part]), size)
             for i, pixels in zip(part, resized, strict=True):
                 images[i] = pixels
     return images
 
 
-_RESIZE_GROUP = 8
+_RESIZE_BYTES = 256 << 20  # float64 bytes of the images resized in one group
+_BICUBIC = Image.Resampling.BICUBIC
 
 
 @functools.lru_cache(maxsize=1)
