@@ -19,6 +19,7 @@ import torch
 from data_fixtures import photo_like, shared_data_dir
 from PIL import Image
 
+from crane.data import transforms as transforms_module
 from crane.data.imageio import read_jpeg
 from crane.data.transforms import (
     _pil_resize_tensor,
@@ -287,6 +288,67 @@ def test_with_fast_decode_the_files_left_to_the_cpu_decode_the_fast_way(tmp_path
     assert torch.equal(pixels[1], fast[1]) and torch.equal(pixels[2], fast[2])
 
 
+@pytest.fixture
+def device_resizes(monkeypatch):
+    """The (C, H, W) shapes of the images each ``resize_each`` call of predict resizes."""
+    calls: list[list[tuple[int, ...]]] = []
+    real = predict_module.resize_each
+
+    def counting(images, size):
+        calls.append([tuple(im.shape) for im in images])
+        return real(images, size)
+
+    monkeypatch.setattr(predict_module, "resize_each", counting)
+    return calls
+
+
+@pytest.mark.parametrize("workers, route", [(0, "cpu"), (2, "cpu"), (2, "tensor")])
+def test_detector_device_resize_gives_the_reference_pixels(
+    mixed_inputs, workers, route, device_resizes, monkeypatch
+):
+    """Large RGB and grey images reach the device unresized and come out as the workers
+    would have made them; small ones, CMYK/PNG files and in-memory images take their usual
+    routes, failures stay in place. ``route="tensor"`` resizes with the tensor code a GPU
+    runs instead of PIL."""
+    if route == "tensor":
+        monkeypatch.setattr(transforms_module, "resize_uint8", _pil_resize_tensor)
+    model = create_model("tiny+", image_size=SIZE, seed=3)
+    with Detector(model, device="cpu", batch_size=3, workers=workers) as ref:
+        want, want_px = _run(ref, mixed_inputs)
+    assert device_resizes == []
+    with Detector(model, device="cpu", batch_size=3, workers=workers, device_resize=True) as det:
+        got, got_px = _run(det, mixed_inputs)
+    assert torch.equal(got_px, want_px)
+    assert [type(r) for r in got] == [type(r) for r in want]
+    for r, w in zip(got, want, strict=True):
+        assert r.path == w.path
+        if isinstance(w, Prediction):
+            assert r.score == pytest.approx(w.score, abs=1e-6)
+            np.testing.assert_allclose(r.anomaly_map, w.anomaly_map, atol=1e-6)
+    shapes = sorted(s for call in device_resizes for s in call)
+    # a (229x336 RGB), b (152x123 grey), c (336x224 progressive), e (162x132 CMYK -> RGB),
+    # h (224x224): larger than 112x112; the PNG d (115x142) too; the 90x90 array is not.
+    assert shapes == sorted(
+        [(3, 229, 336), (1, 152, 123), (3, 336, 224), (3, 115, 142), (3, 162, 132), (3, 224, 224)]
+    )
+
+
+def test_device_resize_with_device_decode_and_against_fast_decode(mixed_inputs, device_resizes):
+    """With ``device_decode`` the JPEGs go to the device decoder and the rest (PNG, CMYK) are
+    resized on the device; ``fast_decode`` gives up the reference pixels, so asking for both
+    is an error."""
+    model = create_model("tiny", image_size=SIZE, seed=4)
+    with Detector(model, device="cpu", batch_size=4) as ref:
+        _, want_px = _run(ref, mixed_inputs)
+    with Detector(model, device="cpu", batch_size=4, device_decode=True, device_resize=True) as det:
+        _, got_px = _run(det, mixed_inputs)
+    assert torch.equal(got_px, want_px)
+    shapes = [s for call in device_resizes for s in call]
+    assert sorted(shapes) == [(3, 115, 142), (3, 162, 132)]  # d.png, e.jpg (CMYK)
+    with pytest.raises(CraneError, match="choose one"):
+        Detector(model, device="cpu", fast_decode=True, device_resize=True)
+
+
 def test_failures_keep_input_order_when_a_whole_batch_fails(mixed_inputs, tmp_path):
     """A batch whose JPEGs all fail on the device and on the host, with a worker's failure
     between them: the results still come out in input order."""
@@ -349,26 +411,29 @@ def test_device_decode_is_checked_up_front(monkeypatch):
     assert list(predict_module._PROBE_JPEG) == ["cpu"]
 
 
-def test_cli_predict_device_decode(tmp_path, device_decodes):
-    """``crane predict --device-decode`` decodes the JPEGs through the device path and gives
-    the scores of the CPU path up to the resize's ±1 levels."""
+def test_cli_predict_device_decode_and_resize(tmp_path, device_decodes, device_resizes):
+    """``crane predict --device-decode`` decodes the JPEGs through the device path,
+    ``--device-resize`` resizes them there; on the CPU both give the CPU path's scores."""
     import csv
 
     from crane.cli import main
 
-    for k in range(3):
-        photo_like("RGB", (150 + 10 * k, 130), seed=k).save(tmp_path / f"{k}.jpg", quality=90)
+    for k in range(3):  # larger than the tiny preset's 224 x 224 input
+        photo_like("RGB", (250 + 10 * k, 230), seed=k).save(tmp_path / f"{k}.jpg", quality=90)
     scores = {}
-    for name, extra in (("cpu", []), ("device", ["--device-decode"])):
+    runs = (("cpu", []), ("device", ["--device-decode"]), ("resize", ["--device-resize"]))
+    for name, extra in runs:
         out = tmp_path / name
         argv = ["predict", str(tmp_path / "*.jpg"), "--model", "tiny", "--out", str(out)]
         assert main([*argv, "--no-progress", "--no-overlays", *extra]) == 0
         rows = csv.DictReader(open(out / "predictions.csv"))
         scores[name] = {r["path"]: float(r["image_score"]) for r in rows}
         assert len(scores[name]) == 3
-        assert sum(map(len, device_decodes)) == (3 if extra else 0)
+        assert sum(map(len, device_decodes)) == (0 if name == "cpu" else 3)
+        assert sum(map(len, device_resizes)) == (3 if name == "resize" else 0)
     for path, score in scores["cpu"].items():
-        assert scores["device"][path] == pytest.approx(score, abs=2e-3)
+        assert scores["device"][path] == pytest.approx(score, abs=1e-6)
+        assert scores["resize"][path] == pytest.approx(score, abs=1e-6)
 
 
 # --- evaluate -------------------------------------------------------------------------------------

@@ -100,8 +100,8 @@ def _device_decode_arg(p: argparse.ArgumentParser, when: str = "", rest: str = "
     p.add_argument(
         "--device-decode",
         action="store_true",
-        help=f"decode JPEG images on the GPU (nvJPEG, resized there as PIL does) so the CPUs "
-        f"only read them{when}; {rest} other images are decoded on the CPU as usual",
+        help=f"decode JPEG images on the GPU (nvJPEG, resized there bit for bit as PIL does) "
+        f"so the CPUs only read them{when}; {rest} other images are decoded on the CPU as usual",
     )
 
 
@@ -190,9 +190,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--device-decode",
         action="store_true",
-        help="decode JPEG files on the GPU (nvJPEG, resized there as PIL does) so the CPUs "
-        "only read files; other files are decoded on the CPU as usual. Pixels match the "
-        "reference pipeline within a level or so",
+        help="decode JPEG files on the GPU (nvJPEG, resized there bit for bit as PIL does) so "
+        "the CPUs only read files; other files are decoded on the CPU as usual. nvJPEG's "
+        "decode may differ from the reference decoder's by a level or two",
+    )
+    p.add_argument(
+        "--device-resize",
+        action="store_true",
+        help="decode images on the CPU as usual but resize large ones on the GPU, bit for bit "
+        "as PIL does: the reference pixels, with the CPUs only decoding (full-size pixels are "
+        "copied to the GPU). Not with --fast-decode",
     )
     p.add_argument(
         "--map-size",
@@ -419,6 +426,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         attention=args.attention,
         fast_decode=args.fast_decode,
         device_decode=args.device_decode,
+        device_resize=args.device_resize,
         cast_weights=True,  # the model is ours; a no-op for fp32
         map_size=args.map_size,
     )

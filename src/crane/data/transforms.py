@@ -139,9 +139,7 @@ def _pil_resize_cpu(pixels: torch.Tensor, size: int) -> torch.Tensor:
             for c in channels
         ]
         stacked = resized[0] if len(resized) == 1 else np.stack(resized, axis=-1)
-        dest.copy_(
-            torch.from_numpy(np.ascontiguousarray(stacked.reshape(size, size, -1))).permute(2, 0, 1)
-        )
+        dest.numpy()[...] = stacked.reshape(size, size, -1).transpose(2, 0, 1)
     return out.view(*pixels.shape[:-2], size, size)
 
 
@@ -199,20 +197,29 @@ def decode_jpegs(
                 images.append(run([d])[0])
             except RuntimeError as exc:
                 images.append(exc)
-    # Images of one size are resized together, a few at a time (the float64 windows of a
-    # 2048-px photo's first pass take about 120 MB).
+    ok = [i for i, im in enumerate(images) if not isinstance(im, RuntimeError)]
+    for i, pixels in zip(ok, resize_each([images[i] for i in ok], size), strict=True):
+        images[i] = pixels
+    return images
+
+
+def resize_each(images: Sequence[torch.Tensor], size: int) -> list[torch.Tensor]:
+    """Each (C, H, W) uint8 image (C = 1 or 3, any sizes, all on one device) resized as PIL
+    does (:func:`resize_uint8`) to (3, size, size); one channel is repeated, as PIL converts
+    a resized L image to RGB. Images of one size are resized together, a few at a time (the
+    float64 windows of a 2048-px photo's first pass take about 120 MB)."""
+    out: list[torch.Tensor | None] = [None] * len(images)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, im in enumerate(images):
-        if not isinstance(im, RuntimeError):
-            groups.setdefault(tuple(im.shape), []).append(i)
-    for members in groups.values():
-        step = max(1, _RESIZE_BYTES // (8 * math.prod(images[members[0]].shape)))
+        groups.setdefault(tuple(im.shape), []).append(i)
+    for shape, members in groups.items():
+        step = max(1, _RESIZE_BYTES // (8 * math.prod(shape)))
         for start in range(0, len(members), step):
             part = members[start : start + step]
             resized = resize_uint8(torch.stack([images[i] for i in part]), size)
             for i, pixels in zip(part, resized, strict=True):
-                images[i] = pixels
-    return images
+                out[i] = pixels.expand(3, -1, -1) if pixels.shape[0] == 1 else pixels
+    return out
 
 
 _RESIZE_BYTES = 256 << 20  # float64 bytes of the images resized in one group

@@ -20,15 +20,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from tqdm.auto import tqdm
 
-from crane.data.imageio import is_image_file
+from crane.data.imageio import is_image_file, normalize_mode, open_image
 from crane.data.transforms import (
     decode_jpegs,
     image_to_uint8,
     read_image_tensor,
     read_jpeg_tensor,
+    resize_each,
 )
 from crane.engine.batching import chunk_plan
 from crane.engine.batching import take_rows as _take_rows
@@ -85,6 +86,9 @@ class _Decode(Dataset):
     records. Normalisation happens on the device (:func:`normalize_uint8`, bitwise equal).
     With ``device_jpeg``, JPEG files that :func:`~crane.data.imageio.read_jpeg` takes are only
     read (their bytes travel as ``"jpeg"``) and the main process decodes them on the device.
+    With ``device_resize``, RGB and greyscale images larger than the model input travel
+    decoded but not resized (``"raw"``, (H, W, C) uint8) and are resized on the device, bitwise
+    as PIL would (:func:`~crane.data.transforms.resize_each`).
 
     Keys are ``(input index, input)`` pairs handed out by :class:`_Jobs`, so long-lived
     workers can decode whatever a later ``predict`` call brings."""
@@ -95,9 +99,11 @@ class _Decode(Dataset):
         draft: int | None = None,
         fast_resize: bool | None = None,
         device_jpeg: bool = False,
+        device_resize: bool = False,
     ):
         # Fast decoding (a draft size) also shrinks with torch's uint8 kernel (image_to_uint8).
         self.size, self.draft, self.device_jpeg = size, draft, device_jpeg
+        self.device_resize = device_resize and draft is None
         self.fast = draft is not None if fast_resize is None else fast_resize
 
     def __getitem__(self, key: tuple[int, ImageInput]) -> dict[str, Any]:
@@ -118,11 +124,15 @@ class _Decode(Dataset):
                         "path": os.fspath(item),
                         "i": i,
                     }
+                if self.device_resize:
+                    return self._decoded(i, open_image(item), os.fspath(item))
                 pixels, (h, w) = read_image_tensor(
                     item, self.size, draft=self.draft, as_uint8=True, fast_resize=self.fast
                 )
                 return {"ok": True, "image": pixels, "hw": (h, w), "path": os.fspath(item), "i": i}
             pil = item if isinstance(item, Image.Image) else Image.fromarray(np.asarray(item))
+            if self.device_resize:
+                return self._decoded(i, normalize_mode(pil), None)
             return {
                 "ok": True,
                 "image": image_to_uint8(pil, self.size, fast=self.fast),
@@ -137,6 +147,17 @@ class _Decode(Dataset):
                 "error": str(exc),
                 "i": i,
             }
+
+    def _decoded(self, i: int, image: Image.Image, path: str | None) -> dict[str, Any]:
+        """A decoded image's record: its own pixels for the device to resize (RGB or grey,
+        larger than the model input: PIL resizes those band by band, so the device's resize
+        of the (H, W, C) array is the reference's), else resized here as usual."""
+        out = {"ok": True, "hw": (image.height, image.width), "path": path, "i": i}
+        if image.mode in ("RGB", "L") and image.width * image.height > self.size**2:
+            out["raw"] = np.asarray(image).reshape(image.height, image.width, -1)
+        else:
+            out["image"] = image_to_uint8(image, self.size)
+        return out
 
 
 class _Jobs(Sampler):
@@ -155,21 +176,27 @@ class _Jobs(Sampler):
         return -(-len(self.keys) // self.chunk)
 
 
+_PAYLOADS = ("image", "jpeg", "raw")
+
+
 def _collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     """A chunk as one tensor per kind of payload: every tensor leaving a worker is copied into
     its own shared-memory segment, so the records keep none (``"image"`` rows are stacked in
-    input order; ``"jpeg"`` bytes are joined, each record keeping its span)."""
-    ok = [{k: v for k, v in b.items() if k not in ("image", "jpeg")} for b in batch if b["ok"]]
-    pixels = [b["image"] for b in batch if b["ok"] and "image" in b]
-    jpegs = [b["jpeg"] for b in batch if b["ok"] and "jpeg" in b]
+    input order; ``"jpeg"`` bytes and ``"raw"`` pixels are joined, each record keeping its
+    span, and for raw pixels their shape)."""
+    good = [b for b in batch if b["ok"]]
+    ok = [{k: v for k, v in b.items() if k not in _PAYLOADS} for b in good]
+    pixels = [b["image"] for b in good if "image" in b]
+    jpegs = [b["jpeg"] for b in good if "jpeg" in b]
     start = 0
-    for rec, b in zip(ok, (b for b in batch if b["ok"]), strict=True):
+    for rec, b in zip(ok, good, strict=True):
         if "jpeg" in b:
             rec["jpeg_span"] = (start, start + len(b["jpeg"]))
             start += len(b["jpeg"])
     return {
         "images": torch.stack(pixels) if pixels else None,
         "jpegs": torch.cat(jpegs) if jpegs else None,
+        "raws": _join_raw(ok, good),
         "ok": ok,
         "failed": [(b["i"], Failure(b["path"], b["error"])) for b in batch if not b["ok"]],
         # When the worker finished this chunk (a system-wide monotonic clock on Linux, macOS
@@ -178,14 +205,37 @@ def _collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _join_raw(records: list[dict[str, Any]], batch: list[dict[str, Any]]) -> torch.Tensor | None:
+    """The chunk's ``"raw"`` arrays in one flat uint8 tensor (each record gets its span and
+    shape). In a worker it is made in shared memory and filled there, one copy per image (a
+    plain tensor would be copied once more into shared memory when the chunk is sent)."""
+    raws = [(rec, b["raw"]) for rec, b in zip(records, batch, strict=True) if "raw" in b]
+    if not raws:
+        return None
+    total = sum(a.size for _, a in raws)
+    flat = torch.empty(0, dtype=torch.uint8)
+    if get_worker_info() is not None:
+        flat.set_(torch.UntypedStorage._new_shared(total))
+    else:
+        flat.resize_(total)
+    dst, start = flat.numpy(), 0
+    for rec, a in raws:
+        np.copyto(dst[start : start + a.size].reshape(a.shape), a)
+        rec["raw_span"], rec["raw_shape"] = (start, start + a.size), a.shape
+        start += a.size
+    return flat
+
+
 def _rebatch(
     chunks: Iterable[dict[str, Any]], batch_size: int, pin: bool
 ) -> Iterator[dict[str, Any]]:
     """Join loader chunks into batches of ``batch_size`` readable images (the last may be
     smaller), in input order; each failure travels with the batch that precedes it in the
     input, so results come out in input order. With ``pin`` the images land in a pinned
-    buffer (one copy) for an asynchronous transfer to the GPU. ``images`` holds the rows of
-    the records without ``"jpeg"`` (undecoded bytes, a view of their chunk's), in order."""
+    buffer (one copy) for an asynchronous transfer to the GPU, and so do ``"raw"`` pixels
+    (a pageable host-to-device copy would wait for the GPU's queued work). ``images`` holds
+    the rows of the records without ``"jpeg"`` (undecoded bytes, a view of their chunk's) or
+    ``"raw"`` (unresized pixels), in order."""
     ok: list[dict[str, Any]] = []
     images: list[torch.Tensor] = []
     failed: list[tuple[int, Failure]] = []
@@ -194,7 +244,7 @@ def _rebatch(
         nonlocal ok, images, failed
         take, ok = ok[:n], ok[n:]
         rows = None
-        n_rows = sum("jpeg" not in item for item in take)
+        n_rows = sum("jpeg" not in item and "raw" not in item for item in take)
         if n_rows:
             rows, images = _take_rows(images, n_rows, pin)
         last = take[-1]["i"]
@@ -208,6 +258,9 @@ def _rebatch(
         for item in c["ok"]:
             if "jpeg_span" in item:
                 item["jpeg"] = c["jpegs"][slice(*item.pop("jpeg_span"))]
+            if "raw_span" in item:
+                raw = c["raws"][slice(*item.pop("raw_span"))].view(item.pop("raw_shape"))
+                item["raw"] = _pinned_copy(raw) if pin else raw
         if c["images"] is not None:
             images.append(c["images"])
         while len(ok) >= batch_size:
@@ -216,6 +269,14 @@ def _rebatch(
         yield emit(len(ok))
     if failed:
         yield {"images": None, "ok": [], "failed": failed}
+
+
+def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
+    """``t`` copied into pinned memory (torch's caching host allocator), through numpy: on
+    this thread with the GIL released (see :func:`crane.engine.batching.take_rows`)."""
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    np.copyto(out.numpy(), t.numpy())
+    return out
 
 
 def decode_loader(
@@ -230,18 +291,20 @@ def decode_loader(
     pin_memory: bool = False,
     fast_resize: bool | None = None,
     device_jpeg: bool = False,
+    device_resize: bool = False,
 ) -> tuple[DataLoader, _Jobs]:
     """The loader :class:`Detector` decodes with: ``workers`` processes decode chunks of
     ⌈batch / workers⌉ inputs (set ``jobs.keys`` to ``(index, input)`` pairs before iterating),
     which :func:`_rebatch` joins into model batches. Chunks are collated as uint8 pixels,
     shrunk the fast way when ``draft`` is set (or as ``fast_resize`` says).
     ``chunk``/``prefetch``/``pin_memory``/``fast_resize`` change those choices (benchmarks
-    compare them). ``device_jpeg``: JPEG files are read, not decoded (see :class:`_Decode`)."""
+    compare them). ``device_jpeg``: JPEG files are read, not decoded; ``device_resize``: large
+    images are decoded, not resized (see :class:`_Decode`)."""
     chunk, planned = chunk_plan(batch_size, workers, chunk)
     prefetch = planned if prefetch is None else prefetch
     jobs = _Jobs(chunk)
     loader = DataLoader(
-        _Decode(size, draft, fast_resize, device_jpeg),
+        _Decode(size, draft, fast_resize, device_jpeg, device_resize),
         batch_sampler=jobs,
         num_workers=workers,
         collate_fn=_collate,
@@ -272,22 +335,29 @@ def batch_pixels(
     draft: int | None = None,
 ) -> tuple[torch.Tensor | None, list[dict[str, Any]], list[tuple[int, Failure]]]:
     """A decode-loader batch's (B, 3, S, S) uint8 pixels: the workers' ``rows`` (those of the
-    records without ``"jpeg"``, in order), with the undecoded JPEGs decoded on ``device`` in
-    their places (:func:`~crane.data.transforms.decode_jpegs`). A JPEG the device decoder
-    rejects is decoded on the host as the workers would (``draft``: fast decoding); if that
-    fails too its record leaves the batch as a :class:`Failure`. Returns the pixels (None when
-    no image is left), the records they belong to, and ``(input index, Failure)`` pairs."""
+    records without ``"jpeg"`` or ``"raw"``, in order), with the undecoded JPEGs decoded on
+    ``device`` (:func:`~crane.data.transforms.decode_jpegs`) and the unresized pixels resized
+    there (:func:`~crane.data.transforms.resize_each`) in their places. A JPEG the device
+    decoder rejects is decoded on the host as the workers would (``draft``: fast decoding); if
+    that fails too its record leaves the batch as a :class:`Failure`. Returns the pixels (None
+    when no image is left), the records they belong to, and ``(input index, Failure)`` pairs."""
     at = [j for j, item in enumerate(records) if "jpeg" in item]
-    if not at:
+    at_raw = [j for j, item in enumerate(records) if "raw" in item]
+    if not at and not at_raw:
         return rows, records, []
-    decoded = decode_jpegs([records[j].pop("jpeg") for j in at], size, device)
+    decoded = decode_jpegs([records[j].pop("jpeg") for j in at], size, device) if at else []
     out = torch.empty((len(records), 3, size, size), dtype=torch.uint8, device=device)
     if rows is not None:
         # Row by row: indexing with a list would copy the index to the GPU synchronously,
         # making the host wait for the batch still running there.
-        taken, rows = set(at), rows.to(device, non_blocking=True)
+        taken, rows = {*at, *at_raw}, rows.to(device, non_blocking=True)
         for k, j in enumerate(j for j in range(len(records)) if j not in taken):
             out[j] = rows[k]
+    if at_raw:
+        # (H, W, C) host arrays (pinned on CUDA) → (C, H, W) on the device, resized there.
+        raw = [records[j].pop("raw").to(device, non_blocking=True).permute(2, 0, 1) for j in at_raw]
+        for j, pixels in zip(at_raw, resize_each(raw, size), strict=True):
+            out[j] = pixels
     failed: list[tuple[int, Failure]] = []
     lost: set[int] = set()
     for j, pixels in zip(at, decoded, strict=True):
@@ -397,9 +467,18 @@ class Detector:
     and resized there as PIL does (:func:`~crane.data.transforms.decode_jpegs`): the workers
     only read files, so a GPU is no longer held back by the CPUs' decoding; other files,
     CMYK and truncated JPEGs, and JPEGs the GPU decoder rejects are decoded on the CPU as
-    usual (``fast_decode`` then applies to them). Pixels equal the reference's but for ±1
-    (rarely 2) in about 1e-4 of a photo's values from the resize, plus whatever nvJPEG's
-    inverse DCT rounds differently. On a CPU device it only moves decoding into the main process.
+    usual (``fast_decode`` then applies to them). The resize is PIL's bit for bit; nvJPEG's
+    inverse DCT and chroma upsampling may round differently from libjpeg-turbo's (within 2
+    levels in the H100 measurements). On a CPU device it only moves decoding into the main process.
+    ``device_resize``: the workers decode images as usual but leave RGB and greyscale images
+    larger than the model input unresized; the main process copies them whole to the device
+    and resizes them there, bitwise as PIL does
+    (:func:`~crane.data.pil_resample.pil_resize_uint8`): the reference pixels exactly, with
+    the workers' cost for a large photo reduced to its decode (a 2048-px JPEG: 36 → 16 ms of a
+    core on the 2-core dev box) at the price of copying its full-size pixels (12 MB) to the
+    device. Not with ``fast_decode``; with ``device_decode`` it applies to the files that are
+    not decoded on the device (PNGs, for instance). On a CPU device it only moves resizing
+    into the main process.
     ``compile``: ``torch.compile`` the model (first batch compiles; a string picks the mode,
     e.g. ``"reduce-overhead"`` for CUDA graphs at small batches). ``attention``: which fused
     attention kernel runs first (``auto``, ``cudnn``, ``flash``, ``efficient``, ``math``; see
@@ -426,6 +505,7 @@ class Detector:
         attention: str = "auto",
         fast_decode: bool = False,
         device_decode: bool = False,
+        device_resize: bool = False,
         cast_weights: bool | None = None,
         map_size: str = "input",
         **overrides: Any,
@@ -434,6 +514,12 @@ class Detector:
         if device_decode:
             check_device_decode(self.device)
         self.device_decode = device_decode
+        if device_resize and fast_decode:
+            raise CraneError(
+                "device_resize reproduces the reference pixels and fast_decode gives them up "
+                "for speed: choose one (--device-resize or --fast-decode)"
+            )
+        self.device_resize = device_resize
         self.amp = autocast_dtype(precision, self.device)
         if map_size not in ("input", "model"):
             raise CraneError(f"map_size must be 'input' or 'model', got {map_size!r}")
@@ -585,7 +671,7 @@ class Detector:
         iterator is still open gets its own short-lived loader.
         """
         w = self.workers
-        key = (w, self.batch_size, self.size, self.draft, self.device_decode)
+        key = (w, self.batch_size, self.size, self.draft, self.device_decode, self.device_resize)
         with self._loader_lock:
             shared = w > 0 and not self._loader_busy
             self._loader_busy = self._loader_busy or shared
@@ -593,7 +679,13 @@ class Detector:
             return self._loader[1], self._loader[2], True
         try:
             loader, jobs = decode_loader(
-                self.size, self.draft, self.batch_size, w, shared, device_jpeg=self.device_decode
+                self.size,
+                self.draft,
+                self.batch_size,
+                w,
+                shared,
+                device_jpeg=self.device_decode,
+                device_resize=self.device_resize,
             )
         except BaseException:
             self._loader_busy = self._loader_busy and not shared
