@@ -20,8 +20,10 @@
 #             against fast CPU decoding, same options as e2e-fast, at 16 and 4 workers; its
 #             pixel, map and score differences from the reference decode; the decode-only
 #             rate of each (128)
-#   e2e       predict from JPEGs (default options), one-file latency (≈ 150: the 17th
-#             session's 253 s also ran evaluate and each row at 2 main-process threads)
+#   e2e       predict from JPEGs (default options), exact decode with the resize on the GPU
+#             (--device-resize, 20th session: the workers only decode), one-file latency
+#             (≈ 170: the 17th session's 253 s also ran evaluate and each row at 2
+#             main-process threads)
 #   model     Crane+ model only, fp32 baseline against the optimised path, memory at batch 1
 #             (48)
 #   variants  which options pay off: DINOv2 precisions, the one-SiLU MLP, cuDNN, the TF32
@@ -38,12 +40,12 @@
 #             torch's and 2 main-process threads (32)
 #   train     the training target: Crane+ features of 1725 images encoded once in bf16, then
 #             3 epochs over the cache (65)
-#   all       = tests,eval,loader,variants,compiled,outputs,e2e,model,floor,device-decode,
+#   all       = tests,e2e,eval,loader,variants,compiled,outputs,model,floor,device-decode,
 #             attention,e2e-fast,rebatch,train: what is still unmeasured on the current code
-#             first (RESULTS.md, "Where the targets stand"): the CUDA test of the TF32 tail
-#             (compiled, it failed its tolerance in the 17th session; test changed since),
-#             evaluate with the chunked loader, the TF32 tail's speed, the PNG writer on these
-#             CPUs; then what the 16th and 17th sessions measured
+#             first (RESULTS.md, "Where the targets stand"): the CUDA tests (the exact GPU
+#             resize, the TF32 tail's), --device-resize end to end, evaluate with the chunked
+#             loader, the TF32 tail's speed, the PNG writer on these CPUs; then what the 16th
+#             and 17th sessions measured
 #
 # OUT: folder for the JSON and log.txt (default benchmarks/results). BUDGET_S: wall-clock
 # seconds for the whole script (0 = none); a step cut at the budget gets 20 s more to exit
@@ -63,7 +65,7 @@ out=${2:-benchmarks/results}
 budget=${3:-0}
 py=${PYTHON:-python3}
 [[ $steps == all ]] &&
-  steps=tests,eval,loader,variants,compiled,outputs,e2e,model,floor,device-decode,attention,e2e-fast,rebatch,train
+  steps=tests,e2e,eval,loader,variants,compiled,outputs,model,floor,device-decode,attention,e2e-fast,rebatch,train
 mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 2
 [[ $py == */* ]] && { py="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")" || exit 2; }
 cd "$(dirname "$0")/.." || exit 2
@@ -120,8 +122,10 @@ run_step() {  # the command of one step
                      --e2e device-model device-input fast-model --e2e-workers 16 4 \
                      --decode device fast --files 1024 --cfg dino_fp32=false --compile \
                      --json "$out/e2e_device.json" ;;
-    # Default options (2 main-process threads measured in the 17th session: slower).
+    # Default options (2 main-process threads measured in the 17th session: slower), and the
+    # exact decode with the resize on the GPU (--device-resize); decode-only rows of each.
     e2e) "$py" benchmarks/throughput.py --device cuda --presets crane+ --only e2e latency \
+           --e2e exact-input resize-input fast-input fast-model --decode exact resize fast \
            --files 1024 --json "$out/e2e.json" ;;
     eval) "$py" benchmarks/throughput.py --device cuda --presets crane+ --only eval \
             --eval-images 256 --json "$out/eval.json" ;;

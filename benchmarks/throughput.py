@@ -225,6 +225,7 @@ def bench_end_to_end(
     attention: str = "auto",
     main_threads: list[int] | None = None,
     device_decode: bool = False,
+    device_resize: bool = False,
 ) -> Iterator[dict]:
     """Predict from the files, a row per worker count and main-process thread count (one
     Detector, so one compile). ``main_threads``: torch's intra-op threads in this process
@@ -241,6 +242,7 @@ def bench_end_to_end(
         workers=counts[0],
         fast_decode=fast_decode,
         device_decode=device_decode,
+        device_resize=device_resize,
         cast_weights=device.type == "cuda" and amp != "fp32",
         map_size=map_size,
         compile=compile_model,
@@ -314,6 +316,7 @@ def _end_to_end_row(det, base, device, paths, amp, compile_model) -> dict:
         "precision": amp,
         "fast_decode": det.draft is not None,
         "device_decode": det.device_decode,
+        "device_resize": det.device_resize,
         "map_size": det.map_size,
         "compiled": compile_model,
         "end_to_end_img_s": k / dt,
@@ -413,14 +416,16 @@ def bench_latency(
 
 
 DECODE_LOADERS = ("batches", "predict")
-# --decode names → (fast JPEG decode, torch's shrink, JPEGs decoded on the device): exact;
-# fast decode with PIL's shrink (before torch's uint8 kernel took over); fast decode as
-# predict runs it now; JPEGs read by the workers and decoded on the device.
+# --decode names → (fast JPEG decode, torch's shrink, JPEGs decoded on the device, images
+# resized on the device): exact; fast decode with PIL's shrink (before torch's uint8 kernel
+# took over); fast decode as predict runs it now; JPEGs read by the workers and decoded on
+# the device; JPEGs decoded exactly by the workers and resized on the device.
 DECODE_MODES = {
-    "exact": (False, False, False),
-    "fast-pil": (True, False, False),
-    "fast": (True, True, False),
-    "device": (False, False, True),
+    "exact": (False, False, False, False),
+    "fast-pil": (True, False, False, False),
+    "fast": (True, True, False, False),
+    "device": (False, False, True, False),
+    "resize": (False, False, False, True),
 }
 
 
@@ -433,6 +438,7 @@ def bench_decode(
     loader: str = "batches",
     fast_resize: bool | None = None,
     device: torch.device | None = None,
+    device_resize: bool = False,
 ) -> dict:
     """The input pipeline alone, no model: decode + resize in workers into pinned batches.
     ``loader="batches"``: whole batches per worker (prefetch 4) — the ceiling for end-to-end
@@ -441,7 +447,8 @@ def bench_decode(
     be set against its rate beside the model. ``fast_resize``: shrink with torch's uint8
     kernel (default: with fast decoding, as predict does) or PIL's. ``device``: the workers
     only read the JPEGs, which are decoded and resized on that device in the main process
-    (``Detector(device_decode=True)``; predict's loader only)."""
+    (``Detector(device_decode=True)``; predict's loader only); with ``device_resize`` the
+    workers decode them and ``device`` resizes them (``Detector(device_resize=True)``)."""
     from crane.engine.predict import _rebatch, batch_pixels, decode_loader
 
     draft = size if fast else None
@@ -450,10 +457,13 @@ def bench_decode(
     timer = ChunkTimer()
     if device is not None and loader != "predict":
         raise ValueError("decoding on the device takes predict's loader")
+    if device_resize and device is None:
+        raise ValueError("device_resize needs the device that resizes")
     if loader == "predict":
         chunks, jobs = decode_loader(
-            size, draft, batch, workers, fast_resize=fast_resize, device_jpeg=device is not None
-        )
+            size, draft, batch, workers, fast_resize=fast_resize,
+            device_jpeg=device is not None and not device_resize, device_resize=device_resize,
+        )  # fmt: skip
         batches = _rebatch(timer.wrap(chunks), batch, pin=pin)
     else:
         whole, jobs = decode_loader(
@@ -478,7 +488,8 @@ def bench_decode(
         "workers": workers,
         "fast_decode": fast,
         "fast_resize": fast_resize,
-        "device_decode": device is not None,
+        "device_decode": device is not None and not device_resize,
+        "device_resize": device_resize,
         "loader": loader,
         "decode_img_s": k / dt,
         "worker_ms_per_image": 1e3 * busy / max(k, 1),
@@ -653,12 +664,15 @@ def bench_train(base: torch.nn.Module, device: torch.device, n: int, epochs: int
 
 
 # --e2e names → (fast JPEG decode, map size, JPEGs decoded on the device).
+# --e2e names → (fast decode, map size, JPEGs decoded on the device, resized on the device)
 E2E_COMBOS = {
-    "exact-input": (False, "input", False),
-    "fast-input": (True, "input", False),
-    "fast-model": (True, "model", False),
-    "device-input": (False, "input", True),
-    "device-model": (False, "model", True),
+    "exact-input": (False, "input", False, False),
+    "fast-input": (True, "input", False, False),
+    "fast-model": (True, "model", False, False),
+    "device-input": (False, "input", True, False),
+    "device-model": (False, "model", True, False),
+    "resize-input": (False, "input", False, True),
+    "resize-model": (False, "model", False, True),
 }
 E2E_DEFAULT = ["exact-input", "fast-input", "fast-model"]
 
@@ -885,11 +899,11 @@ def main(argv=None) -> int:
         want_files = args.files and any({"e2e", "latency"} & parts_of(p) for p in presets)
         paths = make_jpegs(Path(tmp), args.files, 2048, args.workers) if want_files else []
         modes = [DECODE_MODES[m] for m in args.decode] if paths and "e2e" in args.only else []
-        for fast, fast_resize, on_device in modes:
-            for loader in ["predict"] if on_device else DECODE_LOADERS:
+        for fast, fast_resize, on_device, resize in modes:
+            for loader in ["predict"] if on_device or resize else DECODE_LOADERS:
                 row = bench_decode(
                     paths, 518, args.batch, args.workers, fast, loader, fast_resize,
-                    device if on_device else None,
+                    device if on_device or resize else None, resize,
                 )  # fmt: skip
                 record("decode", row)
         for preset in presets:
@@ -906,13 +920,14 @@ def main(argv=None) -> int:
                 row = bench_model(base, device, batch, amp, reps, compile_model, args.attention)
                 record("model", row)
             combos = [E2E_COMBOS[c] for c in args.e2e] if paths and "e2e" in parts else []
-            if any(on_device for *_, on_device in combos):
+            if any(on_device for _, _, on_device, _ in combos):
                 n = min(len(paths), 32)
                 record("decode_accuracy", bench_decode_accuracy(base, device, paths[:n], amp))
-            for fast, map_size, on_device in combos:
+            for fast, map_size, on_device, resize in combos:
                 for row in bench_end_to_end(
                     base, device, paths, args.batch, args.e2e_workers or args.workers, amp,
                     fast, map_size, args.compile, args.attention, args.e2e_threads, on_device,
+                    resize,
                 ):  # fmt: skip
                     record("end_to_end", row)
             if paths and "latency" in parts:
@@ -966,6 +981,7 @@ def main(argv=None) -> int:
             "precision",
             "fast_decode",
             "device_decode",
+            "device_resize",
             "map_size",
             "compiled",
             "end_to_end_img_s",
@@ -994,6 +1010,7 @@ def main(argv=None) -> int:
                 "fast_decode",
                 "fast_resize",
                 "device_decode",
+                "device_resize",
                 "loader",
                 "decode_img_s",
                 "worker_ms_per_image",
