@@ -803,3 +803,17 @@ def test_host_names_the_cpu_generation(throughput, monkeypatch):
     info = throughput.host()
     assert info["cpu"] == "AMD EPYC (family 25, model 1)" and info["cpu_count"] >= 1
     assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+
+
+def test_decode_supply_rows(tmp_path):
+    """Both routes over the same files: with ``device_resize`` every (large) image arrives
+    unresized, without it none does; the summary holds one row per route."""
+    bench = _bench("decode_supply")
+    out = tmp_path / "s.json"
+    argv = ["--files", "4", "--px", "300", "--size", "224", "--batch", "2", "--workers", "1"]
+    assert bench.main([*argv, "--reps", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    rows = {r["device_resize"]: r for r in res["rows"]}
+    assert rows[True]["n_unresized"] == 4 and rows[False]["n_unresized"] == 0
+    assert all(r["n_files"] == 4 and r["img_s"] > 0 for r in res["rows"])
+    assert [s["device_resize"] for s in res["summary"]] == [False, True]

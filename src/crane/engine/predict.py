@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import ctypes
 import glob
 import io
 import json
@@ -311,8 +312,27 @@ def decode_loader(
         pin_memory=pin_memory,
         prefetch_factor=prefetch if workers else None,
         persistent_workers=persistent,
+        worker_init_fn=_reuse_freed_memory if device_resize else None,
     )
     return loader, jobs
+
+
+def _reuse_freed_memory(worker_id: int) -> None:
+    """In a decode worker: let glibc's malloc keep freed buffers of up to 64 MB in the heap
+    (``mallopt``: mmap threshold 64 MB, trim threshold 128 MB) instead of giving each back to
+    the system and faulting in fresh pages for the next image. With ``device_resize`` a
+    worker makes a full-size copy of every photo; on the 2-core dev box that cut its time for
+    a 2048-px JPEG, shared-memory hand-over included, from 34 to 23 ms (the reference path,
+    decode + resize: 34 ms either way). A no-op where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 64 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 128 << 20)
+    except (OSError, AttributeError):
+        pass
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 
 
 @dataclass

@@ -1,0 +1,99 @@
+"""How fast predict's decode workers supply images, with and without ``device_resize``.
+
+``Detector(device_resize=True)`` (``crane predict --device-resize``) has the workers decode
+large photos exactly as the reference does but leave the resize (PIL's bicubic, reproduced bit
+for bit) to the GPU; the workers then ship full-size pixels instead of 518² ones. This times
+predict's loader alone — workers decoding chunks, the main process joining them into batches
+(pinned where CUDA exists), no model and no resize — so the rate is what the workers can
+supply to a GPU that resizes for free. Rows alternate between the two routes; every rep starts
+its own workers (their start is included). Columns: img/s, the main process's CPU seconds per
+second (all its threads).
+
+  python benchmarks/decode_supply.py --workers 2 --files 96 --reps 3 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from throughput import host, make_jpegs, save  # same folder
+
+from crane.engine.predict import _rebatch, decode_loader
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def supply(paths: list[str], size: int, batch: int, workers: int, device_resize: bool) -> dict:
+    loader, jobs = decode_loader(size, None, batch, workers, device_resize=device_resize)
+    jobs.keys = list(enumerate(paths))
+    cpu0, t = _cpu_s(), time.perf_counter()
+    n = raw = 0
+    for b in _rebatch(loader, batch, pin=torch.cuda.is_available()):
+        n += len(b["ok"])
+        raw += sum("raw" in item for item in b["ok"])
+    dt = time.perf_counter() - t
+    return {
+        "device_resize": device_resize,
+        "workers": workers,
+        "n_files": n,
+        "n_unresized": raw,
+        "img_s": n / dt,
+        "main_cpu_per_s": (_cpu_s() - cpu0) / dt,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--files", type=int, default=96)
+    ap.add_argument("--px", type=int, default=2048, help="JPEG side")
+    ap.add_argument("--size", type=int, default=518, help="model input side")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    results = {**host(), "args": vars(args), "rows": [], "summary": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = make_jpegs(Path(tmp), args.files, args.px, max(1, args.workers))
+        for rep in range(args.reps):
+            for device_resize in (False, True):
+                row = supply(paths, args.size, args.batch, args.workers, device_resize)
+                results["rows"].append({**row, "rep": rep})
+                print(results["rows"][-1], flush=True)
+                save(results, args.json)
+    print(f"\n{args.files} JPEGs of {args.px} px, {args.workers} workers, {results['cpu']}")
+    print("\n| route | img/s (median) | range | main-process CPU per s |\n|---|---|---|---|")
+    for device_resize in (False, True):
+        rows = [r for r in results["rows"] if r["device_resize"] == device_resize]
+        rates = [r["img_s"] for r in rows]
+        summary = {
+            "device_resize": device_resize,
+            "img_s_median": statistics.median(rates),
+            "img_s_min": min(rates),
+            "img_s_max": max(rates),
+            "main_cpu_per_s": statistics.median(r["main_cpu_per_s"] for r in rows),
+        }
+        results["summary"].append(summary)
+        name = "device_resize (decode only)" if device_resize else "reference (decode + resize)"
+        print(
+            f"| {name} | {summary['img_s_median']:.1f} | {summary['img_s_min']:.1f}–"
+            f"{summary['img_s_max']:.1f} | {summary['main_cpu_per_s']:.2f} |"
+        )
+    save(results, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(__file__))
+    sys.exit(main())
