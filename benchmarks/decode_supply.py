@@ -7,7 +7,8 @@ predict's loader alone — workers decoding chunks, the main process joining the
 (pinned where CUDA exists), no model and no resize — so the rate is what the workers can
 supply to a GPU that resizes for free. Rows alternate between the two routes; every rep starts
 its own workers (their start is included). Columns: img/s, the main process's CPU seconds per
-second (all its threads).
+second (all its threads). ``--no-heap-reuse`` adds a third route: ``device_resize`` with the
+workers' malloc left as it is (``predict._reuse_freed_memory`` off).
 
   python benchmarks/decode_supply.py --workers 2 --files 96 --reps 3 --json out.json
 """
@@ -26,7 +27,14 @@ from pathlib import Path
 import torch
 from throughput import host, make_jpegs, save  # same folder
 
+from crane.engine import predict as predict_module
 from crane.engine.predict import _rebatch, decode_loader
+
+ROUTES = {  # name → (device_resize, heap reuse in the workers)
+    "reference (decode + resize)": (False, True),
+    "device_resize (decode only)": (True, True),
+    "device_resize, no heap reuse": (True, False),
+}
 
 
 def _cpu_s() -> float:
@@ -34,8 +42,16 @@ def _cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def supply(paths: list[str], size: int, batch: int, workers: int, device_resize: bool) -> dict:
-    loader, jobs = decode_loader(size, None, batch, workers, device_resize=device_resize)
+def supply(
+    paths: list[str], size: int, batch: int, workers: int, device_resize: bool, heap: bool = True
+) -> dict:
+    reuse = predict_module._reuse_freed_memory
+    if not heap:
+        predict_module._reuse_freed_memory = lambda worker_id: None
+    try:
+        loader, jobs = decode_loader(size, None, batch, workers, device_resize=device_resize)
+    finally:
+        predict_module._reuse_freed_memory = reuse
     jobs.keys = list(enumerate(paths))
     cpu0, t = _cpu_s(), time.perf_counter()
     n = raw = 0
@@ -45,6 +61,7 @@ def supply(paths: list[str], size: int, batch: int, workers: int, device_resize:
     dt = time.perf_counter() - t
     return {
         "device_resize": device_resize,
+        "heap_reuse": heap,
         "workers": workers,
         "n_files": n,
         "n_unresized": raw,
@@ -62,30 +79,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--no-heap-reuse", action="store_true", help="also without heap reuse")
     args = ap.parse_args(argv)
     results = {**host(), "args": vars(args), "rows": [], "summary": []}
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_jpegs(Path(tmp), args.files, args.px, max(1, args.workers))
+        routes = list(ROUTES)[: 3 if args.no_heap_reuse else 2]
         for rep in range(args.reps):
-            for device_resize in (False, True):
-                row = supply(paths, args.size, args.batch, args.workers, device_resize)
-                results["rows"].append({**row, "rep": rep})
+            for name in routes:
+                row = supply(paths, args.size, args.batch, args.workers, *ROUTES[name])
+                results["rows"].append({"route": name, **row, "rep": rep})
                 print(results["rows"][-1], flush=True)
                 save(results, args.json)
     print(f"\n{args.files} JPEGs of {args.px} px, {args.workers} workers, {results['cpu']}")
     print("\n| route | img/s (median) | range | main-process CPU per s |\n|---|---|---|---|")
-    for device_resize in (False, True):
-        rows = [r for r in results["rows"] if r["device_resize"] == device_resize]
+    for name in routes:
+        rows = [r for r in results["rows"] if r["route"] == name]
         rates = [r["img_s"] for r in rows]
         summary = {
-            "device_resize": device_resize,
+            "route": name,
+            "device_resize": ROUTES[name][0],
             "img_s_median": statistics.median(rates),
             "img_s_min": min(rates),
             "img_s_max": max(rates),
             "main_cpu_per_s": statistics.median(r["main_cpu_per_s"] for r in rows),
         }
         results["summary"].append(summary)
-        name = "device_resize (decode only)" if device_resize else "reference (decode + resize)"
         print(
             f"| {name} | {summary['img_s_median']:.1f} | {summary['img_s_min']:.1f}–"
             f"{summary['img_s_max']:.1f} | {summary['main_cpu_per_s']:.2f} |"

@@ -817,3 +817,4 @@ def test_decode_supply_rows(tmp_path):
     assert rows[True]["n_unresized"] == 4 and rows[False]["n_unresized"] == 0
     assert all(r["n_files"] == 4 and r["img_s"] > 0 for r in res["rows"])
     assert [s["device_resize"] for s in res["summary"]] == [False, True]
+    assert all(r["heap_reuse"] for r in res["rows"])
