@@ -108,7 +108,7 @@ def resize_uint8(pixels: torch.Tensor, size: int) -> torch.Tensor:
     then vertical, or in recent Pillow (13 does) vertical first when the height shrinks by
     more than twice as many pixels as the width (:func:`_pil_vertical_first`). On a GPU this
     is :func:`crane.data.pil_resample.pil_resize_uint8` (the same integer arithmetic, exact
-    in float64 products); on the CPU PIL itself runs, image by image (4-5x faster there than
+    in float64 products); on the CPU PIL itself runs, image by image (6x faster there than
     those products). For GPU-decoded images (:func:`decode_jpegs`), where PIL cannot run."""
     return (
         _pil_resize_cpu(pixels, size)

@@ -215,8 +215,12 @@ def _join_raw(records: list[dict[str, Any]], batch: list[dict[str, Any]]) -> tor
         return None
     total = sum(a.size for _, a in raws)
     flat = torch.empty(0, dtype=torch.uint8)
-    if get_worker_info() is not None:
-        flat.set_(torch.UntypedStorage._new_shared(total))
+    try:  # as torch's default_collate does in a worker
+        shared = torch.UntypedStorage._new_shared(total) if get_worker_info() else None
+    except (AttributeError, RuntimeError):  # then pickling copies it into shared memory
+        shared = None
+    if shared is not None:
+        flat.set_(shared)
     else:
         flat.resize_(total)
     dst, start = flat.numpy(), 0
@@ -494,11 +498,11 @@ class Detector:
     larger than the model input unresized; the main process copies them whole to the device
     and resizes them there, bitwise as PIL does
     (:func:`~crane.data.pil_resample.pil_resize_uint8`): the reference pixels exactly, with
-    the workers' cost for a large photo reduced to its decode (a 2048-px JPEG: 36 → 16 ms of a
-    core on the 2-core dev box) at the price of copying its full-size pixels (12 MB) to the
-    device. Not with ``fast_decode``; with ``device_decode`` it applies to the files that are
-    not decoded on the device (PNGs, for instance). On a CPU device it only moves resizing
-    into the main process.
+    the workers' cost for a large photo reduced to its decode (a 2048-px JPEG: 34 → 23 ms of a
+    core on the 2-core dev box, shared-memory hand-over included) at the price of copying its
+    full-size pixels (12 MB) to the device. Not with ``fast_decode``; with ``device_decode``
+    it applies to the files that are not decoded on the device (PNGs, for instance). On a CPU
+    device it only moves resizing into the main process.
     ``compile``: ``torch.compile`` the model (first batch compiles; a string picks the mode,
     e.g. ``"reduce-overhead"`` for CUDA graphs at small batches). ``attention``: which fused
     attention kernel runs first (``auto``, ``cudnn``, ``flash``, ``efficient``, ``math``; see
