@@ -49,7 +49,10 @@ def supply(
     if not heap:
         predict_module._reuse_freed_memory = lambda worker_id: None
     try:
-        loader, jobs = decode_loader(size, None, batch, workers, device_resize=device_resize)
+        loader, jobs = decode_loader(
+            size, None, batch, workers, device_resize=device_resize,
+            pin_memory=device_resize and torch.cuda.is_available(),  # as Detector's loader
+        )  # fmt: skip
     finally:
         predict_module._reuse_freed_memory = reuse
     jobs.keys = list(enumerate(paths))

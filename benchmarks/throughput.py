@@ -463,6 +463,7 @@ def bench_decode(
         chunks, jobs = decode_loader(
             size, draft, batch, workers, fast_resize=fast_resize,
             device_jpeg=device is not None and not device_resize, device_resize=device_resize,
+            pin_memory=device_resize and pin,  # as Detector's loader
         )  # fmt: skip
         batches = _rebatch(timer.wrap(chunks), batch, pin=pin)
     else:

@@ -659,6 +659,23 @@ def test_cuda_detector_device_decode_matches_the_cpu_path(mixed_inputs):
 
 
 @cuda
+@pytest.mark.parametrize("workers", [0, 2])
+def test_cuda_detector_device_resize_gives_the_reference_pixels(mixed_inputs, workers):
+    """On the GPU (float64 products; the loader's thread pins the full-size pixels with
+    workers): the same pixels as the default path, hence the same results."""
+    model = create_model("tiny+", image_size=SIZE, seed=3)
+    with Detector(model, device="cuda", batch_size=3, workers=workers) as ref:
+        want, want_px = _run(ref, mixed_inputs)
+    with Detector(model, device="cuda", batch_size=3, workers=workers, device_resize=True) as det:
+        got, got_px = _run(det, mixed_inputs)
+    assert torch.equal(got_px, want_px)
+    assert [type(r) for r in got] == [type(r) for r in want]
+    for r, w in zip(got, want, strict=True):
+        if isinstance(w, Prediction):
+            assert r.score == pytest.approx(w.score, abs=1e-6)
+
+
+@cuda
 def test_cuda_evaluate_and_feature_cache_device_decode(jpeg_synth):
     """evaluate and the training feature cache with nvJPEG: the same samples, in order, and
     results close to the CPU-decoded ones (nvJPEG may round a few levels differently)."""

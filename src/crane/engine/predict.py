@@ -265,7 +265,8 @@ def _rebatch(
                 item["jpeg"] = c["jpegs"][slice(*item.pop("jpeg_span"))]
             if "raw_span" in item:
                 raw = c["raws"][slice(*item.pop("raw_span"))].view(item.pop("raw_shape"))
-                item["raw"] = _pinned_copy(raw) if pin else raw
+                # (already pinned where the loader's pinning thread copied the chunk)
+                item["raw"] = _pinned_copy(raw) if pin and not raw.is_pinned() else raw
         if c["images"] is not None:
             images.append(c["images"])
         while len(ok) >= batch_size:
@@ -710,6 +711,9 @@ class Detector:
                 shared,
                 device_jpeg=self.device_decode,
                 device_resize=self.device_resize,
+                # Full-size pixels: pinned by the loader's own thread, beside the main thread
+                # that launches the model (12 MB per 2048-px photo).
+                pin_memory=self.device_resize and self.device.type == "cuda",
             )
         except BaseException:
             self._loader_busy = self._loader_busy and not shared
