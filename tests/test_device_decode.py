@@ -349,6 +349,27 @@ def test_device_resize_with_device_decode_and_against_fast_decode(mixed_inputs, 
         Detector(model, device="cpu", fast_decode=True, device_resize=True)
 
 
+def test_device_resize_warns_when_shared_memory_is_short(monkeypatch, caplog, tmp_path):
+    """Chunks of full-size photos need room in /dev/shm (a container's default is 64 MB)."""
+    import types
+
+    from crane.engine.predict import decode_loader
+
+    def statvfs(free_mb):
+        return lambda path: types.SimpleNamespace(f_bavail=free_mb << 8, f_frsize=4096)
+
+    monkeypatch.setattr(predict_module.os, "statvfs", statvfs(64))
+    decode_loader(518, None, 32, 8, device_resize=True)  # 8 workers x 2 chunks x 4 photos
+    assert (
+        "bus error" in caplog.text and "64 MB free" in caplog.text and "--shm-size" in caplog.text
+    )
+    caplog.clear()
+    decode_loader(518, None, 32, 8)  # the default route ships 518 x 518 pixels
+    monkeypatch.setattr(predict_module.os, "statvfs", statvfs(4096))
+    decode_loader(518, None, 32, 8, device_resize=True)
+    assert caplog.text == ""
+
+
 def test_failures_keep_input_order_when_a_whole_batch_fails(mixed_inputs, tmp_path):
     """A batch whose JPEGs all fail on the device and on the host, with a worker's failure
     between them: the results still come out in input order."""

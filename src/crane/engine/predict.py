@@ -308,6 +308,8 @@ def decode_loader(
     images are decoded, not resized (see :class:`_Decode`)."""
     chunk, planned = chunk_plan(batch_size, workers, chunk)
     prefetch = planned if prefetch is None else prefetch
+    if device_resize and workers:
+        _check_shared_memory(workers * prefetch * chunk)
     jobs = _Jobs(chunk)
     loader = DataLoader(
         _Decode(size, draft, fast_resize, device_jpeg, device_resize),
@@ -320,6 +322,32 @@ def decode_loader(
         worker_init_fn=_reuse_freed_memory if device_resize else None,
     )
     return loader, jobs
+
+
+_PHOTO_BYTES = 2048 * 2048 * 3  # a 2048-px RGB photo, decoded
+
+
+def _check_shared_memory(in_flight: int, path: str = "/dev/shm") -> None:
+    """Warn when ``path`` (where the workers' chunks live until the main process takes them)
+    has less room than ``in_flight`` decoded 2048-px photos: with ``device_resize`` chunks
+    hold full-size pixels, and a container's default 64 MB ``/dev/shm`` then kills the
+    workers with a bus error."""
+    try:
+        st = os.statvfs(path)
+    except (OSError, AttributeError):  # no such folder (macOS, Windows): nothing to check
+        return
+    free, need = st.f_bavail * st.f_frsize, in_flight * _PHOTO_BYTES
+    if free < need:
+        log.warning(
+            "device_resize hands decoded full-size images to the main process through shared "
+            "memory: about %d MB for %d 2048-px photos in flight, but %s has %d MB free. If "
+            "the workers die with a bus error, give the machine more shared memory (docker "
+            "run --shm-size=2g), use fewer --workers, or drop --device-resize.",
+            need >> 20,
+            in_flight,
+            path,
+            free >> 20,
+        )
 
 
 def _reuse_freed_memory(worker_id: int) -> None:
