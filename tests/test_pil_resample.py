@@ -1,20 +1,18 @@
 """PIL's bicubic resize reproduced bit for bit as tensor code (``crane.data.pil_resample``), the
 resize that runs on the GPU for device-decoded JPEGs. PIL itself is the reference; the tensor
 path runs on the CPU here (the same float64 products a GPU runs; exact, so device-independent),
-and on CUDA where one exists."""
+and on CUDA where one exists. Real photos: ``test_device_decode``."""
 
 from __future__ import annotations
-
-import glob
 
 import numpy as np
 import pytest
 import torch
-from data_fixtures import photo_like, shared_data_dir
+from data_fixtures import photo_like
 from PIL import Image
 
 from crane.data.pil_resample import bicubic_coefficients, pil_resize_uint8
-from crane.data.transforms import _pil_resize_tensor, _pil_vertical_first, resize_uint8
+from crane.data.transforms import _pil_vertical_first, resize_uint8
 
 BICUBIC = Image.Resampling.BICUBIC
 
@@ -65,20 +63,6 @@ def test_equals_pil_on_random_geometries():
         h, w = (int(v) for v in rng.integers(1, 700, 2))
         oh, ow = (int(v) for v in rng.integers(1, 600, 2))
         _check(photo_like("RGB", (h, w), seed=trial), oh, ow)
-
-
-def test_equals_pil_on_the_shared_photos():
-    shared = shared_data_dir()
-    if shared is None:
-        pytest.skip("../shared/data is not beside the checkout")
-    files = sorted(glob.glob(str(shared / "visa" / "**" / "*.JPG"), recursive=True))[:2]
-    files += sorted(glob.glob(str(shared / "brainmri" / "**" / "*.jpg"), recursive=True))[:3]
-    assert len(files) == 5
-    for path in files:
-        with Image.open(path) as im:
-            rgb = im.convert("RGB")
-        _check(rgb, 518, 518)
-        assert torch.equal(_pil_resize_tensor(_chw(rgb), 518), resize_uint8(_chw(rgb), 518))
 
 
 def test_coefficients_sum_to_one_in_fixed_point_and_stay_in_the_image():
