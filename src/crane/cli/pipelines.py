@@ -105,6 +105,16 @@ def _device_decode_arg(p: argparse.ArgumentParser, when: str = "", rest: str = "
     )
 
 
+def _device_resize_arg(p: argparse.ArgumentParser, when: str = "") -> None:
+    p.add_argument(
+        "--device-resize",
+        action="store_true",
+        help=f"decode images on the CPU as usual but resize large ones on the GPU{when}, bit "
+        "for bit as PIL does: the reference pixels, with the CPUs only decoding (full-size "
+        "pixels are copied to the GPU). Not with --fast-decode",
+    )
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list model presets")
     p.set_defaults(func=cmd_models)
@@ -123,6 +133,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--overwrite", action="store_true", help="start afresh in a non-empty --out")
     _device_decode_arg(p, " in the one pass that encodes the training images")
+    _device_resize_arg(p, " in the one pass that encodes the training images")
     _common(p)
     p.set_defaults(func=cmd_train)
 
@@ -161,6 +172,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _write_threads_arg(p)
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (logged)")
     _device_decode_arg(p)
+    _device_resize_arg(p)
     _common(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -194,13 +206,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the CPUs only read files; other files are decoded on the CPU as usual. nvJPEG's "
         "decode may differ from the reference decoder's by a level or two",
     )
-    p.add_argument(
-        "--device-resize",
-        action="store_true",
-        help="decode images on the CPU as usual but resize large ones on the GPU, bit for bit "
-        "as PIL does: the reference pixels, with the CPUs only decoding (full-size pixels are "
-        "copied to the GPU). Not with --fast-decode",
-    )
+    _device_resize_arg(p)
     p.add_argument(
         "--map-size",
         default="input",
@@ -225,6 +231,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", default="f1", choices=["f1", "fpr"])
     p.add_argument("--target-fpr", type=float, default=0.05)
     _device_decode_arg(p, rest="PNGs and")
+    _device_resize_arg(p)
     _common(p)
     p.set_defaults(func=cmd_calibrate)
 
@@ -333,6 +340,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         autocast_dtype=amp,
         attention=args.attention,
         device_decode=args.device_decode,
+        device_resize=args.device_resize,
     )
     for h in res.epoch_losses:
         print(
@@ -389,6 +397,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         attention=args.attention,
         write_threads=args.write_threads,
         device_decode=args.device_decode,
+        device_resize=args.device_resize,
     )
     out = Path(args.out or f"eval_{args.dataset}")
     extra = {
@@ -473,6 +482,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         clip_weights=args.clip_weights,
         dino_weights=args.dino_weights,
         device_decode=args.device_decode,
+        device_resize=args.device_resize,
     )
     ds = open_dataset(args.root, args.dataset, args.split, det.size)
     paths = [str(Path(ds.root) / s.img_path) for s in ds.samples]

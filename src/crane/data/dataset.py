@@ -37,6 +37,7 @@ from crane.data.transforms import (
     image_to_uint8,
     mask_to_tensor,
     read_jpeg_tensor,
+    unresized_pixels,
 )
 from crane.errors import CraneError, DatasetError
 
@@ -100,6 +101,7 @@ class AnomalyDataset(Dataset):
         self.mean, self.std = mean, std
         self.pixels = pixels
         self.jpeg_on_device = False  # see device_jpeg_view
+        self.resize_on_device = False  # see device_resize_view
         if pixels == "uint8" and not self.clip_normalised:
             raise DatasetError(
                 "pixels='uint8' hands over raw pixels that the model side normalises with the "
@@ -152,6 +154,16 @@ class AnomalyDataset(Dataset):
         :func:`~crane.engine.predict.batch_pixels`); masks are decoded and checked as usual."""
         view = copy.copy(self.uint8_view())
         view.jpeg_on_device = True
+        return view
+
+    def device_resize_view(self) -> AnomalyDataset:
+        """:meth:`uint8_view` (or this :meth:`device_jpeg_view`) whose decoded RGB and greyscale
+        images larger than the model input are handed over unresized, as ``"raw"`` ((H, W, C)
+        uint8, :func:`~crane.data.transforms.unresized_pixels`) in place of ``"image"``, for
+        resizing on the GPU bit for bit as PIL would (see
+        :func:`~crane.engine.predict.batch_pixels`); masks are decoded and resized as usual."""
+        view = copy.copy(self.uint8_view())
+        view.resize_on_device = True
         return view
 
     def _drop_missing(self, samples: list[Sample]) -> list[Sample]:
@@ -208,8 +220,13 @@ class AnomalyDataset(Dataset):
             mask = mask_to_tensor(fg, self.image_size, dtype=mask_dtype)
         else:
             mask = empty_mask(self.image_size, dtype=mask_dtype)
+        raw = None
+        if jpeg is None and self.resize_on_device:
+            raw = unresized_pixels(image, self.image_size)
         if jpeg is not None:
             payload = {"jpeg": jpeg[0]}
+        elif raw is not None:
+            payload = {"raw": raw}
         elif self.pixels == "uint8":
             payload = {"image": image_to_uint8(image, self.image_size)}
         else:
@@ -234,18 +251,21 @@ def collate_skip_none(batch: list[dict[str, Any] | None]) -> dict[str, Any] | No
     """``default_collate`` after dropping ``None`` items; ``None`` if nothing is left.
 
     ``label`` becomes an int64 tensor, ``image``/``mask`` stacked tensors, strings lists.
-    Items of a :meth:`AnomalyDataset.device_jpeg_view` may carry ``"jpeg"`` bytes instead of
-    an ``"image"``: then ``jpeg`` is a list (None for the decoded ones) and ``image`` stacks
-    the decoded ones only, in order (None if there are none).
+    Items of a :meth:`AnomalyDataset.device_jpeg_view` may carry ``"jpeg"`` bytes, and those of
+    a :meth:`AnomalyDataset.device_resize_view` ``"raw"`` unresized pixels, instead of an
+    ``"image"``: then ``jpeg`` is a list of what the device finishes — JPEG bytes (1-D
+    tensors), unresized pixels ((H, W, C) tensors), None for the images resized on the host —
+    and ``image`` stacks those only, in order (None if there are none).
     """
     kept = [item for item in batch if item is not None]
     if not kept:
         return None
-    if not any("jpeg" in item for item in kept):
+    if not any("jpeg" in item or "raw" in item for item in kept):
         return default_collate(kept)
-    jpegs = [item.get("jpeg") for item in kept]
+    jpegs = [item.get("jpeg", item.get("raw")) for item in kept]
     rows = [item["image"] for item in kept if "image" in item]
-    rest = [{k: v for k, v in item.items() if k not in ("jpeg", "image")} for item in kept]
+    payloads = ("jpeg", "raw", "image")
+    rest = [{k: v for k, v in item.items() if k not in payloads} for item in kept]
     out = default_collate(rest)
     out["image"] = torch.stack(rows) if rows else None
     out["jpeg"] = jpegs

@@ -157,6 +157,33 @@ def _pil_vertical_first() -> bool:
     return bool(np.array_equal(direct, vertical_first))
 
 
+def shared_uint8(n: int) -> torch.Tensor:
+    """An uninitialised 1-D uint8 tensor of ``n`` bytes, in shared memory when called in a
+    DataLoader worker (as torch's ``default_collate`` allocates there): a tensor filled in
+    place is then handed to the main process without the copy pickling would make."""
+    from torch.utils.data import get_worker_info
+
+    out = torch.empty(0, dtype=torch.uint8)
+    try:
+        storage = torch.UntypedStorage._new_shared(n) if get_worker_info() else None
+    except (AttributeError, RuntimeError):  # a torch without it: pickling copies instead
+        storage = None
+    return out.set_(storage) if storage is not None else out.resize_(n)
+
+
+def unresized_pixels(image: Image.Image, size: int) -> torch.Tensor | None:
+    """An RGB or greyscale image larger than ``size``² as its (H, W, C) uint8 pixels (in shared
+    memory in a worker, :func:`shared_uint8`), for :func:`resize_each` to resize on a GPU
+    exactly as :func:`image_to_uint8` would on the host; None for other images (resize those
+    on the host: small ones cost little, other modes resize differently)."""
+    if image.mode not in ("RGB", "L") or image.width * image.height <= size * size:
+        return None
+    arr = np.asarray(image).reshape(image.height, image.width, -1)
+    out = shared_uint8(arr.size).view(arr.shape)
+    np.copyto(out.numpy(), arr)
+    return out
+
+
 def read_jpeg_tensor(path: PathLike) -> tuple[torch.Tensor, tuple[int, int]] | None:
     """:func:`~crane.data.imageio.read_jpeg` with the bytes as the 1-D uint8 tensor that
     :func:`decode_jpegs` takes (it keeps the buffer alive), or None."""

@@ -71,8 +71,9 @@ class ChunkedBatches:
     samples handed over undecoded; then ``"image"`` holds the rows of the others only, in order
     (``None`` if there are none). Batches stay full when samples are skipped. The tensors named in
     ``pin`` land in pinned buffers (one copy) for asynchronous copies to a GPU; the others are
-    joined in ordinary memory, or stay views of their chunk. ``len()`` counts the batches of a
-    dataset without skipped samples.
+    joined in ordinary memory, or stay views of their chunk. ``pin_memory``: the DataLoader's
+    own thread pins whole chunks (lists' tensors too) beside the main thread. ``len()``
+    counts the batches of a dataset without skipped samples.
     """
 
     def __init__(
@@ -82,6 +83,9 @@ class ChunkedBatches:
         workers: int,
         collate: Callable[[list[Any]], dict[str, Any] | None],
         pin: Collection[str] = (),
+        *,
+        worker_init_fn: Callable[[int], None] | None = None,
+        pin_memory: bool = False,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -93,6 +97,8 @@ class ChunkedBatches:
             num_workers=workers,
             collate_fn=collate,
             prefetch_factor=prefetch,
+            worker_init_fn=worker_init_fn,
+            pin_memory=pin_memory,
         )
         self.batch_size = batch_size
         self.pin = frozenset(pin)

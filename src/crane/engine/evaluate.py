@@ -99,6 +99,7 @@ def evaluate(
     write_threads: int | None = None,
     attention: str = "auto",
     device_decode: bool = False,
+    device_resize: bool = False,
 ) -> EvalResult:
     """Run ``model`` over ``dataset`` and accumulate the six SPEC §9 metrics per class.
 
@@ -114,6 +115,9 @@ def evaluate(
     :class:`~crane.engine.writer.OutputWriter`. ``device_decode``: JPEG images are read by the
     workers and decoded on ``device`` (nvJPEG on CUDA), resized there as PIL does, as
     ``Detector(device_decode=True)`` does; masks and other images are decoded on the CPU.
+    ``device_resize``: large RGB and greyscale images are decoded by the workers and resized
+    on ``device`` bit for bit as PIL would (the reference inputs exactly), as
+    ``Detector(device_resize=True)`` does.
     A JPEG no decoder reads is skipped or raises as the dataset's ``on_error`` says.
 
     On CUDA, batch k's metric update (which needs the host: region labelling, validation)
@@ -124,7 +128,13 @@ def evaluate(
     if device_decode:
         check_device_decode(device)
     loader = batch_loader(
-        dataset, batch_size, workers, device, uint8=uint8_inputs, device_jpeg=device_decode
+        dataset,
+        batch_size,
+        workers,
+        device,
+        uint8=uint8_inputs,
+        device_jpeg=device_decode,
+        device_resize=device_resize,
     )
     size = model.cfg.image_size
     on_error = getattr(dataset, "on_error", "raise")

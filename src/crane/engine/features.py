@@ -99,17 +99,27 @@ class FeatureCache:
         autocast_dtype: torch.dtype | None = None,
         attention: str = "auto",
         device_decode: bool = False,
+        device_resize: bool = False,
     ) -> FeatureCache:
         """Encode every readable sample of ``dataset`` once. ``device_decode``: JPEG images
         are read by the workers and decoded on ``device`` (nvJPEG on CUDA), as
         ``evaluate(device_decode=True)`` does; a JPEG no decoder reads is skipped or raises
-        as the dataset's ``on_error`` says. The model is moved to ``device`` first, as
-        :func:`~crane.engine.evaluate.evaluate` and :func:`~crane.engine.train.train` do."""
+        as the dataset's ``on_error`` says; ``device_resize``: large images are resized on
+        ``device`` (bit for bit as PIL would), as ``evaluate(device_resize=True)`` does. The
+        model is moved to ``device`` first, as :func:`~crane.engine.evaluate.evaluate` and
+        :func:`~crane.engine.train.train` do."""
         check_attention(attention)
         if device_decode:
             check_device_decode(device)
         model.to(device)
-        loader = batch_loader(dataset, batch_size, workers, device, device_jpeg=device_decode)
+        loader = batch_loader(
+            dataset,
+            batch_size,
+            workers,
+            device,
+            device_jpeg=device_decode,
+            device_resize=device_resize,
+        )
         on_error = getattr(dataset, "on_error", "raise")
         n = len(dataset)
         g_all = p_all = masks = labels = None

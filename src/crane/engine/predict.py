@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from crane.data.imageio import is_image_file, normalize_mode, open_image
@@ -30,6 +30,7 @@ from crane.data.transforms import (
     read_image_tensor,
     read_jpeg_tensor,
     resize_each,
+    shared_uint8,
 )
 from crane.engine.batching import check_shared_memory, chunk_plan, reuse_freed_memory
 from crane.engine.batching import take_rows as _take_rows
@@ -212,16 +213,7 @@ def _join_raw(records: list[dict[str, Any]], batch: list[dict[str, Any]]) -> tor
     raws = [(rec, b["raw"]) for rec, b in zip(records, batch, strict=True) if "raw" in b]
     if not raws:
         return None
-    total = sum(a.size for _, a in raws)
-    flat = torch.empty(0, dtype=torch.uint8)
-    try:  # as torch's default_collate does in a worker
-        shared = torch.UntypedStorage._new_shared(total) if get_worker_info() else None
-    except (AttributeError, RuntimeError):  # then pickling copies it into shared memory
-        shared = None
-    if shared is not None:
-        flat.set_(shared)
-    else:
-        flat.resize_(total)
+    flat = shared_uint8(sum(a.size for _, a in raws))
     dst, start = flat.numpy(), 0
     for rec, a in raws:
         np.copyto(dst[start : start + a.size].reshape(a.shape), a)
@@ -362,8 +354,12 @@ def batch_pixels(
         for k, j in enumerate(j for j in range(len(records)) if j not in taken):
             out[j] = rows[k]
     if at_raw:
-        # (H, W, C) host arrays (pinned on CUDA) → (C, H, W) on the device, resized there.
-        raw = [records[j].pop("raw").to(device, non_blocking=True).permute(2, 0, 1) for j in at_raw]
+        # (H, W, C) host arrays → (C, H, W) on the device, resized there. On CUDA through pinned
+        # memory (predict's loader pins them already): a pageable copy would wait for the GPU.
+        host = [records[j].pop("raw") for j in at_raw]
+        if device.type == "cuda":
+            host = [t if t.is_pinned() else _pinned_copy(t) for t in host]
+        raw = [t.to(device, non_blocking=True).permute(2, 0, 1) for t in host]
         for j, pixels in zip(at_raw, resize_each(raw, size), strict=True):
             out[j] = pixels
     failed: list[tuple[int, Failure]] = []
@@ -394,12 +390,20 @@ def batch_pixels(
 def dataset_device_pixels(
     batch: dict[str, Any], size: int, device: torch.device, on_error: str
 ) -> tuple[dict[str, Any], torch.Tensor | None]:
-    """A :meth:`AnomalyDataset.device_jpeg_view` batch's uint8 pixels on ``device``
-    (:func:`batch_pixels`; evaluation and the training feature cache), and the batch without
-    its image entries and without the samples whose JPEG no decoder reads (raising an
-    :class:`~crane.errors.ImageReadError` instead when ``on_error`` is "raise")."""
+    """A :meth:`AnomalyDataset.device_jpeg_view` or :meth:`~AnomalyDataset.device_resize_view`
+    batch's uint8 pixels on ``device`` (:func:`batch_pixels`; evaluation and the training
+    feature cache), and the batch without its image entries and without the samples whose
+    JPEG no decoder reads (raising an :class:`~crane.errors.ImageReadError` instead when
+    ``on_error`` is "raise"). ``batch["jpeg"]`` holds JPEG bytes (1-D), unresized pixels
+    ((H, W, C)) or None per sample (see :func:`~crane.data.collate_skip_none`)."""
+
+    def payload(data: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        if data is None:
+            return {}
+        return {"jpeg": data} if data.dim() == 1 else {"raw": data}
+
     records = [
-        {"path": path, "i": k, **({} if data is None else {"jpeg": data})}
+        {"path": path, "i": k, **payload(data)}
         for k, (path, data) in enumerate(zip(batch["path"], batch["jpeg"], strict=True))
     ]
     pixels, kept, failed = batch_pixels(records, batch["image"], size, device)

@@ -17,7 +17,12 @@ from crane.config import CraneConfig
 from crane.constants import ATTENTION_KERNELS
 from crane.data import AnomalyDataset, collate_skip_none
 from crane.data.transforms import normalize_uint8
-from crane.engine.batching import ChunkedBatches
+from crane.engine.batching import (
+    ChunkedBatches,
+    check_shared_memory,
+    chunk_plan,
+    reuse_freed_memory,
+)
 from crane.errors import CraneError
 
 log = logging.getLogger(__name__)
@@ -160,6 +165,7 @@ def batch_loader(
     device: torch.device,
     uint8: bool = True,
     device_jpeg: bool = False,
+    device_resize: bool = False,
 ) -> ChunkedBatches:
     """A dataset's batches in order for a forward pass on ``device`` (images pinned for CUDA;
     unreadable samples dropped, batches kept full), decoded by ``workers`` processes in chunks of
@@ -167,18 +173,34 @@ def batch_loader(
     :class:`AnomalyDataset` with the CLIP normalisation hands over uint8 pixels and bool masks
     instead (a quarter / an eighth of the bytes), which :func:`model_input` normalises there:
     bitwise the same model inputs. The caller's dataset keeps handing out floats. ``device_jpeg``:
-    its uint8 view hands over JPEG files undecoded (:meth:`AnomalyDataset.device_jpeg_view`)."""
-    if device_jpeg:
+    its uint8 view hands over JPEG files undecoded (:meth:`AnomalyDataset.device_jpeg_view`);
+    ``device_resize``: large images decoded but unresized
+    (:meth:`AnomalyDataset.device_resize_view`; on CUDA the loader's thread pins them)."""
+    if device_jpeg or device_resize:
         if not (isinstance(dataset, AnomalyDataset) and dataset.clip_normalised):
+            what = "decoding JPEGs" if device_jpeg else "resizing images"
             raise CraneError(
-                "decoding JPEGs on the device needs an AnomalyDataset with the CLIP "
+                f"{what} on the device needs an AnomalyDataset with the CLIP "
                 "normalisation (the model side normalises the decoded pixels)"
             )
-        dataset = dataset.device_jpeg_view()
+        dataset = dataset.device_jpeg_view() if device_jpeg else dataset.uint8_view()
+        if device_resize:
+            dataset = dataset.device_resize_view()
     elif uint8 and isinstance(dataset, AnomalyDataset) and dataset.clip_normalised:
         dataset = dataset.uint8_view()
     pin = ("image",) if device.type == "cuda" else ()  # masks stay on the host
-    return ChunkedBatches(dataset, batch_size, workers, collate_skip_none, pin=pin)
+    if device_resize and workers:
+        chunk, prefetch = chunk_plan(batch_size, workers)
+        check_shared_memory(workers * (prefetch or 2) * chunk)
+    return ChunkedBatches(
+        dataset,
+        batch_size,
+        workers,
+        collate_skip_none,
+        pin=pin,
+        worker_init_fn=reuse_freed_memory if device_resize else None,
+        pin_memory=device_resize and device.type == "cuda",
+    )
 
 
 # The attention setting the process's torch.compile caches were traced under (see

@@ -144,13 +144,15 @@ def train(
     autocast_dtype: torch.dtype | None = None,
     attention: str = "auto",
     device_decode: bool = False,
+    device_resize: bool = False,
 ) -> TrainResult:
     """Train ``model``'s prompts on ``dataset`` (items as :class:`crane.data.AnomalyDataset`).
 
     ``stop_after_epoch`` ends the run early as an interruption would (used to test resume).
     ``attention``: the fused attention kernel tried first while the frozen features are
     encoded (:func:`~crane.engine.runtime.attention_kernels`). ``device_decode``: the
-    dataset's JPEGs are decoded on ``device`` for that encoding (:meth:`FeatureCache.build`).
+    dataset's JPEGs are decoded on ``device`` for that encoding (:meth:`FeatureCache.build`);
+    ``device_resize``: its large images are resized there (bit for bit as PIL would).
     """
     settings = settings or TrainSettings()
     run_dir = Path(run_dir)
@@ -184,6 +186,7 @@ def train(
         autocast_dtype=autocast_dtype,
         attention=attention,
         device_decode=device_decode,
+        device_resize=device_resize,
     )
     encode_s = time.perf_counter() - t0
     size = cache.masks.shape[-1]
