@@ -7,8 +7,9 @@
 #   tests     CUDA tests: CUDA = CPU, guards, pipelines, CUDA-graph outputs, attention
 #             kernels, nvJPEG decoding (104 in the 17th: 19 tests)
 #   eval      evaluate end to end (512 1024-px PNGs with masks), fp32 baseline against the
-#             optimised path, with where the main thread's time went (part of e2e before the
-#             17th session; ≈ 60 s expected)
+#             optimised path and the optimised path with --device-resize (20th session), with
+#             where the main thread's time went (part of e2e before the 17th session; ≈ 80 s
+#             expected)
 #   loader    evaluate's loader alone on the same kind of dataset at 16 workers: whole
 #             batches per worker (to the 17th session) against chunks joined in the main
 #             process (since), free and paced at a model's 190 ms per batch (≈ 60 s expected)

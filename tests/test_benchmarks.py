@@ -288,6 +288,9 @@ def test_throughput_runs_every_part_with_config_changes(throughput, tmp_path, mo
     assert all(latency[f"{k}_ms"] > 0 for k in ("no_workers", "fresh", "kept", "device_decode"))
     assert res["evaluate"][0]["n_images"] == 8
     assert res["evaluate"][0]["max_abs_diff_mean_metrics"] <= 1e-2
+    # Images resized on the device (here the CPU): the optimised path's inputs, its metrics.
+    assert res["evaluate"][0]["opt_device_resize_img_s"] > 0
+    assert res["evaluate"][0]["max_abs_diff_device_resize"] <= 1e-6
 
 
 def test_throughput_device_decode_rows_and_accuracy(throughput, tmp_path):
