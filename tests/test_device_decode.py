@@ -730,9 +730,16 @@ def test_cuda_detector_device_resize_gives_the_reference_pixels(mixed_inputs, wo
 
 
 @cuda
-def test_cuda_evaluate_and_feature_cache_device_decode(jpeg_synth):
-    """evaluate and the training feature cache with nvJPEG: the same samples, in order, and
-    results close to the CPU-decoded ones (nvJPEG may round a few levels differently)."""
+@pytest.mark.parametrize(
+    "option, global_tol, patch_tol, metric_tol",
+    [("device_decode", 2e-2, 1e-1, 0.1), ("device_resize", 1e-5, 1e-5, 1e-5)],
+)
+def test_cuda_evaluate_and_feature_cache_on_the_device(
+    jpeg_synth, option, global_tol, patch_tol, metric_tol
+):
+    """evaluate and the training feature cache with nvJPEG (which may round a few levels
+    differently: results close to the CPU-decoded ones) or resizing on the GPU (pinned by the
+    loader's thread; the reference inputs: the same results), the same samples in order."""
     from crane.data import AnomalyDataset
     from crane.engine.evaluate import evaluate
     from crane.engine.features import FeatureCache
@@ -742,45 +749,17 @@ def test_cuda_evaluate_and_feature_cache_device_decode(jpeg_synth):
     gpu = torch.device("cuda")
     kw = dict(batch_size=3, workers=2, progress=False)
     want = FeatureCache.build(model, ds, gpu, **kw)
-    got = FeatureCache.build(model, ds, gpu, device_decode=True, **kw)
+    got = FeatureCache.build(model, ds, gpu, **{option: True}, **kw)
     assert got.paths == want.paths and torch.equal(got.labels, want.labels)
     assert torch.equal(got.masks, want.masks)
-    torch.testing.assert_close(got.global_feat, want.global_feat, atol=2e-2, rtol=0)
-    torch.testing.assert_close(got.patch_sets, want.patch_sets, atol=1e-1, rtol=0)
+    torch.testing.assert_close(got.global_feat, want.global_feat, atol=global_tol, rtol=0)
+    torch.testing.assert_close(got.patch_sets, want.patch_sets, atol=patch_tol, rtol=0)
     ref = evaluate(model, ds, device=gpu, **kw)
-    dev = evaluate(model, ds, device=gpu, device_decode=True, **kw)
+    dev = evaluate(model, ds, device=gpu, **{option: True}, **kw)
     assert dev.n_images == ref.n_images == 16
     for cls, metrics in ref.report.per_class.items():
         for name, value in metrics.items():
             other = dev.report.per_class[cls][name]
             assert math.isnan(other) == math.isnan(value), (cls, name)
             if not math.isnan(value):
-                assert other == pytest.approx(value, abs=0.1), (cls, name)
-
-
-@cuda
-def test_cuda_evaluate_and_feature_cache_device_resize(jpeg_synth):
-    """evaluate and the training feature cache resizing on the GPU (pinned by the loader's
-    thread): the reference inputs, so the same features and metrics as the default path."""
-    from crane.data import AnomalyDataset
-    from crane.engine.evaluate import evaluate
-    from crane.engine.features import FeatureCache
-
-    model = create_model("tiny+", image_size=SIZE, seed=6).eval()
-    ds = AnomalyDataset(jpeg_synth, "test", image_size=SIZE)
-    gpu = torch.device("cuda")
-    kw = dict(batch_size=3, workers=2, progress=False)
-    want = FeatureCache.build(model, ds, gpu, **kw)
-    got = FeatureCache.build(model, ds, gpu, device_resize=True, **kw)
-    assert got.paths == want.paths and torch.equal(got.masks, want.masks)
-    torch.testing.assert_close(got.global_feat, want.global_feat, atol=1e-5, rtol=0)
-    torch.testing.assert_close(got.patch_sets, want.patch_sets, atol=1e-5, rtol=0)
-    ref = evaluate(model, ds, device=gpu, **kw)
-    dev = evaluate(model, ds, device=gpu, device_resize=True, **kw)
-    assert dev.n_images == ref.n_images == 16
-    for cls, metrics in ref.report.per_class.items():
-        for name, value in metrics.items():
-            other = dev.report.per_class[cls][name]
-            assert math.isnan(other) == math.isnan(value), (cls, name)
-            if not math.isnan(value):
-                assert other == pytest.approx(value, abs=1e-5), (cls, name)
+                assert other == pytest.approx(value, abs=metric_tol), (cls, name)
