@@ -80,7 +80,6 @@ def bicubic_coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.nd
     return start, count, k
 
 
-@functools.lru_cache(maxsize=64)
 def _banded(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, int]:
     """The pass as blocks of ``_BLOCK`` outputs, each reading one window of ``win`` inputs:
     ``(window starts (n_blocks,), coefficients (n_blocks, win, _BLOCK) float64, win)``."""
@@ -98,20 +97,14 @@ def _banded(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, int]:
     return starts, mats, win
 
 
-def _device_tables(in_size: int, out_size: int, device: torch.device):
-    key = (in_size, out_size, device)
-    got = _TABLES.get(key)
-    if got is None:
-        starts, mats, win = _banded(in_size, out_size)
-        index = torch.from_numpy(starts[:, None] + np.arange(win)).reshape(-1).to(device)
-        got = (index, torch.from_numpy(mats).to(device), win)
-        if len(_TABLES) >= 64:
-            _TABLES.pop(next(iter(_TABLES)))
-        _TABLES[key] = got
-    return got
-
-
-_TABLES: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor, int]] = {}
+@functools.lru_cache(maxsize=64)
+def _device_tables(
+    in_size: int, out_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """:func:`_banded` on ``device``: the windows' input indices (flat), the coefficients."""
+    starts, mats, win = _banded(in_size, out_size)
+    index = torch.from_numpy(starts[:, None] + np.arange(win)).reshape(-1).to(device)
+    return index, torch.from_numpy(mats).to(device), win
 
 
 def _pass_last_dim(x: torch.Tensor, out_size: int) -> torch.Tensor:

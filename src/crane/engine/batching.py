@@ -187,9 +187,10 @@ def reuse_freed_memory(worker_id: int) -> None:
     64 MB in the heap (``mallopt``: mmap threshold 64 MB, trim threshold 128 MB) instead of
     giving each back to the system and faulting in fresh pages for the next image. With
     ``device_resize`` a worker makes a full-size copy of every photo; on the 2-core dev box
-    that cut its time for a 2048-px JPEG, shared-memory hand-over included, from 34 to 23 ms
-    (the reference path, decode + resize: 34 ms either way). A no-op where the C library is
-    not glibc."""
+    that cut its time for a 2048-px JPEG, shared-memory hand-over included, from 43 to 24 ms
+    (the reference path, decode + resize: 34 ms either way). The same glibc mechanism as the
+    README's ``MALLOC_*`` advice for CPU inference. A no-op where the C library is not
+    glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(_M_MMAP_THRESHOLD, 64 << 20)

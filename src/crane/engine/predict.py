@@ -30,7 +30,7 @@ from crane.data.transforms import (
     read_image_tensor,
     read_jpeg_tensor,
     resize_each,
-    shared_uint8,
+    unresized_pixels,
 )
 from crane.engine.batching import check_shared_memory, chunk_plan, reuse_freed_memory
 from crane.engine.batching import take_rows as _take_rows
@@ -88,7 +88,8 @@ class _Decode(Dataset):
     With ``device_jpeg``, JPEG files that :func:`~crane.data.imageio.read_jpeg` takes are only
     read (their bytes travel as ``"jpeg"``) and the main process decodes them on the device.
     With ``device_resize``, RGB and greyscale images larger than the model input travel
-    decoded but not resized (``"raw"``, (H, W, C) uint8) and are resized on the device, bitwise
+    decoded but not resized (``"raw"``, (H, W, C) uint8 in their own shared-memory segment,
+    :func:`~crane.data.transforms.unresized_pixels`) and are resized on the device, bitwise
     as PIL would (:func:`~crane.data.transforms.resize_each`).
 
     Keys are ``(input index, input)`` pairs handed out by :class:`_Jobs`, so long-lived
@@ -150,14 +151,14 @@ class _Decode(Dataset):
             }
 
     def _decoded(self, i: int, image: Image.Image, path: str | None) -> dict[str, Any]:
-        """A decoded image's record: its own pixels for the device to resize (RGB or grey,
-        larger than the model input: PIL resizes those band by band, so the device's resize
-        of the (H, W, C) array is the reference's), else resized here as usual."""
+        """A decoded image's record: its own pixels for the device to resize where
+        :func:`~crane.data.transforms.unresized_pixels` takes the image, else resized here."""
         out = {"ok": True, "hw": (image.height, image.width), "path": path, "i": i}
-        if image.mode in ("RGB", "L") and image.width * image.height > self.size**2:
-            out["raw"] = np.asarray(image).reshape(image.height, image.width, -1)
-        else:
+        raw = unresized_pixels(image, self.size)
+        if raw is None:
             out["image"] = image_to_uint8(image, self.size)
+        else:
+            out["raw"] = raw
         return out
 
 
@@ -177,16 +178,13 @@ class _Jobs(Sampler):
         return -(-len(self.keys) // self.chunk)
 
 
-_PAYLOADS = ("image", "jpeg", "raw")
-
-
 def _collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     """A chunk as one tensor per kind of payload: every tensor leaving a worker is copied into
     its own shared-memory segment, so the records keep none (``"image"`` rows are stacked in
-    input order; ``"jpeg"`` bytes and ``"raw"`` pixels are joined, each record keeping its
-    span, and for raw pixels their shape)."""
+    input order; ``"jpeg"`` bytes are joined, each record keeping its span) but ``"raw"``
+    pixels, which already sit in a segment of their own."""
     good = [b for b in batch if b["ok"]]
-    ok = [{k: v for k, v in b.items() if k not in _PAYLOADS} for b in good]
+    ok = [{k: v for k, v in b.items() if k not in ("image", "jpeg")} for b in good]
     pixels = [b["image"] for b in good if "image" in b]
     jpegs = [b["jpeg"] for b in good if "jpeg" in b]
     start = 0
@@ -197,7 +195,6 @@ def _collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "images": torch.stack(pixels) if pixels else None,
         "jpegs": torch.cat(jpegs) if jpegs else None,
-        "raws": _join_raw(ok, good),
         "ok": ok,
         "failed": [(b["i"], Failure(b["path"], b["error"])) for b in batch if not b["ok"]],
         # When the worker finished this chunk (a system-wide monotonic clock on Linux, macOS
@@ -206,30 +203,13 @@ def _collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _join_raw(records: list[dict[str, Any]], batch: list[dict[str, Any]]) -> torch.Tensor | None:
-    """The chunk's ``"raw"`` arrays in one flat uint8 tensor (each record gets its span and
-    shape). In a worker it is made in shared memory and filled there, one copy per image (a
-    plain tensor would be copied once more into shared memory when the chunk is sent)."""
-    raws = [(rec, b["raw"]) for rec, b in zip(records, batch, strict=True) if "raw" in b]
-    if not raws:
-        return None
-    flat = shared_uint8(sum(a.size for _, a in raws))
-    dst, start = flat.numpy(), 0
-    for rec, a in raws:
-        np.copyto(dst[start : start + a.size].reshape(a.shape), a)
-        rec["raw_span"], rec["raw_shape"] = (start, start + a.size), a.shape
-        start += a.size
-    return flat
-
-
 def _rebatch(
     chunks: Iterable[dict[str, Any]], batch_size: int, pin: bool
 ) -> Iterator[dict[str, Any]]:
     """Join loader chunks into batches of ``batch_size`` readable images (the last may be
     smaller), in input order; each failure travels with the batch that precedes it in the
     input, so results come out in input order. With ``pin`` the images land in a pinned
-    buffer (one copy) for an asynchronous transfer to the GPU, and so do ``"raw"`` pixels
-    (a pageable host-to-device copy would wait for the GPU's queued work). ``images`` holds
+    buffer (one copy) for an asynchronous transfer to the GPU. ``images`` holds
     the rows of the records without ``"jpeg"`` (undecoded bytes, a view of their chunk's) or
     ``"raw"`` (unresized pixels), in order."""
     ok: list[dict[str, Any]] = []
@@ -254,10 +234,6 @@ def _rebatch(
         for item in c["ok"]:
             if "jpeg_span" in item:
                 item["jpeg"] = c["jpegs"][slice(*item.pop("jpeg_span"))]
-            if "raw_span" in item:
-                raw = c["raws"][slice(*item.pop("raw_span"))].view(item.pop("raw_shape"))
-                # (already pinned where the loader's pinning thread copied the chunk)
-                item["raw"] = _pinned_copy(raw) if pin and not raw.is_pinned() else raw
         if c["images"] is not None:
             images.append(c["images"])
         while len(ok) >= batch_size:
@@ -486,7 +462,7 @@ class Detector:
     larger than the model input unresized; the main process copies them whole to the device
     and resizes them there, bitwise as PIL does
     (:func:`~crane.data.pil_resample.pil_resize_uint8`): the reference pixels exactly, with
-    the workers' cost for a large photo reduced to its decode (a 2048-px JPEG: 34 → 23 ms of a
+    the workers' cost for a large photo reduced to its decode (a 2048-px JPEG: 34 → 24 ms of a
     core on the 2-core dev box, shared-memory hand-over included) at the price of copying its
     full-size pixels (12 MB) to the device. Not with ``fast_decode``; with ``device_decode``
     it applies to the files that are not decoded on the device (PNGs, for instance). On a CPU
