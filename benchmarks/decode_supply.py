@@ -5,9 +5,11 @@ large photos exactly as the reference does but leave the resize (PIL's bicubic, 
 for bit) to the GPU; the workers then ship full-size pixels instead of 518² ones. This times
 predict's loader alone — workers decoding chunks, the main process joining them into batches
 (pinned where CUDA exists), no model and no resize — so the rate is what the workers can
-supply to a GPU that resizes for free. Rows alternate between the two routes; every rep starts
+supply to a GPU that resizes for free. Rows alternate between the routes; every rep starts
 its own workers (their start is included). Columns: img/s, the main process's CPU seconds per
-second (all its threads). ``--no-heap-reuse`` adds a third route: ``device_resize`` with the
+second (all its threads). A third route is ``device_resize`` as the 20th session built it:
+torch's new shared-memory segment for every photo instead of the workers' reused buffers
+(``crane.data.handover``). ``--no-heap-reuse`` adds a fourth: ``device_resize`` with the
 workers' malloc left as it is (``predict.reuse_freed_memory`` off).
 
   python benchmarks/decode_supply.py --workers 2 --files 96 --reps 3 --json out.json
@@ -30,10 +32,11 @@ from throughput import host, make_jpegs, save  # same folder
 from crane.engine import predict as predict_module
 from crane.engine.predict import _rebatch, decode_loader
 
-ROUTES = {  # name → (device_resize, heap reuse in the workers)
-    "reference (decode + resize)": (False, True),
-    "device_resize (decode only)": (True, True),
-    "device_resize, no heap reuse": (True, False),
+ROUTES = {  # name → (device_resize, heap reuse in the workers, reused hand-over buffers)
+    "reference (decode + resize)": (False, True, True),
+    "device_resize (decode only)": (True, True, True),
+    "device_resize, a new segment per photo": (True, True, False),
+    "device_resize, no heap reuse": (True, False, True),
 }
 
 
@@ -43,18 +46,26 @@ def _cpu_s() -> float:
 
 
 def supply(
-    paths: list[str], size: int, batch: int, workers: int, device_resize: bool, heap: bool = True
+    paths: list[str],
+    size: int,
+    batch: int,
+    workers: int,
+    device_resize: bool,
+    heap: bool = True,
+    pool: bool = True,
 ) -> dict:
-    reuse = predict_module.reuse_freed_memory
+    reuse, pool_class = predict_module.reuse_freed_memory, predict_module.HandoverPool
     if not heap:
         predict_module.reuse_freed_memory = lambda worker_id: None
+    if not pool:  # as before the 21st session: torch's fresh segment for every photo
+        predict_module.HandoverPool = lambda: None
     try:
         loader, jobs = decode_loader(
             size, None, batch, workers, device_resize=device_resize,
             pin_memory=device_resize and torch.cuda.is_available(),  # as Detector's loader
         )  # fmt: skip
     finally:
-        predict_module.reuse_freed_memory = reuse
+        predict_module.reuse_freed_memory, predict_module.HandoverPool = reuse, pool_class
     jobs.keys = list(enumerate(paths))
     cpu0, t = _cpu_s(), time.perf_counter()
     n = raw = 0
@@ -65,6 +76,7 @@ def supply(
     return {
         "device_resize": device_resize,
         "heap_reuse": heap,
+        "handover_pool": pool,
         "workers": workers,
         "n_files": n,
         "n_unresized": raw,
@@ -87,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {**host(), "args": vars(args), "rows": [], "summary": []}
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_jpegs(Path(tmp), args.files, args.px, max(1, args.workers))
-        routes = list(ROUTES)[: 3 if args.no_heap_reuse else 2]
+        routes = list(ROUTES)[: 4 if args.no_heap_reuse else 3]
         for rep in range(args.reps):
             for name in routes:
                 row = supply(paths, args.size, args.batch, args.workers, *ROUTES[name])

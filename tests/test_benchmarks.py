@@ -809,15 +809,18 @@ def test_host_names_the_cpu_generation(throughput, monkeypatch):
 
 
 def test_decode_supply_rows(tmp_path):
-    """Both routes over the same files: with ``device_resize`` every (large) image arrives
-    unresized, without it none does; the summary holds one row per route."""
+    """The three routes over the same files: with ``device_resize`` every (large) image
+    arrives unresized — through the workers' reused buffers, or a new segment each — without
+    it none does; the summary holds one row per route."""
     bench = _bench("decode_supply")
     out = tmp_path / "s.json"
     argv = ["--files", "4", "--px", "300", "--size", "224", "--batch", "2", "--workers", "1"]
     assert bench.main([*argv, "--reps", "1", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
-    rows = {r["device_resize"]: r for r in res["rows"]}
-    assert rows[True]["n_unresized"] == 4 and rows[False]["n_unresized"] == 0
+    rows = {(r["device_resize"], r["handover_pool"]): r for r in res["rows"]}
+    assert sorted(rows) == [(False, True), (True, False), (True, True)]
+    assert rows[True, True]["n_unresized"] == rows[True, False]["n_unresized"] == 4
+    assert rows[False, True]["n_unresized"] == 0
     assert all(r["n_files"] == 4 and r["img_s"] > 0 for r in res["rows"])
-    assert [s["device_resize"] for s in res["summary"]] == [False, True]
+    assert [s["device_resize"] for s in res["summary"]] == [False, True, True]
     assert all(r["heap_reuse"] for r in res["rows"])

@@ -319,7 +319,12 @@ def test_detector_device_resize_gives_the_reference_pixels(
     assert device_resizes == []
     with Detector(model, device="cpu", batch_size=3, workers=workers, device_resize=True) as det:
         got, got_px = _run(det, mixed_inputs)
-    assert torch.equal(got_px, want_px)
+        got2, got2_px = _run(det, mixed_inputs)  # the kept workers refill their buffers
+        if workers:  # every buffer handed over came back (released tokens are negative)
+            state = det._loader[1].dataset.handover._state
+            assert (state < 0).sum() >= 2 and (state > 0).sum() == 0
+    assert torch.equal(got_px, want_px) and torch.equal(got2_px, want_px)
+    assert [r.path for r in got2] == [r.path for r in got]
     assert [type(r) for r in got] == [type(r) for r in want]
     for r, w in zip(got, want, strict=True):
         assert r.path == w.path
@@ -330,7 +335,8 @@ def test_detector_device_resize_gives_the_reference_pixels(
     # a (229x336 RGB), b (152x123 grey), c (336x224 progressive), e (162x132 CMYK -> RGB),
     # h (224x224): larger than 112x112; the PNG d (115x142) too; the 90x90 array is not.
     assert shapes == sorted(
-        [(3, 229, 336), (1, 152, 123), (3, 336, 224), (3, 115, 142), (3, 162, 132), (3, 224, 224)]
+        2
+        * [(3, 229, 336), (1, 152, 123), (3, 336, 224), (3, 115, 142), (3, 162, 132), (3, 224, 224)]
     )
 
 

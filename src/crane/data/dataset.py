@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from crane.constants import DEFAULT_IMAGE_SIZE, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from crane.data.handover import HandoverPool
 from crane.data.imageio import open_image, open_mask
 from crane.data.meta import (
     SPLITS,
@@ -102,6 +103,7 @@ class AnomalyDataset(Dataset):
         self.pixels = pixels
         self.jpeg_on_device = False  # see device_jpeg_view
         self.resize_on_device = False  # see device_resize_view
+        self.handover: HandoverPool | None = None  # device_resize_view's worker buffers
         if pixels == "uint8" and not self.clip_normalised:
             raise DatasetError(
                 "pixels='uint8' hands over raw pixels that the model side normalises with the "
@@ -164,6 +166,7 @@ class AnomalyDataset(Dataset):
         :func:`~crane.engine.predict.batch_pixels`); masks are decoded and resized as usual."""
         view = copy.copy(self.uint8_view())
         view.resize_on_device = True
+        view.handover = HandoverPool()  # buffers the workers refill (made before they start)
         return view
 
     def _drop_missing(self, samples: list[Sample]) -> list[Sample]:
@@ -222,7 +225,7 @@ class AnomalyDataset(Dataset):
             mask = empty_mask(self.image_size, dtype=mask_dtype)
         raw = None
         if jpeg is None and self.resize_on_device:
-            raw = unresized_pixels(image, self.image_size)
+            raw = unresized_pixels(image, self.image_size, self.handover)
         if jpeg is not None:
             payload = {"jpeg": jpeg[0]}
         elif raw is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from crane.constants import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
 )
+from crane.data.handover import HandoverPool, shared_uint8
 from crane.data.imageio import PathLike, binarize_mask, normalize_mode, open_image, read_jpeg
 from crane.data.pil_resample import pil_resize_uint8
 
@@ -157,31 +159,27 @@ def _pil_vertical_first() -> bool:
     return bool(np.array_equal(direct, vertical_first))
 
 
-def shared_uint8(n: int) -> torch.Tensor:
-    """An uninitialised 1-D uint8 tensor of ``n`` bytes, in shared memory when called in a
-    DataLoader worker (as torch's ``default_collate`` allocates there): a tensor filled in
-    place is then handed to the main process without the copy pickling would make."""
-    from torch.utils.data import get_worker_info
-
-    out = torch.empty(0, dtype=torch.uint8)
-    try:
-        storage = torch.UntypedStorage._new_shared(n) if get_worker_info() else None
-    except (AttributeError, RuntimeError):  # a torch without it: pickling copies instead
-        storage = None
-    return out.set_(storage) if storage is not None else out.resize_(n)
-
-
-def unresized_pixels(image: Image.Image, size: int) -> torch.Tensor | None:
+def unresized_pixels(
+    image: Image.Image, size: int, pool: HandoverPool | None = None
+) -> torch.Tensor | Any | None:
     """An RGB or greyscale image larger than ``size``² as its (H, W, C) uint8 pixels (in shared
     memory in a worker, :func:`shared_uint8`), for :func:`resize_each` to resize on a GPU
     exactly as :func:`image_to_uint8` would on the host; None for other images (resize those
-    on the host: small ones cost little, other modes resize differently)."""
+    on the host: small ones cost little, other modes resize differently).
+
+    ``pool`` (made in the main process before the workers start): in a worker, the pixels go
+    into one of the worker's reusable buffers, and what is returned is a hand-over object that
+    arrives in the main process as the tensor (:class:`~crane.data.handover.HandoverPool`)."""
     if image.mode not in ("RGB", "L") or image.width * image.height <= size * size:
         return None
     arr = np.asarray(image).reshape(image.height, image.width, -1)
-    out = shared_uint8(arr.size).view(arr.shape)
+    if pool is None:
+        out = shared_uint8(arr.size).view(arr.shape)
+        np.copyto(out.numpy(), arr)
+        return out
+    out, where = pool.empty(arr.shape)
     np.copyto(out.numpy(), arr)
-    return out
+    return pool.wrap(out, where)
 
 
 def read_jpeg_tensor(path: PathLike) -> tuple[torch.Tensor, tuple[int, int]] | None:

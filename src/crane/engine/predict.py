@@ -23,6 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from crane.data.handover import HandoverPool
 from crane.data.imageio import is_image_file, normalize_mode, open_image
 from crane.data.transforms import (
     decode_jpegs,
@@ -88,9 +89,9 @@ class _Decode(Dataset):
     With ``device_jpeg``, JPEG files that :func:`~crane.data.imageio.read_jpeg` takes are only
     read (their bytes travel as ``"jpeg"``) and the main process decodes them on the device.
     With ``device_resize``, RGB and greyscale images larger than the model input travel
-    decoded but not resized (``"raw"``, (H, W, C) uint8 in their own shared-memory segment,
-    :func:`~crane.data.transforms.unresized_pixels`) and are resized on the device, bitwise
-    as PIL would (:func:`~crane.data.transforms.resize_each`).
+    decoded but not resized (``"raw"``, (H, W, C) uint8 in shared-memory buffers the workers
+    reuse, :func:`~crane.data.transforms.unresized_pixels`) and are resized on the device,
+    bitwise as PIL would (:func:`~crane.data.transforms.resize_each`).
 
     Keys are ``(input index, input)`` pairs handed out by :class:`_Jobs`, so long-lived
     workers can decode whatever a later ``predict`` call brings."""
@@ -107,6 +108,8 @@ class _Decode(Dataset):
         self.size, self.draft, self.device_jpeg = size, draft, device_jpeg
         self.device_resize = device_resize and draft is None
         self.fast = draft is not None if fast_resize is None else fast_resize
+        # Buffers the workers refill with full-size pixels (made here, before they start).
+        self.handover = HandoverPool() if self.device_resize else None
 
     def __getitem__(self, key: tuple[int, ImageInput]) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -154,7 +157,7 @@ class _Decode(Dataset):
         """A decoded image's record: its own pixels for the device to resize where
         :func:`~crane.data.transforms.unresized_pixels` takes the image, else resized here."""
         out = {"ok": True, "hw": (image.height, image.width), "path": path, "i": i}
-        raw = unresized_pixels(image, self.size)
+        raw = unresized_pixels(image, self.size, self.handover)
         if raw is None:
             out["image"] = image_to_uint8(image, self.size)
         else:
