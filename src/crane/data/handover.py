@@ -56,7 +56,7 @@ def _received(tensor: torch.Tensor, key: str, worker: int, slot: int, token: int
     """Unpickling in the main process: the plain tensor, released to its worker when it dies."""
     state = _REGISTRY.get(key)
     if state is not None:
-        weakref.finalize(tensor, _release, state, worker, slot, token)
+        weakref.finalize(tensor, _release, state, worker, slot, token).atexit = False
     return tensor
 
 
