@@ -4,7 +4,6 @@ never a buffer the main process may still read."""
 
 from __future__ import annotations
 
-import gc
 import pickle
 import types
 from multiprocessing.reduction import ForkingPickler
@@ -49,11 +48,9 @@ def test_buffer_comes_back_only_after_the_main_process_drops_the_tensor(as_worke
     held = _send(pool.wrap(b, where_b))
     view = received.permute(2, 0, 1)  # a view keeps the buffer out as well
     del received
-    gc.collect()
     c, where_c = pool.empty((4, 5, 3))
     assert where_c[1] not in (where_a[1], where_b[1])
     del view
-    gc.collect()
     # Now slot a is back: refilled in place, under a new token.
     d, where_d = pool.empty((4, 5, 3))
     assert where_d[1] == where_a[1] and where_d[2] != where_a[2] and _ptr(d) == _ptr(a)
@@ -74,8 +71,7 @@ def test_a_slot_another_process_wrote_is_never_refilled(as_worker):
     a, where = pool.empty((8,))
     _ = _send(pool.wrap(a, where))
     pool._state[0, where[1]] = (12345 << 32) | 1  # another worker's token in our slot
-    del _
-    gc.collect()  # our release no longer matches: the slot stays out of use for us
+    del _  # our release no longer matches: the slot stays out of use for us
     assert pool._state[0, where[1]] == (12345 << 32) | 1
     b, where_b = pool.empty((8,))
     assert where_b[1] != where[1] and _ptr(b) != _ptr(a)
@@ -108,7 +104,6 @@ def test_a_new_worker_process_starts_with_no_buffers_but_the_free_slots(as_worke
     pool = HandoverPool(workers=1, slots=2)
     a, where = pool.empty((8,))
     _send(pool.wrap(a, where))
-    gc.collect()
     assert pool._state[0, where[1]] == -where[2]  # released by an earlier worker
     monkeypatch.setattr(handover.os, "getpid", lambda: pool._pid + 1)  # a later epoch's worker
     b, where_b = pool.empty((8,))
@@ -180,7 +175,6 @@ def test_np_state_is_shared_with_the_workers():
     tokens = [item["where"][2] for item in got]
     assert len(set(tokens)) == 6
     del got
-    gc.collect()
     assert (np.sort(data.pool._state[0][data.pool._state[0] != 0]) < 0).all()
 
 
@@ -195,7 +189,6 @@ def test_spawned_workers_share_the_state():
         _check(item)
     slots = {item["where"][1] for item in got}
     del got, item
-    gc.collect()
     assert slots and all(data.pool._state[0, s] < 0 for s in slots)
 
 
