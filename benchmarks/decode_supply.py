@@ -10,7 +10,9 @@ its own workers (their start is included). Columns: img/s, the main process's CP
 second (all its threads). A third route is ``device_resize`` as the 20th session built it:
 torch's new shared-memory segment for every photo instead of the workers' reused buffers
 (``crane.data.handover``). ``--no-heap-reuse`` adds a fourth: ``device_resize`` with the
-workers' malloc left as it is (``predict.reuse_freed_memory`` off).
+workers' malloc left as it is (``predict.reuse_freed_memory`` off). ``--main-copy`` has the
+main process copy every image once (where CUDA pins them, the pinning thread does), so the
+rate includes that cost on a machine without a GPU.
 
   python benchmarks/decode_supply.py --workers 2 --files 96 --reps 3 --json out.json
 """
@@ -53,6 +55,7 @@ def supply(
     device_resize: bool,
     heap: bool = True,
     pool: bool = True,
+    main_copy: bool = False,
 ) -> dict:
     reuse, pool_class = predict_module.reuse_freed_memory, predict_module.HandoverPool
     if not heap:
@@ -69,14 +72,20 @@ def supply(
     jobs.keys = list(enumerate(paths))
     cpu0, t = _cpu_s(), time.perf_counter()
     n = raw = 0
+    sink = torch.empty(0, dtype=torch.uint8)  # main_copy: one reused destination
     for b in _rebatch(loader, batch, pin=torch.cuda.is_available()):
         n += len(b["ok"])
         raw += sum("raw" in item for item in b["ok"])
+        if main_copy:  # read every photo once in the main process, as pinning would
+            for px in [item["raw"] for item in b["ok"] if "raw" in item] + [b["images"]]:
+                if px is not None:
+                    sink.resize_(px.numel()).view(px.shape).copy_(px)
     dt = time.perf_counter() - t
     return {
         "device_resize": device_resize,
         "heap_reuse": heap,
         "handover_pool": pool,
+        "main_copy": main_copy,
         "workers": workers,
         "n_files": n,
         "n_unresized": raw,
@@ -95,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-heap-reuse", action="store_true", help="also without heap reuse")
+    ap.add_argument(
+        "--main-copy",
+        action="store_true",
+        help="copy every image once in the main process (where no GPU pins them: its cost)",
+    )
     args = ap.parse_args(argv)
     results = {**host(), "args": vars(args), "rows": [], "summary": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -102,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         routes = list(ROUTES)[: 4 if args.no_heap_reuse else 3]
         for rep in range(args.reps):
             for name in routes:
-                row = supply(paths, args.size, args.batch, args.workers, *ROUTES[name])
+                row = supply(
+                    paths, args.size, args.batch, args.workers, *ROUTES[name],
+                    main_copy=args.main_copy,
+                )  # fmt: skip
                 results["rows"].append({"route": name, **row, "rep": rep})
                 print(results["rows"][-1], flush=True)
                 save(results, args.json)

@@ -808,13 +808,15 @@ def test_host_names_the_cpu_generation(throughput, monkeypatch):
     assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
-def test_decode_supply_rows(tmp_path):
+@pytest.mark.parametrize("main_copy", [False, True])
+def test_decode_supply_rows(tmp_path, main_copy):
     """The three routes over the same files: with ``device_resize`` every (large) image
     arrives unresized — through the workers' reused buffers, or a new segment each — without
-    it none does; the summary holds one row per route."""
+    it none does; the summary holds one row per route. ``--main-copy`` is recorded."""
     bench = _bench("decode_supply")
     out = tmp_path / "s.json"
     argv = ["--files", "4", "--px", "300", "--size", "224", "--batch", "2", "--workers", "1"]
+    argv += ["--main-copy"] if main_copy else []
     assert bench.main([*argv, "--reps", "1", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     rows = {(r["device_resize"], r["handover_pool"]): r for r in res["rows"]}
@@ -823,4 +825,4 @@ def test_decode_supply_rows(tmp_path):
     assert rows[False, True]["n_unresized"] == 0
     assert all(r["n_files"] == 4 and r["img_s"] > 0 for r in res["rows"])
     assert [s["device_resize"] for s in res["summary"]] == [False, True, True]
-    assert all(r["heap_reuse"] for r in res["rows"])
+    assert all(r["heap_reuse"] and r["main_copy"] == main_copy for r in res["rows"])

@@ -120,15 +120,15 @@ def test_pickled_pool_shares_the_state():
 class _Pattern(Dataset):
     """Worker-filled (H, W, 3) buffers whose every value encodes the sample's index."""
 
-    def __init__(self, n: int, side: int, fail: tuple[int, ...] = ()):
-        self.n, self.side, self.fail = n, side, fail
+    def __init__(self, n: int, side: int, fail: tuple[int, ...] = (), vary: bool = True):
+        self.n, self.side, self.fail, self.vary = n, side, fail, vary
         self.pool = HandoverPool(workers=4, slots=12)
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i: int):
-        out, where = self.pool.empty((self.side + i % 3, self.side, 3))
+        out, where = self.pool.empty((self.side + self.vary * (i % 3), self.side, 3))
         out.fill_(i % 251)
         wrapped = self.pool.wrap(out, where)
         if i in self.fail:
@@ -194,3 +194,26 @@ def test_spawned_workers_share_the_state():
 
 def _identity(batch):
     return batch
+
+
+def test_the_main_process_maps_each_buffer_once(monkeypatch):
+    """A buffer that comes back from the same slot is already mapped in the main process
+    (the pool keeps its storage): new mappings follow the buffers, not the photos."""
+    maps = []
+    real = torch.UntypedStorage._new_shared_fd_cpu
+
+    def counting(*args):
+        maps.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(torch.UntypedStorage, "_new_shared_fd_cpu", counting)
+    assert torch.multiprocessing.get_sharing_strategy() == "file_descriptor"
+    data = _Pattern(60, 64, vary=False)
+    loader = DataLoader(data, batch_size=3, num_workers=2, collate_fn=_identity)
+    slots = set()
+    for batch in loader:
+        for item in batch:
+            _check(item)
+            slots.add(item["where"][:2])
+    big = [m for m in maps if m >= 64 * 64 * 3]
+    assert len(big) == len(slots) == len(data.pool._mapped) < 60 // 2

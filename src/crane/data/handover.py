@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-_REGISTRY: weakref.WeakValueDictionary[str, np.ndarray] = weakref.WeakValueDictionary()
+_REGISTRY: weakref.WeakValueDictionary[str, HandoverPool] = weakref.WeakValueDictionary()
 
 
 def _shared_storage(nbytes: int) -> torch.UntypedStorage | None:
@@ -53,10 +53,16 @@ def _release(state: np.ndarray, worker: int, slot: int, token: int) -> None:
 
 
 def _received(tensor: torch.Tensor, key: str, worker: int, slot: int, token: int) -> torch.Tensor:
-    """Unpickling in the main process: the plain tensor, released to its worker when it dies."""
-    state = _REGISTRY.get(key)
-    if state is not None:
-        weakref.finalize(tensor, _release, state, worker, slot, token).atexit = False
+    """Unpickling in the main process: the plain tensor, released to its worker when it dies.
+
+    The pool also keeps the buffer's storage (not the tensor) until the slot brings another:
+    torch's receiving side then finds the segment already mapped (``storage_from_cache``)
+    instead of mapping and faulting in its 12.6 MB again (1.45 → 0.39 ms to copy a 2048-px
+    photo out of it on the dev box)."""
+    pool = _REGISTRY.get(key)
+    if pool is not None:
+        weakref.finalize(tensor, _release, pool._state, worker, slot, token).atexit = False
+        pool._mapped[worker, slot] = tensor.untyped_storage()
     return tensor
 
 
@@ -92,8 +98,10 @@ class HandoverPool:
         self._key = uuid.uuid4().hex
         self._shared = torch.zeros((workers, slots), dtype=torch.int64).share_memory_()
         self._state = self._shared.numpy()
-        _REGISTRY[self._key] = self._state
+        _REGISTRY[self._key] = self
         self._local: dict[int, tuple[torch.UntypedStorage, int]] = {}  # slot → (buffer, token)
+        # main process: the last storage received per (worker, slot), see _received
+        self._mapped: dict[tuple[int, int], torch.UntypedStorage] = {}
         self._pid = os.getpid()
         self._count = 0
 
@@ -102,8 +110,9 @@ class HandoverPool:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._key, self._shared = state["key"], state["shared"]
-        self._state = _REGISTRY.setdefault(self._key, self._shared.numpy())
-        self._local, self._pid, self._count = {}, os.getpid(), 0
+        self._state = self._shared.numpy()
+        self._local, self._mapped, self._pid, self._count = {}, {}, os.getpid(), 0
+        _REGISTRY.setdefault(self._key, self)  # a copy in the main process, if the original went
 
     def empty(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, int, int] | None]:
         """An uninitialised uint8 tensor of ``shape`` in shared memory, and where it sits (None
