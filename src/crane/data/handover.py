@@ -123,8 +123,8 @@ class HandoverPool:
         info = get_worker_info()
         if info is None or info.id >= self._state.shape[0]:
             return shared_uint8(nbytes).view(shape), None
-        if os.getpid() != self._pid:  # a forked worker: the buffers seen so far are the parent's
-            self._local, self._pid, self._count = {}, os.getpid(), 0
+        if os.getpid() != self._pid:  # a forked worker: what the pool holds is the parent's
+            self._local, self._mapped, self._pid, self._count = {}, {}, os.getpid(), 0
         row = self._state[info.id]
         slot = self._free_slot(row)
         if slot is None:
