@@ -174,12 +174,11 @@ def unresized_pixels(
         return None
     arr = np.asarray(image).reshape(image.height, image.width, -1)
     if pool is None:
-        out = shared_uint8(arr.size).view(arr.shape)
-        np.copyto(out.numpy(), arr)
-        return out
-    out, where = pool.empty(arr.shape)
+        out, where = shared_uint8(arr.size).view(arr.shape), None
+    else:
+        out, where = pool.empty(arr.shape)
     np.copyto(out.numpy(), arr)
-    return pool.wrap(out, where)
+    return out if where is None else pool.wrap(out, where)
 
 
 def read_jpeg_tensor(path: PathLike) -> tuple[torch.Tensor, tuple[int, int]] | None:

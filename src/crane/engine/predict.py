@@ -185,7 +185,7 @@ def _collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     """A chunk as one tensor per kind of payload: every tensor leaving a worker is copied into
     its own shared-memory segment, so the records keep none (``"image"`` rows are stacked in
     input order; ``"jpeg"`` bytes are joined, each record keeping its span) but ``"raw"``
-    pixels, which already sit in a segment of their own."""
+    pixels, which already sit in shared memory (a worker's reused buffer)."""
     good = [b for b in batch if b["ok"]]
     ok = [{k: v for k, v in b.items() if k not in ("image", "jpeg")} for b in good]
     pixels = [b["image"] for b in good if "image" in b]
@@ -465,11 +465,13 @@ class Detector:
     larger than the model input unresized; the main process copies them whole to the device
     and resizes them there, bitwise as PIL does
     (:func:`~crane.data.pil_resample.pil_resize_uint8`): the reference pixels exactly, with
-    the workers' cost for a large photo reduced to its decode (a 2048-px JPEG: 34 → 24 ms of a
-    core on the 2-core dev box, shared-memory hand-over included) at the price of copying its
-    full-size pixels (12 MB) to the device. Not with ``fast_decode``; with ``device_decode``
-    it applies to the files that are not decoded on the device (PNGs, for instance). On a CPU
-    device it only moves resizing into the main process.
+    the workers' cost for a large photo reduced to its decode and a copy into one of their
+    reused shared-memory buffers (:mod:`crane.data.handover`; on the 2-core dev box two
+    workers supplied 104 img/s of 2048-px JPEGs this way against 51–52 decoded and resized)
+    at the price of copying its full-size pixels (12.6 MB) to the device. Not with
+    ``fast_decode``; with ``device_decode`` it applies to the files that are not decoded on
+    the device (PNGs, for instance). On a CPU device it only moves resizing into the main
+    process.
     ``compile``: ``torch.compile`` the model (first batch compiles; a string picks the mode,
     e.g. ``"reduce-overhead"`` for CUDA graphs at small batches). ``attention``: which fused
     attention kernel runs first (``auto``, ``cudnn``, ``flash``, ``efficient``, ``math``; see
