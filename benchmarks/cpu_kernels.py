@@ -1,5 +1,6 @@
-"""fp32 CPU kernels: torch's (MKL sgemm, fused CPU attention) against oneDNN's
-(``crane.models.kernels``, the default), per op at Crane+'s shapes and for a whole image.
+"""CPU kernels: torch's (MKL sgemm, fused CPU attention) against oneDNN's
+(``crane.models.kernels``, the default), per op at Crane+'s shapes and for a whole image, in
+fp32 or (``--precision bf16``) as ``--precision bf16`` runs them.
 
 Ops: every GEMM shape of a Crane+ forward at 518² (CLIP ViT-L/14 over 1370 tokens, DINOv2-B/14
 over 1374) and its two attention shapes, inputs laid out as the model passes them; median ms
@@ -8,13 +9,20 @@ calls an image makes. Whole: ``Detector.predict_tensor`` on one image, the two k
 alternating for ``--rounds`` rounds (this machine's drift then slows both alike), medians,
 and the largest map/score difference between them.
 
+bf16: CLIP's products under CPU bf16 autocast with bf16-stored weights (``cast_frozen_matmuls``,
+what a Detector does), its attention on the bf16 q/k/v they give; DINOv2 stays fp32 (the
+default ``dino_fp32``) with fp16-rounded attention (``dino_attn_fp16``). Errors are against
+fp64 on the unrounded inputs: each kernel set's whole error.
+
   python benchmarks/cpu_kernels.py --json results/cpu_kernels.json
   python benchmarks/cpu_kernels.py --only ops --reps 9
+  python benchmarks/cpu_kernels.py --precision bf16 --json results/cpu_kernels_bf16.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import sys
 import time
@@ -50,8 +58,9 @@ ATTENTIONS = {
 }
 
 
-def op_rows(reps: int) -> list[dict]:
+def op_rows(reps: int, precision: str = "fp32") -> list[dict]:
     g = torch.Generator().manual_seed(0)
+    bf16 = precision == "bf16"
     rows = []
     for name, (n, d_in, d_out, calls) in GEMMS.items():
         x = torch.randn(n, d_in, generator=g)
@@ -59,26 +68,31 @@ def op_rows(reps: int) -> list[dict]:
         b = torch.randn(d_out, generator=g)
         ref = F.linear(x.double(), w.double(), b.double())
         flops = 2 * n * d_in * d_out
-        rows.append(
-            _op_row(name, flops, calls, reps, functools.partial(kernels.linear, x, w, b), ref)
-        )
+        clip = bf16 and name.startswith("CLIP")  # under autocast, weights stored in bf16
+        fn = functools.partial(kernels.linear, x, w.bfloat16() if clip else w, b)
+        rows.append(_op_row(name, flops, calls, reps, fn, ref, autocast=clip))
     for name, (heads, n, terms, calls) in ATTENTIONS.items():
         qkv = torch.randn(1, n, 3 * heads * 64, generator=g)  # views of one projection
+        clip = bf16 and name.startswith("CLIP")
+        if clip:  # the bf16 output of the qkv product
+            qkv = qkv.bfloat16()
         q, k, v = (t.view(1, n, heads, 64).transpose(1, 2) for t in qkv.chunk(3, -1))
         pairs = [(q, k)] if terms == 1 else [(q, q), (k, k), (v, v)][:terms]
         ref = sum(
             F.scaled_dot_product_attention(a.double(), b.double(), v.double()) for a, b in pairs
         )
         flops = terms * 4 * heads * n * n * 64
-        fn = functools.partial(kernels.attention_sum, pairs, v)
-        rows.append(_op_row(name, flops, calls, reps, fn, ref))
+        rounding = torch.float16 if bf16 and not clip else None  # DINOv2's fp16 attention
+        fn = functools.partial(kernels.attention_sum, pairs, v, rounding=rounding)
+        rows.append(_op_row(name, flops, calls, reps, fn, ref, autocast=clip))
     return rows
 
 
-def _op_row(name, flops, calls, reps, fn, ref) -> dict:
-    row = {"op": name, "gflop": flops / 1e9, "calls_per_image": calls}
+def _op_row(name, flops, calls, reps, fn, ref, autocast: bool = False) -> dict:
+    row = {"op": name, "gflop": flops / 1e9, "calls_per_image": calls, "bf16_autocast": autocast}
     for kind in kernels.CPU_KERNELS:
-        with kernels.cpu_kernels(kind):
+        amp = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with kernels.cpu_kernels(kind), amp:
             ms = median_ms(fn, reps)
             err = float((fn().double() - ref).abs().max())
         row[f"{kind}_ms"] = ms
@@ -90,8 +104,9 @@ def _op_row(name, flops, calls, reps, fn, ref) -> dict:
     return row
 
 
-def whole_rows(preset: str, size: int, rounds: int) -> dict:
-    det = Detector(random_model(preset, image_size=size), device="cpu", precision="fp32")
+def whole_rows(preset: str, size: int, rounds: int, precision: str = "fp32") -> dict:
+    model = random_model(preset, image_size=size)
+    det = Detector(model, device="cpu", precision=precision, cast_weights=precision != "fp32")
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
     det.predict_tensor(x)  # text features: computed once
     times: dict[str, list[float]] = {kind: [] for kind in kernels.CPU_KERNELS}
@@ -106,6 +121,7 @@ def whole_rows(preset: str, size: int, rounds: int) -> dict:
             print(f"  round {r + 1}, {kind}: {times[kind][-1]:.2f} s", flush=True)
     (s_t, m_t), (s_o, m_o) = outs["torch"], outs["onednn"]
     row = {"preset": preset, "image_size": size, "batch": 1, "rounds": rounds}
+    row["precision"] = precision
     for kind, ts in times.items():
         row[f"{kind}_s"] = sorted(ts)[len(ts) // 2]
         row[f"{kind}_s_all"] = [round(t, 3) for t in ts]
@@ -124,6 +140,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="whole-image rounds")
     ap.add_argument("--preset", default="crane+")
     ap.add_argument("--image-size", type=int, default=518)
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if not kernels.onednn_available():
@@ -133,11 +150,15 @@ def main(argv=None) -> int:
         "host": host(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "precision": args.precision,
+        "native_bf16": kernels.native_bf16(),
     }
+    if args.precision == "bf16" and not kernels.native_bf16():
+        print("note: no native bf16 on this CPU: oneDNN's bf16 paths stay off (torch's run)")
     print(f"{results['host']}, torch {torch.__version__}, {results['threads']} threads")
     if args.only in (None, "ops"):
-        print("ops (fp32, one image's shapes):")
-        rows = results["ops"] = op_rows(args.reps)
+        print(f"ops ({args.precision}, one image's shapes):")
+        rows = results["ops"] = op_rows(args.reps, args.precision)
         save(results, args.json)
         table(
             rows,
@@ -162,13 +183,15 @@ def main(argv=None) -> int:
         )
         save(results, args.json)
     if args.only in (None, "whole"):
-        print(f"whole image ({args.preset}, {args.image_size}², fp32, batch 1):")
-        results["whole"] = whole_rows(args.preset, args.image_size, args.rounds)
+        print(f"whole image ({args.preset}, {args.image_size}², {args.precision}, batch 1):")
+        whole = whole_rows(args.preset, args.image_size, args.rounds, args.precision)
+        results["whole"] = whole
         table(
             [results["whole"]],
             [
                 "preset",
                 "image_size",
+                "precision",
                 "rounds",
                 "torch_s",
                 "onednn_s",

@@ -270,8 +270,8 @@ def run(
     over = {"image_size": image_size} if image_size else {}
     model = create_model(preset, pretrained=False, **over)
     s = model.cfg.image_size
-    # As throughput.py's optimised path: on CUDA with autocast, frozen matmul weights in bf16.
-    cast = device.type == "cuda" and amp != "fp32"
+    # As throughput.py's optimised path: with autocast, frozen matmul weights in bf16.
+    cast = amp != "fp32"
     det = Detector(model, device=device, precision=amp, batch_size=batch, cast_weights=cast)
     x = torch.randn(batch, 3, s, s, generator=torch.Generator().manual_seed(0)).to(device)
     det.predict_tensor(x)  # warm-up: text features (computed once per run), kernel choices

@@ -172,7 +172,7 @@ def bench_model(
             device=device,
             precision=amp,
             batch_size=batch,
-            cast_weights=device.type == "cuda",
+            cast_weights=True,
             compile=compile_model,
             attention=attention,
         )
@@ -243,7 +243,7 @@ def bench_end_to_end(
         fast_decode=fast_decode,
         device_decode=device_decode,
         device_resize=device_resize,
-        cast_weights=device.type == "cuda" and amp != "fp32",
+        cast_weights=amp != "fp32",
         map_size=map_size,
         compile=compile_model,
         attention=attention,
@@ -381,7 +381,7 @@ def bench_latency(
         device=device,
         precision=amp,
         batch_size=1,
-        cast_weights=device.type == "cuda" and amp != "fp32",
+        cast_weights=amp != "fp32",
     )
     out: dict = {"preset": base.cfg.name, "workers": workers, "precision": amp}
     out["file_px"] = Image.open(path).size[0]
@@ -522,7 +522,7 @@ def bench_decode_accuracy(
     }
     det = Detector(
         copy.deepcopy(base), device=device, precision=amp, map_size="model",
-        cast_weights=device.type == "cuda" and amp != "fp32",
+        cast_weights=amp != "fp32",
     )  # fmt: skip
     want_scores, want_maps = det.predict_tensor(torch.stack(ref))
     out = {"preset": base.cfg.name, "precision": amp, "n_files": len(paths), "rows": []}
@@ -577,7 +577,7 @@ def bench_evaluate(
     for name, fast, on_device in (*runs, ("opt_device_resize", True, True)):
         model = copy.deepcopy(base).to(device)
         dtype = autocast_dtype(amp, device) if fast else None
-        if fast and dtype is not None and device.type == "cuda":
+        if fast and dtype is not None:
             model.cast_frozen_matmuls(dtype)
         kw = dict(device=device, amp_dtype=dtype, batch_size=batch, workers=workers)
         kw["device_resize"] = on_device

@@ -131,7 +131,7 @@ def main(argv=None) -> int:
             device=dev,
             precision=precision,
             batch_size=args.batch,
-            cast_weights=cast and dev.type == "cuda" and precision != "fp32",
+            cast_weights=cast and precision != "fp32",
             compile=compile_model,
             attention=attention,
         )

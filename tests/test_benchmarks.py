@@ -788,6 +788,44 @@ def test_cpu_kernels_benchmark_rows(tmp_path, monkeypatch, capsys):
     assert "whole image (tiny+, 112²" in capsys.readouterr().out
 
 
+@pytest.mark.skipif(
+    not kernels_mod.onednn_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+    reason="no oneDNN linear, or no oneDNN bf16 on this CPU",
+)
+def test_cpu_kernels_benchmark_bf16_rows(tmp_path, monkeypatch, capsys):
+    bench = _bench("cpu_kernels")
+    monkeypatch.setattr(kernels_mod, "native_bf16", lambda: True)  # whatever its bf16 speed
+    for name, value in (("MIN_TOKENS", 0), ("MIN_HEAD_DIM", 0)):
+        monkeypatch.setattr(kernels_mod, f"ATTENTION_{name}", value)  # at these sizes too
+    monkeypatch.setattr(kernels_mod, "ATTENTION_ISA", (kernels_mod._cpu_capability(),))
+    monkeypatch.setattr(
+        bench, "GEMMS", {"CLIP small": (37, 24, 40, 3), "DINOv2 small": (37, 24, 40, 2)}
+    )
+    monkeypatch.setattr(
+        bench,
+        "ATTENTIONS",
+        {"CLIP small E-Attn": (2, 29, 3, 4), "DINOv2 small attention": (2, 29, 1, 5)},
+    )
+    out = tmp_path / "k.json"
+    argv = ["--reps", "1", "--rounds", "2", "--preset", "tiny+", "--image-size", "112",
+            "--precision", "bf16", "--json", str(out)]  # fmt: skip
+    assert bench.main(argv) == 0
+    res = json.loads(out.read_text())
+    assert res["precision"] == "bf16" and res["native_bf16"] is True
+    rows = {r["op"]: r for r in res["ops"]}
+    assert rows["CLIP small"]["bf16_autocast"] and rows["CLIP small E-Attn"]["bf16_autocast"]
+    assert not rows["DINOv2 small"]["bf16_autocast"]
+    for kind in ("torch", "onednn"):
+        # CLIP's bf16 products and attention: bf16's rounding (2^-9), not fp32's.
+        assert 1e-4 < rows["CLIP small"][f"{kind}_max_abs_err"] < 5e-2
+        assert 1e-4 < rows["CLIP small E-Attn"][f"{kind}_max_abs_err"] < 1e-1
+        assert rows["DINOv2 small"][f"{kind}_max_abs_err"] < 1e-5  # fp32 products
+        assert 1e-5 < rows["DINOv2 small attention"][f"{kind}_max_abs_err"] < 1e-2  # fp16-rounded
+    whole = res["whole"]
+    assert whole["precision"] == "bf16" and 0 < whole["max_abs_diff_map"] <= 1e-2
+    assert "whole image (tiny+, 112², bf16" in capsys.readouterr().out
+
+
 def test_host_names_the_cpu_generation(throughput, monkeypatch):
     import builtins
     import io

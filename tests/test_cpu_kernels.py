@@ -1,4 +1,5 @@
-"""fp32 CPU matrix products and attention through oneDNN (``crane.models.kernels``, issue 6).
+"""CPU matrix products and attention through oneDNN (``crane.models.kernels``, issue 6): fp32,
+and bf16 under ``--precision bf16``.
 
 Each kernel is compared with an fp64 computation of the same thing, the switch and every
 condition that sends a call back to torch's kernels is checked by counting the aten ops that
@@ -77,6 +78,7 @@ def test_linear_falls_back_to_torch_where_onednn_must_not_run(monkeypatch):
         assert _falls_back(lambda: kernels.linear(x, w, b))
     assert not _falls_back(lambda: kernels.linear(x, w, b))  # restored on exit
     assert _falls_back(lambda: kernels.linear(x.bfloat16(), w.bfloat16(), b.bfloat16()))
+    monkeypatch.setattr(kernels, "native_bf16", lambda: False)  # bf16 autocast: see below
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert _falls_back(lambda: kernels.linear(x, w, b))
     assert _falls_back(lambda: kernels.linear(x, w.t().contiguous().t(), b))  # strided weight
@@ -239,3 +241,164 @@ def test_tiny_plus_forward_on_onednn_matches_torchs_kernels(monkeypatch):
     torch.testing.assert_close(m, m_ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(s, s_ref, atol=1e-5, rtol=0)
     assert not torch.equal(m, m_ref)  # other kernels did run
+
+
+# -- bf16 (``--precision bf16``) ----------------------------------------------------------------
+
+needs_bf16 = pytest.mark.skipif(
+    not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="torch's oneDNN bf16 ops refuse here"
+)
+
+
+@pytest.fixture
+def bf16_cpu(monkeypatch):
+    """Run the bf16 paths whatever this CPU's bf16 speed (its check has a test of its own)."""
+    monkeypatch.setattr(kernels, "native_bf16", lambda: True)
+
+
+@needs_bf16
+def test_linear_under_bf16_autocast_is_autocasts_product_on_onednn(bf16_cpu, monkeypatch):
+    x, w, b = _rand(2, 37, 24), _rand(40, 24, seed=1), _rand(40, seed=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = F.linear(x, w, b)  # what autocast makes of it: bf16 operands, a bf16 result
+        with OpCounter() as rec:
+            got = kernels.linear(x, w, b)
+        with OpCounter() as rec_cast:  # weights stored in bf16 (cast_frozen_matmuls): the same
+            got_cast = kernels.linear(x, w.bfloat16(), b)
+        assert kernels.linear_on_onednn(x, w) and kernels.linear_on_onednn(x, w.bfloat16())
+    assert rec.ops.get(ONEDNN) == 1 and "aten.addmm.default" not in rec.ops
+    assert rec_cast.ops.get(ONEDNN) == 1
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert torch.equal(got, got_cast)
+    # Exact products of the bf16 operands, rounded once to bf16 at the end.
+    exact = F.linear(*(t.bfloat16().double() for t in (x, w, b)))
+    torch.testing.assert_close(got.double(), exact, rtol=2**-8, atol=1e-6)
+    torch.testing.assert_close(got, want, rtol=2**-7, atol=1e-2)
+    # fp16 autocast, a CPU without native bf16, or fp32 without autocast: not this path.
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert _falls_back(lambda: kernels.linear(x, w, b))
+    monkeypatch.setattr(kernels, "native_bf16", lambda: False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _falls_back(lambda: kernels.linear(x, w, b))
+        assert not kernels.linear_on_onednn(x, w)
+
+
+def _bf16_qkv(b=2, n=19, h=3, d=8, sharp=2.0):
+    """bf16 q/k/v as the vision loop gets them: head views of one bf16 projection."""
+    qkv = (_rand(b, n, 3 * h * d) * sharp).bfloat16()
+    return [t.view(b, n, h, d).transpose(1, 2) for t in qkv.chunk(3, -1)]
+
+
+def _fused_reference(pairs, v, low):
+    """fp64 attention as fused bf16/fp16 kernels compute it: exact scores of the given
+    values, softmax, the probabilities summed over the pairs and rounded to ``low``, then an
+    exact product with v."""
+    p = sum(
+        torch.softmax(q.double() @ k.double().transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+        for q, k in pairs
+    )
+    return p.to(low).double() @ v.double()
+
+
+@needs_bf16
+def test_bf16_attention_on_onednn_keeps_scores_and_softmax_in_fp32(bf16_cpu):
+    q, k, v = _bf16_qkv()
+    pairs = [(q, q), (k, k), (v, v)]
+    with OpCounter() as rec:
+        out = kernels.attention_sum(pairs, v)
+    blocks = -(-19 // kernels.ATTENTION_BLOCK_ROWS)
+    assert rec.ops.get(ONEDNN) == 4 * 2 * 3 * blocks and FUSED_CPU not in rec.ops
+    assert out.dtype == torch.bfloat16 and out.transpose(1, 2).is_contiguous()
+    want = _fused_reference(pairs, v, torch.bfloat16)
+    # Only the result's rounding to bf16 is left (half an ulp: 2^-9 relative).
+    torch.testing.assert_close(out.double(), want, rtol=2**-8, atol=1e-6)
+    # Against exact attention, no further off than torch's fused bf16 kernel (which rounds
+    # each term's output: summed probabilities are rounded once here).
+    exact = sum(F.scaled_dot_product_attention(*(t.double() for t in (a, b, v))) for a, b in pairs)
+    fused = sum(F.scaled_dot_product_attention(a, b, v) for a, b in pairs)
+    assert (out.double() - exact).abs().max() <= (fused.double() - exact).abs().max()
+    # Plain attention (one pair), and a class-token query.
+    one = kernels.attention(q, k, v)
+    torch.testing.assert_close(one.double(), _fused_reference([(q, k)], v, torch.bfloat16),
+                               rtol=2**-8, atol=1e-6)  # fmt: skip
+    cls = kernels.attention(q[:, :, :1], k, v)
+    assert torch.equal(cls, one[:, :, :1])
+
+
+@needs_bf16
+def test_bf16_attention_falls_back_where_it_must(bf16_cpu, monkeypatch):
+    q, k, v = _bf16_qkv()
+    with kernels.cpu_kernels("torch"), OpCounter() as rec:
+        kernels.attention(q, k, v)
+    assert ONEDNN not in rec.ops and rec.ops.get(FUSED_CPU) == 1
+    with pytest.raises(RuntimeError, match="same dtype"):  # mixed dtypes: torch's error
+        kernels.attention(q, k, v.float())
+    assert _falls_back(lambda: kernels.attention(q.half(), k.half(), v.half()))
+    monkeypatch.setattr(kernels, "native_bf16", lambda: False)
+    assert _falls_back(lambda: kernels.attention(q, k, v))
+
+
+@needs_bf16
+def test_native_bf16_follows_the_cpu(monkeypatch):
+    kernels.native_bf16.cache_clear()
+    try:
+        for avx512_bf16, amx, want in ((True, False, True), (False, True, True),
+                                       (False, False, False)):  # fmt: skip
+            monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+            monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+            kernels.native_bf16.cache_clear()
+            assert kernels.native_bf16() is want
+    finally:
+        kernels.native_bf16.cache_clear()
+
+
+@pytest.mark.parametrize("rounding", [torch.float16, torch.bfloat16])
+def test_fp32_attention_rounded_as_a_half_precision_kernel(rounding):
+    # DINOv2's fp16 attention (half_precision_attention) on fp32 activations.
+    qkv = _rand(2, 21, 3 * 2 * 8) * 2
+    q, k, v = (t.view(2, 21, 2, 8).transpose(1, 2) for t in qkv.chunk(3, -1))
+    with OpCounter() as rec:
+        out = kernels.attention(q, k, v, rounding=rounding)
+    assert rec.ops.get(ONEDNN) and FUSED_CPU not in rec.ops
+    assert out.dtype == torch.float32 and out.transpose(1, 2).is_contiguous()
+    assert torch.equal(out, out.to(rounding).float())  # the result is rounded, like the kernel's
+    low = [t.to(rounding) for t in (q, k, v)]
+    want = _fused_reference([(low[0], low[1])], low[2], rounding)
+    ulp = 2**-10 if rounding == torch.float16 else 2**-7
+    torch.testing.assert_close(out.double(), want, rtol=ulp, atol=1e-6)
+    # torch's kernels: SDPA on the cast tensors, exactly as before.
+    with kernels.cpu_kernels("torch"), OpCounter() as rec:
+        plain = kernels.attention(q, k, v, rounding=rounding)
+    assert ONEDNN not in rec.ops
+    assert torch.equal(plain, F.scaled_dot_product_attention(*low).float())
+    # Both approximate the unrounded attention about equally well.
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    err, err_plain = (out.double() - exact).abs().max(), (plain.double() - exact).abs().max()
+    assert err <= 1.5 * err_plain
+    with pytest.raises(ValueError, match="needs fp32 tensors"):
+        kernels.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), rounding=torch.float16)
+
+
+@needs_bf16
+def test_tiny_plus_bf16_forward_on_onednn_matches_torchs_kernels(bf16_cpu, monkeypatch):
+    monkeypatch.setattr(kernels, "ATTENTION_BLOCK_ROWS", 10**6)  # one block per head
+    model = create_model("tiny+", image_size=112, seed=3)
+    x = _rand(2, 3, 112, 112, seed=4)
+    fp32 = Detector(model, device="cpu")
+    s32, m32 = fp32.predict_tensor(x)
+    det = Detector(model, device="cpu", precision="bf16", cast_weights=True)
+    assert model.matmul_dtype == torch.bfloat16
+    det.predict_tensor(x)
+    with kernels.cpu_kernels("torch"), OpCounter() as ref_ops:
+        s_ref, m_ref = det.predict_tensor(x)
+    with OpCounter() as ops:
+        s, m = det.predict_tensor(x)
+    assert ONEDNN not in ref_ops.ops and ref_ops.ops.get("aten.addmm.default")
+    # Every attention (CLIP's in bf16, DINOv2's fp16-rounded) and every linear layer on
+    # oneDNN; one addmm is left: DINOv2's patch embedding (PatchConv's own GEMM, in fp32).
+    assert FUSED_CPU not in ops.ops and ops.ops.get("aten.addmm.default") == 1
+    assert ops.ops.get("aten.softmax.int_out", 0) == _onednn_attention_heads(model, 2)
+    # Both bf16 paths are bf16 approximations of the fp32 forward, equally close.
+    err, err_ref = (m - m32).abs().max(), (m_ref - m32).abs().max()
+    assert 0 < err <= 2 * err_ref + 1e-4 and err < 1e-2
+    assert (s - s32).abs().max() < 1e-2

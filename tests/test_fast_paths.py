@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import torch
 from data_fixtures import photo_like
+from op_counter import OpCounter
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from crane.data.transforms import image_to_tensor, image_to_uint8, normalize_uint8
 from crane.engine.predict import Detector, Failure, Prediction, resize_maps
 from crane.errors import CraneError
-from crane.models import create_model
+from crane.models import create_model, kernels
 from crane.models.vision import tf32_matmuls
 from crane.viz import resize_map
 
@@ -161,6 +162,10 @@ def test_detector_casts_only_models_it_owns():
     assert model.matmul_dtype is torch.bfloat16
     with pytest.raises(CraneError, match="autocast"):
         Detector(model, device="cpu").predict_tensor(torch.zeros(1, 3, SIZE, SIZE))
+    # A model it loads itself: cast under autocast, on the CPU too (no per-call weight casts).
+    own = Detector("tiny", device="cpu", precision="bf16", image_size=SIZE)
+    assert own.model.matmul_dtype is torch.bfloat16
+    assert Detector("tiny", device="cpu", image_size=SIZE).model.matmul_dtype is None
 
 
 def test_tf32_dino_stays_out_of_torch_compile():
@@ -803,7 +808,7 @@ def test_cuda_graphs_compile_survives_the_pipelines(tmp_path, synth):
             assert b.per_class[cls][k] == pytest.approx(v, abs=2e-3, nan_ok=True), (cls, k)
 
 
-def test_dino_half_precision_attention():
+def test_dino_half_precision_attention(monkeypatch):
     """DINOv2's attention modules are timm's outside the context; inside, with fp32 q/k/v the
     re-implemented path is bitwise timm's, with fp16 q/k/v it stays close."""
     from timm.models.vision_transformer import Attention
@@ -836,6 +841,19 @@ def test_dino_half_precision_attention():
         torch.testing.assert_close(dino.forward_features(x), ref, atol=1e-5, rtol=1e-5)
     err = (half - ref).abs().max() / ref.abs().max()
     assert 1e-5 < err < 2e-3, err  # fp16 rounding (2^-11 relative), not a different result
+    if kernels.onednn_available():  # oneDNN's fp32 attention on the fp16-rounded values
+        for name, value in (
+            ("MIN_TOKENS", 0),
+            ("MIN_HEAD_DIM", 0),
+            ("ISA", (kernels._cpu_capability(),)),
+        ):
+            monkeypatch.setattr(kernels, f"ATTENTION_{name}", value)  # even at these sizes
+        with torch.no_grad(), half_precision_attention(torch.float16), OpCounter() as rec:
+            half_onednn = dino.forward_features(x)
+        assert "aten._scaled_dot_product_flash_attention_for_cpu.default" not in rec.ops
+        torch.testing.assert_close(half_onednn, half, atol=2e-3 * ref.abs().max(), rtol=0)
+        err_onednn = (half_onednn - ref).abs().max() / ref.abs().max()
+        assert 1e-5 < err_onednn < 2e-3, err_onednn
     # Through D-Attn to the maps (on CUDA the config's dino_attn_fp16 turns this on).
     det = Detector(model, device="cpu")
     s32, m32 = det.predict_tensor(x)

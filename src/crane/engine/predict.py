@@ -478,8 +478,9 @@ class Detector:
     :func:`~crane.engine.runtime.attention_kernels`). ``map_size``: ``"input"``
     (maps at each image's own size) or ``"model"`` (S×S maps: 16× fewer bytes to copy back
     for 2048-px photos). ``cast_weights``: store the frozen matmul weights in the autocast
-    dtype (same results, half the memory); default on for a CUDA Detector that loaded its own
-    model, off for a model passed in (it is changed in place).
+    dtype (same results, half the memory, and on the CPU no per-call weight casts: Crane+ bf16
+    4.8 → 3.9–4.1 s an image on the 2-core dev box); default on for a Detector that loaded its
+    own model, off for a model passed in (it is changed in place).
     """
 
     def __init__(
@@ -530,7 +531,7 @@ class Detector:
             )
         self.model.to(self.device).eval()
         if cast_weights is None:
-            cast_weights = owned and self.amp is not None and self.device.type == "cuda"
+            cast_weights = owned and self.amp is not None
         if cast_weights and self.amp is not None and self.model.matmul_dtype is None:
             # Same results as plain autocast, half the weight memory (see cast_frozen_matmuls).
             self.model.cast_frozen_matmuls(self.amp)

@@ -33,17 +33,14 @@ class _DinoAttention(timm.models.vision_transformer.Attention):
     ) -> torch.Tensor:
         dtype = dino_attention_dtype()
         plain = self.fused_attn and attn_mask is None and not is_causal and self.gate is None
-        onednn = dtype is None and use_onednn(x)
-        if not plain or x.dtype != torch.float32 or (dtype is None and not onednn):
+        if not plain or x.dtype != torch.float32 or (dtype is None and not use_onednn(x)):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         b, n, _ = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        if onednn:
-            o = cpu_attention(q, k, v)
-        else:
-            o = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype)).to(x.dtype)
+        # With a dtype: SDPA on q/k/v cast to it (on the CPU's oneDNN path, its exact emulation)
+        o = cpu_attention(q, k, v, rounding=dtype)
         o = o.transpose(1, 2).reshape(b, n, self.attn_dim)
         return self.proj_drop(self.proj(self.norm(o)))
 

@@ -1,4 +1,4 @@
-"""fp32 matrix products and attention on the CPU through oneDNN.
+"""fp32 matrix products, and fp32 and bf16 attention, on the CPU through oneDNN.
 
 On x86 CPUs torch runs an fp32 ``linear`` as MKL's sgemm and ``scaled_dot_product_attention``
 as its own fused ("flash") CPU kernel. oneDNN, which torch ships and which its inductor uses for
@@ -16,14 +16,19 @@ exactly ``F.linear`` / ``F.scaled_dot_product_attention``:
 - the switch is on (the default; :func:`cpu_kernels` ``("torch")`` or the environment variable
   ``CRANE_CPU_KERNELS=torch`` turns it off),
 - the CPU is x86 with AVX2 or AVX-512 (attention: AVX-512 only),
-- every tensor is an fp32 CPU tensor and CPU autocast is off,
+- every tensor is an fp32 CPU tensor and CPU autocast is off — or, for attention only, every
+  tensor is bf16 (``--precision bf16``: q/k/v come out of bf16 products under autocast) and
+  the CPU multiplies bf16 natively (:func:`native_bf16`), where torch's fused kernel ran bf16
+  attention no faster than fp32 (150–170 GFLOP/s) and oneDNN's bf16 products run at twice its
+  fp32 rate; fp32 attention can also be asked for as fp16 or bf16 attention computes it
+  (``rounding``, DINOv2's fp16 attention),
 - no autograd graph is being recorded for them (oneDNN's op has no backward),
 - not inside ``torch.compile`` (its graphs keep torch's ops: inductor picks its own kernels),
 - for attention: torch's fused CPU kernel is not switched off (under
   ``sdpa_kernel([SDPBackend.MATH])`` — ``--attention math`` — torch's reference runs), and
   the problem is large enough for oneDNN to pay off (see :func:`attention`).
 
-Everything else (CUDA, bf16, training the prompts) is untouched.
+Everything else (CUDA, bf16 linear layers, training the prompts) is untouched.
 """
 
 from __future__ import annotations
@@ -105,16 +110,38 @@ def _cpu_capability() -> str:
     return torch.backends.cpu.get_cpu_capability()
 
 
-def use_onednn(*tensors: torch.Tensor) -> bool:
+@functools.cache
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): there oneDNN's bf16
+    products ran at twice its fp32 rate (775–880 against 400–440 GFLOP/s at Crane's shapes on
+    the Zen 5 dev box); elsewhere oneDNN emulates them, slower than fp32."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    try:  # torch's own check for its oneDNN bf16 ops, which refuse to run where it fails
+        usable = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+    return usable and any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def use_onednn(*tensors: torch.Tensor, dtype: torch.dtype = torch.float32) -> bool:
     """Whether :func:`linear`/:func:`attention` on these tensors take the oneDNN path.
     (``is_compiling`` first: torch.compile resolves it while tracing and never reaches the
-    checks it would have to break its graph for.)"""
+    checks it would have to break its graph for.)
+
+    ``dtype``: the arithmetic. fp32 (the default): every tensor fp32, CPU autocast off. bf16
+    (``--precision bf16``: the products CPU bf16 autocast would make, and attention on the bf16
+    q/k/v they give): every tensor bf16 or fp32 (converted), a CPU with :func:`native_bf16`."""
     if torch.compiler.is_compiling():
         return False
+    allowed = (torch.float32, torch.bfloat16) if dtype == torch.bfloat16 else (dtype,)
     for t in tensors:
-        if t.device.type != "cpu" or t.dtype != torch.float32:
+        if t.device.type != "cpu" or t.dtype not in allowed:
             return False
-    if torch.is_autocast_enabled("cpu") or get_cpu_kernels() != "onednn":
+    if dtype == torch.float32 and torch.is_autocast_enabled("cpu"):
+        return False
+    if dtype not in (torch.float32, torch.bfloat16) or get_cpu_kernels() != "onednn":
+        return False
+    if dtype == torch.bfloat16 and not native_bf16():
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
@@ -127,11 +154,34 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; on oneDNN where :func:`use_onednn` says so (and the
-    weight is contiguous: a strided weight falls to oneDNN's slow reference kernel)."""
+    weight is contiguous: a strided weight falls to oneDNN's slow reference kernel).
+
+    Under CPU bf16 autocast (on a CPU with :func:`native_bf16`): the bf16 product autocast
+    makes — every operand cast to bf16, fp32 accumulation, a bf16 result — as one oneDNN
+    product with the bias fused, where torch's bf16 ``addmm`` first copies the bias into its
+    output (CLIP's qkv product on the dev box: 860 against 685 GFLOP/s)."""
     args = (x, weight) if bias is None else (x, weight, bias)
-    if x.dim() >= 2 and x.numel() and weight.is_contiguous() and use_onednn(*args):
-        return _onednn_linear(x, weight, bias)
+    if x.dim() >= 2 and x.numel() and weight.is_contiguous():
+        if use_onednn(*args):
+            return _onednn_linear(x, weight, bias)
+        if _autocast_bf16(args):
+            x, weight, *b = (t.to(torch.bfloat16) for t in args)
+            return _onednn_linear(x, weight, b[0] if b else None)
     return F.linear(x, weight, bias)
+
+
+def linear_on_onednn(*tensors: torch.Tensor) -> bool:
+    """Whether :func:`linear` on these operands runs a oneDNN product (fp32, or bf16 under CPU
+    bf16 autocast)."""
+    return use_onednn(*tensors) or _autocast_bf16(tensors)
+
+
+def _autocast_bf16(tensors: Sequence[torch.Tensor]) -> bool:
+    return (
+        torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        and use_onednn(*tensors, dtype=torch.bfloat16)
+    )
 
 
 # Where the oneDNN attention pays off on the CPU it was measured on (``benchmarks/cpu_kernels.py``
@@ -146,17 +196,26 @@ ATTENTION_MIN_HEAD_DIM = 32
 ATTENTION_BLOCK_ROWS = 512
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, rounding: torch.dtype | None = None
+) -> torch.Tensor:
     """``F.scaled_dot_product_attention(q, k, v)`` (no mask, no dropout, scale 1/√d) for
-    (B, H, N, d) tensors; on oneDNN under the conditions of :func:`attention_sum`."""
-    return attention_sum([(q, k)], v)
+    (B, H, N, d) tensors; on oneDNN under the conditions of :func:`attention_sum`, which also
+    says what ``rounding`` does."""
+    return attention_sum([(q, k)], v, rounding=rounding)
 
 
-def attention_sum(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], v: torch.Tensor):
+def attention_sum(
+    pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    v: torch.Tensor,
+    *,
+    rounding: torch.dtype | None = None,
+) -> torch.Tensor:
     """``Σ_i F.scaled_dot_product_attention(q_i, k_i, v)`` over the (query, key) ``pairs``, all
     with the same values ``v`` (E-Attn's three self-correlations; one pair is plain attention),
-    summed in order. On oneDNN where :func:`use_onednn` says so, torch's fused CPU kernel is not
-    switched off, and oneDNN measured faster there: an AVX-512 CPU (``ATTENTION_ISA``),
+    summed in order. On oneDNN where :func:`use_onednn` says so for fp32 tensors, or for bf16
+    ones on a CPU with native bf16; torch's fused CPU kernel must not be switched off, and
+    oneDNN measured faster there: an AVX-512 CPU (``ATTENTION_ISA``),
     ``ATTENTION_MIN_TOKENS`` keys, ``ATTENTION_MIN_HEAD_DIM``-dim heads.
 
     The oneDNN path loops over images, heads and blocks of ``ATTENTION_BLOCK_ROWS`` queries:
@@ -164,11 +223,29 @@ def attention_sum(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], v: torch.T
     probabilities summed, then one product with ``v`` (the sum is linear in them: for E-Attn's
     three terms 8·N²·d FLOPs per head instead of 12). The result is a (B, H, N, d) view of a
     (B, N, H, d) buffer, so merging the heads back into (B, N, H·d) needs no copy.
+
+    bf16 tensors are computed as fused bf16 attention kernels compute them (torch's CPU
+    kernel, FlashAttention): scores and softmax in fp32 (here from the bf16 values made fp32,
+    an exact conversion), the probabilities rounded to bf16 for the product with ``v`` (a bf16
+    oneDNN product, fp32 accumulation), the result in bf16. E-Attn's terms are summed as fp32
+    probabilities and rounded once, where the fused kernels round each term's output.
+
+    ``rounding`` (fp16 or bf16, for fp32 tensors): the attention a fused kernel given q, k, v
+    cast to that dtype would compute, returned in fp32 — what DINOv2's fp16 attention does on
+    CUDA (:func:`crane.models.vision.half_precision_attention`). torch's kernels run SDPA on the
+    cast tensors; oneDNN runs fp32 products on the rounded values (exact: a product of two
+    fp16 or bf16 values fits fp32's mantissa), with the probabilities rounded before the
+    product with ``v`` and the result rounded, as the fused kernel does.
     """
     tensors = [t for pair in pairs for t in pair]
     q0, k0 = pairs[0]
+    dtype = v.dtype
+    rounding = None if rounding == dtype else rounding
+    if rounding is not None and (dtype != torch.float32 or rounding not in _ROUNDINGS):
+        raise ValueError(f"rounding to {rounding} needs fp32 tensors and fp16 or bf16")
     if (
-        not use_onednn(*tensors, v)
+        not use_onednn(*tensors, v, dtype=dtype)
+        or any(t.dtype != dtype for t in tensors)
         or q0.dim() != 4
         or k0.shape[-2] < ATTENTION_MIN_TOKENS
         or q0.shape[-1] < ATTENTION_MIN_HEAD_DIM
@@ -178,22 +255,43 @@ def attention_sum(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], v: torch.T
     ):
         out = None
         for q, k in pairs:
-            term = F.scaled_dot_product_attention(q, k, v)
+            if rounding is None:
+                term = F.scaled_dot_product_attention(q, k, v)
+            else:
+                cast = (t.to(rounding) for t in (q, k, v))
+                term = F.scaled_dot_product_attention(*cast).to(dtype)
             out = term if out is None else out + term
         return out
+    with torch.autocast("cpu", enabled=False):
+        return _onednn_attention_sum(pairs, v, rounding)
+
+
+_ROUNDINGS = (torch.float16, torch.bfloat16)
+
+
+def _dense(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous copy of ``t`` in ``dtype``, in one pass."""
+    return torch.empty(t.shape, dtype=dtype).copy_(t)
+
+
+def _onednn_attention_sum(pairs, v: torch.Tensor, rounding: torch.dtype | None) -> torch.Tensor:
+    q0, k0 = pairs[0]
     b, h, n, d = q0.shape
     scale = d**-0.5
-    # Each copied to (B, H, N, d) first, once per distinct tensor (E-Attn's pairs are (t, t)):
-    # ops on the models' strided head views (and the transpose straight from them) ran ~10x
-    # slower, 9.6 of an attention's 35 ms at 1370 tokens.
+    low = v.dtype if v.dtype != torch.float32 else rounding  # what the probabilities become
+    # Each copied to a dense fp32 (B, H, N, d) tensor first (rounded first where asked), once
+    # per distinct tensor (E-Attn's pairs are (t, t)): ops on the models' strided head views
+    # (and the transpose straight from them) ran ~10x slower, 9.6 of an attention's 35 ms at
+    # 1370 tokens.
     dense: dict[int, torch.Tensor] = {}
-    for t in (*tensors, v):
+    for t in (*(t for pair in pairs for t in pair), v):
         if id(t) not in dense:
-            dense[id(t)] = t.contiguous()
+            dense[id(t)] = _dense(t.to(rounding) if rounding is not None else t, torch.float32)
     scaled = {id(q): dense[id(q)] * scale for q, _ in pairs}  # never in place: may be q itself
     terms = [(scaled[id(q)], dense[id(k)]) for q, k in pairs]
-    vt = dense[id(v)].transpose(-1, -2).contiguous()  # oneDNN's weight layout: (d_v, N)
-    out = q0.new_empty(b, n, h, v.shape[-1]).transpose(1, 2)
+    # oneDNN's weight layout (d_v, N); for bf16 tensors the product with v runs in bf16.
+    vt = _dense(dense[id(v)].transpose(-1, -2), v.dtype)
+    out = q0.new_empty(b, n, h, v.shape[-1], dtype=low or v.dtype).transpose(1, 2)
     rows = ATTENTION_BLOCK_ROWS
     for i in range(b):
         for j in range(h):
@@ -203,8 +301,10 @@ def attention_sum(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], v: torch.T
                     s = _onednn_linear(qs[i, j, r : r + rows], kc[i, j], None)
                     torch.softmax(s, dim=-1, out=s)
                     p = s if p is None else p.add_(s)
+                if low is not None:  # the probabilities as the fused kernel's product sees them
+                    p = p.to(low) if v.dtype == low else p.copy_(p.to(low))
                 out[i, j, r : r + rows] = _onednn_linear(p, vt[i, j], None)
-    return out
+    return out if out.dtype == v.dtype else out.to(v.dtype)
 
 
 class Linear(nn.Linear):

@@ -134,10 +134,11 @@ def clip_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     ):
         return mlp(x)
     flat = x.reshape(-1, x.shape[-1])
-    if kernels.use_onednn(flat, fc.weight):  # no alpha there: the scale goes on the inputs
+    if kernels.linear_on_onednn(flat, fc.weight):  # no alpha there: the scale goes on the inputs
         h = kernels.linear(flat * _QUICK_GELU, fc.weight, fc.bias * _QUICK_GELU)
         h = F.silu(h, inplace=True)
-        out = torch.add(proj.bias, kernels.linear(h, proj.weight), alpha=1.0 / _QUICK_GELU)
+        y = kernels.linear(h, proj.weight)  # (bf16 under CPU bf16 autocast, as addmm's)
+        out = torch.add(proj.bias.to(y.dtype), y, alpha=1.0 / _QUICK_GELU)
         return out.view(*x.shape[:-1], out.shape[-1])
     # beta stays 1 (a pre-scaled bias): cuBLASLt fuses the bias only for beta == 1.
     h = torch.addmm(fc.bias * _QUICK_GELU, flat, fc.weight.t(), alpha=_QUICK_GELU)
