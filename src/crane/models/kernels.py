@@ -178,7 +178,8 @@ def linear_on_onednn(*tensors: torch.Tensor) -> bool:
 
 def _autocast_bf16(tensors: Sequence[torch.Tensor]) -> bool:
     return (
-        torch.is_autocast_enabled("cpu")
+        not torch.compiler.is_compiling()  # (first: nothing else for torch.compile to trace)
+        and torch.is_autocast_enabled("cpu")
         and torch.get_autocast_dtype("cpu") == torch.bfloat16
         and use_onednn(*tensors, dtype=torch.bfloat16)
     )
@@ -230,12 +231,12 @@ def attention_sum(
     oneDNN product, fp32 accumulation), the result in bf16. E-Attn's terms are summed as fp32
     probabilities and rounded once, where the fused kernels round each term's output.
 
-    ``rounding`` (fp16 or bf16, for fp32 tensors): the attention a fused kernel given q, k, v
-    cast to that dtype would compute, returned in fp32 — what DINOv2's fp16 attention does on
-    CUDA (:func:`crane.models.vision.half_precision_attention`). torch's kernels run SDPA on the
-    cast tensors; oneDNN runs fp32 products on the rounded values (exact: a product of two
-    fp16 or bf16 values fits fp32's mantissa), with the probabilities rounded before the
-    product with ``v`` and the result rounded, as the fused kernel does.
+    ``rounding`` (fp16 or bf16, for fp32 tensors): SDPA on q, k, v cast to that dtype, the
+    result returned in fp32 — DINOv2's fp16 attention (:func:`crane.models.vision.
+    half_precision_attention`). torch's kernels run SDPA on the cast tensors; oneDNN runs fp32
+    products on the rounded values (exact: a product of two fp16 or bf16 values fits fp32's
+    mantissa) with fp32 softmax and accumulation, and rounds the result, as torch's fused CPU
+    kernel does (CUDA's flash kernels also round the probabilities before the product with v).
     """
     tensors = [t for pair in pairs for t in pair]
     q0, k0 = pairs[0]
@@ -278,7 +279,6 @@ def _onednn_attention_sum(pairs, v: torch.Tensor, rounding: torch.dtype | None) 
     q0, k0 = pairs[0]
     b, h, n, d = q0.shape
     scale = d**-0.5
-    low = v.dtype if v.dtype != torch.float32 else rounding  # what the probabilities become
     # Each copied to a dense fp32 (B, H, N, d) tensor first (rounded first where asked), once
     # per distinct tensor (E-Attn's pairs are (t, t)): ops on the models' strided head views
     # (and the transpose straight from them) ran ~10x slower, 9.6 of an attention's 35 ms at
@@ -291,7 +291,8 @@ def _onednn_attention_sum(pairs, v: torch.Tensor, rounding: torch.dtype | None) 
     terms = [(scaled[id(q)], dense[id(k)]) for q, k in pairs]
     # oneDNN's weight layout (d_v, N); for bf16 tensors the product with v runs in bf16.
     vt = _dense(dense[id(v)].transpose(-1, -2), v.dtype)
-    out = q0.new_empty(b, n, h, v.shape[-1], dtype=low or v.dtype).transpose(1, 2)
+    # The result in the dtype it is rounded to (bf16 tensors: the bf16 product's own result).
+    out = q0.new_empty(b, n, h, v.shape[-1], dtype=rounding or v.dtype).transpose(1, 2)
     rows = ATTENTION_BLOCK_ROWS
     for i in range(b):
         for j in range(h):
@@ -301,8 +302,8 @@ def _onednn_attention_sum(pairs, v: torch.Tensor, rounding: torch.dtype | None) 
                     s = _onednn_linear(qs[i, j, r : r + rows], kc[i, j], None)
                     torch.softmax(s, dim=-1, out=s)
                     p = s if p is None else p.add_(s)
-                if low is not None:  # the probabilities as the fused kernel's product sees them
-                    p = p.to(low) if v.dtype == low else p.copy_(p.to(low))
+                if v.dtype == torch.bfloat16:  # the bf16 product with v takes them in bf16
+                    p = p.to(torch.bfloat16)
                 out[i, j, r : r + rows] = _onednn_linear(p, vt[i, j], None)
     return out if out.dtype == v.dtype else out.to(v.dtype)
 

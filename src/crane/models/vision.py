@@ -253,7 +253,7 @@ class CraneVisionEncoder(nn.Module):
         attn_fp16 = keep_fp32 and self.cfg.dino_attn_fp16
         if keep_fp32 and self.cfg.dino_tf32 and x.device.type == "cuda":
             feats = _dino_features_tf32(self.dino, x.to(dtype), attn_fp16)
-        else:  # CPU (fp16 attention too, when asked: same rounding as on CUDA), or no TF32
+        else:  # CPU (fp16 attention too, when asked: q/k/v rounded as on CUDA), or no TF32
             # (no context otherwise: the compiled bf16-DINOv2 graph stays as it was measured)
             half = half_precision_attention() if attn_fp16 else contextlib.nullcontext()
             if amp and self.cfg.dino_fp16 and not self.cfg.dino_fp32:
