@@ -7,7 +7,8 @@ over 1374) and its two attention shapes, inputs laid out as the model passes the
 of ``--reps`` calls, GFLOP/s, max |Δ| to an fp64 computation, and the time per image from the
 calls an image makes. Whole: ``Detector.predict_tensor`` on one image, the two kernel sets
 alternating for ``--rounds`` rounds (this machine's drift then slows both alike), medians,
-and the largest map/score difference between them.
+and the largest map/score difference between them; with ``--precision bf16`` the fp32
+default takes its turn in the same rounds (its speed and the bf16 maps' distance from it).
 
 bf16: CLIP's products under CPU bf16 autocast with bf16-stored weights (``cast_frozen_matmuls``,
 what a Detector does), its attention on the bf16 q/k/v they give; DINOv2 stays fp32 (the
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import functools
 import sys
 import time
@@ -105,29 +107,43 @@ def _op_row(name, flops, calls, reps, fn, ref, autocast: bool = False) -> dict:
 
 
 def whole_rows(preset: str, size: int, rounds: int, precision: str = "fp32") -> dict:
+    """One image through ``Detector.predict_tensor`` with torch's and oneDNN's kernels in
+    ``precision``, alternating; for bf16 also the fp32 default (oneDNN) in the same rounds."""
     model = random_model(preset, image_size=size)
+    dets = {}
+    if precision != "fp32":  # the fp32 default beside it: same weights, uncast
+        dets["fp32 onednn"] = (Detector(copy.deepcopy(model), device="cpu"), "onednn")
     det = Detector(model, device="cpu", precision=precision, cast_weights=precision != "fp32")
+    dets |= {kind: (det, kind) for kind in kernels.CPU_KERNELS}
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
-    det.predict_tensor(x)  # text features: computed once
-    times: dict[str, list[float]] = {kind: [] for kind in kernels.CPU_KERNELS}
+    for d, _ in dets.values():
+        d.predict_tensor(x)  # text features: computed once
+    times: dict[str, list[float]] = {name: [] for name in dets}
     outs = {}
     for r in range(rounds):
-        order = kernels.CPU_KERNELS if r % 2 == 0 else kernels.CPU_KERNELS[::-1]
-        for kind in order:
+        order = list(dets) if r % 2 == 0 else list(dets)[::-1]
+        for name in order:
+            d, kind = dets[name]
             with kernels.cpu_kernels(kind):
                 t = time.perf_counter()
-                outs[kind] = det.predict_tensor(x)
-                times[kind].append(time.perf_counter() - t)
-            print(f"  round {r + 1}, {kind}: {times[kind][-1]:.2f} s", flush=True)
+                outs[name] = d.predict_tensor(x)
+                times[name].append(time.perf_counter() - t)
+            print(f"  round {r + 1}, {name}: {times[name][-1]:.2f} s", flush=True)
     (s_t, m_t), (s_o, m_o) = outs["torch"], outs["onednn"]
     row = {"preset": preset, "image_size": size, "batch": 1, "rounds": rounds}
     row["precision"] = precision
-    for kind, ts in times.items():
-        row[f"{kind}_s"] = sorted(ts)[len(ts) // 2]
-        row[f"{kind}_s_all"] = [round(t, 3) for t in ts]
+    for name, ts in times.items():
+        key = name.replace(" ", "_")
+        row[f"{key}_s"] = sorted(ts)[len(ts) // 2]
+        row[f"{key}_s_all"] = [round(t, 3) for t in ts]
     row["speedup"] = row["torch_s"] / row["onednn_s"]
     row["max_abs_diff_map"] = float((m_t - m_o).abs().max())
     row["max_abs_diff_score"] = float((s_t - s_o).abs().max())
+    if "fp32 onednn" in outs:  # the accuracy guard: this precision against the fp32 default
+        s_f, m_f = outs["fp32 onednn"]
+        row["vs_fp32_speedup"] = row["fp32_onednn_s"] / row["onednn_s"]
+        row["vs_fp32_max_abs_diff_map"] = float((m_o - m_f).abs().max())
+        row["vs_fp32_max_abs_diff_score"] = float((s_o - s_f).abs().max())
     return row
 
 
@@ -186,20 +202,12 @@ def main(argv=None) -> int:
         print(f"whole image ({args.preset}, {args.image_size}², {args.precision}, batch 1):")
         whole = whole_rows(args.preset, args.image_size, args.rounds, args.precision)
         results["whole"] = whole
-        table(
-            [results["whole"]],
-            [
-                "preset",
-                "image_size",
-                "precision",
-                "rounds",
-                "torch_s",
-                "onednn_s",
-                "speedup",
-                "max_abs_diff_map",
-                "max_abs_diff_score",
-            ],
-        )
+        keys = ["preset", "image_size", "precision", "rounds", "torch_s", "onednn_s", "speedup"]
+        keys += ["max_abs_diff_map", "max_abs_diff_score"]
+        if "fp32_onednn_s" in whole:
+            keys += ["fp32_onednn_s", "vs_fp32_speedup", "vs_fp32_max_abs_diff_map"]
+            keys += ["vs_fp32_max_abs_diff_score"]
+        table([whole], keys)
         save(results, args.json)
     return 0
 

@@ -823,6 +823,10 @@ def test_cpu_kernels_benchmark_bf16_rows(tmp_path, monkeypatch, capsys):
         assert 1e-5 < rows["DINOv2 small attention"][f"{kind}_max_abs_err"] < 1e-2  # fp16-rounded
     whole = res["whole"]
     assert whole["precision"] == "bf16" and 0 < whole["max_abs_diff_map"] <= 1e-2
+    # The fp32 default ran in the same rounds: its time and the bf16 maps' distance from it.
+    assert len(whole["fp32_onednn_s_all"]) == len(whole["onednn_s_all"]) == 2
+    assert whole["vs_fp32_speedup"] == pytest.approx(whole["fp32_onednn_s"] / whole["onednn_s"])
+    assert 0 < whole["vs_fp32_max_abs_diff_map"] <= 1e-2
     assert "whole image (tiny+, 112², bf16" in capsys.readouterr().out
 
 
