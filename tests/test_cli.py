@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from crane.data import make_synthetic_dataset
 
@@ -251,6 +252,7 @@ def test_model_selection_follows_the_paper_protocol(monkeypatch, tmp_path):
             "prompts": "official:mvtec-medical",
             "clip_weights": None,
             "dino_weights": None,
+            "matmul_dtype": None,
             "map_combine": "soft_mean",
         },
     )
@@ -260,8 +262,11 @@ def test_model_selection_follows_the_paper_protocol(monkeypatch, tmp_path):
     assert calls[4][1]["prompts"] is None
     assert calls[5] == (
         str(tmp_path / "run"),
-        {"prompts": None, "clip_weights": None, "dino_weights": None},
+        {"prompts": None, "clip_weights": None, "dino_weights": None, "matmul_dtype": None},
     )
+    # Under autocast (--precision bf16) the model is built for it: weights stored in bf16.
+    _load_model(args("crane+"), "visa", torch.bfloat16)
+    assert calls[6][1]["matmul_dtype"] is torch.bfloat16
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,9 @@ from crane.config import TINY_CLIP, TINY_DINO, get_config
 from crane.errors import CheckpointError, WeightsError
 from crane.models import create_model
 from crane.models import weights as W
+from crane.models.backbones import build_clip
 from crane.models.checkpoint import load_released_prompts
+from crane.models.vision import clip_matmul_weights
 
 OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "checkpoints" / "crane-official"
 needs_official = pytest.mark.skipif(
@@ -198,6 +200,25 @@ def test_full_size_crane_plus_end_to_end_from_original_formats(tmp_path, monkeyp
     assert out.anomaly_maps.shape == (1, 518, 518) and out.image_scores.shape == (1,)
     for t in (out.anomaly_maps, out.image_scores):
         assert torch.isfinite(t).all() and t.min() >= 0 and t.max() <= 1
+    # Built for bf16 inference: CLIP's matmul weights converted as the file is read are the
+    # values casting the fp32 model gives, and every other tensor is the fp32 model's.
+    low = create_model(
+        "crane+",
+        clip_weights=tmp_path / "ViT-L-14-336px.pt",
+        prompts=OFFICIAL / "trained_on_mvtec_cranep" / "epoch_5.pth",
+        matmul_dtype=torch.bfloat16,
+    )
+    assert low.matmul_dtype is torch.bfloat16
+    cast = {id(w) for w in clip_matmul_weights(low.vision.visual)}
+    # (build_clip itself made them in bf16: no fp32 copy came first)
+    clip = build_clip(low.cfg, tmp_path / "ViT-L-14-336px.pt", True, torch.bfloat16)
+    assert {w.dtype for w in clip_matmul_weights(clip.visual)} == {torch.bfloat16}
+    del clip
+    assert len(cast) == 1 + 3 * 24
+    reference = dict(model.named_parameters())
+    for name, w in low.named_parameters():
+        want = reference[name].to(torch.bfloat16) if id(w) in cast else reference[name]
+        assert w.dtype == want.dtype and torch.equal(w, want), name
 
 
 def _tiny_dino():

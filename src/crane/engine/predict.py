@@ -519,19 +519,20 @@ class Detector:
             raise CraneError(f"map_size must be 'input' or 'model', got {map_size!r}")
         self.map_size = map_size
         owned = not isinstance(model, CraneModel)
+        if cast_weights is None:
+            cast_weights = owned and self.amp is not None
         if isinstance(model, CraneModel):
             self.model = model
-        else:
+        else:  # (cast as it is built: its CLIP weights are converted as they are read)
             self.model = create_model(
                 os.fspath(model),
                 prompts=prompts,
                 clip_weights=clip_weights,
                 dino_weights=dino_weights,
+                matmul_dtype=self.amp if cast_weights else None,
                 **overrides,
             )
         self.model.to(self.device).eval()
-        if cast_weights is None:
-            cast_weights = owned and self.amp is not None
         if cast_weights and self.amp is not None and self.model.matmul_dtype is None:
             # Same results as plain autocast, half the weight memory (see cast_frozen_matmuls).
             self.model.cast_frozen_matmuls(self.amp)

@@ -17,7 +17,7 @@ from crane.config import CraneConfig
 from crane.models import weights as W
 from crane.models.kernels import attention as cpu_attention
 from crane.models.kernels import swap_linears, use_onednn
-from crane.models.vision import dino_attention_dtype
+from crane.models.vision import clip_matmul_weights, dino_attention_dtype
 
 log = logging.getLogger(__name__)
 
@@ -135,12 +135,20 @@ def _dino_hub(cfg: CraneConfig) -> tuple[str, tuple[str, ...]] | None:
 
 
 def build_clip(
-    cfg: CraneConfig, clip_weights: str | os.PathLike | None = None, pretrained: bool = True
+    cfg: CraneConfig,
+    clip_weights: str | os.PathLike | None = None,
+    pretrained: bool = True,
+    matmul_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """open_clip ``CLIP`` for ``cfg.clip_model``; weights per :mod:`crane.models.weights`.
 
     ``pretrained=False`` (or a tiny preset) gives the randomly initialised architecture, used
-    by tests and speed benchmarks.
+    by tests and speed benchmarks. ``matmul_dtype``: where the weights come from a local file,
+    the vision tower's big matmul weights (:func:`~crane.models.vision.clip_matmul_weights`)
+    are made in that dtype before it is read, so the file's values are converted as they are
+    copied in (the values ``CraneModel.cast_frozen_matmuls`` would give, without first
+    filling fp32 weights: on the 2-core dev box that cast took 0.8 s for CLIP ViT-L, most of it
+    faulting in new memory).
     """
     overrides = copy.deepcopy(cfg.clip_overrides)
     want_weights = pretrained and cfg.clip_pretrained is not None and not overrides
@@ -170,6 +178,9 @@ def build_clip(
         # Weights loaded right after need no random initialisation first.
         with W.no_random_init() if local is not None else contextlib.nullcontext():
             model = open_clip.create_model(cfg.clip_model, pretrained=None, **overrides)
+        if local is not None and matmul_dtype is not None:
+            for w in clip_matmul_weights(model.visual):  # uninitialised: nothing to convert
+                w.data = torch.empty(w.shape, dtype=matmul_dtype)
         if local is not None:
             sd = W.load_state_dict_file(local)
             W.load_into(model, sd, local, f"CLIP {cfg.clip_model}")

@@ -11,7 +11,7 @@ from crane.config import CraneConfig
 from crane.errors import CraneError
 from crane.models import scoring
 from crane.models.text import PromptLearner, PromptTextEncoder
-from crane.models.vision import CraneVisionEncoder, VisionOutput
+from crane.models.vision import CraneVisionEncoder, VisionOutput, clip_matmul_weights
 
 
 @dataclass
@@ -105,12 +105,8 @@ class CraneModel(nn.Module):
         """
         if dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"cast_frozen_matmuls takes bfloat16 or float16, got {dtype}")
-        visual = self.vision.visual
-        weights = [visual.conv1.weight]
-        for blk in visual.transformer.resblocks:
-            weights += [blk.attn.in_proj_weight, blk.mlp.c_fc.weight, blk.mlp.c_proj.weight]
-        for w in weights:
-            w.data = w.data.to(dtype)
+        for w in clip_matmul_weights(self.vision.visual):
+            w.data = w.data.to(dtype)  # (a no-op for weights built in dtype, see create_model)
         dino = self.vision.dino
         if dino is not None and not self.cfg.dino_fp32:
             dino_dtype = torch.float16 if self.cfg.dino_fp16 else dtype

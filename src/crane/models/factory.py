@@ -69,6 +69,7 @@ def create_model(
     dtype: torch.dtype | None = None,
     pretrained: bool = True,
     seed: int = 0,
+    matmul_dtype: torch.dtype | None = None,
     **overrides: Any,
 ) -> CraneModel:
     """Build a Crane model.
@@ -82,6 +83,9 @@ def create_model(
             random N(0, 0.02²) initialisation.
         pretrained: False builds randomly initialised backbones (tests, speed benchmarks).
         seed: seeds every random initialisation, so tiny/random models are reproducible.
+        matmul_dtype: bf16/fp16: the frozen matmul weights stored in that dtype, for inference
+            under autocast of it (:meth:`CraneModel.cast_frozen_matmuls`; CLIP's are converted
+            as they are read from a local weight file).
         overrides: config fields to change (ablations), e.g. ``attn_type="vv"``.
     """
     meta: dict[str, Any] = {}
@@ -95,7 +99,7 @@ def create_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         random_backbones = not pretrained or is_tiny(cfg)
-        clip = build_clip(cfg, clip_weights, pretrained=not random_backbones)
+        clip = build_clip(cfg, clip_weights, not random_backbones, matmul_dtype)
         dino = (
             build_dino(cfg, dino_weights, pretrained=not random_backbones)
             if cfg.use_dattn
@@ -111,6 +115,8 @@ def create_model(
         model.prompt_learner.load_state_dict(state, strict=True)
     model.image_threshold = meta.get("image_threshold")
     model.eval()
+    if matmul_dtype is not None:
+        model.cast_frozen_matmuls(matmul_dtype)
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
     return model

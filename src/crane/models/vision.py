@@ -109,6 +109,15 @@ def _in_tf32(fn, *args):
         return fn(*args)
 
 
+def clip_matmul_weights(visual: nn.Module) -> list[nn.Parameter]:
+    """The vision tower's big matmul weights that run under autocast: the patch embedding,
+    each block's qkv projection and MLP (not ``out_proj``, which D-Attn uses in fp32)."""
+    weights = [visual.conv1.weight]
+    for blk in visual.transformer.resblocks:
+        weights += [blk.attn.in_proj_weight, blk.mlp.c_fc.weight, blk.mlp.c_proj.weight]
+    return weights
+
+
 _QUICK_GELU = 1.702
 
 
