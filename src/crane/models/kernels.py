@@ -16,19 +16,20 @@ exactly ``F.linear`` / ``F.scaled_dot_product_attention``:
 - the switch is on (the default; :func:`cpu_kernels` ``("torch")`` or the environment variable
   ``CRANE_CPU_KERNELS=torch`` turns it off),
 - the CPU is x86 with AVX2 or AVX-512 (attention: AVX-512 only),
-- every tensor is an fp32 CPU tensor and CPU autocast is off — or, for attention only, every
-  tensor is bf16 (``--precision bf16``: q/k/v come out of bf16 products under autocast) and
-  the CPU multiplies bf16 natively (:func:`native_bf16`), where torch's fused kernel ran bf16
-  attention no faster than fp32 (150–170 GFLOP/s) and oneDNN's bf16 products run at twice its
-  fp32 rate; fp32 attention can also be asked for as fp16 or bf16 attention computes it
-  (``rounding``, DINOv2's fp16 attention),
+- every tensor is an fp32 CPU tensor and CPU autocast is off — or, under CPU bf16 autocast
+  (``--precision bf16``) on a CPU that multiplies bf16 natively (:func:`native_bf16`), a
+  linear layer's operands (cast to bf16 as autocast casts them) or an attention's bf16 q/k/v
+  (the output of those products): there torch's fused kernel ran bf16 attention no faster
+  than fp32 (150–170 GFLOP/s), and oneDNN's bf16 products run at twice its fp32 rate; fp32
+  attention can also be asked for on fp16- or bf16-rounded q/k/v (``rounding``, DINOv2's fp16
+  attention),
 - no autograd graph is being recorded for them (oneDNN's op has no backward),
 - not inside ``torch.compile`` (its graphs keep torch's ops: inductor picks its own kernels),
 - for attention: torch's fused CPU kernel is not switched off (under
   ``sdpa_kernel([SDPBackend.MATH])`` — ``--attention math`` — torch's reference runs), and
   the problem is large enough for oneDNN to pay off (see :func:`attention`).
 
-Everything else (CUDA, bf16 linear layers, training the prompts) is untouched.
+Everything else (CUDA, fp16, training the prompts) is untouched.
 """
 
 from __future__ import annotations
@@ -225,11 +226,13 @@ def attention_sum(
     three terms 8·N²·d FLOPs per head instead of 12). The result is a (B, H, N, d) view of a
     (B, N, H, d) buffer, so merging the heads back into (B, N, H·d) needs no copy.
 
-    bf16 tensors are computed as fused bf16 attention kernels compute them (torch's CPU
-    kernel, FlashAttention): scores and softmax in fp32 (here from the bf16 values made fp32,
-    an exact conversion), the probabilities rounded to bf16 for the product with ``v`` (a bf16
-    oneDNN product, fp32 accumulation), the result in bf16. E-Attn's terms are summed as fp32
-    probabilities and rounded once, where the fused kernels round each term's output.
+    bf16 tensors are computed as fused bf16 attention kernels on a GPU (FlashAttention, cuDNN)
+    compute them: scores and softmax in fp32 (here from the bf16 values made fp32, an exact
+    conversion), the probabilities rounded to bf16 for the product with ``v`` (a bf16 oneDNN
+    product, fp32 accumulation: what makes it twice as fast), the result in bf16. torch's fused
+    CPU kernel keeps the probabilities in fp32 (a plain attention's error was 1.45× smaller
+    there). E-Attn's terms are summed as fp32 probabilities and rounded once, where the fused
+    kernels round each term's output.
 
     ``rounding`` (fp16 or bf16, for fp32 tensors): SDPA on q, k, v cast to that dtype, the
     result returned in fp32 — DINOv2's fp16 attention (:func:`crane.models.vision.
