@@ -380,9 +380,10 @@ def test_fp32_attention_rounded_as_a_half_precision_kernel(rounding):
 
 
 @needs_bf16
-def test_tiny_plus_bf16_forward_on_onednn_matches_torchs_kernels(bf16_cpu, monkeypatch):
+@pytest.mark.parametrize("dino_fp32", [True, False], ids=["dino-fp32", "dino-bf16"])
+def test_tiny_plus_bf16_forward_on_onednn_matches_torchs_kernels(bf16_cpu, monkeypatch, dino_fp32):
     monkeypatch.setattr(kernels, "ATTENTION_BLOCK_ROWS", 10**6)  # one block per head
-    model = create_model("tiny+", image_size=112, seed=3)
+    model = create_model("tiny+", image_size=112, seed=3, dino_fp32=dino_fp32)
     x = _rand(2, 3, 112, 112, seed=4)
     fp32 = Detector(model, device="cpu")
     s32, m32 = fp32.predict_tensor(x)
@@ -394,7 +395,8 @@ def test_tiny_plus_bf16_forward_on_onednn_matches_torchs_kernels(bf16_cpu, monke
     with OpCounter() as ops:
         s, m = det.predict_tensor(x)
     assert ONEDNN not in ref_ops.ops and ref_ops.ops.get("aten.addmm.default")
-    # Every attention (CLIP's in bf16, DINOv2's fp16-rounded) and every linear layer on
+    # Every attention (CLIP's in bf16; DINOv2's fp16-rounded, or in bf16 when DINOv2 runs
+    # under autocast too) and every linear layer on
     # oneDNN; one addmm is left: DINOv2's patch embedding (PatchConv's own GEMM, in fp32).
     assert FUSED_CPU not in ops.ops and ops.ops.get("aten.addmm.default") == 1
     assert ops.ops.get("aten.softmax.int_out", 0) == _onednn_attention_heads(model, 2)

@@ -16,7 +16,7 @@ from torch import nn
 from crane.config import CraneConfig
 from crane.models import weights as W
 from crane.models.kernels import attention as cpu_attention
-from crane.models.kernels import swap_linears, use_onednn
+from crane.models.kernels import linear_on_onednn, swap_linears
 from crane.models.vision import clip_matmul_weights, dino_attention_dtype
 
 log = logging.getLogger(__name__)
@@ -24,16 +24,20 @@ log = logging.getLogger(__name__)
 
 class _DinoAttention(timm.models.vision_transformer.Attention):
     """timm's ``Attention`` (same parameters and state dict); differs only inside
-    :func:`~crane.models.vision.half_precision_attention` and where fp32 CPU attention runs on
-    oneDNN (:mod:`crane.models.kernels`), in the plain case DINOv2 uses (fused attention, no
-    mask, no gate)."""
+    :func:`~crane.models.vision.half_precision_attention` and where fp32 (or, under CPU bf16
+    autocast, bf16) CPU attention runs on oneDNN (:mod:`crane.models.kernels`), in the plain
+    case DINOv2 uses (fused attention, no mask, no gate)."""
 
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
     ) -> torch.Tensor:
         dtype = dino_attention_dtype()
         plain = self.fused_attn and attn_mask is None and not is_causal and self.gate is None
-        if not plain or x.dtype != torch.float32 or (dtype is None and not use_onednn(x)):
+        if dtype is not None:
+            ours = x.dtype == torch.float32
+        else:  # fp32 on oneDNN, or under CPU bf16 autocast (--dino-precision bf16) bf16 q/k/v
+            ours = linear_on_onednn(x)  # from its products, and bf16 attention on oneDNN
+        if not plain or not ours:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         b, n, _ = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
