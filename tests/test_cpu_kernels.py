@@ -396,8 +396,8 @@ def test_tiny_plus_bf16_forward_on_onednn_matches_torchs_kernels(bf16_cpu, monke
         s, m = det.predict_tensor(x)
     assert ONEDNN not in ref_ops.ops and ref_ops.ops.get("aten.addmm.default")
     # Every attention (CLIP's in bf16; DINOv2's fp16-rounded, or in bf16 when DINOv2 runs
-    # under autocast too) and every linear layer on
-    # oneDNN; one addmm is left: DINOv2's patch embedding (PatchConv's own GEMM, in fp32).
+    # under autocast too) and every linear layer on oneDNN; one addmm is left: DINOv2's patch
+    # embedding (PatchConv's own GEMM).
     assert FUSED_CPU not in ops.ops and ops.ops.get("aten.addmm.default") == 1
     assert ops.ops.get("aten.softmax.int_out", 0) == _onednn_attention_heads(model, 2)
     # Both bf16 paths are bf16 approximations of the fp32 forward, equally close.
