@@ -15,7 +15,7 @@ from torch import nn
 
 from crane.config import CraneConfig
 from crane.models import weights as W
-from crane.models.kernels import attention as cpu_attention
+from crane.models.kernels import attention as kernels_attention
 from crane.models.kernels import linear_on_onednn, swap_linears
 from crane.models.vision import clip_matmul_weights, dino_attention_dtype
 
@@ -43,8 +43,8 @@ class _DinoAttention(timm.models.vision_transformer.Attention):
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        # With a dtype: SDPA on q/k/v cast to it (on the CPU's oneDNN path, its exact emulation)
-        o = cpu_attention(q, k, v, rounding=dtype)
+        # With a dtype: SDPA on q/k/v cast to it (on oneDNN: fp32 products on the rounded values)
+        o = kernels_attention(q, k, v, rounding=dtype)
         o = o.transpose(1, 2).reshape(b, n, self.attn_dim)
         return self.proj_drop(self.proj(self.norm(o)))
 
