@@ -254,6 +254,39 @@ def test_tf32_context_restores_global_flags():
         assert torch.backends.cuda.matmul.allow_tf32 == mm
 
 
+
+_TF32_NEW_API = """
+import sys, torch
+from crane.models import create_model
+from crane.models.vision import _dino_features_tf32, tf32_matmuls
+m, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+m.fp32_precision, conv.fp32_precision = sys.argv[1], sys.argv[2]
+before = (m.fp32_precision, conv.fp32_precision)
+with tf32_matmuls(True):
+    assert (m.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+assert (m.fp32_precision, conv.fp32_precision) == before
+dino = create_model("tiny+", image_size=112).vision.dino
+with torch.no_grad():
+    _dino_features_tf32(dino, torch.randn(1, 3, 112, 112), True)
+assert (m.fp32_precision, conv.fp32_precision) == before
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("matmul,conv", [("tf32", "tf32"), ("ieee", "ieee")])
+def test_tf32_context_with_torchs_new_precision_api(matmul, conv):
+    """A process that set torch's newer ``fp32_precision`` settings (after which torch raises
+    on reading ``allow_tf32``): the TF32 switch and DINOv2's fp32 path (every Crane+ image on
+    a GPU) work through that API and restore it. In a fresh interpreter: the API choice is
+    process-wide."""
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-c", _TF32_NEW_API, matmul, conv], capture_output=True, text=True
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
 def _files(tmp_path, n=7):
     paths = []
     for i in range(n):

@@ -32,16 +32,31 @@ class VisionOutput:
 @contextlib.contextmanager
 def tf32_matmuls(enabled: bool = True):
     """Let fp32 CUDA matmuls/convolutions inside the block use TF32 tensor cores; restores the
-    previous global settings on exit (a no-op when ``enabled`` is False)."""
+    previous global settings on exit (a no-op when ``enabled`` is False).
+
+    Each switch (cuBLAS matmuls, cuDNN convolutions) is set through whichever of torch's two
+    APIs the process uses for it: the ``allow_tf32`` flags, or the ``fp32_precision`` settings
+    (torch ≥ 2.9), after which torch refuses to read ``allow_tf32`` (a RuntimeError). Setting
+    the other API than the user's would also make the user's own later reads fail."""
     if not enabled:
         yield
         return
-    mm, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    switches = []  # (object, attribute, saved value, the value that turns TF32 on)
+    for legacy, new in (
+        (torch.backends.cuda.matmul, torch.backends.cuda.matmul),
+        (torch.backends.cudnn, getattr(torch.backends.cudnn, "conv", None)),
+    ):
+        try:
+            switches.append((legacy, "allow_tf32", legacy.allow_tf32, True))
+        except RuntimeError:  # this process set the new API's fp32_precision for it
+            switches.append((new, "fp32_precision", new.fp32_precision, "tf32"))
+    for obj, attr, _, on in switches:
+        setattr(obj, attr, on)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = mm, cudnn
+        for obj, attr, saved, _ in switches:
+            setattr(obj, attr, saved)
 
 
 # dtype for the q/k/v of DINOv2's fused attention while set (see half_precision_attention).
