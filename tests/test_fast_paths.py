@@ -254,7 +254,6 @@ def test_tf32_context_restores_global_flags():
         assert torch.backends.cuda.matmul.allow_tf32 == mm
 
 
-
 _TF32_NEW_API = """
 import sys, torch
 from crane.models import create_model
@@ -286,6 +285,7 @@ def test_tf32_context_with_torchs_new_precision_api(matmul, conv):
         [sys.executable, "-c", _TF32_NEW_API, matmul, conv], capture_output=True, text=True
     )
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
 
 def _files(tmp_path, n=7):
     paths = []

@@ -10,6 +10,7 @@ BICUBIC)``, ``CenterCrop(S)`` (a no-op after the resize), RGB conversion, ``ToTe
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Sequence
@@ -212,19 +213,54 @@ def decode_jpegs(
             return [decode_jpeg(d, mode=ImageReadMode.RGB, device=device) for d in batch]
         return decode_jpeg(list(batch), mode=ImageReadMode.RGB, device=device)
 
-    try:
-        images: list[torch.Tensor | RuntimeError] = list(run(data))
-    except RuntimeError:
-        images = []
-        for d in data:
-            try:
-                images.append(run([d])[0])
-            except RuntimeError as exc:
-                images.append(exc)
+    with _decoding_stream(device) as done:
+        try:
+            images: list[torch.Tensor | RuntimeError] = list(run(data))
+        except RuntimeError:
+            images = []
+            for d in data:
+                try:
+                    images.append(run([d])[0])
+                except RuntimeError as exc:
+                    images.append(exc)
     ok = [i for i, im in enumerate(images) if not isinstance(im, RuntimeError)]
+    done([images[i] for i in ok])
     for i, pixels in zip(ok, resize_each([images[i] for i in ok], size), strict=True):
         images[i] = pixels
     return images
+
+
+_DECODE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+@contextlib.contextmanager
+def _decoding_stream(device: torch.device):
+    """On CUDA: run torchvision's nvJPEG decode with a side stream current on ``device``, then
+    hand its outputs to the stream that was current (``done(outputs)``).
+
+    torchvision allocates the decoded images on the current stream, then writes them on its
+    own decoder stream, which never waits for the current one. On the main stream, a block
+    the caching allocator hands out may still be read by queued kernels (the previous batch's
+    forward, whose activations Python has already freed): the decoder could overwrite them
+    first. Allocated on a side stream that only decodes, the images take blocks no queued
+    kernel reads; ``record_stream`` keeps each one from being reused there until the main
+    stream's work on it is done. Elsewhere: nothing to do."""
+    if device.type != "cuda":
+        yield lambda outputs: None
+        return
+    with torch.cuda.device(device):
+        main = torch.cuda.current_stream(device)
+        side = _DECODE_STREAMS.get(device)
+        if side is None:
+            side = _DECODE_STREAMS[device] = torch.cuda.Stream(device)
+
+        def done(outputs: Sequence[torch.Tensor]) -> None:
+            main.wait_stream(side)  # torchvision made ``side`` wait for its decoder
+            for t in outputs:
+                t.record_stream(main)
+
+        with torch.cuda.stream(side):
+            yield done
 
 
 def resize_each(images: Sequence[torch.Tensor], size: int) -> list[torch.Tensor]:

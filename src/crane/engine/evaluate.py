@@ -164,7 +164,7 @@ def evaluate(
             job = _Job(batch, *forward(model_input(images, device)))
         if side is not None:
             job.done = torch.cuda.Event()
-            job.done.record()
+            job.done.record(torch.cuda.current_stream(device))  # this device's, not cuda:0's
         return job
 
     def consume(job: _Job) -> None:

@@ -577,7 +577,9 @@ class Detector:
         job.scores = scores
         if self.device.type == "cuda":
             job.done = torch.cuda.Event()
-            job.done.record()
+            # (on this device's stream: a bare record() uses the current device's, which is
+            # not this one for "cuda:1" unless the caller switched devices)
+            job.done.record(torch.cuda.current_stream(self.device))
         return job
 
     def _pixels(self, job: _InFlight, rows: torch.Tensor | None) -> torch.Tensor | None:
