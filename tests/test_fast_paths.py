@@ -820,6 +820,26 @@ def test_decode_workers_persist_across_calls_and_survive_abandoned_iterators(tmp
             os.kill(pid, 0)
 
 
+def test_ctrl_c_inside_predict_iter_leaves_a_usable_detector(tmp_path):
+    """A KeyboardInterrupt inside the loop (in a terminal SIGINT also stops the workers) closes
+    the shared loader, so the next call starts fresh workers instead of failing on dead ones;
+    a bad batch size or worker count is refused up front."""
+    paths = _files(tmp_path, n=5)
+    model = create_model("tiny", image_size=SIZE, seed=1)
+    ref = list(Detector(model, device="cpu", batch_size=2).predict_iter(paths))
+    with Detector(model, device="cpu", batch_size=2, workers=1) as det:
+        _same(list(det.predict_iter(paths)), ref)
+        assert det._loader is not None
+        with mock.patch.object(det, "_collect", side_effect=KeyboardInterrupt):
+            with pytest.raises(KeyboardInterrupt):
+                list(det.predict_iter(paths))
+        assert det._loader is None and not det._loader_busy
+        _same(list(det.predict_iter(paths)), ref)
+    for bad in (dict(batch_size=0), dict(batch_size=-1), dict(workers=-1)):
+        with pytest.raises(CraneError, match="batch_size must be >= 1"):
+            Detector(model, device="cpu", **bad)
+
+
 @cuda
 def test_cuda_graphs_compile_survives_the_pipelines(tmp_path, synth):
     """With CUDA graphs, a call overwrites the previous call's outputs; the pipelines read

@@ -307,3 +307,76 @@ def test_a_failed_save_leaves_no_file_behind(tmp_path):
     with pytest.raises(OSError):
         save_png(Image.new("RGB", (8, 8)), tmp_path / "b.png")
     assert [p.name for p in tmp_path.iterdir()] == ["b.png"]
+
+
+def test_output_names_never_collide():
+    """x.png / x.jpg, a/b.png / a__b.png, one file named two ways, and names that differ in
+    case only each get an output name of their own (before, they shared one: the last
+    overlay won, and two writer threads racing on one temp file aborted the run)."""
+    from crane.engine.predict import _output_names
+
+    paths = ["d/x.png", "d/x.jpg", "d/a/b.png", "d/a__b.png", "./d/y.png", "d/y.png"]
+    paths += ["d/Z.png", "d/z.png", "d/u.png"]
+    names = _output_names(paths)
+    assert len({n.casefold() for n in names.values()}) == len(paths)
+    assert names["d/x.png"] == "x.png" and names["d/x.jpg"] == "x.jpg"
+    assert names["d/a/b.png"] == "a__b" and names["d/a__b.png"] == "a__b~2"
+    assert names["./d/y.png"] == "y" and names["d/y.png"] == "y~2"
+    assert names["d/u.png"] == "u"  # no collision: the plain stem, as before
+
+
+def test_run_predict_with_colliding_names_writes_every_file(tmp_path):
+    rng = np.random.default_rng(0)
+    src = tmp_path / "in"
+    (src / "a").mkdir(parents=True)
+    files = []
+    for i, rel in enumerate(["x.png", "x.bmp", "a/b.png", "a__b.png"] * 1):
+        im = Image.fromarray(rng.integers(0, 256, (40 + 10 * i, 40, 3), dtype=np.uint8))
+        im.save(src / rel)
+        files.append(src / rel)
+    det = Detector(create_model("tiny", image_size=SIZE), device="cpu", batch_size=2)
+    out = tmp_path / "out"
+    run_predict(det, [src], out, save_maps=True, progress=False, write_threads=4)
+    maps = {p.name: np.load(p) for p in (out / "maps").iterdir()}
+    assert sorted(maps) == ["a__b.npy", "a__b~2.npy", "x.bmp.npy", "x.png.npy"]
+    assert sorted(m.shape for m in maps.values()) == [(40, 40), (50, 40), (60, 40), (70, 40)]
+    assert len(list((out / "overlays").iterdir())) == 4
+    assert not [p for p in out.rglob(".*")]  # no temp files left
+
+
+def test_rerun_into_an_output_folder_inside_the_inputs_skips_its_files(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(src / f"{i}.png")
+    det = Detector(create_model("tiny", image_size=SIZE), device="cpu")
+    out = src / "results"
+    for _ in range(2):  # the second run finds the first run's overlays under the input folder
+        summary = run_predict(det, [src], out, progress=False, overwrite=True)
+        assert summary["n_images"] == 2
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["0.png", "1.png"]
+    with pytest.raises(CraneError, match="outside the output folder"):
+        run_predict(det, [out], out, progress=False, overwrite=True)
+
+
+def test_outputs_get_the_permissions_open_would_give(tmp_path):
+    """Atomic writes go through mkstemp (mode 0o600); results must not stay unreadable to
+    the people the user's umask lets read them."""
+    import os
+
+    from crane.files import atomic_write_bytes, new_file_mode
+
+    old = os.umask(0o027)
+    try:
+        assert new_file_mode() == 0o640
+        atomic_write_bytes(tmp_path / "a.bin", b"x")
+        assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o640
+        det = Detector(create_model("tiny", image_size=SIZE), device="cpu")
+        img = tmp_path / "i.png"
+        Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(img)
+        run_predict(det, [img], tmp_path / "out", progress=False, write_threads=2)
+    finally:
+        os.umask(old)
+    for f in ("predictions.csv", "summary.json", "overlays/i.png"):
+        assert (tmp_path / "out" / f).stat().st_mode & 0o777 == 0o640, f

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import struct
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ from PIL import Image
 from scipy import ndimage
 
 from crane.data.imageio import load_image
+from crane.files import atomic_write
 
 
 def jet(values: np.ndarray) -> np.ndarray:
@@ -96,24 +96,9 @@ _PNG_FAST_MODES = ("L", "RGB", "RGBA")  # what png_bytes writes
 _IDAT_MAX = 1 << 24  # bytes per IDAT chunk (the format allows up to 2**31 - 1)
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` to a temp file beside ``path``, then rename it over ``path`` (no
-    half-written file ever carries the final name; the temp file is removed if writing
-    fails)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _atomic_save(image: Image.Image, path: str | os.PathLike, **options) -> None:
     """Atomic ``image.save(path, **options)``."""
-    _atomic_write(path, lambda tmp: image.save(tmp, **options))
+    atomic_write(path, lambda tmp: image.save(tmp, **options))
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -159,7 +144,7 @@ def save_png(image: Image.Image, path: str | os.PathLike, fast: bool = True) -> 
     with the run-length strategy. Otherwise Pillow's defaults."""
     if fast and image.mode in _PNG_FAST_MODES:
         data = png_bytes(np.asarray(image))
-        _atomic_write(path, lambda tmp: tmp.write_bytes(data))
+        atomic_write(path, lambda tmp: tmp.write_bytes(data))
         return
     options = {"compress_level": 1, "compress_type": _Z_RLE} if fast else {}
     _atomic_save(image, path, format="PNG", **options)

@@ -262,6 +262,8 @@ def _runtime(args):
         args.workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
     elif args.workers < 0:
         raise CraneError(f"--workers must be >= 0, got {args.workers}")
+    if getattr(args, "batch_size", 1) < 1:
+        raise CraneError(f"--batch-size must be >= 1, got {args.batch_size}")
     if getattr(args, "write_threads", None) is not None and args.write_threads < 0:
         raise CraneError(f"--write-threads must be >= 0, got {args.write_threads}")
     return device, autocast_dtype(args.precision, device)

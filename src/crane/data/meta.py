@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from crane.errors import DatasetError
+from crane.files import new_file_mode
 
 logger = logging.getLogger(__name__)
 
@@ -323,10 +324,7 @@ def write_meta(
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        # mkstemp creates 0600; give the file the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, new_file_mode())  # (mkstemp creates 0600)
         if overwrite:
             os.replace(tmp, target)
         else:

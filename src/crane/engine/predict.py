@@ -11,6 +11,7 @@ import math
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -521,6 +522,10 @@ class Detector:
         owned = not isinstance(model, CraneModel)
         if cast_weights is None:
             cast_weights = owned and self.amp is not None
+        if batch_size < 1 or workers < 0:
+            raise CraneError(
+                f"batch_size must be >= 1 and workers >= 0, got {batch_size}, {workers}"
+            )
         if isinstance(model, CraneModel):
             self.model = model
         else:  # (cast as it is built: its CLIP weights are converted as they are read)
@@ -648,7 +653,9 @@ class Detector:
                 pending = job
             if pending is not None:
                 yield from self._collect(pending)
-        except Exception:
+        except GeneratorExit:  # the caller stopped early: the workers stay usable
+            raise
+        except BaseException:  # (Ctrl-C too: the terminal's SIGINT also stops the workers)
             if shared:  # e.g. a worker died: the next call starts fresh workers
                 self.close()
             raise
@@ -732,36 +739,70 @@ class Detector:
         return results
 
 
-def expand_inputs(specs: Iterable[str | os.PathLike]) -> list[str]:
-    """Files, folders (recursive, image files only) and glob patterns → sorted unique paths."""
+def expand_inputs(
+    specs: Iterable[str | os.PathLike], exclude: str | os.PathLike | None = None
+) -> list[str]:
+    """Files, folders (recursive, image files only) and glob patterns → sorted unique paths.
+    Files that a folder or a pattern finds under ``exclude`` (the run's own output folder,
+    whose overlays are images too) are left out; files named one by one are kept."""
+    skip = os.path.realpath(exclude) if exclude is not None else None
+
+    def keep(f: str) -> bool:
+        return skip is None or not os.path.realpath(f).startswith(skip + os.sep)
+
     out: list[str] = []
+    excluded = 0
     for spec in specs:
         spec = os.fspath(spec)
         p = Path(spec)
-        if p.is_dir():
-            out += sorted(str(f) for f in p.rglob("*") if f.is_file() and is_image_file(f))
-        elif p.is_file():
+        if p.is_file():
             out.append(spec)
+            continue
+        if p.is_dir():
+            files = sorted(str(f) for f in p.rglob("*") if f.is_file() and is_image_file(f))
         elif any(ch in spec for ch in "*?["):
-            out += sorted(
+            files = sorted(
                 f for f in glob.glob(spec, recursive=True) if Path(f).is_file() and is_image_file(f)
             )
         else:
             raise CraneError(f"input {spec} does not exist")
+        kept = [f for f in files if keep(f)]
+        excluded += len(files) - len(kept)
+        out += kept
     seen: dict[str, None] = dict.fromkeys(out)
     if not seen:
-        raise CraneError(f"no image files found in {', '.join(map(str, specs))}")
+        where = f" (outside the output folder {exclude})" if excluded else ""
+        raise CraneError(f"no image files found in {', '.join(map(str, specs))}{where}")
+    if excluded:
+        log.info("left out %d image files inside the output folder %s", excluded, exclude)
     return list(seen)
 
 
 def _output_names(paths: Sequence[str]) -> dict[str, str]:
-    """Unique, readable output stems: the path relative to the inputs' common folder."""
+    """Unique, readable output stems: the path relative to the inputs' common folder, with
+    "__" for its separators, without its extension — with it where two files would otherwise
+    share a stem (``x.png``/``x.jpg``), and "~2", "~3", … in input order where that does not
+    tell them apart (``a/b.png`` and ``a__b.png``, one file named twice). Compared without case,
+    as case-insensitive file systems would."""
     absolute = [os.path.abspath(p) for p in paths]
     common = os.path.commonpath([os.path.dirname(p) for p in absolute]) if absolute else ""
-    names = {}
-    for p, a in zip(paths, absolute, strict=True):
-        rel = os.path.relpath(a, common)
-        names[p] = os.path.splitext(rel)[0].replace(os.sep, "__")
+    rels = {
+        p: os.path.relpath(a, common).replace(os.sep, "__")
+        for p, a in zip(paths, absolute, strict=True)
+    }
+    stems = {p: os.path.splitext(r)[0] for p, r in rels.items()}
+    shared = Counter(s.casefold() for s in stems.values())
+    shared_rel = Counter(r.casefold() for r in rels.values())
+    names: dict[str, str] = {}
+    used: set[str] = set()
+    for p, stem in stems.items():
+        helps = shared[stem.casefold()] > 1 and shared_rel[rels[p].casefold()] == 1
+        name = rels[p] if helps else stem
+        unique, k = name, 2
+        while unique.casefold() in used:
+            unique, k = f"{name}~{k}", k + 1
+        used.add(unique.casefold())
+        names[p] = unique
     return names
 
 
@@ -798,9 +839,9 @@ def run_predict(
         raise CraneError(
             f"{out} already holds predictions; pass --overwrite or choose another --out"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    paths = expand_inputs(inputs)
+    paths = expand_inputs(inputs, exclude=out)
     names = _output_names(paths)
+    out.mkdir(parents=True, exist_ok=True)
     rows, failures = [], []
     with OutputWriter(write_threads) as writer:
         for r in detector.predict_iter(paths, progress=progress):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 
 from crane.config import CraneConfig
 from crane.errors import CheckpointError
+from crane.files import atomic_write_bytes
 
 FORMAT = "crane-checkpoint"
 FORMAT_VERSION = 1
@@ -34,22 +34,6 @@ OFFICIAL = {
     ("mvtec-medical", "crane+"): "trained_on_mvtec_cranep/epoch_1.pth",
 }
 OFFICIAL_ENV = "CRANE_OFFICIAL_PROMPTS"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def check_prompt_state(model_sd: dict[str, torch.Tensor], sd: dict[str, Any], source: str) -> None:

@@ -1,0 +1,55 @@
+"""Atomic file writes: a file appears under its final name complete or not at all, with the
+permissions a plain ``open()`` would give it."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def new_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: 0o666 less the process's umask. Read
+    from ``/proc/self/status`` where Linux has it; elsewhere by setting and restoring the umask
+    (a moment in which a file another thread creates would get mode 0o666)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write(
+    path: str | os.PathLike, write: Callable[[Path], None], sync: bool = False
+) -> None:
+    """``write(tmp)`` to a temp file of its own beside ``path`` (two writers of one path never
+    share one), then rename it over ``path``: no half-written file ever carries the final
+    name, and the temp file is removed if writing fails. ``sync``: flushed to disk before the
+    rename. The file gets :func:`new_file_mode` (``mkstemp`` makes it 0o600, which would hide
+    a user's results from the colleagues their umask lets read them)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        if sync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.chmod(tmp, new_file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """:func:`atomic_write` of ``data``, flushed to disk before the rename."""
+    atomic_write(path, lambda tmp: tmp.write_bytes(data), sync=True)
