@@ -104,6 +104,87 @@ def test_resume_is_exact(synth, tmp_path):
     assert torch.equal(again.prompt_learner.ctx_pos, full.prompt_learner.ctx_pos)
 
 
+def _same_prompts(a, b):
+    for (k, x), (_, y) in zip(
+        a.prompt_learner.state_dict().items(), b.prompt_learner.state_dict().items(), strict=True
+    ):
+        assert torch.equal(x, y), k
+
+
+@pytest.mark.parametrize("crash_in", ["top-level save", "resume.json"])
+def test_resume_after_a_crash_while_saving_is_exact(synth, tmp_path, crash_in):
+    """A run killed while it saves epoch 2 (after epoch 2's folder, before resume.json names
+    it) resumes from epoch 1's prompts *and* optimizer state, never a mix of the two epochs
+    (before: the top-level prompts of epoch 1 with the optimizer state of epoch 2)."""
+    from unittest import mock
+
+    import crane.engine.train as T
+
+    full, res_full = _train(synth, tmp_path / "full", 3)
+    real = T.save_model if crash_in == "top-level save" else T._save_resume
+    calls = []
+
+    def crash_on_epoch_2(*args, **kw):
+        calls.append(1)
+        # save_model runs twice an epoch (epoch folder, top level); _save_resume once
+        if len(calls) == (4 if crash_in == "top-level save" else 2):
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    name = "save_model" if crash_in == "top-level save" else "_save_resume"
+    with mock.patch.object(T, name, crash_on_epoch_2), pytest.raises(KeyboardInterrupt):
+        _train(synth, tmp_path / "cut", 3)
+    assert json.loads((tmp_path / "cut" / "resume.json").read_text())["epochs_done"] == 1
+    assert not (tmp_path / "cut" / ".feature_cache.npy").exists()
+    resumed, res_resumed = _train(synth, tmp_path / "cut", 3, resume=True)
+    _same_prompts(full, resumed)
+    assert res_resumed.epoch_losses == res_full.epoch_losses
+    log = (tmp_path / "cut" / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in log] == res_full.epoch_losses
+
+
+def test_resume_refuses_another_model_or_dataset(synth, tmp_path):
+    _train(synth, tmp_path / "r", 3, stop=1)
+    ds = AnomalyDataset(synth, "test", image_size=SIZE)
+    other = create_model("tiny", seed=111, image_size=SIZE, fusion_alpha=0.25)
+    with pytest.raises(CraneError, match=r"model differs.*fusion_alpha: 0.5 → 0.25"):
+        train(other, ds, tmp_path / "r", TrainSettings(epochs=3, batch_size=4), resume=True,
+              progress=False, device="cpu")  # fmt: skip
+    model = create_model("tiny", seed=111, image_size=SIZE)
+    fewer = torch.utils.data.Subset(ds, range(len(ds) - 1))
+    with pytest.raises(CraneError, match=f"trained on {len(ds)} images"):
+        train(model, fewer, tmp_path / "r", TrainSettings(epochs=3, batch_size=4), resume=True,
+              progress=False, device="cpu")  # fmt: skip
+    with pytest.raises(CraneError, match="betas"):
+        train(model, ds, tmp_path / "r", TrainSettings(epochs=3, batch_size=4, betas=(0.9, 0.99)),
+              resume=True, progress=False, device="cpu")  # fmt: skip
+
+
+def test_a_failed_feature_encoding_leaves_no_cache_file(synth, tmp_path):
+    """The memory-mapped feature cache (gigabytes for a real dataset) is removed when encoding
+    fails, and the run folder can be used again."""
+
+    class Breaks(torch.utils.data.Dataset):
+        def __init__(self, ds):
+            self.ds = ds
+
+        def __len__(self):
+            return len(self.ds)
+
+        def __getitem__(self, i):
+            if i == len(self.ds) - 1:
+                raise OSError("disk gone")
+            return self.ds[i]
+
+    ds = AnomalyDataset(synth, "test", image_size=SIZE)
+    model = create_model("tiny", seed=111, image_size=SIZE)
+    run = tmp_path / "r"
+    with pytest.raises(OSError, match="disk gone"):
+        train(model, Breaks(ds), run, TrainSettings(epochs=1, batch_size=4), progress=False,
+              device="cpu", cache_location="mmap")  # fmt: skip
+    assert not (run / ".feature_cache.npy").exists()
+
+
 def test_training_refuses_to_clobber_a_run(synth, tmp_path):
     _train(synth, tmp_path / "r", 1)
     with pytest.raises(CraneError, match="not empty"):

@@ -3,13 +3,16 @@
 Run directory layout::
 
     RUN_DIR/config.json, prompts.safetensors    latest model (load with create_model(RUN_DIR))
-    RUN_DIR/epoch_K/...                         the model after epoch K
-    RUN_DIR/resume.json, resume.safetensors     optimizer state and progress, for --resume
+    RUN_DIR/epoch_K/...                         the model after epoch K, and its optimizer
+                                                state (optimizer.safetensors)
+    RUN_DIR/resume.json                         epochs done, settings, losses: for --resume
     RUN_DIR/train_log.jsonl                     one line of mean losses per epoch
 
 Exact resume: batch order of epoch e is drawn from a generator seeded with (seed, e), and
 the optimizer state is saved in full, so an interrupted-and-resumed run ends with exactly the
-weights of an uninterrupted one.
+weights of an uninterrupted one. An epoch's files are all written before ``resume.json``
+names it: a run stopped at any moment resumes from the last epoch whose files are complete
+(the prompts and optimizer state of one epoch, never a mix of two).
 """
 
 from __future__ import annotations
@@ -61,9 +64,15 @@ def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
-def _save_resume(
-    run_dir: Path, opt: torch.optim.Optimizer, epoch: int, settings: TrainSettings, history: list
-) -> None:
+OPTIMIZER = "optimizer.safetensors"  # in each epoch_K folder
+
+
+def _epoch_dir(run_dir: Path, epoch: int) -> Path:
+    return run_dir / f"epoch_{epoch}"
+
+
+def _save_optimizer(directory: Path, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's tensors into ``directory``; returns the rest of its state (JSON)."""
     from safetensors.torch import save
 
     state = opt.state_dict()
@@ -74,31 +83,74 @@ def _save_resume(
                 tensors[f"{pid}.{name}"] = val.detach().cpu().contiguous()
             else:
                 scalars[f"{pid}.{name}"] = val
+    ckpt.atomic_write_bytes(directory / OPTIMIZER, save(tensors))
+    return {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _save_resume(
+    run_dir: Path,
+    epoch: int,
+    settings: TrainSettings,
+    history: list,
+    optimizer: dict[str, Any],
+    n_images: int,
+) -> None:
+    """``resume.json``: written last, once every file of ``epoch`` is complete."""
     meta = {
         "epochs_done": epoch,
         "settings": {**asdict(settings), "betas": list(settings.betas)},
-        "param_groups": state["param_groups"],
-        "scalars": scalars,
+        "n_images": n_images,
+        **optimizer,
         "history": history,
     }
-    ckpt.atomic_write_bytes(run_dir / RESUME_TENSORS, save(tensors))
     ckpt.atomic_write_bytes(run_dir / RESUME_JSON, (json.dumps(meta, indent=2) + "\n").encode())
 
 
 def _load_resume(
-    run_dir: Path, opt: torch.optim.Optimizer, settings: TrainSettings
-) -> tuple[int, list]:
+    run_dir: Path, model: CraneModel, opt: torch.optim.Optimizer, settings: TrainSettings,
+    n_images: int,
+) -> tuple[int, list]:  # fmt: skip
+    """Checks that the run continues with the same settings, model and data, then loads the
+    prompts and optimizer state of the last complete epoch; (epochs done, loss history)."""
     from safetensors.torch import load_file
+
+    def refuse(why: str) -> CraneError:
+        return CraneError(f"cannot resume {run_dir}: {why}")
 
     meta = json.loads((run_dir / RESUME_JSON).read_text())
     saved = meta["settings"]
     for key in ("batch_size", "lr", "seed"):
         if saved[key] != getattr(settings, key):
-            raise CraneError(
-                f"cannot resume {run_dir}: it was trained with {key}={saved[key]}, "
-                f"now {key}={getattr(settings, key)}"
+            raise refuse(
+                f"it was trained with {key}={saved[key]}, now {key}={getattr(settings, key)}"
             )
-    tensors = load_file(str(run_dir / RESUME_TENSORS))
+    if list(saved.get("betas", settings.betas)) != list(settings.betas):
+        raise refuse(f"it was trained with betas={saved['betas']}, now {list(settings.betas)}")
+    was, now = saved.get("dataset") or {}, settings.dataset or {}
+    for key in ("name", "split"):
+        if key in was and key in now and was[key] != now[key]:
+            raise refuse(f"it was trained on {key} {was[key]!r}, now {now[key]!r}")
+    if meta.get("n_images", n_images) != n_images:
+        raise refuse(f"it was trained on {meta['n_images']} images, this dataset has {n_images}")
+    done = int(meta["epochs_done"])
+    epoch_dir = _epoch_dir(run_dir, done)
+    # Runs saved before the optimizer state moved into the epoch folders kept it (and the
+    # matching prompts) at the top level.
+    legacy = not (epoch_dir / OPTIMIZER).is_file() and (run_dir / "resume.safetensors").is_file()
+    try:
+        cfg, prompts, _ = ckpt.read_checkpoint(run_dir if legacy else epoch_dir)
+    except CheckpointError as exc:
+        raise refuse(str(exc)) from exc
+    if cfg.to_dict() != model.cfg.to_dict():
+        ours, theirs = model.cfg.to_dict(), cfg.to_dict()
+        diff = ", ".join(
+            f"{k}: {theirs.get(k)!r} → {ours.get(k)!r}"
+            for k in sorted(set(ours) | set(theirs))
+            if ours.get(k) != theirs.get(k)
+        )
+        raise refuse(f"the model differs from the one it trained ({diff})")
+    model.prompt_learner.load_state_dict(prompts)
+    tensors = load_file(str(run_dir / "resume.safetensors" if legacy else epoch_dir / OPTIMIZER))
     state: dict[int, dict[str, Any]] = {}
     for key, val in tensors.items():
         pid, name = key.split(".", 1)
@@ -107,7 +159,7 @@ def _load_resume(
         pid, name = key.split(".", 1)
         state.setdefault(int(pid), {})[name] = val
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    return int(meta["epochs_done"]), list(meta["history"])
+    return done, list(meta["history"])
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> bool:
@@ -159,14 +211,9 @@ def train(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     resuming = prepare_run_dir(run_dir, resume, overwrite)
     model.to(device)
-    if resuming:
-        try:
-            state = ckpt.read_checkpoint(run_dir)[1]
-        except CheckpointError as exc:
-            raise CraneError(f"cannot resume {run_dir}: {exc}") from exc
-        model.prompt_learner.load_state_dict(state)
     opt = torch.optim.Adam(model.trainable_parameters(), lr=settings.lr, betas=settings.betas)
-    start, history = _load_resume(run_dir, opt, settings) if resuming else (0, [])
+    n_images = len(dataset)
+    start, history = _load_resume(run_dir, model, opt, settings, n_images) if resuming else (0, [])
     if start >= settings.epochs:
         log.info("%s already trained for %d epochs", run_dir, start)
         model.eval()
@@ -174,73 +221,86 @@ def train(
 
     t0 = time.perf_counter()
     mmap = run_dir / ".feature_cache.npy"
-    cache = FeatureCache.build(
-        model,
-        dataset,
-        device,
-        batch_size=settings.batch_size,
-        workers=workers,
-        location=cache_location,
-        mmap_path=mmap,
-        progress=progress,
-        autocast_dtype=autocast_dtype,
-        attention=attention,
-        device_decode=device_decode,
-        device_resize=device_resize,
-    )
+    cache = None
+    try:  # (the memory-mapped cache is removed also when encoding fails: it can be gigabytes)
+        cache = FeatureCache.build(
+            model,
+            dataset,
+            device,
+            batch_size=settings.batch_size,
+            workers=workers,
+            location=cache_location,
+            mmap_path=mmap,
+            progress=progress,
+            autocast_dtype=autocast_dtype,
+            attention=attention,
+            device_decode=device_decode,
+            device_resize=device_resize,
+        )
+        return _epochs(
+            model, cache, run_dir, settings, opt, start, history, progress, t0, stop_after_epoch,
+            device,
+        )  # fmt: skip
+    finally:
+        model.eval()
+        del cache
+        release_memmap(mmap)
+
+
+def _epochs(
+    model, cache, run_dir, settings, opt, start, history, progress, t0, stop_after_epoch, device
+):  # fmt: skip
+    """The epochs from ``start`` over the cached features, each saved as it ends."""
     encode_s = time.perf_counter() - t0
     size = cache.masks.shape[-1]
     n = len(cache)
     location = cache.location
     model.train()
     epoch_times = []
-    try:
-        for epoch in range(start, settings.epochs):
-            t_ep = time.perf_counter()
-            order = _epoch_order(n, settings.seed, epoch)
-            sums: dict[str, float] = {}
-            steps = 0
-            bar = tqdm(
-                range(0, n, settings.batch_size),
-                desc=f"epoch {epoch + 1}/{settings.epochs}",
-                disable=not progress,
-                unit="batch",
-            )
-            for i in bar:
-                vis, masks, labels = cache.batch(order[i : i + settings.batch_size], device)
-                out = model.forward_train(vis)
-                loss, parts = crane_loss(out, masks, labels, size, model.cfg.train_set_multiplicity)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                steps += 1
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                bar.set_postfix(loss=f"{sums['loss'] / steps:.4f}")
-            means = {k: v / steps for k, v in sums.items()}
-            history.append({"epoch": epoch + 1, **means})
-            epoch_times.append(time.perf_counter() - t_ep)
-            provenance = {
-                "epoch": epoch + 1,
-                "settings": {**asdict(settings), "betas": list(settings.betas)},
-                "losses": means,
-            }
-            save_model(model, run_dir / f"epoch_{epoch + 1}", overwrite=True, **provenance)
-            _save_resume(run_dir, opt, epoch + 1, settings, history)
-            save_model(model, run_dir, overwrite=True, **provenance)
-            with open(run_dir / "train_log.jsonl", "a") as f:
-                f.write(json.dumps(history[-1]) + "\n")
-            log.info(
-                "epoch %d/%d: %s (%.1fs)",
-                epoch + 1,
-                settings.epochs,
-                ", ".join(f"{k}={v:.4f}" for k, v in means.items()),
-                epoch_times[-1],
-            )
-            if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
-                break
-    finally:
-        model.eval()
-        del cache
-        release_memmap(mmap)
+    for epoch in range(start, settings.epochs):
+        t_ep = time.perf_counter()
+        order = _epoch_order(n, settings.seed, epoch)
+        sums: dict[str, float] = {}
+        steps = 0
+        bar = tqdm(
+            range(0, n, settings.batch_size),
+            desc=f"epoch {epoch + 1}/{settings.epochs}",
+            disable=not progress,
+            unit="batch",
+        )
+        for i in bar:
+            vis, masks, labels = cache.batch(order[i : i + settings.batch_size], device)
+            out = model.forward_train(vis)
+            loss, parts = crane_loss(out, masks, labels, size, model.cfg.train_set_multiplicity)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.set_postfix(loss=f"{sums['loss'] / steps:.4f}")
+        means = {k: v / steps for k, v in sums.items()}
+        history.append({"epoch": epoch + 1, **means})
+        epoch_times.append(time.perf_counter() - t_ep)
+        provenance = {
+            "epoch": epoch + 1,
+            "settings": {**asdict(settings), "betas": list(settings.betas)},
+            "losses": means,
+        }
+        epoch_dir = _epoch_dir(run_dir, epoch + 1)
+        save_model(model, epoch_dir, overwrite=True, **provenance)
+        optimizer = _save_optimizer(epoch_dir, opt)
+        save_model(model, run_dir, overwrite=True, **provenance)
+        log_lines = "".join(json.dumps(h) + "\n" for h in history)
+        ckpt.atomic_write_bytes(run_dir / "train_log.jsonl", log_lines.encode())
+        _save_resume(run_dir, epoch + 1, settings, history, optimizer, n)
+        log.info(
+            "epoch %d/%d: %s (%.1fs)",
+            epoch + 1,
+            settings.epochs,
+            ", ".join(f"{k}={v:.4f}" for k, v in means.items()),
+            epoch_times[-1],
+        )
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+            break
     return TrainResult(run_dir, history, epoch_times, encode_s, location)
