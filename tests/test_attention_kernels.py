@@ -276,3 +276,37 @@ def test_cuda_bf16_detector_within_guard_whatever_kernel(name):
     s16, m16 = det.predict_tensor(x)
     assert (m16 - m32).abs().max() <= 1e-2
     assert (s16 - s32).abs().max() <= 1e-2
+
+
+def test_compiled_forward_fills_the_text_cache_before_the_compiled_call(monkeypatch):
+    """Under CUDA graphs a tensor the compiled call caches lives in the graph's memory pool,
+    which the next call reuses: the static text features are computed eagerly first, in
+    fp32 as the scoring head computes them, and again only when the prompts change."""
+    model = create_model("tiny", image_size=SIZE)
+    seen = []
+
+    def fake_compile(module, mode=None):
+        def compiled(x):
+            seen.append(module._text_cache is not None)
+            return module(x)
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    run = scoring_forward(model, torch.device("cpu"), compile="reduce-overhead")
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores, maps = run(x)
+    assert seen == [True]
+    assert model._text_cache[1].dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(model._text_cache[1], model.text_features())
+    cached = model._text_cache[1]
+    run(x)
+    assert model._text_cache[1] is cached  # not recomputed while the prompts stay
+    with torch.no_grad():
+        model.prompt_learner.ctx_pos.add_(1)
+    run(x)
+    assert model._text_cache[1] is not cached
+    with torch.no_grad():
+        torch.testing.assert_close(model._text_cache[1], model.text_features())

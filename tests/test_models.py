@@ -382,3 +382,15 @@ def test_model_cast_to_bf16_still_scores_in_fp32(images):
     assert a.anomaly_maps.dtype == torch.float32 and a.image_scores.dtype == torch.float32
     assert (a.anomaly_maps - b.anomaly_maps).abs().max() < 3e-2
     assert (a.image_scores - b.image_scores).abs().max() < 3e-2
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny+"])
+def test_images_of_another_size_are_refused(preset):
+    """Without DINOv2 a 230-px image in a 224 model used to run, its last 6 pixel rows and
+    columns silently dropped by the patch convolution, and still gave a 230-px map."""
+    model = create_model(preset, image_size=112)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 112, 112)).anomaly_maps.shape == (1, 112, 112)
+        for shape in ((1, 3, 118, 118), (1, 3, 112, 118), (1, 1, 112, 112)):
+            with pytest.raises(ValueError, match=r"takes \(B, 3, 112, 112\) images"):
+                model(torch.randn(*shape))

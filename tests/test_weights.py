@@ -383,3 +383,17 @@ def test_clip_weights_found_in_crane_then_default_hub_cache(tmp_path, monkeypatc
     flat = tmp_path / "crane" / W.CLIP_FILENAMES[0]
     flat.write_bytes(b"x")
     assert resolve() == flat  # a file under its published name before any hub copy
+
+
+def test_a_dinov2_file_without_registers_gets_a_clear_error(tmp_path):
+    """The original DINOv2-B/14 file *without* registers (an easy mix-up with the _reg4_ one)
+    failed inside timm's position-embedding resize with a bare RuntimeError."""
+    from crane.errors import WeightsError
+    from crane.models.backbones import build_dino
+
+    torch.manual_seed(0)
+    plain = timm.create_model("vit_base_patch14_dinov2", pretrained=False, img_size=518)
+    torch.save(_dinov2_original_format(plain), tmp_path / "dinov2_vitb14_pretrain.pth")
+    del plain
+    with pytest.raises(WeightsError, match=r"dinov2_vitb14_pretrain\.pth does not fit.*reg4"):
+        build_dino(get_config("crane+"), tmp_path / "dinov2_vitb14_pretrain.pth")

@@ -246,9 +246,20 @@ def scoring_forward(
     fn = torch.compile(model, mode=mode) if compile else model
     graphs = device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
 
+    cfg = getattr(model, "cfg", None)
+    static_text = getattr(model, "static_text_features", None)
+    if cfg is None or cfg.image_context_inference:
+        static_text = None
+
     def run(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if compile:
             _compiled_attention(attention)
+            if static_text is not None:
+                # The static text features, computed (on a model's first call, or after its
+                # prompts changed) and cached here, eagerly: inside a CUDA graph the cached
+                # tensor would live in the graph's memory pool, which the next call reuses.
+                with torch.no_grad(), torch.autocast(device.type, enabled=False):
+                    static_text()
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
         with attention_kernels(attention):

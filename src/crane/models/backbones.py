@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crane.config import CraneConfig
+from crane.errors import WeightsError
 from crane.models import weights as W
 from crane.models.kernels import attention as kernels_attention
 from crane.models.kernels import linear_on_onednn, swap_linears
@@ -258,7 +259,14 @@ def build_dino(
             sd = W.load_state_dict_file(local)
             # timm's own converter maps the original DINOv2 layout (register_tokens, mask_token,
             # 37x37 pos_embed ...) to timm names; timm-format dicts pass through unchanged.
-            sd = checkpoint_filter_fn(sd, model)
+            try:
+                sd = checkpoint_filter_fn(sd, model)
+            except (RuntimeError, ValueError, KeyError) as exc:  # e.g. a file without registers
+                raise WeightsError(
+                    f"{local} does not fit the DINOv2 {arch} architecture (timm could not "
+                    f"convert it: {exc}); it needs the weights of timm's {cfg.dino_model} "
+                    "(for crane+, DINOv2's dinov2_vitb14_reg4_pretrain.pth: with registers)"
+                ) from exc
             sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
             W.load_into(model, sd, local, f"DINOv2 {arch}")
             log.info("loaded DINOv2 weights from %s", local)

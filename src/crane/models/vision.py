@@ -291,6 +291,12 @@ class CraneVisionEncoder(nn.Module):
     # -- forward ---------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> VisionOutput:
         cfg = self.cfg
+        if images.dim() != 4 or tuple(images.shape[1:]) != (3, cfg.image_size, cfg.image_size):
+            # (a patch convolution would drop the pixels past the last whole patch silently)
+            raise ValueError(
+                f"{cfg.name} takes (B, 3, {cfg.image_size}, {cfg.image_size}) images "
+                f"(cfg.image_size), got {tuple(images.shape)}"
+            )
         h = self.n_heads
         want = set(cfg.feature_layers)
         sets: dict[str, torch.Tensor] = {}
