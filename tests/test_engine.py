@@ -143,6 +143,17 @@ def test_resume_after_a_crash_while_saving_is_exact(synth, tmp_path, crash_in):
     assert [json.loads(line) for line in log] == res_full.epoch_losses
 
 
+def test_runs_saved_before_the_epoch_folders_held_the_optimizer_still_resume(synth, tmp_path):
+    """Earlier runs kept the optimizer state at the top level (resume.safetensors) beside the
+    latest prompts; they resume exactly as before."""
+    full, _ = _train(synth, tmp_path / "full", 2)
+    _train(synth, tmp_path / "old", 2, stop=1)
+    old = tmp_path / "old"
+    (old / "epoch_1" / "optimizer.safetensors").rename(old / "resume.safetensors")
+    resumed, _ = _train(synth, old, 2, resume=True)
+    _same_prompts(full, resumed)
+
+
 def test_resume_refuses_another_model_or_dataset(synth, tmp_path):
     _train(synth, tmp_path / "r", 3, stop=1)
     ds = AnomalyDataset(synth, "test", image_size=SIZE)
