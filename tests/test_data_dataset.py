@@ -144,18 +144,26 @@ def test_mask_matches_reference_target_transform(size):
 
 
 def test_colour_and_palette_masks(tmp_path):
+    """Colour masks are binarised as the reference does: converted to L, then > 0. A
+    near-black colour (JPEG noise around a coloured mask, for instance) whose luminance
+    rounds to 0 is background."""
     arr = np.zeros((10, 12, 3), np.uint8)
-    arr[2:5, 3:6] = (1, 0, 0)  # luminance rounds to 0, but a channel is > 0
+    arr[2:5, 3:6] = (1, 0, 0)  # luminance rounds to 0: background, as in the reference
     arr[6:8, 8:10] = (0, 0, 200)
     Image.fromarray(arr).save(tmp_path / "rgb.png")
-    expected = arr.max(axis=-1) > 0
+    expected = np.asarray(Image.open(tmp_path / "rgb.png").convert("L")) > 0
+    assert expected.sum() == 4 and not expected[2:5, 3:6].any()
     assert np.array_equal(open_mask(tmp_path / "rgb.png"), expected)
     pal = Image.fromarray((arr.max(axis=-1) > 0).astype(np.uint8), mode="L").convert("P")
-    pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)  # index 1 is red: luminance 76
     pal.save(tmp_path / "pal.png")
     with Image.open(tmp_path / "pal.png") as im:
         assert im.mode == "P"
-    assert np.array_equal(open_mask(tmp_path / "pal.png"), expected)
+    assert np.array_equal(open_mask(tmp_path / "pal.png"), arr.max(axis=-1) > 0)
+    pal.putpalette([0, 0, 0, 1, 0, 0] + [0] * 762)  # index 1 near-black: background
+    pal.save(tmp_path / "dark.png")
+    assert not open_mask(tmp_path / "dark.png").any()
+    expected = arr.max(axis=-1) > 0
     Image.fromarray(np.where(expected, 65535, 0).astype(np.uint16)).save(tmp_path / "m16.png")
     assert np.array_equal(open_mask(tmp_path / "m16.png"), expected)
 

@@ -441,3 +441,37 @@ def test_visa_errors(tmp_path):
     csv_path.write_text(text)
     with pytest.raises(DatasetError, match="does not match image"):
         prepare("visa", tmp_path)
+
+
+def test_normal_folder_name_is_matched_without_case(tmp_path):
+    """Folders are found without case everywhere; a `Good` folder was labelled anomalous."""
+    make_mvtec_class(tmp_path, "part", normal="Good", defects={"scratch": ["a"]}, masks={})
+    meta = prepare("generic", tmp_path / "part")
+    assert counts(meta, "train", "part") == (3, 0)
+    assert counts(meta, "test", "part") == (2, 1)
+
+
+def test_a_class_without_test_images_is_reported(tmp_path, caplog):
+    make_mvtec_class(tmp_path, "widget", defects={"dent": ["a"]})
+    make_mvtec_class(tmp_path, "cable", train=(), test_good=(), defects={}, masks={})
+    (tmp_path / "cable" / "test" / "good").mkdir(parents=True)
+    with caplog.at_level(logging.WARNING):
+        meta = prepare("generic", tmp_path)
+    assert counts(meta, "test", "cable") == (0, 0)
+    assert "cable: no test images" in caplog.text
+
+
+def test_visa_paths_outside_the_root_are_refused(tmp_path):
+    root = tmp_path / "visa"
+    make_visa(root, [("pcb1", "test", "anomaly", "000"), ("pcb1", "test", "normal", "0001")])
+    csv_path = root / "split_csv" / "1cls.csv"
+    text = csv_path.read_text()
+    # Absolute paths inside the root are read as the relative ones.
+    csv_path.write_text(text.replace("pcb1/Data", f"{root}/pcb1/Data"))
+    meta = prepare("visa", root)
+    assert meta["test"]["pcb1"][0].img_path == "pcb1/Data/Images/Anomaly/000.JPG"
+    elsewhere = tmp_path / "elsewhere"
+    write_image(elsewhere / "000.JPG", fmt="JPEG")
+    csv_path.write_text(text.replace("pcb1/Data/Images/Anomaly/000.JPG", f"{elsewhere}/000.JPG"))
+    with pytest.raises(DatasetError, match="outside the dataset root"):
+        prepare("visa", root)

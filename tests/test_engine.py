@@ -204,6 +204,45 @@ def test_training_refuses_to_clobber_a_run(synth, tmp_path):
         _train(synth, tmp_path / "empty", 1, resume=True)
 
 
+def test_anomalous_images_without_masks_count_in_image_metrics_only(synth, tmp_path, caplog):
+    """missing_mask="warn" keeps anomalous images without a mask: their empty mask would mark
+    their defects normal, so they count in the image metrics but not in the pixel ones. Training
+    leaves them out (its losses compare maps with masks)."""
+    import copy
+    import dataclasses
+    import logging
+
+    model = create_model("tiny+", image_size=SIZE)
+    ds = AnomalyDataset(synth, "test", image_size=SIZE)
+    drop = next(i for i, s in enumerate(ds.samples) if s.anomaly and s.cls_name == "tile")
+    unmasked = copy.copy(ds)
+    unmasked.samples = list(ds.samples)
+    unmasked.samples[drop] = dataclasses.replace(ds.samples[drop], mask_path="")
+    without = copy.copy(ds)
+    without.samples = [s for i, s in enumerate(ds.samples) if i != drop]
+    kw = dict(device=torch.device("cpu"), batch_size=3, progress=False)
+    with caplog.at_level(logging.WARNING):
+        got = evaluate(model, unmasked, **kw).report.per_class["tile"]
+    full = evaluate(model, ds, **kw).report.per_class["tile"]
+    less = evaluate(model, without, **kw).report.per_class["tile"]
+    for key, value in got.items():
+        want = full[key] if key.startswith("image") else less[key]
+        assert value == pytest.approx(want, nan_ok=True), key
+    assert got["pixel_auroc"] != pytest.approx(full["pixel_auroc"])  # the dropped mask counted
+    assert "1 anomalous images have no mask" in caplog.text
+
+    settings = TrainSettings(epochs=1, batch_size=4)
+    res = train(create_model("tiny", image_size=SIZE), unmasked, tmp_path / "r", settings,
+                progress=False, device="cpu")  # fmt: skip
+    assert json.loads((tmp_path / "r" / "resume.json").read_text())["n_images"] == len(ds) - 1
+    assert res.epoch_losses
+    none = copy.copy(ds)
+    none.samples = [dataclasses.replace(s, mask_path="") for s in ds.samples]
+    with pytest.raises(CraneError, match="training needs pixel masks"):
+        train(create_model("tiny", image_size=SIZE), none, tmp_path / "r2", settings,
+              progress=False, device="cpu")  # fmt: skip
+
+
 def test_evaluate_streams_into_complete_reports(synth, tmp_path):
     model = create_model("tiny+", image_size=SIZE)
     ds = AnomalyDataset(synth, "test", image_size=SIZE)

@@ -138,18 +138,19 @@ def load_image(path: PathLike) -> Image.Image:
 
 
 def binarize_mask(im: Image.Image) -> np.ndarray:
-    """Boolean (H, W) foreground of a mask image: any colour channel > 0.
+    """Boolean (H, W) foreground of a mask image: > 0 after conversion to greyscale, as the
+    reference (``Image.open(p).convert("L")``, then > 0) computes it.
 
-    Greyscale and 16-bit masks are thresholded directly; palette masks by their palette
-    colour; alpha channels are ignored (the reference converts masks to L, dropping it).
+    Greyscale and 16-bit masks are thresholded directly; colour and palette masks through
+    PIL's L conversion (so a near-black colour such as (1, 0, 0), which rounds to 0 there, is
+    background, as in the reference); alpha channels are ignored (the conversion drops them).
     """
     mode = im.mode
     if mode in _INT_GREY_MODES or mode in ("1", "L", "F"):
         return np.asarray(im) > 0
     if mode == "LA":
         return np.asarray(im)[..., 0] > 0
-    rgb = im if mode == "RGB" else im.convert("RGB")
-    return np.asarray(rgb).max(axis=-1) > 0
+    return np.asarray(im.convert("L")) > 0
 
 
 def open_mask(path: PathLike) -> np.ndarray:

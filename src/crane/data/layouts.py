@@ -160,8 +160,16 @@ class ScanContext:
     masks_unused: list[str] = field(default_factory=list)
 
     def rel(self, path: Path) -> str:
-        """``path`` relative to the root, with forward slashes."""
-        return path.relative_to(self.root).as_posix()
+        """``path`` relative to the root, with forward slashes; a DatasetError for a path
+        outside it (a split file may name absolute paths)."""
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            pass
+        try:
+            return path.resolve().relative_to(self.root.resolve()).as_posix()
+        except ValueError:
+            raise self.fail(f"{path} is outside the dataset root {self.root}") from None
 
     def fail(self, message: str) -> DatasetError:
         """A DatasetError that also shows the expected layout."""
@@ -313,7 +321,7 @@ def scan_mvtec_class(
         for specie_dir in list_dirs(split_dir):
             specie = specie_dir.name
             images = list_images(specie_dir)
-            if specie == normal:
+            if specie.casefold() == normal.casefold():  # (folders are found without case)
                 samples += [ctx.sample(p, cls_name, specie, 0) for p in images]
                 continue
             if not require_masks:
@@ -325,6 +333,8 @@ def scan_mvtec_class(
                 if sample is not None:
                     samples.append(sample)
             masks.report_unused()
+        if split == "test" and not samples:
+            logger.warning("%s: no test images in %s; the class is left out", cls_name, split_dir)
         if samples or split == "test":
             out[split] = samples
     return out

@@ -124,6 +124,13 @@ def evaluate(
     runs on a side stream while batch k+1's forward is already queued on the main one.
     """
     has_masks = any(s.mask_path for s in dataset.samples if s.anomaly)
+    unmasked = sum(1 for s in dataset.samples if s.anomaly and not s.mask_path)
+    if has_masks and unmasked:  # (kept by missing_mask="warn")
+        log.warning(
+            "%d anomalous images have no mask: they count in the image metrics only (an empty "
+            "mask would mark their defects normal in the pixel metrics)",
+            unmasked,
+        )
     acc = MetricAccumulator(aupro=aupro, mode=metric_mode, num_bins=num_bins)
     if device_decode:
         check_device_decode(device)
@@ -185,7 +192,24 @@ def evaluate(
             if has_masks:
                 # Masks stay on the host: region labelling needs them there.
                 masks = batch["mask"][:, 0]
-                acc.update(batch["cls_name"], job.scores, batch["label"], job.maps, masks)
+                known = [
+                    bool(m) or not int(y)
+                    for m, y in zip(batch["mask_path"], batch["label"], strict=True)
+                ]
+                if all(known):
+                    acc.update(batch["cls_name"], job.scores, batch["label"], job.maps, masks)
+                else:  # pixel metrics only where the pixels' ground truth is known
+                    acc.update(batch["cls_name"], job.scores, batch["label"])
+                    keep = [j for j, k in enumerate(known) if k]
+                    if keep:
+                        rows = torch.tensor(keep)
+                        acc.update(
+                            [batch["cls_name"][j] for j in keep],
+                            None,
+                            batch["label"][rows],
+                            job.maps[rows.to(job.maps.device)],
+                            masks[rows],
+                        )
             else:
                 acc.update(batch["cls_name"], job.scores, batch["label"])
             t = timed("metrics", t)

@@ -17,6 +17,7 @@ names it: a run stopped at any moment resumes from the last epoch whose files ar
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -180,6 +181,31 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> bool:
     return False
 
 
+def _with_pixel_truth(dataset):
+    """``dataset`` without its anomalous images that have no mask (``missing_mask="warn"``
+    keeps them): the pixel losses would take their defects for normal pixels. A dataset
+    whose anomalous images all lack masks cannot train (SPEC §6's losses need masks)."""
+    samples = getattr(dataset, "samples", None)
+    if samples is None:
+        return dataset
+    unmasked = [s for s in samples if s.anomaly and not s.mask_path]
+    if not unmasked:
+        return dataset
+    if len(unmasked) == sum(1 for s in samples if s.anomaly):
+        raise CraneError(
+            "training needs pixel masks for the anomalous images (the focal and Dice losses "
+            f"compare maps with them), and none of this dataset's {len(unmasked)} has one"
+        )
+    log.warning(
+        "training without the %d anomalous images that have no mask (their defects would "
+        "count as normal pixels in the losses)",
+        len(unmasked),
+    )
+    view = copy.copy(dataset)
+    view.samples = [s for s in samples if not (s.anomaly and not s.mask_path)]
+    return view
+
+
 def train(
     model: CraneModel,
     dataset: torch.utils.data.Dataset,
@@ -207,6 +233,7 @@ def train(
     ``device_resize``: its large images are resized there (bit for bit as PIL would).
     """
     settings = settings or TrainSettings()
+    dataset = _with_pixel_truth(dataset)
     run_dir = Path(run_dir)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     resuming = prepare_run_dir(run_dir, resume, overwrite)
