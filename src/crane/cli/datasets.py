@@ -35,7 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--missing-mask",
         choices=("error", "skip", "warn"),
         default="error",
-        help="anomalous images without a mask: fail (default), leave out, or keep without mask",
+        help="anomalous images without a mask: fail (default), leave out, or keep without mask "
+        "(evaluation then counts them in the image metrics only; training leaves them out)",
     )
     p.set_defaults(func=cmd_prepare)
 

@@ -8,7 +8,8 @@ Masks are always paired with their image by file name (stem), never by sorted po
 (the reference generators zip two sorted listings, which silently misaligns a dataset as
 soon as one mask is missing or named differently). Anomalous images without a mask are
 handled by the ``missing_mask`` policy: ``"error"`` (default) raises listing them,
-``"skip"`` leaves them out, ``"warn"`` keeps them as image-level samples (no mask).
+``"skip"`` leaves them out, ``"warn"`` keeps them as image-level samples (no mask:
+evaluation counts them in the image metrics only, training leaves them out).
 Listings are sorted, so the output does not depend on the file system's order.
 """
 
