@@ -526,3 +526,32 @@ def test_memory_mapped_feature_cache_trains_identically(synth, tmp_path):
         weights.append(model.prompt_learner.state_dict())
     for k in weights[0]:
         assert torch.equal(weights[0][k], weights[1][k]), k
+
+
+def test_overlay_names_of_evaluate_never_collide(tmp_path):
+    """VisA's specie is "" for all images, so Normal/023.JPG and Anomaly/023.JPG both became
+    `_023.png` (10 of the shared VisA sample's 150 overlays were lost); Y92.jpg beside Y92.png
+    likewise. Names that do not collide keep the `<specie>_<stem>` form."""
+    from types import SimpleNamespace
+
+    from crane.data.meta import Sample
+    from crane.engine.evaluate import _overlay_names
+
+    rows = [
+        ("fryum/Data/Images/Normal/023.JPG", "", 0),
+        ("fryum/Data/Images/Anomaly/023.JPG", "", 1),
+        ("fryum/Data/Images/Anomaly/024.JPG", "", 1),
+        ("brain/yes/Y92.jpg", "yes", 1),
+        ("brain/yes/Y92.png", "yes", 1),
+    ]
+    samples = [Sample(p, "", p.split("/")[0], sp, a) for p, sp, a in rows]
+    ds = SimpleNamespace(root=tmp_path, samples=samples)
+    names = _overlay_names(ds)
+    got = {p[len(str(tmp_path)) + 1 :]: n for p, n in names.items()}
+    assert got == {
+        "fryum/Data/Images/Normal/023.JPG": "Normal__023",
+        "fryum/Data/Images/Anomaly/023.JPG": "Anomaly__023",
+        "fryum/Data/Images/Anomaly/024.JPG": "_024",
+        "brain/yes/Y92.jpg": "Y92.jpg",
+        "brain/yes/Y92.png": "Y92.png",
+    }

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from crane.data import AnomalyDataset
-from crane.engine.predict import check_device_decode, dataset_device_pixels
+from crane.engine.predict import _output_names, check_device_decode, dataset_device_pixels
 from crane.engine.runtime import (
     autocast,
     batch_loader,
@@ -214,7 +214,7 @@ def evaluate(
                 acc.update(batch["cls_name"], job.scores, batch["label"])
             t = timed("metrics", t)
             if visualize_dir is not None:
-                _visualize(writer, Path(visualize_dir), batch, job.maps.cpu().numpy())
+                _visualize(writer, Path(visualize_dir), batch, job.maps.cpu().numpy(), names)
                 t = timed("outputs", t)
             for cls in batch["cls_name"]:
                 remaining[cls] -= 1
@@ -229,6 +229,7 @@ def evaluate(
     t0 = time.perf_counter()
     pending: _Job | None = None
     writer = OutputWriter(write_threads if visualize_dir is not None else 0)
+    names = _overlay_names(dataset) if visualize_dir is not None else {}
     with torch.no_grad():
         with writer:
             t = clock()  # starting the loader's workers counts as waiting for it
@@ -267,10 +268,32 @@ class _Job:
     done: Any = None
 
 
-def _visualize(writer: OutputWriter, out: Path, batch: dict[str, Any], maps) -> None:
+def _overlay_names(dataset) -> dict[str, str]:
+    """Overlay file stems by image path: ``<specie>_<stem>`` in the class's folder; where two
+    images of a class would share one (VisA's ``Normal/023.JPG`` and ``Anomaly/023.JPG``, whose
+    specie is ""; ``Y92.jpg`` beside ``Y92.png``), their paths under the class's images, as
+    ``crane predict`` names its outputs."""
+    by_cls: dict[str, list] = {}
+    for s in dataset.samples:
+        by_cls.setdefault(s.cls_name, []).append(s)
+    names: dict[str, str] = {}
+    for samples in by_cls.values():
+        paths = [str(dataset.root / s.img_path) for s in samples]
+        plain = [f"{s.specie_name}_{Path(s.img_path).stem}" for s in samples]
+        shared = Counter(n.casefold() for n in plain)
+        unique = _output_names(paths)
+        for path, name in zip(paths, plain, strict=True):
+            names[path] = name if shared[name.casefold()] == 1 else unique[path]
+    return names
+
+
+def _visualize(
+    writer: OutputWriter, out: Path, batch: dict[str, Any], maps, names: dict[str, str]
+) -> None:
     for i, path in enumerate(batch["path"]):
         mask = batch["mask"][i, 0].numpy() if batch["label"][i] else None
-        name = f"{batch['specie_name'][i]}_{Path(path).stem}.png"
+        stem = names.get(path) or f"{batch['specie_name'][i]}_{Path(path).stem}"
+        name = f"{stem}.png"
         writer.submit(write_overlay, out / batch["cls_name"][i] / name, path, maps[i], mask)
 
 
