@@ -10,8 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from crane.data import make_synthetic_dataset
 
@@ -295,3 +297,90 @@ def test_a_bad_cpu_kernels_variable_fails_before_any_work(tmp_path, capsys, monk
     err = capsys.readouterr().err
     assert "$CRANE_CPU_KERNELS must be one of onednn, torch, got 'mkl'" in err
     assert "Traceback" not in err and not out.exists()  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--epochs", "0"], "--epochs 0 is out of range"),
+        (["train", "--lr", "-1"], "--lr -1.0 is out of range"),
+        (["predict", "x.png", "--threshold", "nan"], "--threshold nan is out of range"),
+        (["predict", "x.png", "--threshold", "-5"], "--threshold -5.0 is out of range"),
+        (["calibrate", "--mode", "fpr", "--target-fpr", "1.5"], "--target-fpr 1.5 is out of range"),
+        (["predict", "x.png", "--device", "tpu"], "--device tpu: not a device"),
+    ],
+)
+def test_bad_numbers_and_devices_are_refused_up_front(tmp_path, capsys, argv, message):
+    from crane.cli import main
+
+    out = ["--out", str(tmp_path / "o")]
+    common = {
+        "train": ["--dataset", "mvtec", "--root", str(tmp_path), "--preset", "tiny", *out],
+        "predict": ["--model", "tiny", *out],
+        "calibrate": ["--model", str(tmp_path), "--root", str(tmp_path), "--dataset", "mvtec"],
+    }[argv[0]]
+    assert main([*argv, *common]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_outputs_that_cannot_be_written_fail_before_the_work(tmp_path, capsys):
+    from crane.cli import main
+
+    afile = tmp_path / "afile"
+    afile.write_text("a file, not a folder")
+    img = tmp_path / "i.png"
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(img)
+    for argv in (
+        ["predict", str(img), "--model", "tiny", "--out", str(afile)],
+        ["predict", str(img), "--model", "tiny", "--out", str(afile / "sub")],
+        ["evaluate", "--dataset", "mvtec", "--root", str(tmp_path), "--model", "tiny",
+         "--out", str(afile)],
+    ):  # fmt: skip
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"cannot write to {afile}" in err and "Traceback" not in err
+
+
+def test_evaluate_keeps_earlier_metrics_unless_asked(tmp_path, capsys):
+    from crane.cli import main
+
+    data = tmp_path / "synth"
+    make_synthetic_dataset(data, seed=0, classes=("tile",), n_train=1, n_test_good=2,
+                           n_test_bad=2, size=64)  # fmt: skip
+    argv = ["evaluate", "--dataset", "mvtec", "--root", str(data), "--model", "tiny",
+            "--no-progress", "--out", str(tmp_path / "ev")]  # fmt: skip
+    assert main(argv) == 0
+    meta = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert {"split", "prompts", "precision", "classes"} <= set(meta.get("meta", meta))
+    (tmp_path / "ev" / "metrics.md").write_text("edited")
+    assert main(argv) == 2
+    assert "already holds metrics" in capsys.readouterr().err
+    assert (tmp_path / "ev" / "metrics.md").read_text() == "edited"
+    assert main([*argv, "--overwrite"]) == 0
+
+
+def test_train_overwrite_removes_the_earlier_runs_checkpoints(tmp_path):
+    data = tmp_path / "synth"
+    make_synthetic_dataset(data, seed=0, classes=("tile",), n_train=1, n_test_good=2,
+                           n_test_bad=2, size=64)  # fmt: skip
+    run = tmp_path / "run"
+    common = ["train", "--dataset", "mvtec", "--root", str(data), "--out", str(run), "--preset",
+              "tiny", "--image-size", "56", "--batch-size", "4", "--no-progress"]  # fmt: skip
+    crane(*common, "--epochs", "3")
+    (run / "notes.txt").write_text("mine")
+    crane(*common, "--epochs", "1", "--overwrite")
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["epoch_1"]
+    assert (run / "notes.txt").read_text() == "mine"  # not a file of the run: kept
+    assert len((run / "train_log.jsonl").read_text().splitlines()) == 1
+
+
+def test_demo_refuses_a_folder_with_other_files(tmp_path, capsys):
+    from crane.cli import main
+
+    out = tmp_path / "mine"
+    (out / "predict").mkdir(parents=True)
+    (out / "predict" / "predictions.csv").write_text("keep")
+    assert main(["demo", "--out", str(out), "--epochs", "1"]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert (out / "predict" / "predictions.csv").read_text() == "keep"

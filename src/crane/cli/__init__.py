@@ -54,6 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("crane: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        # A folder that cannot be written, a file where a folder should be, a full disk ...:
+        # the system's own message names the path; a traceback would add nothing for a user.
+        if args.verbose:
+            raise
+        print(f"crane: error: {exc} (--verbose shows where)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -172,6 +173,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", default=None, help="where metrics.{md,csv,json} go (default: ./eval_<dataset>)"
     )
+    p.add_argument("--overwrite", action="store_true", help="replace the metrics already in --out")
     p.add_argument("--visualize", default=None, metavar="DIR", help="write heatmap overlays here")
     _write_threads_arg(p)
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (logged)")
@@ -254,6 +256,18 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_writable(folder: Path) -> None:
+    """A CraneError now if ``folder`` cannot be created or written (not after the work)."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise CraneError(f"cannot write to {folder}: {exc}") from exc
+
+
 def _runtime(args):
     from crane.engine.runtime import autocast_dtype, pick_device
 
@@ -262,6 +276,16 @@ def _runtime(args):
         args.workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
     elif args.workers < 0:
         raise CraneError(f"--workers must be >= 0, got {args.workers}")
+    for flag, ok in (
+        ("epochs", lambda v: v >= 1),
+        ("lr", lambda v: v > 0 and math.isfinite(v)),
+        ("image_size", lambda v: v is None or v >= 14),
+        ("threshold", lambda v: v is None or 0 <= v <= 1),
+        ("target_fpr", lambda v: 0 < v < 1),
+    ):
+        value = getattr(args, flag, None)
+        if value is not None and not ok(value):
+            raise CraneError(f"--{flag.replace('_', '-')} {value} is out of range")
     if getattr(args, "batch_size", 1) < 1:
         raise CraneError(f"--batch-size must be >= 1, got {args.batch_size}")
     if getattr(args, "write_threads", None) is not None and args.write_threads < 0:
@@ -315,6 +339,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from crane.models import create_model
 
     device, amp = _runtime(args)
+    _check_writable(Path(args.out))
     overrides = {"image_size": args.image_size} if args.image_size else {}
     model = create_model(
         args.preset,
@@ -379,6 +404,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     num_bins = _bins(args)  # before any model is loaded
     device, amp = _runtime(args)
+    out = Path(args.out or f"eval_{args.dataset}")
+    if (out / "metrics.json").exists() and not args.overwrite:
+        raise CraneError(f"{out} already holds metrics; pass --overwrite or choose another --out")
+    for folder in (out, args.visualize):  # checked now, not after the whole evaluation
+        if folder is not None:
+            _check_writable(Path(folder))
     model = _load_model(args, args.dataset, amp)
     ds = open_dataset(
         args.root,
@@ -406,18 +437,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         device_decode=args.device_decode,
         device_resize=args.device_resize,
     )
-    out = Path(args.out or f"eval_{args.dataset}")
     extra = {
         "dataset": args.dataset,
         "root": str(args.root),
+        "split": args.split,
+        "classes": args.classes,
         "model": str(args.model),
+        "prompts": getattr(args, "prompts", None),
+        "precision": args.precision,
+        "aupro": args.aupro,
+        "metric_mode": args.metric_mode,
         "config": model.cfg.to_dict(),
         "n_images": res.n_images,
         "seconds": res.seconds,
         "timings_s": res.timings,
     }
+    print(report_markdown(res.report))  # (first: on the screen even if writing fails)
     files = write_report(res.report, out, extra)
-    print(report_markdown(res.report))
     split = ", ".join(f"{k} {v:.1f}" for k, v in res.timings.items())
     print(
         f"\n{res.n_images} images in {res.seconds:.1f}s ({split}); "
@@ -430,6 +466,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from crane.engine.predict import Detector, run_predict
 
     device, amp = _runtime(args)
+    _check_writable(Path(args.out))
     model = _load_model(args, amp=amp)
     det = Detector(
         model,
@@ -478,6 +515,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if not Path(args.model).is_dir():
         raise CraneError("calibrate stores the threshold in a run directory; --model must be one")
     device, _ = _runtime(args)
+    _check_writable(Path(args.model))
     det = Detector(
         args.model,
         device=device,

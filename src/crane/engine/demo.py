@@ -40,6 +40,11 @@ def run_demo(
     out = Path(out)
     if (out / "report.html").exists() and not overwrite:
         raise CraneError(f"{out} already holds a demo; pass --overwrite or another --out")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise CraneError(
+            f"{out} is not empty: the demo writes its data, run and predictions there and would "
+            "replace files of the same names; choose an empty or new --out (or --overwrite)"
+        )
     device = device or torch.device("cpu")
     t0 = time.perf_counter()
     aux, target = out / "data" / "auxiliary", out / "data" / "target"

@@ -33,7 +33,10 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 def pick_device(device: str | torch.device | None = None) -> torch.device:
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise CraneError(f"--device {device}: not a device (cpu, cuda, cuda:1, ...)") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CraneError(f"--device {device}: CUDA is not available on this machine")
     return dev

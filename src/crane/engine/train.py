@@ -177,8 +177,35 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> bool:
             f"{run_dir} is not empty; pass --resume to continue the run there or --overwrite "
             "to start a new one in it"
         )
+    if overwrite and run_dir.is_dir():
+        _remove_earlier_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return False
+
+
+def _remove_earlier_run(run_dir: Path) -> None:
+    """The files an earlier training run wrote in ``run_dir`` (its ``epoch_K`` checkpoints,
+    resume state, log and latest model), so that none passes for part of the new run; other
+    files are left alone."""
+    import re
+    import shutil
+
+    removed = 0
+    for child in run_dir.iterdir():
+        if child.is_dir() and re.fullmatch(r"epoch_\d+", child.name):
+            try:
+                ckpt.read_checkpoint(child)
+            except CheckpointError:
+                continue  # not one of ours
+            shutil.rmtree(child)
+            removed += 1
+    for name in (RESUME_JSON, "resume.safetensors", "train_log.jsonl", ".feature_cache.npy",
+                 ckpt.CONFIG, ckpt.TENSORS):  # fmt: skip
+        if (run_dir / name).is_file():
+            (run_dir / name).unlink()
+            removed += 1
+    if removed:
+        log.info("--overwrite: removed the earlier run's files from %s", run_dir)
 
 
 def _with_pixel_truth(dataset):
@@ -233,6 +260,11 @@ def train(
     ``device_resize``: its large images are resized there (bit for bit as PIL would).
     """
     settings = settings or TrainSettings()
+    if settings.epochs < 1 or not settings.lr > 0 or settings.batch_size < 1:
+        raise CraneError(
+            "training needs epochs >= 1, lr > 0 and batch_size >= 1, got "
+            f"{settings.epochs}, {settings.lr}, {settings.batch_size}"
+        )
     dataset = _with_pixel_truth(dataset)
     run_dir = Path(run_dir)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -146,7 +146,14 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
             return sd
         obj = _torch_load(path)
     except Exception as exc:  # unpickling, zip and format errors come in many types
-        raise WeightsError(f"cannot read weight file {path}: {exc}") from exc
+        # (only the first line: torch's unpickling errors go on to advise weights_only=False
+        # and filing an issue with PyTorch, which is no help here)
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise WeightsError(
+            f"cannot read weight file {path} ({type(exc).__name__}: {first}); crane reads torch "
+            "state dicts, OpenAI's TorchScript archives and safetensors files: is it damaged, "
+            "or a file of another kind?"
+        ) from exc
     for key in ("state_dict", "model", "teacher"):
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
