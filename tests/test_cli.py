@@ -384,3 +384,11 @@ def test_demo_refuses_a_folder_with_other_files(tmp_path, capsys):
     assert main(["demo", "--out", str(out), "--epochs", "1"]) == 2
     assert "is not empty" in capsys.readouterr().err
     assert (out / "predict" / "predictions.csv").read_text() == "keep"
+
+
+def test_predict_exits_non_zero_when_no_input_could_be_read(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    r = crane("predict", str(bad), "--model", "tiny", "--out", str(tmp_path / "o"), check=False)
+    assert r.returncode == 1 and "no input could be predicted" in r.stderr
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["n_failed"] == 1

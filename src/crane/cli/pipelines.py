@@ -501,6 +501,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     print(f"wrote {args.out}/predictions.csv")
+    if summary["n_failed"] and not summary["n_images"]:
+        print("crane: error: no input could be predicted", file=sys.stderr)
+        return 1  # (a script must see that nothing was predicted)
     return 0
 
 
