@@ -36,8 +36,10 @@ def clip_of(model):
 
 def test_registry_lists_presets():
     assert {"crane", "crane+", "tiny", "tiny+"} <= set(list_models())
-    with pytest.raises(CraneError, match="unknown model preset"):
+    with pytest.raises(CraneError, match="unknown model preset 'nope'; presets: "):
         get_config("nope")
+    with pytest.raises(CraneError, match=r"as a run directory: no such folder"):
+        create_model("./runs/missing")
     with pytest.raises(CraneError, match="attn_type"):
         get_config("tiny", attn_type="xx")
 

@@ -380,3 +380,20 @@ def test_outputs_get_the_permissions_open_would_give(tmp_path):
         os.umask(old)
     for f in ("predictions.csv", "summary.json", "overlays/i.png"):
         assert (tmp_path / "out" / f).stat().st_mode & 0o777 == 0o640, f
+
+
+def test_overwrite_warns_about_an_earlier_runs_files(tmp_path, caplog):
+    import logging
+
+    rng = np.random.default_rng(2)
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(files[-1])
+    det = Detector(create_model("tiny", image_size=SIZE), device="cpu")
+    out = tmp_path / "out"
+    run_predict(det, files, out, progress=False, save_maps=True)
+    with caplog.at_level(logging.WARNING):
+        run_predict(det, files[:1], out, progress=False, overwrite=True)
+    assert "2 file(s) in" in caplog.text and "overlays" in caplog.text
+    assert "3 file(s) in" in caplog.text and "maps" in caplog.text  # no maps this time

@@ -184,8 +184,11 @@ def get_config(name: str, **overrides: Any) -> CraneConfig:
     try:
         cfg = PRESETS[name]
     except KeyError:
+        looks_like_path = "/" in name or "\\" in name or name.startswith(".")
+        hint = " (as a run directory: no such folder)" if looks_like_path else ""
         raise CraneError(
-            f"unknown model preset {name!r}; available: {', '.join(PRESETS)}"
+            f"unknown model preset {name!r}{hint}; presets: {', '.join(PRESETS)}, or a run "
+            "directory written by crane train"
         ) from None
     return cfg.replace(**overrides) if overrides else cfg
 

@@ -886,4 +886,17 @@ def run_predict(
         },
     }
     atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    if overwrite:  # files of an earlier run that this one did not replace
+        ours = {names[r["path"]] for r in rows}
+        for sub, kept in (("overlays", overlays), ("maps", save_maps)):
+            folder = out / sub
+            stale = [f for f in folder.iterdir() if f.stem not in ours or not kept] if (
+                folder.is_dir()
+            ) else []  # fmt: skip
+            if stale:
+                log.warning(
+                    "%d file(s) in %s are not from this run (an earlier run's; left in place)",
+                    len(stale),
+                    folder,
+                )
     return summary
