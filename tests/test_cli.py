@@ -37,6 +37,8 @@ def test_models_lists_presets():
     out = crane("models").stdout
     for name in ("crane ", "crane+", "tiny ", "tiny+"):
         assert name in out
+    lines = {line.split()[0]: line for line in out.splitlines()}
+    assert "random" in lines["tiny+"] and "random" not in lines["crane+"]
 
 
 def test_demo_trains_prompts_that_beat_untrained_ones(tmp_path):

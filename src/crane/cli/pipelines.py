@@ -249,8 +249,14 @@ def cmd_models(args: argparse.Namespace) -> int:
         sets = (["D-Attn"] if cfg.use_dattn else []) + [
             f"E-Attn{lay}" for lay in cfg.feature_layers
         ]
+        clip, dino = cfg.clip_model, cfg.dino_model or "-"
+        if cfg.clip_overrides:  # the tiny presets: small random backbones of those layouts
+            width = cfg.clip_overrides.get("vision_cfg", {}).get("width", "?")
+            clip = f"{clip}(width {width}, random)"
+        if cfg.dino_model and cfg.dino_overrides:
+            dino = f"{dino}(width {cfg.dino_overrides.get('embed_dim', '?')}, random)"
         print(
-            f"{name:7s} clip={cfg.clip_model} dino={cfg.dino_model or '-'} sets={'+'.join(sets)} "
+            f"{name:7s} clip={clip} dino={dino} sets={'+'.join(sets)} "
             f"combine={cfg.map_combine} size={cfg.image_size}"
         )
     return 0
