@@ -555,3 +555,14 @@ def test_overlay_names_of_evaluate_never_collide(tmp_path):
         "brain/yes/Y92.jpg": "Y92.jpg",
         "brain/yes/Y92.png": "Y92.png",
     }
+
+
+def test_overwrite_leaves_files_that_are_not_a_runs(tmp_path):
+    from crane.engine.train import prepare_run_dir
+
+    (tmp_path / "config.json").write_text('{"mine": true}')
+    (tmp_path / "epoch_1").mkdir()
+    (tmp_path / "epoch_1" / "notes.txt").write_text("mine")
+    assert prepare_run_dir(tmp_path, resume=False, overwrite=True) is False
+    assert (tmp_path / "config.json").read_text() == '{"mine": true}'
+    assert (tmp_path / "epoch_1" / "notes.txt").is_file()

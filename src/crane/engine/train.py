@@ -137,7 +137,7 @@ def _load_resume(
     epoch_dir = _epoch_dir(run_dir, done)
     # Runs saved before the optimizer state moved into the epoch folders kept it (and the
     # matching prompts) at the top level.
-    legacy = not (epoch_dir / OPTIMIZER).is_file() and (run_dir / "resume.safetensors").is_file()
+    legacy = not (epoch_dir / OPTIMIZER).is_file() and (run_dir / RESUME_TENSORS).is_file()
     try:
         cfg, prompts, _ = ckpt.read_checkpoint(run_dir if legacy else epoch_dir)
     except CheckpointError as exc:
@@ -151,7 +151,7 @@ def _load_resume(
         )
         raise refuse(f"the model differs from the one it trained ({diff})")
     model.prompt_learner.load_state_dict(prompts)
-    tensors = load_file(str(run_dir / "resume.safetensors" if legacy else epoch_dir / OPTIMIZER))
+    tensors = load_file(str(run_dir / RESUME_TENSORS if legacy else epoch_dir / OPTIMIZER))
     state: dict[int, dict[str, Any]] = {}
     for key, val in tensors.items():
         pid, name = key.split(".", 1)
@@ -199,8 +199,13 @@ def _remove_earlier_run(run_dir: Path) -> None:
                 continue  # not one of ours
             shutil.rmtree(child)
             removed += 1
-    for name in (RESUME_JSON, "resume.safetensors", "train_log.jsonl", ".feature_cache.npy",
-                 ckpt.CONFIG, ckpt.TENSORS):  # fmt: skip
+    names = [RESUME_JSON, RESUME_TENSORS, "train_log.jsonl", ".feature_cache.npy"]
+    try:
+        ckpt.read_checkpoint(run_dir)
+        names += [ckpt.CONFIG, ckpt.TENSORS]  # the latest model: ours, not a user's config.json
+    except CheckpointError:
+        pass
+    for name in names:
         if (run_dir / name).is_file():
             (run_dir / name).unlink()
             removed += 1
