@@ -25,14 +25,12 @@ def new_file_mode() -> int:
     return 0o666 & ~umask
 
 
-def atomic_write(
-    path: str | os.PathLike, write: Callable[[Path], None], sync: bool = False
-) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """``write(tmp)`` to a temp file of its own beside ``path`` (two writers of one path never
     share one), then rename it over ``path``: no half-written file ever carries the final
-    name, and the temp file is removed if writing fails. ``sync``: flushed to disk before the
-    rename. The file gets :func:`new_file_mode` (``mkstemp`` makes it 0o600, which would hide
-    a user's results from the colleagues their umask lets read them)."""
+    name, and the temp file is removed if writing fails. The file gets :func:`new_file_mode`
+    (``mkstemp`` makes it 0o600, which would hide a user's results from the colleagues their
+    umask lets read them)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -40,9 +38,6 @@ def atomic_write(
     tmp = Path(name)
     try:
         write(tmp)
-        if sync:
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
         os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     except BaseException:
@@ -52,4 +47,11 @@ def atomic_write(
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """:func:`atomic_write` of ``data``, flushed to disk before the rename."""
-    atomic_write(path, lambda tmp: tmp.write_bytes(data), sync=True)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, write)

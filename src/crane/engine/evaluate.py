@@ -124,7 +124,7 @@ def evaluate(
     runs on a side stream while batch k+1's forward is already queued on the main one.
     """
     has_masks = any(s.mask_path for s in dataset.samples if s.anomaly)
-    unmasked = sum(1 for s in dataset.samples if s.anomaly and not s.mask_path)
+    unmasked = sum(1 for s in dataset.samples if s.anomaly and not s.has_mask)
     if has_masks and unmasked:  # (kept by missing_mask="warn")
         log.warning(
             "%d anomalous images have no mask: they count in the image metrics only (an empty "

@@ -890,9 +890,9 @@ def run_predict(
         ours = {names[r["path"]] for r in rows}
         for sub, kept in (("overlays", overlays), ("maps", save_maps)):
             folder = out / sub
-            stale = [f for f in folder.iterdir() if f.stem not in ours or not kept] if (
-                folder.is_dir()
-            ) else []  # fmt: skip
+            if not folder.is_dir():
+                continue
+            stale = [f for f in folder.iterdir() if not kept or f.stem not in ours]
             if stale:
                 log.warning(
                     "%d file(s) in %s are not from this run (an earlier run's; left in place)",

@@ -220,7 +220,7 @@ def _with_pixel_truth(dataset):
     samples = getattr(dataset, "samples", None)
     if samples is None:
         return dataset
-    unmasked = [s for s in samples if s.anomaly and not s.mask_path]
+    unmasked = [s for s in samples if s.anomaly and not s.has_mask]
     if not unmasked:
         return dataset
     if len(unmasked) == sum(1 for s in samples if s.anomaly):
@@ -234,7 +234,7 @@ def _with_pixel_truth(dataset):
         len(unmasked),
     )
     view = copy.copy(dataset)
-    view.samples = [s for s in samples if not (s.anomaly and not s.mask_path)]
+    view.samples = [s for s in samples if not (s.anomaly and not s.has_mask)]
     return view
 
 
