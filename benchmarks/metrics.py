@@ -214,14 +214,14 @@ def worker_stream(wl: Workload, mode: str, finalize: bool) -> dict:
         "chunk_bytes": CHUNK * SIZE * SIZE * 5,
     }
     if report.bounds is not None:
-        out["bound_mean"] = report.bounds["mean"]
+        out["bound_mean"] = report.mean_bounds
     if not finalize:
         t0 = time.perf_counter()
         legacy = acc.compute(aupro="legacy")  # both definitions were computed and kept
         out["legacy_compute_s"] = time.perf_counter() - t0
         out["legacy_aupro_mean"] = legacy.mean["pixel_aupro"]
         if legacy.bounds is not None:
-            out["legacy_bound_mean"] = legacy.bounds["mean"]["pixel_aupro"]
+            out["legacy_bound_mean"] = legacy.mean_bounds["pixel_aupro"]
     out["peak_extra_bytes"] = mem.peak()
     out["peak_exact"] = mem.exact
     return out

@@ -243,13 +243,24 @@ def test_model_selection_follows_the_paper_protocol(monkeypatch, tmp_path):
             model=model, prompts=prompts, paper_protocol=paper, clip_weights=None, dino_weights=None
         )
 
-    _load_model(args("crane+", paper=True), "isic")
-    _load_model(args("crane+", paper=True), "mvtec")
-    _load_model(args("crane"), "visa")
-    _load_model(args("crane+", prompts="my.pth"), "visa")
-    _load_model(args("tiny"), "visa")
     (tmp_path / "run").mkdir()
-    _load_model(args(str(tmp_path / "run"), paper=True), "visa")
+    records = [
+        _load_model(args("crane+", paper=True), "isic")[1],
+        _load_model(args("crane+", paper=True), "mvtec")[1],
+        _load_model(args("crane"), "visa")[1],
+        _load_model(args("crane+", prompts="my.pth"), "visa")[1],
+        _load_model(args("tiny"), "visa")[1],
+        _load_model(args(str(tmp_path / "run"), paper=True), "visa")[1],
+    ]
+    # What metrics.json records: the prompts loaded and where the choice came from.
+    assert records == [
+        {"prompts": "official:mvtec-medical", "prompts_from": "the paper protocol (SPEC §7)"},
+        {"prompts": "official:visa", "prompts_from": "the paper protocol (SPEC §7)"},
+        {"prompts": "official:mvtec", "prompts_from": "the paper protocol (SPEC §7)"},
+        {"prompts": "my.pth", "prompts_from": "--prompts"},
+        {"prompts": None, "prompts_from": "random initialisation (test preset)"},
+        {"prompts": str(tmp_path / "run"), "prompts_from": "the run directory"},
+    ]
     assert calls[0] == (
         "crane+",
         {
@@ -326,6 +337,17 @@ def test_bad_numbers_and_devices_are_refused_up_front(tmp_path, capsys, argv, me
     assert message in err and "Traceback" not in err
 
 
+def test_train_has_no_compile_flag_that_would_do_nothing(tmp_path, capsys):
+    from crane.cli import main
+
+    argv = ["train", "--dataset", "mvtec", "--root", str(tmp_path), "--preset", "tiny",
+            "--out", str(tmp_path / "o"), "--compile"]  # fmt: skip
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "unrecognized arguments: --compile" in capsys.readouterr().err
+
+
 def test_outputs_that_cannot_be_written_fail_before_the_work(tmp_path, capsys):
     from crane.cli import main
 
@@ -355,6 +377,7 @@ def test_evaluate_keeps_earlier_metrics_unless_asked(tmp_path, capsys):
     assert main(argv) == 0
     meta = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert {"split", "prompts", "precision", "classes"} <= set(meta.get("meta", meta))
+    assert meta["prompts_from"] == "random initialisation (test preset)"
     (tmp_path / "ev" / "metrics.md").write_text("edited")
     assert main(argv) == 2
     assert "already holds metrics" in capsys.readouterr().err

@@ -290,15 +290,18 @@ def test_binned_evaluate_reports_its_bounds_in_every_file(synth, tmp_path):
         want = exact.mean if cls == "mean" else exact.per_class[cls]
         for metric, value in want.items():
             got, bound = float(rows[cls][metric]), float(rows[cls][f"{metric}_bound"])
-            assert bound == pytest.approx(data["bounds"][cls][metric], abs=1e-6)
+            json_bound = data["mean_bounds" if cls == "mean" else "bounds"]
+            if cls != "mean":
+                json_bound = json_bound[cls]
+            assert bound == pytest.approx(json_bound[metric], abs=1e-6)
             assert abs(got - value) <= bound + 2e-6, (cls, metric)  # 6 decimals in the CSV
             if metric.startswith("image"):
                 assert bound == 0.0  # image metrics are exact in both modes
     assert float(rows["mean"]["pixel_auroc_bound"]) > 0
     coarse = evaluate(model, ds, metric_mode="binned", num_bins=8, **kw).report
     for metric in ("pixel_auroc", "pixel_aupro"):
-        wide = coarse.bounds["mean"][metric]
-        assert wide > 10 * binned.bounds["mean"][metric]  # 8 bins: far looser than 65536
+        wide = coarse.mean_bounds[metric]
+        assert wide > 10 * binned.mean_bounds[metric]  # 8 bins: far looser than 65536
         assert abs(coarse.mean[metric] - exact.mean[metric]) <= wide
     md = files["md"].read_text()
     assert "±" in md and "certified bound" in md
@@ -566,3 +569,31 @@ def test_overwrite_leaves_files_that_are_not_a_runs(tmp_path):
     assert prepare_run_dir(tmp_path, resume=False, overwrite=True) is False
     assert (tmp_path / "config.json").read_text() == '{"mine": true}'
     assert (tmp_path / "epoch_1" / "notes.txt").is_file()
+
+
+def test_a_class_named_mean_keeps_its_row_and_bounds(tmp_path):
+    """A class may be called "mean": its bounds and the mean's are kept apart, and every file
+    tells its row from the mean row."""
+    from crane.engine.evaluate import report_markdown
+    from crane.metrics import make_report
+
+    report = make_report(
+        {"mean": {"pixel_auroc": 0.9}, "Mean (all classes)": {"pixel_auroc": 0.5}},
+        aupro="mvtec",
+        mode="binned",
+        bounds={"mean": {"pixel_auroc": 0.01}, "Mean (all classes)": {"pixel_auroc": 0.03}},
+    )
+    assert report.bounds["mean"]["pixel_auroc"] == 0.01  # not overwritten by the mean's
+    assert report.mean_bounds["pixel_auroc"] == pytest.approx(0.02)
+    files = write_report(report, tmp_path, {})
+    rows = list(csv.DictReader(open(files["csv"])))
+    assert [r["class"] for r in rows] == ["mean", "Mean (all classes)", "(mean (all classes))"]
+    assert [float(r["pixel_auroc_bound"]) for r in rows] == pytest.approx([0.01, 0.03, 0.02])
+    data = json.loads(files["json"].read_text())
+    assert data["bounds"]["mean"]["pixel_auroc"] == 0.01
+    assert data["mean_bounds"]["pixel_auroc"] == pytest.approx(0.02)
+    assert data["mean"]["pixel_auroc"] == pytest.approx(0.7)
+    md = report_markdown(report).splitlines()
+    assert md[2] == "| mean | n/a | n/a | n/a | 90.0 ±1 | n/a | n/a |"
+    assert md[4] == "| **(mean (all classes))** | n/a | n/a | n/a | 70.0 ±2 | n/a | n/a |"
+    assert report.format_table().splitlines()[-1].startswith("(mean (all classes))")

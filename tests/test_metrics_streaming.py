@@ -214,7 +214,7 @@ def check_binned(data, aupro_def: str, num_bins: int) -> None:
         if not math.isnan(ref["pixel_f1_max"]):
             assert got["pixel_f1_max"] <= ref["pixel_f1_max"] + 1e-12  # always a lower bound
     for metric, value in report.mean.items():
-        if report.bounds["mean"][metric] == math.inf:
+        if report.mean_bounds[metric] == math.inf:
             # Only when a class in the mean, or one the estimate may have wrongly left out,
             # has no finite bound.
             assert any(report.bounds[c][metric] == math.inf for c in exact), metric
@@ -223,7 +223,7 @@ def check_binned(data, aupro_def: str, num_bins: int) -> None:
         if not defined:
             assert math.isnan(value)
             continue
-        assert abs(value - np.mean(defined)) <= report.bounds["mean"][metric] + 1e-12
+        assert abs(value - np.mean(defined)) <= report.mean_bounds[metric] + 1e-12
 
 
 @pytest.mark.parametrize("num_bins", [4, 64, 1024, 1 << 16])
@@ -260,10 +260,10 @@ def test_binned_undefined_estimate_of_a_defined_class_leaves_the_mean_unbounded(
     assert not math.isnan(exact["c"]["pixel_aupro"])
     assert math.isnan(report.per_class["c"]["pixel_aupro"])
     assert report.bounds["c"]["pixel_aupro"] == math.inf
-    assert report.bounds["mean"]["pixel_aupro"] == math.inf
-    assert math.isfinite(report.bounds["mean"]["pixel_auroc"])
+    assert report.mean_bounds["pixel_aupro"] == math.inf
+    assert math.isfinite(report.mean_bounds["pixel_auroc"])
     out = json.loads(json.dumps(report.to_dict(), allow_nan=False))
-    assert out["bounds"]["mean"]["pixel_aupro"] == "inf"
+    assert out["mean_bounds"]["pixel_aupro"] == "inf"
     assert out["per_class"]["c"]["pixel_aupro"] is None
     check_binned(data, "legacy", 2)
 
@@ -280,7 +280,7 @@ def test_mean_bound_over_a_class_left_out(x_bound: float, mean_bound: float) -> 
     bounds = {"x": {"pixel_auroc": x_bound}, "y": {"pixel_auroc": 0.01}, "z": {"pixel_auroc": 0.03}}
     report = make_report(values, aupro="mvtec", mode="binned", bounds=bounds)
     assert report.mean["pixel_auroc"] == pytest.approx(0.7)
-    assert report.bounds["mean"]["pixel_auroc"] == pytest.approx(mean_bound)
+    assert report.mean_bounds["pixel_auroc"] == pytest.approx(mean_bound)
 
 
 def test_binned_bounds_shrink_with_bins() -> None:
@@ -289,9 +289,9 @@ def test_binned_bounds_shrink_with_bins() -> None:
     for k in (16, 256, 4096, 1 << 16):
         acc = MetricAccumulator(mode="binned", num_bins=k)
         feed(acc, data, [])
-        bounds = acc.compute().bounds
+        bounds = acc.compute().mean_bounds
         assert bounds is not None
-        widths.append(max(bounds["mean"][m] for m in ("pixel_auroc", "pixel_aupro")))
+        widths.append(max(bounds[m] for m in ("pixel_auroc", "pixel_aupro")))
     assert widths == sorted(widths, reverse=True)
     assert widths[-1] < 1e-3
 

@@ -17,10 +17,12 @@ from crane.errors import CraneError
 if TYPE_CHECKING:
     import torch
 
+    from crane.models.crane import CraneModel
+
 log = logging.getLogger("crane")
 
 
-def _common(p: argparse.ArgumentParser, batch: int = 8) -> None:
+def _common(p: argparse.ArgumentParser, batch: int = 8, with_compile: bool = True) -> None:
     g = p.add_argument_group("runtime")
     g.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if present)"
@@ -35,11 +37,8 @@ def _common(p: argparse.ArgumentParser, batch: int = 8) -> None:
         "a GPU, 0 on the CPU, where the model already uses every core)",
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    g.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the model (evaluate, predict, calibrate)",
-    )
+    if with_compile:  # (not for train: its one frozen pass and the text encoder run eagerly)
+        g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument(
         "--attention",
         default="auto",
@@ -139,7 +138,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="start afresh in a non-empty --out")
     _device_decode_arg(p, " in the one pass that encodes the training images")
     _device_resize_arg(p, " in the one pass that encodes the training images")
-    _common(p)
+    _common(p, with_compile=False)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="per-class metrics on a labelled dataset")
@@ -160,7 +159,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=["exact", "binned"],
         help="exact: pixel metrics over every pixel (holds one class's maps); binned: from "
         "K-bin histograms (--bins) in bounded memory, each with a certified bound on its error "
-        "(the ± in the table, *_bound columns, the JSON's bounds)",
+        "(the ± in the table, *_bound columns, the JSON's bounds and mean_bounds)",
     )
     p.add_argument(
         "--bins",
@@ -299,11 +298,14 @@ def _runtime(args):
     return device, autocast_dtype(args.precision, device)
 
 
-def _load_model(args, dataset: str | None = None, amp: torch.dtype | None = None, **overrides):
+def _load_model(
+    args, dataset: str | None = None, amp: torch.dtype | None = None, **overrides
+) -> tuple[CraneModel, dict[str, str | None]]:
     """A run directory as saved, or a preset with the released prompts SPEC §7 names for
     ``dataset`` (``--prompts`` overrides; the tiny test presets have no released prompts).
     ``amp``: the autocast dtype it will run under; the model is ours, so its frozen matmul
-    weights are stored in it (same results, half the memory, no fp32 copy made first)."""
+    weights are stored in it (same results, half the memory, no fp32 copy made first).
+    Returns the model and which prompts it holds: ``{"prompts": ..., "prompts_from": ...}``."""
     from crane.config import get_config, is_tiny
     from crane.engine.evaluate import paper_protocol
     from crane.models import create_model
@@ -316,27 +318,31 @@ def _load_model(args, dataset: str | None = None, amp: torch.dtype | None = None
         asked = "bf16"
     if asked is not None:
         overrides.update(DINO_PRECISIONS[asked])
+    source = "--prompts" if prompts is not None else "random initialisation (test preset)"
     if Path(args.model).is_dir():
         if getattr(args, "paper_protocol", False):
             log.warning(
                 "--paper-protocol applies to presets with released prompts; "
                 "ignored for a run directory"
             )
+        if prompts is None:
+            prompts, source = str(args.model), "the run directory"
     elif not is_tiny(get_config(args.model)):
         proto = paper_protocol(dataset or "", args.model)
         if prompts is None:
-            prompts = proto["prompts"]
+            prompts, source = proto["prompts"], "the paper protocol (SPEC §7)"
             log.info("prompts: %s", prompts)
         if getattr(args, "paper_protocol", False):
             overrides.setdefault("map_combine", proto["map_combine"])
-    return create_model(
+    model = create_model(
         args.model,
-        prompts=prompts,
+        prompts=None if source == "the run directory" else prompts,
         clip_weights=args.clip_weights,
         dino_weights=args.dino_weights,
         matmul_dtype=amp,
         **overrides,
     )
+    return model, {"prompts": None if prompts is None else str(prompts), "prompts_from": source}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -416,7 +422,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for folder in (out, args.visualize):  # checked now, not after the whole evaluation
         if folder is not None:
             _check_writable(Path(folder))
-    model = _load_model(args, args.dataset, amp)
+    model, prompts = _load_model(args, args.dataset, amp)
     ds = open_dataset(
         args.root,
         args.dataset,
@@ -449,7 +455,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "split": args.split,
         "classes": args.classes,
         "model": str(args.model),
-        "prompts": getattr(args, "prompts", None),
+        **prompts,
         "precision": args.precision,
         "aupro": args.aupro,
         "metric_mode": args.metric_mode,
@@ -473,7 +479,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     device, amp = _runtime(args)
     _check_writable(Path(args.out))
-    model = _load_model(args, amp=amp)
+    model, _ = _load_model(args, amp=amp)
     det = Detector(
         model,
         device=device,

@@ -30,7 +30,6 @@ from crane.engine.runtime import (
 from crane.engine.writer import OutputWriter
 from crane.errors import CraneError
 from crane.metrics import DEFAULT_NUM_BINS, METRICS, MetricAccumulator, MetricsReport
-from crane.metrics.report import MEAN_ROW
 from crane.models.checkpoint import atomic_write_bytes
 from crane.models.crane import CraneModel
 from crane.viz import write_overlay
@@ -311,11 +310,11 @@ def report_markdown(report: MetricsReport) -> str:
     certified bound on |exact − estimate| (±inf: too few bins to tell)."""
     head = "| class | " + " | ".join(METRICS) + " |"
     rows = [head, "|" + "---|" * (len(METRICS) + 1)]
-    for cls, vals in (*report.per_class.items(), (MEAN_ROW, report.mean)):
-        bounds = report.bounds[cls] if report.bounds is not None else {}
+    *classes, mean = report.rows()
+    for i, (name, vals, bounds) in enumerate((*classes, mean)):
         cells = (_cell(vals.get(k, math.nan), bound=bounds.get(k, 0.0)) for k in METRICS)
-        name = "**mean**" if cls == MEAN_ROW else cls
-        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+        label = f"**{name}**" if i == len(classes) else name
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
     if report.bounds is not None:
         rows.append(
             "\nBinned metrics: ± is the certified bound on |exact − estimate| "
@@ -340,10 +339,10 @@ def write_report(
     w = csv.writer(buf)
     binned = report.bounds is not None
     w.writerow(["class", *METRICS, *(f"{k}_bound" for k in METRICS if binned)])
-    for cls, vals in (*report.per_class.items(), (MEAN_ROW, report.mean)):
-        row = [cls, *(_csv_value(vals.get(k, math.nan)) for k in METRICS)]
+    for name, vals, bounds in report.rows():
+        row = [name, *(_csv_value(vals.get(k, math.nan)) for k in METRICS)]
         if binned:
-            row += [_csv_value(report.bounds[cls].get(k, math.nan), "{:.3g}") for k in METRICS]
+            row += [_csv_value(bounds.get(k, math.nan), "{:.3g}") for k in METRICS]
         w.writerow(row)
     data = {**report.to_dict(), **extra}
     files = {"md": out / "metrics.md", "csv": out / "metrics.csv", "json": out / "metrics.json"}

@@ -34,6 +34,18 @@ _HEADERS = {
 MEAN_ROW = "mean"
 
 
+def mean_label(classes: Iterable[str]) -> str:
+    """The mean row's name in tables: ``"mean"``, unless a class has that name (ignoring
+    case); then ``"mean (all classes)"`` (with more parentheses while that is taken too)."""
+    taken = {c.casefold() for c in classes}
+    label = MEAN_ROW
+    if label in taken:
+        label = "mean (all classes)"
+        while label.casefold() in taken:
+            label = f"({label})"
+    return label
+
+
 def class_mean(
     per_class: Mapping[str, Mapping[str, float]], metrics: Iterable[str] = METRICS
 ) -> dict[str, float]:
@@ -71,8 +83,9 @@ class MetricsReport:
     """Per-class metrics, their mean and (binned mode) error bounds.
 
     ``per_class[cls][metric]`` and ``mean[metric]`` are floats in [0, 1], NaN when undefined;
-    metric keys are :data:`METRICS`. ``bounds`` (binned mode only) maps each class and
-    ``"mean"`` to the largest possible |exact - reported| per metric.
+    metric keys are :data:`METRICS`. Binned mode only: ``bounds[cls]`` and ``mean_bounds``
+    hold the largest possible |exact - reported| per metric of a class and of the mean
+    (apart, so that a class may be called "mean").
     """
 
     per_class: dict[str, dict[str, float]]
@@ -80,6 +93,17 @@ class MetricsReport:
     aupro: str
     mode: str
     bounds: dict[str, dict[str, float]] | None = field(default=None)
+    mean_bounds: dict[str, float] | None = field(default=None)
+
+    def rows(self) -> list[tuple[str, dict[str, float], dict[str, float]]]:
+        """``(name, metrics, bounds)`` per class, then the mean's under :func:`mean_label`;
+        bounds are ``{}`` in exact mode."""
+        out = [
+            (c, v, self.bounds[c] if self.bounds is not None else {})
+            for c, v in self.per_class.items()
+        ]
+        out.append((mean_label(self.per_class), self.mean, self.mean_bounds or {}))
+        return out
 
     def format_table(
         self, *, percent: bool = True, digits: int = 1, metrics: Iterable[str] = METRICS
@@ -88,7 +112,7 @@ class MetricsReport:
         keys = list(metrics)
         scale = 100.0 if percent else 1.0
         rows = [["class", *(_HEADERS.get(k, k) for k in keys)]]
-        for name, vals in (*self.per_class.items(), (MEAN_ROW, self.mean)):
+        for name, vals, _ in self.rows():
             rows.append([name, *(_fmt(vals.get(k, math.nan), scale, digits) for k in keys)])
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [
@@ -103,8 +127,9 @@ class MetricsReport:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict: NaN (undefined) -> None; in ``bounds``, inf (no finite bound:
-        too few bins to tell) -> the string ``"inf"``, so strict JSON parsers read it."""
+        """JSON-ready dict: NaN (undefined) -> None; in ``bounds`` and ``mean_bounds``, inf
+        (no finite bound: too few bins to tell) -> the string ``"inf"``, so strict JSON
+        parsers read it."""
         out: dict[str, Any] = {
             "aupro": self.aupro,
             "mode": self.mode,
@@ -112,10 +137,9 @@ class MetricsReport:
             "mean": _json(self.mean),
         }
         if self.bounds is not None:
-            out["bounds"] = {
-                c: {k: "inf" if b == math.inf else b for k, b in _json(v).items()}
-                for c, v in self.bounds.items()
-            }
+            out["bounds"] = {c: _json_bounds(v) for c, v in self.bounds.items()}
+        if self.mean_bounds is not None:
+            out["mean_bounds"] = _json_bounds(self.mean_bounds)
         return out
 
 
@@ -129,11 +153,11 @@ def make_report(
     """Build a :class:`MetricsReport` from per-class metrics (missing keys become NaN)."""
     table = {c: {k: float(v.get(k, math.nan)) for k in METRICS} for c, v in per_class.items()}
     mean = class_mean(table)
-    bound_table = None
+    bound_table = mean_bounds = None
     if bounds is not None:
         bound_table = {c: {k: float(bounds[c].get(k, math.nan)) for k in METRICS} for c in table}
-        bound_table[MEAN_ROW] = _mean_bound(table, bound_table)
-    return MetricsReport(table, mean, aupro, mode, bound_table)
+        mean_bounds = _mean_bound(table, bound_table)
+    return MetricsReport(table, mean, aupro, mode, bound_table, mean_bounds)
 
 
 def _fmt(value: float, scale: float, digits: int) -> str:
@@ -142,3 +166,7 @@ def _fmt(value: float, scale: float, digits: int) -> str:
 
 def _json(values: Mapping[str, float]) -> dict[str, float | None]:
     return {k: None if math.isnan(v) else v for k, v in values.items()}
+
+
+def _json_bounds(values: Mapping[str, float]) -> dict[str, float | str | None]:
+    return {k: "inf" if b == math.inf else b for k, b in _json(values).items()}
