@@ -196,7 +196,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "of an overlay's cost)",
     )
     _write_threads_arg(p)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the predictions already in --out"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a run in --out that stopped (Ctrl-C, a crash): only the images it had "
+        "not finished are predicted; same model, inputs and options required",
+    )
     p.add_argument(
         "--fast-decode",
         action="store_true",
@@ -502,6 +510,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         overlays=not args.no_overlays,
         save_maps=args.save_maps,
         overwrite=args.overwrite,
+        resume=args.resume,
         progress=not args.no_progress,
         write_threads=args.write_threads,
         overlay_format=args.overlay_format,

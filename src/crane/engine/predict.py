@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import hashlib
 import io
 import json
 import logging
@@ -806,10 +807,88 @@ def _output_names(paths: Sequence[str]) -> dict[str, str]:
     return names
 
 
+def _outputs_exist(out: Path, name: str, outputs: dict[str, Any]) -> bool:
+    overlay = (
+        outputs["overlays"] is None
+        or (out / "overlays" / f"{name}.{outputs['overlays']}").is_file()
+    )
+    return overlay and (not outputs["maps"] or (out / "maps" / f"{name}.npy").is_file())
+
+
 def _write_map(path: Path, amap: np.ndarray) -> None:
     buf = io.BytesIO()
     np.save(buf, amap.astype(np.float32, copy=False))
     atomic_write_bytes(path, buf.getvalue())
+
+
+#: Where ``run_predict`` records each finished image as it goes (removed once
+#: ``predictions.csv`` is written): what ``resume=True`` continues from.
+PROGRESS_FILE = "progress.jsonl"
+_COLUMNS = ["path", "image_score", "decision", "max_pixel_score"]
+
+
+def _run_settings(
+    detector: Detector, paths: Sequence[str], outputs: dict[str, Any]
+) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one for its results to belong in
+    the same files: the model (config and a digest of its prompt tensors), the inputs (their
+    list decides the output names), the settings that change pixels, scores or decisions,
+    and which files are written."""
+    digest = hashlib.sha256()
+    for key, t in sorted(detector.model.prompt_learner.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    listed = hashlib.sha256("\n".join(os.path.abspath(p) for p in paths).encode())
+    return {
+        "config": detector.model.cfg.to_dict(),
+        "prompts_sha256": digest.hexdigest(),
+        "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[detector.amp],
+        "threshold": detector.threshold,
+        "map_size": detector.map_size,
+        "fast_decode": detector.draft is not None,
+        "device_decode": detector.device_decode,
+        "device_resize": detector.device_resize,
+        "n_inputs": len(paths),
+        "inputs_sha256": listed.hexdigest(),
+        **outputs,
+    }
+
+
+def _read_progress(path: Path, settings: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """The rows an interrupted run recorded, by image path; refuses another run's settings.
+    A last line cut short (the process died while writing it) is dropped."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1 and i > 0:
+                break
+            raise CraneError(
+                f"{path} line {i + 1} is not a progress record; pass --overwrite to start again"
+            ) from None
+    head = records[0] if records else {}
+    if not isinstance(head, dict) or "crane_predict" not in head:
+        raise CraneError(f"{path} is not a crane predict progress file")
+    theirs = head.get("settings", {})
+    differ = sorted(k for k in settings.keys() | theirs.keys() if settings.get(k) != theirs.get(k))
+    if differ:
+        raise CraneError(
+            f"cannot resume the run in {path.parent}: it was started with other "
+            f"{', '.join(differ)} (a resumed run must use the same model, prompts, inputs and "
+            "options); pass --overwrite to start again, or choose another --out"
+        )
+    return {r["path"]: {k: r[k] for k in _COLUMNS} for r in records[1:]}
+
+
+def _open_progress(
+    path: Path, settings: dict[str, Any], kept: Iterable[dict[str, str]]
+) -> io.TextIOWrapper:
+    """Write the header and the rows kept (atomically), then open the file to append to."""
+    lines = [{"crane_predict": 1, "settings": settings}, *kept]
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in lines).encode())
+    return open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by run_predict)
 
 
 def run_predict(
@@ -820,6 +899,7 @@ def run_predict(
     overlays: bool = True,
     save_maps: bool = False,
     overwrite: bool = False,
+    resume: bool = False,
     progress: bool = True,
     write_threads: int | None = None,
     overlay_format: str = "png",
@@ -829,55 +909,104 @@ def run_predict(
     NaN, are reported (``summary.json``'s ``failed``) and skipped. Overlays and maps are written by
     ``write_threads`` threads beside the prediction loop (default: the CPU count, at most 8;
     0 = in the loop), see :class:`~crane.engine.writer.OutputWriter`. ``overlay_format``:
-    ``"png"`` (lossless) or ``"jpg"`` (quality 90; an order of magnitude cheaper to encode)."""
+    ``"png"`` (lossless) or ``"jpg"`` (quality 90; an order of magnitude cheaper to encode).
+
+    Each finished image is recorded in ``out_dir/progress.jsonl`` as the run goes, so a run
+    that stops (Ctrl-C, a crash, a full disk) loses nothing: ``resume=True`` (``crane predict
+    --resume``) predicts only the images it had not finished (or whose overlay or map file is
+    missing) and writes the files of the whole run; it refuses when the model, inputs or
+    options differ. Images that failed are tried again."""
     if overlay_format not in OVERLAY_FORMATS:
         raise CraneError(
             f"overlay format must be one of {', '.join(OVERLAY_FORMATS)}, got {overlay_format!r}"
         )
-    out = Path(out_dir)
-    if (out / "predictions.csv").exists() and not overwrite:
+    if resume and overwrite:
         raise CraneError(
-            f"{out} already holds predictions; pass --overwrite or choose another --out"
+            "--resume continues the run in --out and --overwrite replaces it: not both"
         )
+    out = Path(out_dir)
+    progress_path = out / PROGRESS_FILE
+    if resume and not progress_path.is_file():
+        finished = " (its run finished)" if (out / "predictions.csv").exists() else ""
+        raise CraneError(f"{out} holds no interrupted run to resume{finished}")
+    if not resume and not overwrite:
+        if progress_path.exists():
+            raise CraneError(
+                f"{out} holds an interrupted run; pass --resume to continue it, --overwrite to "
+                "start again, or choose another --out"
+            )
+        if (out / "predictions.csv").exists():
+            raise CraneError(
+                f"{out} already holds predictions; pass --overwrite or choose another --out"
+            )
     paths = expand_inputs(inputs, exclude=out)
     names = _output_names(paths)
+    outputs = {"overlays": overlay_format if overlays else None, "maps": save_maps}
+    settings = _run_settings(detector, paths, outputs)
+    done: dict[str, dict[str, str]] = {}
+    if resume:
+        recorded = _read_progress(progress_path, settings)
+        done = {p: row for p, row in recorded.items() if _outputs_exist(out, names[p], outputs)}
+        if len(done) < len(recorded):
+            log.info(
+                "%d image(s) lack an output file and are predicted again", len(recorded) - len(done)
+            )
+        log.info("resuming: %d of %d images already done", len(done), len(paths))
     out.mkdir(parents=True, exist_ok=True)
-    rows, failures = [], []
-    with OutputWriter(write_threads) as writer:
-        for r in detector.predict_iter(paths, progress=progress):
-            if isinstance(r, Failure):
-                what = "unreadable" if r.reason == "unreadable" else "no result for"
-                log.warning("skipped %s %s: %s", what, r.path, r.error)
-                failures.append({"path": r.path, "error": r.error, "reason": r.reason})
-                continue
-            decision = (
-                "" if r.is_anomalous is None else ("anomalous" if r.is_anomalous else "normal")
+    rows: dict[str, dict[str, str]] = {}
+    failures = []
+    todo = [p for p in paths if p not in done]
+    with _open_progress(progress_path, settings, done.values()) as record:
+        try:
+            with OutputWriter(write_threads) as writer:
+                for r in detector.predict_iter(todo, progress=progress) if todo else ():
+                    if isinstance(r, Failure):
+                        what = "unreadable" if r.reason == "unreadable" else "no result for"
+                        log.warning("skipped %s %s: %s", what, r.path, r.error)
+                        failures.append({"path": r.path, "error": r.error, "reason": r.reason})
+                        continue
+                    decision = (
+                        ""
+                        if r.is_anomalous is None
+                        else ("anomalous" if r.is_anomalous else "normal")
+                    )
+                    row = {
+                        "path": r.path,
+                        "image_score": f"{r.score:.6f}",
+                        "decision": decision,
+                        "max_pixel_score": f"{r.max_pixel_score:.6f}",
+                    }
+                    rows[r.path] = row
+                    if overlays:
+                        name = f"{names[r.path]}.{overlay_format}"
+                        writer.submit(write_overlay, out / "overlays" / name, r.path, r.anomaly_map)
+                    if save_maps:
+                        target = out / "maps" / f"{names[r.path]}.npy"
+                        writer.submit(_write_map, target, r.anomaly_map)
+                    record.write(json.dumps(row) + "\n")
+                    record.flush()  # (a resumed run checks that the row's files exist)
+        except BaseException:  # Ctrl-C, a crash, a full disk: what is recorded stays
+            log.warning(
+                "stopped after %d of %d images; `crane predict ... --resume` (API: "
+                "resume=True) continues from there",
+                len(done) + len(rows),
+                len(paths),
             )
-            rows.append(
-                {
-                    "path": r.path,
-                    "image_score": f"{r.score:.6f}",
-                    "decision": decision,
-                    "max_pixel_score": f"{r.max_pixel_score:.6f}",
-                }
-            )
-            if overlays:
-                name = f"{names[r.path]}.{overlay_format}"
-                writer.submit(write_overlay, out / "overlays" / name, r.path, r.anomaly_map)
-            if save_maps:
-                writer.submit(_write_map, out / "maps" / f"{names[r.path]}.npy", r.anomaly_map)
+            raise
+    table = [done.get(p) or rows[p] for p in paths if p in done or p in rows]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["path", "image_score", "decision", "max_pixel_score"])
+    writer = csv.DictWriter(buf, fieldnames=_COLUMNS)
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(table)
     atomic_write_bytes(out / "predictions.csv", buf.getvalue().encode())
-    n_anom = sum(r["decision"] == "anomalous" for r in rows)
+    n_anom = sum(r["decision"] == "anomalous" for r in table)
     summary = {
         "model": detector.model.cfg.name,
         "threshold": detector.threshold,
-        "n_images": len(rows),
+        "n_images": len(table),
         "n_anomalous": n_anom if detector.threshold is not None else None,
         "n_failed": len(failures),
+        "n_resumed": len(done),
         "failed": failures,
         "outputs": {
             "csv": "predictions.csv",
@@ -886,8 +1015,9 @@ def run_predict(
         },
     }
     atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    progress_path.unlink()  # (the run is complete: nothing left to resume)
     if overwrite:  # files of an earlier run that this one did not replace
-        ours = {names[r["path"]] for r in rows}
+        ours = {names[r["path"]] for r in table}
         for sub, kept in (("overlays", overlays), ("maps", save_maps)):
             folder = out / sub
             if not folder.is_dir():

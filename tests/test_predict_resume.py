@@ -1,0 +1,190 @@
+"""``run_predict(resume=True)`` / ``crane predict --resume``: a run that stopped part way is
+continued from its progress file, predicting only the images it had not finished, and ends
+with the same files as a run that never stopped."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from crane.engine.predict import PROGRESS_FILE, Detector, run_predict
+from crane.errors import CraneError
+from crane.models import create_model
+
+SIZE = 56
+
+
+@pytest.fixture
+def images(tmp_path):
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    paths = []
+    for i in range(7):
+        folder = src / "sub" if i % 3 == 0 else src
+        p = folder / f"{i}.png"
+        Image.fromarray(rng.integers(0, 256, (40 + 4 * i, 48, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    return src
+
+
+def detector(threshold=0.5):
+    return Detector(create_model("tiny", image_size=SIZE, seed=0), device="cpu", batch_size=2,
+                    threshold=threshold)  # fmt: skip
+
+
+class Stop(Exception):
+    pass
+
+
+def stop_after(det, n, error=KeyboardInterrupt):
+    """Make ``det.predict_iter`` stop (as Ctrl-C would) after yielding ``n`` results, and
+    record the inputs each call is asked for."""
+    real = det.predict_iter
+    asked = []
+
+    def predict_iter(inputs, progress=False):
+        inputs = list(inputs)
+        asked.append(inputs)
+        for i, r in enumerate(real(inputs, progress=progress)):
+            if i == n:
+                raise error()
+            yield r
+
+    det.predict_iter = predict_iter
+    return asked
+
+
+def same_outputs(a, b):
+    """The same files, rows and maps; values as close as batch composition allows (an image
+    batched with others may differ from itself alone in the last float bits)."""
+    names = [sorted(p.relative_to(d).as_posix() for d in [d] for p in d.rglob("*") if p.is_file())
+             for d in (a, b)]  # fmt: skip
+    assert names[0] == names[1]
+    rows = [list(csv.DictReader(open(d / "predictions.csv"))) for d in (a, b)]
+    assert [(r["path"], r["decision"]) for r in rows[0]] == [
+        (r["path"], r["decision"]) for r in rows[1]
+    ]  # input order
+    for x, y in zip(*rows, strict=True):
+        for key in ("image_score", "max_pixel_score"):
+            assert float(x[key]) == pytest.approx(float(y[key]), abs=2e-6)
+    for name in names[0]:
+        if name.endswith(".npy"):
+            np.testing.assert_allclose(np.load(a / name), np.load(b / name), atol=1e-5)
+        elif name.endswith(".png"):
+            pa, pb = (np.asarray(Image.open(d / name), dtype=int) for d in (a, b))
+            assert np.abs(pa - pb).max() <= 1, name
+
+
+@pytest.mark.parametrize("save_maps", [False, True])
+def test_resumed_run_writes_what_an_uninterrupted_one_does(images, tmp_path, save_maps):
+    kw = dict(progress=False, save_maps=save_maps, write_threads=2)
+    whole = run_predict(detector(), [images], tmp_path / "whole", **kw)
+    out = tmp_path / "out"
+    det = detector()
+    asked = stop_after(det, 3)
+    with pytest.raises(KeyboardInterrupt):
+        run_predict(det, [images], out, **kw)
+    assert not (out / "predictions.csv").exists()
+    recorded = (out / PROGRESS_FILE).read_text().splitlines()
+    assert len(recorded) == 1 + 3  # the header and the three finished images
+    with pytest.raises(CraneError, match="holds an interrupted run; pass --resume"):
+        run_predict(detector(), [images], out, **kw)
+
+    det = detector()
+    asked = stop_after(det, 10**6)
+    summary = run_predict(det, [images], out, resume=True, **kw)
+    done = [json.loads(line)["path"] for line in recorded[1:]]
+    assert len(asked) == 1 and set(asked[0]).isdisjoint(done) and len(asked[0]) == 7 - 3
+    assert summary["n_resumed"] == 3 and summary["n_images"] == whole["n_images"] == 7
+    assert summary["n_anomalous"] == whole["n_anomalous"]
+    same_outputs(out, tmp_path / "whole")
+    assert not (out / PROGRESS_FILE).exists()
+    with pytest.raises(CraneError, match="no interrupted run to resume \\(its run finished\\)"):
+        run_predict(detector(), [images], out, resume=True, **kw)
+
+
+def test_an_image_whose_files_are_missing_or_whose_line_was_cut_is_done_again(images, tmp_path):
+    out = tmp_path / "out"
+    det = detector()
+    stop_after(det, 4)
+    with pytest.raises(KeyboardInterrupt):
+        run_predict(det, [images], out, progress=False)
+    lines = (out / PROGRESS_FILE).read_text().splitlines(keepends=True)
+    first, last = json.loads(lines[1])["path"], json.loads(lines[4])["path"]
+    (out / PROGRESS_FILE).write_text("".join(lines[:4]) + lines[4][:25])  # died mid-line
+    assert Path(first).parent == images  # (so its overlay is named by its stem)
+    overlay = out / "overlays" / f"{Path(first).stem}.png"
+    overlay.unlink()  # queued but never written
+    det = detector()
+    asked = stop_after(det, 10**6)
+    summary = run_predict(det, [images], out, resume=True, progress=False)
+    redone = {json.loads(line)["path"] for line in lines[1:4]} - {first}
+    assert first in asked[0] and last in asked[0] and not redone & set(asked[0])
+    assert len(asked[0]) == 7 - 2
+    assert summary["n_resumed"] == 2 and summary["n_images"] == 7
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert len(rows) == 7 and overlay.is_file()
+
+
+def test_resume_refuses_another_model_inputs_or_options(images, tmp_path):
+    out = tmp_path / "out"
+    det = detector()
+    stop_after(det, 2, Stop)
+    with pytest.raises(Stop):
+        run_predict(det, [images], out, progress=False)
+    other = Detector(create_model("tiny", image_size=SIZE, seed=1), device="cpu", threshold=0.5)
+    cases = [
+        (dict(detector=detector(threshold=0.7)), "threshold"),
+        (dict(detector=other), "prompts_sha256"),
+        (dict(inputs=[images / "sub"]), "inputs_sha256, n_inputs"),
+        (dict(save_maps=True), "maps"),
+        (dict(overlay_format="jpg"), "overlays"),
+    ]
+    before = (out / PROGRESS_FILE).read_bytes()
+    for change, named in cases:
+        kw = {"detector": detector(), "inputs": [images], "progress": False, **change}
+        with pytest.raises(CraneError, match=f"started with other {named} "):
+            run_predict(kw.pop("detector"), kw.pop("inputs"), out, resume=True, **kw)
+    assert (out / PROGRESS_FILE).read_bytes() == before  # a refused resume changes nothing
+    with pytest.raises(CraneError, match="not both"):
+        run_predict(detector(), [images], out, resume=True, overwrite=True, progress=False)
+    with pytest.raises(CraneError, match="no interrupted run"):
+        run_predict(detector(), [images], tmp_path / "elsewhere", resume=True, progress=False)
+    (out / PROGRESS_FILE).write_text("not json\n{}\n")
+    with pytest.raises(CraneError, match="line 1 is not a progress record"):
+        run_predict(detector(), [images], out, resume=True, progress=False)
+    summary = run_predict(detector(), [images], out, overwrite=True, progress=False)
+    assert summary["n_resumed"] == 0 and summary["n_images"] == 7
+
+
+def test_cli_resume(images, tmp_path, monkeypatch, capsys, caplog):
+    from crane.cli import main
+
+    out = tmp_path / "out"
+    argv = ["predict", str(images), "--model", "tiny", "--out", str(out), "--no-progress",
+            "--threshold", "0.5"]  # fmt: skip
+    real = Detector.predict_iter
+    calls = []
+
+    def stopping(self, inputs, progress=False):
+        calls.append(list(inputs))
+        for i, r in enumerate(real(self, calls[-1], progress=progress)):
+            if i == 3 and len(calls) == 1:
+                raise KeyboardInterrupt
+            yield r
+
+    monkeypatch.setattr(Detector, "predict_iter", stopping)
+    assert main(argv) == 130
+    assert "crane: interrupted" in capsys.readouterr().err
+    assert "stopped after 3 of 7 images; `crane predict ... --resume`" in caplog.text
+    assert main(argv) == 2
+    assert "holds an interrupted run" in capsys.readouterr().err
+    assert main([*argv, "--resume"]) == 0
+    assert len(calls[1]) == 4
+    assert len(list(csv.DictReader(open(out / "predictions.csv")))) == 7
