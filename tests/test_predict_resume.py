@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crane.engine.predict import PROGRESS_FILE, Detector, run_predict
+from crane.engine.predict import Detector, run_predict
+from crane.engine.progress import PROGRESS_FILE
 from crane.errors import CraneError
 from crane.models import create_model
 

@@ -173,6 +173,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--out", default=None, help="where metrics.{md,csv,json} go (default: ./eval_<dataset>)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace the metrics already in --out")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an evaluation in --out that stopped (Ctrl-C, a crash): the classes it "
+        "finished (kept in --out/progress.jsonl) are not evaluated again; same model, dataset "
+        "and options required",
+    )
     p.add_argument("--visualize", default=None, metavar="DIR", help="write heatmap overlays here")
     _write_threads_arg(p)
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (logged)")
@@ -421,11 +428,13 @@ def _bins(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from crane.engine.common import open_dataset
     from crane.engine.evaluate import evaluate, report_markdown, write_report
+    from crane.engine.progress import check_resume_flags
 
     num_bins = _bins(args)  # before any model is loaded
     device, amp = _runtime(args)
     out = Path(args.out or f"eval_{args.dataset}")
-    if (out / "metrics.json").exists() and not args.overwrite:
+    progress_file = check_resume_flags(out, args.resume, args.overwrite, "metrics.json")
+    if (out / "metrics.json").exists() and not (args.overwrite or args.resume):
         raise CraneError(f"{out} already holds metrics; pass --overwrite or choose another --out")
     for folder in (out, args.visualize):  # checked now, not after the whole evaluation
         if folder is not None:
@@ -456,6 +465,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         write_threads=args.write_threads,
         device_decode=args.device_decode,
         device_resize=args.device_resize,
+        progress_file=progress_file,
+        resume=args.resume,
     )
     extra = {
         "dataset": args.dataset,
@@ -468,15 +479,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "aupro": args.aupro,
         "metric_mode": args.metric_mode,
         "config": model.cfg.to_dict(),
-        "n_images": res.n_images,
+        "n_images": res.n_images + res.n_resumed,
+        "n_images_resumed": res.n_resumed,
         "seconds": res.seconds,
         "timings_s": res.timings,
     }
     print(report_markdown(res.report))  # (first: on the screen even if writing fails)
     files = write_report(res.report, out, extra)
+    progress_file.unlink()  # (the metrics are written: nothing left to resume)
     split = ", ".join(f"{k} {v:.1f}" for k, v in res.timings.items())
+    more = f"; {res.n_resumed} more from the interrupted run" if res.n_resumed else ""
     print(
-        f"\n{res.n_images} images in {res.seconds:.1f}s ({split}); "
+        f"\n{res.n_images} images in {res.seconds:.1f}s ({split}{more}); "
         f"wrote {', '.join(str(f) for f in files.values())}"
     )
     return 0

@@ -149,6 +149,14 @@ class AnomalyDataset(Dataset):
         view.pixels = "uint8"
         return view
 
+    def without_classes(self, names: Iterable[str]) -> AnomalyDataset:
+        """The same dataset without the samples of ``names`` (a shallow copy)."""
+        drop = set(names)
+        view = copy.copy(self)
+        view.samples = [s for s in self.samples if s.cls_name not in drop]
+        view.class_names = [c for c in self.class_names if c not in drop]
+        return view
+
     def device_jpeg_view(self) -> AnomalyDataset:
         """:meth:`uint8_view` whose JPEG images (those :func:`~crane.data.imageio.read_jpeg`
         takes) are handed over undecoded, as ``"jpeg"`` (their bytes, a 1-D uint8 tensor) in

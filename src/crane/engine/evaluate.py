@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from crane.data import AnomalyDataset
+from crane.engine import progress as progress_log
 from crane.engine.predict import _output_names, check_device_decode, dataset_device_pixels
 from crane.engine.runtime import (
     autocast,
@@ -29,7 +30,7 @@ from crane.engine.runtime import (
 )
 from crane.engine.writer import OutputWriter
 from crane.errors import CraneError
-from crane.metrics import DEFAULT_NUM_BINS, METRICS, MetricAccumulator, MetricsReport
+from crane.metrics import DEFAULT_NUM_BINS, METRICS, MetricAccumulator, MetricsReport, make_report
 from crane.models.checkpoint import atomic_write_bytes
 from crane.models.crane import CraneModel
 from crane.viz import write_overlay
@@ -78,6 +79,8 @@ class EvalResult:
     #: Wall seconds of the main thread per activity (keys and meanings: :data:`TIMINGS`);
     #: they add up to ``seconds`` but for setup and progress-bar time.
     timings: dict[str, float] = field(default_factory=dict)
+    #: Images of the classes taken from an interrupted run's progress file (``resume``).
+    n_resumed: int = 0
 
 
 def evaluate(
@@ -99,6 +102,8 @@ def evaluate(
     attention: str = "auto",
     device_decode: bool = False,
     device_resize: bool = False,
+    progress_file: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> EvalResult:
     """Run ``model`` over ``dataset`` and accumulate the six SPEC §9 metrics per class.
 
@@ -121,6 +126,13 @@ def evaluate(
 
     On CUDA, batch k's metric update (which needs the host: region labelling, validation)
     runs on a side stream while batch k+1's forward is already queued on the main one.
+
+    ``progress_file``: each class's metrics are recorded there as soon as the class is done
+    (``crane evaluate`` uses ``<out>/progress.jsonl`` and removes it once the metrics files
+    are written). ``resume=True`` reads it back and evaluates only the classes it does not
+    hold (nor those whose overlays are missing), refusing one written with another model,
+    dataset or metric settings; the report then covers every class. A stopped run thus loses
+    at most the class it was in.
     """
     has_masks = any(s.mask_path for s in dataset.samples if s.anomaly)
     unmasked = sum(1 for s in dataset.samples if s.anomaly and not s.has_mask)
@@ -133,6 +145,42 @@ def evaluate(
     acc = MetricAccumulator(aupro=aupro, mode=metric_mode, num_bins=num_bins)
     if device_decode:
         check_device_decode(device)
+    if resume and progress_file is None:
+        raise CraneError("resume=True needs the progress_file of the run to continue")
+    names = _overlay_names(dataset) if visualize_dir is not None else {}
+    full, done, record = dataset, {}, None
+    if progress_file is not None:
+        path = Path(progress_file)
+        settings = {
+            "config": model.cfg.to_dict(),
+            "prompts_sha256": progress_log.prompts_digest(model),
+            "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype],
+            "aupro": aupro,
+            "metric_mode": metric_mode,
+            "num_bins": num_bins if metric_mode == "binned" else None,
+            "device_decode": device_decode,
+            "device_resize": device_resize,
+            "visualize": None if visualize_dir is None else os.path.abspath(visualize_dir),
+            "samples_sha256": progress_log.digest_of(
+                f"{s.cls_name}\t{s.anomaly}\t{dataset.root / s.img_path}\t{s.mask_path}"
+                for s in dataset.samples
+            ),
+        }
+        if resume:
+            for r in progress_log.read_progress(path, "evaluate", settings):
+                if visualize_dir is None or _overlays_exist(
+                    visualize_dir, dataset, names, r["class"]
+                ):
+                    done[r["class"]] = r
+            log.info(
+                "resuming: %d of %d classes already evaluated (%s)",
+                len(done),
+                len({s.cls_name for s in dataset.samples}),
+                ", ".join(done) or "none",
+            )
+            dataset = dataset.without_classes(done)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = progress_log.open_progress(path, "evaluate", settings, done.values())
     loader = batch_loader(
         dataset,
         batch_size,
@@ -217,8 +265,21 @@ def evaluate(
                 t = timed("outputs", t)
             for cls in batch["cls_name"]:
                 remaining[cls] -= 1
+                seen[cls] += 1
                 if remaining[cls] == 0:
                     acc.finalize_class(cls)
+                    if record is not None:
+                        values, bounds = acc.class_result(cls)
+                        progress_log.append(
+                            record,
+                            {
+                                "class": cls,
+                                "n_images": seen[cls],
+                                "values": values,
+                                "bounds": bounds,
+                            },
+                        )
+                        recorded.append(cls)
             t = timed("finalize", t)
         if side is not None:
             # Everything that read this batch's outputs is done before they are freed.
@@ -228,35 +289,70 @@ def evaluate(
     t0 = time.perf_counter()
     pending: _Job | None = None
     writer = OutputWriter(write_threads if visualize_dir is not None else 0)
-    names = _overlay_names(dataset) if visualize_dir is not None else {}
-    with torch.no_grad():
-        with writer:
-            t = clock()  # starting the loader's workers counts as waiting for it
-            batches = iter(tqdm(loader, desc="evaluate", unit="batch", disable=not progress))
-            timed("loader", t)
-            while True:
-                t = clock()
-                batch = next(batches, _END)
-                t = timed("loader", t)
-                if batch is _END:
-                    break
-                if batch is None:  # every sample of the batch was unreadable and skipped
-                    continue
-                job = launch(batch)
-                timed("launch", t)
-                if job is None:  # every image of the batch was skipped
-                    continue
-                n += job.scores.shape[0]
+    seen: Counter[str] = Counter()
+    recorded: list[str] = []  # classes recorded in the progress file by this run
+    with torch.no_grad(), record if record is not None else contextlib.nullcontext():
+        try:
+            with writer:
+                t = clock()  # starting the loader's workers counts as waiting for it
+                batches = iter(tqdm(loader, desc="evaluate", unit="batch", disable=not progress))
+                if not dataset.samples:  # (a resumed run whose every class was done)
+                    batches = iter(())
+                timed("loader", t)
+                while True:
+                    t = clock()
+                    batch = next(batches, _END)
+                    t = timed("loader", t)
+                    if batch is _END:
+                        break
+                    if batch is None:  # every sample of the batch was unreadable and skipped
+                        continue
+                    job = launch(batch)
+                    timed("launch", t)
+                    if job is None:  # every image of the batch was skipped
+                        continue
+                    n += job.scores.shape[0]
+                    if pending is not None:
+                        consume(pending)
+                    pending = job
                 if pending is not None:
                     consume(pending)
-                pending = job
-            if pending is not None:
-                consume(pending)
-            t = clock()
+                t = clock()
+        except BaseException:  # Ctrl-C, a crash: the classes recorded stay
+            if record is not None:
+                log.warning(
+                    "stopped; %d of %d classes are recorded in %s, and `crane evaluate ... "
+                    "--resume` (API: resume=True) evaluates the others",
+                    len(done) + len(recorded),
+                    len({s.cls_name for s in full.samples}),
+                    progress_file,
+                )
+            raise
         t = timed("outputs", t)  # the writers' backlog, waited for on leaving the block
         report = acc.compute()
+        if done:
+            report = _with_resumed(report, full, done)
         timed("finalize", t)
-    return EvalResult(report, n, clock() - t0, timings)
+    resumed = sum(r["n_images"] for r in done.values())
+    return EvalResult(report, n, clock() - t0, timings, n_resumed=resumed)
+
+
+def _with_resumed(report: MetricsReport, dataset, done: dict[str, dict]) -> MetricsReport:
+    """The report of every class of ``dataset``, in its order: recorded ones from ``done``."""
+    order = dict.fromkeys(s.cls_name for s in dataset.samples)
+    values = {c: done[c]["values"] if c in done else report.per_class[c] for c in order}
+    bounds = None
+    if report.bounds is not None:
+        bounds = {c: done[c]["bounds"] if c in done else report.bounds[c] for c in order}
+    return make_report(values, aupro=report.aupro, mode=report.mode, bounds=bounds)
+
+
+def _overlays_exist(folder, dataset, names: dict[str, str], cls: str) -> bool:
+    return all(
+        (Path(folder) / cls / f"{names[str(dataset.root / s.img_path)]}.png").is_file()
+        for s in dataset.samples
+        if s.cls_name == cls
+    )
 
 
 @dataclass

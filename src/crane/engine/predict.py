@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import hashlib
 import io
 import json
 import logging
@@ -35,6 +34,7 @@ from crane.data.transforms import (
     resize_each,
     unresized_pixels,
 )
+from crane.engine import progress as progress_file
 from crane.engine.batching import check_shared_memory, chunk_plan, reuse_freed_memory
 from crane.engine.batching import take_rows as _take_rows
 from crane.engine.runtime import (
@@ -821,9 +821,6 @@ def _write_map(path: Path, amap: np.ndarray) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-#: Where ``run_predict`` records each finished image as it goes (removed once
-#: ``predictions.csv`` is written): what ``resume=True`` continues from.
-PROGRESS_FILE = "progress.jsonl"
 _COLUMNS = ["path", "image_score", "decision", "max_pixel_score"]
 
 
@@ -834,14 +831,9 @@ def _run_settings(
     the same files: the model (config and a digest of its prompt tensors), the inputs (their
     list decides the output names), the settings that change pixels, scores or decisions,
     and which files are written."""
-    digest = hashlib.sha256()
-    for key, t in sorted(detector.model.prompt_learner.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    listed = hashlib.sha256("\n".join(os.path.abspath(p) for p in paths).encode())
     return {
         "config": detector.model.cfg.to_dict(),
-        "prompts_sha256": digest.hexdigest(),
+        "prompts_sha256": progress_file.prompts_digest(detector.model),
         "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[detector.amp],
         "threshold": detector.threshold,
         "map_size": detector.map_size,
@@ -849,46 +841,9 @@ def _run_settings(
         "device_decode": detector.device_decode,
         "device_resize": detector.device_resize,
         "n_inputs": len(paths),
-        "inputs_sha256": listed.hexdigest(),
+        "inputs_sha256": progress_file.digest_of(os.path.abspath(p) for p in paths),
         **outputs,
     }
-
-
-def _read_progress(path: Path, settings: dict[str, Any]) -> dict[str, dict[str, str]]:
-    """The rows an interrupted run recorded, by image path; refuses another run's settings.
-    A last line cut short (the process died while writing it) is dropped."""
-    lines = path.read_text(encoding="utf-8").splitlines()
-    records = []
-    for i, line in enumerate(lines):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1 and i > 0:
-                break
-            raise CraneError(
-                f"{path} line {i + 1} is not a progress record; pass --overwrite to start again"
-            ) from None
-    head = records[0] if records else {}
-    if not isinstance(head, dict) or "crane_predict" not in head:
-        raise CraneError(f"{path} is not a crane predict progress file")
-    theirs = head.get("settings", {})
-    differ = sorted(k for k in settings.keys() | theirs.keys() if settings.get(k) != theirs.get(k))
-    if differ:
-        raise CraneError(
-            f"cannot resume the run in {path.parent}: it was started with other "
-            f"{', '.join(differ)} (a resumed run must use the same model, prompts, inputs and "
-            "options); pass --overwrite to start again, or choose another --out"
-        )
-    return {r["path"]: {k: r[k] for k in _COLUMNS} for r in records[1:]}
-
-
-def _open_progress(
-    path: Path, settings: dict[str, Any], kept: Iterable[dict[str, str]]
-) -> io.TextIOWrapper:
-    """Write the header and the rows kept (atomically), then open the file to append to."""
-    lines = [{"crane_predict": 1, "settings": settings}, *kept]
-    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in lines).encode())
-    return open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by run_predict)
 
 
 def run_predict(
@@ -920,33 +875,24 @@ def run_predict(
         raise CraneError(
             f"overlay format must be one of {', '.join(OVERLAY_FORMATS)}, got {overlay_format!r}"
         )
-    if resume and overwrite:
-        raise CraneError(
-            "--resume continues the run in --out and --overwrite replaces it: not both"
-        )
     out = Path(out_dir)
-    progress_path = out / PROGRESS_FILE
-    if resume and not progress_path.is_file():
-        finished = " (its run finished)" if (out / "predictions.csv").exists() else ""
-        raise CraneError(f"{out} holds no interrupted run to resume{finished}")
-    if not resume and not overwrite:
-        if progress_path.exists():
-            raise CraneError(
-                f"{out} holds an interrupted run; pass --resume to continue it, --overwrite to "
-                "start again, or choose another --out"
-            )
-        if (out / "predictions.csv").exists():
-            raise CraneError(
-                f"{out} already holds predictions; pass --overwrite or choose another --out"
-            )
+    progress_path = progress_file.check_resume_flags(out, resume, overwrite, "predictions.csv")
+    if not resume and not overwrite and (out / "predictions.csv").exists():
+        raise CraneError(
+            f"{out} already holds predictions; pass --overwrite or choose another --out"
+        )
     paths = expand_inputs(inputs, exclude=out)
     names = _output_names(paths)
     outputs = {"overlays": overlay_format if overlays else None, "maps": save_maps}
     settings = _run_settings(detector, paths, outputs)
     done: dict[str, dict[str, str]] = {}
     if resume:
-        recorded = _read_progress(progress_path, settings)
-        done = {p: row for p, row in recorded.items() if _outputs_exist(out, names[p], outputs)}
+        recorded = progress_file.read_progress(progress_path, "predict", settings)
+        done = {
+            r["path"]: {k: r[k] for k in _COLUMNS}
+            for r in recorded
+            if _outputs_exist(out, names[r["path"]], outputs)
+        }
         if len(done) < len(recorded):
             log.info(
                 "%d image(s) lack an output file and are predicted again", len(recorded) - len(done)
@@ -956,7 +902,7 @@ def run_predict(
     rows: dict[str, dict[str, str]] = {}
     failures = []
     todo = [p for p in paths if p not in done]
-    with _open_progress(progress_path, settings, done.values()) as record:
+    with progress_file.open_progress(progress_path, "predict", settings, done.values()) as record:
         try:
             with OutputWriter(write_threads) as writer:
                 for r in detector.predict_iter(todo, progress=progress) if todo else ():
@@ -983,8 +929,7 @@ def run_predict(
                     if save_maps:
                         target = out / "maps" / f"{names[r.path]}.npy"
                         writer.submit(_write_map, target, r.anomaly_map)
-                    record.write(json.dumps(row) + "\n")
-                    record.flush()  # (a resumed run checks that the row's files exist)
+                    progress_file.append(record, row)  # (a resume checks its files exist)
         except BaseException:  # Ctrl-C, a crash, a full disk: what is recorded stays
             log.warning(
                 "stopped after %d of %d images; `crane predict ... --resume` (API: "

@@ -347,6 +347,18 @@ class MetricAccumulator:
             state.finalized = True
         return self._result_for(state, self.aupro, self._scratch)[0]
 
+    def class_result(
+        self, cls_name: str, aupro: AuproDefinition | None = None
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """One class's ``(metrics, bounds)`` as :meth:`compute` reports them (bounds: binned
+        mode's certified |exact - estimate|; 0 for exact values, NaN where undefined)."""
+        definition = self.aupro if aupro is None else aupro
+        check_definition(definition)
+        state = self._states.get(cls_name)
+        if state is None:
+            raise KeyError(f"unknown class {cls_name!r}")
+        return self._result_for(state, definition, self._scratch)
+
     def compute(self, aupro: AuproDefinition | None = None) -> MetricsReport:
         """Per-class metrics and their unweighted mean over the classes where each is defined.
 

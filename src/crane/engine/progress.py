@@ -1,0 +1,105 @@
+"""Progress files that let an interrupted ``predict`` or ``evaluate`` be resumed.
+
+A progress file is JSON lines: a header ``{"crane": <kind>, "settings": {...}}``, then one
+record per finished unit of work (an image for predict, a class for evaluate), appended and
+flushed as each finishes. A resumed run reads the records back, refuses a header whose
+settings differ from its own (its results would not belong in the same files), and starts the
+file afresh with the records it keeps. A last line cut short (the process died while writing
+it) is dropped; the run redoes that unit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from crane.errors import CraneError
+from crane.files import atomic_write_bytes
+from crane.models.crane import CraneModel
+
+#: Its name in an output folder; removed once the run's own files are written.
+PROGRESS_FILE = "progress.jsonl"
+
+
+def prompts_digest(model: CraneModel) -> str:
+    """SHA-256 of the model's prompt tensors (names and float32 values): tells two prompt
+    sets apart without storing them."""
+    digest = hashlib.sha256()
+    for key, t in sorted(model.prompt_learner.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def digest_of(items: Iterable[str]) -> str:
+    """SHA-256 of a list of strings (e.g. the input paths, whose list names the outputs)."""
+    return hashlib.sha256("\n".join(items).encode()).hexdigest()
+
+
+def read_progress(path: Path, kind: str, settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """The records of an interrupted ``kind`` run; CraneError if it ran with other settings."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1 and i > 0:
+                break  # cut short as the process died: that unit is done again
+            raise CraneError(
+                f"{path} line {i + 1} is not a progress record; pass --overwrite to start again"
+            ) from None
+    head = records[0] if records else {}
+    if not isinstance(head, dict) or head.get("crane") != kind:
+        raise CraneError(f"{path} is not a progress file of crane {kind}")
+    theirs = head.get("settings", {})
+    differ = sorted(k for k in settings.keys() | theirs.keys() if settings.get(k) != theirs.get(k))
+    if differ:
+        raise CraneError(
+            f"cannot resume the run in {path.parent}: it was started with other "
+            f"{', '.join(differ)} (a resumed run must use the same model, prompts, inputs and "
+            "options); pass --overwrite to start again, or choose another --out"
+        )
+    return records[1:]
+
+
+def open_progress(
+    path: Path, kind: str, settings: dict[str, Any], kept: Iterable[dict[str, Any]] = ()
+) -> TextIO:
+    """Write the header and the records kept (atomically), then open the file to append
+    records to (:func:`append`)."""
+    lines = [{"crane": kind, "settings": settings}, *kept]
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in lines).encode())
+    return open(path, "a", encoding="utf-8")  # noqa: SIM115 (the caller's with block closes it)
+
+
+def append(file: TextIO, record: dict[str, Any]) -> None:
+    """Add one finished unit; flushed to the OS at once (it survives the process, not a
+    power cut: a resumed run then redoes what the disk lost)."""
+    file.write(json.dumps(record, allow_nan=True) + "\n")
+    file.flush()
+
+
+def check_resume_flags(out: Path, resume: bool, overwrite: bool, finished: str) -> Path:
+    """The progress file's path in ``out``, after refusing contradictory or pointless flags:
+    ``resume`` without an interrupted run, or a plain run into a folder that holds one.
+    ``finished``: the file a finished run leaves (a resume then says so)."""
+    path = out / PROGRESS_FILE
+    if resume and overwrite:
+        raise CraneError(
+            "--resume continues the run in --out and --overwrite replaces it: not both"
+        )
+    if resume and not path.is_file():
+        done = " (its run finished)" if (out / finished).exists() else ""
+        raise CraneError(f"{out} holds no interrupted run to resume{done}")
+    if not resume and not overwrite and path.exists():
+        raise CraneError(
+            f"{out} holds an interrupted run; pass --resume to continue it, --overwrite to "
+            "start again, or choose another --out"
+        )
+    return path

@@ -1,0 +1,139 @@
+"""``evaluate(progress_file=..., resume=True)`` / ``crane evaluate --resume``: each finished
+class is recorded as the evaluation goes; a stopped run resumes with the classes it had not
+finished and reports the same metrics as a run that never stopped."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import crane.engine.evaluate as evaluate_module
+from crane.data import AnomalyDataset
+from crane.engine.evaluate import evaluate
+from crane.errors import CraneError
+from crane.models import create_model
+
+SIZE = 56
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def model():
+    return create_model("tiny+", image_size=SIZE, seed=0)
+
+
+def count_forwards(monkeypatch, stop_at=None):
+    """Count the images of each forward call; raise KeyboardInterrupt at call ``stop_at``."""
+    real = evaluate_module.scoring_forward
+    calls = []
+
+    def scoring_forward(*args, **kwargs):
+        forward = real(*args, **kwargs)
+
+        def counted(images):
+            calls.append(images.shape[0])
+            if stop_at is not None and len(calls) == stop_at:
+                raise KeyboardInterrupt
+            return forward(images)
+
+        return counted
+
+    monkeypatch.setattr(evaluate_module, "scoring_forward", scoring_forward)
+    return calls
+
+
+def same_report(a, b):
+    assert list(a.per_class) == list(b.per_class)
+    for table_a, table_b in ((a.per_class, b.per_class), ({"mean": a.mean}, {"mean": b.mean})):
+        for cls, vals in table_a.items():
+            for k, v in vals.items():
+                w = table_b[cls][k]
+                assert (math.isnan(v) and math.isnan(w)) or v == pytest.approx(w, abs=1e-9), k
+
+
+@pytest.mark.parametrize("mode", ["exact", "binned"])
+def test_a_stopped_evaluation_resumes_with_the_classes_it_had_not_finished(
+    synth, tmp_path, monkeypatch, model, mode
+):
+    ds = AnomalyDataset(synth, "test", image_size=SIZE)
+    kw = dict(device=CPU, batch_size=4, progress=False, metric_mode=mode, num_bins=256)
+    whole = evaluate(model, ds, **kw)
+    path = tmp_path / "ev" / "progress.jsonl"
+    count_forwards(monkeypatch, stop_at=4)  # batches 1-2 are tile's, 3-4 plate's
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, ds, progress_file=path, **kw)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines[0]["crane"] == "evaluate" and [r["class"] for r in lines[1:]] == ["tile"]
+    assert lines[1]["n_images"] == 8
+
+    calls = count_forwards(monkeypatch)
+    res = evaluate(model, ds, progress_file=path, resume=True, **kw)
+    assert sum(calls) == 8 and res.n_images == 8 and res.n_resumed == 8  # plate's only
+    same_report(res.report, whole.report)
+    if mode == "binned":
+        assert res.report.bounds["tile"] == whole.report.bounds["tile"]
+        assert res.report.mean_bounds == pytest.approx(whole.report.mean_bounds)
+    # Every class recorded: a resume only rebuilds the report.
+    calls.clear()
+    again = evaluate(model, ds, progress_file=path, resume=True, **kw)
+    assert calls == [] and again.n_resumed == 16
+    same_report(again.report, whole.report)
+
+
+def test_resume_refuses_other_settings_and_redoes_a_class_without_its_overlays(
+    synth, tmp_path, monkeypatch, model
+):
+    ds = AnomalyDataset(synth, "test", image_size=SIZE)
+    path = tmp_path / "progress.jsonl"
+    viz = tmp_path / "viz"
+    kw = dict(device=CPU, batch_size=4, progress=False, visualize_dir=viz)
+    count_forwards(monkeypatch, stop_at=4)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, ds, progress_file=path, **kw)
+    before = path.read_bytes()
+    for change, named in [
+        (dict(aupro="legacy"), "aupro"),
+        (dict(metric_mode="binned"), "metric_mode, num_bins"),
+        (dict(dataset=AnomalyDataset(synth, "test", ["tile"], image_size=SIZE)), "samples_sha"),
+        (dict(model=create_model("tiny+", image_size=SIZE, seed=1)), "prompts_sha256"),
+        (dict(visualize_dir=tmp_path / "other"), "visualize"),
+    ]:
+        args = {"model": model, "dataset": ds, **kw, **change}
+        with pytest.raises(CraneError, match=f"started with other {named}"):
+            evaluate(args.pop("model"), args.pop("dataset"), progress_file=path, resume=True,
+                     **args)  # fmt: skip
+    assert path.read_bytes() == before
+    with pytest.raises(CraneError, match="needs the progress_file"):
+        evaluate(model, ds, resume=True, **kw)
+
+    next((viz / "tile").iterdir()).unlink()  # an overlay that was never written
+    calls = count_forwards(monkeypatch)
+    res = evaluate(model, ds, progress_file=path, resume=True, **kw)
+    assert sum(calls) == 16 and res.n_resumed == 0  # tile again, for its overlays
+    assert len(list((viz / "tile").iterdir())) == 8
+
+
+def test_cli_evaluate_resume(synth, tmp_path, monkeypatch, capsys, caplog):
+    from crane.cli import main
+
+    out = tmp_path / "ev"
+    argv = ["evaluate", "--dataset", "mvtec", "--root", str(synth), "--model", "tiny+",
+            "--batch-size", "4", "--no-progress", "--out", str(out)]  # fmt: skip
+    count_forwards(monkeypatch, stop_at=4)
+    assert main(argv) == 130
+    assert "1 of 2 classes are recorded" in caplog.text and "--resume" in caplog.text
+    assert main(argv) == 2
+    assert "holds an interrupted run" in capsys.readouterr().err
+    calls = count_forwards(monkeypatch)
+    assert main([*argv, "--resume"]) == 0
+    assert sum(calls) == 8
+    assert "8 more from the interrupted run" in capsys.readouterr().out
+    data = json.loads((out / "metrics.json").read_text())
+    assert data["n_images"] == 16 and data["n_images_resumed"] == 8
+    assert list(data["per_class"]) == ["tile", "plate"]
+    assert not (out / "progress.jsonl").exists()
+    assert main([*argv, "--resume"]) == 2
+    assert "no interrupted run to resume (its run finished)" in capsys.readouterr().err
