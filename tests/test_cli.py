@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 import subprocess
@@ -153,7 +154,19 @@ def test_train_resume_evaluate_calibrate_predict(tmp_path):
         "0.2",
     )
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["image_threshold"] is not None and cfg["provenance"]["calibration"]["mode"] == "fpr"
+    how = cfg["provenance"]["calibration"]
+    assert cfg["image_threshold"] is not None and how["mode"] == "fpr"
+    assert how["split"] == "test" and how["precision"] == "fp32" and how["n_images"] == 16
+    # The decisions predict makes one image at a time (scores differ from calibrate's batches
+    # of 4 in the last bits) give the rates calibrate stated: the threshold keeps a margin.
+    files = str(data / "*" / "test" / "*" / "*.png")
+    crane("predict", files, "--model", str(run), "--out", str(tmp_path / "pred1"),
+          "--batch-size", "1", "--no-overlays", "--no-progress")  # fmt: skip
+    rows = list(csv.DictReader(open(tmp_path / "pred1" / "predictions.csv")))
+    flagged = {x["path"]: x["decision"] == "anomalous" for x in rows}
+    normal = [v for k, v in flagged.items() if "/good/" in k]
+    assert len(rows) == 16 and how["fpr"] == sum(normal) / len(normal) <= 0.2
+    assert how["recall"] == (sum(flagged.values()) - sum(normal)) / (16 - len(normal))
 
     out = tmp_path / "pred"
     crane(
@@ -321,6 +334,7 @@ def test_a_bad_cpu_kernels_variable_fails_before_any_work(tmp_path, capsys, monk
         (["predict", "x.png", "--threshold", "-5"], "--threshold -5.0 is out of range"),
         (["calibrate", "--mode", "fpr", "--target-fpr", "1.5"], "--target-fpr 1.5 is out of range"),
         (["predict", "x.png", "--device", "tpu"], "--device tpu: not a device"),
+        (["calibrate", "--target-fpr", "0.1"], "--target-fpr applies to --mode fpr only"),
     ],
 )
 def test_bad_numbers_and_devices_are_refused_up_front(tmp_path, capsys, argv, message):
@@ -409,6 +423,18 @@ def test_demo_refuses_a_folder_with_other_files(tmp_path, capsys):
     assert main(["demo", "--out", str(out), "--epochs", "1"]) == 2
     assert "is not empty" in capsys.readouterr().err
     assert (out / "predict" / "predictions.csv").read_text() == "keep"
+    assert main(["demo", "--out", str(tmp_path / "new"), "--epochs", "0"]) == 2
+    assert "epochs >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # refused before writing anything
+
+
+def test_demo_json_has_no_nan():
+    from crane.engine.demo import _no_nan
+
+    value = {"a": math.nan, "b": [1.0, math.nan], "c": {"d": (math.nan,)}, "e": "x"}
+    assert json.loads(json.dumps(_no_nan(value), allow_nan=False)) == {
+        "a": None, "b": [1.0, None], "c": {"d": [None]}, "e": "x"
+    }  # fmt: skip
 
 
 def test_predict_exits_non_zero_when_no_input_could_be_read(tmp_path):

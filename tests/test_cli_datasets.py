@@ -67,6 +67,9 @@ def test_user_errors_exit_2_without_traceback(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["datasets", "check", "--root", str(tmp_path)]) == 2
     assert "no meta.json" in capsys.readouterr().err
+    (tmp_path / "meta.json").write_text("{}")  # the name is still what is wrong
+    assert main(["datasets", "prepare", "nosuchset", "--root", str(tmp_path)]) == 2
+    assert "unknown dataset 'nosuchset'" in capsys.readouterr().err
 
 
 def test_synth_then_check(tmp_path, capsys):
@@ -114,6 +117,27 @@ def test_module_entry_point_subprocess():
     assert proc.returncode == 0, proc.stderr
     for name in ("mvtec", "visa", "headct", "cvc-clinicdb", "generic"):
         assert f"{name}: " in proc.stdout
+
+
+def test_a_closed_pipe_stops_the_listing_quietly():
+    """`crane datasets list | head -1`: the reader has gone; no error message, no traceback
+    (also when the output only leaves at the final flush)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src")}
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "crane.cli", "datasets", "list"],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            env=env,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and err == "", err
 
 
 def test_cli_data_path_does_not_import_torch():

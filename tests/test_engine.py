@@ -455,6 +455,49 @@ def test_calibration_thresholds_against_brute_force():
             assert (scores[labels == 0] >= lower.max()).mean() > target
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_calibrated_thresholds_keep_a_margin_from_every_score(seed):
+    """A threshold on (or one float step from) an image's score flips that image's decision
+    when its score moves in the last float32 bit (another batch size): the threshold lies
+    midway between the neighbouring scores, and decisions match the stated statistics for
+    scores moved by far more than float32 rounding."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(4, 60))
+    scores = rng.random(n).astype(np.float32)
+    scores[rng.integers(0, n, n // 4)] = scores[0]  # ties
+    labels = rng.random(n) < 0.5
+    labels[:2] = [True, False]
+    distinct = np.unique(scores.astype(np.float64))
+    gap = np.diff(distinct).min() if distinct.size > 1 else 1.0
+    for t, stats in (
+        f1_optimal_threshold(scores, labels),
+        fpr_threshold(scores, labels, 0.1),
+        fpr_threshold(scores, labels, 0.0),
+    ):
+        margin = np.abs(scores.astype(np.float64) - t).min()
+        assert margin >= gap / 2 * (1 - 1e-12)
+        for jitter in (-1e-6 * gap, 0.0, 1e-6 * gap):
+            pred = scores + jitter >= t
+            if "f1" in stats:
+                tp = (pred & labels).sum()
+                assert 2 * tp / (pred.sum() + labels.sum()) == pytest.approx(stats["f1"])
+            else:
+                assert pred[~labels].mean() == pytest.approx(stats["fpr"])
+                assert pred[labels].mean() == pytest.approx(stats["recall"])
+
+
+def test_calibration_refuses_scores_it_cannot_use():
+    with pytest.raises(CraneError, match="1 score\\(s\\) are NaN or infinite"):
+        fpr_threshold([0.1, math.nan, 0.9, 0.8], [0, 0, 1, 1], 0.0)
+    with pytest.raises(CraneError, match="NaN or infinite"):
+        f1_optimal_threshold([0.1, math.inf], [0, 1])
+    with pytest.raises(CraneError, match="3 scores for 4 labels"):
+        f1_optimal_threshold([0.1, 0.2, 0.3], [0, 1, 0, 1])
+    # A target a rounding step below 1 allows n - 1 false positives of n, not n.
+    t, stats = fpr_threshold([0.1, 0.2, 0.9], [0, 0, 1], 1 - 1e-12)
+    assert stats["fpr"] == 0.5 and 0.1 < t <= 0.2
+
+
 def test_paper_protocol_table():
     assert paper_protocol("mvtec", "crane+") == {
         "prompts": "official:visa",

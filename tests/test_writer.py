@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -131,6 +132,49 @@ def test_overlay_and_jet_are_bitwise_the_reference_formulas(mode, kw):
         assert np.array_equal(a, before)  # the caller's map is not changed in place
     lo, hi = kw.get("vmin", 0.0), kw.get("vmax", 1.0)
     assert np.array_equal(jet((full - lo) / (hi - lo)), heat)  # heat: of the last map, full
+
+
+def test_overlay_of_odd_inputs():
+    """A NaN in the map is drawn as 0 without spreading; a colour mask counts any non-zero
+    channel; a 16-bit image object is scaled like a 16-bit file, not clipped at 255; an empty
+    value range is refused."""
+    rng = np.random.default_rng(2)
+    im = Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    amap = rng.random((40, 60)).astype(np.float32)
+    holed = amap.copy()
+    holed[10, 10] = np.nan
+    zero = amap.copy()
+    zero[10, 10] = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (NaN cast to uint8 warned)
+        assert np.array_equal(np.asarray(overlay(im, holed)), np.asarray(overlay(im, zero)))
+    small = amap[::4, ::4].copy()
+    small[2, 2] = np.nan  # resized: NaN must not reach its neighbours
+    zsmall = small.copy()
+    zsmall[2, 2] = 0.0
+    assert np.array_equal(np.asarray(overlay(im, small)), np.asarray(overlay(im, zsmall)))
+    mask = np.zeros((40, 60), np.uint8)
+    mask[5:25, 10:40] = 1
+    rgba_mask = np.zeros((40, 60, 4), np.uint8)
+    rgba_mask[5:25, 10:40, 1] = 255
+    assert np.array_equal(
+        np.asarray(overlay(im, amap, rgba_mask)), np.asarray(overlay(im, amap, mask))
+    )
+    grey16 = rng.integers(0, 65536, (40, 60), dtype=np.uint16)
+    im16 = Image.fromarray(grey16)
+    assert im16.mode == "I;16"
+    scaled = Image.fromarray((grey16 // 257).astype(np.uint8))  # what a 16-bit file becomes
+    from crane.data.imageio import normalize_mode
+
+    assert np.array_equal(
+        np.asarray(overlay(im16, amap)), np.asarray(overlay(normalize_mode(im16), amap))
+    )
+    assert (
+        abs(np.asarray(overlay(im16, amap)).astype(int) - np.asarray(overlay(scaled, amap))).max()
+        <= 1
+    )
+    with pytest.raises(ValueError, match="vmax must be above vmin"):
+        overlay(im, amap, vmin=0.5, vmax=0.5)
 
 
 def test_overlay_png_is_lossless_with_the_fast_options(tmp_path):

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from crane.data.imageio import load_image
+from crane.data.imageio import load_image, normalize_mode
 from crane.files import atomic_write
 
 
@@ -51,12 +51,19 @@ def overlay(
     vmin: float = 0.0,
     vmax: float = 1.0,
 ) -> Image.Image:
-    """RGB overlay at the image's own size. ``amap`` is any size (resized bilinearly);
-    ``mask`` (same size as the image, non-zero = anomalous) is drawn as a green contour."""
+    """RGB overlay at the image's own size. ``amap`` is any size (resized bilinearly; NaN
+    drawn as 0); ``mask`` ((H, W), or (H, W, C) with any channel non-zero; non-zero =
+    anomalous; resized if need be) is drawn as a green contour. 16-bit and float images are
+    scaled as :func:`~crane.data.imageio.normalize_mode` does, not clipped at 255."""
+    if not vmax > vmin:
+        raise ValueError(f"vmax must be above vmin, got vmin={vmin}, vmax={vmax}")
+    if image.mode != "RGB":
+        image = normalize_mode(image)
     rgb = image if image.mode == "RGB" else image.convert("RGB")  # read only: no copy needed
     h, w = rgb.height, rgb.width
-    m = np.subtract(resize_map(np.asarray(amap, dtype=np.float32), h, w), vmin)
-    m /= max(vmax - vmin, 1e-12)
+    m = np.nan_to_num(np.asarray(amap, dtype=np.float32), nan=0.0)  # (NaN would spread)
+    m = np.subtract(resize_map(m, h, w), vmin)
+    m /= vmax - vmin
     if alpha == 0.5:
         # The float blend below, exactly: 0.5·a + 0.5·b is exact in float32 for bytes and the
         # cast truncates, so it equals (a + b) >> 1 — in integers, without float copies.
@@ -72,6 +79,8 @@ def overlay(
         out += heat
     if mask is not None:
         fg = np.asarray(mask) > 0
+        if fg.ndim == 3:  # (a colour or RGBA mask)
+            fg = fg.any(axis=-1)
         if fg.shape != (h, w):
             fg = (
                 np.asarray(

@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
             from crane.models.kernels import get_cpu_kernels
 
             get_cpu_kernels()
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        sys.stdout.flush()  # (a closed pipe then fails here, not in the interpreter's exit)
+        return rc
     except CraneError as exc:
         # Expected, user-facing failures: one clear paragraph, no traceback.
         print(f"crane: error: {exc}", file=sys.stderr)
@@ -54,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("crane: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`crane datasets list | head`): stop quietly. Python's advice:
+        # point stdout at devnull so the flush at exit does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except OSError as exc:
         # A folder that cannot be written, a file where a folder should be, a full disk ...:
         # the system's own message names the path; a traceback would add nothing for a user.

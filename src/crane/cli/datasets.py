@@ -80,9 +80,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from crane.data.layouts import prepare
+    from crane.data.layouts import get_layout, prepare
     from crane.data.meta import format_summary, meta_path, write_meta
 
+    get_layout(args.name)  # an unknown name is the first thing to say
     if meta_path(args.root).exists() and not args.overwrite:
         # Fail before a possibly long scan.
         raise DatasetError(f"{meta_path(args.root)} already exists; pass --overwrite to replace it")

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -249,7 +250,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", default="generic")
     p.add_argument("--split", default="test")
     p.add_argument("--mode", default="f1", choices=["f1", "fpr"])
-    p.add_argument("--target-fpr", type=float, default=0.05)
+    p.add_argument(
+        "--target-fpr",
+        type=float,
+        default=None,
+        help="--mode fpr: the largest false-positive rate allowed on the normal images, in "
+        "[0, 1) (default 0.05)",
+    )
     _device_decode_arg(p, rest="PNGs and")
     _device_resize_arg(p)
     _common(p)
@@ -301,7 +308,7 @@ def _runtime(args):
         ("lr", lambda v: v > 0 and math.isfinite(v)),
         ("image_size", lambda v: v is None or v >= 14),
         ("threshold", lambda v: v is None or 0 <= v <= 1),
-        ("target_fpr", lambda v: 0 < v < 1),
+        ("target_fpr", lambda v: 0 <= v < 1),
     ):
         value = getattr(args, flag, None)
         if value is not None and not ok(value):
@@ -542,6 +549,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scores(results) -> Iterator[float]:
+    """Each prediction's image score (its map is dropped: a dataset's maps need not fit in
+    memory); an unreadable image or a NaN score stops calibration, as ``predict`` would."""
+    from crane.engine.predict import Failure
+
+    for r in results:
+        if isinstance(r, Failure):
+            r.raise_()
+        yield r.score
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -552,6 +570,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     if not Path(args.model).is_dir():
         raise CraneError("calibrate stores the threshold in a run directory; --model must be one")
+    if args.target_fpr is not None and args.mode != "fpr":
+        raise CraneError("--target-fpr applies to --mode fpr only")
+    target_fpr = 0.05 if args.target_fpr is None else args.target_fpr
     device, _ = _runtime(args)
     _check_writable(Path(args.model))
     det = Detector(
@@ -566,18 +587,27 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         dino_weights=args.dino_weights,
         device_decode=args.device_decode,
         device_resize=args.device_resize,
+        map_size="model",  # (only the scores are used: no full-size maps are kept)
     )
     ds = open_dataset(args.root, args.dataset, args.split, det.size)
     paths = [str(Path(ds.root) / s.img_path) for s in ds.samples]
     labels = np.array([s.anomaly for s in ds.samples])
-    scores = np.array([p.score for p in det.predict(paths)])
+    scores = np.fromiter(_scores(det.predict_iter(paths)), dtype=np.float64)
     if args.mode == "f1":
         t, stats = f1_optimal_threshold(scores, labels)
     else:
-        t, stats = fpr_threshold(scores, labels, args.target_fpr)
-    how = {"mode": args.mode, "root": str(args.root), "n_images": len(paths), **stats}
+        t, stats = fpr_threshold(scores, labels, target_fpr)
+    how = {
+        "mode": args.mode,
+        "dataset": args.dataset,
+        "root": str(Path(args.root).resolve()),
+        "split": args.split,
+        "precision": args.precision,
+        "n_images": len(paths),
+        **stats,
+    }
     if args.mode == "fpr":
-        how["target_fpr"] = args.target_fpr
+        how["target_fpr"] = target_fpr
     update_threshold(args.model, t, how)
     print(
         f"image threshold {t:.6f} stored in {args.model} "

@@ -37,6 +37,8 @@ def run_demo(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train on one synthetic dataset (auxiliary), evaluate zero-shot on another (other seed)."""
+    if epochs < 1:  # (before any file is written)
+        raise CraneError(f"the demo trains for epochs >= 1, got {epochs}")
     out = Path(out)
     if (out / "report.html").exists() and not overwrite:
         raise CraneError(f"{out} already holds a demo; pass --overwrite or another --out")
@@ -85,15 +87,20 @@ def run_demo(
         "predict": {k: summary[k] for k in ("n_images", "n_failed")},
         "seconds": time.perf_counter() - t0,
     }
-    atomic_write_bytes(
-        out / "demo.json", (json.dumps(result, indent=2, default=_nan) + "\n").encode()
-    )
+    atomic_write_bytes(out / "demo.json", (json.dumps(_no_nan(result), indent=2) + "\n").encode())
     atomic_write_bytes(out / "report.html", _html(out, result).encode())
     return result
 
 
-def _nan(v: Any) -> Any:
-    return None
+def _no_nan(v: Any) -> Any:
+    """``v`` with every NaN float (an undefined metric) as None: strict JSON has no NaN."""
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _no_nan(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_no_nan(x) for x in v]
+    return v
 
 
 def _fmt(v: float | None) -> str:

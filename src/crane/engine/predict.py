@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -83,6 +83,13 @@ class Failure:
     path: str
     error: str
     reason: str = "unreadable"
+
+    def raise_(self) -> NoReturn:
+        """Raise it: :class:`~crane.errors.ImageReadError` for an unreadable file, else
+        :class:`~crane.errors.CraneError`."""
+        if self.reason == "unreadable":
+            raise ImageReadError(self.error)
+        raise CraneError(f"{self.path}: {self.error}")
 
 
 class _Decode(Dataset):
@@ -733,9 +740,7 @@ class Detector:
         results = []
         for r in self.predict_iter(expanded):
             if isinstance(r, Failure):
-                if r.reason == "unreadable":
-                    raise ImageReadError(r.error)
-                raise CraneError(f"{r.path}: {r.error}")
+                r.raise_()
             results.append(r)
         return results
 
