@@ -315,7 +315,11 @@ def _run_worker(args: argparse.Namespace, name: str) -> dict:
     cmd += ["--small"] if args.small else []
     cmd += ["--naive-maps", str(args.naive_maps)]
     print(f"  running {name} ...", file=sys.stderr, flush=True)
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    try:
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    except subprocess.CalledProcessError as exc:
+        print(exc.stderr, file=sys.stderr)  # (the worker's traceback; check=True hides it)
+        raise
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -22,7 +22,10 @@ main thread's time goes. Training: features encoded once, then epochs over the c
 ``--cfg FIELD=VALUE`` changes the model config of every preset (for instance the DINOv2
 precision options), ``--compile`` compiles the optimised model and end-to-end paths.
 Prints tables; --json writes every figure (updated after each row). Accuracy guard:
-max |bf16 − fp32| of maps and scores. See also ``variants.py`` (which speed options pay off).
+max |bf16 − fp32| of maps and scores on the same inputs; a map difference above 1e-2 is
+reported and makes the exit status 1. Peak memory: tensor memory allocated on CUDA; on the CPU
+the RSS growth over the step (the weights already resident not counted). See also
+``variants.py`` (which speed options pay off).
 """
 
 from __future__ import annotations
@@ -53,15 +56,37 @@ import crane.engine.predict as predict_module
 from crane.config import CraneConfig
 from crane.constants import ATTENTION_KERNELS
 from crane.engine.predict import Detector, Prediction, check_device_decode
+from crane.engine.runtime import autocast_dtype
 from crane.errors import CraneError
 from crane.models import create_model, kernels, scoring, vision
 
 
+def _status_kb(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+# The CPU's RSS when reset_peak last ran (kB), or None where the peak cannot be reset.
+_cpu_rss_at_reset: list[int | None] = [None]
+
+
 def peak_mem_mb(device: torch.device) -> float:
-    """Peak tensor memory on CUDA since the last reset; the process's peak RSS on CPU."""
+    """CUDA: peak tensor memory allocated since :func:`reset_peak`. CPU: how far the process's
+    RSS rose above its level at :func:`reset_peak` (the step's working memory; the weights
+    already resident are not counted), from Linux's VmHWM, which the reset restarts; where it
+    cannot (no /proc), the process's lifetime peak RSS, an over-estimate."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    hwm, base = _status_kb("VmHWM"), _cpu_rss_at_reset[0]
+    if hwm is None or base is None:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return max(hwm - base, 0) / 1024
 
 
 def peak_reserved_mb(device: torch.device) -> float | None:
@@ -82,6 +107,14 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+        return
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # restart VmHWM from the current RSS
+        _cpu_rss_at_reset[0] = _status_kb("VmRSS")
+    except OSError:
+        _cpu_rss_at_reset[0] = None
 
 
 def sync(device: torch.device) -> None:
@@ -97,7 +130,7 @@ def baseline_forward(model, images: torch.Tensor):
     cfg = model.cfg
     with reference_mlp(), kernels.cpu_kernels("torch"):
         vis = model.encode_images(images)
-    text = model.text_features()
+    text = model.text_features(vis.global_feat if cfg.image_context_inference else None)
     logits = scoring.patch_logits(vis.patch_sets, text, cfg.pixel_temperature)
     maps = scoring.anomaly_map(logits, images.shape[-1], cfg.map_combine).cpu().numpy()
     maps = np.stack([gaussian_filter(m, sigma=cfg.sigma) for m in maps])
@@ -114,14 +147,18 @@ def reference_mlp():
 
 
 def time_it(fn, device, warmup=1, reps=3) -> float:
+    """Median seconds of ``reps`` calls after ``warmup`` (one slow call, another process
+    taking the cores for a moment, does not move it)."""
     for _ in range(warmup):
         fn()
-    sync(device)
-    t = time.perf_counter()
+    times = []
     for _ in range(reps):
+        sync(device)
+        t = time.perf_counter()
         fn()
-    sync(device)
-    return (time.perf_counter() - t) / reps
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
 
 
 def bench_model(
@@ -154,6 +191,7 @@ def bench_model(
     out["opt_fp32_peak_mb"] = peak_mem_mb(device)
     s32, m32 = (t.cpu() for t in det.predict_tensor(x))
     out["baseline_vs_opt_fp32_max_abs_diff_map"] = float(np.abs(b_maps - m32.numpy()).max())
+    out["baseline_vs_opt_fp32_max_abs_diff_score"] = float((b_scores - s32).abs().max())
     out["speedup_fp32"] = out["opt_fp32_img_s"] / out["baseline_fp32_img_s"]
     if device.type == "cpu" and kernels.onednn_available():
         # The optimised path with torch's fp32 CPU kernels: what oneDNN's (default) bring.
@@ -185,12 +223,17 @@ def bench_model(
         s16, m16 = (t.cpu() for t in det_amp.predict_tensor(x))
         out["max_abs_diff_map"] = float((m16 - m32).abs().max())
         out["max_abs_diff_score"] = float((s16 - s32).abs().max())
+        out["map_guard_ok"] = out["max_abs_diff_map"] <= MAP_GUARD  # (False for NaN too)
         out[f"speedup_{amp}"] = out[f"opt_{amp}_img_s"] / out["baseline_fp32_img_s"]
         out["compiled"] = compile_model
         out["attention"] = attention
         del det_amp, fast
         release(device)
     return out
+
+
+#: Issue 6's accuracy guard: max |reduced-precision map - fp32 map| on the same inputs.
+MAP_GUARD = 1e-2
 
 
 def make_jpegs(folder: Path, n: int, px: int, workers: int) -> list[str]:
@@ -274,9 +317,12 @@ def _end_to_end_row(det, base, device, paths, amp, compile_model) -> dict:
     chunk_timer = ChunkTimer()
     launch, collect = Detector._launch, Detector._collect
 
+    marks: list[tuple[float, int]] = []  # (when each launch began, its images)
+
     def timed_launch(batch):
         spent["decode"] += sum(item["decode_s"] for item in batch["ok"])
         t0 = time.perf_counter()
+        marks.append((t0, len(batch["ok"])))
         job = launch(det, batch)
         spent["launch"] += time.perf_counter() - t0
         return job
@@ -307,6 +353,12 @@ def _end_to_end_row(det, base, device, paths, amp, compile_model) -> dict:
         sync(device)
         dt = time.perf_counter() - t
     cpu = _process_cpu_s() - cpu0
+    # After the first batch: the images of batches 2.. over the time from batch 2's launch.
+    # (Not from the first result: the loop launches batch 2 before it hands out batch 1's
+    # results, and on the CPU a launch runs the whole forward.)
+    after = None
+    if len(marks) > 1 and dt > marks[1][0] - t:
+        after = (k - marks[0][1]) / (dt - (marks[1][0] - t))
     return {
         "preset": base.cfg.name,
         "n_files": k,
@@ -321,7 +373,7 @@ def _end_to_end_row(det, base, device, paths, amp, compile_model) -> dict:
         "compiled": compile_model,
         "end_to_end_img_s": k / dt,
         "first_batch_s": first,
-        "after_first_batch_img_s": (k - batch) / (dt - first) if k > batch else None,
+        "after_first_batch_img_s": after,
         "peak_mb": peak_mem_mb(device),
         "main_launch_s": spent["launch"],
         "main_collect_s": spent["collect"],
@@ -567,7 +619,6 @@ def bench_evaluate(
     (``device_resize``: the same inputs), in the same run."""
     from crane.data import AnomalyDataset
     from crane.engine.evaluate import evaluate
-    from crane.engine.runtime import autocast_dtype
 
     out: dict = {"preset": base.cfg.name, "workers": workers, "batch": batch, "precision": amp}
     ds = AnomalyDataset(root, "test", image_size=base.cfg.image_size)
@@ -604,7 +655,6 @@ def bench_train(base: torch.nn.Module, device: torch.device, n: int, epochs: int
     time epochs over the cached features (batch 8, Adam on the prompts)."""
     from crane.engine.features import FeatureCache
     from crane.engine.losses import crane_loss
-    from crane.engine.runtime import autocast_dtype
 
     model = copy.deepcopy(base).to(device)
     s = model.cfg.image_size
@@ -626,6 +676,7 @@ def bench_train(base: torch.nn.Module, device: torch.device, n: int, epochs: int
                 "path": f"img{i}",
             }
 
+    reset_peak(device)
     t = time.perf_counter()
     cache = FeatureCache.build(
         model,
@@ -638,6 +689,8 @@ def bench_train(base: torch.nn.Module, device: torch.device, n: int, epochs: int
     )
     sync(device)
     encode_s = time.perf_counter() - t
+    encode_peak = peak_mem_mb(device)
+    reset_peak(device)
     opt = torch.optim.Adam(model.trainable_parameters(), lr=1e-3, betas=(0.6, 0.999))
     model.train()
     times = []
@@ -660,7 +713,11 @@ def bench_train(base: torch.nn.Module, device: torch.device, n: int, epochs: int
         "image_size": s,
         "encode_precision": amp,
         "encode_once_s": encode_s,
+        "encode_img_s": n / encode_s,
+        "encode_peak_mb": encode_peak,
         "cached_epoch_s": float(np.median(times)),
+        "epoch_img_s": n / float(np.median(times)),
+        "epoch_peak_mb": peak_mem_mb(device),
         "epoch_times_s": times,
         "cache": cache.location,
         "cache_gb": (cache.patch_sets.numel() * cache.patch_sets.element_size()) / 1e9,
@@ -836,6 +893,12 @@ def main(argv=None) -> int:
         "with a device one, the decode accuracy rows too",
     )
     ap.add_argument(
+        "--no-e2e-baseline",
+        action="store_true",
+        help="skip the end-to-end fp32 baseline row (exact decode, maps at input size, eager; "
+        "over at most 8 batches of the files) that the e2e rows' speedup is measured against",
+    )
+    ap.add_argument(
         "--decode",
         nargs="*",
         default=list(DECODE_MODES),
@@ -864,9 +927,10 @@ def main(argv=None) -> int:
         [*QUICK_PARTS_PRESETS, "crane", "crane+"] if args.quick else ["crane", "crane+"]
     )
     device = torch.device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(torch.get_num_threads())
-    amp = args.amp or ("bf16" if device.type == "cuda" else "fp32")
+    # The optimised path runs in bf16 on CUDA and with --quick (so the accuracy guard is
+    # computed); a full CPU run stays fp32 unless --amp says otherwise.
+    amp = args.amp or ("bf16" if device.type == "cuda" or args.quick else "fp32")
+    autocast_dtype(amp, device)  # fp16 on a CPU fails now, not after the baseline's timing
     overrides = dict(args.cfg)
     results: dict = {
         "cfg_overrides": overrides,
@@ -930,12 +994,28 @@ def main(argv=None) -> int:
             if any(on_device for _, _, on_device, _ in combos):
                 n = min(len(paths), 32)
                 record("decode_accuracy", bench_decode_accuracy(base, device, paths[:n], amp))
+            baseline = None
+            if combos and not args.no_e2e_baseline:
+                workers = args.e2e_workers or args.workers
+                first = workers if isinstance(workers, int) else workers[0]
+                baseline = next(
+                    iter(
+                        bench_end_to_end(
+                            base, device, paths[: 8 * args.batch], args.batch, first, "fp32"
+                        )
+                    )
+                )
+                baseline["role"] = "baseline_fp32"
+                record("end_to_end", baseline)
             for fast, map_size, on_device, resize in combos:
                 for row in bench_end_to_end(
                     base, device, paths, args.batch, args.e2e_workers or args.workers, amp,
                     fast, map_size, args.compile, args.attention, args.e2e_threads, on_device,
                     resize,
                 ):  # fmt: skip
+                    if baseline is not None:
+                        ratio = row["end_to_end_img_s"] / baseline["end_to_end_img_s"]
+                        row["speedup_vs_fp32_baseline"] = ratio
                     record("end_to_end", row)
             if paths and "latency" in parts:
                 record("latency", bench_latency(base, device, paths[0], args.workers, amp))
@@ -975,6 +1055,7 @@ def main(argv=None) -> int:
             f"opt_{amp}_peak_reserved_mb",
             "max_abs_diff_map",
             "max_abs_diff_score",
+            "map_guard_ok",
         ],
     )
     table(
@@ -992,6 +1073,7 @@ def main(argv=None) -> int:
             "map_size",
             "compiled",
             "end_to_end_img_s",
+            "speedup_vs_fp32_baseline",
             "first_batch_s",
             "after_first_batch_img_s",
             "peak_mb",
@@ -1048,7 +1130,11 @@ def main(argv=None) -> int:
             "image_size",
             "encode_precision",
             "encode_once_s",
+            "encode_img_s",
+            "encode_peak_mb",
             "cached_epoch_s",
+            "epoch_img_s",
+            "epoch_peak_mb",
             "cache",
             "cache_gb",
         ],
@@ -1087,6 +1173,15 @@ def main(argv=None) -> int:
         ],
     )
     save(results, args.json)
+    failed = [r for r in results["model"] if r.get("map_guard_ok") is False]
+    if failed:
+        for r in failed:
+            print(
+                f"ACCURACY GUARD FAILED: {r['preset']} batch {r['batch']}: max |{amp} - fp32| "
+                f"of the maps {r['max_abs_diff_map']:.3g} > {MAP_GUARD}",
+                file=sys.stderr,
+            )
+        return 1
     return 0
 
 
@@ -1118,11 +1213,22 @@ def host() -> dict:
     }
 
 
+def strict_json(value):
+    """``value`` with NaN and infinite floats as None: strict JSON has neither."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def save(results: dict, path: str | None) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(path).with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        tmp.write_text(json.dumps(strict_json(results), indent=2, allow_nan=False) + "\n")
         tmp.replace(path)
 
 

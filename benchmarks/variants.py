@@ -45,11 +45,11 @@ from crane.engine.predict import Detector
 from crane.models.vision import half_precision_attention
 
 
-def timed(det: Detector, x: torch.Tensor, reps: int) -> tuple[float, float]:
+def timed(det: Detector, x: torch.Tensor, reps: int) -> tuple[float, float | None]:
     det.predict_tensor(x)  # warm-up (text features, compilation, cuDNN plans)
     reset_peak(x.device)
     dt = time_it(lambda: det.predict_tensor(x), x.device, warmup=1, reps=reps)
-    peak = peak_mem_mb(x.device) if x.is_cuda else float("nan")
+    peak = peak_mem_mb(x.device) if x.is_cuda else None  # (strict JSON: no NaN)
     return x.shape[0] / dt, peak
 
 
@@ -221,9 +221,9 @@ def main(argv=None) -> int:
     print("| variant | img/s | peak MB | max abs Δ map | max abs Δ score |")
     print("|---|---|---|---|---|")
     for r in rows:
-        d1, d2 = r.get("max_abs_diff_map"), r.get("max_abs_diff_score")
+        d1, d2, peak = r.get("max_abs_diff_map"), r.get("max_abs_diff_score"), r["peak_mb"]
         print(
-            f"| {r['variant']} | {r['img_s']:.3g} | {r['peak_mb']:.0f} | "
+            f"| {r['variant']} | {r['img_s']:.3g} | {'-' if peak is None else f'{peak:.0f}'} | "
             f"{'-' if d1 is None else f'{d1:.2e}'} | {'-' if d2 is None else f'{d2:.2e}'} |"
         )
     print(f"DINOv2 LayerScale {scale}")

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -253,16 +254,29 @@ def test_throughput_runs_every_part_with_config_changes(throughput, tmp_path, mo
         assert row["onednn_vs_torch_kernels"] == pytest.approx(ratio)
     # Only the combination asked for, at each worker and thread count asked for (one
     # Detector); the thread count is restored afterwards.
-    rows = [(r["workers"], r["main_threads"]) for r in res["end_to_end"]]
+    # First the fp32 baseline (exact decode, maps at input size) the others are measured
+    # against, in the same run.
+    baseline, *optimised = res["end_to_end"]
+    assert baseline["role"] == "baseline_fp32" and baseline["precision"] == "fp32"
+    assert (baseline["fast_decode"], baseline["map_size"], baseline["workers"]) == (
+        False, "input", 1
+    )  # fmt: skip
+    assert kernels.count(("fp32", "auto")) == 1 + 2  # the baseline, and bench_model's twice
+    rows = [(r["workers"], r["main_threads"]) for r in optimised]
     assert threads > 1  # (2 cores here) so that the two thread counts differ
     assert rows == [(1, 1), (1, threads), (0, 1), (0, threads)]  # 0: as it was
     assert torch.get_num_threads() == threads
     for e2e in res["end_to_end"]:
         assert e2e["main_cpu_per_s"] > 0
-    for e2e in res["end_to_end"]:
+    for e2e in optimised:
         assert (e2e["fast_decode"], e2e["map_size"], e2e["n_files"]) == (True, "model", 3)
         assert e2e["precision"] == "bf16"
-    e2e = res["end_to_end"][0]
+        ratio = e2e["end_to_end_img_s"] / baseline["end_to_end_img_s"]
+        assert e2e["speedup_vs_fp32_baseline"] == pytest.approx(ratio)
+        # The rate after the first batch is the rate of the later batches' work (it was
+        # divided by the time of one batch fewer: thousands of img/s on the CPU).
+        assert 0 < e2e["after_first_batch_img_s"] < 3 * e2e["end_to_end_img_s"]
+    e2e = optimised[0]
     modes = [
         (d["fast_decode"], d["fast_resize"], d["device_decode"], d["device_resize"])
         for d in res["decode"]
@@ -293,6 +307,36 @@ def test_throughput_runs_every_part_with_config_changes(throughput, tmp_path, mo
     assert res["evaluate"][0]["max_abs_diff_device_resize"] <= 1e-6
 
 
+def test_cpu_peak_memory_is_the_growth_since_the_reset(throughput):
+    cpu = torch.device("cpu")
+    big = np.ones(64 * 2**20, np.uint8)  # 64 MiB, touched
+    del big
+    throughput.reset_peak(cpu)
+    assert throughput.peak_mem_mb(cpu) < 32  # not the lifetime peak (the 64 MiB above)
+    held = np.ones(48 * 2**20, np.uint8)
+    assert throughput.peak_mem_mb(cpu) >= 40
+    del held
+
+
+def test_throughput_accuracy_guard_fails_the_run(throughput, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(throughput, "MAP_GUARD", 0.0)  # any bf16 difference now fails it
+    out = tmp_path / "t.json"
+    argv = ["--device", "cpu", "--presets", "tiny", "--amp", "bf16", "--batch", "2",
+            "--only", "model", "--json", str(out)]  # fmt: skip
+    assert throughput.main(argv) == 1
+    assert "ACCURACY GUARD FAILED: tiny batch 2" in capsys.readouterr().err
+    rows = json.loads(out.read_text())["model"]
+    assert [r["map_guard_ok"] for r in rows] == [False, False]
+
+
+def test_throughput_json_is_strict(throughput, tmp_path):
+    path = tmp_path / "r.json"
+    throughput.save({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": 2}}, str(path))
+    assert json.loads(path.read_text(), parse_constant=pytest.fail) == {
+        "a": None, "b": [1.0, None], "c": {"d": 2}
+    }  # fmt: skip
+
+
 def test_throughput_device_decode_rows_and_accuracy(throughput, tmp_path):
     """End to end with JPEGs decoded on the device (here the CPU: torchvision's decoder) and
     with images resized on the device, the decode-only rows of those loaders, and how far
@@ -301,7 +345,7 @@ def test_throughput_device_decode_rows_and_accuracy(throughput, tmp_path):
     argv = [
         "--device", "cpu", "--presets", "tiny", "--batch", "2", "--files", "3",
         "--workers", "1", "--only", "e2e", "--e2e", "device-model", "exact-input",
-        "resize-input", "--decode", "device", "resize", "--json", str(out),
+        "resize-input", "--decode", "device", "resize", "--no-e2e-baseline", "--json", str(out),
     ]  # fmt: skip
     assert throughput.main(argv) == 0
     res = json.loads(out.read_text())
@@ -356,7 +400,7 @@ def test_throughput_json_keeps_the_rows_of_a_run_cut_short(throughput, tmp_path,
     argv = [
         "--device", "cpu", "--presets", "tiny", "--batch", "2", "--files", "2",
         "--workers", "0", "--only", "e2e", "latency", "--e2e", "fast-model",
-        "--decode", "fast", "--json", str(out),
+        "--decode", "fast", "--no-e2e-baseline", "--json", str(out),
     ]  # fmt: skip
     with pytest.raises(KeyboardInterrupt):
         throughput.main(argv)
@@ -375,7 +419,9 @@ def test_throughput_quick_mode_keeps_only_presets_and_sizes(throughput, tmp_path
         def bench(base, device, *args):
             calls.append((part, base.cfg.name, args))
             row = {"preset": base.cfg.name}
-            return [row] if part == "end_to_end" else row  # end to end: a row per worker count
+            if part == "end_to_end":  # a row per worker count
+                return [{**row, "end_to_end_img_s": 1.0}]
+            return row
 
         return bench
 
@@ -400,9 +446,9 @@ def test_throughput_quick_mode_keeps_only_presets_and_sizes(throughput, tmp_path
     # Only the asked-for parts and presets; the quick sizes fill what was not given.
     assert throughput.main(["--device", "cpu", "--quick", "--presets", "tiny", "--only", "model",
                             "train", "--batch", "4", "--json", str(out)]) == 0  # fmt: skip
-    assert calls == [
-        ("model", "tiny", (4, "fp32", 3, False, "auto")),
-        ("train", "tiny", (64, 3, "fp32")),
+    assert calls == [  # --quick: the optimised path in bf16, so the accuracy guard is computed
+        ("model", "tiny", (4, "bf16", 3, False, "auto")),
+        ("train", "tiny", (64, 3, "bf16")),
     ]
     assert json.loads(out.read_text())["model"] == [{"preset": "tiny"}]
     # A full-size preset: one image through the model part, whatever else was asked for.
@@ -411,13 +457,14 @@ def test_throughput_quick_mode_keeps_only_presets_and_sizes(throughput, tmp_path
                             "--only", "e2e", "model", "--e2e", "fast-model"]) == 0  # fmt: skip
     paths = [f"{i}.jpg" for i in range(32)]
     assert calls == [
-        ("model", "tiny", (8, "fp32", 3, False, "auto")),
+        ("model", "tiny", (8, "bf16", 3, False, "auto")),
+        ("end_to_end", "tiny", (paths, 8, 2, "fp32")),  # the fp32 baseline
         (
             "end_to_end",
             "tiny",
-            (paths, 8, 2, "fp32", True, "model", False, "auto", None, False, False),
+            (paths, 8, 2, "bf16", True, "model", False, "auto", None, False, False),
         ),
-        ("model", "crane", (1, "fp32", 1, False, "auto")),
+        ("model", "crane", (1, "bf16", 1, False, "auto")),
     ]
     calls.clear()
     assert (
@@ -430,8 +477,10 @@ def test_throughput_quick_mode_keeps_only_presets_and_sizes(throughput, tmp_path
     assert throughput.main(["--device", "cpu", "--quick", "--presets", "tiny", "--only", "eval",
                             "latency", "e2e", "--e2e", "fast-model", "--eval-images", "6",
                             "--workers", "3"]) == 0  # fmt: skip
-    assert [c[0] for c in calls] == ["end_to_end", "latency", "make_eval_dataset", "evaluate"]
-    assert calls[2] == ("make_eval_dataset", 6, 1024, 3)
+    assert [c[0] for c in calls] == [
+        "end_to_end", "end_to_end", "latency", "make_eval_dataset", "evaluate"
+    ]  # fmt: skip
+    assert calls[3] == ("make_eval_dataset", 6, 1024, 3)
 
 
 def test_random_models_get_unit_layer_scale(throughput):
