@@ -338,8 +338,11 @@ def test_static_text_cache_tracks_prompt_changes(images):
     torch.testing.assert_close(b, model.text_features())
 
 
-def test_checkpoint_round_trip_exact(tmp_path, images):
-    model = create_model("tiny+", seed=0)
+@pytest.mark.parametrize("seed", [0, 111])
+def test_checkpoint_round_trip_exact(tmp_path, images, seed):
+    """Also the random backbones of a tiny preset: a run trained with ``--seed 111`` (crane
+    train's default) reloads the backbones it was trained with, not seed 0's."""
+    model = create_model("tiny+", seed=seed)
     with torch.no_grad():
         for p in model.prompt_learner.parameters():
             p.add_(torch.randn_like(p))
@@ -353,6 +356,9 @@ def test_checkpoint_round_trip_exact(tmp_path, images):
     ):
         assert torch.equal(a, b), k
     assert loaded.image_threshold == 0.37 and loaded.cfg == model.cfg
+    assert loaded.backbone_seed == seed
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
     with torch.no_grad():
         torch.testing.assert_close(
             loaded(images).anomaly_maps, model(images).anomaly_maps, atol=0, rtol=0

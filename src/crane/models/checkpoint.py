@@ -81,8 +81,11 @@ def save_checkpoint(
     image_threshold: float | None = None,
     provenance: dict[str, Any] | None = None,
     overwrite: bool = False,
+    backbone_seed: int | None = None,
 ) -> Path:
-    """Write ``directory/{prompts.safetensors, config.json}`` atomically."""
+    """Write ``directory/{prompts.safetensors, config.json}`` atomically. ``backbone_seed``:
+    the seed of randomly initialised backbones (tiny presets), stored so the run reloads
+    them."""
     from safetensors.torch import save
 
     directory = Path(directory)
@@ -99,6 +102,8 @@ def save_checkpoint(
         "image_threshold": image_threshold,
         "provenance": provenance or {},
     }
+    if backbone_seed is not None:
+        meta["backbone_seed"] = int(backbone_seed)
     atomic_write_bytes(directory / TENSORS, save(tensors))
     atomic_write_bytes(
         directory / CONFIG, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()

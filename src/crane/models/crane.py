@@ -45,6 +45,10 @@ class CraneModel(nn.Module):
         self._text_cache: tuple[tuple, torch.Tensor] | None = None
         #: Set by :meth:`cast_frozen_matmuls`: the vision tower then needs autocast.
         self.matmul_dtype: torch.dtype | None = None
+        #: The seed of randomly initialised backbones (tiny presets, ``pretrained=False``), which
+        #: checkpoints store so that a saved run reloads the backbones it was trained with;
+        #: None for pretrained weights.
+        self.backbone_seed: int | None = None
 
     # -- training mode only touches the prompts; backbones stay in eval (no dropout etc.) ---
     def train(self, mode: bool = True) -> CraneModel:

@@ -68,7 +68,7 @@ def create_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     pretrained: bool = True,
-    seed: int = 0,
+    seed: int | None = None,
     matmul_dtype: torch.dtype | None = None,
     **overrides: Any,
 ) -> CraneModel:
@@ -82,7 +82,8 @@ def create_model(
             ``mvtec-medical``), a checkpoint directory, a state dict, or None for the
             random N(0, 0.02²) initialisation.
         pretrained: False builds randomly initialised backbones (tests, speed benchmarks).
-        seed: seeds every random initialisation, so tiny/random models are reproducible.
+        seed: seeds every random initialisation, so tiny/random models are reproducible
+            (default 0; for a checkpoint, the seed its random backbones were built with).
         matmul_dtype: bf16/fp16: the frozen matmul weights stored in that dtype, for inference
             under autocast of it (:meth:`CraneModel.cast_frozen_matmuls`; CLIP's are converted
             as they are read from a local weight file).
@@ -95,6 +96,8 @@ def create_model(
         cfg = cfg.replace(**overrides) if overrides else cfg
     else:
         cfg = get_config(str(name), **overrides)
+    if seed is None:
+        seed = int(meta.get("backbone_seed", 0))
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -106,6 +109,7 @@ def create_model(
             else None
         )
         model = CraneModel(cfg, clip, dino)
+        model.backbone_seed = seed if random_backbones else None
 
     if prompts is not None:
         state = load_prompt_state(prompts, cfg)
@@ -145,4 +149,5 @@ def save_model(
         image_threshold=model.image_threshold,
         provenance=provenance,
         overwrite=overwrite,
+        backbone_seed=model.backbone_seed,
     )
