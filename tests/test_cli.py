@@ -240,7 +240,7 @@ def test_unknown_preset_and_dataset_are_clear(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
 
 
-def test_model_selection_follows_the_paper_protocol(monkeypatch, tmp_path):
+def test_model_selection_follows_the_paper_protocol(monkeypatch, tmp_path, caplog):
     """Presets get the released prompts SPEC §7 names for the dataset; --paper-protocol also sets
     the map combination; run directories and tiny presets are loaded as they are."""
     import argparse
@@ -292,6 +292,9 @@ def test_model_selection_follows_the_paper_protocol(monkeypatch, tmp_path):
         str(tmp_path / "run"),
         {"prompts": None, "clip_weights": None, "dino_weights": None, "matmul_dtype": None},
     )
+    _load_model(args("tiny", paper=True), "visa")  # nothing to apply: said, not silent
+    assert "--paper-protocol: tiny has no released prompts; ignored" in caplog.text
+    calls.pop()
     # Under autocast (--precision bf16) the model is built for it: weights stored in bf16.
     _load_model(args("crane+"), "visa", torch.bfloat16)
     assert calls[6][1]["matmul_dtype"] is torch.bfloat16

@@ -44,6 +44,23 @@ def test_missing_clip_weights_offline_is_one_clear_paragraph(no_weights):
     assert W.CACHE_ENV in msg and "\n" not in msg
 
 
+def test_missing_clip_and_dino_weights_are_named_in_one_paragraph(no_weights, tmp_path):
+    """Crane+ without either file: one run's error names both (not CLIP now, DINOv2 next)."""
+    with pytest.raises(WeightsError) as exc:
+        create_model("crane+")
+    msg = str(exc.value)
+    assert "--clip-weights" in msg and W.CLIP_ENV in msg and "ViT-L-14-336px.pt" in msg
+    assert "--dino-weights" in msg and W.DINO_ENV in msg and "dinov2_vitb14_reg4_pretrain" in msg
+    assert "\n" not in msg
+    # With the DINOv2 file in place, only CLIP's is asked for.
+    dino = tmp_path / "empty-cache" / "dinov2_vitb14_reg4_pretrain.pth"
+    dino.parent.mkdir(parents=True)
+    dino.write_bytes(b"")
+    with pytest.raises(WeightsError) as exc:
+        create_model("crane+")
+    assert "--clip-weights" in str(exc.value) and "--dino-weights" not in str(exc.value)
+
+
 def test_missing_dino_weights_names_its_fix(no_weights, tmp_path):
     # An explicit path that does not exist is reported as such.
     with pytest.raises(WeightsError) as exc:

@@ -9,11 +9,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo", help="offline end-to-end run on synthetic data (tiny model, CPU-friendly)"
     )
-    p.add_argument("--out", default="crane-demo")
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--preset", default="tiny", choices=["tiny", "tiny+"])
+    p.add_argument("--out", default="crane-demo", help="default ./crane-demo")
+    p.add_argument("--epochs", type=int, default=15, help="default 15")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "tiny+"], help="default tiny")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="default cpu")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
 

@@ -28,8 +28,13 @@ def _common(p: argparse.ArgumentParser, batch: int = 8, with_compile: bool = Tru
     g.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if present)"
     )
-    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    g.add_argument("--batch-size", type=int, default=batch)
+    g.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16"],
+        help="fp32 (default), or bf16/fp16 autocast for the backbones (fp16: CUDA only)",
+    )
+    g.add_argument("--batch-size", type=int, default=batch, help=f"default {batch}")
     g.add_argument(
         "--workers",
         type=int,
@@ -110,13 +115,13 @@ def _device_decode_arg(p: argparse.ArgumentParser, when: str = "", rest: str = "
     )
 
 
-def _device_resize_arg(p: argparse.ArgumentParser, when: str = "") -> None:
+def _device_resize_arg(p: argparse.ArgumentParser, when: str = "", rest: str = "") -> None:
     p.add_argument(
         "--device-resize",
         action="store_true",
         help=f"decode images on the CPU as usual but resize large ones on the GPU{when}, bit "
         "for bit as PIL does: the reference pixels, with the CPUs only decoding (full-size "
-        "pixels are copied to the GPU). Not with --fast-decode",
+        f"pixels are copied to the GPU){rest}",
     )
 
 
@@ -129,11 +134,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--root", required=True, help="dataset root (meta.json used when present)")
     p.add_argument("--split", default="test", help="split to train on (reference: test)")
     p.add_argument("--classes", nargs="*", default=None)
-    p.add_argument("--preset", default="crane+")
+    p.add_argument("--preset", default="crane+", help="default crane+ (see `crane models`)")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=111)
+    p.add_argument("--epochs", type=int, default=5, help="default 5 (SPEC §6)")
+    p.add_argument("--lr", type=float, default=1e-3, help="default 1e-3 (SPEC §6)")
+    p.add_argument("--seed", type=int, default=111, help="default 111")
     p.add_argument("--image-size", type=int, default=None, help="default: the preset's")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--overwrite", action="store_true", help="start afresh in a non-empty --out")
@@ -153,7 +158,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="SPEC §7 settings for this dataset: released prompts and map combination",
     )
-    p.add_argument("--aupro", default="mvtec", choices=["mvtec", "legacy"])
+    p.add_argument(
+        "--aupro",
+        default="mvtec",
+        choices=["mvtec", "legacy"],
+        help="AUPRO definition: mvtec (default) or legacy (the reference code's)",
+    )
     p.add_argument(
         "--metric-mode",
         default="exact",
@@ -193,7 +203,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", metavar="PATH")
     _model_args(p, "crane+")
     p.add_argument("--out", required=True)
-    p.add_argument("--threshold", type=float, default=None, help="image decision threshold")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="image decision threshold (default: the run's calibrated one, if it has one; "
+        "without any, the decision column stays empty)",
+    )
     p.add_argument("--save-maps", action="store_true", help="also write raw maps as .npy")
     p.add_argument("--no-overlays", action="store_true")
     p.add_argument(
@@ -227,7 +243,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the CPUs only read files; other files are decoded on the CPU as usual. nvJPEG's "
         "decode may differ from the reference decoder's by a level or two",
     )
-    _device_resize_arg(p)
+    _device_resize_arg(p, rest=". Not with --fast-decode")
     p.add_argument(
         "--map-size",
         default="input",
@@ -247,9 +263,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--root", required=True, help="labelled dataset root (meta.json or --dataset layout)"
     )
-    p.add_argument("--dataset", default="generic")
-    p.add_argument("--split", default="test")
-    p.add_argument("--mode", default="f1", choices=["f1", "fpr"])
+    p.add_argument("--dataset", default="generic", help="layout name (default generic)")
+    p.add_argument("--split", default="test", help="default test")
+    p.add_argument(
+        "--mode",
+        default="f1",
+        choices=["f1", "fpr"],
+        help="f1 (default): the F1-optimal threshold; fpr: within --target-fpr",
+    )
     p.add_argument(
         "--target-fpr",
         type=float,
@@ -349,7 +370,10 @@ def _load_model(
             )
         if prompts is None:
             prompts, source = str(args.model), "the run directory"
-    elif not is_tiny(get_config(args.model)):
+    elif is_tiny(get_config(args.model)):
+        if getattr(args, "paper_protocol", False):
+            log.warning("--paper-protocol: %s has no released prompts; ignored", args.model)
+    else:
         proto = paper_protocol(dataset or "", args.model)
         if prompts is None:
             prompts, source = proto["prompts"], "the paper protocol (SPEC §7)"

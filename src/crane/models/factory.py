@@ -10,9 +10,10 @@ from typing import Any
 import torch
 
 from crane.config import CraneConfig, get_config, is_tiny
-from crane.errors import CheckpointError
+from crane.errors import CheckpointError, WeightsError
 from crane.models import checkpoint as ckpt
-from crane.models.backbones import build_clip, build_dino
+from crane.models import weights as W
+from crane.models.backbones import _dino_hub, build_clip, build_dino
 from crane.models.crane import CraneModel
 
 PACKAGED_OFFICIAL = Path(__file__).resolve().parents[1] / "assets" / "crane-official"
@@ -102,7 +103,12 @@ def create_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         random_backbones = not pretrained or is_tiny(cfg)
-        clip = build_clip(cfg, clip_weights, not random_backbones, matmul_dtype)
+        try:
+            clip = build_clip(cfg, clip_weights, not random_backbones, matmul_dtype)
+        except WeightsError as exc:
+            if not cfg.use_dattn or random_backbones:
+                raise
+            raise WeightsError(f"{exc}{_dino_missing_too(cfg, dino_weights)}") from exc.__cause__
         dino = (
             build_dino(cfg, dino_weights, pretrained=not random_backbones)
             if cfg.use_dattn
@@ -124,6 +130,26 @@ def create_model(
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
     return model
+
+
+def _dino_missing_too(cfg: CraneConfig, dino_weights: str | os.PathLike | None) -> str:
+    """For the CLIP weights' error of a Crane+ model: a sentence on the DINOv2 file when it is
+    missing as well, so that one run names every file to fetch (the CLIP error means the
+    hubs were not reachable either)."""
+    try:
+        local = W.resolve_local(
+            dino_weights, W.DINO_ENV, W.DINO_FILENAMES, "--dino-weights", "DINOv2", _dino_hub(cfg)
+        )
+    except WeightsError as exc:  # a path given for it that does not exist
+        return f" DINOv2, too: {exc}"
+    if local is not None:
+        return ""
+    name = W.DINO_FILENAMES[0]
+    return (
+        f" Crane+ also needs the DINOv2 weights, which are missing too: the file {name} (any "
+        f"of: {', '.join(W.DINO_FILENAMES)}), passed as --dino-weights /path/to/{name}, or set "
+        f"as {W.DINO_ENV}=/path/to/{name}, or copied to {W.cache_dir() / name}."
+    )
 
 
 def load_prompt_state(source: Any, cfg: CraneConfig) -> dict[str, torch.Tensor]:
