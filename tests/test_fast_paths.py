@@ -506,7 +506,7 @@ def test_cli_dino_precision_sets_the_config(flags, fp32, attn_fp16, fp16):
         if "--dino-bf16" in flags and cmd[0] == "evaluate":
             continue  # predict's older spelling only
         args = build_parser().parse_args([*cmd, "--model", "tiny+", *flags])
-        cfg = _load_model(args).cfg
+        cfg = _load_model(args)[0].cfg
         assert (cfg.dino_fp32, cfg.dino_attn_fp16, cfg.dino_fp16) == (fp32, attn_fp16, fp16)
 
 
@@ -522,7 +522,7 @@ def test_cli_dino_precision_overrides_what_a_run_stored(tmp_path):
         args = build_parser().parse_args(
             ["predict", "x.png", "--out", "o", "--model", str(run), "--dino-precision", flag]
         )
-        cfg = _load_model(args).cfg
+        cfg = _load_model(args)[0].cfg
         assert (cfg.dino_fp32, cfg.dino_fp16) == want, flag
 
 
