@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from throughput import cpu_model  # same folder
+from throughput import PeakRss, cpu_model  # same folder
 
 from crane.metrics import (
     MetricAccumulator,
@@ -137,43 +137,6 @@ def chunks(wl: Workload, classes: range | None = None) -> Iterator[tuple]:
 
 
 # ---------------------------------------------------------------- memory
-
-
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _malloc_trim() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class PeakRss:
-    """Peak RSS (bytes) beyond the RSS at start(), via VmHWM reset by /proc/self/clear_refs."""
-
-    def __init__(self) -> None:
-        self.base = 0
-        self.exact = True
-
-    def start(self) -> None:
-        _malloc_trim()  # hand freed heap back first, so reusing it is not hidden in the baseline
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM to the current RSS
-        except OSError:
-            self.exact = False  # fall back to the process-lifetime peak (an over-estimate)
-        self.base = _status_kb("VmRSS")
-
-    def peak(self) -> int:
-        return max(_status_kb("VmHWM") - self.base, 0) * 1024
 
 
 # ---------------------------------------------------------------- workers

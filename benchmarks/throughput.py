@@ -61,32 +61,60 @@ from crane.errors import CraneError
 from crane.models import create_model, kernels, scoring, vision
 
 
-def _status_kb(key: str) -> int | None:
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _malloc_trim() -> None:
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
         pass
-    return None
 
 
-# The CPU's RSS when reset_peak last ran (kB), or None where the peak cannot be reset.
-_cpu_rss_at_reset: list[int | None] = [None]
+class PeakRss:
+    """Peak RSS (bytes) beyond the RSS at :meth:`start`, via Linux's VmHWM, which writing 5
+    to /proc/self/clear_refs restarts. Freed heap is handed back first (``malloc_trim``):
+    otherwise glibc keeps the previous step's buffers and a step that reuses them shows no
+    growth. Where /proc cannot do this (``exact`` False), the process's lifetime peak RSS."""
+
+    def __init__(self) -> None:
+        self.base = 0
+        self.exact = True
+
+    def start(self) -> None:
+        gc.collect()
+        _malloc_trim()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current RSS
+            self.base = _status_kb("VmRSS")
+            self.exact = True
+        except (OSError, KeyError):
+            self.exact = False
+
+    def peak(self) -> int:
+        if not self.exact:
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return max(_status_kb("VmHWM") - self.base, 0) * 1024
+
+
+_cpu_peak = PeakRss()
 
 
 def peak_mem_mb(device: torch.device) -> float:
     """CUDA: peak tensor memory allocated since :func:`reset_peak`. CPU: how far the process's
     RSS rose above its level at :func:`reset_peak` (the step's working memory; the weights
-    already resident are not counted), from Linux's VmHWM, which the reset restarts; where it
-    cannot (no /proc), the process's lifetime peak RSS, an over-estimate."""
+    already resident are not counted; :class:`PeakRss`)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    hwm, base = _status_kb("VmHWM"), _cpu_rss_at_reset[0]
-    if hwm is None or base is None:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return max(hwm - base, 0) / 1024
+    return _cpu_peak.peak() / 2**20
 
 
 def peak_reserved_mb(device: torch.device) -> float | None:
@@ -108,13 +136,7 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         return
-    gc.collect()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # restart VmHWM from the current RSS
-        _cpu_rss_at_reset[0] = _status_kb("VmRSS")
-    except OSError:
-        _cpu_rss_at_reset[0] = None
+    _cpu_peak.start()
 
 
 def sync(device: torch.device) -> None:

@@ -339,7 +339,9 @@ def evaluate(
 
 def _with_resumed(report: MetricsReport, dataset, done: dict[str, dict]) -> MetricsReport:
     """The report of every class of ``dataset``, in its order: recorded ones from ``done``."""
-    order = dict.fromkeys(s.cls_name for s in dataset.samples)
+    # (A class none of whose images could be read is in neither, as in a run that never stopped.)
+    order = [c for c in dict.fromkeys(s.cls_name for s in dataset.samples)
+             if c in done or c in report.per_class]  # fmt: skip
     values = {c: done[c]["values"] if c in done else report.per_class[c] for c in order}
     bounds = None
     if report.bounds is not None:

@@ -965,7 +965,7 @@ def run_predict(
         },
     }
     atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
-    progress_path.unlink()  # (the run is complete: nothing left to resume)
+    progress_path.unlink(missing_ok=True)  # (the run is complete: nothing left to resume)
     if overwrite:  # files of an earlier run that this one did not replace
         ours = {names[r["path"]] for r in table}
         for sub, kept in (("overlays", overlays), ("maps", save_maps)):
