@@ -188,6 +188,7 @@ def test_train_resume_evaluate_calibrate_predict(tmp_path):
     assert len(list((out / "overlays").glob("*.jpg"))) == 8 + 3
     assert all(x["decision"] in ("normal", "anomalous") for x in rows)
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"] == "tiny" and summary["model_source"] == str(run)
     assert summary["threshold"] == pytest.approx(cfg["image_threshold"])
 
     # The unfused reference attention kernel: the same scores up to rounding.
@@ -224,6 +225,7 @@ def test_predict_offline_without_weights_explains_and_points_to_demo(tmp_path):
     )
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()  # a run that wrote nothing leaves no folder behind
     assert (
         "--clip-weights" in r.stderr
         and "CRANE_CLIP_WEIGHTS" in r.stderr

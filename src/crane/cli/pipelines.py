@@ -305,13 +305,23 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _check_writable(folder: Path) -> None:
-    """A CraneError now if ``folder`` cannot be created or written (not after the work)."""
+    """A CraneError now if ``folder`` cannot be created or written (not after the work). A
+    folder that does not exist yet is not made here (a run that fails before writing leaves
+    none behind): its nearest existing parent must be a writable folder."""
     import tempfile
 
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        if folder.exists():
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+            return
+        parent = folder.absolute().parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise CraneError(f"cannot write to {folder}: {parent} is not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise CraneError(f"cannot write to {folder}: no permission to create it in {parent}")
     except OSError as exc:
         raise CraneError(f"cannot write to {folder}: {exc}") from exc
 
@@ -548,6 +558,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         cast_weights=True,  # the model is ours; a no-op for fp32
         map_size=args.map_size,
     )
+    det.source = str(args.model)  # (for summary.json: the run directory or preset named)
     summary = run_predict(
         det,
         args.inputs,

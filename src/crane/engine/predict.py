@@ -528,6 +528,9 @@ class Detector:
             raise CraneError(f"map_size must be 'input' or 'model', got {map_size!r}")
         self.map_size = map_size
         owned = not isinstance(model, CraneModel)
+        #: Where the model came from, as ``summary.json`` records it: the preset name or run
+        #: directory given (None for a model passed in; the caller may name it).
+        self.source: str | None = os.fspath(model) if owned else None
         if cast_weights is None:
             cast_weights = owned and self.amp is not None
         if batch_size < 1 or workers < 0:
@@ -952,6 +955,7 @@ def run_predict(
     n_anom = sum(r["decision"] == "anomalous" for r in table)
     summary = {
         "model": detector.model.cfg.name,
+        "model_source": detector.source,
         "threshold": detector.threshold,
         "n_images": len(table),
         "n_anomalous": n_anom if detector.threshold is not None else None,
