@@ -21,7 +21,17 @@ _LAZY = {
     "list_models": "crane.config",
     "Detector": "crane.engine.predict",
     "Prediction": "crane.engine.predict",
+    "Failure": "crane.engine.predict",
+    "run_predict": "crane.engine.predict",
     "get_config": "crane.config",
+    "AnomalyDataset": "crane.data",
+    "evaluate": "crane.engine.evaluate",
+    "EvalResult": "crane.engine.evaluate",
+    "train": "crane.engine.train",
+    "TrainSettings": "crane.engine.train",
+    "TrainResult": "crane.engine.train",
+    "MetricAccumulator": "crane.metrics",
+    "MetricsReport": "crane.metrics",
 }
 
 __all__ = [
@@ -41,3 +51,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'crane' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:  # (so that completion and dir() show the lazy names too)
+    return sorted({*globals(), *_LAZY})
