@@ -58,6 +58,7 @@ from crane.constants import ATTENTION_KERNELS
 from crane.engine.predict import Detector, Prediction, check_device_decode
 from crane.engine.runtime import autocast_dtype
 from crane.errors import CraneError
+from crane.files import strict_json
 from crane.models import create_model, kernels, scoring, vision
 
 
@@ -1233,17 +1234,6 @@ def host() -> dict:
         "cpu_count": os.cpu_count(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the ISA torch's kernels use
     }
-
-
-def strict_json(value):
-    """``value`` with NaN and infinite floats as None: strict JSON has neither."""
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(v) for v in value]
-    return value
 
 
 def save(results: dict, path: str | None) -> None:

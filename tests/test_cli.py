@@ -434,10 +434,10 @@ def test_demo_refuses_a_folder_with_other_files(tmp_path, capsys):
 
 
 def test_demo_json_has_no_nan():
-    from crane.engine.demo import _no_nan
+    from crane.files import strict_json
 
-    value = {"a": math.nan, "b": [1.0, math.nan], "c": {"d": (math.nan,)}, "e": "x"}
-    assert json.loads(json.dumps(_no_nan(value), allow_nan=False)) == {
+    value = {"a": math.nan, "b": [1.0, math.inf], "c": {"d": (math.nan,)}, "e": "x"}
+    assert json.loads(json.dumps(strict_json(value), allow_nan=False)) == {
         "a": None, "b": [1.0, None], "c": {"d": [None]}, "e": "x"
     }  # fmt: skip
 

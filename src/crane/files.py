@@ -3,10 +3,12 @@ permissions a plain ``open()`` would give it."""
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def new_file_mode() -> int:
@@ -55,3 +57,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.fsync(f.fileno())
 
     atomic_write(path, write)
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with NaN and infinite floats as None (in dicts, lists and tuples), for
+    ``json.dumps(..., allow_nan=False)``: strict JSON has neither, and parsers refuse them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value

@@ -17,9 +17,9 @@ from crane.engine.evaluate import evaluate, write_report
 from crane.engine.predict import Detector, run_predict
 from crane.engine.train import TrainSettings, train
 from crane.errors import CraneError
+from crane.files import atomic_write_bytes, strict_json
 from crane.metrics import METRICS
 from crane.models import create_model
-from crane.models.checkpoint import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -87,20 +87,10 @@ def run_demo(
         "predict": {k: summary[k] for k in ("n_images", "n_failed")},
         "seconds": time.perf_counter() - t0,
     }
-    atomic_write_bytes(out / "demo.json", (json.dumps(_no_nan(result), indent=2) + "\n").encode())
+    text = json.dumps(strict_json(result), indent=2, allow_nan=False)
+    atomic_write_bytes(out / "demo.json", (text + "\n").encode())
     atomic_write_bytes(out / "report.html", _html(out, result).encode())
     return result
-
-
-def _no_nan(v: Any) -> Any:
-    """``v`` with every NaN float (an undefined metric) as None: strict JSON has no NaN."""
-    if isinstance(v, float) and math.isnan(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _no_nan(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_no_nan(x) for x in v]
-    return v
 
 
 def _fmt(v: float | None) -> str:
