@@ -156,7 +156,7 @@ def test_train_resume_evaluate_calibrate_predict(tmp_path):
     cfg = json.loads((run / "config.json").read_text())
     how = cfg["provenance"]["calibration"]
     assert cfg["image_threshold"] is not None and how["mode"] == "fpr"
-    assert how["split"] == "test" and how["precision"] == "fp32" and how["n_images"] == 16
+    assert how["split"] == "test" and how["inference_precision"] == "fp32" and how["n_images"] == 16
     # The decisions predict makes one image at a time (scores differ from calibrate's batches
     # of 4 in the last bits) give the rates calibrate stated: the threshold keeps a margin.
     files = str(data / "*" / "test" / "*" / "*.png")
@@ -336,7 +336,7 @@ def test_a_bad_cpu_kernels_variable_fails_before_any_work(tmp_path, capsys, monk
         (["train", "--epochs", "0"], "--epochs 0 is out of range"),
         (["train", "--lr", "-1"], "--lr -1.0 is out of range"),
         (["predict", "x.png", "--threshold", "nan"], "--threshold nan is out of range"),
-        (["predict", "x.png", "--threshold", "-5"], "--threshold -5.0 is out of range"),
+        (["predict", "x.png", "--threshold", "inf"], "--threshold inf is out of range"),
         (["calibrate", "--mode", "fpr", "--target-fpr", "1.5"], "--target-fpr 1.5 is out of range"),
         (["predict", "x.png", "--device", "tpu"], "--device tpu: not a device"),
         (["calibrate", "--target-fpr", "0.1"], "--target-fpr applies to --mode fpr only"),

@@ -496,6 +496,10 @@ def test_calibration_refuses_scores_it_cannot_use():
     # A target a rounding step below 1 allows n - 1 false positives of n, not n.
     t, stats = fpr_threshold([0.1, 0.2, 0.9], [0, 0, 1], 1 - 1e-12)
     assert stats["fpr"] == 0.5 and 0.1 < t <= 0.2
+    # 0.29 * 100 is 28.999999999999996 in floats: still 29 false positives of 100 allowed.
+    normal = np.linspace(0.0, 0.99, 100)
+    t, stats = fpr_threshold(np.r_[normal, 1.0], np.r_[np.zeros(100), 1], 0.29)
+    assert stats["fpr"] == 0.29
 
 
 def test_paper_protocol_table():

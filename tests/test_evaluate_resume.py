@@ -97,8 +97,8 @@ def test_resume_refuses_other_settings_and_redoes_a_class_without_its_overlays(
     for change, named in [
         (dict(aupro="legacy"), "aupro"),
         (dict(metric_mode="binned"), "metric_mode, num_bins"),
-        (dict(dataset=AnomalyDataset(synth, "test", ["tile"], image_size=SIZE)), "samples_sha"),
-        (dict(model=create_model("tiny+", image_size=SIZE, seed=1)), "prompts_sha256"),
+        (dict(dataset=AnomalyDataset(synth, "test", ["tile"], image_size=SIZE)), "dataset images"),
+        (dict(model=create_model("tiny+", image_size=SIZE, seed=1)), "prompts"),
         (dict(visualize_dir=tmp_path / "other"), "visualize"),
     ]:
         args = {"model": model, "dataset": ds, **kw, **change}
@@ -137,3 +137,29 @@ def test_cli_evaluate_resume(synth, tmp_path, monkeypatch, capsys, caplog):
     assert not (out / "progress.jsonl").exists()
     assert main([*argv, "--resume"]) == 2
     assert "no interrupted run to resume (its run finished)" in capsys.readouterr().err
+
+
+def test_a_class_with_an_unreadable_image_is_recorded_when_the_next_class_starts(
+    synth, tmp_path, monkeypatch, model
+):
+    """Skipped images never arrive, so their class never counted down to zero: it is complete
+    once a later class's images come (the dataset lists classes in order)."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(synth, root)
+    bad = sorted((root / "tile" / "test" / "good").glob("*.png"))[0]
+    bad.write_bytes(b"not a png")
+    ds = AnomalyDataset(root, "test", image_size=SIZE, on_error="skip")
+    path = tmp_path / "progress.jsonl"
+    count_forwards(monkeypatch, stop_at=4)  # tile: 7 readable images, then plate's
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, ds, device=CPU, batch_size=4, progress=False, progress_file=path)
+    records = [json.loads(line) for line in path.read_text().splitlines()[1:]]
+    assert [(r["class"], r["n_images"]) for r in records] == [("tile", 7)]
+    calls = count_forwards(monkeypatch)
+    res = evaluate(model, ds, device=CPU, batch_size=4, progress=False, progress_file=path,
+                   resume=True)  # fmt: skip
+    assert sum(calls) == 8 and res.n_resumed == 7
+    whole = evaluate(model, ds, device=CPU, batch_size=4, progress=False)
+    same_report(res.report, whole.report)

@@ -142,8 +142,8 @@ def test_resume_refuses_another_model_inputs_or_options(images, tmp_path):
     other = Detector(create_model("tiny", image_size=SIZE, seed=1), device="cpu", threshold=0.5)
     cases = [
         (dict(detector=detector(threshold=0.7)), "threshold"),
-        (dict(detector=other), "prompts_sha256"),
-        (dict(inputs=[images / "sub"]), "inputs_sha256, n_inputs"),
+        (dict(detector=other), "prompts"),
+        (dict(inputs=[images / "sub"]), "input files, number of input files"),
         (dict(save_maps=True), "maps"),
         (dict(overlay_format="jpg"), "overlays"),
     ]
@@ -189,3 +189,56 @@ def test_cli_resume(images, tmp_path, monkeypatch, capsys, caplog):
     assert main([*argv, "--resume"]) == 0
     assert len(calls[1]) == 4
     assert len(list(csv.DictReader(open(out / "predictions.csv")))) == 7
+
+
+def test_resume_takes_the_same_inputs_spelled_otherwise(images, tmp_path, monkeypatch):
+    """Started with relative paths in one folder, resumed with absolute ones from another."""
+    monkeypatch.chdir(images.parent)
+    out = tmp_path / "out"
+    det = detector()
+    stop_after(det, 3)
+    with pytest.raises(KeyboardInterrupt):
+        run_predict(det, [images.name], out, progress=False)
+    monkeypatch.chdir(tmp_path)
+    det = detector()
+    asked = stop_after(det, 10**6)
+    summary = run_predict(det, [images], out, resume=True, progress=False)
+    assert summary["n_resumed"] == 3 and len(asked[0]) == 4
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert all(Path(r["path"]).is_absolute() for r in rows) and len(rows) == 7  # one spelling
+
+
+def test_an_image_is_recorded_only_once_its_files_are_written(images, tmp_path, monkeypatch):
+    """A record vouches for its overlay: an image whose overlay failed to write (or, in a
+    killed run, was still queued) is not recorded, so a resume predicts it again instead of
+    taking whatever file of that name an earlier run left there."""
+    import crane.engine.predict as predict_module
+
+    real = predict_module.write_overlay
+    failing = sorted(str(p) for p in images.rglob("*.png"))[2]
+
+    def write_overlay(path, image, amap, *a, **k):
+        if str(image) == failing:
+            raise OSError("disk full")
+        return real(path, image, amap, *a, **k)
+
+    monkeypatch.setattr(predict_module, "write_overlay", write_overlay)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="disk full"):
+        run_predict(detector(), [images], out, progress=False, write_threads=2)
+    recorded = [json.loads(x)["path"] for x in (out / PROGRESS_FILE).read_text().splitlines()[1:]]
+    assert failing not in recorded and recorded  # (the run stops at the failure it sees)
+    names = predict_module._output_names(predict_module.expand_inputs([images]))
+    for path in recorded:  # every record's overlay is on disk
+        assert (out / "overlays" / f"{names[path]}.png").is_file()
+    monkeypatch.setattr(predict_module, "write_overlay", real)
+    (out / "overlays").mkdir(exist_ok=True)
+    (out / "overlays" / ".0.png.abc123.tmp").write_bytes(b"half")  # a killed run's temp file
+    det = detector()
+    asked = stop_after(det, 10**6)
+    summary = run_predict(det, [images], out, resume=True, progress=False)
+    assert failing in asked[0] and sorted(asked[0] + recorded) == sorted(
+        str(p) for p in images.rglob("*.png")
+    )  # exactly the images not recorded
+    assert summary["n_images"] == 7
+    assert not list((out / "overlays").glob(".*.tmp"))

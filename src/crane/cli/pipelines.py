@@ -338,7 +338,7 @@ def _runtime(args):
         ("epochs", lambda v: v >= 1),
         ("lr", lambda v: v > 0 and math.isfinite(v)),
         ("image_size", lambda v: v is None or v >= 14),
-        ("threshold", lambda v: v is None or 0 <= v <= 1),
+        ("threshold", lambda v: v is None or math.isfinite(v)),  # (> 1: flag none; < 0: all)
         ("target_fpr", lambda v: 0 <= v < 1),
     ):
         value = getattr(args, flag, None)
@@ -637,7 +637,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         "dataset": args.dataset,
         "root": str(Path(args.root).resolve()),
         "split": args.split,
-        "precision": args.precision,
+        "inference_precision": args.precision,  # (stats may hold the F1 precision)
         "n_images": len(paths),
         **stats,
     }

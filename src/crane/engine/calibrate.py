@@ -77,7 +77,7 @@ def fpr_threshold(
     if neg.size == 0:
         raise CraneError("FPR calibration needs normal images")
     k = int(math.floor(target_fpr * neg.size + 1e-9))  # false positives allowed
-    if k > target_fpr * neg.size:  # (the 1e-9 that absorbs rounding overshot)
+    if k / neg.size > target_fpr:  # (the 1e-9 that absorbs rounding overshot)
         k -= 1
     values = np.unique(s)
     t = _cut(values, int(np.searchsorted(values, neg[k])) + 1)  # flags the scores > neg[k]

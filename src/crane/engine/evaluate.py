@@ -128,10 +128,11 @@ def evaluate(
     runs on a side stream while batch k+1's forward is already queued on the main one.
 
     ``progress_file``: each class's metrics are recorded there as soon as the class is done
-    (``crane evaluate`` uses ``<out>/progress.jsonl`` and removes it once the metrics files
-    are written). ``resume=True`` reads it back and evaluates only the classes it does not
-    hold (nor those whose overlays are missing), refusing one written with another model,
-    dataset or metric settings; the report then covers every class. A stopped run thus loses
+    and its overlays are written (``crane evaluate`` uses ``<out>/progress.jsonl`` and
+    removes it once the metrics files are written). ``resume=True`` reads it back and
+    evaluates only the classes it does not hold (nor those whose overlays are missing),
+    refusing one written with another model, dataset or metric settings; the report then
+    covers every class. A stopped run thus loses
     at most the class it was in.
     """
     has_masks = any(s.mask_path for s in dataset.samples if s.anomaly)
@@ -148,7 +149,7 @@ def evaluate(
     if resume and progress_file is None:
         raise CraneError("resume=True needs the progress_file of the run to continue")
     names = _overlay_names(dataset) if visualize_dir is not None else {}
-    full, done, record = dataset, {}, None
+    full, done, settings = dataset, {}, None
     if progress_file is not None:
         path = Path(progress_file)
         settings = {
@@ -162,15 +163,16 @@ def evaluate(
             "device_resize": device_resize,
             "visualize": None if visualize_dir is None else os.path.abspath(visualize_dir),
             "samples_sha256": progress_log.digest_of(
-                f"{s.cls_name}\t{s.anomaly}\t{dataset.root / s.img_path}\t{s.mask_path}"
+                f"{s.cls_name}\t{s.anomaly}\t{os.path.abspath(dataset.root / s.img_path)}\t"
+                f"{s.mask_path}"
                 for s in dataset.samples
             ),
         }
         if resume:
-            for r in progress_log.read_progress(path, "evaluate", settings):
-                if visualize_dir is None or _overlays_exist(
-                    visualize_dir, dataset, names, r["class"]
-                ):
+            keys = ("class", "n_images", "values", "bounds", "overlays")
+            for r in progress_log.read_progress(path, "evaluate", settings, keys):
+                folder = Path(visualize_dir or ".")
+                if all((folder / f).is_file() for f in r["overlays"]):  # (none deleted since)
                     done[r["class"]] = r
             log.info(
                 "resuming: %d of %d classes already evaluated (%s)",
@@ -179,8 +181,6 @@ def evaluate(
                 ", ".join(done) or "none",
             )
             dataset = dataset.without_classes(done)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        record = progress_log.open_progress(path, "evaluate", settings, done.values())
     loader = batch_loader(
         dataset,
         batch_size,
@@ -196,8 +196,11 @@ def evaluate(
     forward = scoring_forward(model, device, compile, attention)
     side = torch.cuda.Stream(device) if device.type == "cuda" else None
     # Finalise each class once all its images are in, so the exact accumulator only ever holds
-    # one class's pixels (the dataset lists samples class by class).
+    # one class's pixels (the dataset lists samples class by class: once a later class's
+    # images arrive, an earlier one is complete, also when some of its images were unreadable
+    # and skipped).
     remaining = Counter(s.cls_name for s in dataset.samples)
+    class_order = list(remaining)
     n = 0
     timings = dict.fromkeys(TIMINGS, 0.0)
     clock = time.perf_counter
@@ -261,37 +264,50 @@ def evaluate(
                 acc.update(batch["cls_name"], job.scores, batch["label"])
             t = timed("metrics", t)
             if visualize_dir is not None:
-                _visualize(writer, Path(visualize_dir), batch, job.maps.cpu().numpy(), names)
+                maps = job.maps.cpu().numpy()
+                for cls, name, write in _visualize(writer, Path(visualize_dir), batch, maps, names):
+                    overlays.setdefault(cls, []).append((name, write))
                 t = timed("outputs", t)
             for cls in batch["cls_name"]:
                 remaining[cls] -= 1
                 seen[cls] += 1
+                for earlier in class_order[: class_order.index(cls)]:
+                    finish(earlier)  # (its unread images were skipped)
                 if remaining[cls] == 0:
-                    acc.finalize_class(cls)
-                    if record is not None:
-                        values, bounds = acc.class_result(cls)
-                        progress_log.append(
-                            record,
-                            {
-                                "class": cls,
-                                "n_images": seen[cls],
-                                "values": values,
-                                "bounds": bounds,
-                            },
-                        )
-                        recorded.append(cls)
+                    finish(cls)
             t = timed("finalize", t)
         if side is not None:
             # Everything that read this batch's outputs is done before they are freed.
             side.synchronize()
             timed("metrics", t)
 
+    def finish(cls: str) -> None:
+        """Finalise ``cls`` (once) and record it once its overlays are written."""
+        if cls in finished:
+            return
+        finished.add(cls)
+        acc.finalize_class(cls)
+        if record is not None:
+            values, bounds = acc.class_result(cls)
+            written = overlays.pop(cls, [])
+            entry = {"class": cls, "n_images": seen[cls], "values": values, "bounds": bounds,
+                     "overlays": [name for name, _ in written]}  # fmt: skip
+            record.add(entry, [write for _, write in written])
+            recorded.append(cls)
+
     t0 = time.perf_counter()
     pending: _Job | None = None
     writer = OutputWriter(write_threads if visualize_dir is not None else 0)
     seen: Counter[str] = Counter()
+    finished: set[str] = set()
+    overlays: dict[str, list] = {}  # per class: (file under visualize_dir, its write)
     recorded: list[str] = []  # classes recorded in the progress file by this run
-    with torch.no_grad(), record if record is not None else contextlib.nullcontext():
+    file, record = None, None
+    if settings is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        file = progress_log.open_progress(path, "evaluate", settings, done.values())
+        record = progress_log.Recorder(file)
+    with torch.no_grad(), file if file is not None else contextlib.nullcontext():
         try:
             with writer:
                 t = clock()  # starting the loader's workers counts as waiting for it
@@ -317,9 +333,13 @@ def evaluate(
                     pending = job
                 if pending is not None:
                     consume(pending)
+                for cls in class_order:  # (the last ones may have lost images to skipping)
+                    if seen[cls]:
+                        finish(cls)
                 t = clock()
         except BaseException:  # Ctrl-C, a crash: the classes recorded stay
             if record is not None:
+                record.flush()  # (the writer has finished every overlay it took)
                 log.warning(
                     "stopped; %d of %d classes are recorded in %s, and `crane evaluate ... "
                     "--resume` (API: resume=True) evaluates the others",
@@ -329,6 +349,8 @@ def evaluate(
                 )
             raise
         t = timed("outputs", t)  # the writers' backlog, waited for on leaving the block
+        if record is not None:
+            record.flush()
         report = acc.compute()
         if done:
             report = _with_resumed(report, full, done)
@@ -347,14 +369,6 @@ def _with_resumed(report: MetricsReport, dataset, done: dict[str, dict]) -> Metr
     if report.bounds is not None:
         bounds = {c: done[c]["bounds"] if c in done else report.bounds[c] for c in order}
     return make_report(values, aupro=report.aupro, mode=report.mode, bounds=bounds)
-
-
-def _overlays_exist(folder, dataset, names: dict[str, str], cls: str) -> bool:
-    return all(
-        (Path(folder) / cls / f"{names[str(dataset.root / s.img_path)]}.png").is_file()
-        for s in dataset.samples
-        if s.cls_name == cls
-    )
 
 
 @dataclass
@@ -386,12 +400,16 @@ def _overlay_names(dataset) -> dict[str, str]:
 
 def _visualize(
     writer: OutputWriter, out: Path, batch: dict[str, Any], maps, names: dict[str, str]
-) -> None:
+) -> list[tuple[str, str, Any]]:
+    """Queue the batch's overlays; ``(class, file under out, its write)`` for each."""
+    queued = []
     for i, path in enumerate(batch["path"]):
         mask = batch["mask"][i, 0].numpy() if batch["label"][i] else None
         stem = names.get(path) or f"{batch['specie_name'][i]}_{Path(path).stem}"
-        name = f"{stem}.png"
-        writer.submit(write_overlay, out / batch["cls_name"][i] / name, path, maps[i], mask)
+        cls = batch["cls_name"][i]
+        name = f"{cls}/{stem}.png"
+        queued.append((cls, name, writer.submit(write_overlay, out / name, path, maps[i], mask)))
+    return queued
 
 
 def _cell(v: float, scale: float = 100.0, bound: float = 0.0) -> str:

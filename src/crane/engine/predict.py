@@ -823,6 +823,16 @@ def _outputs_exist(out: Path, name: str, outputs: dict[str, Any]) -> bool:
     return overlay and (not outputs["maps"] or (out / "maps" / f"{name}.npy").is_file())
 
 
+def _remove_partial_writes(out: Path) -> None:
+    """Temp files a killed run left in its overlay and map folders (``crane.files`` names
+    them ``.<file name>.<random>.tmp``)."""
+    for sub in ("overlays", "maps"):
+        folder = out / sub
+        if folder.is_dir():
+            for f in folder.glob(".*.tmp"):
+                f.unlink(missing_ok=True)
+
+
 def _write_map(path: Path, amap: np.ndarray) -> None:
     buf = io.BytesIO()
     np.save(buf, amap.astype(np.float32, copy=False))
@@ -874,7 +884,8 @@ def run_predict(
     0 = in the loop), see :class:`~crane.engine.writer.OutputWriter`. ``overlay_format``:
     ``"png"`` (lossless) or ``"jpg"`` (quality 90; an order of magnitude cheaper to encode).
 
-    Each finished image is recorded in ``out_dir/progress.jsonl`` as the run goes, so a run
+    Each finished image is recorded in ``out_dir/progress.jsonl`` once its files are written
+    (:class:`~crane.engine.progress.Recorder`), so a run
     that stops (Ctrl-C, a crash, a full disk) loses nothing: ``resume=True`` (``crane predict
     --resume``) predicts only the images it had not finished (or whose overlay or map file is
     missing) and writes the files of the whole run; it refuses when the model, inputs or
@@ -895,12 +906,17 @@ def run_predict(
     settings = _run_settings(detector, paths, outputs)
     done: dict[str, dict[str, str]] = {}
     if resume:
-        recorded = progress_file.read_progress(progress_path, "predict", settings)
-        done = {
-            r["path"]: {k: r[k] for k in _COLUMNS}
-            for r in recorded
-            if _outputs_exist(out, names[r["path"]], outputs)
-        }
+        recorded = progress_file.read_progress(progress_path, "predict", settings, _COLUMNS)
+        # By absolute path: the same inputs may be spelled otherwise this time (another
+        # working directory); the rows take this run's spelling.
+        spelled = {os.path.abspath(p): p for p in paths}
+        for r in recorded:
+            path = spelled.get(os.path.abspath(r["path"]))
+            if path is None:  # (the settings hash the same inputs: only by hand)
+                raise CraneError(f"{progress_path} names {r['path']}, not among the inputs")
+            if _outputs_exist(out, names[path], outputs):
+                done[path] = {**{k: r[k] for k in _COLUMNS}, "path": path}
+        _remove_partial_writes(out)
         if len(done) < len(recorded):
             log.info(
                 "%d image(s) lack an output file and are predicted again", len(recorded) - len(done)
@@ -910,7 +926,8 @@ def run_predict(
     rows: dict[str, dict[str, str]] = {}
     failures = []
     todo = [p for p in paths if p not in done]
-    with progress_file.open_progress(progress_path, "predict", settings, done.values()) as record:
+    with progress_file.open_progress(progress_path, "predict", settings, done.values()) as file:
+        record = progress_file.Recorder(file)
         try:
             with OutputWriter(write_threads) as writer:
                 for r in detector.predict_iter(todo, progress=progress) if todo else ():
@@ -931,13 +948,15 @@ def run_predict(
                         "max_pixel_score": f"{r.max_pixel_score:.6f}",
                     }
                     rows[r.path] = row
+                    writes = []
                     if overlays:
                         name = f"{names[r.path]}.{overlay_format}"
-                        writer.submit(write_overlay, out / "overlays" / name, r.path, r.anomaly_map)
+                        target = out / "overlays" / name
+                        writes.append(writer.submit(write_overlay, target, r.path, r.anomaly_map))
                     if save_maps:
                         target = out / "maps" / f"{names[r.path]}.npy"
-                        writer.submit(_write_map, target, r.anomaly_map)
-                    progress_file.append(record, row)  # (a resume checks its files exist)
+                        writes.append(writer.submit(_write_map, target, r.anomaly_map))
+                    record.add(row, writes)  # (appended once its files are written)
         except BaseException:  # Ctrl-C, a crash, a full disk: what is recorded stays
             log.warning(
                 "stopped after %d of %d images; `crane predict ... --resume` (API: "
@@ -946,6 +965,8 @@ def run_predict(
                 len(paths),
             )
             raise
+        finally:
+            record.flush()  # (the writer has finished every job it took)
     table = [done.get(p) or rows[p] for p in paths if p in done or p in rows]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=_COLUMNS)

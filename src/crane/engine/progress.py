@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import deque
 from collections.abc import Iterable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -41,29 +43,47 @@ def digest_of(items: Iterable[str]) -> str:
     return hashlib.sha256("\n".join(items).encode()).hexdigest()
 
 
-def read_progress(path: Path, kind: str, settings: dict[str, Any]) -> list[dict[str, Any]]:
-    """The records of an interrupted ``kind`` run; CraneError if it ran with other settings."""
+#: How a refused resume names what changed (other settings by their own names).
+_LABELS = {
+    "config": "model configuration",
+    "prompts_sha256": "prompts",
+    "inputs_sha256": "input files",
+    "n_inputs": "number of input files",
+    "samples_sha256": "dataset images",
+}
+
+
+def read_progress(
+    path: Path, kind: str, settings: dict[str, Any], required: tuple[str, ...] = ()
+) -> list[dict[str, Any]]:
+    """The records of an interrupted ``kind`` run, each a dict with the ``required`` keys;
+    CraneError if it ran with other settings or the file is not one crane wrote."""
     lines = path.read_text(encoding="utf-8").splitlines()
     records = []
     for i, line in enumerate(lines):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             if i == len(lines) - 1 and i > 0:
                 break  # cut short as the process died: that unit is done again
+            record = None
+        ok = isinstance(record, dict) and (i == 0 or all(k in record for k in required))
+        if not ok:
             raise CraneError(
                 f"{path} line {i + 1} is not a progress record; pass --overwrite to start again"
-            ) from None
+            )
+        records.append(record)
     head = records[0] if records else {}
-    if not isinstance(head, dict) or head.get("crane") != kind:
+    theirs = head.get("settings")
+    if head.get("crane") != kind or not isinstance(theirs, dict):
         raise CraneError(f"{path} is not a progress file of crane {kind}")
-    theirs = head.get("settings", {})
     differ = sorted(k for k in settings.keys() | theirs.keys() if settings.get(k) != theirs.get(k))
     if differ:
         raise CraneError(
             f"cannot resume the run in {path.parent}: it was started with other "
-            f"{', '.join(differ)} (a resumed run must use the same model, prompts, inputs and "
-            "options); pass --overwrite to start again, or choose another --out"
+            f"{', '.join(_LABELS.get(k, k) for k in differ)} (a resumed run must use the same "
+            "model, prompts, inputs and options); pass --overwrite to start again, or choose "
+            "another --out"
         )
     return records[1:]
 
@@ -83,6 +103,31 @@ def append(file: TextIO, record: dict[str, Any]) -> None:
     power cut: a resumed run then redoes what the disk lost)."""
     file.write(json.dumps(record, allow_nan=True) + "\n")
     file.flush()
+
+
+class Recorder:
+    """Appends records to a progress file once the output files each one vouches for are
+    written: a record follows its files, so a run killed between queuing an overlay and
+    writing it redoes that image (an earlier run's file of the same name, left in place by
+    ``--overwrite``, never passes for this run's). Records whose files failed to write are
+    dropped (their unit is redone)."""
+
+    def __init__(self, file: TextIO) -> None:
+        self.file = file
+        self._waiting: deque[tuple[dict[str, Any], list[Future]]] = deque()
+
+    def add(self, record: dict[str, Any], writes: Iterable[Future] = ()) -> None:
+        self._waiting.append((record, list(writes)))
+        self.flush()
+
+    def flush(self) -> int:
+        """Append the records whose writes have all finished (in order); return how many
+        are still waiting."""
+        while self._waiting and all(f.done() for f in self._waiting[0][1]):
+            record, writes = self._waiting.popleft()
+            if all(not f.cancelled() and f.exception() is None for f in writes):
+                append(self.file, record)
+        return len(self._waiting)
 
 
 def check_resume_flags(out: Path, resume: bool, overwrite: bool, finished: str) -> Path:

@@ -51,13 +51,18 @@ class OutputWriter:
         )
         self._pending: deque[Future] = deque()
 
-    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+        """Queue ``fn(*args, **kwargs)``; the returned future tells when it has run (with 0
+        threads it has, and its exception was raised here)."""
         if self._pool is None:
-            fn(*args, **kwargs)
-            return
+            done: Future = Future()
+            done.set_result(fn(*args, **kwargs))
+            return done
         while self._pending and (self._pending[0].done() or len(self._pending) >= self.max_pending):
             self._pending.popleft().result()  # re-raises the job's exception here
-        self._pending.append(self._pool.submit(fn, *args, **kwargs))
+        future = self._pool.submit(fn, *args, **kwargs)
+        self._pending.append(future)
+        return future
 
     def close(self) -> None:
         """Wait for every job; raise the first failure (after all of them have run)."""
