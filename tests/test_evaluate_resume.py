@@ -163,3 +163,17 @@ def test_a_class_with_an_unreadable_image_is_recorded_when_the_next_class_starts
     assert sum(calls) == 8 and res.n_resumed == 7
     whole = evaluate(model, ds, device=CPU, batch_size=4, progress=False)
     same_report(res.report, whole.report)
+
+
+def test_a_dataset_that_interleaves_classes_is_still_evaluated(synth, model):
+    """Classes finalise early only where the samples come class by class."""
+    ds = AnomalyDataset(synth, "test", image_size=SIZE)
+    whole = evaluate(model, ds, device=CPU, batch_size=4, progress=False)
+    mixed = AnomalyDataset(synth, "test", image_size=SIZE)
+    tile = [s for s in mixed.samples if s.cls_name == "tile"]
+    plate = [s for s in mixed.samples if s.cls_name == "plate"]
+    mixed.samples = [s for pair in zip(tile, plate, strict=True) for s in pair]
+    res = evaluate(model, mixed, device=CPU, batch_size=4, progress=False)
+    for cls in ("tile", "plate"):
+        for k, v in whole.report.per_class[cls].items():
+            assert res.report.per_class[cls][k] == pytest.approx(v, abs=1e-6, nan_ok=True), k

@@ -201,6 +201,10 @@ def evaluate(
     # and skipped).
     remaining = Counter(s.cls_name for s in dataset.samples)
     class_order = list(remaining)
+    names_in_order = [s.cls_name for s in dataset.samples]
+    runs = sum(a != b for a, b in zip(names_in_order, names_in_order[1:], strict=False)) + 1
+    if runs != len(class_order):  # (a dataset that interleaves classes: no early finalising)
+        class_order = []
     n = 0
     timings = dict.fromkeys(TIMINGS, 0.0)
     clock = time.perf_counter
@@ -271,7 +275,7 @@ def evaluate(
             for cls in batch["cls_name"]:
                 remaining[cls] -= 1
                 seen[cls] += 1
-                for earlier in class_order[: class_order.index(cls)]:
+                for earlier in class_order[: class_order.index(cls)] if class_order else ():
                     finish(earlier)  # (its unread images were skipped)
                 if remaining[cls] == 0:
                     finish(cls)
@@ -333,7 +337,7 @@ def evaluate(
                     pending = job
                 if pending is not None:
                     consume(pending)
-                for cls in class_order:  # (the last ones may have lost images to skipping)
+                for cls in remaining:  # (the last ones may have lost images to skipping)
                     if seen[cls]:
                         finish(cls)
                 t = clock()
