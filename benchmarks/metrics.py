@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from throughput import PeakRss, cpu_model  # same folder
 
+from crane.files import strict_json
 from crane.metrics import (
     MetricAccumulator,
     aupro,
@@ -433,7 +434,7 @@ def main() -> None:
             "stream_exact_all_pixel_s": stream_all,
         }
         with open(args.json, "w") as f:
-            json.dump(payload, f, indent=2)
+            json.dump(strict_json(payload), f, indent=2, allow_nan=False)  # (inf bounds: null)
 
 
 if __name__ == "__main__":

@@ -846,7 +846,10 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--batch", type=int, default=None, help="default 32 (quick: 8)")
     ap.add_argument(
-        "--amp", default=None, help="bf16 or fp16 for the optimised path (default: bf16 on CUDA)"
+        "--amp",
+        default=None,
+        help="bf16 or fp16 for the optimised path (default: bf16 on CUDA and with --quick, "
+        "else fp32)",
     )
     ap.add_argument(
         "--compile", action="store_true", help="torch.compile the optimised path (model, e2e)"
@@ -1021,11 +1024,9 @@ def main(argv=None) -> int:
             if combos and not args.no_e2e_baseline:
                 workers = args.e2e_workers or args.workers
                 first = workers if isinstance(workers, int) else workers[0]
-                baseline = next(
-                    iter(
-                        bench_end_to_end(
-                            base, device, paths[: 8 * args.batch], args.batch, first, "fp32"
-                        )
+                (baseline,) = list(  # one row: one worker count, one thread count
+                    bench_end_to_end(
+                        base, device, paths[: 8 * args.batch], args.batch, first, "fp32"
                     )
                 )
                 baseline["role"] = "baseline_fp32"

@@ -268,10 +268,11 @@ def test_model_selection_follows_the_paper_protocol(monkeypatch, tmp_path, caplo
         _load_model(args(str(tmp_path / "run"), paper=True), "visa")[1],
     ]
     # What metrics.json records: the prompts loaded and where the choice came from.
+    SPEC7 = "the released prompts SPEC §7 names for it"
     assert records == [
-        {"prompts": "official:mvtec-medical", "prompts_from": "the paper protocol (SPEC §7)"},
-        {"prompts": "official:visa", "prompts_from": "the paper protocol (SPEC §7)"},
-        {"prompts": "official:mvtec", "prompts_from": "the paper protocol (SPEC §7)"},
+        {"prompts": "official:mvtec-medical", "prompts_from": SPEC7},
+        {"prompts": "official:visa", "prompts_from": SPEC7},
+        {"prompts": "official:mvtec", "prompts_from": SPEC7},
         {"prompts": "my.pth", "prompts_from": "--prompts"},
         {"prompts": None, "prompts_from": "random initialisation (test preset)"},
         {"prompts": str(tmp_path / "run"), "prompts_from": "the run directory"},

@@ -96,10 +96,10 @@ def test_resume_refuses_other_settings_and_redoes_a_class_without_its_overlays(
     before = path.read_bytes()
     for change, named in [
         (dict(aupro="legacy"), "aupro"),
-        (dict(metric_mode="binned"), "metric_mode, num_bins"),
+        (dict(metric_mode="binned"), "metric_mode, --bins"),
         (dict(dataset=AnomalyDataset(synth, "test", ["tile"], image_size=SIZE)), "dataset images"),
         (dict(model=create_model("tiny+", image_size=SIZE, seed=1)), "prompts"),
-        (dict(visualize_dir=tmp_path / "other"), "visualize"),
+        (dict(visualize_dir=tmp_path / "other"), "--visualize folder"),
     ]:
         args = {"model": model, "dataset": ds, **kw, **change}
         with pytest.raises(CraneError, match=f"started with other {named}"):
@@ -177,3 +177,35 @@ def test_a_dataset_that_interleaves_classes_is_still_evaluated(synth, model):
     for cls in ("tile", "plate"):
         for k, v in whole.report.per_class[cls].items():
             assert res.report.per_class[cls][k] == pytest.approx(v, abs=1e-6, nan_ok=True), k
+
+
+def test_a_class_none_of_whose_images_can_be_read_is_left_out(synth, tmp_path, model):
+    """With --skip-bad, a class whose every image is unreadable is not in the report (and the
+    classes around it are finalised as usual)."""
+    import shutil
+
+    from crane.data import make_synthetic_dataset
+
+    root = tmp_path / "data"
+    make_synthetic_dataset(root, seed=0, classes=("tile", "plate", "wood"), n_train=1,
+                           n_test_good=2, n_test_bad=2, size=64)  # fmt: skip
+    for f in (root / "plate" / "test").rglob("*.png"):
+        f.write_bytes(b"broken")
+    ds = AnomalyDataset(root, "test", image_size=SIZE, on_error="skip")
+    path = tmp_path / "progress.jsonl"
+    res = evaluate(model, ds, device=CPU, batch_size=2, progress=False, progress_file=path)
+    assert list(res.report.per_class) == ["tile", "wood"] and res.n_images == 8
+    records = [json.loads(line)["class"] for line in path.read_text().splitlines()[1:]]
+    assert records == ["tile", "wood"]
+    shutil.rmtree(root)
+
+
+def test_resume_through_the_api_needs_the_file_and_takes_any_precision_name(synth, tmp_path, model):
+    ds = AnomalyDataset(synth, "test", ["tile"], image_size=SIZE)
+    with pytest.raises(CraneError, match="no interrupted evaluation to resume"):
+        evaluate(model, ds, device=CPU, progress=False, progress_file=tmp_path / "none.jsonl",
+                 resume=True)  # fmt: skip
+    path = tmp_path / "p.jsonl"
+    evaluate(model, ds, device=CPU, progress=False, progress_file=path, amp_dtype=torch.float32)
+    head = json.loads(path.read_text().splitlines()[0])
+    assert head["settings"]["precision"] == "fp32"

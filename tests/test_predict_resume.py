@@ -144,8 +144,8 @@ def test_resume_refuses_another_model_inputs_or_options(images, tmp_path):
         (dict(detector=detector(threshold=0.7)), "threshold"),
         (dict(detector=other), "prompts"),
         (dict(inputs=[images / "sub"]), "input files, number of input files"),
-        (dict(save_maps=True), "maps"),
-        (dict(overlay_format="jpg"), "overlays"),
+        (dict(save_maps=True), "--save-maps"),
+        (dict(overlay_format="jpg"), "overlay option \\(--no-overlays, --overlay-format\\)"),
     ]
     before = (out / PROGRESS_FILE).read_bytes()
     for change, named in cases:
@@ -199,7 +199,9 @@ def test_resume_takes_the_same_inputs_spelled_otherwise(images, tmp_path, monkey
     stop_after(det, 3)
     with pytest.raises(KeyboardInterrupt):
         run_predict(det, [images.name], out, progress=False)
-    monkeypatch.chdir(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # (where the recorded relative paths name nothing)
     det = detector()
     asked = stop_after(det, 10**6)
     summary = run_predict(det, [images], out, resume=True, progress=False)

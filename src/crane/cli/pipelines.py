@@ -386,7 +386,7 @@ def _load_model(
     else:
         proto = paper_protocol(dataset or "", args.model)
         if prompts is None:
-            prompts, source = proto["prompts"], "the paper protocol (SPEC §7)"
+            prompts, source = proto["prompts"], "the released prompts SPEC §7 names for it"
             log.info("prompts: %s", prompts)
         if getattr(args, "paper_protocol", False):
             overrides.setdefault("map_combine", proto["map_combine"])

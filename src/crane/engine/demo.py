@@ -77,6 +77,7 @@ def run_demo(
         ev.report, out / "eval", {"dataset": "synthetic-target", "model": str(out / "run")}
     )
     det = Detector(create_model(str(out / "run")), device=device)
+    det.source = str(out / "run")
     summary = run_predict(
         det, [target / "plate" / "test"], out / "predict", overwrite=True, progress=progress
     )

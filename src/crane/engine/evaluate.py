@@ -127,7 +127,8 @@ def evaluate(
     On CUDA, batch k's metric update (which needs the host: region labelling, validation)
     runs on a side stream while batch k+1's forward is already queued on the main one.
 
-    ``progress_file``: each class's metrics are recorded there as soon as the class is done
+    ``progress_file``: (a run without ``resume`` starts it anew) each class's metrics are
+    recorded there as soon as the class is done
     and its overlays are written (``crane evaluate`` uses ``<out>/progress.jsonl`` and
     removes it once the metrics files are written). ``resume=True`` reads it back and
     evaluates only the classes it does not hold (nor those whose overlays are missing),
@@ -155,7 +156,7 @@ def evaluate(
         settings = {
             "config": model.cfg.to_dict(),
             "prompts_sha256": progress_log.prompts_digest(model),
-            "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype],
+            "precision": progress_log.precision_name(amp_dtype),
             "aupro": aupro,
             "metric_mode": metric_mode,
             "num_bins": num_bins if metric_mode == "binned" else None,
@@ -168,6 +169,8 @@ def evaluate(
                 for s in dataset.samples
             ),
         }
+        if resume and not path.is_file():
+            raise CraneError(f"{path} does not exist: no interrupted evaluation to resume")
         if resume:
             keys = ("class", "n_images", "values", "bounds", "overlays")
             for r in progress_log.read_progress(path, "evaluate", settings, keys):
@@ -181,6 +184,8 @@ def evaluate(
                 ", ".join(done) or "none",
             )
             dataset = dataset.without_classes(done)
+            if visualize_dir is not None:
+                progress_log.remove_partial_writes(Path(visualize_dir).glob("*/"))
     loader = batch_loader(
         dataset,
         batch_size,
@@ -276,7 +281,8 @@ def evaluate(
                 remaining[cls] -= 1
                 seen[cls] += 1
                 for earlier in class_order[: class_order.index(cls)] if class_order else ():
-                    finish(earlier)  # (its unread images were skipped)
+                    if seen[earlier]:  # (none of a class's images may have been readable)
+                        finish(earlier)  # (its unread images were skipped)
                 if remaining[cls] == 0:
                     finish(cls)
             t = timed("finalize", t)
@@ -297,7 +303,6 @@ def evaluate(
             entry = {"class": cls, "n_images": seen[cls], "values": values, "bounds": bounds,
                      "overlays": [name for name, _ in written]}  # fmt: skip
             record.add(entry, [write for _, write in written])
-            recorded.append(cls)
 
     t0 = time.perf_counter()
     pending: _Job | None = None
@@ -305,7 +310,6 @@ def evaluate(
     seen: Counter[str] = Counter()
     finished: set[str] = set()
     overlays: dict[str, list] = {}  # per class: (file under visualize_dir, its write)
-    recorded: list[str] = []  # classes recorded in the progress file by this run
     file, record = None, None
     if settings is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -347,7 +351,7 @@ def evaluate(
                 log.warning(
                     "stopped; %d of %d classes are recorded in %s, and `crane evaluate ... "
                     "--resume` (API: resume=True) evaluates the others",
-                    len(done) + len(recorded),
+                    len(done) + record.appended,
                     len({s.cls_name for s in full.samples}),
                     progress_file,
                 )
@@ -430,10 +434,10 @@ def report_markdown(report: MetricsReport) -> str:
     certified bound on |exact − estimate| (±inf: too few bins to tell)."""
     head = "| class | " + " | ".join(METRICS) + " |"
     rows = [head, "|" + "---|" * (len(METRICS) + 1)]
-    *classes, mean = report.rows()
-    for i, (name, vals, bounds) in enumerate((*classes, mean)):
+    table = report.rows()
+    for i, (name, vals, bounds) in enumerate(table):
         cells = (_cell(vals.get(k, math.nan), bound=bounds.get(k, 0.0)) for k in METRICS)
-        label = f"**{name}**" if i == len(classes) else name
+        label = f"**{name}**" if i == len(table) - 1 else name  # (the mean row, last)
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
     if report.bounds is not None:
         rows.append(

@@ -823,16 +823,6 @@ def _outputs_exist(out: Path, name: str, outputs: dict[str, Any]) -> bool:
     return overlay and (not outputs["maps"] or (out / "maps" / f"{name}.npy").is_file())
 
 
-def _remove_partial_writes(out: Path) -> None:
-    """Temp files a killed run left in its overlay and map folders (``crane.files`` names
-    them ``.<file name>.<random>.tmp``)."""
-    for sub in ("overlays", "maps"):
-        folder = out / sub
-        if folder.is_dir():
-            for f in folder.glob(".*.tmp"):
-                f.unlink(missing_ok=True)
-
-
 def _write_map(path: Path, amap: np.ndarray) -> None:
     buf = io.BytesIO()
     np.save(buf, amap.astype(np.float32, copy=False))
@@ -852,7 +842,7 @@ def _run_settings(
     return {
         "config": detector.model.cfg.to_dict(),
         "prompts_sha256": progress_file.prompts_digest(detector.model),
-        "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[detector.amp],
+        "precision": progress_file.precision_name(detector.amp),
         "threshold": detector.threshold,
         "map_size": detector.map_size,
         "fast_decode": detector.draft is not None,
@@ -911,12 +901,12 @@ def run_predict(
         # working directory); the rows take this run's spelling.
         spelled = {os.path.abspath(p): p for p in paths}
         for r in recorded:
-            path = spelled.get(os.path.abspath(r["path"]))
-            if path is None:  # (the settings hash the same inputs: only by hand)
+            path = spelled.get(r.get("abspath", os.path.abspath(r["path"])))
+            if path is None:  # (the settings hash the same inputs: an edited file)
                 raise CraneError(f"{progress_path} names {r['path']}, not among the inputs")
             if _outputs_exist(out, names[path], outputs):
                 done[path] = {**{k: r[k] for k in _COLUMNS}, "path": path}
-        _remove_partial_writes(out)
+        progress_file.remove_partial_writes([out / "overlays", out / "maps"])
         if len(done) < len(recorded):
             log.info(
                 "%d image(s) lack an output file and are predicted again", len(recorded) - len(done)
@@ -926,7 +916,8 @@ def run_predict(
     rows: dict[str, dict[str, str]] = {}
     failures = []
     todo = [p for p in paths if p not in done]
-    with progress_file.open_progress(progress_path, "predict", settings, done.values()) as file:
+    kept = [{**row, "abspath": os.path.abspath(path)} for path, row in done.items()]
+    with progress_file.open_progress(progress_path, "predict", settings, kept) as file:
         record = progress_file.Recorder(file)
         try:
             with OutputWriter(write_threads) as writer:
@@ -956,17 +947,18 @@ def run_predict(
                     if save_maps:
                         target = out / "maps" / f"{names[r.path]}.npy"
                         writes.append(writer.submit(_write_map, target, r.anomaly_map))
-                    record.add(row, writes)  # (appended once its files are written)
+                    # (appended once its files are written; by absolute path too, so that a
+                    # resume from another working directory finds it)
+                    record.add({**row, "abspath": os.path.abspath(r.path)}, writes)
         except BaseException:  # Ctrl-C, a crash, a full disk: what is recorded stays
+            record.flush()  # (the writer has finished every job it took)
             log.warning(
                 "stopped after %d of %d images; `crane predict ... --resume` (API: "
                 "resume=True) continues from there",
-                len(done) + len(rows),
+                len(done) + record.appended,
                 len(paths),
             )
             raise
-        finally:
-            record.flush()  # (the writer has finished every job it took)
     table = [done.get(p) or rows[p] for p in paths if p in done or p in rows]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=_COLUMNS)

@@ -38,6 +38,21 @@ def prompts_digest(model: CraneModel) -> str:
     return digest.hexdigest()
 
 
+def precision_name(amp: torch.dtype | None) -> str:
+    """The ``--precision`` name of an autocast dtype (None: fp32)."""
+    names = {None: "fp32", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    return names.get(amp, str(amp))
+
+
+def remove_partial_writes(folders: Iterable[Path]) -> None:
+    """Temp files a killed run left in output folders (``crane.files`` names them
+    ``.<file name>.<random>.tmp``)."""
+    for folder in folders:
+        if folder.is_dir():
+            for f in folder.glob(".*.tmp"):
+                f.unlink(missing_ok=True)
+
+
 def digest_of(items: Iterable[str]) -> str:
     """SHA-256 of a list of strings (e.g. the input paths, whose list names the outputs)."""
     return hashlib.sha256("\n".join(items).encode()).hexdigest()
@@ -50,6 +65,10 @@ _LABELS = {
     "inputs_sha256": "input files",
     "n_inputs": "number of input files",
     "samples_sha256": "dataset images",
+    "visualize": "--visualize folder",
+    "overlays": "overlay option (--no-overlays, --overlay-format)",
+    "maps": "--save-maps",
+    "num_bins": "--bins",
 }
 
 
@@ -115,6 +134,8 @@ class Recorder:
     def __init__(self, file: TextIO) -> None:
         self.file = file
         self._waiting: deque[tuple[dict[str, Any], list[Future]]] = deque()
+        #: Records appended so far.
+        self.appended = 0
 
     def add(self, record: dict[str, Any], writes: Iterable[Future] = ()) -> None:
         self._waiting.append((record, list(writes)))
@@ -127,6 +148,7 @@ class Recorder:
             record, writes = self._waiting.popleft()
             if all(not f.cancelled() and f.exception() is None for f in writes):
                 append(self.file, record)
+                self.appended += 1
         return len(self._waiting)
 
 
