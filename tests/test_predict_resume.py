@@ -244,3 +244,24 @@ def test_an_image_is_recorded_only_once_its_files_are_written(images, tmp_path, 
     )  # exactly the images not recorded
     assert summary["n_images"] == 7
     assert not list((out / "overlays").glob(".*.tmp"))
+
+
+def test_a_second_run_into_a_live_runs_folder_is_refused(images, tmp_path):
+    """While a run appends to its progress file (and holds its lock), a --resume or
+    --overwrite run into the same folder must not replace that file."""
+    import fcntl
+
+    out = tmp_path / "out"
+    det = detector()
+    stop_after(det, 2)
+    with pytest.raises(KeyboardInterrupt):
+        run_predict(det, [images], out, progress=False)
+    before = (out / PROGRESS_FILE).read_bytes()
+    with open(out / PROGRESS_FILE) as live:  # as the running process holds it
+        fcntl.flock(live.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for kw in (dict(resume=True), dict(overwrite=True)):
+            with pytest.raises(CraneError, match="another crane predict is running into"):
+                run_predict(detector(), [images], out, progress=False, **kw)
+        assert (out / PROGRESS_FILE).read_bytes() == before
+    summary = run_predict(detector(), [images], out, resume=True, progress=False)
+    assert summary["n_resumed"] == 2  # the lock gone, the resume goes ahead

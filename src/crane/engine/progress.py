@@ -107,14 +107,43 @@ def read_progress(
     return records[1:]
 
 
+def _lock(file: TextIO) -> bool:
+    """Take an exclusive lock on ``file`` without waiting; False if another run holds one
+    (True where the platform has no ``flock``)."""
+    try:
+        import fcntl
+    except ImportError:  # (not POSIX)
+        return True
+    try:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:  # a file system without locks
+        return True
+    return True
+
+
 def open_progress(
     path: Path, kind: str, settings: dict[str, Any], kept: Iterable[dict[str, Any]] = ()
 ) -> TextIO:
     """Write the header and the records kept (atomically), then open the file to append
-    records to (:func:`append`)."""
+    records to (:func:`append`). The open file holds a lock for as long as the run has it
+    open: a second run into the same folder (``--resume`` or ``--overwrite`` beside a live
+    one) is refused instead of replacing the file the first one appends to."""
+    if path.is_file():
+        with open(path, encoding="utf-8") as current:
+            if not _lock(current):
+                raise CraneError(
+                    f"another crane {kind} is running into {path.parent} (its {path.name} is "
+                    "locked); wait for it to finish or stop it, or choose another --out"
+                )
     lines = [{"crane": kind, "settings": settings}, *kept]
     atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in lines).encode())
-    return open(path, "a", encoding="utf-8")  # noqa: SIM115 (the caller's with block closes it)
+    file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (the caller's with block closes it)
+    if not _lock(file):  # (another run replaced it just now)
+        file.close()
+        raise CraneError(f"another crane {kind} is running into {path.parent}")
+    return file
 
 
 def append(file: TextIO, record: dict[str, Any]) -> None:
