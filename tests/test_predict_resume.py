@@ -265,3 +265,15 @@ def test_a_second_run_into_a_live_runs_folder_is_refused(images, tmp_path):
         assert (out / PROGRESS_FILE).read_bytes() == before
     summary = run_predict(detector(), [images], out, resume=True, progress=False)
     assert summary["n_resumed"] == 2  # the lock gone, the resume goes ahead
+
+
+def test_resume_takes_the_inputs_in_another_order(images, tmp_path):
+    out = tmp_path / "out"
+    det = detector()
+    stop_after(det, 3)
+    with pytest.raises(KeyboardInterrupt):
+        run_predict(det, [images, images / "sub"], out, progress=False)
+    det = detector()
+    asked = stop_after(det, 10**6)
+    summary = run_predict(det, [images / "sub", images], out, resume=True, progress=False)
+    assert summary["n_resumed"] == 3 and len(asked[0]) == 4 and summary["n_images"] == 7

@@ -367,6 +367,10 @@ def test_output_names_never_collide():
     assert names["d/a/b.png"] == "a__b" and names["d/a__b.png"] == "a__b~2"
     assert names["./d/y.png"] == "y" and names["d/y.png"] == "y~2"
     assert names["d/u.png"] == "u"  # no collision: the plain stem, as before
+    # The names do not depend on the order of the inputs (a resumed run may list them
+    # otherwise): "~2" goes by absolute path.
+    for order in (paths[::-1], sorted(paths), paths[3:] + paths[:3]):
+        assert _output_names(order) == names
 
 
 def test_run_predict_with_colliding_names_writes_every_file(tmp_path):

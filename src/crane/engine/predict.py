@@ -790,9 +790,10 @@ def expand_inputs(
 def _output_names(paths: Sequence[str]) -> dict[str, str]:
     """Unique, readable output stems: the path relative to the inputs' common folder, with
     "__" for its separators, without its extension — with it where two files would otherwise
-    share a stem (``x.png``/``x.jpg``), and "~2", "~3", … in input order where that does not
-    tell them apart (``a/b.png`` and ``a__b.png``, one file named twice). Compared without case,
-    as case-insensitive file systems would."""
+    share a stem (``x.png``/``x.jpg``), and "~2", "~3", … in the order of their absolute paths
+    where that does not tell them apart (``a/b.png`` and ``a__b.png``, one file named twice):
+    the names do not depend on the order the inputs were given in (a resumed run may list
+    them otherwise). Compared without case, as case-insensitive file systems would."""
     absolute = [os.path.abspath(p) for p in paths]
     common = os.path.commonpath([os.path.dirname(p) for p in absolute]) if absolute else ""
     rels = {
@@ -804,7 +805,9 @@ def _output_names(paths: Sequence[str]) -> dict[str, str]:
     shared_rel = Counter(r.casefold() for r in rels.values())
     names: dict[str, str] = {}
     used: set[str] = set()
-    for p, stem in stems.items():
+    where = dict(zip(paths, absolute, strict=True))
+    for p in sorted(stems, key=lambda p: (where[p], p)):  # (one file named twice: by spelling)
+        stem = stems[p]
         helps = shared[stem.casefold()] > 1 and shared_rel[rels[p].casefold()] == 1
         name = rels[p] if helps else stem
         unique, k = name, 2
@@ -812,7 +815,7 @@ def _output_names(paths: Sequence[str]) -> dict[str, str]:
             unique, k = f"{name}~{k}", k + 1
         used.add(unique.casefold())
         names[p] = unique
-    return names
+    return {p: names[p] for p in paths}
 
 
 def _outputs_exist(out: Path, name: str, outputs: dict[str, Any]) -> bool:
@@ -836,9 +839,9 @@ def _run_settings(
     detector: Detector, paths: Sequence[str], outputs: dict[str, Any]
 ) -> dict[str, Any]:
     """What a resumed run must share with the interrupted one for its results to belong in
-    the same files: the model (config and a digest of its prompt tensors), the inputs (their
-    list decides the output names), the settings that change pixels, scores or decisions,
-    and which files are written."""
+    the same files: the model (config and a digest of its prompt tensors), the inputs (the
+    set of them decides the output names; their order does not), the settings that change
+    pixels, scores or decisions, and which files are written."""
     return {
         "config": detector.model.cfg.to_dict(),
         "prompts_sha256": progress_file.prompts_digest(detector.model),
@@ -849,7 +852,7 @@ def _run_settings(
         "device_decode": detector.device_decode,
         "device_resize": detector.device_resize,
         "n_inputs": len(paths),
-        "inputs_sha256": progress_file.digest_of(os.path.abspath(p) for p in paths),
+        "inputs_sha256": progress_file.digest_of(sorted(os.path.abspath(p) for p in paths)),
         **outputs,
     }
 
