@@ -112,7 +112,7 @@ def _same_prompts(a, b):
 
 
 @pytest.mark.parametrize("crash_in", ["top-level save", "resume.json"])
-def test_resume_after_a_crash_while_saving_is_exact(synth, tmp_path, crash_in):
+def test_resume_after_a_crash_while_saving_is_exact(synth, tmp_path, crash_in, caplog):
     """A run killed while it saves epoch 2 (after epoch 2's folder, before resume.json names
     it) resumes from epoch 1's prompts *and* optimizer state, never a mix of the two epochs
     (before: the top-level prompts of epoch 1 with the optimizer state of epoch 2)."""
@@ -135,6 +135,7 @@ def test_resume_after_a_crash_while_saving_is_exact(synth, tmp_path, crash_in):
     with mock.patch.object(T, name, crash_on_epoch_2), pytest.raises(KeyboardInterrupt):
         _train(synth, tmp_path / "cut", 3)
     assert json.loads((tmp_path / "cut" / "resume.json").read_text())["epochs_done"] == 1
+    assert "stopped with 1 of 3 epochs saved in" in caplog.text and "--resume" in caplog.text
     assert not (tmp_path / "cut" / ".feature_cache.npy").exists()
     resumed, res_resumed = _train(synth, tmp_path / "cut", 3, resume=True)
     _same_prompts(full, resumed)

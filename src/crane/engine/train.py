@@ -305,6 +305,19 @@ def train(
             model, cache, run_dir, settings, opt, start, history, progress, t0, stop_after_epoch,
             device,
         )  # fmt: skip
+    except BaseException:  # Ctrl-C, a crash: the epochs saved stay
+        try:  # (resume.json, written last, names the epochs a resume starts after)
+            saved = int(json.loads((run_dir / RESUME_JSON).read_text())["epochs_done"])
+        except (OSError, ValueError, KeyError):
+            saved = 0
+        log.warning(
+            "stopped with %d of %d epochs saved in %s; `crane train ... --resume` (API: "
+            "resume=True) continues exactly from there",
+            saved,
+            settings.epochs,
+            run_dir,
+        )
+        raise
     finally:
         model.eval()
         del cache
