@@ -2,10 +2,11 @@
 
 A progress file is JSON lines: a header ``{"crane": <kind>, "settings": {...}}``, then one
 record per finished unit of work (an image for predict, a class for evaluate), appended and
-flushed as each finishes. A resumed run reads the records back, refuses a header whose
-settings differ from its own (its results would not belong in the same files), and starts the
-file afresh with the records it keeps. A last line cut short (the process died while writing
-it) is dropped; the run redoes that unit.
+flushed once the unit's output files are written (:class:`Recorder`). A resumed run reads the
+records back, refuses a header whose settings differ from its own (its results would not
+belong in the same files), and starts the file afresh with the records it keeps. A last line
+cut short (the process died while writing it) is dropped; the run redoes that unit. A run
+holds a lock on its file (``flock``) while it appends.
 """
 
 from __future__ import annotations
