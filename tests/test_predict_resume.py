@@ -277,3 +277,26 @@ def test_resume_takes_the_inputs_in_another_order(images, tmp_path):
     asked = stop_after(det, 10**6)
     summary = run_predict(det, [images / "sub", images], out, resume=True, progress=False)
     assert summary["n_resumed"] == 3 and len(asked[0]) == 4 and summary["n_images"] == 7
+
+
+def test_two_runs_starting_into_one_folder_at_once(tmp_path, monkeypatch):
+    """Both found no progress file; the first creates it (exclusively), the second is
+    refused instead of replacing it."""
+    from crane.engine import progress
+
+    path = tmp_path / PROGRESS_FILE
+    first = progress.open_progress(path, "predict", {"a": 1})
+    try:
+        monkeypatch.setattr(type(path), "exists", lambda self: False)  # as if it had looked first
+        with pytest.raises(CraneError, match="another crane predict is running into"):
+            progress.open_progress(path, "predict", {"a": 2})
+        monkeypatch.undo()
+        with pytest.raises(CraneError, match="another crane predict is running into"):
+            progress.open_progress(path, "predict", {"a": 2})  # (locked)
+    finally:
+        first.close()
+    with progress.open_progress(path, "predict", {"a": 3}) as again:  # the first one is done
+        progress.append(again, {"x": 1})
+    assert [json.loads(x) for x in path.read_text().splitlines()] == [
+        {"crane": "predict", "settings": {"a": 3}}, {"x": 1}
+    ]  # fmt: skip

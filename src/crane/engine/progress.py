@@ -131,19 +131,31 @@ def open_progress(
     records to (:func:`append`). The open file holds a lock for as long as the run has it
     open: a second run into the same folder (``--resume`` or ``--overwrite`` beside a live
     one) is refused instead of replacing the file the first one appends to."""
-    if path.is_file():
-        with open(path, encoding="utf-8") as current:
-            if not _lock(current):
-                raise CraneError(
-                    f"another crane {kind} is running into {path.parent} (its {path.name} is "
-                    "locked); wait for it to finish or stop it, or choose another --out"
-                )
+    busy = CraneError(
+        f"another crane {kind} is running into {path.parent} (it holds {path.name}); wait for "
+        "it to finish or stop it, or choose another --out"
+    )
     lines = [{"crane": kind, "settings": settings}, *kept]
-    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in lines).encode())
+    text = "".join(json.dumps(r) + "\n" for r in lines)
+    if not path.exists():  # a fresh run: created exclusively (two starting at once: one wins)
+        try:
+            file = open(path, "x", encoding="utf-8")  # noqa: SIM115 (closed by the caller)
+        except FileExistsError:
+            raise busy from None
+        if not _lock(file):
+            file.close()
+            raise busy
+        file.write(text)
+        file.flush()
+        return file
+    with open(path, encoding="utf-8") as current:
+        if not _lock(current):
+            raise busy
+    atomic_write_bytes(path, text.encode())
     file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (the caller's with block closes it)
     if not _lock(file):  # (another run replaced it just now)
         file.close()
-        raise CraneError(f"another crane {kind} is running into {path.parent}")
+        raise busy
     return file
 
 
