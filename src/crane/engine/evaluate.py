@@ -154,9 +154,7 @@ def evaluate(
     if progress_file is not None:
         path = Path(progress_file)
         settings = {
-            "config": model.cfg.to_dict(),
-            "prompts_sha256": progress_log.prompts_digest(model),
-            "precision": progress_log.precision_name(amp_dtype),
+            **progress_log.model_settings(model, amp_dtype),
             "aupro": aupro,
             "metric_mode": metric_mode,
             "num_bins": num_bins if metric_mode == "binned" else None,

@@ -843,9 +843,7 @@ def _run_settings(
     set of them decides the output names; their order does not), the settings that change
     pixels, scores or decisions, and which files are written."""
     return {
-        "config": detector.model.cfg.to_dict(),
-        "prompts_sha256": progress_file.prompts_digest(detector.model),
-        "precision": progress_file.precision_name(detector.amp),
+        **progress_file.model_settings(detector.model, detector.amp),
         "threshold": detector.threshold,
         "map_size": detector.map_size,
         "fast_decode": detector.draft is not None,

@@ -29,6 +29,16 @@ from crane.models.crane import CraneModel
 PROGRESS_FILE = "progress.jsonl"
 
 
+def model_settings(model: CraneModel, amp: torch.dtype | None) -> dict[str, Any]:
+    """The part of a run's settings that names the model it ran: its config, a digest of its
+    prompts and the autocast precision."""
+    return {
+        "config": model.cfg.to_dict(),
+        "prompts_sha256": prompts_digest(model),
+        "precision": precision_name(amp),
+    }
+
+
 def prompts_digest(model: CraneModel) -> str:
     """SHA-256 of the model's prompt tensors (names and float32 values): tells two prompt
     sets apart without storing them."""
