@@ -354,6 +354,67 @@ def test_detector_inputs_and_map_sizes(synth, tmp_path):
         det.predict(tmp_path / "missing.png")
 
 
+def test_detector_reads_arrays_and_tensors_as_their_uint8_image():
+    det = Detector(create_model("tiny", image_size=SIZE), device="cpu", batch_size=1)
+    rgb = np.random.default_rng(1).integers(0, 256, (36, 44, 3), dtype=np.uint8)
+    grey = rgb[..., 0]
+    t = torch.from_numpy(rgb).permute(2, 0, 1)
+    same_rgb = {
+        "float32 [0, 1]": rgb.astype(np.float32) / 255,
+        "float64 [0, 255]": rgb.astype(np.float64),
+        "uint16": rgb.astype(np.uint16) * 257,
+        "int64": rgb.astype(np.int64),
+        "non-contiguous": np.asfortranarray(rgb),
+        "uint8 tensor (C, H, W)": t,
+        "float tensor [0, 1]": t.float() / 255,
+    }
+    same_grey = {
+        "(H, W, 1)": grey[..., None],
+        "(1, H, W) tensor": torch.from_numpy(grey)[None],
+        "(H, W) tensor": torch.from_numpy(grey),
+    }
+    ref_rgb = det.predict(rgb)[0].score
+    ref_grey = det.predict(grey)[0].score
+    assert ref_rgb != ref_grey
+    for name, x in same_rgb.items():
+        assert det.predict(x)[0].score == ref_rgb, name
+    for name, x in same_grey.items():
+        assert det.predict(x)[0].score == ref_grey, name
+    # a 4-D array or tensor is a batch
+    flipped = np.ascontiguousarray(rgb[:, ::-1])
+    ref_flipped = det.predict(flipped)[0].score
+    assert [p.score for p in det.predict(np.stack([rgb, flipped]))] == [ref_rgb, ref_flipped]
+    batch = torch.stack([t, torch.from_numpy(flipped).permute(2, 0, 1)])
+    assert [p.score for p in det.predict(batch)] == [ref_rgb, ref_flipped]
+    p = det.predict(rgb)[0]
+    assert repr(p) == (
+        f"Prediction(path=None, score={p.score!r}, anomaly_map=<float32 (36, 44)>, threshold=None)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("bad", "says"),
+    [
+        (np.zeros((3, 20, 30), np.uint8), "channels first"),
+        (np.zeros((20, 30, 2), np.uint8), "got shape (20, 30, 2)"),
+        (np.zeros((0, 30, 3), np.uint8), "no pixels"),
+        (np.full((20, 30), np.nan, np.float32), "NaN"),
+        (np.full((20, 30), 300.0), "[0, 1] or [0, 255]"),
+        (np.full((20, 30), -5, np.int16), "values 0..255, got -5..-5"),
+        (np.zeros((20, 30), np.complex64), "not an image"),
+        (torch.zeros(20, 30, 3, dtype=torch.uint8), "(C, H, W)"),
+    ],
+)
+def test_detector_refuses_unusable_arrays_clearly(bad, says):
+    det = Detector(create_model("tiny", image_size=SIZE), device="cpu")
+    with pytest.raises(ImageReadError, match=re.escape(says)):
+        det.predict(bad)
+    ok = np.zeros((20, 30, 3), np.uint8)  # predict_iter reports it and goes on
+    out = list(det.predict_iter([bad, ok]))
+    assert out[0].path == "<input 0>" and says in out[0].error
+    assert out[1].anomaly_map.shape == (20, 30)
+
+
 def test_run_predict_writes_everything_and_survives_bad_files(synth, tmp_path):
     src = tmp_path / "in"
     src.mkdir()

@@ -77,6 +77,64 @@ def _grey_to_uint8(im: Image.Image) -> Image.Image:
     return Image.fromarray(out.astype(np.uint8))
 
 
+def image_from_array(arr: np.ndarray) -> Image.Image:
+    """An image given as pixels in memory, ``(H, W)`` or ``(H, W, C)`` with C = 1, 3 or 4
+    (grey, RGB, RGBA), as an 8-bit PIL image; raises :class:`~crane.errors.ImageReadError`
+    saying what is wrong with any other array.
+
+    The value range follows the dtype, never the content, except for floats: uint8 as is;
+    bool as 0/255 (2-D: a 1-bit image); uint16 as 16-bit data (÷257, as 16-bit image
+    files); other integer types must hold 0..255; floats must be finite and lie in [0, 1]
+    (scaled by 255, the convention of torchvision's ``ToTensor``) or, with any value above
+    1, in [0, 255].
+    """
+    arr = np.asarray(arr)
+    shape = tuple(arr.shape)
+    if arr.ndim == 3 and shape[2] == 1:
+        arr = arr[:, :, 0]
+    if not (arr.ndim == 2 or (arr.ndim == 3 and shape[2] in (3, 4))):
+        raise ImageReadError(
+            f"an image array must be (H, W) or (H, W, C) with C = 1, 3 or 4, got shape {shape}"
+            + (
+                " (channels first? arrays are channels last; torch tensors channels first)"
+                if arr.ndim == 3 and shape[0] in (1, 3, 4)
+                else ""
+            )
+        )
+    if 0 in shape:
+        raise ImageReadError(f"an image array has no pixels: shape {shape}")
+    kind = arr.dtype.kind
+    if kind == "b" and arr.ndim == 2:
+        return Image.fromarray(np.ascontiguousarray(arr))  # mode "1", as a 1-bit image file
+    if kind == "b":
+        out = arr.astype(np.uint8) * 255
+    elif arr.dtype == np.uint8:
+        out = arr
+    elif arr.dtype == np.uint16:
+        out = np.rint(arr / 257.0).astype(np.uint8)
+    elif kind in "iu":
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > 255:
+            raise ImageReadError(
+                f"an {arr.dtype} image array must hold values 0..255, got {lo}..{hi}: scale it "
+                "to uint8 (or pass 16-bit data as uint16)"
+            )
+        out = arr.astype(np.uint8)
+    elif kind == "f":
+        if not np.isfinite(arr).all():
+            raise ImageReadError("a float image array holds NaN or infinite values")
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < 0 or hi > 255:
+            raise ImageReadError(
+                f"a float image array must lie in [0, 1] or [0, 255], got {lo:g}..{hi:g}"
+            )
+        scaled = arr.astype(np.float64) * (255.0 if hi <= 1.0 else 1.0)
+        out = np.rint(scaled).astype(np.uint8)
+    else:
+        raise ImageReadError(f"an image array of dtype {arr.dtype} is not an image")
+    return Image.fromarray(np.ascontiguousarray(out))
+
+
 def open_image(path: PathLike, draft: int | None = None) -> Image.Image:
     """Decode an image for the model pipeline (see the module docstring for the mode policy).
 

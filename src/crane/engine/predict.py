@@ -13,7 +13,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from crane.data.handover import HandoverPool
-from crane.data.imageio import is_image_file, normalize_mode, open_image
+from crane.data.imageio import image_from_array, is_image_file, normalize_mode, open_image
 from crane.data.transforms import (
     decode_jpegs,
     image_to_uint8,
@@ -54,7 +54,25 @@ from crane.viz import OVERLAY_FORMATS, write_overlay
 
 log = logging.getLogger(__name__)
 
-ImageInput = str | os.PathLike | Image.Image | np.ndarray
+ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
+
+
+def _pil_input(item: Image.Image | np.ndarray | torch.Tensor) -> Image.Image:
+    """An in-memory input as a PIL image: arrays channels last, tensors channels first (each
+    library's convention), values as :func:`~crane.data.imageio.image_from_array` reads them."""
+    if isinstance(item, Image.Image):
+        return item
+    if isinstance(item, torch.Tensor):
+        t = item.detach().cpu()
+        if t.dim() == 3:
+            if t.shape[0] not in (1, 3, 4):
+                raise ImageReadError(
+                    "an image tensor must be (C, H, W) with C = 1, 3 or 4, or (H, W), got shape "
+                    f"{tuple(t.shape)}"
+                )
+            t = t.permute(1, 2, 0)
+        item = (t.float() if t.is_floating_point() else t).numpy()
+    return image_from_array(item)
 
 
 @dataclass
@@ -63,8 +81,15 @@ class Prediction:
 
     path: str | None
     score: float
-    anomaly_map: np.ndarray
+    anomaly_map: np.ndarray = field(repr=False)
     threshold: float | None
+
+    def __repr__(self) -> str:  # (the map's shape, not its million values)
+        return (
+            f"Prediction(path={self.path!r}, score={self.score!r}, "
+            f"anomaly_map=<{self.anomaly_map.dtype} {tuple(self.anomaly_map.shape)}>, "
+            f"threshold={self.threshold!r})"
+        )
 
     @property
     def is_anomalous(self) -> bool | None:
@@ -144,7 +169,7 @@ class _Decode(Dataset):
                     item, self.size, draft=self.draft, as_uint8=True, fast_resize=self.fast
                 )
                 return {"ok": True, "image": pixels, "hw": (h, w), "path": os.fspath(item), "i": i}
-            pil = item if isinstance(item, Image.Image) else Image.fromarray(np.asarray(item))
+            pil = _pil_input(item)
             if self.device_resize:
                 return self._decoded(i, normalize_mode(pil), None)
             return {
@@ -648,7 +673,11 @@ class Detector:
         (or one whose score comes out NaN), in input order. Workers decode ahead; on CUDA batch
         k+1 runs while batch k is copied back and handed out. The decode workers are started by
         the first call and reused by later ones (:meth:`close` stops them)."""
-        keys = list(enumerate(inputs))
+        # (tensors on the host: decode workers are forked processes, which cannot use CUDA)
+        keys = [
+            (i, x.detach().cpu() if isinstance(x, torch.Tensor) else x)
+            for i, x in enumerate(inputs)
+        ]
         loader, jobs, shared = self._decode_loader()
         jobs.keys = keys
         pending: _InFlight | None = None
@@ -730,9 +759,14 @@ class Detector:
 
     def predict(self, inputs: ImageInput | Iterable[ImageInput]) -> list[Prediction]:
         """Predictions for one input or a list; paths to folders expand to their images.
-        Unreadable files raise :class:`~crane.errors.ImageReadError`, a NaN score
-        :class:`~crane.errors.CraneError` (:meth:`predict_iter` reports both and goes on)."""
-        if isinstance(inputs, (str, os.PathLike, Image.Image, np.ndarray)):
+        Images in memory: PIL images, numpy arrays (H, W[, C]) and torch tensors ([C,] H, W)
+        (uint8, or floats in [0, 1]; see :func:`~crane.data.imageio.image_from_array`); a 4-D
+        array or tensor is a batch of them. Unreadable files and unusable arrays raise
+        :class:`~crane.errors.ImageReadError`, a NaN score :class:`~crane.errors.CraneError`
+        (:meth:`predict_iter` reports both and goes on)."""
+        if isinstance(inputs, (np.ndarray, torch.Tensor)) and inputs.ndim == 4:
+            inputs = list(inputs)  # a batch: (B, H, W, C) arrays, (B, C, H, W) tensors
+        elif isinstance(inputs, (str, os.PathLike, Image.Image, np.ndarray, torch.Tensor)):
             inputs = [inputs]
         expanded: list[ImageInput] = []
         for item in inputs:
