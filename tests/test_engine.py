@@ -341,6 +341,20 @@ def test_image_level_dataset_gives_undefined_pixel_metrics(tmp_path):
     assert 0 <= m["image_auroc"] <= 1
 
 
+def test_evaluate_and_train_take_device_names_and_refuse_another_image_size(synth, tmp_path):
+    model = create_model("tiny", image_size=SIZE)
+    ds = AnomalyDataset(synth, "test", image_size=SIZE, classes=["tile"])
+    by_name = evaluate(model, ds, device="cpu", progress=False).report.mean
+    assert by_name == evaluate(model, ds, device=torch.device("cpu"), progress=False).report.mean
+    other = AnomalyDataset(synth, "test", image_size=2 * SIZE, classes=["tile"])
+    says = f"resizes images to {2 * SIZE} px but the model (tiny) takes {SIZE} px"
+    with pytest.raises(CraneError, match=re.escape(says)):
+        evaluate(model, other, device="cpu", progress=False)
+    with pytest.raises(CraneError, match=re.escape(says)):
+        train(model, other, tmp_path / "run", TrainSettings(epochs=1), progress=False)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
 def test_detector_inputs_and_map_sizes(synth, tmp_path):
     det = Detector(create_model("tiny", image_size=SIZE), device="cpu", batch_size=2, threshold=0.5)
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 90, 3), dtype=np.uint8))

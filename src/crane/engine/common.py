@@ -9,7 +9,7 @@ from pathlib import Path
 from crane.data import AnomalyDataset
 from crane.data.layouts import prepare
 from crane.data.meta import meta_path, read_meta
-from crane.errors import DatasetError
+from crane.errors import CraneError, DatasetError
 
 log = logging.getLogger(__name__)
 
@@ -42,3 +42,16 @@ def open_dataset(
     if len(ds) == 0:
         raise DatasetError(f"the {split} split of {root} is empty")
     return ds
+
+
+def check_image_size(model: object, dataset: object) -> None:
+    """Refuse a dataset that resizes its images to another size than the model takes (the
+    model would raise on the first batch, after the loader started)."""
+    want = model.cfg.image_size  # type: ignore[attr-defined]
+    got = getattr(dataset, "image_size", None)
+    if got is not None and got != want:
+        raise CraneError(
+            f"the dataset resizes images to {got} px but the model "
+            f"({model.cfg.name}) takes {want} px: "  # type: ignore[attr-defined]
+            f"open it with image_size=model.cfg.image_size ({want})"
+        )

@@ -20,12 +20,14 @@ from tqdm.auto import tqdm
 
 from crane.data import AnomalyDataset
 from crane.engine import progress as progress_log
+from crane.engine.common import check_image_size
 from crane.engine.predict import _output_names, check_device_decode, dataset_device_pixels
 from crane.engine.runtime import (
     autocast,
     batch_loader,
     model_input,
     nan_score_message,
+    pick_device,
     scoring_forward,
 )
 from crane.engine.writer import OutputWriter
@@ -87,7 +89,7 @@ def evaluate(
     model: CraneModel,
     dataset: AnomalyDataset,
     *,
-    device: torch.device,
+    device: torch.device | str | None = None,
     amp_dtype: torch.dtype | None = None,
     batch_size: int = 8,
     workers: int = 0,
@@ -106,6 +108,8 @@ def evaluate(
     resume: bool = False,
 ) -> EvalResult:
     """Run ``model`` over ``dataset`` and accumulate the six SPEC §9 metrics per class.
+
+    ``device``: a torch device or its name (default: CUDA if present, else the CPU).
 
     ``num_bins``: histogram bins per class with ``metric_mode="binned"`` (a power of two; more
     bins, tighter bounds: 24 B of memory per bin and class).
@@ -136,6 +140,8 @@ def evaluate(
     covers every class. A stopped run thus loses
     at most the class it was in.
     """
+    device = pick_device(device)
+    check_image_size(model, dataset)
     has_masks = any(s.mask_path for s in dataset.samples if s.anomaly)
     unmasked = sum(1 for s in dataset.samples if s.anomaly and not s.has_mask)
     if has_masks and unmasked:  # (kept by missing_mask="warn")

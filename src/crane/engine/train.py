@@ -28,8 +28,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from crane.engine.common import check_image_size
 from crane.engine.features import FeatureCache, release_memmap
 from crane.engine.losses import crane_loss
+from crane.engine.runtime import pick_device
 from crane.errors import CheckpointError, CraneError
 from crane.models import checkpoint as ckpt
 from crane.models.crane import CraneModel
@@ -270,9 +272,10 @@ def train(
             "training needs epochs >= 1, lr > 0 and batch_size >= 1, got "
             f"{settings.epochs}, {settings.lr}, {settings.batch_size}"
         )
+    check_image_size(model, dataset)
     dataset = _with_pixel_truth(dataset)
     run_dir = Path(run_dir)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(device)
     resuming = prepare_run_dir(run_dir, resume, overwrite)
     model.to(device)
     opt = torch.optim.Adam(model.trainable_parameters(), lr=settings.lr, betas=settings.betas)
