@@ -42,6 +42,10 @@ def test_registry_lists_presets():
         create_model("./runs/missing")
     with pytest.raises(CraneError, match="attn_type"):
         get_config("tiny", attn_type="xx")
+    with pytest.raises(
+        CraneError, match="unknown config fields attntype, bogus; the fields are name,"
+    ):
+        create_model("tiny", attntype="vv", bogus=1)
 
 
 def test_tiny_build_is_deterministic(images):

@@ -146,6 +146,13 @@ class CraneConfig:
         return cls(**d)
 
     def replace(self, **changes: Any) -> CraneConfig:
+        fields = [f.name for f in dataclasses.fields(self)]
+        unknown = sorted(set(changes) - set(fields))
+        if unknown:
+            raise CraneError(
+                f"unknown config field{'s' * (len(unknown) > 1)} {', '.join(unknown)}; the "
+                f"fields are {', '.join(fields)}"
+            )
         if "feature_layers" in changes:
             changes["feature_layers"] = tuple(changes["feature_layers"])
         return dataclasses.replace(self, **changes)
