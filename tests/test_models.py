@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from crane.config import ATTN_TYPES, get_config, list_models
+from crane.config import ATTN_TYPES, CraneConfig, get_config, list_models
 from crane.errors import CheckpointError, CraneError
 from crane.models import create_model, save_model, scoring
 from crane.models.vision import clip_mlp, dattn_weights
@@ -46,6 +46,9 @@ def test_registry_lists_presets():
         CraneError, match="unknown config fields attntype, bogus; the fields are name,"
     ):
         create_model("tiny", attntype="vv", bogus=1)
+    with pytest.raises(CraneError, match="unknown config field bogus; the fields are name,"):
+        CraneConfig.from_dict({**get_config("tiny").to_dict(), "bogus": 1})
+    assert CraneConfig.from_dict(get_config("tiny+").to_dict()) == get_config("tiny+")
 
 
 def test_tiny_build_is_deterministic(images):
