@@ -24,6 +24,7 @@ from crane.engine.batching import (
     reuse_freed_memory,
 )
 from crane.errors import CraneError
+from crane.models.vision import strict_fp32
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +266,9 @@ def scoring_forward(
                     static_text()
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        with attention_kernels(attention):
+        # (strict fp32 held here: inside a compiled trace the model's own methods cannot
+        # switch torch's global TF32 flags)
+        with attention_kernels(attention), strict_fp32(device):
             out = fn(images)
         scores, maps = out.image_scores.float(), out.anomaly_maps.float()
         return (scores.clone(), maps.clone()) if graphs else (scores, maps)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +12,12 @@ from crane.config import CraneConfig
 from crane.errors import CraneError
 from crane.models import scoring
 from crane.models.text import PromptLearner, PromptTextEncoder
-from crane.models.vision import CraneVisionEncoder, VisionOutput, clip_matmul_weights
+from crane.models.vision import (
+    CraneVisionEncoder,
+    VisionOutput,
+    clip_matmul_weights,
+    strict_fp32,
+)
 
 
 @dataclass
@@ -28,6 +34,21 @@ class TrainOutput:
 
     patch_logits: torch.Tensor  # (S, B, N, 2) at the pixel temperature
     image_logits: torch.Tensor  # (B, 2) at the training image temperature
+
+
+def _strict_fp32(method):
+    """Run a CraneModel method under :func:`~crane.models.vision.strict_fp32` on the model's
+    device (inside a ``torch.compile`` trace the caller holds it: see
+    :func:`crane.engine.runtime.scoring_forward`)."""
+
+    @functools.wraps(method)
+    def run(self: CraneModel, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return method(self, *args, **kwargs)
+        with strict_fp32(self.prompt_learner.ctx_pos.device):
+            return method(self, *args, **kwargs)
+
+    return run
 
 
 class CraneModel(nn.Module):
@@ -61,6 +82,7 @@ class CraneModel(nn.Module):
         return list(self.prompt_learner.parameters())
 
     # -- text ------------------------------------------------------------------------------
+    @_strict_fp32
     def text_features(self, context: torch.Tensor | None = None) -> torch.Tensor:
         """Static (2, E) features, or per-image (B, 2, E) when an image context is given."""
         pl = self.prompt_learner
@@ -85,13 +107,16 @@ class CraneModel(nn.Module):
 
     # -- vision ----------------------------------------------------------------------------
     @torch.no_grad()
+    @_strict_fp32
     def encode_images(self, images: torch.Tensor) -> VisionOutput:
         """Frozen vision features; the only expensive part, cacheable across epochs."""
-        if self.matmul_dtype is not None and not torch.is_autocast_enabled(images.device.type):
+        kind = images.device.type
+        now = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else "fp32"
+        if self.matmul_dtype is not None and now != self.matmul_dtype:
             raise CraneError(
                 f"this model's frozen matmul weights are stored in {self.matmul_dtype} "
-                "(cast_frozen_matmuls); run it under torch.autocast with that dtype, e.g. "
-                "Detector(precision='bf16'), or rebuild it for fp32"
+                f"(cast_frozen_matmuls) but it runs in {now}; run it under torch.autocast "
+                "with that dtype (e.g. Detector(precision='bf16') for bfloat16), or rebuild it"
             )
         return self.vision(images)
 
@@ -121,6 +146,7 @@ class CraneModel(nn.Module):
         return self
 
     # -- heads -----------------------------------------------------------------------------
+    @_strict_fp32
     def predict_from_features(self, vis: VisionOutput, size: int) -> CraneOutput:
         with torch.autocast(vis.patch_sets.device.type, enabled=False):
             return self._scores(vis, size)
@@ -147,6 +173,7 @@ class CraneModel(nn.Module):
         """CLIP-normalised images (B, 3, S, S) → scores (B,) and maps (B, S, S)."""
         return self.predict_from_features(self.encode_images(images), images.shape[-1])
 
+    @_strict_fp32
     def forward_train(self, vis: VisionOutput) -> TrainOutput:
         """Differentiable w.r.t. the prompts only; ``vis`` may come from a feature cache."""
         cfg = self.cfg

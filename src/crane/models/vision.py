@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -29,34 +30,57 @@ class VisionOutput:
     patch_sets: torch.Tensor
 
 
-@contextlib.contextmanager
-def tf32_matmuls(enabled: bool = True):
-    """Let fp32 CUDA matmuls/convolutions inside the block use TF32 tensor cores; restores the
-    previous global settings on exit (a no-op when ``enabled`` is False).
+# TF32 is switched through torch's process-wide flags: one lock for every change, held for as
+# long as a setting must hold (re-entrant: the TF32 parts nest inside strict_fp32).
+_TF32_LOCK = threading.RLock()
 
-    Each switch (cuBLAS matmuls, cuDNN convolutions) is set through whichever of torch's two
-    APIs the process uses for it: the ``allow_tf32`` flags, or the ``fp32_precision`` settings
-    (torch ≥ 2.9), after which torch refuses to read ``allow_tf32`` (a RuntimeError). Setting
-    the other API than the user's would also make the user's own later reads fail."""
-    if not enabled:
-        yield
-        return
-    switches = []  # (object, attribute, saved value, the value that turns TF32 on)
-    for legacy, new in (
-        (torch.backends.cuda.matmul, torch.backends.cuda.matmul),
-        (torch.backends.cudnn, getattr(torch.backends.cudnn, "conv", None)),
-    ):
+
+@contextlib.contextmanager
+def _tf32_switches(on: bool):
+    """cuBLAS matmuls and cuDNN convolutions on fp32 CUDA tensors use TF32 (``on``) or full
+    fp32 inside the block; the previous settings come back on exit. The lock is held
+    throughout, so a thread that wants the other setting waits instead of seeing this one,
+    and overlapping blocks in two threads cannot leave a setting behind.
+
+    Each switch is set through whichever of torch's two APIs the process uses for it: the
+    ``allow_tf32`` flags, or the ``fp32_precision`` settings (torch ≥ 2.9), after which torch
+    refuses to read ``allow_tf32`` (a RuntimeError). Setting the other API than the user's
+    would also make the user's own later reads fail."""
+    with _TF32_LOCK:
+        switches = []  # (object, attribute, saved value, the value wanted here)
+        for legacy, new in (
+            (torch.backends.cuda.matmul, torch.backends.cuda.matmul),
+            (torch.backends.cudnn, getattr(torch.backends.cudnn, "conv", None)),
+        ):
+            try:
+                switches.append((legacy, "allow_tf32", legacy.allow_tf32, on))
+            except RuntimeError:  # this process set the new API's fp32_precision for it
+                switches.append(
+                    (new, "fp32_precision", new.fp32_precision, "tf32" if on else "ieee")
+                )
+        for obj, attr, _, want in switches:
+            setattr(obj, attr, want)
         try:
-            switches.append((legacy, "allow_tf32", legacy.allow_tf32, True))
-        except RuntimeError:  # this process set the new API's fp32_precision for it
-            switches.append((new, "fp32_precision", new.fp32_precision, "tf32"))
-    for obj, attr, _, on in switches:
-        setattr(obj, attr, on)
-    try:
-        yield
-    finally:
-        for obj, attr, saved, _ in switches:
-            setattr(obj, attr, saved)
+            yield
+        finally:
+            for obj, attr, saved, _ in switches:
+                setattr(obj, attr, saved)
+
+
+def tf32_matmuls(enabled: bool = True):
+    """Let fp32 CUDA matmuls/convolutions inside the block use TF32 tensor cores (see
+    :func:`_tf32_switches`; a no-op when ``enabled`` is False)."""
+    return _tf32_switches(True) if enabled else contextlib.nullcontext()
+
+
+def strict_fp32(device: torch.device):
+    """Full fp32 for the fp32 CUDA matmuls and convolutions inside the block, whatever the
+    process set (torch's own default lets cuDNN convolutions use TF32, and
+    ``torch.set_float32_matmul_precision("high")`` cuBLAS matmuls): the model's fp32 parts
+    (``--precision fp32``, and under autocast D-Attn, the projections, the scoring and its
+    Gaussian) compute what they say; the opt-in TF32 parts switch it back on inside. A no-op
+    off CUDA, where the flags change nothing."""
+    return _tf32_switches(False) if device.type == "cuda" else contextlib.nullcontext()
 
 
 # dtype for the q/k/v of DINOv2's fused attention while set (see half_precision_attention).
