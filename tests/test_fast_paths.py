@@ -1151,3 +1151,22 @@ def test_take_rows_joins_chunks_in_order(pin):
         pytest.raises(ValueError, match="3 rows in the chunks, 4 asked for"),
     ):
         predict_module._take_rows([torch.zeros(3, 2, dtype=torch.uint8)], 4, pin)
+
+
+def test_pick_device_pins_the_cuda_index_and_refuses_a_missing_one(monkeypatch):
+    """ "cuda" becomes the current device's index once (later uses in another thread, or after
+    torch.cuda.set_device, would resolve it to another GPU); a device the machine lacks is a
+    clear error."""
+    from crane.engine.runtime import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    for spec in (None, "auto", "cuda", torch.device("cuda")):
+        assert pick_device(spec) == torch.device("cuda", 1)
+    assert pick_device("cuda:0") == torch.device("cuda", 0)
+    assert pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(CraneError, match=r"has 2 CUDA device\(s\), cuda:0 to cuda:1"):
+        pick_device("cuda:2")
+    with pytest.raises(CraneError, match="not a device"):
+        pick_device("gpu")

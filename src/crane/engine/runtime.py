@@ -33,13 +33,21 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
     if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except RuntimeError as exc:
         raise CraneError(f"--device {device}: not a device (cpu, cuda, cuda:1, ...)") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CraneError(f"--device {device}: CUDA is not available on this machine")
+    if dev.type == "cuda":
+        if dev.index is None:  # pinned now: "cuda" means the thread's current device at each use
+            dev = torch.device("cuda", torch.cuda.current_device())
+        elif dev.index >= torch.cuda.device_count():
+            raise CraneError(
+                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                f"cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            )
     return dev
 
 
