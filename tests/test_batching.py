@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -128,3 +129,40 @@ def test_chunk_entries_must_be_per_sample():
         list(ChunkedBatches(_Items(4), 2, 0, collate))
     with pytest.raises(ValueError, match="batch_size"):
         ChunkedBatches(_Items(4), 0, 0, collate_skip_none)
+
+
+def test_select_rows_equals_list_indexing_without_an_index_tensor(monkeypatch):
+    from crane.engine.batching import select_rows
+
+    t = torch.arange(6 * 4, dtype=torch.float32).view(6, 4)
+    for idx in ([2, 3, 4], [0], [5], [0, 2, 5], [4, 1]):
+        assert torch.equal(select_rows(t, idx), t[idx])
+    assert select_rows(t, [2, 3, 4]).data_ptr() == t[2].data_ptr()  # a run: a view
+    # no list or tensor index reaches __getitem__ (on CUDA it would copy the index there
+    # synchronously): slices only
+    seen = []
+    real = torch.Tensor.__getitem__
+
+    def spy(self, key):
+        seen.append(key)
+        return real(self, key)
+
+    monkeypatch.setattr(torch.Tensor, "__getitem__", spy)
+    select_rows(t, [0, 2, 5])
+    assert seen and all(isinstance(k, slice) for k in seen)
+
+
+def test_predictions_own_their_maps(tmp_path):
+    """A kept Prediction holds its own map, not a view into its batch's (up to 32 maps of
+    16 MB at 2048 px); mixed sizes in one batch are grouped and each still comes back."""
+    from crane.engine.predict import Detector
+    from crane.models import create_model
+
+    rng = np.random.default_rng(0)
+    images = [
+        rng.integers(0, 256, hw + (3,), dtype=np.uint8) for hw in ((40, 50), (30, 60), (40, 50))
+    ]
+    det = Detector(create_model("tiny", image_size=112), device="cpu", batch_size=3)
+    preds = det.predict(images)
+    assert [p.anomaly_map.shape for p in preds] == [(40, 50), (30, 60), (40, 50)]
+    assert all(p.anomaly_map.base is None and p.anomaly_map.flags.owndata for p in preds)

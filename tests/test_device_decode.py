@@ -203,13 +203,13 @@ def mixed_inputs(tmp_path_factory):
 def _run(det: Detector, inputs: list) -> tuple[list, torch.Tensor]:
     """The results and, in order, every uint8 pixel row the model was given."""
     seen = []
-    forward = det.predict_tensor
+    forward = det._predict
 
     def spy(images):
         seen.append(images.cpu())
         return forward(images)
 
-    with mock.patch.object(det, "predict_tensor", spy):
+    with mock.patch.object(det, "_predict", spy):
         results = list(det.predict_iter(inputs))
     return results, torch.cat(seen)
 

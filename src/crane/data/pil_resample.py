@@ -101,10 +101,17 @@ def _banded(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, int]:
 def _device_tables(
     in_size: int, out_size: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """:func:`_banded` on ``device``: the windows' input indices (flat), the coefficients."""
+    """:func:`_banded` on ``device``: the windows' input indices (flat), the coefficients.
+    On CUDA copied from pinned memory without blocking: a pageable copy would make the host
+    wait for the kernels queued before it (each new image size in a pipeline that already
+    queued the next batch's forward)."""
     starts, mats, win = _banded(in_size, out_size)
-    index = torch.from_numpy(starts[:, None] + np.arange(win)).reshape(-1).to(device)
-    return index, torch.from_numpy(mats).to(device), win
+    index = torch.from_numpy(starts[:, None] + np.arange(win)).reshape(-1)
+    tables = (index, torch.from_numpy(mats))
+    if device.type == "cuda":
+        tables = tuple(t.pin_memory() for t in tables)
+    index, coef = (t.to(device, non_blocking=True) for t in tables)
+    return index, coef, win
 
 
 def _pass_last_dim(x: torch.Tensor, out_size: int) -> torch.Tensor:

@@ -26,16 +26,17 @@ def take_rows(
     chunks: list[torch.Tensor], n: int, pin: bool
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The first ``n`` rows of the chunks' tensors, in order, as one tensor, and the rows left
-    over (views of their chunks). Without ``pin`` a first chunk that holds them all is
-    returned as a view (no copy). With ``pin`` the rows are copied straight into a pinned
-    buffer from torch's caching host allocator (reused, its pages already mapped): one copy,
-    where joining the chunks and then pinning made two, the first into fresh memory whose
+    over (views of their chunks). A first chunk that holds them all is returned as a view (no
+    copy) without ``pin``, or with it when the chunk is pinned already. With ``pin`` the
+    rows are copied straight into a pinned buffer from torch's caching host allocator
+    (reused, its pages already mapped): one copy, where joining the chunks and then pinning
+    made two, the first into fresh memory whose
     every page faulted. Copies go through numpy, on this thread with the GIL released, not
     through torch's intra-op pool: beside a full set of decode workers, that pool's threads
     faulting in the workers' fresh shared-memory pages in parallel took the workers' cores
     (2-core measurements in ``benchmarks/RESULTS.md``)."""
     first = chunks[0]
-    if not pin and len(first) >= n:
+    if len(first) >= n and (not pin or first.is_pinned()):  # (the loader may have pinned it)
         return first[:n], ([first[n:]] if len(first) > n else []) + chunks[1:]
     out = torch.empty((n, *first.shape[1:]), dtype=first.dtype, pin_memory=pin)
     dst = out.numpy()
@@ -50,6 +51,16 @@ def take_rows(
     if at != n:
         raise ValueError(f"{at} rows in the chunks, {n} asked for")
     return out, rest
+
+
+def select_rows(t: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    """``t[idx]`` without copying the index to the device: indexing a CUDA tensor with a list
+    copies the list there synchronously, so the host would wait for every kernel queued
+    before (in the predict pipeline, the next batch's forward). A run of consecutive rows is
+    a view; other rows are joined on the device."""
+    if idx == list(range(idx[0], idx[0] + len(idx))):
+        return t[idx[0] : idx[0] + len(idx)]
+    return torch.cat([t[j : j + 1] for j in idx])
 
 
 def chunk_plan(batch_size: int, workers: int, chunk: int | None = None) -> tuple[int, int | None]:

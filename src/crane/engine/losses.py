@@ -53,4 +53,5 @@ def crane_loss(
     ce = F.cross_entropy(out.image_logits, labels.long())
     total = 2 * focal + 2 * dice + 0.2 * ce
     parts = {"loss": total, "focal": focal, "dice": dice, "ce": ce}
-    return total, {k: float(v.detach()) for k, v in parts.items()}
+    values = torch.stack([v.detach().float() for v in parts.values()]).tolist()  # (one sync)
+    return total, dict(zip(parts, values, strict=True))

@@ -35,7 +35,12 @@ from crane.data.transforms import (
     unresized_pixels,
 )
 from crane.engine import progress as progress_file
-from crane.engine.batching import check_shared_memory, chunk_plan, reuse_freed_memory
+from crane.engine.batching import (
+    check_shared_memory,
+    chunk_plan,
+    reuse_freed_memory,
+    select_rows,
+)
 from crane.engine.batching import take_rows as _take_rows
 from crane.engine.runtime import (
     autocast,
@@ -595,7 +600,18 @@ class Detector:
         """Preprocessed (B, 3, S, S) batch → (scores (B,), maps (B, S, S)) on the device.
 
         ``images`` are CLIP-normalised floats, or the uint8 pixels of
-        :func:`crane.data.transforms.image_to_uint8` (normalised here, on the device)."""
+        :func:`crane.data.transforms.image_to_uint8` (normalised here, on the device). The
+        call returns once ``images`` are read: the caller may refill its buffer, pinned or
+        not (the results may still be computing, as usual on CUDA)."""
+        if self.device.type == "cuda" and images.device.type == "cpu" and images.is_pinned():
+            # (a non-blocking copy from a caller's pinned buffer could still be reading it)
+            images = images.to(self.device)
+        return self._predict(images)
+
+    @torch.no_grad()
+    def _predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`predict_tensor` for the pipelines' own pinned buffers, which nothing
+        rewrites: copied without waiting."""
         with autocast(self.device, self.amp):
             return self._forward(model_input(images, self.device))
 
@@ -605,14 +621,14 @@ class Detector:
         images = self._pixels(job, batch["images"])
         if images is None:
             return job
-        scores, maps = self.predict_tensor(images)
+        scores, maps = self._predict(images)
         groups: dict[tuple[int, int], list[int]] = {}
         for j, item in enumerate(job.ok):
             hw = tuple(item["hw"]) if self.map_size == "input" else (self.size, self.size)
             groups.setdefault(hw, []).append(j)
         job.groups = list(groups.values())
         job.maps = [
-            resize_maps(maps if len(idx) == len(job.ok) else maps[idx], *hw)
+            resize_maps(maps if len(idx) == len(job.ok) else select_rows(maps, idx), *hw)
             for hw, idx in groups.items()
         ]
         job.scores = scores
@@ -647,14 +663,16 @@ class Detector:
                     for t in (job.scores, *job.maps)
                 ]
             stream.synchronize()
-            # Own (pageable) copies, so callers may keep predictions without holding pinned RAM.
-            scores, *host = (t.clone() for t in pinned)
+            scores, *host = pinned
         else:
             scores, host = job.scores.cpu(), [m.cpu() for m in job.maps]
+        scores = scores.tolist()
         maps: list[np.ndarray | None] = [None] * len(job.ok)
         for idx, group in zip(job.groups, host, strict=True):
             for k, j in enumerate(idx):
-                maps[j] = group[k].numpy()
+                # Each map its own (pageable) copy: a kept prediction holds neither pinned RAM
+                # nor the rest of its batch's maps.
+                maps[j] = group[k].numpy().copy()
         results: list[tuple[int, Prediction | Failure]] = list(job.failed)
         for j, item in enumerate(job.ok):
             score = float(scores[j])
