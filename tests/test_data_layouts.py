@@ -457,8 +457,52 @@ def test_a_class_without_test_images_is_reported(tmp_path, caplog):
     (tmp_path / "cable" / "test" / "good").mkdir(parents=True)
     with caplog.at_level(logging.WARNING):
         meta = prepare("generic", tmp_path)
-    assert counts(meta, "test", "cable") == (0, 0)
-    assert "cable: no test images" in caplog.text
+    assert "cable" not in meta["test"] and "cable" not in meta["train"]  # left out, as it says
+    assert "cable: no test images" in caplog.text and "the class is left out" in caplog.text
+    assert counts(meta, "test", "widget") == (2, 1)
+
+
+@pytest.mark.parametrize("normal", ["ok", "OK", "normal", "Normal", "good"])
+def test_generic_reads_ok_and_normal_folders_as_normal(tmp_path, normal, caplog):
+    """`generic` labelled every folder but `good` anomalous, in train too, without a word."""
+    make_mvtec_class(tmp_path, "part", normal=normal, defects={"scratch": ["a"]}, masks={})
+    with caplog.at_level(logging.WARNING):
+        meta = prepare("generic", tmp_path)
+    assert counts(meta, "train", "part") == (3, 0)
+    assert counts(meta, "test", "part") == (2, 1)
+    assert caplog.text == ""
+
+
+def test_generic_warns_about_anomalous_train_folders_and_one_label_classes(tmp_path, caplog):
+    make_mvtec_class(tmp_path, "part", normal="defect-free", defects={"scratch": ["a"]}, masks={})
+    with caplog.at_level(logging.WARNING):
+        meta = prepare("generic", tmp_path)
+    assert counts(meta, "train", "part") == (0, 3)  # (what the folders say, loudly)
+    assert "train/defect-free is not a normal folder (good/normal/ok)" in caplog.text
+    assert "part's test images are all anomalous" in caplog.text
+
+
+def test_generic_split_folders_are_found_without_case(tmp_path):
+    make_mvtec_class(tmp_path, "part", defects={"scratch": ["a"]})
+    for old, new in (("train", "Train"), ("test", "Test"), ("ground_truth", "Ground_Truth")):
+        (tmp_path / "part" / old).rename(tmp_path / "part" / new)
+    meta = prepare("generic", tmp_path)
+    assert counts(meta, "train", "part") == (3, 0)
+    assert counts(meta, "test", "part") == (2, 1)
+    assert all(
+        "part/Ground_Truth/scratch/" in s.mask_path for s in meta["test"]["part"] if s.anomaly
+    )
+
+
+def test_an_image_level_set_with_one_label_is_reported(tmp_path, caplog):
+    base = tmp_path / "brain_tumor_dataset"
+    for i in range(3):
+        write_image(base / "no" / f"{i}.png")
+    (base / "yes").mkdir()
+    with caplog.at_level(logging.WARNING):
+        meta = prepare("brainmri", tmp_path)
+    assert counts(meta, "test", "brain") == (3, 0)
+    assert "brainmri: brain's test images are all normal" in caplog.text
 
 
 def test_visa_paths_outside_the_root_are_refused(tmp_path):

@@ -144,6 +144,16 @@ def prepare(name: str, root: str | os.PathLike[str], *, missing_mask: str = "err
             f"found no images for {layout.name} in {root}; expected:\n{layout.layout}"
         )
     validate_meta(meta, root)
+    for cls, samples in meta["test"].items():
+        labels = {s.anomaly for s in samples}
+        if len(labels) == 1:
+            logger.warning(
+                "%s: %s's test images are all %s: its image-level AUROC, AP and F1 are "
+                "undefined (check the folder names against `crane datasets list`)",
+                layout.name,
+                cls,
+                "anomalous" if labels == {1} else "normal",
+            )
     return meta
 
 
@@ -295,22 +305,27 @@ def scan_mvtec_class(
     cls_dir: Path,
     cls_name: str,
     *,
-    normal: str = "good",
+    normal: str | tuple[str, ...] = "good",
     mask_suffixes: Iterable[str] = ("_mask",),
     require_masks: bool = True,
 ) -> dict[str, list[Sample]]:
     """``<cls_dir>/{train,test}/<specie>/*`` with masks in ``<cls_dir>/ground_truth/<specie>/``.
 
-    Images under the ``normal`` specie are normal; every other specie is anomalous and,
-    with ``require_masks``, must have a mask (else the missing-mask policy applies).
-    Without ``require_masks`` anomalous images carry no mask (image-level labels only).
+    Images under the ``normal`` specie (or any of several names; folders are matched
+    ignoring case, as the split folders are) are normal; every other specie is anomalous
+    and, with ``require_masks``, must have a mask (else the missing-mask policy applies).
+    Without ``require_masks`` anomalous images carry no mask (image-level labels only). A
+    class without test images is left out (an empty dict).
     """
-    test_dir = cls_dir / "test"
-    if not test_dir.is_dir():
+    normals = {n.casefold() for n in ((normal,) if isinstance(normal, str) else normal)}
+    test_dir = find_dir(cls_dir, "test")
+    if test_dir is None:
         raise ctx.fail(f"{cls_dir} has no test/ folder")
     out: dict[str, list[Sample]] = {}
     for split in ("train", "test"):
-        split_dir = cls_dir / split
+        split_dir = find_dir(cls_dir, split)
+        if split_dir is None:
+            continue
         samples: list[Sample] = []
         stray = list_images(split_dir)
         if stray:
@@ -322,13 +337,22 @@ def scan_mvtec_class(
         for specie_dir in list_dirs(split_dir):
             specie = specie_dir.name
             images = list_images(specie_dir)
-            if specie.casefold() == normal.casefold():  # (folders are found without case)
+            if specie.casefold() in normals:
                 samples += [ctx.sample(p, cls_name, specie, 0) for p in images]
                 continue
+            if split == "train" and images:
+                logger.warning(
+                    "%s: %s is not a normal folder (%s): its %d image(s) are labelled anomalous",
+                    cls_name,
+                    specie_dir,
+                    "/".join(sorted(normals)),
+                    len(images),
+                )
             if not require_masks:
                 samples += [ctx.sample(p, cls_name, specie, 1) for p in images]
                 continue
-            masks = MaskIndex(ctx, find_dir(cls_dir / "ground_truth", specie), mask_suffixes)
+            gt = find_dir(cls_dir, "ground_truth")
+            masks = MaskIndex(ctx, find_dir(gt, specie) if gt else None, mask_suffixes)
             for image in images:
                 sample = ctx.anomalous(image, cls_name, specie, masks.find(image))
                 if sample is not None:
@@ -336,7 +360,8 @@ def scan_mvtec_class(
             masks.report_unused()
         if split == "test" and not samples:
             logger.warning("%s: no test images in %s; the class is left out", cls_name, split_dir)
-        if samples or split == "test":
+            return {}
+        if samples:
             out[split] = samples
     return out
 
@@ -722,11 +747,15 @@ def _cvc_clinicdb(ctx: ScanContext) -> Meta:
     return scan_pixel_only(ctx, _CVC_DIRS, COLON_CLASS)
 
 
+#: Folder names ``generic`` reads as normal (compared ignoring case).
+GENERIC_NORMAL = ("good", "ok", "normal")
+
+
 @register_layout(
     "generic",
     title="Any dataset in MVTec form (masks optional)",
     layout="""
-  <cls>/train/good/*
+  <cls>/train/good/*                          (normal folders: good, ok or normal)
   <cls>/test/<good|defect>/*
   <cls>/ground_truth/<defect>/<stem>_mask.*   (optional; without ground_truth/ the set
                                               is image-level only)
@@ -735,20 +764,25 @@ def _cvc_clinicdb(ctx: ScanContext) -> Meta:
 )
 def _generic(ctx: ScanContext) -> Meta:
     def one(cls_dir: Path, cls: str) -> dict[str, list[Sample]]:
-        has_gt = (cls_dir / "ground_truth").is_dir()
+        has_gt = find_dir(cls_dir, "ground_truth") is not None
         if not has_gt:
             logger.info("generic: %s has no ground_truth/; image-level labels only", cls_dir)
         return scan_mvtec_class(
-            ctx, cls_dir, cls, mask_suffixes=("_mask", ""), require_masks=has_gt
+            ctx,
+            cls_dir,
+            cls,
+            normal=GENERIC_NORMAL,
+            mask_suffixes=("_mask", ""),
+            require_masks=has_gt,
         )
 
     meta = new_meta()
-    if (ctx.root / "test").is_dir():
+    if find_dir(ctx.root, "test") is not None:
         cls = ctx.root.resolve().name
         for split, samples in one(ctx.root, cls).items():
             meta[split][cls] = samples
         return meta
-    class_dirs = [d for d in list_dirs(ctx.root) if (d / "test").is_dir()]
+    class_dirs = [d for d in list_dirs(ctx.root) if find_dir(d, "test") is not None]
     if not class_dirs:
         raise ctx.fail(f"no test/ folder and no <cls>/test/ folders in {ctx.root}")
     for cls_dir in class_dirs:
