@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -254,7 +255,7 @@ def test_dagm_labels_define_anomalies(tmp_path):
 
 
 @pytest.mark.parametrize("nested", [False, True])
-def test_headct_labels_csv(tmp_path, nested):
+def test_headct_labels_csv(tmp_path, nested, caplog):
     img_dir = tmp_path / "head_ct" / "head_ct" if nested else tmp_path / "head_ct"
     labels = {0: 1, 1: 1, 7: 0, 42: 0, 150: 1}
     for i in labels:
@@ -262,13 +263,50 @@ def test_headct_labels_csv(tmp_path, nested):
     write_image(img_dir / "999.png", mode="L")  # not in labels.csv: ignored
     rows = "\n".join(f"{i},{v}" for i, v in labels.items())
     (tmp_path / "labels.csv").write_text(f"id, hemorrhage\n{rows}\n")
-    meta = prepare("headct", tmp_path)
+    with caplog.at_level(logging.WARNING):
+        meta = prepare("headct", tmp_path)
+    assert "1 of the 6 images in" in caplog.text
+    assert "are not in labels.csv: left out" in caplog.text
     assert list(meta["test"]) == ["brain"]
     assert counts(meta, "test", "brain") == (2, 3)
     rel = img_dir.relative_to(tmp_path).as_posix()
     got = {s.img_path: s.anomaly for s in meta["test"]["brain"]}
     assert got == {f"{rel}/{i:03d}.png": v for i, v in labels.items()}
     assert all(s.mask_path == "" for s in meta["test"]["brain"])
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "says"),
+    [
+        ("headct", b"id,hemorrhage\n0,1\n2\n", "line 3: id '2' / hemorrhage '' invalid"),
+        ("headct", "id,hemorrhage\n0,1\n".encode("utf-16"), "labels.csv is not UTF-8 text"),
+        ("headct", "id;hémorrhage\n0;1\n".encode("latin-1"), "is not UTF-8 text"),
+        ("visa", "object,split\nfryum,tést\n".encode("latin-1"), "1cls.csv is not UTF-8 text"),
+        ("visa", b"object,split,label,image,mask\npcb1,test,normal,,\n", "line 2: empty object"),
+    ],
+)
+def test_bad_csv_files_are_clear_errors(tmp_path, name, data, says):
+    """A short row, or a file that is not UTF-8, crashed with a traceback
+    (AttributeError / UnicodeDecodeError)."""
+    write_image(tmp_path / "head_ct" / "000.png")
+    write_image(tmp_path / "head_ct" / "002.png")
+    csv_path = tmp_path / ("labels.csv" if name == "headct" else "split_csv/1cls.csv")
+    csv_path.parent.mkdir(exist_ok=True)
+    csv_path.write_bytes(data)
+    with pytest.raises(DatasetError, match=re.escape(says)):
+        prepare(name, tmp_path)
+
+
+def test_visa_image_in_both_splits_is_reported(tmp_path, caplog):
+    make_visa(tmp_path, [("pcb1", "train", "normal", "0000"), ("pcb1", "test", "anomaly", "000")])
+    csv_path = tmp_path / "split_csv" / "1cls.csv"
+    lines = csv_path.read_text().splitlines()
+    csv_path.write_text("\n".join([*lines, lines[1].replace(",train,", ",test,")]) + "\n")
+    with caplog.at_level(logging.WARNING):
+        meta = prepare("visa", tmp_path)
+    assert counts(meta, "test", "pcb1") == (1, 1)
+    assert "visa: images in both train and test" in caplog.text
+    assert "pcb1/Data/Images/Normal/0000.JPG" in caplog.text
 
 
 def test_headct_missing_image_is_an_error(tmp_path):

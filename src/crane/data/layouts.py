@@ -144,6 +144,10 @@ def prepare(name: str, root: str | os.PathLike[str], *, missing_mask: str = "err
             f"found no images for {layout.name} in {root}; expected:\n{layout.layout}"
         )
     validate_meta(meta, root)
+    train = {s.img_path for _, s in iter_samples(meta, "train")}
+    both = sorted(train & {s.img_path for _, s in iter_samples(meta, "test")})
+    if both:
+        logger.warning(format_problem_list(f"{layout.name}: images in both train and test", both))
     for cls, samples in meta["test"].items():
         labels = {s.anomaly for s in samples}
         if len(labels) == 1:
@@ -226,6 +230,27 @@ class ScanContext:
             )
         action = "skipped" if self.missing_mask == "skip" else "kept without mask"
         logger.warning(format_problem_list(f"{header} ({action})", self.masks_missing))
+
+
+def read_csv(ctx: ScanContext, path: Path, required: Iterable[str]) -> list[dict[str, str]]:
+    """The rows of a dataset's CSV file, keyed by lower-case column names, every value
+    stripped ("" for a missing one); a clear error for missing columns or text that is not
+    UTF-8 (e.g. a file an editor saved as UTF-16 or Latin-1)."""
+    required = tuple(required)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            fields = [c.strip().lower() for c in reader.fieldnames or []]
+            if any(c not in fields for c in required):
+                raise ctx.fail(f"{path} must have columns {', '.join(required)}, got {fields}")
+            return [
+                {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
+                for row in reader
+            ]
+    except UnicodeDecodeError as exc:
+        raise ctx.fail(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except csv.Error as exc:
+        raise ctx.fail(f"{path} is not a readable CSV file: {exc}") from None
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -459,15 +484,7 @@ def _visa(ctx: ScanContext) -> Meta:
     csv_path = ctx.root / "split_csv" / "1cls.csv"
     if not csv_path.is_file():
         raise ctx.fail(f"split file {csv_path} not found")
-    with csv_path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        fields = [c.strip().lower() for c in reader.fieldnames or []]
-        required = ("object", "split", "label", "image", "mask")
-        if any(c not in fields for c in required):
-            raise ctx.fail(f"{csv_path} must have columns {','.join(required)}, got {fields}")
-        rows = [
-            {k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in reader
-        ]
+    rows = read_csv(ctx, csv_path, ("object", "split", "label", "image", "mask"))
     problems: list[str] = []
     grouped: dict[str, dict[str, list[Sample]]] = {}
     for line, row in enumerate(rows, start=2):
@@ -478,6 +495,9 @@ def _visa(ctx: ScanContext) -> Meta:
                 f"{where}: split {row['split']!r} / label {row['label']!r} not "
                 "in train|test / normal|anomaly"
             )
+            continue
+        if not cls or not row["image"]:
+            problems.append(f"{where}: empty object or image field")
             continue
         image = ctx.root / row["image"]
         if label == "normal":
@@ -640,16 +660,11 @@ def _headct(ctx: ScanContext) -> Meta:
     if img_dir is None or not csv_path.is_file():
         raise ctx.fail(f"need labels.csv and a head_ct/ image folder in {ctx.root}")
     by_stem = {p.stem: p for p in list_images(img_dir)}
-    with csv_path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        # The Kaggle file's header is "id, hemorrhage" (with a space).
-        fields = {c.strip().lower(): c for c in reader.fieldnames or []}
-        if "id" not in fields or "hemorrhage" not in fields:
-            raise ctx.fail(f"{csv_path} must have columns id, hemorrhage")
-        rows = list(reader)
+    # (the Kaggle file's header is "id, hemorrhage", with a space: names are stripped)
+    rows = read_csv(ctx, csv_path, ("id", "hemorrhage"))
     problems, samples = [], []
     for line, row in enumerate(rows, start=2):
-        raw_id, raw_label = row[fields["id"]].strip(), row[fields["hemorrhage"]].strip()
+        raw_id, raw_label = row["id"], row["hemorrhage"]
         if not raw_id.isdigit() or raw_label not in ("0", "1"):
             problems.append(f"line {line}: id {raw_id!r} / hemorrhage {raw_label!r} invalid")
             continue
@@ -662,6 +677,15 @@ def _headct(ctx: ScanContext) -> Meta:
         samples.append(ctx.sample(image, HEADCT_CLASS, "hemorrhage" if label else "good", label))
     if problems:
         raise DatasetError(format_problem_list(f"{csv_path} does not match the images", problems))
+    unlisted = len(by_stem) - len({s.img_path for s in samples})
+    if unlisted:
+        logger.warning(
+            "headct: %d of the %d images in %s are not in %s: left out",
+            unlisted,
+            len(by_stem),
+            ctx.rel(img_dir),
+            csv_path.name,
+        )
     meta = new_meta()
     meta["test"][HEADCT_CLASS] = samples
     return meta
