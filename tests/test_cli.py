@@ -449,3 +449,24 @@ def test_predict_exits_non_zero_when_no_input_could_be_read(tmp_path):
     r = crane("predict", str(bad), "--model", "tiny", "--out", str(tmp_path / "o"), check=False)
     assert r.returncode == 1 and "no input could be predicted" in r.stderr
     assert json.loads((tmp_path / "o" / "summary.json").read_text())["n_failed"] == 1
+
+
+def test_a_bad_file_met_in_a_decode_worker_is_one_paragraph(tmp_path):
+    """torch re-raises a worker's error with the worker's whole traceback in its message;
+    the CLI shows the original message, as it does without workers."""
+    data = tmp_path / "synth"
+    make_synthetic_dataset(data, classes=("tile",), n_train=0, n_test_good=2, n_test_bad=2, size=64)
+    bad = next(iter(sorted((data / "tile" / "test" / "good").iterdir())))
+    bad.write_bytes(b"not an image")
+    stderr = {}
+    for workers in ("0", "2"):
+        r = crane(
+            "evaluate", "--dataset", "mvtec", "--root", str(data), "--model", "tiny",
+            "--workers", workers, "--no-progress", "--out", str(tmp_path / f"e{workers}"),
+            check=False,
+        )  # fmt: skip
+        assert r.returncode == 2, r.stderr
+        stderr[workers] = r.stderr[r.stderr.index("crane: error: ") :]
+    assert "Traceback" not in stderr["2"] and "DataLoader worker" not in stderr["2"]
+    assert stderr["2"] == stderr["0"]
+    assert f"cannot read image {bad}" in stderr["0"]

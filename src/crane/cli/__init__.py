@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from crane.errors import CraneError
+from crane.errors import CraneError, user_message
 
 # Sub-command modules, imported lazily so ``crane --help`` stays fast.
 _COMMAND_MODULES = ("crane.cli.datasets", "crane.cli.pipelines", "crane.cli.demo")
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return rc
     except CraneError as exc:
         # Expected, user-facing failures: one clear paragraph, no traceback.
-        print(f"crane: error: {exc}", file=sys.stderr)
+        print(f"crane: error: {user_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("crane: interrupted", file=sys.stderr)
