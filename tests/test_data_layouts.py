@@ -557,3 +557,18 @@ def test_visa_paths_outside_the_root_are_refused(tmp_path):
     csv_path.write_text(text.replace("pcb1/Data/Images/Anomaly/000.JPG", f"{elsewhere}/000.JPG"))
     with pytest.raises(DatasetError, match="outside the dataset root"):
         prepare("visa", root)
+
+
+def test_generic_reads_label_masks_of_converted_dagm_trees(tmp_path):
+    make_mvtec_class(tmp_path, "Class1", defects={"defect": ["0002"]}, mask_name="{stem}_label.PNG")
+    meta = prepare("generic", tmp_path)
+    (bad,) = [s for s in meta["test"]["Class1"] if s.anomaly]
+    assert bad.mask_path == "Class1/ground_truth/defect/0002_label.PNG"
+
+
+def test_dagm_names_the_class_folders_it_skips(tmp_path, caplog):
+    write_image(tmp_path / "Class3" / "Test" / "0001.PNG")
+    with caplog.at_level(logging.WARNING):
+        meta = prepare("dagm", tmp_path)
+    assert list(meta["test"]) == ["Class3"]
+    assert "not found, skipped: Class1, Class2, Class4," in caplog.text

@@ -557,7 +557,9 @@ def _btad(ctx: ScanContext) -> Meta:
     layout="""
   original:  kos*/Part*.jpg with kos*/Part*_label.bmp  (test split only; an image is
              anomalous if its label has any non-zero pixel)
-  converted: SDD/train/good/, SDD/test/{good,defect}/, SDD/ground_truth/defect/<stem>_mask.png""",
+  converted: SDD/train/good/, SDD/test/{good,defect}/, SDD/ground_truth/defect/<stem>_mask.png
+  The two give different test sets (the converted tree is made of image crops with its
+  own split): compare numbers only with results made from the same form.""",
 )
 def _sdd(ctx: ScanContext) -> Meta:
     for folder in ("SDD", "electrical commutators"):
@@ -599,12 +601,18 @@ def _sdd(ctx: ScanContext) -> Meta:
     classes=DAGM_CLASSES,
     layout="""
   ClassN/{Train,Test}/*.PNG
-  ClassN/{Train,Test}/Label/<stem>_label.PNG  (an image with a label file is anomalous)""",
+  ClassN/{Train,Test}/Label/<stem>_label.PNG  (an image with a label file is anomalous)
+  The original Test/ folders; converted copies in MVTec form (ClassN/test/{good,defect}/
+  with ground_truth/defect/<stem>_label.PNG, e.g. AdaCLIP's, which picks its own normal
+  test images) are read by `generic`: their numbers are not comparable with these.""",
 )
 def _dagm(ctx: ScanContext) -> Meta:
     present = [c for c in DAGM_CLASSES if (ctx.root / c).is_dir()]
     if not present:
         raise ctx.fail(f"no Class1..Class10 folders in {ctx.root}")
+    absent = [c for c in DAGM_CLASSES if c not in present]
+    if absent:
+        logger.warning("dagm: class folder(s) not found, skipped: %s", ", ".join(absent))
     meta = new_meta()
     for cls in present:
         for split, folder in (("train", "Train"), ("test", "Test")):
@@ -779,10 +787,10 @@ GENERIC_NORMAL = ("good", "ok", "normal")
     "generic",
     title="Any dataset in MVTec form (masks optional)",
     layout="""
-  <cls>/train/good/*                          (normal folders: good, ok or normal)
+  <cls>/train/good/*                       (normal folders: good, ok or normal)
   <cls>/test/<good|defect>/*
-  <cls>/ground_truth/<defect>/<stem>_mask.*   (optional; without ground_truth/ the set
-                                              is image-level only)
+  <cls>/ground_truth/<defect>/<stem>.*      (or <stem>_mask.*, <stem>_label.*; optional:
+                                           without ground_truth/, image-level labels only)
   or one class without the class level: train/, test/, ground_truth/ at the root
   (class name = the root folder's name)""",
 )
@@ -796,7 +804,7 @@ def _generic(ctx: ScanContext) -> Meta:
             cls_dir,
             cls,
             normal=GENERIC_NORMAL,
-            mask_suffixes=("_mask", ""),
+            mask_suffixes=("_mask", "_label", ""),
             require_masks=has_gt,
         )
 

@@ -331,7 +331,7 @@ def write_meta(
             _place_new(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
-    logger.info("wrote %s", target)
+    logger.debug("wrote %s", target)  # (the CLI says so itself)
     return target
 
 
