@@ -149,3 +149,27 @@ def test_cli_data_path_does_not_import_torch():
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"
+
+
+def test_check_deep_decodes_every_file(tmp_path, capsys):
+    """`check` only sees that files exist; `--deep` decodes them as a run would and lists
+    what would stop it midway: corrupt/truncated images, masks of another size."""
+    from PIL import Image
+
+    make_mvtec_class(tmp_path, "bottle", defects={"crack": ["000", "001"]})
+    assert main(["datasets", "prepare", "mvtec", "--root", str(tmp_path)]) == 0
+    assert main(["datasets", "check", "--root", str(tmp_path), "--deep", "--no-progress"]) == 0
+    assert "meta.json: OK (every file decoded)" in capsys.readouterr().out
+    good = tmp_path / "bottle" / "test" / "good" / "001.png"
+    good.write_bytes(good.read_bytes()[:60])  # truncated
+    mask = tmp_path / "bottle" / "ground_truth" / "crack" / "000_mask.png"
+    Image.new("L", (7, 5)).save(mask)
+    assert main(["datasets", "check", "--root", str(tmp_path)]) == 0  # (files exist)
+    capsys.readouterr()
+    for threads in ("1", "3"):
+        args = ["datasets", "check", "--root", str(tmp_path), "--deep", "--threads", threads]
+        assert main([*args, "--no-progress"]) == 1
+        err = capsys.readouterr().err
+        assert "files that cannot be used: 2 problems" in err
+        assert f"cannot read image {good}" in err
+        assert f"mask {mask} is 7x5 but its image" in err

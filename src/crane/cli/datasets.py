@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
-from crane.errors import DatasetError
+from crane.errors import CraneError, DatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = actions.add_parser("check", help="validate an existing meta.json and print counts")
     p.add_argument("--root", required=True, help="dataset root folder holding meta.json")
+    p.add_argument(
+        "--deep",
+        action="store_true",
+        help="also decode every image and mask (slow): corrupt or truncated files and masks "
+        "of another size than their image are found now, not midway through a run",
+    )
+    p.add_argument(
+        "--threads", type=int, default=4, help="files decoded at once with --deep (default 4)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_check)
 
     p = actions.add_parser(
@@ -95,11 +106,25 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from crane.data.meta import format_summary, meta_path, read_meta
+    from crane.data.meta import (
+        format_problem_list,
+        format_summary,
+        meta_path,
+        read_meta,
+        unreadable_files,
+    )
 
     meta = read_meta(args.root)
     print(format_summary(meta))
-    print(f"{meta_path(args.root)}: OK")
+    if args.deep:
+        if args.threads < 1:
+            raise CraneError(f"--threads must be >= 1, got {args.threads}")
+        bad = unreadable_files(meta, args.root, threads=args.threads, progress=not args.no_progress)
+        if bad:
+            header = f"{meta_path(args.root)}: files that cannot be used"
+            print(format_problem_list(header, bad, limit=50), file=sys.stderr)
+            return 1
+    print(f"{meta_path(args.root)}: OK" + (" (every file decoded)" if args.deep else ""))
     return 0
 
 

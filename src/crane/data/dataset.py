@@ -23,7 +23,7 @@ from torch.utils.data import Dataset, default_collate
 
 from crane.constants import DEFAULT_IMAGE_SIZE, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from crane.data.handover import HandoverPool
-from crane.data.imageio import open_image, open_mask
+from crane.data.imageio import open_image, open_mask_of
 from crane.data.meta import (
     SPLITS,
     Meta,
@@ -220,14 +220,7 @@ class AnomalyDataset(Dataset):
         else:
             height, width = jpeg[1]
         if s.mask_path:
-            mask_file = self.root / s.mask_path
-            fg = open_mask(mask_file)
-            if fg.shape != (height, width):
-                # Resizing would silently misalign the ground truth; refuse instead.
-                raise DatasetError(
-                    f"mask {mask_file} is {fg.shape[1]}x{fg.shape[0]} but its image "
-                    f"{img_file} is {width}x{height} (width x height)"
-                )
+            fg = open_mask_of(self.root / s.mask_path, img_file, height, width)
             mask = mask_to_tensor(fg, self.image_size, dtype=mask_dtype)
         else:
             mask = empty_mask(self.image_size, dtype=mask_dtype)

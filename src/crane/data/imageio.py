@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from crane.errors import ImageReadError
+from crane.errors import DatasetError, ImageReadError
 
 #: File extensions treated as images when scanning dataset folders (compared lower-case).
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
@@ -214,3 +214,16 @@ def binarize_mask(im: Image.Image) -> np.ndarray:
 def open_mask(path: PathLike) -> np.ndarray:
     """Decode a mask file into a boolean (H, W) array (:func:`binarize_mask`)."""
     return binarize_mask(_decode(path, "mask"))
+
+
+def open_mask_of(mask: PathLike, image: PathLike, height: int, width: int) -> np.ndarray:
+    """:func:`open_mask` for the image ``image`` of ``height`` × ``width`` pixels: a
+    :class:`~crane.errors.DatasetError` if the sizes differ (resizing would silently
+    misalign the ground truth)."""
+    fg = open_mask(mask)
+    if fg.shape != (height, width):
+        raise DatasetError(
+            f"mask {mask} is {fg.shape[1]}x{fg.shape[0]} but its image {image} is "
+            f"{width}x{height} (width x height)"
+        )
+    return fg

@@ -250,6 +250,40 @@ def missing_files(meta: Meta, root: str | os.PathLike[str]) -> list[str]:
     return out
 
 
+def unreadable_files(
+    meta: Meta, root: str | os.PathLike[str], *, threads: int = 4, progress: bool = False
+) -> list[str]:
+    """Decode every image and mask the index references, as loading them would (no
+    resizing), and describe each that fails: missing, corrupt or truncated files, masks of
+    another size than their image. Slow (every file is decoded), so an opt-in check
+    (``crane datasets check --deep``) of what would otherwise stop a run midway.
+    ``threads``: files decoded at once (decoders release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    from crane.data.imageio import open_image, open_mask_of
+    from crane.errors import CraneError
+
+    root = Path(root)
+    pairs = list(dict.fromkeys((s.img_path, s.mask_path) for _, s in iter_samples(meta)))
+
+    def check(pair: tuple[str, str]) -> str | None:
+        image, mask = pair
+        try:
+            im = open_image(root / image)
+            if mask:
+                open_mask_of(root / mask, root / image, im.height, im.width)
+        except CraneError as exc:
+            return str(exc)
+        return None
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        found = pool.map(check, pairs)
+        bar = tqdm(found, total=len(pairs), desc="decode", unit="file", disable=not progress)
+        return [p for p in bar if p is not None]
+
+
 def sample_missing_files(sample: Sample, root: str | os.PathLike[str]) -> list[str]:
     """The image/mask paths of one sample that do not exist under ``root``."""
     root = Path(root)
