@@ -290,6 +290,7 @@ def test_bad_csv_files_are_clear_errors(tmp_path, name, data, says):
     (AttributeError / UnicodeDecodeError)."""
     write_image(tmp_path / "head_ct" / "000.png")
     write_image(tmp_path / "head_ct" / "002.png")
+    (tmp_path / "pcb1").mkdir()
     csv_path = tmp_path / ("labels.csv" if name == "headct" else "split_csv/1cls.csv")
     csv_path.parent.mkdir(exist_ok=True)
     csv_path.write_bytes(data)
@@ -572,3 +573,17 @@ def test_dagm_names_the_class_folders_it_skips(tmp_path, caplog):
         meta = prepare("dagm", tmp_path)
     assert list(meta["test"]) == ["Class3"]
     assert "not found, skipped: Class1, Class2, Class4," in caplog.text
+
+
+def test_visa_reads_the_classes_a_partial_download_holds(tmp_path, caplog):
+    make_visa(tmp_path, [("pcb1", "test", "anomaly", "000"), ("pcb1", "test", "normal", "0001")])
+    csv_path = tmp_path / "split_csv" / "1cls.csv"
+    rows = "candle,test,normal,candle/Data/Images/Normal/0000.JPG,\n"
+    csv_path.write_text(csv_path.read_text() + rows)  # candle/ not downloaded
+    with caplog.at_level(logging.WARNING):
+        meta = prepare("visa", tmp_path)
+    assert list(meta["test"]) == ["pcb1"]
+    assert "visa: class folder(s) not found, skipped: candle" in caplog.text
+    csv_path.write_text("object,split,label,image,mask\n" + rows)
+    with pytest.raises(DatasetError, match="none of the class folders 1cls.csv names"):
+        prepare("visa", tmp_path)

@@ -485,10 +485,18 @@ def _visa(ctx: ScanContext) -> Meta:
     if not csv_path.is_file():
         raise ctx.fail(f"split file {csv_path} not found")
     rows = read_csv(ctx, csv_path, ("object", "split", "label", "image", "mask"))
+    named = list(dict.fromkeys(row["object"] for row in rows if row["object"]))
+    absent = [c for c in named if not (ctx.root / c).is_dir()]
+    if absent and len(absent) == len(named):
+        raise ctx.fail(f"none of the class folders {csv_path.name} names is in {ctx.root}")
+    if absent:  # (a partial download: as the other layouts, read the classes that are there)
+        logger.warning("visa: class folder(s) not found, skipped: %s", ", ".join(absent))
     problems: list[str] = []
     grouped: dict[str, dict[str, list[Sample]]] = {}
     for line, row in enumerate(rows, start=2):
         cls, split, label = row["object"], row["split"].lower(), row["label"].lower()
+        if cls in absent:
+            continue
         where = f"{csv_path.name} line {line}"
         if split not in ("train", "test") or label not in ("normal", "anomaly"):
             problems.append(
