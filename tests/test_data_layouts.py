@@ -587,3 +587,15 @@ def test_visa_reads_the_classes_a_partial_download_holds(tmp_path, caplog):
     csv_path.write_text("object,split,label,image,mask\n" + rows)
     with pytest.raises(DatasetError, match="none of the class folders 1cls.csv names"):
         prepare("visa", tmp_path)
+
+
+def test_a_root_one_level_too_high_gets_a_hint(tmp_path):
+    make_mvtec_class(tmp_path / "mvtec_anomaly_detection", "bottle")
+    with pytest.raises(DatasetError, match=r"did you mean --root .*mvtec_anomaly_detection\?"):
+        prepare("mvtec", tmp_path)
+    assert list(prepare("mvtec", tmp_path / "mvtec_anomaly_detection")["test"]) == ["bottle"]
+    # no hint where the folder inside would not read either
+    make_mvtec_class(tmp_path / "other", "bottle", masks={})
+    with pytest.raises(DatasetError) as info:
+        prepare("mvtec", tmp_path / "other")
+    assert "did you mean" not in str(info.value)

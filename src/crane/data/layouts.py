@@ -137,7 +137,13 @@ def prepare(name: str, root: str | os.PathLike[str], *, missing_mask: str = "err
     if not root.is_dir():
         raise DatasetError(f"dataset root {root} is not a directory")
     ctx = ScanContext(root=root, layout=layout, missing_mask=missing_mask)
-    meta = layout.scan(ctx)
+    try:
+        meta = layout.scan(ctx)
+    except DatasetError as exc:
+        inner = list_dirs(root)
+        if len(inner) == 1 and _scans(layout, inner[0]):  # (an archive's top folder, typically)
+            raise DatasetError(f"{exc}\n(did you mean --root {inner[0]}?)") from None
+        raise
     ctx.finish()
     if next(iter_samples(meta), None) is None:
         raise DatasetError(
@@ -159,6 +165,19 @@ def prepare(name: str, root: str | os.PathLike[str], *, missing_mask: str = "err
                 "anomalous" if labels == {1} else "normal",
             )
     return meta
+
+
+def _scans(layout: Layout, root: Path) -> bool:
+    """Whether ``root`` reads as ``layout`` (quietly: only to suggest it)."""
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        meta = layout.scan(ScanContext(root=root, layout=layout, missing_mask="warn"))
+        return next(iter_samples(meta), None) is not None
+    except DatasetError:
+        return False
+    finally:
+        logger.setLevel(level)
 
 
 # --------------------------------------------------------------------------- scanning helpers
