@@ -46,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
             from crane.models.kernels import get_cpu_kernels
 
             get_cpu_kernels()
-        rc = int(args.func(args) or 0)
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with logging_redirect_tqdm():  # (log lines above the progress bars, not through them)
+            rc = int(args.func(args) or 0)
         sys.stdout.flush()  # (a closed pipe then fails here, not in the interpreter's exit)
         return rc
     except CraneError as exc:

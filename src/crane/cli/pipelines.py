@@ -444,12 +444,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         device_decode=args.device_decode,
         device_resize=args.device_resize,
     )
+    if not res.seconds_per_epoch:
+        print(f"{res.run_dir} already holds {len(res.epoch_losses)} epochs: nothing to train")
+        return 0
     for h in res.epoch_losses:
         print(
             f"epoch {h['epoch']}: loss {h['loss']:.4f} (focal {h['focal']:.4f}, "
             f"dice {h['dice']:.4f}, "
             f"ce {h['ce']:.4f})"
         )
+    print(
+        "(focal and dice are summed over the model's patch sets, as the loss adds them: "
+        f"{model.cfg.n_sets * model.cfg.train_set_multiplicity} here)"
+    )
     print(f"model written to {res.run_dir} (load with --model {res.run_dir})")
     return 0
 

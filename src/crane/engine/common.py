@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from crane.data import AnomalyDataset
-from crane.data.layouts import prepare
+from crane.data.layouts import get_layout, prepare
 from crane.data.meta import meta_path, read_meta
 from crane.errors import CraneError, DatasetError
 
@@ -24,6 +24,8 @@ def open_dataset(
 ) -> AnomalyDataset:
     """``root/meta.json`` when present (validated), else the layout ``name`` scanned in memory."""
     root = Path(root)
+    if name:
+        get_layout(name)  # an unknown name is an error also where a meta.json is read
     if meta_path(root).is_file():
         meta = read_meta(
             root, check_files=False

@@ -7,6 +7,7 @@ memory-mapped file (chosen by size; see :func:`choose_location`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -155,6 +156,10 @@ class FeatureCache:
                     arr = np.lib.format.open_memmap(
                         str(mmap_path), mode="w+", dtype=np.float32, shape=shape
                     )
+                    # Gone from the folder at once (the mapping keeps the data; the system
+                    # frees it when the process ends): a killed run leaves no gigabytes behind.
+                    with contextlib.suppress(OSError):  # (Windows: removed at the end instead)
+                        os.unlink(mmap_path)
                     p_all = torch.from_numpy(arr)
                 else:
                     p_all = torch.empty(

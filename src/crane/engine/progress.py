@@ -49,6 +49,32 @@ def prompts_digest(model: CraneModel) -> str:
     return digest.hexdigest()
 
 
+def backbone_digest(model: CraneModel) -> str:
+    """SHA-256 of a few frozen backbone tensors that no precision casts (embeddings, norms,
+    projections, the last block's ``out_proj``; DINOv2's embeddings): tells two sets of
+    backbone weights apart cheaply (a few MB read, not the whole 1.7 GB)."""
+    visual, text = model.vision.visual, model.text_encoder.clip
+    named = {
+        "visual.class_embedding": visual.class_embedding,
+        "visual.positional_embedding": visual.positional_embedding,
+        "visual.ln_post.weight": visual.ln_post.weight,
+        "visual.proj": visual.proj,
+        "visual.last.out_proj.weight": visual.transformer.resblocks[-1].attn.out_proj.weight,
+        "text.positional_embedding": text.positional_embedding,
+        "text.text_projection": text.text_projection,
+    }
+    dino = model.vision.dino
+    if dino is not None:
+        named["dino.cls_token"] = dino.cls_token
+        named["dino.pos_embed"] = dino.pos_embed
+    digest = hashlib.sha256()
+    for key, t in named.items():
+        if isinstance(t, torch.Tensor):
+            digest.update(key.encode())
+            digest.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def precision_name(amp: torch.dtype | None) -> str:
     """The ``--precision`` name of an autocast dtype (None: fp32)."""
     names = {None: "fp32", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}

@@ -17,9 +17,12 @@ names it: a run stopped at any moment resumes from the last epoch whose files ar
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
+import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,11 +31,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from crane.engine import progress as progress_log
 from crane.engine.common import check_image_size
 from crane.engine.features import FeatureCache, release_memmap
 from crane.engine.losses import crane_loss
 from crane.engine.runtime import pick_device
 from crane.errors import CheckpointError, CraneError
+from crane.files import strict_json
 from crane.models import checkpoint as ckpt
 from crane.models.crane import CraneModel
 from crane.models.factory import save_model
@@ -45,6 +50,10 @@ RESUME_TENSORS = "resume.safetensors"
 
 @dataclass
 class TrainSettings:
+    """SPEC §6's recipe. ``seed`` draws each epoch's batch order; the prompts start from the
+    model's own initialisation (``create_model(..., seed=...)``, which ``crane train`` calls
+    with the same seed)."""
+
     epochs: int = 5
     batch_size: int = 8
     lr: float = 1e-3
@@ -97,28 +106,81 @@ def _save_resume(
     history: list,
     optimizer: dict[str, Any],
     n_images: int,
+    fingerprint: dict[str, Any],
 ) -> None:
     """``resume.json``: written last, once every file of ``epoch`` is complete."""
     meta = {
         "epochs_done": epoch,
         "settings": {**asdict(settings), "betas": list(settings.betas)},
         "n_images": n_images,
+        "fingerprint": fingerprint,
         **optimizer,
         "history": history,
     }
-    ckpt.atomic_write_bytes(run_dir / RESUME_JSON, (json.dumps(meta, indent=2) + "\n").encode())
+    text = json.dumps(strict_json(meta), indent=2, allow_nan=False) + "\n"
+    ckpt.atomic_write_bytes(run_dir / RESUME_JSON, text.encode())
+
+
+def _fingerprint(model: CraneModel, dataset: Any, amp: torch.dtype | None) -> dict[str, Any]:
+    """What an exact resume must find unchanged beyond the settings: the frozen backbones,
+    the precision the features are encoded in, and the images — their order, files (absolute
+    paths, sizes, modification times), labels and masks."""
+    out = {
+        "backbone_sha256": progress_log.backbone_digest(model),
+        "precision": progress_log.precision_name(amp),
+    }
+    samples, root = getattr(dataset, "samples", None), getattr(dataset, "root", None)
+    if samples is not None and root is not None:
+
+        def stat(rel: str) -> str:
+            if not rel:
+                return "-"
+            path = os.path.abspath(Path(root) / rel)
+            try:
+                st = os.stat(path)
+            except OSError:
+                return f"{path} missing"
+            return f"{path} {st.st_size} {st.st_mtime_ns}"
+
+        out["samples_sha256"] = progress_log.digest_of(
+            f"{stat(s.img_path)}\t{s.anomaly}\t{stat(s.mask_path)}" for s in samples
+        )
+    return out
+
+
+_FINGERPRINT_LABELS = {
+    "backbone_sha256": "the frozen backbone weights differ from the ones it trained with",
+    "precision": "its features were encoded in {was}, now in {now} (--precision)",
+    "samples_sha256": "the images differ from the ones it trained on (another root, other "
+    "classes or class order, or files changed since)",
+}
 
 
 def _load_resume(
     run_dir: Path, model: CraneModel, opt: torch.optim.Optimizer, settings: TrainSettings,
-    n_images: int,
+    n_images: int, fingerprint: dict[str, Any],
 ) -> tuple[int, list]:  # fmt: skip
     """Checks that the run continues with the same settings, model and data, then loads the
     prompts and optimizer state of the last complete epoch; (epochs done, loss history)."""
-    from safetensors.torch import load_file
 
     def refuse(why: str) -> CraneError:
         return CraneError(f"cannot resume {run_dir}: {why}")
+
+    from safetensors import SafetensorError
+
+    try:
+        return _resume_from(run_dir, model, opt, settings, n_images, fingerprint, refuse)
+    except CraneError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+        raise refuse(
+            f"its files are damaged ({type(exc).__name__}: {exc}); train again with "
+            "--overwrite, or copy an intact epoch_K folder into a new run"
+        ) from exc
+
+
+def _resume_from(run_dir, model, opt, settings, n_images, fingerprint, refuse):  # fmt: skip
+    from safetensors.torch import load_file
 
     meta = json.loads((run_dir / RESUME_JSON).read_text())
     saved = meta["settings"]
@@ -135,6 +197,10 @@ def _load_resume(
             raise refuse(f"it was trained on {key} {was[key]!r}, now {now[key]!r}")
     if meta.get("n_images", n_images) != n_images:
         raise refuse(f"it was trained on {meta['n_images']} images, this dataset has {n_images}")
+    was_fp = meta.get("fingerprint") or {}  # (runs saved before the 25th session have none)
+    for key, label in _FINGERPRINT_LABELS.items():
+        if key in was_fp and key in fingerprint and was_fp[key] != fingerprint[key]:
+            raise refuse(label.format(was=was_fp[key], now=fingerprint[key]))
     done = int(meta["epochs_done"])
     epoch_dir = _epoch_dir(run_dir, done)
     # Runs saved before the optimizer state moved into the epoch folders kept it (and the
@@ -174,7 +240,12 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> bool:
                 f"--resume: {run_dir} holds no interrupted run ({RESUME_JSON} missing)"
             )
         return True
-    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+    leftovers = (_RunLock.NAME, ".feature_cache.npy")  # (a killed run's: not a run's files)
+    if (
+        run_dir.exists()
+        and any(p.name not in leftovers for p in run_dir.iterdir())
+        and not overwrite
+    ):
         raise CraneError(
             f"{run_dir} is not empty; pass --resume to continue the run there or --overwrite "
             "to start a new one in it"
@@ -198,7 +269,14 @@ def _remove_earlier_run(run_dir: Path) -> None:
             try:
                 ckpt.read_checkpoint(child)
             except CheckpointError:
-                continue  # not one of ours
+                # One of ours that a crash left half written (only our file names, and the
+                # temp files of atomic writes), or not one of ours at all.
+                ours = {ckpt.CONFIG, ckpt.TENSORS, OPTIMIZER}
+                names = [p.name for p in child.iterdir()]
+                if not names or not all(
+                    n in ours or (n.startswith(".") and n.endswith(".tmp")) for n in names
+                ):
+                    continue
             shutil.rmtree(child)
             removed += 1
     names = [RESUME_JSON, RESUME_TENSORS, "train_log.jsonl", ".feature_cache.npy"]
@@ -272,17 +350,56 @@ def train(
             "training needs epochs >= 1, lr > 0 and batch_size >= 1, got "
             f"{settings.epochs}, {settings.lr}, {settings.batch_size}"
         )
+    if resume and overwrite:
+        raise CraneError(
+            "--resume continues the run in the folder, --overwrite replaces it: pick one"
+        )
     check_image_size(model, dataset)
     dataset = _with_pixel_truth(dataset)
+    _check_labels(dataset)
+    if model.cfg.use_dattn and model.cfg.dattn_threshold_scope == "batch":
+        log.warning(
+            "dattn_threshold_scope='batch': the features are encoded once, in dataset order, "
+            "so each image's D-Attn threshold comes from those batches, not from the shuffled "
+            "training batches the reference computes it over"
+        )
     run_dir = Path(run_dir)
     device = pick_device(device)
+    existed = run_dir.exists()
+    with _RunLock(run_dir):
+        try:
+            return _train(
+                model, dataset, run_dir, settings, device, workers, resume, overwrite, progress,
+                stop_after_epoch, cache_location, autocast_dtype, attention, device_decode,
+                device_resize,
+            )  # fmt: skip
+        finally:
+            if not existed:  # a run that wrote nothing leaves no folder behind
+                with contextlib.suppress(OSError):
+                    _RunLock.remove(run_dir)
+                    run_dir.rmdir()
+
+
+def _train(
+    model, dataset, run_dir, settings, device, workers, resume, overwrite, progress,
+    stop_after_epoch, cache_location, autocast_dtype, attention, device_decode, device_resize,
+):  # fmt: skip
     resuming = prepare_run_dir(run_dir, resume, overwrite)
     model.to(device)
     opt = torch.optim.Adam(model.trainable_parameters(), lr=settings.lr, betas=settings.betas)
     n_images = len(dataset)
-    start, history = _load_resume(run_dir, model, opt, settings, n_images) if resuming else (0, [])
+    fingerprint = _fingerprint(model, dataset, autocast_dtype)
+    start, history = (
+        _load_resume(run_dir, model, opt, settings, n_images, fingerprint) if resuming else (0, [])
+    )
     if start >= settings.epochs:
-        log.info("%s already trained for %d epochs", run_dir, start)
+        log.info(
+            "%s already trained for %d epochs: nothing to do (the model after epoch %d is in %s)",
+            run_dir,
+            start,
+            settings.epochs,
+            _epoch_dir(run_dir, settings.epochs),
+        )
         model.eval()
         return TrainResult(run_dir, history, [], 0.0, "none")
 
@@ -306,20 +423,23 @@ def train(
         )
         return _epochs(
             model, cache, run_dir, settings, opt, start, history, progress, t0, stop_after_epoch,
-            device,
+            device, fingerprint,
         )  # fmt: skip
     except BaseException:  # Ctrl-C, a crash: the epochs saved stay
         try:  # (resume.json, written last, names the epochs a resume starts after)
             saved = int(json.loads((run_dir / RESUME_JSON).read_text())["epochs_done"])
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):
             saved = 0
-        log.warning(
-            "stopped with %d of %d epochs saved in %s; `crane train ... --resume` (API: "
-            "resume=True) continues exactly from there",
-            saved,
-            settings.epochs,
-            run_dir,
-        )
+        if saved:
+            log.warning(
+                "stopped with %d of %d epochs saved in %s; `crane train ... --resume` (API: "
+                "resume=True) continues exactly from there",
+                saved,
+                settings.epochs,
+                run_dir,
+            )
+        else:
+            log.warning("stopped before the first epoch was saved: nothing to resume")
         raise
     finally:
         model.eval()
@@ -327,8 +447,59 @@ def train(
         release_memmap(mmap)
 
 
+def _check_labels(dataset) -> None:
+    """A training set needs anomalous images (with masks) and normal ones: the losses
+    compare maps with defects and the image loss tells the two labels apart."""
+    samples = getattr(dataset, "samples", None)
+    if samples is None:
+        return
+    anomalous = sum(1 for s in samples if s.anomaly)
+    if not anomalous:
+        split = getattr(dataset, "split", "")
+        raise CraneError(
+            f"the {split + ' ' if split else ''}split to train on has no anomalous image: the "
+            "losses would only ever see normal pixels (MVTec-style train splits are all "
+            "normal; the reference trains on the auxiliary dataset's test split, --split test)"
+        )
+    if anomalous == len(samples):
+        log.warning("the training set has no normal image: the image loss sees one label only")
+
+
+class _RunLock:
+    """An exclusive lock on a run folder while a training writes into it (``flock`` on
+    ``.train.lock``): a second training into the same folder is refused instead of both
+    writing their epochs, resume state and model over each other."""
+
+    NAME = ".train.lock"
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.file = None
+
+    def __enter__(self) -> _RunLock:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.file = (self.run_dir / self.NAME).open("a")
+        if not progress_log._lock(self.file):
+            self.file.close()
+            raise CraneError(
+                f"another crane train is writing into {self.run_dir}; wait for it to finish or "
+                "stop it, or choose another --out"
+            )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(OSError):
+            (self.run_dir / self.NAME).unlink()
+        self.file.close()
+
+    @classmethod
+    def remove(cls, run_dir: Path) -> None:
+        (run_dir / cls.NAME).unlink(missing_ok=True)
+
+
 def _epochs(
-    model, cache, run_dir, settings, opt, start, history, progress, t0, stop_after_epoch, device
+    model, cache, run_dir, settings, opt, start, history, progress, t0, stop_after_epoch, device,
+    fingerprint,
 ):  # fmt: skip
     """The epochs from ``start`` over the cached features, each saved as it ends."""
     encode_s = time.perf_counter() - t0
@@ -352,6 +523,13 @@ def _epochs(
             vis, masks, labels = cache.batch(order[i : i + settings.batch_size], device)
             out = model.forward_train(vis)
             loss, parts = crane_loss(out, masks, labels, size, model.cfg.train_set_multiplicity)
+            if not math.isfinite(parts["loss"]):  # (before the step: the prompts stay finite)
+                last = f"the model after epoch {epoch} is in {_epoch_dir(run_dir, epoch)}"
+                raise CraneError(
+                    f"training diverged: the loss became {parts['loss']} in epoch {epoch + 1}, "
+                    f"step {steps + 1} (a lower --lr?); "
+                    + (last if epoch else "no epoch was saved")
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -371,9 +549,9 @@ def _epochs(
         save_model(model, epoch_dir, overwrite=True, **provenance)
         optimizer = _save_optimizer(epoch_dir, opt)
         save_model(model, run_dir, overwrite=True, **provenance)
-        log_lines = "".join(json.dumps(h) + "\n" for h in history)
+        log_lines = "".join(json.dumps(strict_json(h), allow_nan=False) + "\n" for h in history)
         ckpt.atomic_write_bytes(run_dir / "train_log.jsonl", log_lines.encode())
-        _save_resume(run_dir, epoch + 1, settings, history, optimizer, n)
+        _save_resume(run_dir, epoch + 1, settings, history, optimizer, n, fingerprint)
         log.info(
             "epoch %d/%d: %s (%.1fs)",
             epoch + 1,

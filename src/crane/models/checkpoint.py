@@ -115,6 +115,7 @@ def read_checkpoint(
     path: str | os.PathLike,
 ) -> tuple[CraneConfig, dict[str, torch.Tensor], dict[str, Any]]:
     """(config, prompt tensors, metadata) of a checkpoint directory (or its safetensors file)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -128,12 +129,20 @@ def read_checkpoint(
         meta = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{cfg_file} is not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{cfg_file} is not a crane checkpoint config (not a JSON object)")
     if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{cfg_file}: unknown format {meta.get('format')!r} v{meta.get('version')}"
         )
+    if not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{cfg_file} holds no model config")
     cfg = CraneConfig.from_dict(meta["config"])
-    return cfg, load_file(str(tensor_file)), meta
+    try:
+        tensors = load_file(str(tensor_file))
+    except (SafetensorError, OSError) as exc:  # (a truncated or damaged file)
+        raise CheckpointError(f"{tensor_file} is not a readable safetensors file: {exc}") from exc
+    return cfg, tensors, meta
 
 
 def update_threshold(path: str | os.PathLike, threshold: float, how: dict[str, Any]) -> None:

@@ -1,0 +1,230 @@
+"""What training refuses or reports: a resume that would mix data, backbones or precisions,
+divergence, damaged run files, label-less sets, two runs into one folder, leftovers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+
+import pytest
+import torch
+
+import crane.engine.train as T
+from crane.data import AnomalyDataset
+from crane.engine.train import TrainSettings, train
+from crane.errors import CraneError
+from crane.models import create_model
+
+SIZE = 112
+
+
+def _run(root, run, *, epochs=2, stop=None, resume=False, model=None, amp=None, **kw):
+    model = model or create_model("tiny", seed=111, image_size=SIZE)
+    ds = kw.pop("ds", None) or AnomalyDataset(root, "test", image_size=SIZE, **kw)
+    return train(
+        model, ds, run, TrainSettings(epochs=epochs, batch_size=4), progress=False,
+        resume=resume, stop_after_epoch=stop, device="cpu", autocast_dtype=amp,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def copy_of(synth, tmp_path):
+    def make(name="data"):
+        return shutil.copytree(synth, tmp_path / name)
+
+    return make
+
+
+def test_resume_refuses_other_images_backbone_or_precision(copy_of, tmp_path):
+    """Each was accepted silently (same image count): the resumed model mixed two datasets,
+    two backbones or two encodings, and its config.json named only the last."""
+    data = copy_of()
+    run = tmp_path / "run"
+    _run(data, run, stop=1)
+
+    other = copy_of("other")  # same files, another root
+    with pytest.raises(CraneError, match="the images differ from the ones it trained on"):
+        _run(other, run, resume=True)
+    with pytest.raises(CraneError, match="the images differ"):  # class order: other batches
+        _run(data, run, resume=True, classes=["plate", "tile"])
+    changed = sorted((data / "tile" / "test" / "good").iterdir())[0]
+    with pytest.raises(CraneError, match="its features were encoded in fp32, now in bf16"):
+        _run(data, run, resume=True, amp=torch.bfloat16)
+    seven = create_model("tiny", seed=7, image_size=SIZE)  # another random backbone
+    with pytest.raises(CraneError, match="frozen backbone weights differ"):
+        _run(data, run, resume=True, model=seven)
+    _run(data, run, resume=True)  # unchanged: fine
+    changed.write_bytes(changed.read_bytes() + b"\0")  # a file changed on disk
+    with pytest.raises(CraneError, match="files changed since"):
+        _run(data, run, epochs=3, resume=True)
+
+
+def test_divergence_stops_with_a_message_and_saves_no_nan(synth, tmp_path):
+    model = create_model("tiny", seed=111, image_size=SIZE)
+    ds = AnomalyDataset(synth, "test", image_size=SIZE)
+    with pytest.raises(CraneError, match=r"training diverged: the loss became nan in epoch"):
+        train(model, ds, tmp_path / "r", TrainSettings(epochs=3, batch_size=4, lr=1e30),
+              progress=False, device="cpu")  # fmt: skip
+
+    def refuse(constant):
+        raise AssertionError(f"a file holds {constant}")
+
+    for f in (tmp_path / "r").rglob("*.json*"):  # strict JSON wherever something was saved
+        for line in f.read_text().splitlines() if f.suffix == ".jsonl" else [f.read_text()]:
+            json.loads(line, parse_constant=refuse)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["resume.json truncated", "resume.json without scalars", "optimizer truncated",
+     "prompts truncated"],
+)  # fmt: skip
+def test_damaged_run_files_are_one_message(synth, tmp_path, damage):
+    run = tmp_path / "run"
+    _run(synth, run, stop=1)
+    resume = run / "resume.json"
+    if damage == "resume.json truncated":
+        resume.write_text(resume.read_text()[:40])
+    elif damage == "resume.json without scalars":
+        meta = json.loads(resume.read_text())
+        del meta["scalars"]
+        resume.write_text(json.dumps(meta))
+    else:
+        f = (
+            run
+            / "epoch_1"
+            / (
+                "optimizer.safetensors"
+                if damage == "optimizer truncated"
+                else "prompts.safetensors"
+            )
+        )
+        f.write_bytes(f.read_bytes()[:20])
+    with pytest.raises(CraneError, match=f"cannot resume {run}: .*"):
+        _run(synth, run, resume=True)
+
+
+def test_a_damaged_prompt_file_is_a_checkpoint_error(synth, tmp_path):
+    from crane.errors import CheckpointError
+
+    run = tmp_path / "run"
+    _run(synth, run, epochs=1)
+    f = run / "prompts.safetensors"
+    f.write_bytes(f.read_bytes()[:20])
+    with pytest.raises(CheckpointError, match="is not a readable safetensors file"):
+        create_model(str(run))
+
+
+def test_a_training_set_without_anomalies_is_refused(synth, tmp_path):
+    ds = AnomalyDataset(synth, "train", image_size=SIZE)  # MVTec-style train: all normal
+    with pytest.raises(CraneError, match="the train split to train on has no anomalous image"):
+        train(create_model("tiny", image_size=SIZE), ds, tmp_path / "r", progress=False,
+              device="cpu")  # fmt: skip
+    assert not (tmp_path / "r").exists()  # refused before anything was made
+
+
+def test_a_run_that_fails_before_its_first_epoch_leaves_no_folder(synth, tmp_path, caplog):
+    class Breaks(torch.utils.data.Dataset):
+        def __init__(self, ds):
+            self.ds, self.samples, self.root = ds, ds.samples, ds.root
+
+        def __len__(self):
+            return len(self.ds)
+
+        def __getitem__(self, i):
+            raise OSError("disk gone")
+
+    ds = AnomalyDataset(synth, "test", image_size=SIZE)
+    with pytest.raises(OSError), caplog.at_level(logging.WARNING):
+        train(create_model("tiny", image_size=SIZE), Breaks(ds), tmp_path / "r", progress=False,
+              device="cpu")  # fmt: skip
+    assert "stopped before the first epoch was saved: nothing to resume" in caplog.text
+    assert "--resume" not in caplog.text
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_second_training_into_a_live_run_is_refused(synth, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    inside, leave = threading.Event(), threading.Event()
+    real = T.FeatureCache.build
+
+    def slow_build(*a, **kw):
+        inside.set()
+        leave.wait(30)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(T.FeatureCache, "build", slow_build)
+    first = threading.Thread(target=lambda: _run(synth, run, epochs=1))
+    first.start()
+    try:
+        assert inside.wait(30)
+        for kwargs in ({}, {"resume": True}):
+            with pytest.raises(CraneError, match="another crane train is writing into"):
+                _run(synth, run, epochs=1, **kwargs)
+        with pytest.raises(CraneError, match="another crane train"):
+            ds = AnomalyDataset(synth, "test", image_size=SIZE)
+            train(create_model("tiny", image_size=SIZE), ds, run, overwrite=True, progress=False,
+                  device="cpu")  # fmt: skip
+    finally:
+        leave.set()
+        first.join(60)
+    assert (run / "prompts.safetensors").is_file() and not (run / ".train.lock").exists()
+
+
+def test_leftovers_of_a_killed_run_do_not_block_a_new_one(synth, tmp_path):
+    """A killed run's lock file and memory-mapped cache are not a run: a new run into the
+    folder goes ahead (it said 'not empty' while `--resume` said 'no interrupted run')."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".train.lock").write_text("")
+    (run / ".feature_cache.npy").write_bytes(b"\0" * 64)
+    _run(synth, run, epochs=1)
+    assert not (run / ".feature_cache.npy").exists()
+
+
+def test_the_memory_mapped_cache_leaves_the_folder_at_once(synth, tmp_path, monkeypatch):
+    seen = []
+    real = T._epochs
+
+    def spy(model, cache, run_dir, *a, **kw):
+        seen.append(sorted(p.name for p in run_dir.iterdir()))
+        return real(model, cache, run_dir, *a, **kw)
+
+    monkeypatch.setattr(T, "_epochs", spy)
+    model = create_model("tiny", seed=111, image_size=SIZE)
+    ds = AnomalyDataset(synth, "test", image_size=SIZE)
+    train(model, ds, tmp_path / "r", TrainSettings(epochs=1, batch_size=4), progress=False,
+          device="cpu", cache_location="mmap")  # fmt: skip
+    assert seen and ".feature_cache.npy" not in seen[0]  # (while the features are in use)
+
+
+def test_resume_and_overwrite_together_are_refused(synth, tmp_path):
+    with pytest.raises(CraneError, match="pick one"):
+        train(create_model("tiny", image_size=SIZE), AnomalyDataset(synth, "test", image_size=SIZE),
+              tmp_path / "r", resume=True, overwrite=True, progress=False)  # fmt: skip
+
+
+def test_overwrite_removes_a_half_written_epoch_folder(synth, tmp_path):
+    run = tmp_path / "run"
+    _run(synth, run, epochs=1)
+    half = run / "epoch_4"
+    half.mkdir()
+    shutil.copy(run / "epoch_1" / "prompts.safetensors", half / "prompts.safetensors")
+    (half / ".config.json.abc.tmp").write_text("{")
+    mine = run / "epoch_9"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    model = create_model("tiny", seed=111, image_size=SIZE)
+    ds = AnomalyDataset(synth, "test", image_size=SIZE)
+    train(model, ds, run, TrainSettings(epochs=1, batch_size=4), overwrite=True, progress=False,
+          device="cpu")  # fmt: skip
+    assert not half.exists() and (mine / "notes.txt").is_file()
+
+
+def test_an_unknown_dataset_name_is_refused_also_with_a_meta_json(synth):
+    from crane.engine.common import open_dataset
+
+    with pytest.raises(CraneError, match="nosuch"):
+        open_dataset(synth, "nosuch", "test", SIZE)
