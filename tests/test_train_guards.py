@@ -228,3 +228,30 @@ def test_an_unknown_dataset_name_is_refused_also_with_a_meta_json(synth):
 
     with pytest.raises(CraneError, match="nosuch"):
         open_dataset(synth, "nosuch", "test", SIZE)
+
+
+def test_cli_resume_takes_the_runs_options(synth, tmp_path, capsys):
+    """`crane train --out RUN --resume` alone continues a run: every option not given is
+    the run's (it built the default crane+ and asked for its weights); one given that
+    differs is refused as before."""
+    from crane.cli import main
+
+    run = str(tmp_path / "run")
+    args = ["train", "--dataset", "mvtec", "--root", str(synth), "--preset", "tiny",
+            "--image-size", str(SIZE), "--batch-size", "4", "--lr", "2e-3", "--seed", "5",
+            "--precision", "bf16", "--classes", "plate", "tile", "--no-progress",
+            "--out", run]  # fmt: skip
+    assert main([*args, "--epochs", "2"]) == 0
+    full = create_model(run)
+    assert main([*args, "--epochs", "1", "--overwrite"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--out", run, "--resume", "--epochs", "2", "--no-progress"]) == 0
+    assert "epoch 2: loss" in capsys.readouterr().out
+    resumed = create_model(run)
+    assert torch.equal(full.prompt_learner.ctx_pos, resumed.prompt_learner.ctx_pos)
+    assert main(["train", "--out", run, "--resume", "--epochs", "3", "--lr", "1e-3"]) == 2
+    assert "it was trained with lr=0.002, now lr=0.001" in capsys.readouterr().err
+    assert main(["train", "--out", run, "--resume", "--epochs", "2"]) == 0
+    assert "already holds 2 epochs: nothing to train" in capsys.readouterr().out
+    assert main(["train", "--out", str(tmp_path / "new")]) == 2
+    assert "crane train needs --dataset and --root" in capsys.readouterr().err

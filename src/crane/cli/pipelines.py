@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from crane.constants import ATTENTION_KERNELS
 from crane.errors import CraneError
@@ -129,23 +129,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list model presets")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("train", help="train prompts on an auxiliary dataset (SPEC §6 recipe)")
-    p.add_argument("--dataset", required=True, help="layout name (see `crane datasets list`)")
-    p.add_argument("--root", required=True, help="dataset root (meta.json used when present)")
-    p.add_argument("--split", default="test", help="split to train on (reference: test)")
+    p = sub.add_parser(
+        "train",
+        help="train prompts on an auxiliary dataset (SPEC §6 recipe)",
+        description="Train prompts on an auxiliary dataset (SPEC §6 recipe). With --resume, "
+        "the options not given are the interrupted run's (dataset, root, split, classes, "
+        "preset, image size, epochs, lr, seed, batch size, precision).",
+    )
+    p.add_argument("--dataset", help="layout name (see `crane datasets list`); required")
+    p.add_argument("--root", help="dataset root (meta.json used when present); required")
+    p.add_argument(
+        "--split", default=None, help="split to train on (default test, as the reference)"
+    )
     p.add_argument("--classes", nargs="*", default=None)
-    p.add_argument("--preset", default="crane+", help="default crane+ (see `crane models`)")
+    p.add_argument("--preset", default=None, help="default crane+ (see `crane models`)")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--epochs", type=int, default=5, help="default 5 (SPEC §6)")
-    p.add_argument("--lr", type=float, default=1e-3, help="default 1e-3 (SPEC §6)")
-    p.add_argument("--seed", type=int, default=111, help="default 111")
+    p.add_argument("--epochs", type=int, default=None, help="default 5 (SPEC §6)")
+    p.add_argument("--lr", type=float, default=None, help="default 1e-3 (SPEC §6)")
+    p.add_argument("--seed", type=int, default=None, help="default 111")
     p.add_argument("--image-size", type=int, default=None, help="default: the preset's")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run in --out (options not given: the run's)",
+    )
     p.add_argument("--overwrite", action="store_true", help="start afresh in a non-empty --out")
     _device_decode_arg(p, " in the one pass that encodes the training images")
     _device_resize_arg(p, " in the one pass that encodes the training images")
     _common(p, with_compile=False)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, batch_size=None, precision=None)
 
     p = sub.add_parser("evaluate", help="per-class metrics on a labelled dataset")
     p.add_argument("--dataset", required=True)
@@ -401,11 +413,56 @@ def _load_model(
     return model, {"prompts": None if prompts is None else str(prompts), "prompts_from": source}
 
 
+_TRAIN_DEFAULTS = {
+    "split": "test",
+    "preset": "crane+",
+    "epochs": 5,
+    "lr": 1e-3,
+    "seed": 111,
+    "batch_size": 8,
+    "precision": "fp32",
+}
+
+
+def _train_defaults(args: argparse.Namespace) -> None:
+    """Fill the train options not given: from the interrupted run with --resume (so that
+    `crane train --out RUN --resume` alone continues it), else the defaults."""
+    from crane.engine.train import run_settings
+
+    run: dict[str, Any] = {}
+    if args.resume:
+        run = run_settings(Path(args.out))
+        data = run.get("dataset") or {}
+        fill = {
+            "dataset": data.get("name"),
+            "root": data.get("root"),
+            "split": data.get("split"),
+            "classes": data.get("classes"),
+            "preset": run.get("preset"),
+            "image_size": run.get("image_size"),
+            "epochs": run.get("epochs"),
+            "lr": run.get("lr"),
+            "seed": run.get("seed"),
+            "batch_size": run.get("batch_size"),
+            "precision": run.get("precision"),
+        }
+        for key, value in fill.items():
+            if getattr(args, key) is None and value is not None:
+                setattr(args, key, value)
+    for key, value in _TRAIN_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    missing = [f"--{k}" for k in ("dataset", "root") if getattr(args, k) is None]
+    if missing:
+        raise CraneError(f"crane train needs {' and '.join(missing)}")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from crane.engine.common import open_dataset
     from crane.engine.train import TrainSettings, train
     from crane.models import create_model
 
+    _train_defaults(args)
     device, amp = _runtime(args)
     _check_writable(Path(args.out))
     overrides = {"image_size": args.image_size} if args.image_size else {}
@@ -426,6 +483,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "name": args.dataset,
             "root": str(Path(args.root).resolve()),
             "split": args.split,
+            "classes": args.classes,
             "n_images": len(ds),
         },
     )

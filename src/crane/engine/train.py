@@ -231,6 +231,26 @@ def _resume_from(run_dir, model, opt, settings, n_images, fingerprint, refuse): 
     return done, list(meta["history"])
 
 
+def run_settings(run_dir: Path) -> dict[str, Any]:
+    """An interrupted run's settings (``resume.json``'s, plus its model's preset name and
+    image size and its encoding precision), for a resume that does not repeat them."""
+    if not (run_dir / RESUME_JSON).is_file():
+        raise CraneError(f"--resume: {run_dir} holds no interrupted run ({RESUME_JSON} missing)")
+    try:
+        meta = json.loads((run_dir / RESUME_JSON).read_text())
+        cfg = ckpt.read_checkpoint(run_dir)[0]
+        return {
+            **meta["settings"],
+            "preset": cfg.name,
+            "image_size": cfg.image_size,
+            "precision": (meta.get("fingerprint") or {}).get("precision"),
+        }
+    except (OSError, ValueError, KeyError, TypeError, CheckpointError) as exc:
+        raise CraneError(
+            f"cannot resume {run_dir}: its files are damaged ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> bool:
     """True when resuming. Refuses to mix a new run into an existing one."""
     has_state = (run_dir / RESUME_JSON).is_file()
