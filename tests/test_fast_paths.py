@@ -1170,3 +1170,32 @@ def test_pick_device_pins_the_cuda_index_and_refuses_a_missing_one(monkeypatch):
         pick_device("cuda:2")
     with pytest.raises(CraneError, match="not a device"):
         pick_device("gpu")
+
+
+_MATMUL_PRECISION = """
+import sys, torch
+from crane.models.vision import strict_fp32, tf32_matmuls
+torch.set_float32_matmul_precision(sys.argv[1])
+with strict_fp32(torch.device("cuda")):
+    assert torch.get_float32_matmul_precision() == "highest"
+    assert not torch.backends.cuda.matmul.allow_tf32
+    with tf32_matmuls(True):
+        assert torch.get_float32_matmul_precision() == "high"
+    assert torch.get_float32_matmul_precision() == "highest"
+assert torch.get_float32_matmul_precision() == sys.argv[1]
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("precision", ["medium", "high", "highest"])
+def test_tf32_switches_keep_a_users_matmul_precision(precision):
+    """A process that called torch.set_float32_matmul_precision keeps its setting, and can
+    still read it (setting the legacy allow_tf32 flag made torch refuse the read for good
+    after 'medium'). In a fresh interpreter: the API choice is process-wide."""
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-c", _MATMUL_PRECISION, precision], capture_output=True, text=True
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

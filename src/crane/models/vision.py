@@ -42,29 +42,51 @@ def _tf32_switches(on: bool):
     throughout, so a thread that wants the other setting waits instead of seeing this one,
     and overlapping blocks in two threads cannot leave a setting behind.
 
-    Each switch is set through whichever of torch's two APIs the process uses for it: the
-    ``allow_tf32`` flags, or the ``fp32_precision`` settings (torch ≥ 2.9), after which torch
-    refuses to read ``allow_tf32`` (a RuntimeError). Setting the other API than the user's
-    would also make the user's own later reads fail."""
+    Each switch is set through the API the process already uses for it (torch ≥ 2.9 refuses
+    reads after the legacy and the new API were mixed): :func:`_matmul_switch`,
+    :func:`_conv_switch`."""
     with _TF32_LOCK:
-        switches = []  # (object, attribute, saved value, the value wanted here)
-        for legacy, new in (
-            (torch.backends.cuda.matmul, torch.backends.cuda.matmul),
-            (torch.backends.cudnn, getattr(torch.backends.cudnn, "conv", None)),
-        ):
-            try:
-                switches.append((legacy, "allow_tf32", legacy.allow_tf32, on))
-            except RuntimeError:  # this process set the new API's fp32_precision for it
-                switches.append(
-                    (new, "fp32_precision", new.fp32_precision, "tf32" if on else "ieee")
-                )
-        for obj, attr, _, want in switches:
-            setattr(obj, attr, want)
+        switches = [_matmul_switch(on), _conv_switch(on)]
+        for setter, _, want in switches:
+            setter(want)
         try:
             yield
         finally:
-            for obj, attr, saved, _ in switches:
-                setattr(obj, attr, saved)
+            for setter, saved, _ in switches:
+                setter(saved)
+
+
+def _matmul_switch(on: bool) -> tuple:
+    """(setter, saved value, wanted value) for cuBLAS's fp32 matmuls. Through
+    ``torch.set_float32_matmul_precision`` where the process reads it (its default, or a
+    user's "medium"/"high", restored as they were: setting ``allow_tf32`` there would make
+    torch refuse the user's later ``get_float32_matmul_precision()``), else through the
+    matmul backend's ``fp32_precision``, the API the process then uses."""
+    try:
+        saved = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the process set torch.backends.cuda.matmul.fp32_precision itself
+        m = torch.backends.cuda.matmul
+        return (
+            (lambda v: setattr(m, "fp32_precision", v)),
+            m.fp32_precision,
+            ("tf32" if on else "ieee"),
+        )
+    return torch.set_float32_matmul_precision, saved, ("high" if on else "highest")
+
+
+def _conv_switch(on: bool) -> tuple:
+    """(setter, saved value, wanted value) for cuDNN's fp32 convolutions: the ``allow_tf32``
+    flag, or ``conv.fp32_precision`` where the process set that (reading the flag raises)."""
+    legacy = torch.backends.cudnn
+    try:
+        return (lambda v: setattr(legacy, "allow_tf32", v)), legacy.allow_tf32, on
+    except RuntimeError:
+        conv = legacy.conv
+        return (
+            (lambda v: setattr(conv, "fp32_precision", v)),
+            conv.fp32_precision,
+            ("tf32" if on else "ieee"),
+        )
 
 
 def tf32_matmuls(enabled: bool = True):
