@@ -599,3 +599,13 @@ def test_a_root_one_level_too_high_gets_a_hint(tmp_path):
     with pytest.raises(DatasetError) as info:
         prepare("mvtec", tmp_path / "other")
     assert "did you mean" not in str(info.value)
+
+
+def test_pixel_only_sets_are_not_reported_as_one_label(tmp_path, caplog):
+    for i in range(2):
+        write_image(tmp_path / "test-image" / f"{i}.jpg", fmt="JPEG")
+        write_mask(tmp_path / "test-mask" / f"{i}.jpg")
+    with caplog.at_level(logging.WARNING):
+        meta = prepare("tn3k", tmp_path)
+    assert sum(len(v) for v in meta["test"].values()) == 2
+    assert "all anomalous" not in caplog.text

@@ -377,6 +377,7 @@ def test_detector_reads_arrays_and_tensors_as_their_uint8_image():
         "float32 [0, 1]": rgb.astype(np.float32) / 255,
         "float64 [0, 255]": rgb.astype(np.float64),
         "uint16": rgb.astype(np.uint16) * 257,
+        "uint16 big-endian": (rgb.astype(np.uint16) * 257).astype(">u2"),
         "int64": rgb.astype(np.int64),
         "non-contiguous": np.asfortranarray(rgb),
         "uint8 tensor (C, H, W)": t,
@@ -417,6 +418,7 @@ def test_detector_reads_arrays_and_tensors_as_their_uint8_image():
         (np.full((20, 30), -5, np.int16), "values 0..255, got -5..-5"),
         (np.zeros((20, 30), np.complex64), "not an image"),
         (torch.zeros(20, 30, 3, dtype=torch.uint8), "(C, H, W)"),
+        (torch.zeros(20, 30, 3, dtype=torch.uint8), "channels last? tensors are channels first"),
     ],
 )
 def test_detector_refuses_unusable_arrays_clearly(bad, says):

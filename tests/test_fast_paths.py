@@ -321,7 +321,7 @@ def test_model_runs_its_fp32_work_under_strict_fp32(monkeypatch):
 
     @contextlib.contextmanager
     def spy(device):
-        entered.append(torch.device(device).type)
+        entered.append(device if isinstance(device, str) else torch.device(device).type)
         yield
 
     monkeypatch.setattr(crane_mod, "strict_fp32", spy)
@@ -337,9 +337,10 @@ def test_model_runs_its_fp32_work_under_strict_fp32(monkeypatch):
     n = len(entered)
     model.forward_train(vis)
     assert len(entered) > n
+    monkeypatch.setattr(runtime, "strict_fp32", lambda device: spy(f"runtime:{device}"))
     n = len(entered)
     runtime.scoring_forward(model, torch.device("cpu"))(x)
-    assert len(entered) > n
+    assert "runtime:cpu" in entered[n:]  # (the compiled call's own: the model's can't switch)
 
 
 def test_a_cast_model_refuses_another_autocast_dtype():

@@ -114,11 +114,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         unreadable_files,
     )
 
+    if args.threads < 1:
+        raise CraneError(f"--threads must be >= 1, got {args.threads}")
     meta = read_meta(args.root)
     print(format_summary(meta))
     if args.deep:
-        if args.threads < 1:
-            raise CraneError(f"--threads must be >= 1, got {args.threads}")
         bad = unreadable_files(meta, args.root, threads=args.threads, progress=not args.no_progress)
         if bad:
             header = f"{meta_path(args.root)}: files that cannot be used"

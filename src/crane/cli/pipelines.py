@@ -134,10 +134,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="train prompts on an auxiliary dataset (SPEC §6 recipe)",
         description="Train prompts on an auxiliary dataset (SPEC §6 recipe). With --resume, "
         "the options not given are the interrupted run's (dataset, root, split, classes, "
-        "preset, image size, epochs, lr, seed, batch size, precision).",
+        "preset, image size, epochs, lr, seed, batch size, precision, weight files).",
     )
-    p.add_argument("--dataset", help="layout name (see `crane datasets list`); required")
-    p.add_argument("--root", help="dataset root (meta.json used when present); required")
+    p.add_argument(
+        "--dataset", help="layout name (see `crane datasets list`); required unless --resume"
+    )
+    p.add_argument(
+        "--root", help="dataset root (meta.json used when present); required unless --resume"
+    )
     p.add_argument(
         "--split", default=None, help="split to train on (default test, as the reference)"
     )
@@ -445,7 +449,14 @@ def _train_defaults(args: argparse.Namespace) -> None:
             "seed": run.get("seed"),
             "batch_size": run.get("batch_size"),
             "precision": run.get("precision"),
+            "clip_weights": (run.get("weights") or {}).get("clip"),
+            "dino_weights": (run.get("weights") or {}).get("dino"),
         }
+        if fill["precision"] is None and args.precision is None:
+            raise CraneError(
+                f"{args.out} was saved before runs recorded the precision they encode in: pass "
+                "the --precision it was trained with (fp32 unless you chose another)"
+            )
         for key, value in fill.items():
             if getattr(args, key) is None and value is not None:
                 setattr(args, key, value)
@@ -485,6 +496,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             "split": args.split,
             "classes": args.classes,
             "n_images": len(ds),
+        },
+        weights={
+            key: None if value is None else str(Path(value).resolve())
+            for key, value in (("clip", args.clip_weights), ("dino", args.dino_weights))
         },
     )
     res = train(

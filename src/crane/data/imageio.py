@@ -110,7 +110,7 @@ def image_from_array(arr: np.ndarray) -> Image.Image:
         out = arr.astype(np.uint8) * 255
     elif arr.dtype == np.uint8:
         out = arr
-    elif arr.dtype == np.uint16:
+    elif kind == "u" and arr.dtype.itemsize == 2:  # (either byte order)
         out = np.rint(arr / 257.0).astype(np.uint8)
     elif kind in "iu":
         lo, hi = int(arr.min()), int(arr.max())

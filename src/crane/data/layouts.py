@@ -156,6 +156,8 @@ def prepare(name: str, root: str | os.PathLike[str], *, missing_mask: str = "err
         logger.warning(format_problem_list(f"{layout.name}: images in both train and test", both))
     for cls, samples in meta["test"].items():
         labels = {s.anomaly for s in samples}
+        if labels == {1} and all(s.mask_path for s in samples):
+            continue  # an all-anomalous set with masks: pixel metrics only, by design (ISIC, ...)
         if len(labels) == 1:
             logger.warning(
                 "%s: %s's test images are all %s: its image-level AUROC, AP and F1 are "

@@ -71,9 +71,10 @@ def _pil_input(item: Image.Image | np.ndarray | torch.Tensor) -> Image.Image:
         t = item.detach().cpu()
         if t.dim() == 3:
             if t.shape[0] not in (1, 3, 4):
+                hint = " (channels last? tensors are channels first, arrays channels last)"
                 raise ImageReadError(
                     "an image tensor must be (C, H, W) with C = 1, 3 or 4, or (H, W), got shape "
-                    f"{tuple(t.shape)}"
+                    f"{tuple(t.shape)}" + (hint if t.shape[-1] in (1, 3, 4) else "")
                 )
             t = t.permute(1, 2, 0)
         item = (t.float() if t.is_floating_point() else t).numpy()

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,11 +42,16 @@ from crane.files import strict_json
 from crane.models import checkpoint as ckpt
 from crane.models.crane import CraneModel
 from crane.models.factory import save_model
+from crane.models.vision import strict_fp32
 
 log = logging.getLogger(__name__)
 
 RESUME_JSON = "resume.json"
 RESUME_TENSORS = "resume.safetensors"
+
+
+class TrainingDiverged(CraneError):
+    """The loss became NaN or infinite: nothing after the last saved epoch is kept."""
 
 
 @dataclass
@@ -60,6 +66,7 @@ class TrainSettings:
     betas: tuple[float, float] = (0.6, 0.999)
     seed: int = 111
     dataset: dict[str, Any] = field(default_factory=dict)  # provenance: name, root, split
+    weights: dict[str, Any] = field(default_factory=dict)  # provenance: local weight files
 
 
 @dataclass
@@ -123,8 +130,9 @@ def _save_resume(
 
 def _fingerprint(model: CraneModel, dataset: Any, amp: torch.dtype | None) -> dict[str, Any]:
     """What an exact resume must find unchanged beyond the settings: the frozen backbones,
-    the precision the features are encoded in, and the images — their order, files (absolute
-    paths, sizes, modification times), labels and masks."""
+    the precision the features are encoded in, the images (their paths under the root, in
+    order, with labels and masks) and the files' sizes. Not the root itself nor modification
+    times: a byte-identical copy elsewhere (data staged to a node's local disk) resumes."""
     out = {
         "backbone_sha256": progress_log.backbone_digest(model),
         "precision": progress_log.precision_name(amp),
@@ -132,18 +140,17 @@ def _fingerprint(model: CraneModel, dataset: Any, amp: torch.dtype | None) -> di
     samples, root = getattr(dataset, "samples", None), getattr(dataset, "root", None)
     if samples is not None and root is not None:
 
-        def stat(rel: str) -> str:
-            if not rel:
-                return "-"
-            path = os.path.abspath(Path(root) / rel)
+        def size(rel: str) -> str:
             try:
-                st = os.stat(path)
+                return str(os.stat(Path(root) / rel).st_size) if rel else "-"
             except OSError:
-                return f"{path} missing"
-            return f"{path} {st.st_size} {st.st_mtime_ns}"
+                return "missing"
 
         out["samples_sha256"] = progress_log.digest_of(
-            f"{stat(s.img_path)}\t{s.anomaly}\t{stat(s.mask_path)}" for s in samples
+            f"{s.img_path}\t{s.anomaly}\t{s.mask_path}" for s in samples
+        )
+        out["sizes_sha256"] = progress_log.digest_of(
+            f"{size(s.img_path)}\t{size(s.mask_path)}" for s in samples
         )
     return out
 
@@ -151,8 +158,9 @@ def _fingerprint(model: CraneModel, dataset: Any, amp: torch.dtype | None) -> di
 _FINGERPRINT_LABELS = {
     "backbone_sha256": "the frozen backbone weights differ from the ones it trained with",
     "precision": "its features were encoded in {was}, now in {now} (--precision)",
-    "samples_sha256": "the images differ from the ones it trained on (another root, other "
-    "classes or class order, or files changed since)",
+    "samples_sha256": "the images differ from the ones it trained on (other files, classes or "
+    "class order: --classes)",
+    "sizes_sha256": "image or mask files changed since it trained on them (other sizes)",
 }
 
 
@@ -196,7 +204,10 @@ def _resume_from(run_dir, model, opt, settings, n_images, fingerprint, refuse): 
         if key in was and key in now and was[key] != now[key]:
             raise refuse(f"it was trained on {key} {was[key]!r}, now {now[key]!r}")
     if meta.get("n_images", n_images) != n_images:
-        raise refuse(f"it was trained on {meta['n_images']} images, this dataset has {n_images}")
+        raise refuse(
+            f"it was trained on {meta['n_images']} images, this dataset has {n_images} "
+            "(other --classes or --split?)"
+        )
     was_fp = meta.get("fingerprint") or {}  # (runs saved before the 25th session have none)
     for key, label in _FINGERPRINT_LABELS.items():
         if key in was_fp and key in fingerprint and was_fp[key] != fingerprint[key]:
@@ -385,19 +396,26 @@ def train(
         )
     run_dir = Path(run_dir)
     device = pick_device(device)
-    existed = run_dir.exists()
-    with _RunLock(run_dir):
-        try:
+    made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]  # (what this run creates)
+    try:
+        with _RunLock(run_dir):
             return _train(
                 model, dataset, run_dir, settings, device, workers, resume, overwrite, progress,
                 stop_after_epoch, cache_location, autocast_dtype, attention, device_decode,
                 device_resize,
             )  # fmt: skip
-        finally:
-            if not existed:  # a run that wrote nothing leaves no folder behind
-                with contextlib.suppress(OSError):
-                    _RunLock.remove(run_dir)
-                    run_dir.rmdir()
+    finally:
+        # A run that wrote nothing leaves no folder behind (the lock file aside, these
+        # folders are empty then; after the lock is released).
+        if (
+            made
+            and run_dir.is_dir()
+            and [p.name for p in run_dir.iterdir()] in ([], [_RunLock.NAME])
+        ):
+            with contextlib.suppress(OSError):
+                (run_dir / _RunLock.NAME).unlink(missing_ok=True)
+                for folder in made:
+                    folder.rmdir()
 
 
 def _train(
@@ -450,7 +468,7 @@ def _train(
             saved = int(json.loads((run_dir / RESUME_JSON).read_text())["epochs_done"])
         except (OSError, ValueError, KeyError, TypeError):
             saved = 0
-        if saved:
+        if saved and not isinstance(sys.exc_info()[1], TrainingDiverged):
             log.warning(
                 "stopped with %d of %d epochs saved in %s; `crane train ... --resume` (API: "
                 "resume=True) continues exactly from there",
@@ -487,8 +505,9 @@ def _check_labels(dataset) -> None:
 
 class _RunLock:
     """An exclusive lock on a run folder while a training writes into it (``flock`` on
-    ``.train.lock``): a second training into the same folder is refused instead of both
-    writing their epochs, resume state and model over each other."""
+    ``.train.lock``, a file that stays in the folder): a second training into the same folder
+    is refused instead of both writing their epochs, resume state and model over each other.
+    (No lock where the platform has no ``flock``.)"""
 
     NAME = ".train.lock"
 
@@ -508,13 +527,9 @@ class _RunLock:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        with contextlib.suppress(OSError):
-            (self.run_dir / self.NAME).unlink()
+        # (the file stays: unlinking it before the lock is released would let one run lock
+        # the old file while another locks a new one; runs ignore it as a leftover)
         self.file.close()
-
-    @classmethod
-    def remove(cls, run_dir: Path) -> None:
-        (run_dir / cls.NAME).unlink(missing_ok=True)
 
 
 def _epochs(
@@ -545,13 +560,15 @@ def _epochs(
             loss, parts = crane_loss(out, masks, labels, size, model.cfg.train_set_multiplicity)
             if not math.isfinite(parts["loss"]):  # (before the step: the prompts stay finite)
                 last = f"the model after epoch {epoch} is in {_epoch_dir(run_dir, epoch)}"
-                raise CraneError(
+                raise TrainingDiverged(
                     f"training diverged: the loss became {parts['loss']} in epoch {epoch + 1}, "
-                    f"step {steps + 1} (a lower --lr?); "
-                    + (last if epoch else "no epoch was saved")
+                    f"step {steps + 1}; a resume would diverge again (it repeats the run "
+                    "exactly): start a new run with a lower --lr (another --out, or "
+                    "--overwrite); " + (last if epoch else "no epoch was saved")
                 )
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            with strict_fp32(device):  # (the gradients as strict as the forward)
+                loss.backward()
             opt.step()
             steps += 1
             for k, v in parts.items():
