@@ -7,6 +7,7 @@ A preset is a frozen :class:`CraneConfig`; ablations are ``dataclasses.replace``
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -136,7 +137,19 @@ class CraneConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CraneConfig:
-        return cls().replace(**d)  # (unknown fields: a CraneError naming them)
+        """A saved config. Fields it lacks (a file written before they existed, or edited)
+        come from the preset its ``name`` names, never from another preset's defaults; a
+        config that lacks fields and names no preset is refused."""
+        base = PRESETS.get(d.get("name")) if isinstance(d.get("name"), str) else None
+        if base is None:
+            missing = [f.name for f in dataclasses.fields(cls) if f.name not in d]
+            if missing:
+                raise CraneError(
+                    f"the config lacks {', '.join(missing)} and names no preset to take them "
+                    f"from (name {d.get('name')!r}; presets: {', '.join(PRESETS)})"
+                )
+            base = cls()
+        return base.replace(**d)  # (unknown fields, wrong types: a CraneError naming them)
 
     def replace(self, **changes: Any) -> CraneConfig:
         fields = [f.name for f in dataclasses.fields(self)]
@@ -146,11 +159,47 @@ class CraneConfig:
                 f"unknown config field{'s' * (len(unknown) > 1)} {', '.join(unknown)}; the "
                 f"fields are {', '.join(fields)}"
             )
-        if "feature_layers" in changes:
-            changes["feature_layers"] = tuple(changes["feature_layers"])
+        changes = {k: _checked_field(k, v) for k, v in changes.items()}
         return dataclasses.replace(self, **changes)
 
 
+def _checked_field(name: str, value: Any) -> Any:
+    """``value`` for the config field ``name``, of the field's type (ints taken for floats,
+    lists for tuples), or a CraneError saying what the field takes: a config read from a
+    file must not crash deep inside the model or mean something else (``"false"`` is true)."""
+    hint = _HINTS[name]
+    wanted = None
+    if hint is bool:
+        ok, wanted = isinstance(value, bool), "true or false"
+    elif hint is int:
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        wanted, value = "an integer", int(value) if ok else value
+    elif hint is float:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        wanted, value = "a number", float(value) if ok else value
+    elif hint is str:
+        ok, wanted = isinstance(value, str), "a string"
+    elif name == "feature_layers":
+        ok = isinstance(value, (list, tuple)) and all(
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value
+        )
+        wanted, value = "a list of block numbers", tuple(int(v) for v in value) if ok else value
+    elif name in ("clip_overrides", "dino_overrides"):
+        ok, wanted = isinstance(value, dict), "a mapping of overrides"
+    elif name in ("clip_pretrained", "dino_model"):
+        ok, wanted = value is None or isinstance(value, str), "a name or null"
+    else:  # Literal fields: checked with their values in __post_init__
+        ok = isinstance(value, str)
+        wanted = "a string"
+    if not ok:
+        raise CraneError(f"config field {name} must be {wanted}, got {value!r}")
+    return value
+
+
+_HINTS = {
+    f.name: {"bool": bool, "int": int, "float": float, "str": str}.get(str(f.type), f.type)
+    for f in dataclasses.fields(CraneConfig)
+}
 _CRANE_PLUS = CraneConfig()
 _CRANE = _CRANE_PLUS.replace(
     name="crane",

@@ -378,6 +378,7 @@ def _load_model(
     from crane.config import get_config, is_tiny
     from crane.engine.evaluate import paper_protocol
     from crane.models import create_model
+    from crane.models.factory import names_a_run
 
     prompts = args.prompts
     asked = getattr(args, "dino_precision", None)
@@ -388,7 +389,7 @@ def _load_model(
     if asked is not None:
         overrides.update(DINO_PRECISIONS[asked])
     source = "--prompts" if prompts is not None else "random initialisation (test preset)"
-    if Path(args.model).is_dir():
+    if names_a_run(args.model):
         if getattr(args, "paper_protocol", False):
             log.warning(
                 "--paper-protocol applies to presets with released prompts; "
@@ -682,8 +683,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from crane.engine.common import open_dataset
     from crane.engine.predict import Detector
     from crane.models.checkpoint import update_threshold
+    from crane.models.factory import names_a_run
 
-    if not Path(args.model).is_dir():
+    if not Path(args.model).is_dir() or not names_a_run(args.model):
         raise CraneError("calibrate stores the threshold in a run directory; --model must be one")
     if args.target_fpr is not None and args.mode != "fpr":
         raise CraneError("--target-fpr applies to --mode fpr only")

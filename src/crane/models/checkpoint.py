@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from crane.config import CraneConfig
-from crane.errors import CheckpointError
+from crane.errors import CheckpointError, CraneError
 from crane.files import atomic_write_bytes
 
 FORMAT = "crane-checkpoint"
@@ -46,6 +46,10 @@ def check_prompt_state(model_sd: dict[str, torch.Tensor], sd: dict[str, Any], so
             problems.append(f"{k} is a {type(sd[k]).__name__}, not a tensor")
         elif tuple(sd[k].shape) != tuple(v.shape):
             problems.append(f"{k} has shape {tuple(sd[k].shape)}, model expects {tuple(v.shape)}")
+        elif sd[k].is_floating_point() != v.is_floating_point():
+            problems.append(f"{k} holds {sd[k].dtype} values, the model {v.dtype} ones")
+        elif sd[k].is_floating_point() and not torch.isfinite(sd[k]).all():
+            problems.append(f"{k} holds NaN or infinite values")
     problems += [f"unexpected {k}" for k in sd if k not in model_sd]
     if problems:
         raise CheckpointError(
@@ -53,6 +57,20 @@ def check_prompt_state(model_sd: dict[str, torch.Tensor], sd: dict[str, Any], so
             + "; ".join(problems[:5])
             + "). Is it for another backbone or preset?"
         )
+
+
+def read_prompt_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A bare prompts ``.safetensors`` file (our ``prompts.safetensors`` without its run)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"prompt file {path} does not exist")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
 
 
 def load_released_prompts(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -71,7 +89,10 @@ def load_released_prompts(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"{path} is not a Crane prompt file (no 'prompt_learner'; found {keys})"
         )
-    return {k: v.float() if v.is_floating_point() else v for k, v in obj["prompt_learner"].items()}
+    state = obj["prompt_learner"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: its 'prompt_learner' is not a mapping of tensors")
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
 def save_checkpoint(
@@ -127,17 +148,29 @@ def read_checkpoint(
         )
     try:
         meta = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{cfg_file} is not valid JSON: {exc}") from exc
     if not isinstance(meta, dict):
         raise CheckpointError(f"{cfg_file} is not a crane checkpoint config (not a JSON object)")
     if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        newer = (
+            meta.get("format") == FORMAT
+            and isinstance(meta.get("version"), int)
+            and meta["version"] > FORMAT_VERSION
+        )
         raise CheckpointError(
-            f"{cfg_file}: unknown format {meta.get('format')!r} v{meta.get('version')}"
+            f"{cfg_file} was written by a newer crane (checkpoint format v{meta['version']}; "
+            f"this one reads v{FORMAT_VERSION}): upgrade crane"
+            if newer
+            else f"{cfg_file}: not a crane checkpoint config (format {meta.get('format')!r} "
+            f"v{meta.get('version')})"
         )
     if not isinstance(meta.get("config"), dict):
         raise CheckpointError(f"{cfg_file} holds no model config")
-    cfg = CraneConfig.from_dict(meta["config"])
+    try:
+        cfg = CraneConfig.from_dict(meta["config"])
+    except CraneError as exc:
+        raise CheckpointError(f"{cfg_file}: {exc}") from exc
     try:
         tensors = load_file(str(tensor_file))
     except (SafetensorError, OSError) as exc:  # (a truncated or damaged file)

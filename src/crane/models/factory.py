@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from crane.config import CraneConfig, get_config, is_tiny
+from crane.config import PRESETS, CraneConfig, get_config, is_tiny
 from crane.errors import CheckpointError, WeightsError
 from crane.models import checkpoint as ckpt
 from crane.models import weights as W
 from crane.models.backbones import _dino_hub, build_clip, build_dino
 from crane.models.crane import CraneModel
+
+log = logging.getLogger(__name__)
 
 PACKAGED_OFFICIAL = Path(__file__).resolve().parents[1] / "assets" / "crane-official"
 
@@ -29,9 +32,11 @@ def _verify_sha256(path: Path, rel: str) -> None:
     sums = path.parents[1] / "SHA256SUMS"
     if not sums.is_file():
         return
-    expected = {
-        line.split()[1]: line.split()[0] for line in sums.read_text().splitlines() if line.strip()
-    }
+    expected = {}
+    for line in sums.read_text().splitlines():
+        digest, _, name = line.strip().partition(" ")
+        if name:  # (`sha256sum` writes "HASH  name", "HASH *name" in binary mode, maybe "./")
+            expected[name.strip().lstrip("*").removeprefix("./")] = digest.lower()
     if rel in expected and hashlib.sha256(path.read_bytes()).hexdigest() != expected[rel]:
         raise CheckpointError(
             f"{path} does not match its SHA256 in {sums}: the file is damaged or altered"
@@ -44,7 +49,7 @@ def resolve_official(trained_on: str, preset: str) -> Path:
     try:
         rel = ckpt.OFFICIAL[(trained_on, base_preset)]
     except KeyError:
-        known = sorted({k[0] for k in ckpt.OFFICIAL})
+        known = sorted({k[0] for k in ckpt.OFFICIAL if k[1] == base_preset})
         raise CheckpointError(
             f"no released prompts for {base_preset} trained on {trained_on!r}; known: {known}"
         ) from None
@@ -92,13 +97,20 @@ def create_model(
     """
     meta: dict[str, Any] = {}
     state = None
-    if Path(str(name)).is_dir() or str(name).endswith(".safetensors"):
+    if names_a_run(name):
         cfg, state, meta = ckpt.read_checkpoint(name)
         cfg = cfg.replace(**overrides) if overrides else cfg
     else:
         cfg = get_config(str(name), **overrides)
     if seed is None:
-        seed = int(meta.get("backbone_seed", 0))
+        seed = meta.get("backbone_seed", 0)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise CheckpointError(f"{name}: backbone_seed must be an integer, got {seed!r}")
+    threshold = meta.get("image_threshold")
+    if threshold is not None and (
+        not isinstance(threshold, (int, float)) or isinstance(threshold, bool)
+    ):
+        raise CheckpointError(f"{name}: image_threshold must be a number, got {threshold!r}")
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -123,7 +135,7 @@ def create_model(
         own = model.prompt_learner.state_dict()
         ckpt.check_prompt_state(own, state, str(prompts if prompts is not None else name))
         model.prompt_learner.load_state_dict(state, strict=True)
-    model.image_threshold = meta.get("image_threshold")
+    model.image_threshold = None if threshold is None else float(threshold)
     model.eval()
     if matmul_dtype is not None:
         model.cast_frozen_matmuls(matmul_dtype)
@@ -152,6 +164,25 @@ def _dino_missing_too(cfg: CraneConfig, dino_weights: str | os.PathLike | None) 
     )
 
 
+def names_a_run(name: Any) -> bool:
+    """Whether a ``--model`` name means a run folder (or its prompts file) rather than a
+    preset: a ``.safetensors`` path, a folder holding a checkpoint config, or a folder that is
+    no preset's name (so that it gets the error saying why it is no checkpoint). A folder
+    named like a preset that holds no checkpoint (``src/crane``, an ``--out crane`` of
+    predictions) does not hide the preset."""
+    text = os.fspath(name) if isinstance(name, (str, os.PathLike)) else str(name)
+    path = Path(text)
+    if text.endswith(".safetensors"):
+        return True
+    if not path.is_dir():
+        return False
+    if (path / ckpt.CONFIG).is_file():
+        if text in PRESETS:
+            log.warning("%s: the run folder %s is used, not the preset of that name", text, path)
+        return True
+    return text not in PRESETS
+
+
 def load_prompt_state(source: Any, cfg: CraneConfig) -> dict[str, torch.Tensor]:
     if isinstance(source, dict):
         return source
@@ -159,9 +190,32 @@ def load_prompt_state(source: Any, cfg: CraneConfig) -> dict[str, torch.Tensor]:
     if text.startswith("official:"):
         return ckpt.load_released_prompts(resolve_official(text.split(":", 1)[1], cfg.name))
     path = Path(text)
+    if path.suffix == ".safetensors" and not (path.parent / ckpt.CONFIG).is_file():
+        return ckpt.read_prompt_tensors(path)  # a bare prompts file, no run around it
     if path.is_dir() or path.suffix == ".safetensors":
-        return ckpt.read_checkpoint(path)[1]
+        theirs, state, _ = ckpt.read_checkpoint(path)
+        _warn_other_model(path, theirs.name, theirs.use_dattn, cfg)
+        return state
+    for part in path.parts:  # the release's folders say which preset trained the file
+        if part.startswith("trained_on_") and part.endswith(("_crane", "_cranep")):
+            _warn_other_model(path, "crane+" if part.endswith("p") else "crane", None, cfg)
     return ckpt.load_released_prompts(path)
+
+
+def _warn_other_model(path: Path, name: str, use_dattn: bool | None, cfg: CraneConfig) -> None:
+    """Prompts trained with another preset fit any model of the same prompt shapes, but they
+    learned another model's features: said, not refused (an experiment may want it)."""
+    family = {"crane": False, "crane+": True, "tiny": False, "tiny+": True}
+    theirs = family.get(name, use_dattn)
+    if theirs is not None and theirs != cfg.use_dattn:
+        log.warning(
+            "the prompts in %s were trained with %s, this model is %s (%s D-Attn): its scores "
+            "are not that model's",
+            path,
+            name,
+            cfg.name,
+            "with" if cfg.use_dattn else "without",
+        )
 
 
 def save_model(

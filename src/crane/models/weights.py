@@ -46,7 +46,8 @@ def cache_dir() -> Path:
 
 
 def _offline() -> bool:
-    if any(os.environ.get(k, "").strip() not in ("", "0") for k in OFFLINE_ENVS):
+    off = ("", "0", "false", "no", "off")  # (as huggingface_hub reads HF_HUB_OFFLINE)
+    if any(os.environ.get(k, "").strip().lower() not in off for k in OFFLINE_ENVS):
         return True
     if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return False  # direct probes say nothing behind a proxy; let the hub client try
@@ -88,10 +89,9 @@ def resolve_local(
         if value:
             path = Path(value).expanduser()
             if not path.is_file():
+                why = "a folder, not a file" if path.is_dir() else "which does not exist"
                 raise WeightsError(
-                    _missing_message(
-                        what, filenames, flag, env, f"{source} names {path}, which does not exist"
-                    )
+                    _missing_message(what, filenames, flag, env, f"{source} names {path}, {why}")
                 )
             return path
     for name in filenames:
@@ -130,7 +130,7 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     try:
-        if path.suffix == ".safetensors":
+        if path.suffix == ".safetensors" or _looks_like_safetensors(path):
             from safetensors.torch import load_file
 
             return load_file(str(path))
@@ -140,19 +140,12 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
                 # user can do nothing about the warning.
                 warnings.filterwarnings("ignore", category=FutureWarning, message=".*jit")
                 module = torch.jit.load(str(path), map_location="cpu")
-            sd = dict(module.state_dict())
-            for key in ("input_resolution", "context_length", "vocab_size", "attn_mask"):
-                sd.pop(key, None)
-            return sd
+            return _without_archive_extras(dict(module.state_dict()))
         obj = _torch_load(path)
     except Exception as exc:  # unpickling, zip and format errors come in many types
-        # (only the first line: torch's unpickling errors go on to advise weights_only=False
-        # and filing an issue with PyTorch, which is no help here)
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise WeightsError(
-            f"cannot read weight file {path} ({type(exc).__name__}: {first}); crane reads torch "
-            "state dicts, OpenAI's TorchScript archives and safetensors files: is it damaged, "
-            "or a file of another kind?"
+            f"cannot read weight file {path}{_what_it_is(path)}; crane reads torch state dicts, "
+            "OpenAI's TorchScript archives and safetensors files"
         ) from exc
     for key in ("state_dict", "model", "teacher"):
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
@@ -164,7 +157,48 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     # DINOv2 training checkpoints nest the backbone under 'backbone.'.
     if sd and all(k.startswith("backbone.") for k in sd):
         sd = {k.removeprefix("backbone."): v for k, v in sd.items()}
+    return _without_archive_extras(sd)
+
+
+def _without_archive_extras(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """OpenAI's archive keeps a few non-weights beside the tensors (also in a state dict saved
+    from it, as open_clip's loader accepts): dropped."""
+    for key in ("input_resolution", "context_length", "vocab_size", "attn_mask"):
+        sd.pop(key, None)
     return sd
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """A safetensors file under another name (``model.bin``): an 8-byte little-endian header
+    length that fits the file, then the JSON header."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        n = int.from_bytes(head[:8], "little")
+        return len(head) == 9 and head[8:9] == b"{" and 8 + n <= path.stat().st_size
+    except OSError:
+        return False
+
+
+def _what_it_is(path: Path) -> str:
+    """What an unreadable weight file looks like, from its first bytes (torch's own errors
+    advise ``weights_only=False``, which is no help here)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(256)
+        size = path.stat().st_size
+    except OSError as exc:
+        return f" ({exc.strerror or exc})"
+    text = head.lstrip().lower()
+    if not head:
+        return ": the file is empty"
+    if text.startswith(b"version https://git-lfs"):
+        return ": it is a Git LFS pointer, not the file (run `git lfs pull` where it came from)"
+    if text.startswith((b"<!doctype", b"<html", b"<?xml")):
+        return ": it is a web page (a failed or redirected download)"
+    if head[:4] == b"PK\x03\x04":
+        return f": a zip archive that is damaged or incomplete ({size} bytes)"
+    return f": not a format it knows, or a damaged file ({size} bytes)"
 
 
 def _torch_load(path: Path) -> object:
@@ -199,6 +233,11 @@ def load_into(
         for k in own
         if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)
     ]
+    wrong += [
+        f"{k}: file {sd[k].dtype} vs model {own[k].dtype}"
+        for k in own
+        if k in sd and sd[k].is_floating_point() != own[k].is_floating_point()
+    ]
     if missing or unexpected or wrong:
         parts = []
         for label, items in (
@@ -209,6 +248,12 @@ def load_into(
             if items:
                 parts.append(f"{len(items)} {label} (first: {', '.join(items[:4])})")
         raise WeightsError(f"{path} does not fit the {what} architecture: " + "; ".join(parts))
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # (they would reach every score as NaN, image after image)
+        raise WeightsError(
+            f"{path} holds NaN or infinite values in {len(bad)} {what} tensor(s) (first: "
+            f"{', '.join(bad[:4])}): a damaged or diverged file"
+        )
     module.load_state_dict(sd, strict=True)
 
 

@@ -1,0 +1,234 @@
+"""What weight, prompt and checkpoint loading refuses or reports (from a review): files that
+would give silently wrong numbers, hand-edited configs, prompts of another preset, files
+that are not what they are named."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+
+from crane.config import CraneConfig, get_config
+from crane.errors import CheckpointError, WeightsError
+from crane.models import create_model, save_model
+from crane.models import weights as W
+from crane.models.factory import PACKAGED_OFFICIAL, names_a_run, resolve_official
+
+SIZE = 112
+
+
+@pytest.fixture
+def run(tmp_path):
+    model = create_model("tiny", image_size=SIZE, seed=3)
+    return save_model(model, tmp_path / "run")
+
+
+def _edit_config(run, **changes):
+    path = run / "config.json"
+    meta = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is ...:
+            del meta["config"][key]
+        elif key in ("backbone_seed", "image_threshold"):
+            meta[key] = value
+        else:
+            meta["config"][key] = value
+    path.write_text(json.dumps(meta))
+
+
+def test_a_config_lacking_a_field_takes_its_own_presets_value(run):
+    """It took crane+'s (map_combine logit_mean for a soft_mean tiny run: maps moved 0.24)."""
+    _edit_config(run, map_combine=..., train_set_multiplicity=...)
+    cfg = create_model(str(run)).cfg
+    assert (cfg.map_combine, cfg.train_set_multiplicity) == ("soft_mean", 4)  # tiny's
+    _edit_config(run, name=...)
+    with pytest.raises(CheckpointError, match="lacks .*map_combine.* and names no preset"):
+        create_model(str(run))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [
+        ("n_ctx", "12", "config field n_ctx must be an integer, got '12'"),
+        ("n_ctx", 12.0, "n_ctx must be an integer"),
+        ("feature_layers", 4, "feature_layers must be a list of block numbers"),
+        ("use_dattn", "false", "use_dattn must be true or false"),
+        ("sigma", "4.0", "sigma must be a number"),
+        ("clip_overrides", None, "clip_overrides must be a mapping"),
+        ("backbone_seed", "abc", "backbone_seed must be an integer"),
+        ("image_threshold", "0.5", "image_threshold must be a number"),
+    ],
+)
+def test_wrong_types_in_a_config_are_one_message(run, field, value, says):
+    _edit_config(run, **{field: value})
+    with pytest.raises(CheckpointError, match=says):
+        create_model(str(run))
+
+
+def test_configs_are_read_with_their_types():
+    cfg = get_config("tiny", sigma=4, fusion_alpha=1, feature_layers=[4])
+    assert (cfg.sigma, cfg.fusion_alpha, cfg.feature_layers) == (4.0, 1.0, (4,))
+    assert isinstance(cfg.sigma, float)
+    assert CraneConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_a_config_from_a_newer_crane_says_so(run):
+    path = run / "config.json"
+    meta = json.loads(path.read_text())
+    meta["version"] = 99
+    path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"written by a newer crane .* upgrade crane"):
+        create_model(str(run))
+
+
+def test_prompts_of_the_other_preset_are_reported(tmp_path, caplog):
+    plus = save_model(create_model("tiny+", image_size=SIZE), tmp_path / "plus")
+    with caplog.at_level(logging.WARNING):
+        create_model("tiny", image_size=SIZE, prompts=str(plus))
+    assert "were trained with tiny+, this model is tiny (without D-Attn)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        create_model("tiny+", image_size=SIZE, prompts=str(plus))
+    assert caplog.text == ""
+
+
+def test_released_files_of_the_other_preset_are_reported(tmp_path, caplog):
+    """The release's folder names say which preset trained a file given by path."""
+    crane_file = resolve_official("mvtec", "crane")
+    copy = tmp_path / "trained_on_mvtec_crane" / "epoch_5.pth"
+    copy.parent.mkdir()
+    shutil.copy(crane_file, copy)
+    from crane.models.factory import load_prompt_state
+
+    with caplog.at_level(logging.WARNING):
+        load_prompt_state(str(copy), get_config("crane+"))
+    assert "were trained with crane, this model is crane+" in caplog.text
+    assert PACKAGED_OFFICIAL.is_dir()
+
+
+def test_a_bare_prompts_file_loads(tmp_path, run):
+    bare = tmp_path / "mine.safetensors"
+    shutil.copy(run / "prompts.safetensors", bare)
+    model = create_model("tiny", image_size=SIZE, prompts=str(bare))
+    saved = create_model(str(run))
+    assert torch.equal(model.prompt_learner.ctx_pos, saved.prompt_learner.ctx_pos)
+
+
+@pytest.mark.parametrize("bad", ["int", "nan"])
+def test_prompts_of_integers_or_nan_are_refused(tmp_path, bad):
+    state = dict(create_model("tiny", image_size=SIZE).prompt_learner.state_dict())
+    state["ctx_pos"] = (
+        state["ctx_pos"].to(torch.int16) if bad == "int" else state["ctx_pos"] * float("nan")
+    )
+    says = "holds torch.int16 values" if bad == "int" else "holds NaN or infinite values"
+    with pytest.raises(CheckpointError, match=says):
+        create_model("tiny", image_size=SIZE, prompts=state)
+
+
+def test_a_released_style_file_with_a_bad_prompt_learner_is_refused(tmp_path):
+    from crane.models.checkpoint import load_released_prompts
+
+    path = tmp_path / "epoch_5.pth"
+    torch.save({"prompt_learner": [1, 2]}, path)
+    with pytest.raises(CheckpointError, match="is not a mapping of tensors"):
+        load_released_prompts(path)
+
+
+@pytest.mark.parametrize("bad", ["int", "nan"])
+def test_weights_of_integers_or_nan_are_refused(tmp_path, bad):
+    module = torch.nn.Linear(3, 2)
+    sd = {k: v.clone() for k, v in module.state_dict().items()}
+    sd["weight"] = sd["weight"].to(torch.int32) if bad == "int" else sd["weight"] / 0
+    says = "file torch.int32 vs model torch.float32" if bad == "int" else "NaN or infinite"
+    with pytest.raises(WeightsError, match=says):
+        W.load_into(module, sd, tmp_path / "w.pt", "CLIP")
+
+
+def test_a_state_dict_saved_from_openais_archive_keeps_its_extras_out(tmp_path):
+    sd = {"w": torch.ones(2), "input_resolution": torch.tensor(336), "attn_mask": torch.ones(2)}
+    torch.save(sd, tmp_path / "sd.pt")
+    assert set(W.load_state_dict_file(tmp_path / "sd.pt")) == {"w"}
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\n", "Git LFS pointer"),
+        (b"<!DOCTYPE html><html><body>Sign in</body></html>", "a web page"),
+        (b"", "the file is empty"),
+        (b"just some text\n", "not a format it knows"),
+    ],
+)
+def test_unreadable_weight_files_say_what_they_are(tmp_path, content, says):
+    path = tmp_path / "ViT-L-14-336px.pt"
+    path.write_bytes(content)
+    with pytest.raises(WeightsError, match=says) as info:
+        W.load_state_dict_file(path)
+    assert "weights_only" not in str(info.value)
+
+
+def test_a_safetensors_file_under_another_name_loads(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.arange(3.0)}, tmp_path / "pytorch_model.bin")
+    assert torch.equal(
+        W.load_state_dict_file(tmp_path / "pytorch_model.bin")["w"], torch.arange(3.0)
+    )
+
+
+def test_a_folder_given_as_weights_is_named_as_one(tmp_path):
+    with pytest.raises(WeightsError, match="names .*, a folder, not a file"):
+        W.resolve_local(tmp_path, W.CLIP_ENV, W.CLIP_FILENAMES, "--clip-weights", "CLIP")
+
+
+@pytest.mark.parametrize(("value", "offline"), [("false", False), ("off", False), ("1", True)])
+def test_offline_switch_words(monkeypatch, value, offline):
+    monkeypatch.setenv(W.OFFLINE_ENVS[0], value)
+    for k in W.OFFLINE_ENVS[1:]:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(W.socket, "create_connection", _reachable)
+    assert W._offline() is offline
+
+
+class _reachable:  # (a connection that succeeds: the network is up)
+    def __init__(self, *a, **kw):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_a_folder_named_like_a_preset_does_not_hide_it(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()  # e.g. an earlier `--out tiny` of predictions
+    assert not names_a_run("tiny")
+    assert create_model("tiny", image_size=SIZE).cfg.name == "tiny"
+    save_model(create_model("tiny", image_size=SIZE), tmp_path / "tiny", overwrite=True)
+    with caplog.at_level(logging.WARNING):
+        assert names_a_run("tiny")
+    assert "the run folder tiny is used, not the preset" in caplog.text
+    assert names_a_run("elsewhere.safetensors") and not names_a_run("tiny+")
+
+
+def test_sha256sums_in_binary_mode_still_check_the_file(tmp_path, monkeypatch):
+    rel = "trained_on_mvtec_cranep/epoch_5.pth"
+    official = tmp_path / "official"
+    (official / "trained_on_mvtec_cranep").mkdir(parents=True)
+    shutil.copy(PACKAGED_OFFICIAL / rel, official / rel)
+    digest = "0" * 64  # (not the file's)
+    for line in (f"{digest} *{rel}", f"{digest}  ./{rel}"):
+        (official / "SHA256SUMS").write_text(line + "\n")
+        monkeypatch.setenv("CRANE_OFFICIAL_PROMPTS", str(official))
+        with pytest.raises(CheckpointError, match="does not match its SHA256"):
+            resolve_official("mvtec", "crane+")
+
+
+def test_the_known_released_sets_are_the_presets_own():
+    with pytest.raises(CheckpointError, match=r"known: \['mvtec', 'visa'\]"):
+        resolve_official("mvtec-medical", "crane")
