@@ -124,9 +124,11 @@ def hub_cached(repo_id: str, filenames: tuple[str, ...]) -> Path | None:
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a weight file: OpenAI TorchScript archive, torch state dict, or safetensors.
 
-    Plain torch files are loaded with ``weights_only=True``; a TorchScript archive (the OpenAI
-    CLIP release format) is opened with ``torch.jit.load``, which reads tensors and code but
-    runs nothing until called.
+    Plain torch files are loaded with ``weights_only=True`` and safetensors files as data:
+    nothing in them runs. A TorchScript archive (the OpenAI CLIP release format) is opened
+    with ``torch.jit.load``, as open_clip does, and that *runs* the archive's TorchScript
+    ``__setstate__`` methods while loading: load only archives you trust (OpenAI's release),
+    or convert one once to a state dict (``torch.save(torch.jit.load(f).state_dict(), ...)``).
     """
     path = Path(path)
     try:
