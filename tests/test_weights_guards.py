@@ -232,3 +232,10 @@ def test_sha256sums_in_binary_mode_still_check_the_file(tmp_path, monkeypatch):
 def test_the_known_released_sets_are_the_presets_own():
     with pytest.raises(CheckpointError, match=r"known: \['mvtec', 'visa'\]"):
         resolve_official("mvtec-medical", "crane")
+
+
+def test_a_bad_prompt_file_is_reported_before_the_backbones_are_looked_for(monkeypatch):
+    monkeypatch.setenv("CRANE_OFFLINE", "1")
+    monkeypatch.setenv("CRANE_CACHE_DIR", "/nonexistent-cache")  # (no weights anywhere)
+    with pytest.raises(CheckpointError, match="prompt file /nonexistent.pth does not exist"):
+        create_model("crane+", prompts="/nonexistent.pth")

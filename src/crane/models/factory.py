@@ -112,6 +112,9 @@ def create_model(
     ):
         raise CheckpointError(f"{name}: image_threshold must be a number, got {threshold!r}")
 
+    if prompts is not None:  # (read first: a bad prompt file is reported before the backbones)
+        state = load_prompt_state(prompts, cfg)
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         random_backbones = not pretrained or is_tiny(cfg)
@@ -129,8 +132,6 @@ def create_model(
         model = CraneModel(cfg, clip, dino)
         model.backbone_seed = seed if random_backbones else None
 
-    if prompts is not None:
-        state = load_prompt_state(prompts, cfg)
     if state is not None:
         own = model.prompt_learner.state_dict()
         ckpt.check_prompt_state(own, state, str(prompts if prompts is not None else name))
