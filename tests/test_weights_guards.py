@@ -239,3 +239,9 @@ def test_a_bad_prompt_file_is_reported_before_the_backbones_are_looked_for(monke
     monkeypatch.setenv("CRANE_CACHE_DIR", "/nonexistent-cache")  # (no weights anywhere)
     with pytest.raises(CheckpointError, match="prompt file /nonexistent.pth does not exist"):
         create_model("crane+", prompts="/nonexistent.pth")
+
+
+def test_weight_files_a_model_does_not_use_are_reported(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        create_model("tiny", image_size=SIZE, clip_weights=tmp_path / "x.pt")
+    assert "--clip-weights not used: this model's backbones are random" in caplog.text

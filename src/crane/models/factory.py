@@ -115,9 +115,23 @@ def create_model(
     if prompts is not None:  # (read first: a bad prompt file is reported before the backbones)
         state = load_prompt_state(prompts, cfg)
 
+    random_backbones = not pretrained or is_tiny(cfg)
+    unused = [
+        flag
+        for flag, value, used in (
+            ("--clip-weights", clip_weights, not random_backbones),
+            ("--dino-weights", dino_weights, not random_backbones and cfg.use_dattn),
+        )
+        if value is not None and not used
+    ]
+    if unused:
+        log.warning(
+            "%s not used: %s", " and ".join(unused),
+            "this model's backbones are random (a test preset)" if random_backbones
+            else f"{cfg.name} has no DINOv2",
+        )  # fmt: skip
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        random_backbones = not pretrained or is_tiny(cfg)
         try:
             clip = build_clip(cfg, clip_weights, not random_backbones, matmul_dtype)
         except WeightsError as exc:
