@@ -609,3 +609,12 @@ def test_pixel_only_sets_are_not_reported_as_one_label(tmp_path, caplog):
         meta = prepare("tn3k", tmp_path)
     assert sum(len(v) for v in meta["test"].values()) == 2
     assert "all anomalous" not in caplog.text
+
+
+def test_a_class_without_normal_test_images_is_reported(tmp_path, caplog):
+    """(a partial download: no test/good/) The pixel-only sets are all-anomalous by design;
+    an MVTec class is not."""
+    make_mvtec_class(tmp_path, "bottle", test_good=(), defects={"crack": ["000"]})
+    with caplog.at_level(logging.WARNING):
+        prepare("mvtec", tmp_path)
+    assert "bottle's test images are all anomalous" in caplog.text

@@ -53,8 +53,16 @@ def test_resume_refuses_other_images_backbone_or_precision(copy_of, tmp_path):
         _run(data, run, resume=True, model=seven)
     staged = copy_of("staged")  # the same files under another root
     _run(staged, run, resume=True)
+    mask = sorted((data / "tile" / "ground_truth").rglob("*.png"))[0]
+    blank = bytearray(mask.read_bytes())
+    blank[-20] ^= 0xFF  # another mask of the same size (the old fingerprint took it)
+    saved = mask.read_bytes()
+    mask.write_bytes(bytes(blank))
+    with pytest.raises(CraneError, match="files changed since it trained on them"):
+        _run(data, run, epochs=3, resume=True)
+    mask.write_bytes(saved)
     changed = sorted((data / "tile" / "test" / "good").iterdir())[0]
-    changed.write_bytes(changed.read_bytes() + b"\0")  # a file changed on disk
+    changed.write_bytes(changed.read_bytes() + b"\0")  # an image changed on disk
     with pytest.raises(CraneError, match="files changed since it trained on them"):
         _run(data, run, epochs=3, resume=True)
 
@@ -78,7 +86,7 @@ def test_divergence_stops_with_a_message_and_saves_no_nan(synth, tmp_path, monke
         with caplog.at_level(logging.WARNING):
             _run(synth, run, epochs=3)
     assert "start a new run with a lower --lr" in str(e.value) and "epoch_1" in str(e.value)
-    assert "--resume" not in caplog.text
+    assert "--resume" not in caplog.text and "nothing to resume" not in caplog.text
     assert json.loads((run / "resume.json").read_text())["epochs_done"] == 1
     assert not (run / "epoch_2").exists()
     prompts = create_model(str(run / "epoch_1")).prompt_learner.state_dict()

@@ -205,6 +205,9 @@ class _reachable:  # (a connection that succeeds: the network is up)
 
 
 def test_a_folder_named_like_a_preset_does_not_hide_it(tmp_path, monkeypatch, caplog):
+    import crane.models.factory as factory
+
+    monkeypatch.setattr(factory, "_WARNED", set())
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny").mkdir()  # e.g. an earlier `--out tiny` of predictions
     assert not names_a_run("tiny")
@@ -245,3 +248,13 @@ def test_weight_files_a_model_does_not_use_are_reported(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         create_model("tiny", image_size=SIZE, clip_weights=tmp_path / "x.pt")
     assert "--clip-weights not used: this model's backbones are random" in caplog.text
+
+
+def test_an_intact_torch_file_of_objects_is_not_called_damaged(tmp_path):
+    import argparse
+
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": {"w": torch.ones(1)}, "args": argparse.Namespace(lr=1)}, path)
+    with pytest.raises(WeightsError, match="holding more than tensors") as info:
+        W.load_state_dict_file(path)
+    assert "damaged" not in str(info.value)

@@ -450,8 +450,13 @@ def _train_defaults(args: argparse.Namespace) -> None:
             "seed": run.get("seed"),
             "batch_size": run.get("batch_size"),
             "precision": run.get("precision"),
-            "clip_weights": (run.get("weights") or {}).get("clip"),
-            "dino_weights": (run.get("weights") or {}).get("dino"),
+            # (recorded files that are gone, e.g. on another machine: the usual lookup, as
+            # $CRANE_CLIP_WEIGHTS and the cache, finds them)
+            **{
+                f"{k}_weights": v
+                for k, v in (run.get("weights") or {}).items()
+                if k in ("clip", "dino") and v and Path(v).is_file()
+            },
         }
         if fill["precision"] is None and args.precision is None:
             raise CraneError(
@@ -499,7 +504,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "n_images": len(ds),
         },
         weights={
-            key: None if value is None else str(Path(value).resolve())
+            key: None if value is None else str(Path(value).expanduser().resolve())
             for key, value in (("clip", args.clip_weights), ("dino", args.dino_weights))
         },
     )

@@ -156,8 +156,8 @@ def prepare(name: str, root: str | os.PathLike[str], *, missing_mask: str = "err
         logger.warning(format_problem_list(f"{layout.name}: images in both train and test", both))
     for cls, samples in meta["test"].items():
         labels = {s.anomaly for s in samples}
-        if labels == {1} and all(s.mask_path for s in samples):
-            continue  # an all-anomalous set with masks: pixel metrics only, by design (ISIC, ...)
+        if layout.name in PIXEL_ONLY:
+            continue  # all anomalous by design: pixel metrics only
         if len(labels) == 1:
             logger.warning(
                 "%s: %s's test images are all %s: its image-level AUROC, AP and F1 are "
@@ -442,6 +442,10 @@ def scan_image_folders(
         ctx.sample(p, cls, anomalous, 1) for p in list_images(anomalous_dir)
     ]
     return meta
+
+
+#: Layouts whose images are all anomalous by design (pixel-level metrics only).
+PIXEL_ONLY = frozenset({"isic", "tn3k", "cvc-colondb", "cvc-clinicdb"})
 
 
 def scan_pixel_only(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -131,8 +132,9 @@ def _save_resume(
 def _fingerprint(model: CraneModel, dataset: Any, amp: torch.dtype | None) -> dict[str, Any]:
     """What an exact resume must find unchanged beyond the settings: the frozen backbones,
     the precision the features are encoded in, the images (their paths under the root, in
-    order, with labels and masks) and the files' sizes. Not the root itself nor modification
-    times: a byte-identical copy elsewhere (data staged to a node's local disk) resumes."""
+    order, with labels and masks), the images' file sizes and the masks' contents. Not the
+    root itself nor modification times: a byte-identical copy elsewhere (data staged to a
+    node's local disk) resumes."""
     out = {
         "backbone_sha256": progress_log.backbone_digest(model),
         "precision": progress_log.precision_name(amp),
@@ -146,11 +148,17 @@ def _fingerprint(model: CraneModel, dataset: Any, amp: torch.dtype | None) -> di
             except OSError:
                 return "missing"
 
-        out["samples_sha256"] = progress_log.digest_of(
+        def content(rel: str) -> str:  # (masks are small: their bytes, which define the truth)
+            try:
+                return hashlib.sha256((Path(root) / rel).read_bytes()).hexdigest() if rel else "-"
+            except OSError:
+                return "missing"
+
+        out["images_sha256"] = progress_log.digest_of(
             f"{s.img_path}\t{s.anomaly}\t{s.mask_path}" for s in samples
         )
-        out["sizes_sha256"] = progress_log.digest_of(
-            f"{size(s.img_path)}\t{size(s.mask_path)}" for s in samples
+        out["files_sha256"] = progress_log.digest_of(
+            f"{size(s.img_path)}\t{content(s.mask_path)}" for s in samples
         )
     return out
 
@@ -158,9 +166,10 @@ def _fingerprint(model: CraneModel, dataset: Any, amp: torch.dtype | None) -> di
 _FINGERPRINT_LABELS = {
     "backbone_sha256": "the frozen backbone weights differ from the ones it trained with",
     "precision": "its features were encoded in {was}, now in {now} (--precision)",
-    "samples_sha256": "the images differ from the ones it trained on (other files, classes or "
+    "images_sha256": "the images differ from the ones it trained on (other files, classes or "
     "class order: --classes)",
-    "sizes_sha256": "image or mask files changed since it trained on them (other sizes)",
+    "files_sha256": "image or mask files changed since it trained on them (an image's size or "
+    "a mask's content)",
 }
 
 
@@ -468,7 +477,9 @@ def _train(
             saved = int(json.loads((run_dir / RESUME_JSON).read_text())["epochs_done"])
         except (OSError, ValueError, KeyError, TypeError):
             saved = 0
-        if saved and not isinstance(sys.exc_info()[1], TrainingDiverged):
+        if isinstance(sys.exc_info()[1], TrainingDiverged):
+            pass  # (its message says what was kept and what to do)
+        elif saved:
             log.warning(
                 "stopped with %d of %d epochs saved in %s; `crane train ... --resume` (API: "
                 "resume=True) continues exactly from there",

@@ -127,8 +127,8 @@ def create_model(
     if unused:
         log.warning(
             "%s not used: %s", " and ".join(unused),
-            "this model's backbones are random (a test preset)" if random_backbones
-            else f"{cfg.name} has no DINOv2",
+            "this model's backbones are random (pretrained=False or a test preset)"
+            if random_backbones else f"{cfg.name} has no DINOv2",
         )  # fmt: skip
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -179,6 +179,9 @@ def _dino_missing_too(cfg: CraneConfig, dino_weights: str | os.PathLike | None) 
     )
 
 
+_WARNED: set[str] = set()
+
+
 def names_a_run(name: Any) -> bool:
     """Whether a ``--model`` name means a run folder (or its prompts file) rather than a
     preset: a ``.safetensors`` path, a folder holding a checkpoint config, or a folder that is
@@ -192,7 +195,8 @@ def names_a_run(name: Any) -> bool:
     if not path.is_dir():
         return False
     if (path / ckpt.CONFIG).is_file():
-        if text in PRESETS:
+        if text in PRESETS and text not in _WARNED:
+            _WARNED.add(text)
             log.warning("%s: the run folder %s is used, not the preset of that name", text, path)
         return True
     return text not in PRESETS
@@ -221,7 +225,7 @@ def _warn_other_model(path: Path, name: str, use_dattn: bool | None, cfg: CraneC
     """Prompts trained with another preset fit any model of the same prompt shapes, but they
     learned another model's features: said, not refused (an experiment may want it)."""
     family = {"crane": False, "crane+": True, "tiny": False, "tiny+": True}
-    theirs = family.get(name, use_dattn)
+    theirs = use_dattn if use_dattn is not None else family.get(name)
     if theirs is not None and theirs != cfg.use_dattn:
         log.warning(
             "the prompts in %s were trained with %s, this model is %s (%s D-Attn): its scores "

@@ -71,7 +71,18 @@ def _matmul_switch(on: bool) -> tuple:
             m.fp32_precision,
             ("tf32" if on else "ieee"),
         )
-    return torch.set_float32_matmul_precision, saved, ("high" if on else "highest")
+    # (that call also sets oneDNN's CPU matmuls: on the way out they get their own value
+    # back, which a process that set only cuBLAS's allow_tf32 never gave them; inside the
+    # block they follow the call, so that torch can still read one global setting there)
+    mkldnn = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    cpu = getattr(mkldnn, "fp32_precision", None)
+
+    def setter(value: str) -> None:
+        torch.set_float32_matmul_precision(value)
+        if value == saved and cpu is not None:
+            mkldnn.fp32_precision = cpu
+
+    return setter, saved, ("high" if on else "highest")
 
 
 def _conv_switch(on: bool) -> tuple:

@@ -199,6 +199,16 @@ def _what_it_is(path: Path) -> str:
     if text.startswith((b"<!doctype", b"<html", b"<?xml")):
         return ": it is a web page (a failed or redirected download)"
     if head[:4] == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path) as zf:
+                intact = zf.testzip() is None
+        except (zipfile.BadZipFile, OSError):
+            intact = False
+        if intact:
+            return (
+                ": a torch file holding more than tensors (a whole pickled model or training "
+                "state?), which crane does not unpickle: save its state_dict() instead"
+            )
         return f": a zip archive that is damaged or incomplete ({size} bytes)"
     return f": not a format it knows, or a damaged file ({size} bytes)"
 
@@ -245,7 +255,7 @@ def load_into(
         for label, items in (
             ("missing", missing),
             ("unexpected", unexpected),
-            ("wrong shape", wrong),
+            ("wrong shape or type", wrong),
         ):
             if items:
                 parts.append(f"{len(items)} {label} (first: {', '.join(items[:4])})")
