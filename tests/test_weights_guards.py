@@ -69,9 +69,13 @@ def test_wrong_types_in_a_config_are_one_message(run, field, value, says):
 
 
 def test_configs_are_read_with_their_types():
+    import numpy as np
+
     cfg = get_config("tiny", sigma=4, fusion_alpha=1, feature_layers=[4])
     assert (cfg.sigma, cfg.fusion_alpha, cfg.feature_layers) == (4.0, 1.0, (4,))
     assert isinstance(cfg.sigma, float)
+    cfg = get_config("tiny", image_context_inference=np.bool_(True), image_size=np.int64(112))
+    assert cfg.image_context_inference is True and type(cfg.image_size) is int
     assert CraneConfig.from_dict(cfg.to_dict()) == cfg
 
 

@@ -170,6 +170,9 @@ def _checked_field(name: str, value: Any) -> Any:
     hint = _HINTS[name]
     wanted = None
     if hint is bool:
+        # (numpy's bool scalars too: not a bool subclass)
+        if type(value).__name__ == "bool_" and type(value).__module__ == "numpy":
+            value = bool(value)
         ok, wanted = isinstance(value, bool), "true or false"
     elif hint is int:
         ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
