@@ -171,7 +171,7 @@ def _checked_field(name: str, value: Any) -> Any:
     wanted = None
     if hint is bool:
         # (numpy's bool scalars too: not a bool subclass)
-        if type(value).__name__ == "bool_" and type(value).__module__ == "numpy":
+        if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
             value = bool(value)
         ok, wanted = isinstance(value, bool), "true or false"
     elif hint is int:
