@@ -1200,3 +1200,29 @@ def test_tf32_switches_keep_a_users_matmul_precision(precision):
         [sys.executable, "-c", _MATMUL_PRECISION, precision], capture_output=True, text=True
     )
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+_ONEDNN_BACK = """
+import torch
+from crane.models.vision import strict_fp32, tf32_matmuls
+torch.backends.cuda.matmul.allow_tf32 = True  # only cuBLAS's legacy flag
+with strict_fp32(torch.device("cuda")):
+    with tf32_matmuls(True):
+        pass
+with tf32_matmuls(True):
+    pass
+assert torch.backends.mkldnn.matmul.fp32_precision == "none"
+assert torch.get_float32_matmul_precision() == "high"
+print("ok")
+"""
+
+
+def test_tf32_switches_give_onednn_its_setting_back():
+    """Switching cuBLAS through set_float32_matmul_precision also sets oneDNN's CPU matmuls;
+    a process that had set only cuBLAS's flag gets oneDNN's own setting back (it was left
+    at TF32). In a fresh interpreter: the settings are process-wide."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _ONEDNN_BACK], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

@@ -262,3 +262,13 @@ def test_an_intact_torch_file_of_objects_is_not_called_damaged(tmp_path):
     with pytest.raises(WeightsError, match="holding more than tensors") as info:
         W.load_state_dict_file(path)
     assert "damaged" not in str(info.value)
+
+
+def test_a_zip_that_is_no_torch_file_is_named_as_such(tmp_path):
+    import numpy as np
+
+    np.savez(tmp_path / "weights.npz", w=np.ones(3))
+    path = tmp_path / "ViT-L-14-336px.pt"
+    (tmp_path / "weights.npz").rename(path)
+    with pytest.raises(WeightsError, match="a zip archive, not a torch file"):
+        W.load_state_dict_file(path)

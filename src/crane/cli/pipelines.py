@@ -429,6 +429,21 @@ _TRAIN_DEFAULTS = {
 }
 
 
+def _recorded_weights(recorded: Any) -> dict[str, str]:
+    """The weight files a run recorded that still exist, as ``clip_weights``/``dino_weights``;
+    those that are gone (e.g. another machine) are said and left to the usual lookup
+    (``$CRANE_CLIP_WEIGHTS``, the cache), which the backbone check then holds to the run's."""
+    out = {}
+    for key, value in (recorded or {}).items() if isinstance(recorded, dict) else ():
+        if key not in ("clip", "dino") or not isinstance(value, str) or not value:
+            continue
+        if Path(value).is_file():
+            out[f"{key}_weights"] = value
+        else:
+            log.warning("the run's %s weights %s are gone: looking for them as usual", key, value)
+    return out
+
+
 def _train_defaults(args: argparse.Namespace) -> None:
     """Fill the train options not given: from the interrupted run with --resume (so that
     `crane train --out RUN --resume` alone continues it), else the defaults."""
@@ -450,13 +465,7 @@ def _train_defaults(args: argparse.Namespace) -> None:
             "seed": run.get("seed"),
             "batch_size": run.get("batch_size"),
             "precision": run.get("precision"),
-            # (recorded files that are gone, e.g. on another machine: the usual lookup, as
-            # $CRANE_CLIP_WEIGHTS and the cache, finds them)
-            **{
-                f"{k}_weights": v
-                for k, v in (run.get("weights") or {}).items()
-                if k in ("clip", "dino") and v and Path(v).is_file()
-            },
+            **_recorded_weights(run.get("weights")),
         }
         if fill["precision"] is None and args.precision is None:
             raise CraneError(

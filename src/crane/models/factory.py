@@ -195,8 +195,8 @@ def names_a_run(name: Any) -> bool:
     if not path.is_dir():
         return False
     if (path / ckpt.CONFIG).is_file():
-        if text in PRESETS and text not in _WARNED:
-            _WARNED.add(text)
+        if text in PRESETS and str(path.resolve()) not in _WARNED:
+            _WARNED.add(str(path.resolve()))
             log.warning("%s: the run folder %s is used, not the preset of that name", text, path)
         return True
     return text not in PRESETS

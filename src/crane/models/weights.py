@@ -201,9 +201,12 @@ def _what_it_is(path: Path) -> str:
     if head[:4] == b"PK\x03\x04":
         try:
             with zipfile.ZipFile(path) as zf:
+                torch_zip = any(n.endswith("/data.pkl") for n in zf.namelist())
                 intact = zf.testzip() is None
-        except (zipfile.BadZipFile, OSError):
-            intact = False
+        except Exception:  # (damaged, encrypted, ...: said below)
+            torch_zip = intact = False
+        if intact and not torch_zip:
+            return ": a zip archive, not a torch file (a numpy .npz, or an archive around one?)"
         if intact:
             return (
                 ": a torch file holding more than tensors (a whole pickled model or training "
