@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from crane.engine.predict import check_device_decode, dataset_device_pixels
 from crane.engine.runtime import attention_kernels, batch_loader, check_attention, model_input
 from crane.models.crane import CraneModel
-from crane.models.vision import VisionOutput
+from crane.models.vision import VisionOutput, strict_fp32
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,7 @@ class FeatureCache:
                 torch.autocast(
                     device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
                 ),
+                strict_fp32(device),  # (first: its lock also keeps the kernel order ours)
                 attention_kernels(attention),
             ):
                 vis = model.encode_images(images)

@@ -109,6 +109,9 @@ def attention_kernels(name: str = "auto") -> contextlib.AbstractContextManager:
     torch has one fused kernel and keeps it whatever the order says. ``math``: only the
     unfused reference (materialises every N×N matrix; for checks), on any device.
     Backends switched off before stay off; the previous settings come back on exit.
+    These are torch's process-wide settings: the pipelines open this inside
+    :func:`~crane.models.vision.strict_fp32`, whose lock (on CUDA) keeps two threads' forwards
+    from running under each other's order.
     """
     if ATTENTION_KERNELS[check_attention(name)] is None:
         return contextlib.nullcontext()
@@ -275,8 +278,9 @@ def scoring_forward(
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
         # (strict fp32 held here: inside a compiled trace the model's own methods cannot
-        # switch torch's global TF32 flags)
-        with attention_kernels(attention), strict_fp32(device):
+        # switch torch's global TF32 flags; entered first, its lock, held on CUDA while the
+        # batch is launched, also keeps another thread's attention kernel order out)
+        with strict_fp32(device), attention_kernels(attention):
             out = fn(images)
         scores, maps = out.image_scores.float(), out.anomaly_maps.float()
         return (scores.clone(), maps.clone()) if graphs else (scores, maps)
