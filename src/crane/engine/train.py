@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 RESUME_JSON = "resume.json"
 RESUME_TENSORS = "resume.safetensors"
+FEATURE_CACHE = ".feature_cache.npy"  # the memory-mapped cache, while a run encodes
 
 
 class TrainingDiverged(CraneError):
@@ -251,11 +252,15 @@ def _resume_from(run_dir, model, opt, settings, n_images, fingerprint, refuse): 
     return done, list(meta["history"])
 
 
+def _no_run_to_resume(run_dir: Path) -> CraneError:
+    return CraneError(f"--resume: {run_dir} holds no interrupted run ({RESUME_JSON} missing)")
+
+
 def run_settings(run_dir: Path) -> dict[str, Any]:
     """An interrupted run's settings (``resume.json``'s, plus its model's preset name and
     image size and its encoding precision), for a resume that does not repeat them."""
     if not (run_dir / RESUME_JSON).is_file():
-        raise CraneError(f"--resume: {run_dir} holds no interrupted run ({RESUME_JSON} missing)")
+        raise _no_run_to_resume(run_dir)
     try:
         meta = json.loads((run_dir / RESUME_JSON).read_text())
         cfg = ckpt.read_checkpoint(run_dir)[0]
@@ -276,11 +281,9 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> bool:
     has_state = (run_dir / RESUME_JSON).is_file()
     if resume:
         if not has_state:
-            raise CraneError(
-                f"--resume: {run_dir} holds no interrupted run ({RESUME_JSON} missing)"
-            )
+            raise _no_run_to_resume(run_dir)
         return True
-    leftovers = (_RunLock.NAME, ".feature_cache.npy")  # (a killed run's: not a run's files)
+    leftovers = (_RunLock.NAME, FEATURE_CACHE)  # (a killed run's: not a run's files)
     if (
         run_dir.exists()
         and any(p.name not in leftovers for p in run_dir.iterdir())
@@ -319,7 +322,7 @@ def _remove_earlier_run(run_dir: Path) -> None:
                     continue
             shutil.rmtree(child)
             removed += 1
-    names = [RESUME_JSON, RESUME_TENSORS, "train_log.jsonl", ".feature_cache.npy"]
+    names = [RESUME_JSON, RESUME_TENSORS, "train_log.jsonl", FEATURE_CACHE]
     try:
         ckpt.read_checkpoint(run_dir)
         names += [ckpt.CONFIG, ckpt.TENSORS]  # the latest model: ours, not a user's config.json
@@ -451,7 +454,7 @@ def _train(
         return TrainResult(run_dir, history, [], 0.0, "none")
 
     t0 = time.perf_counter()
-    mmap = run_dir / ".feature_cache.npy"
+    mmap = run_dir / FEATURE_CACHE
     cache = None
     try:  # (the memory-mapped cache is removed also when encoding fails: it can be gigabytes)
         cache = FeatureCache.build(
