@@ -18,7 +18,6 @@ import contextlib
 import logging
 import os
 import socket
-import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from crane.errors import WeightsError
+from crane.models import torchscript
 
 log = logging.getLogger(__name__)
 
@@ -124,11 +124,11 @@ def hub_cached(repo_id: str, filenames: tuple[str, ...]) -> Path | None:
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a weight file: OpenAI TorchScript archive, torch state dict, or safetensors.
 
-    Plain torch files are loaded with ``weights_only=True`` and safetensors files as data:
-    nothing in them runs. A TorchScript archive (the OpenAI CLIP release format) is opened
-    with ``torch.jit.load``, as open_clip does, and that *runs* the archive's TorchScript
-    ``__setstate__`` methods while loading: load only archives you trust (OpenAI's release),
-    or convert one once to a state dict (``torch.save(torch.jit.load(f).state_dict(), ...)``).
+    All three are read as data: nothing in a file runs. Plain torch files are loaded with
+    ``weights_only=True``, safetensors files with safetensors, and a TorchScript archive (the
+    OpenAI CLIP release format) by :mod:`crane.models.torchscript`, which gives what
+    ``torch.jit.load(f).state_dict()`` gives without compiling or running the archive's code
+    (``torch.jit.load``, which open_clip uses, runs its ``__setstate__`` methods).
     """
     path = Path(path)
     try:
@@ -137,13 +137,10 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
 
             return load_file(str(path))
         if zipfile.is_zipfile(path) and _is_torchscript(path):
-            with warnings.catch_warnings():
-                # torch >= 2.9 deprecates TorchScript; the OpenAI release is still one, and a
-                # user can do nothing about the warning.
-                warnings.filterwarnings("ignore", category=FutureWarning, message=".*jit")
-                module = torch.jit.load(str(path), map_location="cpu")
-            return _without_archive_extras(dict(module.state_dict()))
+            return _without_archive_extras(torchscript.read_state_dict(path))
         obj = _torch_load(path)
+    except WeightsError:
+        raise
     except Exception as exc:  # unpickling, zip and format errors come in many types
         raise WeightsError(
             f"cannot read weight file {path}{_what_it_is(path)}; crane reads torch state dicts, "

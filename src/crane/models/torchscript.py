@@ -1,0 +1,257 @@
+"""The tensors of a TorchScript archive, read as data: nothing in the archive runs.
+
+OpenAI publishes its CLIP weights (``ViT-L-14-336px.pt``) as TorchScript archives. open_clip,
+and crane before, opened them with ``torch.jit.load``, which compiles the archive's code and
+runs its ``__setstate__`` methods: a file from an untrusted source could run code that way.
+``torch.load(weights_only=True)`` refuses TorchScript archives, and no library reads their
+tensors without TorchScript, so this module does, from the format's three parts:
+
+* ``<archive>/data.pkl``, a pickle of the module tree. It is unpickled with an allowlist in
+  the way of torch's ``weights_only`` unpickler: TorchScript module objects become plain records
+  of their attributes, tensors are rebuilt from storages, and any other global is refused.
+* ``<archive>/data/<key>``, the storages, stored uncompressed. They are memory-mapped
+  (as ``torch.load(mmap=True)`` maps a plain torch file) rather than read whole, so building a
+  model copies the weights straight from the page cache.
+* ``<archive>/code/__torch__/...py``, the modules' TorchScript source, read as *text* only for
+  each class's ``__parameters__ = [...]`` and ``__buffers__ = [...]`` lines: the attributes that
+  ``torch.jit.load(f).state_dict()`` returns. (A traced module also keeps plain tensor
+  attributes, such as OpenAI's per-block ``attn_mask``, that are not in its state dict.)
+
+The result equals ``torch.jit.load(f, map_location="cpu").state_dict()`` key for key, value for
+value and dtype for dtype (tested on traced and scripted archives written by torch).
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import sys
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from crane.errors import WeightsError
+
+# Storage classes a pickle names, by dtype (the persistent ids of torch's own pickler).
+_STORAGE_DTYPES = {
+    "DoubleStorage": torch.float64,
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+}
+_CLASS = re.compile(r"^class (\w+)\(Module\):[^\n]*\n((?:[ \t][^\n]*\n|\n)*)", re.M)
+_DECLARED = re.compile(r"^[ \t]+(__parameters__|__buffers__) = \[([^\]\n]*)\]", re.M)
+
+
+class _ScriptObject:
+    """A TorchScript object of the archive, as data: its class name and pickled state."""
+
+    qualname = ""
+
+    def __setstate__(self, state: object) -> None:
+        self.state = state
+
+
+class _Storage:
+    """What a persistent id resolves to: bytes of the archive viewed as one dtype."""
+
+    def __init__(self, untyped: torch.UntypedStorage, dtype: torch.dtype) -> None:
+        self.untyped, self.dtype = untyped, dtype
+
+
+class _StorageType:
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+
+def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, meta=None):
+    if not isinstance(storage, _Storage):
+        raise pickle.UnpicklingError("a tensor without a storage of the archive")
+    out = torch.empty(0, dtype=storage.dtype)
+    return out.set_(storage.untyped, offset, tuple(size), tuple(stride))  # (checks the bounds)
+
+
+def _rebuild_parameter(data, requires_grad=False, hooks=None):
+    return data
+
+
+def _restore_type_tag(value, type_str=None):
+    return value
+
+
+def _build_list(data):
+    return list(data)
+
+
+# torch.jit._pickle's helpers, which older archives call for typed lists and containers.
+_JIT_PICKLE = {
+    "restore_type_tag": _restore_type_tag,
+    **{f"build_{kind}list": _build_list for kind in ("int", "double", "bool", "tensor")},
+}
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, storage) -> None:
+        import io
+
+        super().__init__(io.BytesIO(data))
+        self._storage = storage
+        self._classes: dict[str, type] = {}
+
+    def find_class(self, module: str, name: str):
+        if module == "__torch__" or module.startswith("__torch__."):
+            qual = f"{module}.{name}"
+            if qual not in self._classes:
+                self._classes[qual] = type(name, (_ScriptObject,), {"qualname": qual})
+            return self._classes[qual]
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return _rebuild_tensor
+        if module == "torch._utils" and name == "_rebuild_parameter":
+            return _rebuild_parameter
+        if module == "collections" and name == "OrderedDict":
+            return OrderedDict
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(_STORAGE_DTYPES[name])
+        if module == "torch.jit._pickle" and name in _JIT_PICKLE:
+            return _JIT_PICKLE[name]
+        raise _Refused(f"{module}.{name}")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+        _, kind, key, _location, numel = pid
+        if not isinstance(kind, _StorageType) or not isinstance(key, str):
+            raise pickle.UnpicklingError(f"unknown storage {pid!r}")
+        return self._storage(key, kind.dtype, int(numel))
+
+
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
+def _declarations(zf: zipfile.ZipFile, prefix: str) -> dict[str, tuple[str, ...]]:
+    """``{qualified class name: its parameter and buffer names}`` from the archive's code,
+    read as text."""
+    code = f"{prefix}code/"
+    out: dict[str, tuple[str, ...]] = {}
+    for name in zf.namelist():
+        if not (name.startswith(code) and name.endswith(".py")):
+            continue
+        module = name[len(code) : -3].replace("/", ".")
+        text = zf.read(name).decode("utf-8", errors="replace")
+        for cls in _CLASS.finditer(text):
+            names: list[str] = []
+            for _kind, items in _DECLARED.findall(cls.group(2)):
+                names += re.findall(r'"([^"]*)"', items)
+            out[f"{module}.{cls.group(1)}"] = tuple(names)
+    return out
+
+
+def _record_offset(f, info: zipfile.ZipInfo) -> int:
+    """Where a stored (uncompressed) member's bytes start in the file: after its local header,
+    whose name and extra fields may differ in length from the central directory's."""
+    f.seek(info.header_offset)
+    head = f.read(30)
+    if len(head) != 30 or head[:4] != b"PK\x03\x04":
+        raise pickle.UnpicklingError(f"bad zip header for {info.filename}")
+    return (
+        info.header_offset
+        + 30
+        + int.from_bytes(head[26:28], "little")
+        + int.from_bytes(head[28:30], "little")
+    )
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The parameters and buffers of the TorchScript archive at ``path``, as
+    ``torch.jit.load(path, map_location="cpu").state_dict()`` gives them, without running the
+    archive's code. Tensors are views of the memory-mapped file (copy-on-write: writing to
+    them does not change the file). Raises :class:`~crane.errors.WeightsError` for an archive
+    that holds anything besides modules and tensors, or is damaged."""
+    path = Path(path)
+    with zipfile.ZipFile(path) as zf:
+        infos = {i.filename: i for i in zf.infolist()}
+        roots = [n for n in infos if n.endswith("data.pkl") and n.count("/") <= 1]
+        if len(roots) != 1:
+            raise WeightsError(f"{path} is not a TorchScript archive (no single data.pkl)")
+        prefix = roots[0][: -len("data.pkl")]
+        order = zf.read(f"{prefix}byteorder").strip() if f"{prefix}byteorder" in infos else None
+        if order not in (None, sys.byteorder.encode()):
+            raise WeightsError(f"{path} was written on a {order.decode()}-endian machine")
+        declared = _declarations(zf, prefix)
+        data = zf.read(roots[0])
+
+    size = path.stat().st_size
+    mapped: list[torch.UntypedStorage] = []
+    storages: dict[str, _Storage] = {}
+
+    def storage(key: str, dtype: torch.dtype, numel: int) -> _Storage:
+        if key in storages:
+            return _Storage(storages[key].untyped, dtype)
+        info = infos.get(f"{prefix}data/{key}")
+        nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+        if info is None or info.file_size < nbytes:
+            raise pickle.UnpicklingError(f"storage {key!r} is missing or short in the archive")
+        if info.compress_type == zipfile.ZIP_STORED:
+            if not mapped:
+                mapped.append(torch.UntypedStorage.from_file(str(path), False, size))
+            start = _record_offset(raw_file, info)
+            if start + nbytes > size:
+                raise pickle.UnpicklingError(f"storage {key!r} runs past the end of the file")
+            untyped = mapped[0][start : start + nbytes]
+        else:  # (a re-zipped archive: read and inflated)
+            with zipfile.ZipFile(path) as zf:
+                raw = zf.read(info)[:nbytes]
+            untyped = torch.empty(nbytes, dtype=torch.uint8)
+            if nbytes:
+                untyped.copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+            untyped = untyped.untyped_storage()
+        storages[key] = _Storage(untyped, dtype)
+        return storages[key]
+
+    try:
+        with open(path, "rb") as raw_file:
+            root = _Unpickler(data, storage).load()
+    except _Refused as exc:
+        raise WeightsError(
+            f"{path} is a TorchScript archive that holds more than modules and tensors (it "
+            f"names {exc}); crane reads such archives as data and does not run their code. "
+            'Where you trust the file, convert it once to a state dict: python -c "import '
+            "torch; torch.save(torch.jit.load('IN.pt').state_dict(), 'OUT.pt')\""
+        ) from None
+    if not isinstance(root, _ScriptObject):
+        raise WeightsError(f"{path}: the archive's data.pkl does not hold a module")
+    out: dict[str, torch.Tensor] = {}
+    _collect(root, "", declared, out, set())
+    return out
+
+
+def _collect(obj: _ScriptObject, prefix: str, declared, out: dict, above: set[int]) -> None:
+    """A module's parameters and buffers, then its submodules', in ``state_dict`` order (a
+    module held twice is listed under both names, as torch lists it)."""
+    if id(obj) in above:
+        raise WeightsError(f"the archive's module tree loops back at {prefix or 'the root'}")
+    state = getattr(obj, "state", None)
+    if not isinstance(state, dict):
+        raise WeightsError(
+            f"the archive's {obj.qualname} keeps its state in a form crane does not read "
+            "(a custom __getstate__)"
+        )
+    names = declared.get(obj.qualname)
+    if names is None:  # (no source for the class: every tensor attribute)
+        names = tuple(k for k, v in state.items() if isinstance(v, torch.Tensor))
+    for name in names:
+        value = state.get(name)
+        if isinstance(value, torch.Tensor):
+            out[prefix + name] = value
+    for name, value in state.items():
+        if isinstance(value, _ScriptObject):
+            _collect(value, f"{prefix}{name}.", declared, out, above | {id(obj)})
