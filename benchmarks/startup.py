@@ -2,6 +2,9 @@
 through the whole CLI, with the loading path before the 19th session ("baseline": random
 initialisation, then the file read whole) and the current one ("current": parameters left
 uninitialised for the strict load, plain torch files memory-mapped) alternating in one run.
+For OpenAI's TorchScript archive a third mode, "jit", is the current code with the archive
+opened by ``torch.jit.load`` as before the 26th session (``crane.models.torchscript`` now reads
+it as data, memory-mapped); ``speedup_vs_jit`` compares the two.
 
 Weight files are random full-size state dicts in the formats users have (speed does not
 depend on the values): CLIP ViT-L/14-336 as the OpenAI TorchScript archive (fp16, the official
@@ -37,6 +40,10 @@ import time
 from pathlib import Path
 
 MODES = ("baseline", "current")
+#: For the TorchScript archive also "jit": the current code, but the archive opened with
+#: ``torch.jit.load`` as before the 26th session's data-only reader (``baseline`` does too).
+ARCHIVE_MODES = ("baseline", "jit", "current")
+ARCHIVE = "torchscript fp16"
 CLIP_FILES = {
     "torchscript fp16": "openai/ViT-L-14-336px.pt",
     "state dict fp32": "ViT-L-14-336px.pt",
@@ -50,13 +57,25 @@ DINO_FILES = {
 
 def use_mode(mode: str) -> None:
     """Put this process's loading path in ``mode``: "baseline" undoes the two changes of the
-    19th session (initialise, then read the whole file), "current" leaves the code as is."""
+    19th session (initialise, then read the whole file) and reads TorchScript archives with
+    ``torch.jit.load``, as then; "jit" only the latter; "current" leaves the code as is."""
     if mode == "current":
         return
     import torch
 
+    from crane.models import torchscript
     from crane.models import weights as W
 
+    def jit_state_dict(path):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+
+    torchscript.read_state_dict = jit_state_dict
+    if mode == "jit":
+        return
     W.no_random_init = contextlib.nullcontext
     W._torch_load = lambda path: torch.load(str(path), map_location="cpu", weights_only=True)
 
@@ -221,9 +240,10 @@ def bench_load(folder: Path, rounds: int) -> list[dict]:
     jobs += [("dino", fmt, folder / f) for fmt, f in DINO_FILES.items()]
     rows = []
     for what, fmt, path in jobs:
-        got: dict[str, list[dict]] = {m: [] for m in MODES}
+        modes = ARCHIVE_MODES if fmt == ARCHIVE else MODES
+        got: dict[str, list[dict]] = {m: [] for m in modes}
         for _ in range(rounds):
-            for mode in MODES:  # alternating: drift slows both alike
+            for mode in modes:  # alternating: drift slows all alike
                 got[mode].append(run_child(["load", mode, what, str(path)])[1])
         row = {"backbone": {"clip": "CLIP ViT-L/14-336", "dino": "DINOv2-B/14-reg4"}[what]}
         row["file"] = f"{fmt} ({path.stat().st_size / 2**20:.0f} MiB)"
@@ -233,13 +253,15 @@ def bench_load(folder: Path, rounds: int) -> list[dict]:
 
 def summarise(row: dict, got: dict[str, list[dict]], unit: str) -> dict:
     """Medians of each mode's seconds and memory into ``row``, and the speed-up; printed."""
-    for mode in MODES:
+    for mode in got:
         row[f"{mode}_{unit}"] = statistics.median(r["s"] for r in got[mode])
         for key in ("peak_rss_mb", "peak_anon_mb"):
             values = [r[key] for r in got[mode] if r.get(key) is not None]
             row[f"{mode}_{key}"] = statistics.median(values) if values else None
         row[f"{mode}_all_s"] = [round(r["s"], 3) for r in got[mode]]
     row["speedup"] = row[f"baseline_{unit}"] / row[f"current_{unit}"]
+    if "jit" in got:
+        row["speedup_vs_jit"] = row[f"jit_{unit}"] / row[f"current_{unit}"]
     print(json.dumps(row), flush=True)
     return row
 
@@ -247,10 +269,11 @@ def summarise(row: dict, got: dict[str, list[dict]], unit: str) -> dict:
 def bench_cli(folder: Path, rounds: int) -> list[dict]:
     image = make_image(folder)
     rows = []
-    for fmt in ("torchscript fp16", "state dict fp32"):
-        got: dict[str, list[dict]] = {m: [] for m in MODES}
+    for fmt in (ARCHIVE, "state dict fp32"):
+        modes = ARCHIVE_MODES if fmt == ARCHIVE else MODES
+        got: dict[str, list[dict]] = {m: [] for m in modes}
         for _ in range(rounds):
-            for mode in MODES:
+            for mode in modes:
                 with tempfile.TemporaryDirectory() as out_dir:
                     argv = ["predict", str(image), "--device", "cpu", "--model", "crane+"]
                     argv += ["--prompts", "official:mvtec", "--out", out_dir, "--no-progress"]
@@ -297,9 +320,13 @@ def main(argv=None) -> int:
         if args.only in (None, "cli"):
             results["cli"] = bench_cli(folder, args.rounds)
             save(results, args.json)
-    memory = [f"{m}_{k}" for k in ("peak_rss_mb", "peak_anon_mb") for m in MODES]
-    table(results["load"], ["backbone", "file", "baseline_s", "current_s", "speedup", *memory])
-    table(results["cli"], ["CLIP file", "baseline_wall_s", "current_wall_s", "speedup", *memory])
+    memory = [f"{m}_{k}" for k in ("peak_rss_mb", "peak_anon_mb") for m in ARCHIVE_MODES]
+    load_cols = ["backbone", "file", "baseline_s", "jit_s", "current_s", "speedup"]
+    load_cols.append("speedup_vs_jit")
+    table(results["load"], [*load_cols, *memory])
+    cli_cols = ["CLIP file", "baseline_wall_s", "jit_wall_s", "current_wall_s", "speedup"]
+    cli_cols.append("speedup_vs_jit")
+    table(results["cli"], [*cli_cols, *memory])
     return 0
 
 

@@ -151,6 +151,21 @@ def test_weights_of_integers_or_nan_are_refused(tmp_path, bad):
         W.load_into(module, sd, tmp_path / "w.pt", "CLIP")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_all_finite_matches_isfinite(dtype):
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(64, 33, generator=gen).to(dtype)
+    cases = [base, base.t(), base[:, ::2], base[:0]]
+    for value in (float("nan"), float("inf"), -float("inf")):
+        for index in ((0, 0), (63, 32), (17, 5)):
+            bad = base.clone()
+            bad[index] = value
+            cases += [bad, bad.t()]
+    for t in cases:
+        assert W.all_finite(t) == bool(torch.isfinite(t).all()), (t.shape, t.stride())
+    assert W.all_finite(torch.tensor([1, 2], dtype=torch.int64))
+
+
 def test_a_state_dict_saved_from_openais_archive_keeps_its_extras_out(tmp_path):
     sd = {"w": torch.ones(2), "input_resolution": torch.tensor(336), "attn_mask": torch.ones(2)}
     torch.save(sd, tmp_path / "sd.pt")

@@ -17,6 +17,7 @@ import torch
 from crane.config import CraneConfig
 from crane.errors import CheckpointError, CraneError
 from crane.files import atomic_write_bytes
+from crane.models.weights import all_finite
 
 FORMAT = "crane-checkpoint"
 FORMAT_VERSION = 1
@@ -48,7 +49,7 @@ def check_prompt_state(model_sd: dict[str, torch.Tensor], sd: dict[str, Any], so
             problems.append(f"{k} has shape {tuple(sd[k].shape)}, model expects {tuple(v.shape)}")
         elif sd[k].is_floating_point() != v.is_floating_point():
             problems.append(f"{k} holds {sd[k].dtype} values, the model {v.dtype} ones")
-        elif sd[k].is_floating_point() and not torch.isfinite(sd[k]).all():
+        elif not all_finite(sd[k]):
             problems.append(f"{k} holds NaN or infinite values")
     problems += [f"unexpected {k}" for k in sd if k not in model_sd]
     if problems:

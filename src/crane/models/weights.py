@@ -260,13 +260,23 @@ def load_into(
             if items:
                 parts.append(f"{len(items)} {label} (first: {', '.join(items[:4])})")
         raise WeightsError(f"{path} does not fit the {what} architecture: " + "; ".join(parts))
-    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = [k for k, v in sd.items() if not all_finite(v)]
     if bad:  # (they would reach every score as NaN, image after image)
         raise WeightsError(
             f"{path} holds NaN or infinite values in {len(bad)} {what} tensor(s) (first: "
             f"{', '.join(bad[:4])}): a damaged or diverged file"
         )
     module.load_state_dict(sd, strict=True)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or infinity in ``t`` (true for non-float tensors). By its minimum and maximum,
+    which are NaN when any value is: on the CPU 25× faster than ``torch.isfinite(t).all()``,
+    whose pass over CLIP ViT-L's 428 M weights took 1.6–4 s of every model build on the 2-core
+    dev box (26th session)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    return bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
 
 
 class _SkipParameterInit(TorchFunctionMode):
