@@ -451,6 +451,30 @@ def test_predict_exits_non_zero_when_no_input_could_be_read(tmp_path):
     assert json.loads((tmp_path / "o" / "summary.json").read_text())["n_failed"] == 1
 
 
+def test_predict_says_which_failures_were_unreadable_and_which_nan(tmp_path, monkeypatch, capsys):
+    import crane.engine.predict as P
+    from crane.cli import main
+
+    for i in range(2):
+        Image.new("RGB", (40, 30), (i * 90, 20, 30)).save(tmp_path / f"{i}.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    init = P.Detector.__init__
+
+    def nan_scores(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        forward = self._forward
+        self._forward = lambda x: (lambda s, m: (s * math.nan, m))(*forward(x))
+
+    monkeypatch.setattr(P.Detector, "__init__", nan_scores)
+    out = tmp_path / "o"
+    argv = ["predict", str(tmp_path), "--model", "tiny", "--out", str(out), "--no-progress"]
+    assert main(argv) == 1
+    said = capsys.readouterr().err
+    assert "1 unreadable file(s) and 2 image(s) without a score (NaN) skipped" in said
+    reasons = sorted(f["reason"] for f in json.loads((out / "summary.json").read_text())["failed"])
+    assert reasons == ["nan", "nan", "unreadable"]
+
+
 def test_a_bad_file_met_in_a_decode_worker_is_one_paragraph(tmp_path):
     """torch re-raises a worker's error with the worker's whole traceback in its message;
     the CLI shows the original message, as it does without workers."""

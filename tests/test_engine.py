@@ -431,6 +431,22 @@ def test_detector_refuses_unusable_arrays_clearly(bad, says):
     assert out[1].anomaly_map.shape == (20, 30)
 
 
+def test_lazily_opened_pil_images_that_fail_to_decode_are_failures(tmp_path):
+    """PIL decodes an opened file when its pixels are first read: in the decode step, where a
+    truncated file raised a bare OSError that ended the whole iteration."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (90, 100, 3), dtype=np.uint8)).save(tmp_path / "a.jpg")
+    data = (tmp_path / "a.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    odd = Image.new("La", (30, 20))  # (a mode no conversion to RGB exists for)
+    det = Detector(create_model("tiny", image_size=SIZE), device="cpu")
+    with pytest.raises(ImageReadError, match="input 0 could not be decoded"):
+        det.predict(Image.open(tmp_path / "cut.jpg"))
+    out = list(det.predict_iter([Image.open(tmp_path / "cut.jpg"), odd, tmp_path / "a.jpg"]))
+    assert [type(r).__name__ for r in out] == ["Failure", "Failure", "Prediction"]
+    assert "truncated" in out[0].error and out[2].anomaly_map.shape == (90, 100)
+
+
 def test_run_predict_writes_everything_and_survives_bad_files(synth, tmp_path):
     src = tmp_path / "in"
     src.mkdir()

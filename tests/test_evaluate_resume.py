@@ -4,6 +4,7 @@ finished and reports the same metrics as a run that never stopped."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -94,11 +95,18 @@ def test_resume_refuses_other_settings_and_redoes_a_class_without_its_overlays(
     with pytest.raises(KeyboardInterrupt):
         evaluate(model, ds, progress_file=path, **kw)
     before = path.read_bytes()
+    other_backbone = copy.deepcopy(model)  # (the same prompts: another --dino-weights file)
+    with torch.no_grad():
+        other_backbone.vision.dino.cls_token.add_(1.0)
     for change, named in [
         (dict(aupro="legacy"), "aupro"),
         (dict(metric_mode="binned"), "metric_mode, --bins"),
         (dict(dataset=AnomalyDataset(synth, "test", ["tile"], image_size=SIZE)), "dataset images"),
-        (dict(model=create_model("tiny+", image_size=SIZE, seed=1)), "prompts"),
+        (
+            dict(model=create_model("tiny+", image_size=SIZE, seed=1)),
+            r"backbone weights \(--clip-weights, --dino-weights\), prompts",
+        ),
+        (dict(model=other_backbone), r"backbone weights \(--clip-weights, --dino-weights\) "),
         (dict(visualize_dir=tmp_path / "other"), "--visualize folder"),
     ]:
         args = {"model": model, "dataset": ds, **kw, **change}
@@ -209,3 +217,26 @@ def test_resume_through_the_api_needs_the_file_and_takes_any_precision_name(synt
     evaluate(model, ds, device=CPU, progress=False, progress_file=path, amp_dtype=torch.float32)
     head = json.loads(path.read_text().splitlines()[0])
     assert head["settings"]["precision"] == "fp32"
+
+
+def test_a_refused_resume_leaves_a_live_runs_temp_files(synth, tmp_path, monkeypatch, model):
+    import fcntl
+
+    ds = AnomalyDataset(synth, "test", image_size=SIZE)
+    path, viz = tmp_path / "progress.jsonl", tmp_path / "viz"
+    kw = dict(device=CPU, batch_size=4, progress=False, visualize_dir=viz, progress_file=path)
+    count_forwards(monkeypatch, stop_at=2)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, ds, **kw)
+    monkeypatch.undo()
+    folder = viz / "tile"
+    folder.mkdir(parents=True, exist_ok=True)
+    live = folder / ".x.png.abc123.tmp"  # a live run's overlay, half written
+    live.write_bytes(b"half")
+    with open(path, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # (the live run's lock)
+        with pytest.raises(CraneError, match="another crane evaluate is running"):
+            evaluate(model, ds, resume=True, **kw)
+    assert live.read_bytes() == b"half"
+    evaluate(model, ds, resume=True, **kw)
+    assert not live.exists()

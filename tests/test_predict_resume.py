@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from crane.engine.predict import Detector, run_predict
@@ -142,7 +144,7 @@ def test_resume_refuses_another_model_inputs_or_options(images, tmp_path):
     other = Detector(create_model("tiny", image_size=SIZE, seed=1), device="cpu", threshold=0.5)
     cases = [
         (dict(detector=detector(threshold=0.7)), "threshold"),
-        (dict(detector=other), "prompts"),
+        (dict(detector=other), "backbone weights \\(--clip-weights, --dino-weights\\), prompts"),
         (dict(inputs=[images / "sub"]), "input files, number of input files"),
         (dict(save_maps=True), "--save-maps"),
         (dict(overlay_format="jpg"), "overlay option \\(--no-overlays, --overlay-format\\)"),
@@ -300,3 +302,77 @@ def test_two_runs_starting_into_one_folder_at_once(tmp_path, monkeypatch):
     assert [json.loads(x) for x in path.read_text().splitlines()] == [
         {"crane": "predict", "settings": {"a": 3}}, {"x": 1}
     ]  # fmt: skip
+
+
+def test_resume_refuses_other_backbone_weights(tmp_path, images):
+    """Same config and prompts, other CLIP weights (another --clip-weights file): the scores
+    of two models would share one CSV."""
+    det = detector()
+    stop_after(det, 3)
+    with pytest.raises(KeyboardInterrupt):
+        run_predict(det, [images], tmp_path / "out", progress=False, write_threads=0)
+    other = detector()
+    with torch.no_grad():
+        other.model.vision.visual.proj.add_(0.5)
+    with pytest.raises(CraneError, match=r"other backbone weights \(--clip-weights"):
+        run_predict(other, [images], tmp_path / "out", progress=False, resume=True)
+
+
+def test_a_refused_resume_leaves_a_live_runs_temp_files(tmp_path, images):
+    import fcntl
+
+    det = detector()
+    stop_after(det, 2)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run_predict(det, [images], out, progress=False, write_threads=0)
+    tmp = out / "overlays" / ".3.png.abc123.tmp"  # a live run's overlay, half written
+    tmp.write_bytes(b"half")
+    with open(out / PROGRESS_FILE, "a") as live:
+        fcntl.flock(live, fcntl.LOCK_EX)  # (the live run's lock; flock is per open file)
+        with pytest.raises(CraneError, match="another crane predict is running"):
+            run_predict(detector(), [images], out, progress=False, resume=True)
+    assert tmp.read_bytes() == b"half"
+    run_predict(detector(), [images], out, progress=False, resume=True)  # (lock released)
+    assert not tmp.exists()
+
+
+def test_output_folder_above_the_inputs(tmp_path, images):
+    """``crane predict proj/images --out proj``: the images are inputs, the run's own overlays
+    (from an earlier run too) are not."""
+    proj = tmp_path / "proj"
+    images.rename(proj)
+    first = run_predict(detector(), [proj], proj, progress=False)
+    assert first["n_images"] == 7
+    again = run_predict(detector(), [proj], proj, progress=False, overwrite=True)
+    assert again["n_images"] == 7  # (not its 7 overlays too)
+
+
+def test_hidden_folders_and_files_are_left_out_of_folder_scans(tmp_path, images):
+    from crane.engine.predict import expand_inputs
+
+    shutil.copy(images / "1.png", images / "._1.png")  # (macOS AppleDouble files)
+    (images / ".ipynb_checkpoints").mkdir()
+    shutil.copy(images / "1.png", images / ".ipynb_checkpoints" / "1-checkpoint.png")
+    found = expand_inputs([images])
+    assert len(found) == 7 and not any("/." in f for f in found)
+    assert expand_inputs([images / "._1.png"]) == [str(images / "._1.png")]  # named: kept
+
+
+def test_file_names_that_are_not_utf8(tmp_path, images):
+    import os
+
+    odd = Path(os.fsdecode(bytes(images) + b"/caf\xe9.png"))
+    try:
+        shutil.copy(images / "1.png", odd)
+    except (OSError, UnicodeError):  # pragma: no cover - a file system that refuses them
+        pytest.skip("this file system refuses names that are not UTF-8")
+    out = tmp_path / "out"
+    det = detector()
+    stop_after(det, 3)
+    with pytest.raises(KeyboardInterrupt):
+        run_predict(det, [images], out, progress=False, write_threads=0)
+    summary = run_predict(detector(), [images], out, progress=False, resume=True)
+    assert summary["n_images"] == 8 and summary["n_resumed"] == 3
+    assert b"caf\xe9.png" in (out / "predictions.csv").read_bytes()
+    assert (out / "overlays" / os.fsdecode(b"caf\xe9.png")).is_file()

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -264,7 +265,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--map-size",
         default="input",
         choices=["input", "model"],
-        help="anomaly maps (--save-maps) at each image's size or at the model's S x S",
+        help="anomaly maps (--save-maps, overlays) at each image's size or at the model's "
+        "S x S; max_pixel_score is the maximum of that map",
     )
     p.add_argument(
         "--dino-bf16",
@@ -668,10 +670,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     )
     print(json.dumps({k: summary[k] for k in ("n_images", "n_anomalous", "n_failed", "threshold")}))
     if summary["n_failed"]:
-        print(
-            f"{summary['n_failed']} unreadable file(s) skipped; see {args.out}/summary.json",
-            file=sys.stderr,
-        )
+        reasons = Counter(f["reason"] for f in summary["failed"])
+        unreadable, other = reasons["unreadable"], summary["n_failed"] - reasons["unreadable"]
+        said = [f"{unreadable} unreadable file(s)"] if unreadable else []
+        said += [f"{other} image(s) without a score (NaN)"] if other else []
+        print(f"{' and '.join(said)} skipped; see {args.out}/summary.json", file=sys.stderr)
     print(f"wrote {args.out}/predictions.csv")
     if summary["n_failed"] and not summary["n_images"]:
         print("crane: error: no input could be predicted", file=sys.stderr)

@@ -188,8 +188,6 @@ def evaluate(
                 ", ".join(done) or "none",
             )
             dataset = dataset.without_classes(done)
-            if visualize_dir is not None:
-                progress_log.remove_partial_writes(Path(visualize_dir).glob("*/"))
     loader = batch_loader(
         dataset,
         batch_size,
@@ -318,6 +316,8 @@ def evaluate(
     if settings is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         file = progress_log.open_progress(path, "evaluate", settings, done.values())
+        if resume and visualize_dir is not None:  # (once the lock is held: not a live run's)
+            progress_log.remove_partial_writes(Path(visualize_dir).glob("*/"))
         record = progress_log.Recorder(file)
     with torch.no_grad(), file if file is not None else contextlib.nullcontext():
         try:

@@ -175,12 +175,19 @@ class _Decode(Dataset):
                     item, self.size, draft=self.draft, as_uint8=True, fast_resize=self.fast
                 )
                 return {"ok": True, "image": pixels, "hw": (h, w), "path": os.fspath(item), "i": i}
-            pil = _pil_input(item)
-            if self.device_resize:
-                return self._decoded(i, normalize_mode(pil), None)
+            try:
+                pil = _pil_input(item)
+                if self.device_resize:
+                    return self._decoded(i, normalize_mode(pil), None)
+                pixels = image_to_uint8(pil, self.size, fast=self.fast)
+            except (OSError, ValueError, SyntaxError) as exc:  # (CraneError is one: its own)
+                if isinstance(exc, CraneError):
+                    raise
+                # A lazily opened PIL image decodes here: a truncated file, an odd mode.
+                raise ImageReadError(f"input {i} could not be decoded: {exc}") from exc
             return {
                 "ok": True,
-                "image": image_to_uint8(pil, self.size, fast=self.fast),
+                "image": pixels,
                 "hw": (pil.height, pil.width),
                 "path": None,
                 "i": i,
@@ -805,8 +812,10 @@ def expand_inputs(
     specs: Iterable[str | os.PathLike], exclude: str | os.PathLike | None = None
 ) -> list[str]:
     """Files, folders (recursive, image files only) and glob patterns → sorted unique paths.
-    Files that a folder or a pattern finds under ``exclude`` (the run's own output folder,
-    whose overlays are images too) are left out; files named one by one are kept."""
+    Files that a folder or a pattern finds under ``exclude`` (the run's own overlay folder,
+    whose files are images too) are left out, as are those a folder scan finds under hidden
+    folders or with hidden names (``.ipynb_checkpoints/``, macOS's ``._x.png``), which a
+    glob pattern leaves out too; files named one by one are kept."""
     skip = os.path.realpath(exclude) if exclude is not None else None
 
     def keep(f: str) -> bool:
@@ -821,7 +830,12 @@ def expand_inputs(
             out.append(spec)
             continue
         if p.is_dir():
-            files = sorted(str(f) for f in p.rglob("*") if f.is_file() and is_image_file(f))
+            found = [f for f in p.rglob("*") if f.is_file() and is_image_file(f)]
+            files = sorted(
+                str(f) for f in found if not any(s.startswith(".") for s in f.relative_to(p).parts)
+            )
+            if len(files) < len(found):
+                log.info("left out %d hidden image files under %s", len(found) - len(files), p)
         elif any(ch in spec for ch in "*?["):
             files = sorted(
                 f for f in glob.glob(spec, recursive=True) if Path(f).is_file() and is_image_file(f)
@@ -833,10 +847,10 @@ def expand_inputs(
         out += kept
     seen: dict[str, None] = dict.fromkeys(out)
     if not seen:
-        where = f" (outside the output folder {exclude})" if excluded else ""
+        where = f" (outside the overlay folder {exclude})" if excluded else ""
         raise CraneError(f"no image files found in {', '.join(map(str, specs))}{where}")
     if excluded:
-        log.info("left out %d image files inside the output folder %s", excluded, exclude)
+        log.info("left out %d image files inside the overlay folder %s", excluded, exclude)
     return list(seen)
 
 
@@ -944,7 +958,7 @@ def run_predict(
         raise CraneError(
             f"{out} already holds predictions; pass --overwrite or choose another --out"
         )
-    paths = expand_inputs(inputs, exclude=out)
+    paths = expand_inputs(inputs, exclude=out / "overlays")
     names = _output_names(paths)
     outputs = {"overlays": overlay_format if overlays else None, "maps": save_maps}
     settings = _run_settings(detector, paths, outputs)
@@ -960,7 +974,6 @@ def run_predict(
                 raise CraneError(f"{progress_path} names {r['path']}, not among the inputs")
             if _outputs_exist(out, names[path], outputs):
                 done[path] = {**{k: r[k] for k in _COLUMNS}, "path": path}
-        progress_file.remove_partial_writes([out / "overlays", out / "maps"])
         if len(done) < len(recorded):
             log.info(
                 "%d image(s) lack an output file and are predicted again", len(recorded) - len(done)
@@ -972,6 +985,8 @@ def run_predict(
     todo = [p for p in paths if p not in done]
     kept = [{**row, "abspath": os.path.abspath(path)} for path, row in done.items()]
     with progress_file.open_progress(progress_path, "predict", settings, kept) as file:
+        if resume:  # (once the run's lock is held: a live run's files are not partial)
+            progress_file.remove_partial_writes([out / "overlays", out / "maps"])
         record = progress_file.Recorder(file)
         try:
             with OutputWriter(write_threads) as writer:
@@ -1018,7 +1033,8 @@ def run_predict(
     writer = csv.DictWriter(buf, fieldnames=_COLUMNS)
     writer.writeheader()
     writer.writerows(table)
-    atomic_write_bytes(out / "predictions.csv", buf.getvalue().encode())
+    # (a file name that is not UTF-8 keeps its bytes, as the file system gave them)
+    atomic_write_bytes(out / "predictions.csv", buf.getvalue().encode("utf-8", "surrogateescape"))
     n_anom = sum(r["decision"] == "anomalous" for r in table)
     summary = {
         "model": detector.model.cfg.name,

@@ -30,11 +30,12 @@ PROGRESS_FILE = "progress.jsonl"
 
 
 def model_settings(model: CraneModel, amp: torch.dtype | None) -> dict[str, Any]:
-    """The part of a run's settings that names the model it ran: its config, a digest of its
-    prompts and the autocast precision."""
+    """The part of a run's settings that names the model it ran: its config, digests of its
+    prompts and of its backbone weights, and the autocast precision."""
     return {
         "config": model.cfg.to_dict(),
         "prompts_sha256": prompts_digest(model),
+        "backbone_sha256": backbone_digest(model),
         "precision": precision_name(amp),
     }
 
@@ -92,13 +93,14 @@ def remove_partial_writes(folders: Iterable[Path]) -> None:
 
 def digest_of(items: Iterable[str]) -> str:
     """SHA-256 of a list of strings (e.g. the input paths, whose list names the outputs)."""
-    return hashlib.sha256("\n".join(items).encode()).hexdigest()
+    return hashlib.sha256("\n".join(items).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 #: How a refused resume names what changed (other settings by their own names).
 _LABELS = {
     "config": "model configuration",
     "prompts_sha256": "prompts",
+    "backbone_sha256": "backbone weights (--clip-weights, --dino-weights)",
     "inputs_sha256": "input files",
     "n_inputs": "number of input files",
     "samples_sha256": "dataset images",
@@ -135,9 +137,11 @@ def read_progress(
         raise CraneError(f"{path} is not a progress file of crane {kind}")
     differ = sorted(k for k in settings.keys() | theirs.keys() if settings.get(k) != theirs.get(k))
     if differ:
+        older = " (not recorded: it was started by an older crane)"
+        named = [_LABELS.get(k, k) + (older if k not in theirs else "") for k in differ]
         raise CraneError(
             f"cannot resume the run in {path.parent}: it was started with other "
-            f"{', '.join(_LABELS.get(k, k) for k in differ)} (a resumed run must use the same "
+            f"{', '.join(named)} (a resumed run must use the same "
             "model, prompts, inputs and options); pass --overwrite to start again, or choose "
             "another --out"
         )
