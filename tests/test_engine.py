@@ -596,6 +596,17 @@ def test_calibration_refuses_scores_it_cannot_use():
     assert stats["fpr"] == 0.29
 
 
+def test_thresholds_on_one_distinct_score_keep_a_margin():
+    """All calibration scores equal: no neighbour to go midway to; the threshold still sits
+    clear of the score, so a float32 drift of it does not flip the decisions."""
+    scores, labels = np.full(4, 0.5, np.float32), np.array([0, 1, 0, 1], bool)
+    for t, flags_all in ((f1_optimal_threshold(scores, labels)[0], True),
+                         (fpr_threshold(scores, labels, 0.1)[0], False)):  # fmt: skip
+        assert abs(t - 0.5) >= 1e-5
+        for drift in (-1e-6, 0.0, 1e-6):
+            assert ((scores + np.float32(drift)) >= t).all() == flags_all
+
+
 def test_paper_protocol_table():
     assert paper_protocol("mvtec", "crane+") == {
         "prompts": "official:visa",
@@ -611,6 +622,12 @@ def test_paper_protocol_table():
         "map_combine": "soft_mean",
     }
     assert paper_protocol("isic", "crane")["prompts"] == "official:mvtec"
+    # --dataset takes any case and _ for -: so does the protocol (MVTec's own prompts would
+    # have been used on MVTec, which they were trained on)
+    for spelled, canonical in [("MVTec", "mvtec"), ("cvc_colondb", "cvc-colondb"),
+                               ("HeadCT", "headct"), ("DAGM", "dagm")]:  # fmt: skip
+        assert paper_protocol(spelled, "crane+") == paper_protocol(canonical, "crane+")
+    assert paper_protocol("MVTec", "crane+")["prompts"] == "official:visa"
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny+"])

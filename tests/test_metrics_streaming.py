@@ -336,3 +336,54 @@ def test_device_code_path_matches_cpu_path(monkeypatch: pytest.MonkeyPatch, mode
         assert_close(a, b, 1e-12)
         if a_bounds is not None:
             assert_close(a_bounds, b_bounds, 1e-12)
+
+
+def test_flipped_numpy_inputs_and_empty_batches():
+    """Negative-stride arrays (a flipped test-time augmentation) and zero images."""
+    rng = np.random.default_rng(0)
+    maps = rng.random((3, 8, 8)).astype(np.float32)
+    masks = np.zeros((3, 8, 8), bool)
+    masks[0, 2:4, 2:4] = True
+    flipped = np.flip(maps, 2)
+    assert pixel_metrics(flipped, np.flip(masks, 2)) == pixel_metrics(
+        flipped.copy(), masks[..., ::-1].copy()
+    )
+    scores, labels = np.arange(3.0)[::-1], np.array([1, 0, 1])
+    assert image_metrics(scores, labels) == image_metrics(scores.copy(), labels)
+    for mode in ("exact", "binned"):
+        acc = MetricAccumulator(mode=mode)
+        acc.update("a", scores, labels, flipped, masks)
+        ref = MetricAccumulator(mode=mode)
+        ref.update("a", scores.copy(), labels, flipped.copy(), masks)
+        assert acc.compute().per_class == ref.compute().per_class
+    empty = pixel_metrics(np.zeros((0, 8, 8), np.float32), np.zeros((0, 8, 8), bool))
+    assert all(math.isnan(v) for v in empty.values())
+
+
+@pytest.mark.parametrize("mode", ["exact", "binned"])
+def test_nan_maps_name_their_class_and_leave_the_other_classes_as_they_were(mode):
+    rng = np.random.default_rng(1)
+    maps = rng.random((4, 8, 8)).astype(np.float32)
+    masks = np.zeros((4, 8, 8), bool)
+    masks[:, 2:5, 2:5] = True
+    labels = np.array([1, 0, 1, 0])
+    acc = MetricAccumulator(mode=mode)
+    acc.update(["a", "a", "b", "b"], rng.random(4), labels, maps, masks)
+    before = acc.compute().per_class
+    bad = maps.copy()
+    bad[3, 0, 0] = np.nan  # an image of class "b"
+    try:
+        acc.update(["a", "a", "b", "b"], rng.random(4), labels, bad, masks)
+    except ValueError as exc:  # binned: refused before any class takes the batch
+        assert mode == "binned" and "NaN" in str(exc)
+        assert acc.compute().per_class == before
+    else:  # exact: found when the pixels are ranked, naming the class
+        assert mode == "exact"
+        with pytest.raises(ValueError, match="class 'b': anomaly maps contain NaN"):
+            acc.compute()
+
+
+def test_num_bins_above_2_to_the_24_are_refused():
+    MetricAccumulator(mode="binned", num_bins=1 << 24)
+    with pytest.raises(ValueError, match="at most 2\\*\\*24"):
+        MetricAccumulator(mode="binned", num_bins=1 << 25)

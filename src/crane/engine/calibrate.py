@@ -30,10 +30,11 @@ def _checked(scores, labels) -> tuple[np.ndarray, np.ndarray]:
 def _cut(values: np.ndarray, i: int) -> float:
     """A threshold that flags ``values[i:]`` of the ascending distinct ``values`` under
     ``score >= t``: midway between ``values[i - 1]`` and ``values[i]``; at either end, as far
-    beyond the end value as half the gap to its neighbour."""
+    beyond the end value as half the gap to its neighbour (1e-4 without one)."""
     n = values.size
-    if n == 1:
-        return float(values[0]) if i == 0 else float(np.nextafter(values[0], np.inf))
+    if n == 1:  # (no neighbour: a margin far beyond the float32 drift of a score, ≈ 1e-7)
+        margin = 1e-4 * max(abs(float(values[0])), 1.0)
+        return float(values[0] - margin) if i == 0 else float(values[0] + margin)
     if i == 0:
         return float(values[0] - (values[1] - values[0]) / 2)
     if i == n:

@@ -44,7 +44,14 @@ MEDICAL = ("headct", "brainmri", "br35h", "isic", "tn3k", "cvc-colondb", "cvc-cl
 
 
 def paper_protocol(dataset: str, preset: str) -> dict[str, str]:
-    """Which released prompts and map combination reproduce Table 1 for ``dataset``."""
+    """Which released prompts and map combination reproduce Table 1 for ``dataset`` (a
+    layout name as ``--dataset`` takes it: any case, ``_`` for ``-``)."""
+    from crane.data.layouts import get_layout
+
+    try:
+        dataset = get_layout(dataset).name
+    except CraneError:  # (not a layout: a meta.json dataset's own name)
+        dataset = dataset.strip().lower()
     plus = preset.rstrip("+") != preset
     if dataset == "mvtec":
         trained_on = "visa"

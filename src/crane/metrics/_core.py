@@ -28,6 +28,8 @@ def as_tensor(x: ArrayLike, device: torch.device | str | None = None) -> torch.T
         arr = np.asarray(x)
         if not arr.dtype.isnative:
             arr = arr.astype(arr.dtype.newbyteorder("="))
+        if any(stride < 0 for stride in arr.strides):  # (flipped views: torch takes none)
+            arr = np.ascontiguousarray(arr)
         with warnings.catch_warnings():
             # Read-only arrays make torch warn; nothing here writes into an input.
             warnings.simplefilter("ignore", UserWarning)

@@ -71,7 +71,7 @@ def label_regions(masks: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     n_img, height, width = m.shape
     flat_parts, region_parts = [], []
     n_regions = 0
-    for i in np.flatnonzero(m.reshape(n_img, -1).any(1)):
+    for i in np.flatnonzero(m.reshape(n_img, height * width).any(1)):  # (0 images too)
         rows, cols = np.flatnonzero(m[i].any(1)), np.flatnonzero(m[i].any(0))
         r0, c0 = rows[0], cols[0]
         labels, n = ndimage.label(

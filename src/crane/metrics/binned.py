@@ -49,9 +49,14 @@ from crane.metrics.aupro import (
 DEFAULT_NUM_BINS = 1 << 16
 
 
+MAX_NUM_BINS = 1 << 24
+
+
 def check_num_bins(num_bins: int) -> None:
     if num_bins < 2 or num_bins & (num_bins - 1):
         raise ValueError(f"num_bins must be a power of two >= 2, got {num_bins}")
+    if num_bins > MAX_NUM_BINS:  # (float32 scores times K past 2**24 round into bin K)
+        raise ValueError(f"num_bins must be at most 2**24 ({MAX_NUM_BINS}), got {num_bins}")
 
 
 def bin_index(scores: torch.Tensor, num_bins: int) -> torch.Tensor:

@@ -188,7 +188,8 @@ class _BinnedPixels:
 class _ClassState:
     """One class: image scores / labels, pixel state, and the last results (both AUPROs)."""
 
-    def __init__(self, pixels: _ExactPixels | _BinnedPixels) -> None:
+    def __init__(self, pixels: _ExactPixels | _BinnedPixels, name: str = "") -> None:
+        self.name = name
         self.scores: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
         self.pixels = pixels
@@ -305,6 +306,9 @@ class MetricAccumulator:
             pix = pixel_inputs(maps, masks, widen=self.mode == "binned", masks_on_device=False)
             if pix[0].shape[0] != n:
                 raise ValueError(f"{pix[0].shape[0]} maps for {n} labels")
+            if self.mode == "binned":  # (binning finds NaN class by class: before any state
+                # changes; exact mode ranks the pixels, and finds it, when computing)
+                check_no_nan(pix[0], "anomaly maps")
         for name in dict.fromkeys(names):
             if name in self._states and self._states[name].finalized:
                 raise ValueError(f"class {name!r} was finalized; it cannot take more samples")
@@ -317,7 +321,7 @@ class MetricAccumulator:
                 pixels: _ExactPixels | _BinnedPixels = (
                     _ExactPixels() if self.mode == "exact" else _BinnedPixels(self.num_bins)
                 )
-                state = self._states[name] = _ClassState(pixels)
+                state = self._states[name] = _ClassState(pixels, name)
             state.result = None
             sel = None if len(rows) == n else torch.tensor(rows)
             if scores is not None:  # labels only serve the image metrics
@@ -399,7 +403,10 @@ class MetricAccumulator:
             values.update(image)
             bounds.update({k: 0.0 for k, v in image.items() if not math.isnan(v)})
         if state.has_pixels:
-            pv, pb = state.pixels.compute(self.max_fpr, self.num_thresholds, release, scratch)
+            try:
+                pv, pb = state.pixels.compute(self.max_fpr, self.num_thresholds, release, scratch)
+            except ValueError as exc:  # (NaN maps, found as they are ranked: name the class)
+                raise ValueError(f"class {state.name!r}: {exc}") from exc
             values.update(pv)
             bounds.update(pb)
         state.result = values, bounds
