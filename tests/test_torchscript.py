@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pickle
 import shutil
+import struct
+import sys
 import warnings
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -198,3 +201,170 @@ def test_no_jit_load_and_no_warning(tmp_path, monkeypatch):
         warnings.simplefilter("error")
         sd = W.load_state_dict_file(path)
     assert "blocks.0.proj.weight" in sd
+
+
+# Crafted archives: what a hostile file could try (found by a review). Each must end in a
+# WeightsError without building what it claims.
+
+
+class _Obj:  # pickled as __torch__.M, a module record of the archive
+    __module__ = "__torch__"
+    __qualname__ = "M"
+
+    def __init__(self, state):
+        self.state = state
+
+    def __reduce__(self):
+        return (_Obj, (), self.state)
+
+
+class _Stored:
+    def __init__(self, key: str, numel: int):
+        self.key, self.numel = key, numel
+
+
+class _Tensor:
+    def __init__(self, stored, offset, size, stride):
+        self.args = (stored, offset, size, stride, False, OrderedDict())
+
+    def __reduce__(self):
+        return (torch._utils._rebuild_tensor_v2, self.args)
+
+
+class _Call:
+    def __init__(self, fn, args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return (self.fn, self.args)
+
+
+class _Pickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        return (
+            ("storage", torch.FloatStorage, obj.key, "cpu", obj.numel)
+            if isinstance(obj, _Stored)
+            else None
+        )
+
+
+def _crafted(tmp_path, monkeypatch, root, storages, *, compress=zipfile.ZIP_STORED, code=None):
+    import io
+    import types
+
+    module = types.ModuleType("__torch__")
+    module.M = _Obj
+    monkeypatch.setitem(sys.modules, "__torch__", module)  # (for pickle to name _Obj)
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=2).dump(root)
+    path = tmp_path / "crafted.pt"
+    if code is None:
+        code = 'class M(Module):\n  __parameters__ = ["p", ]\n  __buffers__ = []\n'
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("a/data.pkl", buf.getvalue())
+        z.writestr("a/code/__torch__.py", code, compress_type=compress)
+        for key, data in storages.items():
+            z.writestr(f"a/data/{key}", data, compress_type=compress)
+        z.writestr("a/constants.pkl", pickle.dumps(()))
+    return path
+
+
+def _one(n=1):
+    return {"0": struct.pack(f"{n}f", *range(1, n + 1))}
+
+
+def test_a_view_past_its_storage_is_refused_also_when_deflated(tmp_path, monkeypatch):
+    """torch grows a resizable (inflated) storage to fit a view instead of refusing it: the
+    file would claim gigabytes and bring uninitialised memory into the weights."""
+    for compress in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        root = _Obj({"p": _Tensor(_Stored("0", 4), 0, (1 << 30,), (1,))})
+        path = _crafted(tmp_path, monkeypatch, root, _one(4), compress=compress)
+        with pytest.raises(WeightsError) as info:
+            W.load_state_dict_file(path)
+        assert "past the end of its storage" in str(info.value.__cause__)
+    fits = _crafted(tmp_path, monkeypatch, _Obj({"p": _Tensor(_Stored("0", 4), 1, (3,), (1,))}),
+                    _one(4), compress=zipfile.ZIP_DEFLATED)  # fmt: skip
+    assert torchscript.read_state_dict(fits)["p"].tolist() == [2.0, 3.0, 4.0]
+
+
+@pytest.mark.parametrize("how", ["list", "ordered dict"])
+def test_containers_built_from_tensors_are_refused(tmp_path, monkeypatch, how):
+    """A one-value storage viewed with stride 0 as 2**40 values, handed to a list builder or
+    OrderedDict: one Python object per value if it were let through."""
+    import torch.jit._pickle as jit_pickle
+
+    huge = _Tensor(_Stored("0", 1), 0, (1 << 40,), (0,))
+    build = jit_pickle.build_intlist if how == "list" else OrderedDict
+    call = _Call(build, (huge,))
+    root = _Obj({"p": _Tensor(_Stored("0", 1), 0, (1,), (1,)), "x": call})
+    with pytest.raises(WeightsError, match="damaged or holds what crane does not read"):
+        W.load_state_dict_file(_crafted(tmp_path, monkeypatch, root, _one()))
+
+
+def test_shared_modules_cannot_multiply_the_entries(tmp_path, monkeypatch):
+    """Each level holding the level below twice: 2**60 paths in a pickle of 60 levels."""
+    node = _Obj({"p": _Tensor(_Stored("0", 1), 0, (1,), (1,))})
+    for _ in range(60):
+        node = _Obj({"a": node, "b": node})
+    with pytest.raises(WeightsError, match="over 1048576 entries"):
+        W.load_state_dict_file(_crafted(tmp_path, monkeypatch, node, _one()))
+
+
+def test_a_huge_memo_index_and_a_huge_code_file_are_refused(tmp_path, monkeypatch):
+    path = tmp_path / "memo.pt"
+    with zipfile.ZipFile(path, "w") as z:  # (NONE, LONG_BINPUT 2**31 - 1, STOP)
+        z.writestr("a/data.pkl", b"N" + b"r" + struct.pack("<I", 2**31 - 1) + b".")
+        z.writestr("a/constants.pkl", pickle.dumps(()))
+    with pytest.raises(WeightsError) as info:
+        W.load_state_dict_file(path)
+    assert "memo index" in str(info.value.__cause__)
+    bomb = "#" * (65 << 20)  # 65 MB of source, deflated to 64 KB
+    root = _Obj({"p": _Tensor(_Stored("0", 1), 0, (1,), (1,))})
+    path = _crafted(tmp_path, monkeypatch, root, _one(), compress=zipfile.ZIP_DEFLATED, code=bomb)
+    with pytest.raises(WeightsError) as info:
+        W.load_state_dict_file(path)
+    assert "bytes of source" in str(info.value.__cause__)
+
+
+class _Holder:  # a TorchScript class (below): its tensors are not in a state dict
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)  # (torch.jit.script's deprecation)
+    _Holder = torch.jit.script(_Holder)
+
+
+class WithAttributes(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4))
+        self.holder = _Holder(torch.ones(2))
+        self.where = torch.device("cpu")
+        self.z = complex(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.w + self.holder.t.sum()
+
+
+class OddNamesAndDtypes(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_parameter("w]x", nn.Parameter(torch.randn(4)))
+        self.register_buffer("sp ace", torch.randn(4))
+        self.register_buffer("c", torch.randn(2, dtype=torch.complex64))
+        self.register_buffer("u", torch.arange(4).to(torch.uint16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + getattr(self, "w]x") + getattr(self, "sp ace")
+
+
+def test_odd_modules_equal_torch_jit_load(tmp_path):
+    scripted, traced = tmp_path / "scripted.pt", tmp_path / "traced.pt"
+    torch.jit.script(WithAttributes()).save(str(scripted))
+    torch.jit.trace(OddNamesAndDtypes(), torch.randn(4)).save(str(traced))
+    for path, keys in ((scripted, ["w"]), (traced, ["w]x", "sp ace", "c", "u"])):
+        want = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        assert list(want) == keys
+        _assert_same(torchscript.read_state_dict(path), want)

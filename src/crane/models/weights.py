@@ -197,6 +197,8 @@ def _what_it_is(path: Path) -> str:
         return ": it is a web page (a failed or redirected download)"
     if head[:4] == b"PK\x03\x04":
         try:
+            if _is_torchscript(path):  # (before testzip, which inflates every member)
+                return ": a TorchScript archive that is damaged or holds what crane does not read"
             with zipfile.ZipFile(path) as zf:
                 torch_zip = any(n.endswith("/data.pkl") for n in zf.namelist())
                 intact = zf.testzip() is None
