@@ -404,7 +404,7 @@ def test_rerun_into_an_output_folder_inside_the_inputs_skips_its_files(tmp_path)
         summary = run_predict(det, [src], out, progress=False, overwrite=True)
         assert summary["n_images"] == 2
     assert sorted(p.name for p in (out / "overlays").iterdir()) == ["0.png", "1.png"]
-    with pytest.raises(CraneError, match="outside the output folder"):
+    with pytest.raises(CraneError, match="outside the overlay folder"):
         run_predict(det, [out], out, progress=False, overwrite=True)
 
 
