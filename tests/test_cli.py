@@ -340,6 +340,8 @@ def test_a_bad_cpu_kernels_variable_fails_before_any_work(tmp_path, capsys, monk
         (["predict", "x.png", "--threshold", "inf"], "--threshold inf is out of range"),
         (["calibrate", "--mode", "fpr", "--target-fpr", "1.5"], "--target-fpr 1.5 is out of range"),
         (["predict", "x.png", "--device", "tpu"], "--device tpu: not a device"),
+        (["predict", "x.png", "--device", "mps"], "--device mps: crane runs on the CPU or CUDA"),
+        (["train", "--device", "meta"], "--device meta: crane runs on the CPU or CUDA"),
         (["calibrate", "--target-fpr", "0.1"], "--target-fpr applies to --mode fpr only"),
     ],
 )

@@ -309,3 +309,34 @@ def test_cli_resume_takes_the_runs_options(synth, tmp_path, capsys):
     resume.write_text(json.dumps(meta))
     assert main(["train", "--out", run, "--resume", "--epochs", "3"]) == 2
     assert "pass the --precision it was trained with" in capsys.readouterr().err
+
+
+def test_calibrate_is_refused_while_a_training_writes_the_run(copy_of, tmp_path, caplog):
+    """Its threshold, reported as stored, was replaced by the training's next epoch; a
+    training resumed after a calibration says that it drops the threshold."""
+    import fcntl
+
+    from crane.cli import main
+    from crane.models.checkpoint import update_threshold
+
+    data, run = copy_of(), tmp_path / "run"
+    _run(data, run, stop=1)
+    argv = ["calibrate", "--model", str(run), "--root", str(data), "--no-progress"]
+    with open(run / T._RunLock.NAME, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # (a training's lock)
+        assert main(argv) == 2
+    assert json.loads((run / "config.json").read_text())["image_threshold"] is None
+    with caplog.at_level(logging.WARNING):
+        assert main(argv) == 0  # (the interrupted run: calibrated, with a warning)
+    assert "after epoch 1 of 2 (an interrupted training)" in caplog.text
+    assert json.loads((run / "config.json").read_text())["image_threshold"] is not None
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _run(data, run, resume=True)
+    assert "run crane calibrate again" in caplog.text
+    update_threshold(run, 0.5, {"mode": "f1"})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _run(data, run, resume=True)  # (nothing left to train: the threshold stays)
+    assert "calibrate again" not in caplog.text
+    assert json.loads((run / "config.json").read_text())["image_threshold"] == 0.5

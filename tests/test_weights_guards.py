@@ -287,3 +287,17 @@ def test_a_zip_that_is_no_torch_file_is_named_as_such(tmp_path):
     (tmp_path / "weights.npz").rename(path)
     with pytest.raises(WeightsError, match="a zip archive, not a torch file"):
         W.load_state_dict_file(path)
+
+
+def test_a_runs_threshold_is_not_used_with_other_prompts(run, tmp_path, caplog):
+    """The threshold was calibrated on the run's own prompts' scores."""
+    from crane.models.checkpoint import update_threshold
+
+    update_threshold(run, 0.7, {"mode": "f1"})
+    other = save_model(create_model("tiny", image_size=SIZE, seed=9), tmp_path / "other")
+    assert create_model(str(run)).image_threshold == 0.7
+    for own in (run, run / "prompts.safetensors"):
+        assert create_model(str(run), prompts=str(own)).image_threshold == 0.7
+    with caplog.at_level(logging.WARNING):
+        assert create_model(str(run), prompts=str(other)).image_threshold is None
+    assert "found for its own prompts, not for these" in caplog.text

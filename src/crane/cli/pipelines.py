@@ -639,7 +639,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     device, amp = _runtime(args)
     _check_writable(Path(args.out))
-    model, _ = _load_model(args, amp=amp)
+    model, prompts = _load_model(args, amp=amp)
     det = Detector(
         model,
         device=device,
@@ -656,6 +656,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         map_size=args.map_size,
     )
     det.source = str(args.model)  # (for summary.json: the run directory or preset named)
+    det.prompts = prompts["prompts"]
     summary = run_predict(
         det,
         args.inputs,
@@ -694,12 +695,7 @@ def _scores(results) -> Iterator[float]:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from crane.engine.calibrate import f1_optimal_threshold, fpr_threshold
-    from crane.engine.common import open_dataset
-    from crane.engine.predict import Detector
-    from crane.models.checkpoint import update_threshold
+    from crane.engine.train import run_lock
     from crane.models.factory import names_a_run
 
     if not Path(args.model).is_dir() or not names_a_run(args.model):
@@ -709,6 +705,37 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     target_fpr = 0.05 if args.target_fpr is None else args.target_fpr
     device, _ = _runtime(args)
     _check_writable(Path(args.model))
+    with run_lock(args.model, "calibrate"):  # (not while a training writes the run)
+        _warn_unfinished_training(Path(args.model))
+        return _calibrate(args, device, target_fpr)
+
+
+def _warn_unfinished_training(run: Path) -> None:
+    from crane.engine.train import RESUME_JSON
+
+    try:
+        state = json.loads((run / RESUME_JSON).read_text())
+        done, planned = int(state["epochs_done"]), int(state["settings"]["epochs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if done < planned:
+        log.warning(
+            "%s holds the model after epoch %d of %d (an interrupted training): the threshold "
+            "is calibrated on it, and a `crane train --resume` replaces the model and drops it",
+            run,
+            done,
+            planned,
+        )
+
+
+def _calibrate(args: argparse.Namespace, device, target_fpr: float) -> int:
+    import numpy as np
+
+    from crane.engine.calibrate import f1_optimal_threshold, fpr_threshold
+    from crane.engine.common import open_dataset
+    from crane.engine.predict import Detector
+    from crane.models.checkpoint import update_threshold
+
     det = Detector(
         args.model,
         device=device,

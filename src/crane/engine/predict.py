@@ -569,6 +569,8 @@ class Detector:
         #: Where the model came from, as ``summary.json`` records it: the preset name or run
         #: directory given (None for a model passed in; the caller may name it).
         self.source: str | None = os.fspath(model) if owned else None
+        #: The prompts given, for summary.json (None: the model's own; the CLI names them).
+        self.prompts: str | None = None if prompts is None else os.fspath(prompts)
         if cast_weights is None:
             cast_weights = owned and self.amp is not None
         if batch_size < 1 or workers < 0:
@@ -1039,6 +1041,7 @@ def run_predict(
     summary = {
         "model": detector.model.cfg.name,
         "model_source": detector.source,
+        "prompts": detector.prompts,
         "threshold": detector.threshold,
         "n_images": len(table),
         "n_anomalous": n_anom if detector.threshold is not None else None,

@@ -38,6 +38,8 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
         dev = torch.device(device)
     except RuntimeError as exc:
         raise CraneError(f"--device {device}: not a device (cpu, cuda, cuda:1, ...)") from exc
+    if dev.type not in ("cpu", "cuda"):  # (mps, xpu, meta...: not what crane is built for)
+        raise CraneError(f"--device {device}: crane runs on the CPU or CUDA (cpu, cuda, cuda:1)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CraneError(f"--device {device}: CUDA is not available on this machine")
     if dev.type == "cuda":

@@ -442,6 +442,8 @@ def _train(
     start, history = (
         _load_resume(run_dir, model, opt, settings, n_images, fingerprint) if resuming else (0, [])
     )
+    if resuming and start < settings.epochs:
+        _warn_calibration_dropped(run_dir)
     if start >= settings.epochs:
         log.info(
             "%s already trained for %d epochs: nothing to do (the model after epoch %d is in %s)",
@@ -517,16 +519,39 @@ def _check_labels(dataset) -> None:
         log.warning("the training set has no normal image: the image loss sees one label only")
 
 
+def run_lock(run_dir: str | os.PathLike, doing: str) -> _RunLock:
+    """The lock a training holds on its run folder, for another command that writes into a
+    run (``crane calibrate``): refused while a training runs there, and the reverse."""
+    return _RunLock(Path(run_dir), doing)
+
+
+def _warn_calibration_dropped(run_dir: Path) -> None:
+    """A resumed training writes a new model: a threshold calibrated on the old one goes."""
+    try:
+        meta = json.loads((run_dir / ckpt.CONFIG).read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(meta, dict) and meta.get("image_threshold") is not None:
+        log.warning(
+            "%s holds an image threshold calibrated on the model before this training went on "
+            "(%s); the new epochs' model does not keep it: run crane calibrate again",
+            run_dir,
+            meta["image_threshold"],
+        )
+
+
 class _RunLock:
-    """An exclusive lock on a run folder while a training writes into it (``flock`` on
-    ``.train.lock``, a file that stays in the folder): a second training into the same folder
-    is refused instead of both writing their epochs, resume state and model over each other.
-    (No lock where the platform has no ``flock``.)"""
+    """An exclusive lock on a run folder while a training (or ``crane calibrate``) writes into
+    it (``flock`` on ``.train.lock``, a file that stays in the folder): a second training into
+    the same folder is refused instead of both writing their epochs, resume state and model
+    over each other, and so is a calibration, whose threshold the training's next epoch would
+    replace. (No lock where the platform has no ``flock``.)"""
 
     NAME = ".train.lock"
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, doing: str = "train"):
         self.run_dir = run_dir
+        self.doing = doing
         self.file = None
 
     def __enter__(self) -> _RunLock:
@@ -534,9 +559,10 @@ class _RunLock:
         self.file = (self.run_dir / self.NAME).open("a")
         if not progress_log._lock(self.file):
             self.file.close()
+            where = "or choose another --out" if self.doing == "train" else "then run it again"
             raise CraneError(
-                f"another crane train is writing into {self.run_dir}; wait for it to finish or "
-                "stop it, or choose another --out"
+                f"another crane train or calibrate is writing into {self.run_dir}; cannot "
+                f"{self.doing} it now: wait for that to finish or stop it, {where}"
             )
         return self
 

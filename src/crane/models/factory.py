@@ -114,6 +114,14 @@ def create_model(
 
     if prompts is not None:  # (read first: a bad prompt file is reported before the backbones)
         state = load_prompt_state(prompts, cfg)
+        if threshold is not None and not _names_the_run(prompts, name):
+            log.warning(
+                "%s's calibrated image threshold (%s) was found for its own prompts, not for "
+                "these: not used (give a threshold, or calibrate a run with these prompts)",
+                name,
+                threshold,
+            )
+            threshold = None
 
     random_backbones = not pretrained or is_tiny(cfg)
     unused = [
@@ -235,6 +243,14 @@ def _warn_other_model(path: Path, name: str, use_dattn: bool | None, cfg: CraneC
             cfg.name,
             "with" if cfg.use_dattn else "without",
         )
+
+
+def _names_the_run(prompts: object, run: str | os.PathLike) -> bool:
+    """Whether ``prompts`` are the run's own (its folder or its prompts file)."""
+    if not isinstance(prompts, (str, os.PathLike)):
+        return False
+    own = Path(run).resolve()
+    return Path(prompts).resolve() in (own, own / ckpt.TENSORS)
 
 
 def save_model(
