@@ -496,3 +496,22 @@ def test_a_bad_file_met_in_a_decode_worker_is_one_paragraph(tmp_path):
     assert "Traceback" not in stderr["2"] and "DataLoader worker" not in stderr["2"]
     assert stderr["2"] == stderr["0"]
     assert f"cannot read image {bad}" in stderr["0"]
+
+
+def test_evaluate_does_not_overwrite_another_runs_overlays(tmp_path, capsys):
+    from crane.cli import main
+
+    data = tmp_path / "synth"
+    make_synthetic_dataset(data, classes=("tile",), n_train=0, n_test_good=2, n_test_bad=2, size=64)
+    viz = tmp_path / "viz"
+    argv = ["evaluate", "--dataset", "mvtec", "--root", str(data), "--model", "tiny",
+            "--visualize", str(viz), "--no-progress", "--metric-mode", "binned",
+            "--bins", "256"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["bins"] == 256
+    before = {p: p.read_bytes() for p in viz.rglob("*.png")}
+    assert len(before) == 4
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 2
+    assert "already holds overlays" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in viz.rglob("*.png")} == before
+    assert main([*argv, "--out", str(tmp_path / "b"), "--overwrite"]) == 0

@@ -205,7 +205,7 @@ def test_a_second_training_into_a_live_run_is_refused(synth, tmp_path, monkeypat
     try:
         assert inside.wait(30)
         for kwargs in ({}, {"resume": True}):
-            with pytest.raises(CraneError, match="another crane train or calibrate is writing into"):
+            with pytest.raises(CraneError, match="another crane train or calibrate is writing"):
                 _run(synth, run, epochs=1, **kwargs)
         with pytest.raises(CraneError, match="another crane train"):
             ds = AnomalyDataset(synth, "test", image_size=SIZE)

@@ -563,6 +563,12 @@ def _bins(args: argparse.Namespace) -> int:
     return args.bins
 
 
+def _holds_images(folder: Path) -> bool:
+    from crane.data.imageio import is_image_file
+
+    return folder.is_dir() and any(is_image_file(p) for p in folder.rglob("*") if p.is_file())
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from crane.engine.common import open_dataset
     from crane.engine.evaluate import evaluate, report_markdown, write_report
@@ -574,9 +580,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     progress_file = check_resume_flags(out, args.resume, args.overwrite, "metrics.json")
     if (out / "metrics.json").exists() and not (args.overwrite or args.resume):
         raise CraneError(f"{out} already holds metrics; pass --overwrite or choose another --out")
-    for folder in (out, args.visualize):  # checked now, not after the whole evaluation
+    viz = None if args.visualize is None else Path(args.visualize)
+    if viz is not None and not (args.overwrite or args.resume) and _holds_images(viz):
+        raise CraneError(
+            f"{viz} already holds overlays (another evaluation's?); pass --overwrite to replace "
+            "them, or choose another --visualize folder"
+        )
+    for folder in (out, viz):  # checked now, not after the whole evaluation
         if folder is not None:
-            _check_writable(Path(folder))
+            _check_writable(folder)
     model, prompts = _load_model(args, args.dataset, amp)
     ds = open_dataset(
         args.root,
@@ -616,6 +628,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "precision": args.precision,
         "aupro": args.aupro,
         "metric_mode": args.metric_mode,
+        "bins": num_bins if args.metric_mode == "binned" else None,
         "config": model.cfg.to_dict(),
         "n_images": res.n_images + res.n_resumed,
         "n_images_resumed": res.n_resumed,
