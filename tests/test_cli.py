@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import re
@@ -515,3 +516,47 @@ def test_evaluate_does_not_overwrite_another_runs_overlays(tmp_path, capsys):
     assert "already holds overlays" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in viz.rglob("*.png")} == before
     assert main([*argv, "--out", str(tmp_path / "b"), "--overwrite"]) == 0
+
+
+def test_options_that_would_do_nothing_are_named(tmp_path, caplog):
+    from crane.cli import main
+
+    Image.new("RGB", (40, 30), (90, 20, 30)).save(tmp_path / "a.png")
+    cases = [
+        (["--model", "tiny", "--dino-precision", "fp16"], "tiny has no DINOv2; ignored"),
+        (["--model", "tiny+", "--dino-bf16"], "with fp32 DINOv2 runs in fp32"),
+        (["--model", "tiny", "--no-overlays", "--overlay-format", "jpg"], "--overlay-format"),
+        (["--model", "tiny", "--no-overlays", "--write-threads", "2"], "nothing to write"),
+    ]
+    for i, (argv, says) in enumerate(cases):
+        caplog.clear()
+        out = ["--out", str(tmp_path / f"o{i}"), "--no-progress"]
+        with caplog.at_level(logging.WARNING):
+            assert main(["predict", str(tmp_path / "a.png"), *argv, *out]) == 0
+        assert says in caplog.text, argv
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # (used: no warning)
+        argv = ["predict", str(tmp_path / "a.png"), "--model", "tiny", "--save-maps",
+                "--no-overlays", "--write-threads", "2", "--out", str(tmp_path / "o9")]  # fmt: skip
+        assert main(argv) == 0
+    assert "ignored" not in caplog.text
+
+
+def test_messages_for_files_given_where_others_belong(tmp_path, capsys):
+    from crane.cli import main
+
+    (tmp_path / "meta.json").write_text('{"a": 1}\n')
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
+    out = ["--out", str(tmp_path / "o")]
+    assert main(["predict", str(tmp_path / "a.png"), "--model", "tiny",
+                 "--prompts", str(tmp_path / "meta.json"), *out]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "cannot read prompt file" in err and "weights_only=False" not in err
+    assert (
+        main(["predict", str(tmp_path / "a.png"), "--model", str(tmp_path / "meta.json"), *out])
+        == 2
+    )
+    assert "a file: --model takes a run's folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # (--classes with no name: argparse says so)
+        main(["evaluate", "--dataset", "mvtec", "--root", str(tmp_path), "--classes", *out])
+    assert "--classes: expected at least one argument" in capsys.readouterr().err

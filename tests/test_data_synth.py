@@ -157,8 +157,10 @@ def test_refuses_to_overwrite(tmp_path):
         ({"n_test_good": 0, "n_test_bad": 0}, "at least one test image"),
         ({"size": 8}, "at least 32"),
         ({"workers": -1}, "workers must be >= 0"),
+        ({"seed": -1}, "seed must be an integer >= 0"),
     ],
 )
 def test_bad_arguments(tmp_path, kwargs, message):
     with pytest.raises(DatasetError, match=message):
-        make_synthetic_dataset(tmp_path, **{**SMALL, **kwargs})
+        make_synthetic_dataset(tmp_path / "out", **{**SMALL, **kwargs})
+    assert not (tmp_path / "out").exists()  # (refused before anything is written)

@@ -376,3 +376,15 @@ def test_file_names_that_are_not_utf8(tmp_path, images):
     assert summary["n_images"] == 8 and summary["n_resumed"] == 3
     assert b"caf\xe9.png" in (out / "predictions.csv").read_bytes()
     assert (out / "overlays" / os.fsdecode(b"caf\xe9.png")).is_file()
+
+
+def test_a_file_named_twice_is_predicted_once(tmp_path, images):
+    import os
+
+    from crane.engine.predict import expand_inputs
+
+    one = images / "1.png"
+    other = os.path.join(str(images), ".", "1.png")
+    assert expand_inputs([one, other, images / "sub" / ".." / "1.png"]) == [str(one)]
+    summary = run_predict(detector(), [images, other], tmp_path / "out", progress=False)
+    assert summary["n_images"] == 7

@@ -340,3 +340,13 @@ def test_calibrate_is_refused_while_a_training_writes_the_run(copy_of, tmp_path,
         _run(data, run, resume=True)  # (nothing left to train: the threshold stays)
     assert "calibrate again" not in caplog.text
     assert json.loads((run / "config.json").read_text())["image_threshold"] == 0.5
+
+
+def test_resume_with_another_image_size_names_it(copy_of, tmp_path):
+    """(It said the frozen backbone weights differ: the position embedding is resized.)"""
+    data, run = copy_of(), tmp_path / "run"
+    _run(data, run, stop=1)
+    small = create_model("tiny", seed=111, image_size=56)
+    ds = AnomalyDataset(data, "test", image_size=56)
+    with pytest.raises(CraneError, match="image_size: 112 → 56"):
+        _run(data, run, resume=True, model=small, ds=ds)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from crane.config import CraneConfig, get_config
-from crane.errors import CheckpointError, WeightsError
+from crane.errors import CheckpointError, CraneError, WeightsError
 from crane.models import create_model, save_model
 from crane.models import weights as W
 from crane.models.factory import PACKAGED_OFFICIAL, names_a_run, resolve_official
@@ -301,3 +301,18 @@ def test_a_runs_threshold_is_not_used_with_other_prompts(run, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert create_model(str(run), prompts=str(other)).image_threshold is None
     assert "found for its own prompts, not for these" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"image_size": 0}, "positive multiple of the patch size 14"),
+        ({"feature_layers": [9]}, r"config layers \[9\] .* outside 1\.\.4"),
+        ({"dattn_layer": 9}, r"config layers \[9\] .* outside 1\.\.4"),
+    ],
+)
+def test_a_run_config_with_impossible_layers_or_size_is_a_clear_error(run, change, says):
+    """A config.json read from a file must not crash deep inside the model."""
+    _edit_config(run, **change)
+    with pytest.raises(CraneError, match=says):
+        create_model(str(run))

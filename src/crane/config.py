@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -117,9 +118,10 @@ class CraneConfig:
             raise CraneError(
                 f"feature_layers {self.feature_layers} must be >= eattn_start {self.eattn_start}"
             )
-        if self.image_size % 14:
+        if self.image_size % 14 or self.image_size < 14:
             raise CraneError(
-                f"image_size must be a multiple of the patch size 14, got {self.image_size}"
+                f"image_size must be a positive multiple of the patch size 14, got "
+                f"{self.image_size}"
             )
 
     @property
@@ -238,6 +240,8 @@ def get_config(name: str, **overrides: Any) -> CraneConfig:
     except KeyError:
         looks_like_path = "/" in name or "\\" in name or name.startswith(".")
         hint = " (as a run directory: no such folder)" if looks_like_path else ""
+        if os.path.isfile(name):
+            hint = " (a file: --model takes a run's folder; prompt files go to --prompts)"
         raise CraneError(
             f"unknown model preset {name!r}{hint}; presets: {', '.join(PRESETS)}, or a run "
             "directory written by crane train"

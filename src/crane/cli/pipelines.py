@@ -146,7 +146,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--split", default=None, help="split to train on (default test, as the reference)"
     )
-    p.add_argument("--classes", nargs="*", default=None)
+    p.add_argument("--classes", nargs="+", default=None)
     p.add_argument("--preset", default=None, help="default crane+ (see `crane models`)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--epochs", type=int, default=None, help="default 5 (SPEC §6)")
@@ -168,7 +168,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", required=True)
     p.add_argument("--root", required=True)
     p.add_argument("--split", default="test")
-    p.add_argument("--classes", nargs="*", default=None)
+    p.add_argument("--classes", nargs="+", default=None)
     _model_args(p, None)
     p.add_argument(
         "--paper-protocol",
@@ -231,10 +231,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-overlays", action="store_true")
     p.add_argument(
         "--overlay-format",
-        default="png",
+        default=None,
         choices=["png", "jpg"],
-        help="png: lossless; jpg: quality 90, far cheaper to encode (the PNG encode is most "
-        "of an overlay's cost)",
+        help="png (the default): lossless; jpg: quality 90, far cheaper to encode (the PNG "
+        "encode is most of an overlay's cost)",
     )
     _write_threads_arg(p)
     p.add_argument(
@@ -417,6 +417,13 @@ def _load_model(
         matmul_dtype=amp,
         **overrides,
     )
+    if asked is not None and not model.cfg.use_dattn:
+        log.warning("--dino-precision/--dino-bf16: %s has no DINOv2; ignored", args.model)
+    elif asked is not None and amp is None:
+        log.warning(
+            "--dino-precision/--dino-bf16 apply under --precision bf16 or fp16; with fp32 "
+            "DINOv2 runs in fp32"
+        )
     return model, {"prompts": None if prompts is None else str(prompts), "prompts_from": source}
 
 
@@ -581,6 +588,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if (out / "metrics.json").exists() and not (args.overwrite or args.resume):
         raise CraneError(f"{out} already holds metrics; pass --overwrite or choose another --out")
     viz = None if args.visualize is None else Path(args.visualize)
+    if viz is None and args.write_threads is not None:
+        log.warning("--write-threads: evaluate writes files with it only for --visualize; ignored")
     if viz is not None and not (args.overwrite or args.resume) and _holds_images(viz):
         raise CraneError(
             f"{viz} already holds overlays (another evaluation's?); pass --overwrite to replace "
@@ -652,6 +661,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     device, amp = _runtime(args)
     _check_writable(Path(args.out))
+    if args.no_overlays and args.overlay_format is not None:
+        log.warning("--overlay-format: --no-overlays writes no overlays; ignored")
+    if args.no_overlays and not args.save_maps and args.write_threads is not None:
+        log.warning("--write-threads: nothing to write (--no-overlays, no --save-maps); ignored")
     model, prompts = _load_model(args, amp=amp)
     det = Detector(
         model,
@@ -680,7 +693,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         resume=args.resume,
         progress=not args.no_progress,
         write_threads=args.write_threads,
-        overlay_format=args.overlay_format,
+        overlay_format=args.overlay_format or "png",
     )
     print(json.dumps({k: summary[k] for k in ("n_images", "n_anomalous", "n_failed", "threshold")}))
     if summary["n_failed"]:

@@ -333,6 +333,8 @@ def make_synthetic_dataset(
         raise DatasetError("sample counts must be >= 0 with at least one test image")
     if workers < 0:
         raise DatasetError(f"workers must be >= 0, got {workers}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise DatasetError(f"seed must be an integer >= 0, got {seed!r}")
     if size < 32:
         raise DatasetError(f"size must be at least 32 pixels, got {size}")
     out = Path(out)

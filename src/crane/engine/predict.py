@@ -813,7 +813,8 @@ class Detector:
 def expand_inputs(
     specs: Iterable[str | os.PathLike], exclude: str | os.PathLike | None = None
 ) -> list[str]:
-    """Files, folders (recursive, image files only) and glob patterns → sorted unique paths.
+    """Files, folders (recursive, image files only) and glob patterns → sorted unique paths
+    (a file named twice, by two spellings or links, once: as first named).
     Files that a folder or a pattern finds under ``exclude`` (the run's own overlay folder,
     whose files are images too) are left out, as are those a folder scan finds under hidden
     folders or with hidden names (``.ipynb_checkpoints/``, macOS's ``._x.png``), which a
@@ -847,13 +848,17 @@ def expand_inputs(
         kept = [f for f in files if keep(f)]
         excluded += len(files) - len(kept)
         out += kept
-    seen: dict[str, None] = dict.fromkeys(out)
+    seen: dict[str, str] = {}  # real path → the first spelling of it
+    for f in out:
+        seen.setdefault(os.path.realpath(f), f)
+    if len(seen) < len(dict.fromkeys(out)):
+        log.info("%d input file(s) named more than once are predicted once", len(out) - len(seen))
     if not seen:
         where = f" (outside the overlay folder {exclude})" if excluded else ""
         raise CraneError(f"no image files found in {', '.join(map(str, specs))}{where}")
     if excluded:
         log.info("left out %d image files inside the overlay folder %s", excluded, exclude)
-    return list(seen)
+    return list(seen.values())
 
 
 def _output_names(paths: Sequence[str]) -> dict[str, str]:

@@ -218,10 +218,6 @@ def _resume_from(run_dir, model, opt, settings, n_images, fingerprint, refuse): 
             f"it was trained on {meta['n_images']} images, this dataset has {n_images} "
             "(other --classes or --split?)"
         )
-    was_fp = meta.get("fingerprint") or {}  # (runs saved before the 25th session have none)
-    for key, label in _FINGERPRINT_LABELS.items():
-        if key in was_fp and key in fingerprint and was_fp[key] != fingerprint[key]:
-            raise refuse(label.format(was=was_fp[key], now=fingerprint[key]))
     done = int(meta["epochs_done"])
     epoch_dir = _epoch_dir(run_dir, done)
     # Runs saved before the optimizer state moved into the epoch folders kept it (and the
@@ -239,6 +235,11 @@ def _resume_from(run_dir, model, opt, settings, n_images, fingerprint, refuse): 
             if ours.get(k) != theirs.get(k)
         )
         raise refuse(f"the model differs from the one it trained ({diff})")
+    # (after the config: another image size also changes the backbone's position embedding)
+    was_fp = meta.get("fingerprint") or {}  # (runs saved before the 25th session have none)
+    for key, label in _FINGERPRINT_LABELS.items():
+        if key in was_fp and key in fingerprint and was_fp[key] != fingerprint[key]:
+            raise refuse(label.format(was=was_fp[key], now=fingerprint[key]))
     model.prompt_learner.load_state_dict(prompts)
     tensors = load_file(str(run_dir / RESUME_TENSORS if legacy else epoch_dir / OPTIMIZER))
     state: dict[int, dict[str, Any]] = {}

@@ -81,9 +81,12 @@ def load_released_prompts(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"prompt file {path} does not exist")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except Exception as exc:  # (torch's own text advises weights_only=False: no help here)
+        from crane.models.weights import _what_it_is
+
         raise CheckpointError(
-            f"cannot read {path} as a torch file with weights_only=True: {exc}"
+            f"cannot read prompt file {path}{_what_it_is(path)}; crane reads the "
+            "prompts.safetensors of its runs and the authors' epoch_K.pth release files"
         ) from exc
     if not isinstance(obj, dict) or "prompt_learner" not in obj:
         keys = list(obj)[:5] if isinstance(obj, dict) else type(obj).__name__

@@ -19,6 +19,7 @@ from torch import nn
 
 from crane.config import CraneConfig
 from crane.constants import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from crane.errors import CraneError
 from crane.models import kernels
 
 
@@ -291,7 +292,10 @@ class CraneVisionEncoder(nn.Module):
             lay for lay in (*cfg.feature_layers, cfg.dattn_layer) if not 1 <= lay <= self.n_layers
         ]
         if bad or not 1 <= cfg.eattn_start <= self.n_layers:
-            raise ValueError(f"layers {bad or cfg.eattn_start} outside 1..{self.n_layers}")
+            raise CraneError(
+                f"config layers {bad or cfg.eattn_start} (feature_layers, dattn_layer, "
+                f"eattn_start) outside 1..{self.n_layers}, the layers of {cfg.clip_model}"
+            )
         if cfg.use_dattn and dino is None:
             raise ValueError("config asks for D-Attn but no DINO model was given")
         # Pixels arrive CLIP-normalised; DINO wants the same pixels ImageNet-normalised:
