@@ -388,3 +388,23 @@ def test_a_file_named_twice_is_predicted_once(tmp_path, images):
     assert expand_inputs([one, other, images / "sub" / ".." / "1.png"]) == [str(one)]
     summary = run_predict(detector(), [images, other], tmp_path / "out", progress=False)
     assert summary["n_images"] == 7
+    (images / "link.png").symlink_to(one)  # (a file of its own: datasets of links keep rows)
+    assert len(expand_inputs([images])) == 8
+
+
+def test_a_run_started_by_an_older_crane_resumes_with_a_warning(tmp_path, images, caplog):
+    """Settings an older crane did not record (the backbone digest) cannot be checked: said,
+    not refused."""
+    det = detector()
+    stop_after(det, 3)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run_predict(det, [images], out, progress=False, write_threads=0)
+    lines = (out / PROGRESS_FILE).read_text().splitlines()
+    head = json.loads(lines[0])
+    del head["settings"]["backbone_sha256"]
+    (out / PROGRESS_FILE).write_text("\n".join([json.dumps(head), *lines[1:]]) + "\n")
+    with caplog.at_level("WARNING"):
+        summary = run_predict(detector(), [images], out, progress=False, resume=True)
+    assert "did not record its backbone weights" in caplog.text
+    assert summary["n_resumed"] == 3 and summary["n_images"] == 7

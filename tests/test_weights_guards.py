@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 
 import pytest
@@ -153,6 +154,7 @@ def test_weights_of_integers_or_nan_are_refused(tmp_path, bad):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_all_finite_matches_isfinite(dtype):
+    """(float8 included below: no aminmax for it on the CPU.)"""
     gen = torch.Generator().manual_seed(3)
     base = torch.randn(64, 33, generator=gen).to(dtype)
     cases = [base, base.t(), base[:, ::2], base[:0]]
@@ -164,6 +166,8 @@ def test_all_finite_matches_isfinite(dtype):
     for t in cases:
         assert W.all_finite(t) == bool(torch.isfinite(t).all()), (t.shape, t.stride())
     assert W.all_finite(torch.tensor([1, 2], dtype=torch.int64))
+    f8 = torch.tensor([1.0, -2.0, 0.5]).to(torch.float8_e5m2)
+    assert W.all_finite(f8) and not W.all_finite(torch.tensor([1.0, math.inf]).to(f8.dtype))
 
 
 def test_a_state_dict_saved_from_openais_archive_keeps_its_extras_out(tmp_path):
@@ -298,9 +302,19 @@ def test_a_runs_threshold_is_not_used_with_other_prompts(run, tmp_path, caplog):
     assert create_model(str(run)).image_threshold == 0.7
     for own in (run, run / "prompts.safetensors"):
         assert create_model(str(run), prompts=str(own)).image_threshold == 0.7
-    with caplog.at_level(logging.WARNING):
-        assert create_model(str(run), prompts=str(other)).image_threshold is None
+    assert create_model(str(run), prompts=str(other)).image_threshold is None
+    from crane.engine.predict import Detector
+
+    with caplog.at_level(logging.WARNING):  # (said where decisions would be made)
+        assert Detector(str(run), prompts=str(other), device="cpu").threshold is None
     assert "found for its own prompts, not for these" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # (a threshold of its own: nothing to say)
+        assert Detector(str(run), prompts=str(other), device="cpu", threshold=0.3).threshold == 0.3
+    assert not caplog.text
+    state = create_model(str(other)).prompt_learner.state_dict()
+    det = Detector(str(run), prompts=state, device="cpu")  # (prompts as tensors)
+    assert det.threshold is None and det.prompts is None
 
 
 @pytest.mark.parametrize(

@@ -570,7 +570,9 @@ class Detector:
         #: directory given (None for a model passed in; the caller may name it).
         self.source: str | None = os.fspath(model) if owned else None
         #: The prompts given, for summary.json (None: the model's own; the CLI names them).
-        self.prompts: str | None = None if prompts is None else os.fspath(prompts)
+        self.prompts: str | None = (
+            os.fspath(prompts) if isinstance(prompts, (str, os.PathLike)) else None
+        )
         if cast_weights is None:
             cast_weights = owned and self.amp is not None
         if batch_size < 1 or workers < 0:
@@ -595,6 +597,14 @@ class Detector:
         # torch.compile fuses the post-processing and attention glue; first call compiles.
         self._forward = scoring_forward(self.model, self.device, compile, attention)
         self.threshold = threshold if threshold is not None else self.model.image_threshold
+        dropped = getattr(self.model, "threshold_not_used", None)
+        if threshold is None and dropped is not None:
+            log.warning(
+                "the run's calibrated image threshold (%s) was found for its own prompts, not "
+                "for these, and is not used: no decisions (give a threshold, or calibrate a "
+                "run with these prompts)",
+                dropped,
+            )
         self.batch_size, self.workers = batch_size, workers
         self.size = self.model.cfg.image_size
         # Large JPEGs: decode at a reduced DCT scale that stays >= the model input, then
@@ -814,7 +824,7 @@ def expand_inputs(
     specs: Iterable[str | os.PathLike], exclude: str | os.PathLike | None = None
 ) -> list[str]:
     """Files, folders (recursive, image files only) and glob patterns → sorted unique paths
-    (a file named twice, by two spellings or links, once: as first named).
+    (a file named twice, by two spellings of its path, once: as first named).
     Files that a folder or a pattern finds under ``exclude`` (the run's own overlay folder,
     whose files are images too) are left out, as are those a folder scan finds under hidden
     folders or with hidden names (``.ipynb_checkpoints/``, macOS's ``._x.png``), which a
@@ -848,11 +858,14 @@ def expand_inputs(
         kept = [f for f in files if keep(f)]
         excluded += len(files) - len(kept)
         out += kept
-    seen: dict[str, str] = {}  # real path → the first spelling of it
+    seen: dict[str, str] = {}  # absolute path → the first spelling of it (links are files
+    # of their own: a dataset of links to pooled files keeps a row per name)
     for f in out:
-        seen.setdefault(os.path.realpath(f), f)
-    if len(seen) < len(dict.fromkeys(out)):
-        log.info("%d input file(s) named more than once are predicted once", len(out) - len(seen))
+        seen.setdefault(os.path.abspath(f), f)
+    if len(seen) < len(out):
+        log.info(
+            "%d input file name(s) repeated: each file is predicted once", len(out) - len(seen)
+        )
     if not seen:
         where = f" (outside the overlay folder {exclude})" if excluded else ""
         raise CraneError(f"no image files found in {', '.join(map(str, specs))}{where}")

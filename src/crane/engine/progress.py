@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import Future
@@ -24,6 +25,8 @@ import torch
 from crane.errors import CraneError
 from crane.files import atomic_write_bytes
 from crane.models.crane import CraneModel
+
+log = logging.getLogger(__name__)
 
 #: Its name in an output folder; removed once the run's own files are written.
 PROGRESS_FILE = "progress.jsonl"
@@ -135,10 +138,16 @@ def read_progress(
     theirs = head.get("settings")
     if head.get("crane") != kind or not isinstance(theirs, dict):
         raise CraneError(f"{path} is not a progress file of crane {kind}")
-    differ = sorted(k for k in settings.keys() | theirs.keys() if settings.get(k) != theirs.get(k))
+    unrecorded = sorted(settings.keys() - theirs.keys())
+    if unrecorded:  # (what an older crane did not record cannot be checked: said, not refused)
+        log.warning(
+            "%s was started by an older crane, which did not record its %s: not checked",
+            path.parent,
+            ", ".join(_LABELS.get(k, k) for k in unrecorded),
+        )
+    differ = sorted(k for k in theirs if settings.get(k) != theirs[k])
     if differ:
-        older = " (not recorded: it was started by an older crane)"
-        named = [_LABELS.get(k, k) + (older if k not in theirs else "") for k in differ]
+        named = [_LABELS.get(k, k) for k in differ]
         raise CraneError(
             f"cannot resume the run in {path.parent}: it was started with other "
             f"{', '.join(named)} (a resumed run must use the same "

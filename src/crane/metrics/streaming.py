@@ -308,7 +308,13 @@ class MetricAccumulator:
                 raise ValueError(f"{pix[0].shape[0]} maps for {n} labels")
             if self.mode == "binned":  # (binning finds NaN class by class: before any state
                 # changes; exact mode ranks the pixels, and finds it, when computing)
-                check_no_nan(pix[0], "anomaly maps")
+                bad = torch.isnan(pix[0]).flatten(1).any(1)
+                if bool(bad.any()):
+                    first = int(bad.nonzero()[0, 0])
+                    raise ValueError(
+                        f"class {names[first]!r}: anomaly maps contain NaN (image {first} of "
+                        "the batch)"
+                    )
         for name in dict.fromkeys(names):
             if name in self._states and self._states[name].finalized:
                 raise ValueError(f"class {name!r} was finalized; it cannot take more samples")

@@ -112,16 +112,13 @@ def create_model(
     ):
         raise CheckpointError(f"{name}: image_threshold must be a number, got {threshold!r}")
 
+    dropped = None  # a run's threshold left out: its prompts are replaced
     if prompts is not None:  # (read first: a bad prompt file is reported before the backbones)
         state = load_prompt_state(prompts, cfg)
         if threshold is not None and not _names_the_run(prompts, name):
-            log.warning(
-                "%s's calibrated image threshold (%s) was found for its own prompts, not for "
-                "these: not used (give a threshold, or calibrate a run with these prompts)",
-                name,
-                threshold,
-            )
-            threshold = None
+            # (found for the run's own prompts' scores; a Detector without a threshold of
+            # its own says so)
+            dropped, threshold = threshold, None
 
     random_backbones = not pretrained or is_tiny(cfg)
     unused = [
@@ -159,6 +156,7 @@ def create_model(
         ckpt.check_prompt_state(own, state, str(prompts if prompts is not None else name))
         model.prompt_learner.load_state_dict(state, strict=True)
     model.image_threshold = None if threshold is None else float(threshold)
+    model.threshold_not_used = dropped
     model.eval()
     if matmul_dtype is not None:
         model.cast_frozen_matmuls(matmul_dtype)
