@@ -168,6 +168,15 @@ def test_colour_and_palette_masks(tmp_path):
     assert np.array_equal(open_mask(tmp_path / "m16.png"), expected)
 
 
+def test_float_masks_are_binarised_as_the_reference_converts_them(tmp_path):
+    """PIL's F → L conversion truncates: a value below 1 is background in the reference."""
+    values = np.array([[0.0, 0.4, 0.99, 1.0, 1.4, 300.0, -2.0, 0.6]], np.float32)
+    Image.fromarray(values, mode="F").save(tmp_path / "f.tif")
+    want = np.asarray(Image.open(tmp_path / "f.tif").convert("L")) > 0
+    assert want.tolist() == [[False, False, False, True, True, True, False, False]]
+    assert np.array_equal(open_mask(tmp_path / "f.tif"), want)
+
+
 # --------------------------------------------------------------------------- dataset
 
 

@@ -91,3 +91,24 @@ def test_cuda_resize_equals_pil():
         im = photo_like("RGB", hw, seed=seed)
         got = resize_uint8(_chw(im).cuda()[None], 518)[0].cpu()
         assert torch.equal(got, _chw(im.resize((518, 518), BICUBIC))), hw
+
+
+def test_rows_split_over_several_products_give_the_same_pixels(monkeypatch):
+    """A pass whose intermediates exceed the budget runs in parts of rows (a 10k-px image on
+    the GPU needed ≈ 12 bytes per input byte at once): the same pixels, row for row."""
+    import crane.data.pil_resample as R
+
+    arr = np.random.default_rng(4).integers(0, 256, (301, 437, 3), dtype=np.uint8)
+    im = Image.fromarray(arr)
+    seen = []
+    real_bmm = torch.bmm
+
+    def counted(a, b):
+        seen.append(a.shape[1])
+        return real_bmm(a, b)
+
+    monkeypatch.setattr(R, "_PASS_BYTES", 50_000)  # (a few rows per product)
+    monkeypatch.setattr(torch, "bmm", counted)
+    _check(im, 518, 518)
+    _check(im, 97, 131)
+    assert len(seen) > 20 and max(seen) < 3 * 301  # split: no product takes every row

@@ -171,7 +171,11 @@ class AnomalyDataset(Dataset):
         images larger than the model input are handed over unresized, as ``"raw"`` ((H, W, C)
         uint8, :func:`~crane.data.transforms.unresized_pixels`) in place of ``"image"``, for
         resizing on the GPU bit for bit as PIL would (see
-        :func:`~crane.engine.predict.batch_pixels`); masks are decoded and resized as usual."""
+        :func:`~crane.engine.predict.batch_pixels`); masks are decoded and resized as usual.
+
+        The ``"raw"`` tensors live in buffers the workers reuse once the tensor is garbage-
+        collected (:mod:`crane.data.handover`): copy or resize them while holding the tensor,
+        and keep no ``.numpy()``, ``.detach()`` or ``.data`` of one past it."""
         view = copy.copy(self.uint8_view())
         view.resize_on_device = True
         view.handover = HandoverPool()  # buffers the workers refill (made before they start)

@@ -11,9 +11,11 @@ resize it saves would cost.
 A :class:`HandoverPool` lets each worker keep its segments and refill them. The only state the
 processes share is one int64 per (worker, slot): the worker writes a fresh token there when it
 fills its buffer, and the main process writes the token's negative when the tensor it received
-has been garbage-collected (``weakref.finalize``; torch keeps a tensor's Python object alive
-while any view of it lives, so this fires only once nothing in the main process can read the
-pixels). A worker refills a buffer only when it reads back the negative of *its own* last token
+has been garbage-collected (``weakref.finalize``). torch keeps a tensor's Python object alive
+while any *view* of it lives (``view``, slicing, ``permute``, ``as_strided``), but not while
+``.numpy()``, ``.detach()``, ``.data`` or its storage do: a consumer copies the pixels (or
+resizes them) while it holds the tensor, as every consumer in crane does, and keeps none of
+those past it — else the worker may refill the buffer under them. A worker refills a buffer only when it reads back the negative of *its own* last token
 for that slot; anything else — a slot another process wrote, a release that never came because
 the main process still holds the tensor or dropped the record without receiving it — only makes
 it allocate another segment (or, past ``slots`` buffers, fall back to a fresh segment per

@@ -199,12 +199,14 @@ def binarize_mask(im: Image.Image) -> np.ndarray:
     """Boolean (H, W) foreground of a mask image: > 0 after conversion to greyscale, as the
     reference (``Image.open(p).convert("L")``, then > 0) computes it.
 
-    Greyscale and 16-bit masks are thresholded directly; colour and palette masks through
-    PIL's L conversion (so a near-black colour such as (1, 0, 0), which rounds to 0 there, is
-    background, as in the reference); alpha channels are ignored (the conversion drops them).
+    Integer greyscale masks (8, 16, 32-bit) are thresholded directly (PIL's conversion only
+    clips them); float, colour and palette masks through PIL's L conversion (so a float value
+    below 1, which the conversion truncates to 0, or a near-black colour such as (1, 0, 0),
+    which rounds to 0, is background, as in the reference); alpha channels are ignored (the
+    conversion drops them).
     """
     mode = im.mode
-    if mode in _INT_GREY_MODES or mode in ("1", "L", "F"):
+    if mode in _INT_GREY_MODES or mode in ("1", "L"):
         return np.asarray(im) > 0
     if mode == "LA":
         return np.asarray(im)[..., 0] > 0

@@ -114,6 +114,12 @@ def _device_tables(
     return index, coef, win
 
 
+#: Bytes of a pass's intermediates (gathered windows, their float64 copy, the sums) per
+#: product: rows beyond it go in further products (rows are independent: the same pixels).
+#: A 2048-px RGB photo's first pass fits in one; a 10k-px one no longer needs gigabytes.
+_PASS_BYTES = 256 << 20
+
+
 def _pass_last_dim(x: torch.Tensor, out_size: int) -> torch.Tensor:
     """One PIL pass along the last dimension of uint8 ``x``: uint8 result, bitwise PIL's."""
     in_size = x.shape[-1]
@@ -121,12 +127,18 @@ def _pass_last_dim(x: torch.Tensor, out_size: int) -> torch.Tensor:
     n_blocks = mats.shape[0]
     lead = x.shape[:-1]
     rows = x.reshape(-1, in_size)  # (R, in)
-    # (n_blocks, R, win) @ (n_blocks, win, _BLOCK): one batched GEMM per pass.
-    windows = rows.index_select(1, index).view(-1, n_blocks, win).transpose(0, 1)
-    sums = torch.bmm(windows.to(torch.float64), mats)  # exact integers
-    sums = sums.transpose(0, 1).reshape(*lead, n_blocks * _BLOCK)[..., :out_size]
-    # (2**21 + sum) >> 22 is floor((2**21 + sum) / 2**22): both exact in float64.
-    return sums.add_(_HALF).div_(_ONE).floor_().clamp_(0, 255).to(torch.uint8)
+    per_row = n_blocks * (win * 9 + _BLOCK * 8)
+    step = max(1, _PASS_BYTES // per_row)
+    out = torch.empty(rows.shape[0], out_size, dtype=torch.uint8, device=x.device)
+    for r0 in range(0, rows.shape[0], step):
+        part = rows[r0 : r0 + step]
+        # (n_blocks, r, win) @ (n_blocks, win, _BLOCK): one batched GEMM per part.
+        windows = part.index_select(1, index).view(-1, n_blocks, win).transpose(0, 1)
+        sums = torch.bmm(windows.to(torch.float64), mats)  # exact integers
+        sums = sums.transpose(0, 1).reshape(-1, n_blocks * _BLOCK)[:, :out_size]
+        # (2**21 + sum) >> 22 is floor((2**21 + sum) / 2**22): both exact in float64.
+        out[r0 : r0 + step] = sums.add_(_HALF).div_(_ONE).floor_().clamp_(0, 255)
+    return out.view(*lead, out_size)
 
 
 def pil_resize_uint8(
