@@ -15,11 +15,12 @@ has been garbage-collected (``weakref.finalize``). torch keeps a tensor's Python
 while any *view* of it lives (``view``, slicing, ``permute``, ``as_strided``), but not while
 ``.numpy()``, ``.detach()``, ``.data`` or its storage do: a consumer copies the pixels (or
 resizes them) while it holds the tensor, as every consumer in crane does, and keeps none of
-those past it — else the worker may refill the buffer under them. A worker refills a buffer only when it reads back the negative of *its own* last token
-for that slot; anything else — a slot another process wrote, a release that never came because
-the main process still holds the tensor or dropped the record without receiving it — only makes
-it allocate another segment (or, past ``slots`` buffers, fall back to a fresh segment per
-photo, as without a pool). Buffers are never shared between processes, so no interleaving of
+those past it — else the worker may refill the buffer under them. A worker refills a buffer
+only when it reads back the negative of *its own* last token for that slot; anything else — a
+slot another process wrote, a release that never came because the main process still holds
+the tensor or dropped the record without receiving it — only makes it allocate another
+segment (or, past ``slots`` buffers, fall back to a fresh segment per photo, as without a
+pool). Buffers are never shared between processes, so no interleaving of
 processes can make a worker overwrite pixels the main process may still read.
 
 Why by hand: torch's DataLoader has no way to return a worker's buffers to it (each hand-over
