@@ -404,3 +404,60 @@ def test_tiny_plus_bf16_forward_on_onednn_matches_torchs_kernels(bf16_cpu, monke
     err, err_ref = (m - m32).abs().max(), (m_ref - m32).abs().max()
     assert 0 < err <= 2 * err_ref + 1e-4 and err < 1e-2
     assert (s - s32).abs().max() < 1e-2
+
+
+def test_strided_biases_and_broadcast_attention_give_torchs_results():
+    """oneDNN's linear reads the bias as dense, and the attention loop takes one batch and
+    head count: a strided bias was read wrong (a stride-0 one past its storage), broadcast
+    batches or heads answered for the first one only."""
+    x, w = _rand(8, 6), _rand(5, 6, seed=1)
+    for bias in (_rand(10, seed=2)[::2], _rand(1, seed=3).expand(5)):
+        torch.testing.assert_close(kernels.linear(x, w, bias), F.linear(x, w, bias))
+    q, k, v = _rand(1, 2, 20, 8), _rand(2, 2, 20, 8, seed=1), _rand(2, 2, 20, 8, seed=2)
+    for args in ((q, k, v), (q.expand(2, -1, -1, -1)[:, :1], k, v), (k, q, q)):
+        try:
+            want = F.scaled_dot_product_attention(*args)
+        except RuntimeError:
+            with pytest.raises(RuntimeError):
+                kernels.attention(*args)
+            continue
+        torch.testing.assert_close(kernels.attention(*args), want)
+
+
+def test_the_onednn_check_is_right_whatever_its_first_caller_runs_under():
+    """Its answer is kept for the process: asked first under bf16 autocast or a float64
+    default dtype, it said False for good."""
+    kernels.onednn_available.cache_clear()
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert kernels.onednn_available()
+    finally:
+        torch.set_default_dtype(default)
+        kernels.onednn_available.cache_clear()
+
+
+def test_overlapping_blocks_in_two_threads_leave_the_setting_as_it_was(monkeypatch):
+    import threading
+
+    monkeypatch.setenv(kernels.ENV_VAR, "")  # (set but empty: the default)
+    assert kernels.get_cpu_kernels() == "onednn"
+    inside, release = threading.Event(), threading.Event()
+
+    def first():
+        with kernels.cpu_kernels("torch"):
+            inside.set()
+            release.wait(10)
+
+    def second():
+        inside.wait(10)
+        with kernels.cpu_kernels("onednn"):
+            assert kernels.get_cpu_kernels() == "onednn"
+
+    a, b = threading.Thread(target=first), threading.Thread(target=second)
+    a.start(), b.start()
+    inside.wait(10)
+    release.set()
+    a.join(10), b.join(10)
+    assert kernels._setting is None and kernels.get_cpu_kernels() == "onednn"

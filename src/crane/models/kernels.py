@@ -38,6 +38,7 @@ import contextlib
 import functools
 import logging
 import os
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -64,7 +65,8 @@ def get_cpu_kernels() -> str:
     """The current choice: ``"onednn"`` (default) or ``"torch"``."""
     if _setting is not None:
         return _setting
-    return _check(os.environ.get(ENV_VAR, "onednn").strip().lower(), f"${ENV_VAR}")
+    # (set but empty: the default, as the CLI's up-front check reads it)
+    return _check((os.environ.get(ENV_VAR) or "onednn").strip().lower(), f"${ENV_VAR}")
 
 
 def set_cpu_kernels(name: str | None) -> None:
@@ -74,17 +76,24 @@ def set_cpu_kernels(name: str | None) -> None:
     _setting = None if name is None else _check(name, "cpu_kernels")
 
 
+_BLOCK_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def cpu_kernels(name: str):
     """Inside, fp32 CPU matrix products and attention run on ``name``'s kernels (``"onednn"``
-    or ``"torch"``); the previous setting comes back on exit."""
+    or ``"torch"``); the previous setting comes back on exit. The setting is process-wide, so
+    two threads' blocks run one after the other (a lock held for the block): overlapping, the
+    first to end would restore its previous setting under the other, and the last one leave
+    the process on the first one's kernels."""
     global _setting
-    previous = _setting
-    set_cpu_kernels(name)
-    try:
-        yield
-    finally:
-        _setting = previous
+    with _BLOCK_LOCK:
+        previous = _setting
+        set_cpu_kernels(name)
+        try:
+            yield
+        finally:
+            _setting = previous
 
 
 @functools.cache
@@ -93,11 +102,14 @@ def onednn_available() -> bool:
     CPU is an x86 one with AVX2 or AVX-512 (where it was measured; elsewhere torch's kernels)."""
     if not torch.backends.mkldnn.is_available() or _cpu_capability() not in ("AVX2", "AVX512"):
         return False
-    try:
+    try:  # (in fp32 whatever the first caller runs under: the answer is kept for good)
         op = torch.ops.mkldnn._linear_pointwise
         g = torch.Generator().manual_seed(0)
-        x, w, b = (torch.randn(*s, generator=g) for s in ((5, 7), (3, 7), (3,)))
-        ok = torch.allclose(op(x, w, b, "none", [], ""), F.linear(x, w, b), atol=1e-5)
+        with torch.autocast("cpu", enabled=False), torch.no_grad():
+            x, w, b = (
+                torch.randn(*s, generator=g, dtype=torch.float32) for s in ((5, 7), (3, 7), (3,))
+            )
+            ok = torch.allclose(op(x, w, b, "none", [], ""), F.linear(x, w, b), atol=1e-5)
     except Exception as exc:  # an op missing or failing on this build/CPU: torch's kernels
         log.info("oneDNN linear unavailable (%s): fp32 CPU products stay on torch's kernels", exc)
         return False
@@ -162,7 +174,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     product with the bias fused, where torch's bf16 ``addmm`` first copies the bias into its
     output (CLIP's qkv product on the dev box: 860 against 685 GFLOP/s)."""
     args = (x, weight) if bias is None else (x, weight, bias)
-    if x.dim() >= 2 and x.numel() and weight.is_contiguous():
+    # (oneDNN's op reads the weight and bias as dense: strided ones go to torch)
+    dense = weight.is_contiguous() and (bias is None or bias.is_contiguous())
+    if x.dim() >= 2 and x.numel() and dense:
         if use_onednn(*args):
             return _onednn_linear(x, weight, bias)
         if _autocast_bf16(args):
@@ -256,6 +270,11 @@ def attention_sum(
         or _cpu_capability() not in ATTENTION_ISA
         or not torch.backends.cuda.flash_sdp_enabled()
         or any(q.shape != q0.shape or k.shape != k0.shape for q, k in pairs)
+        # (one batch and head count, no broadcasting; as many values as keys)
+        or q0.shape[:2] != k0.shape[:2]
+        or q0.shape[-1] != k0.shape[-1]
+        or v.dim() != 4
+        or v.shape[:3] != k0.shape[:3]
     ):
         out = None
         for q, k in pairs:
