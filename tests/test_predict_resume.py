@@ -390,6 +390,15 @@ def test_a_file_named_twice_is_predicted_once(tmp_path, images):
     assert summary["n_images"] == 7
     (images / "link.png").symlink_to(one)  # (a file of its own: datasets of links keep rows)
     assert len(expand_inputs([images])) == 8
+    # "lnk/../x.png" through a linked folder is the file beside the link's target
+    a, b = tmp_path / "a", tmp_path / "b"
+    (b / "sub").mkdir(parents=True)
+    a.mkdir()
+    shutil.copy(one, a / "x.png")
+    shutil.copy(images / "2.png", b / "x.png")
+    (a / "lnk").symlink_to(b / "sub")
+    through = os.path.join(str(a), "lnk", "..", "x.png")
+    assert expand_inputs([a / "x.png", through]) == [str(a / "x.png"), through]
 
 
 def test_a_run_started_by_an_older_crane_resumes_with_a_warning(tmp_path, images, caplog):
@@ -408,3 +417,14 @@ def test_a_run_started_by_an_older_crane_resumes_with_a_warning(tmp_path, images
         summary = run_predict(detector(), [images], out, progress=False, resume=True)
     assert "did not record its backbone weights" in caplog.text
     assert summary["n_resumed"] == 3 and summary["n_images"] == 7
+    # any other setting missing from a header: refused, not waved through
+    det = detector()
+    stop_after(det, 3)
+    with pytest.raises(KeyboardInterrupt):
+        run_predict(det, [images], out, progress=False, write_threads=0, overwrite=True)
+    lines = (out / PROGRESS_FILE).read_text().splitlines()
+    head = json.loads(lines[0])
+    del head["settings"]["map_size"]
+    (out / PROGRESS_FILE).write_text("\n".join([json.dumps(head), *lines[1:]]) + "\n")
+    with pytest.raises(CraneError, match="started with other map_size"):
+        run_predict(detector(), [images], out, progress=False, resume=True)

@@ -116,7 +116,8 @@ def _device_tables(
 
 #: Bytes of a pass's intermediates (gathered windows, their float64 copy, the sums) per
 #: product: rows beyond it go in further products (rows are independent: the same pixels).
-#: A 2048-px RGB photo's first pass fits in one; a 10k-px one no longer needs gigabytes.
+#: A 2048-px RGB photo's first pass fits in one (two photos, as ``resize_each`` groups them,
+#: in two); a 10k-px one no longer needs gigabytes.
 _PASS_BYTES = 256 << 20
 
 
@@ -128,7 +129,8 @@ def _pass_last_dim(x: torch.Tensor, out_size: int) -> torch.Tensor:
     lead = x.shape[:-1]
     rows = x.reshape(-1, in_size)  # (R, in)
     per_row = n_blocks * (win * 9 + _BLOCK * 8)
-    step = max(1, _PASS_BYTES // per_row)
+    parts = -(-rows.shape[0] // max(1, _PASS_BYTES // per_row))  # (ceil: parts of even size)
+    step = max(1, -(-rows.shape[0] // max(1, parts)))
     out = torch.empty(rows.shape[0], out_size, dtype=torch.uint8, device=x.device)
     for r0 in range(0, rows.shape[0], step):
         part = rows[r0 : r0 + step]

@@ -598,7 +598,7 @@ class Detector:
         self._forward = scoring_forward(self.model, self.device, compile, attention)
         self.threshold = threshold if threshold is not None else self.model.image_threshold
         dropped = getattr(self.model, "threshold_not_used", None)
-        if threshold is None and dropped is not None:
+        if self.threshold is None and dropped is not None:
             log.warning(
                 "the run's calibrated image threshold (%s) was found for its own prompts, not "
                 "for these, and is not used: no decisions (give a threshold, or calibrate a "
@@ -858,10 +858,12 @@ def expand_inputs(
         kept = [f for f in files if keep(f)]
         excluded += len(files) - len(kept)
         out += kept
-    seen: dict[str, str] = {}  # absolute path → the first spelling of it (links are files
-    # of their own: a dataset of links to pooled files keeps a row per name)
+    seen: dict[str, str] = {}  # the file's place → the first spelling of it: its folder
+    # resolved (``a/../x.png`` through a linked ``a`` is another file than ``./x.png``), its own
+    # name not (links are files of their own: a dataset of links keeps a row per name)
     for f in out:
-        seen.setdefault(os.path.abspath(f), f)
+        place = os.path.join(os.path.realpath(os.path.dirname(f) or "."), os.path.basename(f))
+        seen.setdefault(place, f)
     if len(seen) < len(out):
         log.info(
             "%d input file name(s) repeated: each file is predicted once", len(out) - len(seen)

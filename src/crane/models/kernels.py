@@ -35,10 +35,10 @@ Everything else (CUDA, fp16, training the prompts) is untouched.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import logging
 import os
-import threading
 from collections.abc import Sequence
 
 import torch
@@ -63,6 +63,9 @@ def _check(name: str, where: str) -> str:
 
 def get_cpu_kernels() -> str:
     """The current choice: ``"onednn"`` (default) or ``"torch"``."""
+    block = _block.get()
+    if block is not None:
+        return block
     if _setting is not None:
         return _setting
     # (set but empty: the default, as the CLI's up-front check reads it)
@@ -70,30 +73,34 @@ def get_cpu_kernels() -> str:
 
 
 def set_cpu_kernels(name: str | None) -> None:
-    """Process-wide choice of the fp32 CPU kernels (``None``: back to ``$CRANE_CPU_KERNELS``).
-    A global, not a context variable: the pipelines may run the model in another thread."""
+    """Process-wide choice of the fp32 CPU kernels (``None``: back to ``$CRANE_CPU_KERNELS``):
+    every thread's, also of threads started later; a :func:`cpu_kernels` block overrides it in
+    its own thread."""
     global _setting
     _setting = None if name is None else _check(name, "cpu_kernels")
 
 
-_BLOCK_LOCK = threading.RLock()
+#: The choice of a :func:`cpu_kernels` block: this thread's (and context's), above the
+#: process-wide :func:`set_cpu_kernels`.
+_block: contextvars.ContextVar[str | None] = contextvars.ContextVar("cpu_kernels", default=None)
 
 
 @contextlib.contextmanager
 def cpu_kernels(name: str):
     """Inside, fp32 CPU matrix products and attention run on ``name``'s kernels (``"onednn"``
-    or ``"torch"``); the previous setting comes back on exit. The setting is process-wide, so
-    two threads' blocks run one after the other (a lock held for the block): overlapping, the
-    first to end would restore its previous setting under the other, and the last one leave
-    the process on the first one's kernels."""
-    global _setting
-    with _BLOCK_LOCK:
-        previous = _setting
-        set_cpu_kernels(name)
+    or ``"torch"``) in this thread; the previous choice comes back on exit. A context
+    variable: blocks in several threads overlap without a lock (which deadlocked a block
+    waiting on a worker thread that opened its own) and without restoring each other's
+    choice; threads started inside keep the process-wide choice (:func:`set_cpu_kernels`).
+    crane runs its models in the calling thread."""
+    token = _block.set(_check(name, "cpu_kernels"))
+    try:
+        yield
+    finally:
         try:
-            yield
-        finally:
-            _setting = previous
+            _block.reset(token)
+        except ValueError:  # (a generator suspended in the block, closed in another context)
+            pass
 
 
 @functools.cache
@@ -175,7 +182,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     output (CLIP's qkv product on the dev box: 860 against 685 GFLOP/s)."""
     args = (x, weight) if bias is None else (x, weight, bias)
     # (oneDNN's op reads the weight and bias as dense: strided ones go to torch)
-    dense = weight.is_contiguous() and (bias is None or bias.is_contiguous())
+    dense = weight.is_contiguous() and (
+        bias is None or (bias.is_contiguous() and bias.shape == weight.shape[:1])
+    )
     if x.dim() >= 2 and x.numel() and dense:
         if use_onednn(*args):
             return _onednn_linear(x, weight, bias)
