@@ -112,3 +112,33 @@ def test_rows_split_over_several_products_give_the_same_pixels(monkeypatch):
     _check(im, 518, 518)
     _check(im, 97, 131)
     assert len(seen) > 20 and max(seen) < 3 * 301  # split: no product takes every row
+
+
+def test_out_of_gpu_memory_resizing_falls_back_to_the_host_with_the_same_pixels(
+    monkeypatch, caplog
+):
+    """(Simulated here: the group's product raises as CUDA would.) The batch keeps its images
+    instead of failing; the host resize gives the same pixels."""
+    import logging
+
+    import crane.data.transforms as T
+
+    rng = np.random.default_rng(5)
+    images = [torch.from_numpy(rng.integers(0, 256, (3, 90, 70), dtype=np.uint8)) for _ in range(3)]
+    images.append(torch.from_numpy(rng.integers(0, 256, (1, 64, 64), dtype=np.uint8)))
+    want = T.resize_each(images, 56)
+    real, calls = T.resize_uint8, []
+
+    def short_of_memory(pixels, size):
+        calls.append(pixels.shape[0])
+        if len(calls) == 1:  # (the first group, as one product)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(pixels, size)
+
+    monkeypatch.setattr(T, "resize_uint8", short_of_memory)
+    with caplog.at_level(logging.WARNING):
+        got = T.resize_each(images, 56)
+    assert "out of GPU memory resizing 3 image(s) of 90x70 px" in caplog.text
+    assert calls[:4] == [3, 1, 1, 1]  # (then the host, one image at a time)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)

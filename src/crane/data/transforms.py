@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -31,6 +32,8 @@ from crane.constants import (
 from crane.data.handover import HandoverPool, shared_uint8
 from crane.data.imageio import PathLike, binarize_mask, normalize_mode, open_image, read_jpeg
 from crane.data.pil_resample import pil_resize_uint8
+
+log = logging.getLogger(__name__)
 
 
 def _resized_rgb(image: Image.Image, size: int) -> Image.Image:
@@ -276,10 +279,28 @@ def resize_each(images: Sequence[torch.Tensor], size: int) -> list[torch.Tensor]
         step = max(1, _RESIZE_BYTES // (8 * math.prod(shape)))
         for start in range(0, len(members), step):
             part = members[start : start + step]
-            resized = resize_uint8(torch.stack([images[i] for i in part]), size)
+            try:
+                resized = resize_uint8(torch.stack([images[i] for i in part]), size)
+            except torch.cuda.OutOfMemoryError:
+                resized = _resized_on_the_host([images[i] for i in part], size)
             for i, pixels in zip(part, resized, strict=True):
                 out[i] = pixels.expand(3, -1, -1) if pixels.shape[0] == 1 else pixels
     return out
+
+
+def _resized_on_the_host(images: Sequence[torch.Tensor], size: int) -> list[torch.Tensor]:
+    """Out of GPU memory resizing: the same exact products on the CPU, one image at a time
+    (the same pixels; a large photo costs seconds there instead of failing the batch)."""
+    log.warning(
+        "out of GPU memory resizing %d image(s) of %s px there: resized on the CPU instead "
+        "(the same pixels)",
+        len(images),
+        "x".join(map(str, images[0].shape[-2:])),
+    )
+    device = images[0].device
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return [resize_uint8(im.cpu()[None], size)[0].to(device) for im in images]
 
 
 _RESIZE_BYTES = 256 << 20  # float64 bytes of the images resized in one group
