@@ -560,12 +560,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _bins(args: argparse.Namespace) -> int:
     from crane.metrics import DEFAULT_NUM_BINS
+    from crane.metrics.binned import MAX_NUM_BINS
 
     if args.bins is None:
         return DEFAULT_NUM_BINS
     if args.metric_mode != "binned":
         raise CraneError("--bins applies to --metric-mode binned only")
-    if args.bins < 2 or args.bins & (args.bins - 1) or args.bins > 1 << 24:
+    if args.bins < 2 or args.bins & (args.bins - 1) or args.bins > MAX_NUM_BINS:
         raise CraneError(f"--bins must be a power of two from 2 to 2**24, got {args.bins}")
     return args.bins
 

@@ -156,9 +156,7 @@ class _BinnedPixels:
             zeros = torch.zeros(k, dtype=torch.int64, device=maps.device)
             self.hist_all, self.hist_pos, self.weight_pos = zeros, zeros.clone(), zeros.double()
         assert self.hist_pos is not None and self.weight_pos is not None
-        lo, hi = min_max(flat)
-        if math.isnan(lo) or math.isnan(hi):
-            raise ValueError("anomaly maps contain NaN")
+        lo, hi = min_max(flat)  # (NaN maps: refused by MetricAccumulator.update before)
         self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
         add_(self.hist_all, bincount(bin_index(flat, k), k))
         bins = bin_index(pos, k)
@@ -188,7 +186,7 @@ class _BinnedPixels:
 class _ClassState:
     """One class: image scores / labels, pixel state, and the last results (both AUPROs)."""
 
-    def __init__(self, pixels: _ExactPixels | _BinnedPixels, name: str = "") -> None:
+    def __init__(self, pixels: _ExactPixels | _BinnedPixels, name: str) -> None:
         self.name = name
         self.scores: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []

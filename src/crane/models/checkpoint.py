@@ -17,7 +17,7 @@ import torch
 from crane.config import CraneConfig
 from crane.errors import CheckpointError, CraneError
 from crane.files import atomic_write_bytes
-from crane.models.weights import all_finite
+from crane.models.weights import all_finite, describe_file
 
 FORMAT = "crane-checkpoint"
 FORMAT_VERSION = 1
@@ -82,10 +82,8 @@ def load_released_prompts(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # (torch's own text advises weights_only=False: no help here)
-        from crane.models.weights import _what_it_is
-
         raise CheckpointError(
-            f"cannot read prompt file {path}{_what_it_is(path)}; crane reads the "
+            f"cannot read prompt file {path}{describe_file(path)}; crane reads the "
             "prompts.safetensors of its runs and the authors' epoch_K.pth release files"
         ) from exc
     if not isinstance(obj, dict) or "prompt_learner" not in obj:

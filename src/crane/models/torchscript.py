@@ -24,6 +24,7 @@ value and dtype for dtype (tested on traced and scripted archives written by tor
 from __future__ import annotations
 
 import ast
+import io
 import pickle
 import pickletools
 import re
@@ -111,8 +112,7 @@ def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=No
     if len(size) != len(stride):
         raise pickle.UnpicklingError("a tensor's size and stride differ in length")
     last = offset + sum((n - 1) * st for n, st in zip(size, stride, strict=True))
-    itemsize = torch.empty(0, dtype=storage.dtype).element_size()
-    if all(size) and last >= storage.untyped.nbytes() // itemsize:
+    if all(size) and last >= storage.untyped.nbytes() // storage.dtype.itemsize:
         raise pickle.UnpicklingError("a tensor reaches past the end of its storage")
     return torch.empty(0, dtype=storage.dtype).set_(storage.untyped, offset, size, stride)
 
@@ -149,26 +149,24 @@ def _complex(real=0.0, imag=0.0):
     return complex(real, imag)
 
 
-# torch.jit._pickle's helpers, which older archives call for typed lists and containers.
-_JIT_PICKLE = {
-    "restore_type_tag": _restore_type_tag,
-    **{f"build_{kind}list": _build_list for kind in ("int", "double", "bool", "tensor")},
-}
-#: Every other global a pickle may name: ``(module, name) -> what it stands for``.
+#: Every other global a pickle may name: ``(module, name) -> what it stands for``
+#: (``torch.jit._pickle``'s helpers: what older archives call for typed lists).
 _ALLOWED = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("collections", "OrderedDict"): _ordered_dict,
     ("torch", "device"): _device,
     ("builtins", "complex"): _complex,
-    **{("torch.jit._pickle", name): f for name, f in _JIT_PICKLE.items()},
+    ("torch.jit._pickle", "restore_type_tag"): _restore_type_tag,
+    **{
+        ("torch.jit._pickle", f"build_{kind}list"): _build_list
+        for kind in ("int", "double", "bool", "tensor")
+    },
 }
 
 
 class _Unpickler(pickle.Unpickler):
     def __init__(self, data: bytes, storage) -> None:
-        import io
-
         super().__init__(io.BytesIO(data))
         self._storage = storage
         self._classes: dict[str, type] = {}
@@ -275,7 +273,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             if key in storages:
                 return _Storage(storages[key].untyped, dtype)
             info = infos.get(f"{prefix}data/{key}")
-            nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+            nbytes = numel * dtype.itemsize
             if info is None or numel < 0 or info.file_size < nbytes:
                 raise pickle.UnpicklingError(f"storage {key!r} is missing or short in the archive")
             if info.compress_type == zipfile.ZIP_STORED:

@@ -143,7 +143,7 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
         raise
     except Exception as exc:  # unpickling, zip and format errors come in many types
         raise WeightsError(
-            f"cannot read weight file {path}{_what_it_is(path)}; crane reads torch state dicts, "
+            f"cannot read weight file {path}{describe_file(path)}; crane reads torch state dicts, "
             "OpenAI's TorchScript archives and safetensors files"
         ) from exc
     for key in ("state_dict", "model", "teacher"):
@@ -179,7 +179,7 @@ def _looks_like_safetensors(path: Path) -> bool:
         return False
 
 
-def _what_it_is(path: Path) -> str:
+def describe_file(path: Path) -> str:
     """What an unreadable weight file looks like, from its first bytes (torch's own errors
     advise ``weights_only=False``, which is no help here)."""
     try:
