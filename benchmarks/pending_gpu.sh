@@ -3,13 +3,14 @@
 #
 #   benchmarks/pending_gpu.sh STEP[,STEP...] [OUT] [BUDGET_S]
 #
-# Steps (seconds each took on an H100 in the 16th or 17th session, wheel install excluded):
+# Steps (seconds each took on an H100 in the 16th or 17th session, or an H200 in the 27th,
+# wheel install excluded):
 #   tests     CUDA tests: CUDA = CPU, guards, pipelines, CUDA-graph outputs, attention
-#             kernels, nvJPEG decoding (104 in the 17th: 19 tests)
+#             kernels, nvJPEG decoding (104 in the 17th: 19 tests; 95 in the 27th: 24)
 #   eval      evaluate end to end (512 1024-px PNGs with masks), fp32 baseline against the
 #             optimised path and the optimised path with --device-resize (20th session), with
-#             where the main thread's time went (part of e2e before the 17th session; ≈ 80 s
-#             expected)
+#             where the main thread's time went (part of e2e before the 17th session; 136 in
+#             the 27th)
 #   loader    evaluate's loader alone on the same kind of dataset at 16 workers: whole
 #             batches per worker (to the 17th session) against chunks joined in the main
 #             process (since), free and paced at a model's 190 ms per batch (≈ 60 s expected)
@@ -24,14 +25,14 @@
 #   e2e       predict from JPEGs (default options), exact decode with the resize on the GPU
 #             (--device-resize, 20th session: the workers only decode), one-file latency
 #             (≈ 170: the 17th session's 253 s also ran evaluate and each row at 2
-#             main-process threads)
+#             main-process threads; 137 in the 27th)
 #   model     Crane+ model only, fp32 baseline against the optimised path, memory at batch 1
-#             (48)
+#             (48; 56 in the 27th)
 #   variants  which options pay off: DINOv2 precisions, the one-SiLU MLP, cuDNN, the TF32
 #             tail (81 without the two TF32-tail rows)
 #   compiled  the same with torch.compile, 5 rows (88; 7 rows since)
 #   e2e-fast  predict from 2048-px JPEGs with the fastest options measured, compiled, at 16,
-#             12 and 8 workers, each with torch's and 2 main-process threads (160)
+#             12 and 8 workers, each with torch's and 2 main-process threads (160; 144 in the 27th)
 #   floor     GEMM/attention time against the rest of a batch-32 bf16 predict (20)
 #   outputs   how fast this machine's CPUs draw and write predict's overlays (23 s for 3
 #             rows; 5 since: Pillow's and png_bytes's PNGs at 8 and 16 threads, JPEG)
@@ -40,13 +41,14 @@
 #             copying them straight into the pinned buffer (since), chunks of 2 and 8, at
 #             torch's and 2 main-process threads (32)
 #   train     the training target: Crane+ features of 1725 images encoded once in bf16, then
-#             3 epochs over the cache (65)
-#   all       = tests,e2e,eval,loader,variants,compiled,outputs,model,floor,device-decode,
-#             attention,e2e-fast,rebatch,train: what is still unmeasured on the current code
-#             first (RESULTS.md, "Where the targets stand"): the CUDA tests (the exact GPU
-#             resize, the TF32 tail's), --device-resize end to end, evaluate with the chunked
-#             loader, the TF32 tail's speed, the PNG writer on these CPUs; then what the 16th
-#             and 17th sessions measured
+#             3 epochs over the cache (65; 60 in the 27th)
+#   all       = tests,compiled,floor,device-decode,outputs,variants,model,e2e,eval,attention,
+#             loader,rebatch,e2e-fast,train: what is still unmeasured on the current code first
+#             (RESULTS.md, "Where the targets stand"): the CUDA tests, the compiled rows (the
+#             TF32 tail's among them), the true-fp32 Gaussian's share of a batch, nvJPEG at
+#             speed, the PNG writer on these CPUs, the eager variants not reached; then what
+#             the 27th session measured on an H200 (model, e2e, eval, train, e2e-fast) and the
+#             16th/17th on an H100
 #
 # OUT: folder for the JSON and log.txt (default benchmarks/results). BUDGET_S: wall-clock
 # seconds for the whole script (0 = none); a step cut at the budget gets 20 s more to exit
@@ -66,7 +68,7 @@ out=${2:-$(dirname "$0")/results}  # (a relative OUT: from the caller's director
 budget=${3:-0}
 py=${PYTHON:-python3}
 [[ $steps == all ]] &&
-  steps=tests,e2e,eval,loader,variants,compiled,outputs,model,floor,device-decode,attention,e2e-fast,rebatch,train
+  steps=tests,compiled,floor,device-decode,outputs,variants,model,e2e,eval,attention,loader,rebatch,e2e-fast,train
 mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 2
 [[ $py == */* ]] && { py="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")" || exit 2; }
 cd "$(dirname "$0")/.." || exit 2
