@@ -647,10 +647,19 @@ class Detector:
             hw = tuple(item["hw"]) if self.map_size == "input" else (self.size, self.size)
             groups.setdefault(hw, []).append(j)
         job.groups = list(groups.values())
-        job.maps = [
-            resize_maps(maps if len(idx) == len(job.ok) else select_rows(maps, idx), *hw)
-            for hw, idx in groups.items()
-        ]
+        try:
+            job.maps = [
+                resize_maps(maps if len(idx) == len(job.ok) else select_rows(maps, idx), *hw)
+                for hw, idx in groups.items()
+            ]
+        except torch.OutOfMemoryError as exc:
+            h, w = max(groups, key=lambda hw: hw[0] * hw[1])
+            raise CraneError(
+                f"out of {self.device} memory resizing a batch's {len(job.ok)} anomaly maps to "
+                f"their images' sizes (up to {h}×{w} px, {4 * h * w / 2**20:.0f} MB each): use "
+                f"--map-size model (maps at {self.size}×{self.size}) or a smaller --batch-size "
+                f"({(str(exc) or type(exc).__name__).splitlines()[0]})"
+            ) from None
         job.scores = scores
         if self.device.type == "cuda":
             job.done = torch.cuda.Event()

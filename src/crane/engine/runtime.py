@@ -257,6 +257,13 @@ def scoring_forward(
     With a CUDA-graph mode (``"reduce-overhead"``, ``"max-autotune"``) on CUDA the outputs are
     copied out of the graph's memory pool: the next call would overwrite them, and the
     predict/evaluate pipelines launch batch k+1 before they read batch k.
+
+    A batch that runs out of device memory is run again in halves, and later batches in
+    parts of the size that fit (with one warning per size): a long ``predict`` or
+    ``evaluate`` keeps going where another process took some of the GPU, or where a batch
+    of large inputs does not fit. Each image's results do not depend on the batch it is in.
+    A single image that does not fit raises a :class:`~crane.errors.CraneError` naming the
+    fixes.
     """
     mode = compile if isinstance(compile, str) else None
     check_attention(attention)
@@ -287,4 +294,45 @@ def scoring_forward(
         scores, maps = out.image_scores.float(), out.anomaly_maps.float()
         return (scores.clone(), maps.clone()) if graphs else (scores, maps)
 
-    return run
+    fits: list[int] = []  # the most images per call since one ran out of memory
+
+    def forward(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = images.shape[0]
+        if fits and n > fits[-1]:
+            step = fits[-1]
+            parts = [forward(images[i : i + step]) for i in range(0, n, step)]
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        try:
+            return run(images)
+        except torch.OutOfMemoryError as exc:
+            if n == 1:
+                raise out_of_memory_error(device, images, exc) from None
+        # (retried here, not in the handler: its traceback holds the failed call's tensors)
+        fits.append(n // 2)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.warning(
+            "out of %s memory for a batch of %d images: running %d at a time from now on "
+            "(a smaller --batch-size avoids the failed try)",
+            device,
+            n,
+            fits[-1],
+        )
+        return forward(images)
+
+    return forward
+
+
+def out_of_memory_error(device: torch.device, images: torch.Tensor, exc: Exception) -> CraneError:
+    """The one-paragraph error for an image that does not fit on ``device`` alone."""
+    free = ""
+    if device.type == "cuda":
+        with contextlib.suppress(RuntimeError):
+            got, total = torch.cuda.mem_get_info(device)
+            free = f" ({got / 2**30:.1f} of {total / 2**30:.1f} GiB free now)"
+    first = (str(exc) or type(exc).__name__).splitlines()[0]
+    return CraneError(
+        f"out of {device} memory for a single {images.shape[-2]}×{images.shape[-1]} image"
+        f"{free}: {first}. Free the device of other processes, use --precision bf16 (half "
+        "the weights and activations), or run on another device (--device)."
+    )
