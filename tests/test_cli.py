@@ -58,6 +58,8 @@ def test_demo_trains_prompts_that_beat_untrained_ones(tmp_path):
     assert losses[-1] < losses[0]
     html = (tmp_path / "demo" / "report.html").read_text()
     assert "<table>" in html and html.count("<img") >= 8
+    shown = re.findall(r"<figcaption>([^/<]+)/", html)  # every class's overlays, not one's
+    assert set(shown) == {"tile", "fabric", "plate"}
     for rel in (
         "eval/metrics.csv",
         "eval/metrics.json",

@@ -94,6 +94,14 @@ def run_demo(
     return result
 
 
+def _round_robin(groups: list[list[Path]], n: int) -> list[Path]:
+    """Up to ``n`` items taking one from each group in turn: every class in the report."""
+    out: list[Path] = []
+    for k in range(max(map(len, groups), default=0)):
+        out += [g[k] for g in groups if k < len(g)]
+    return out[:n]
+
+
 def _fmt(v: float | None) -> str:
     return "n/a" if v is None or math.isnan(v) else f"{100 * v:.1f}"
 
@@ -110,9 +118,15 @@ def _html(out: Path, result: dict[str, Any]) -> str:
         )
     )
     losses = ", ".join(f"{h['loss']:.3f}" for h in result["epoch_losses"])
-    shots = sorted((out / "overlays").rglob("*.png"))
-    anomalous = [p for p in shots if not p.name.startswith("good_")][:12]
-    normal = [p for p in shots if p.name.startswith("good_")][:4]
+    by_class: dict[str, list[Path]] = {}
+    for p in sorted((out / "overlays").rglob("*.png")):
+        by_class.setdefault(p.parent.name, []).append(p)
+    anomalous = _round_robin(
+        [[p for p in ps if not p.name.startswith("good_")] for ps in by_class.values()], 12
+    )
+    normal = _round_robin(
+        [[p for p in ps if p.name.startswith("good_")] for ps in by_class.values()], 4
+    )
     figs = "".join(
         f'<figure><img src="{html.escape(p.relative_to(out).as_posix())}" width="224">'
         f"<figcaption>{html.escape(p.parent.name)}/{html.escape(p.stem)}</figcaption></figure>"
