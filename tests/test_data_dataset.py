@@ -254,6 +254,31 @@ def test_dataset_class_filter_and_arguments(small_root):
     assert len(AnomalyDataset(small_root, split="train")) == 0
 
 
+def test_32bit_greyscale_is_read_by_the_range_its_values_show(tmp_path):
+    """Mode I (a 32-bit container, e.g. an int32 TIFF): 8-bit data as the reference reads them
+    (not divided by 257 into black), 16-bit data as 16-bit files, anything else refused."""
+    rng = np.random.default_rng(0)
+    eight = rng.integers(0, 256, (24, 32)).astype(np.int32)
+    path = tmp_path / "i32_8bit.tif"
+    Image.fromarray(eight).save(path)
+    with Image.open(path) as im:
+        assert im.mode == "I"
+        reference = np.asarray(im.convert("L"))
+    assert np.array_equal(np.asarray(open_image(path)), reference)
+    assert np.array_equal(reference, eight)
+    sixteen = (eight * 257).astype(np.int32)  # 16-bit data, max > 255
+    Image.fromarray(sixteen).save(tmp_path / "i32_16bit.tif")
+    assert np.array_equal(np.asarray(open_image(tmp_path / "i32_16bit.tif")), eight)
+    for name, bad in (("wide.tif", sixteen * 2), ("negative.tif", eight - 1)):
+        Image.fromarray(bad.astype(np.int32)).save(tmp_path / name)
+        with pytest.raises(ImageReadError, match=f"{name}: a 32-bit integer greyscale image"):
+            open_image(tmp_path / name)
+    # In memory (predict inputs) the same rule.
+    assert torch.equal(
+        image_to_tensor(Image.fromarray(eight), S), image_to_tensor(Image.fromarray(reference), S)
+    )
+
+
 def test_corrupt_image_raises_naming_the_file(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)

@@ -575,6 +575,48 @@ def test_dagm_names_the_class_folders_it_skips(tmp_path, caplog):
     assert "not found, skipped: Class1, Class2, Class4," in caplog.text
 
 
+def test_dagm_leaves_out_classes_without_test_images(tmp_path, caplog):
+    write_image(tmp_path / "Class1" / "Test" / "0001.PNG")
+    write_image(tmp_path / "Class2" / "Train" / "0001.PNG")
+    (tmp_path / "Class2" / "Test").mkdir()
+    with caplog.at_level(logging.WARNING):
+        meta = prepare("dagm", tmp_path)
+    assert list(meta["test"]) == ["Class1"] and "Class2" not in meta["train"]
+    assert "Class2: no test images in" in caplog.text and "left out" in caplog.text
+
+
+def test_links_to_missing_files_are_named_not_dropped_silently(tmp_path, caplog):
+    make_mvtec_class(tmp_path, "bottle", defects={"broken": ["000"]})
+    good = tmp_path / "bottle" / "test" / "good"
+    (good / "gone.png").symlink_to(tmp_path / "unmounted" / "gone.png")
+    (good / "there.png").symlink_to(next(good.glob("*.png")))
+    with caplog.at_level(logging.WARNING):
+        meta = prepare("mvtec", tmp_path)
+    paths = {s.img_path for s in meta["test"]["bottle"]}
+    assert "bottle/test/good/there.png" in paths and "bottle/test/good/gone.png" not in paths
+    assert "1 image link(s) point to no file and are left out: gone.png" in caplog.text
+
+
+def test_skipping_every_image_for_its_missing_mask_says_so(tmp_path):
+    for stem in ("0", "1"):
+        write_image(tmp_path / "test-image" / f"{stem}.jpg", fmt="JPEG")
+    (tmp_path / "test-mask").mkdir()
+    with pytest.raises(DatasetError, match="all 2 images found lack their mask and were skipped"):
+        prepare("tn3k", tmp_path, missing_mask="skip")
+
+
+def test_layouts_registered_under_any_spelling_are_found(monkeypatch):
+    from crane.data import layouts
+
+    monkeypatch.setattr(layouts, "_REGISTRY", dict(layouts._REGISTRY))
+    for name in ("My_Data", "mvtec_loco"):
+        layouts.register_layout(name, title=name, layout="<cls>/*.png")(lambda ctx: {})
+    assert get_layout("my-data").name == "my-data" and get_layout("MY_DATA").name == "my-data"
+    assert get_layout("mvtec_loco") is get_layout("MVTec-LOCO")
+    with pytest.raises(ValueError, match="already registered"):
+        layouts.register_layout("MY-data", title="x", layout="x")(lambda ctx: {})
+
+
 def test_visa_reads_the_classes_a_partial_download_holds(tmp_path, caplog):
     make_visa(tmp_path, [("pcb1", "test", "anomaly", "000"), ("pcb1", "test", "normal", "0001")])
     csv_path = tmp_path / "split_csv" / "1cls.csv"

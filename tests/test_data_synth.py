@@ -52,6 +52,8 @@ def test_class_images_do_not_depend_on_other_classes(tmp_path):
     make_synthetic_dataset(tmp_path / "b", seed=1, **{**SMALL, "classes": ("fabric",)})
     a, b = files_bytes(tmp_path / "a"), files_bytes(tmp_path / "b")
     assert all(a[k] == v for k, v in b.items() if k.startswith("fabric/"))
+    make_synthetic_dataset(tmp_path / "c", seed=1, **{**SMALL, "classes": "fabric"})  # one name
+    assert files_bytes(tmp_path / "c") == b
 
 
 def test_masks_are_exactly_the_changed_pixels(tmp_path):

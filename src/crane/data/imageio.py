@@ -5,8 +5,10 @@ The reference pipeline resizes the *decoded* PIL image and only then converts it
 For palette (P) and alpha (RGBA/LA) images the order changes the pixels, so
 :func:`open_image` keeps those modes as decoded and leaves the conversion to
 :func:`crane.data.transforms.image_to_tensor`. Modes the reference would mangle are
-normalised here instead: 16/32-bit greyscale is scaled to 8 bits (``convert("RGB")``
-would clip it to white) and CMYK/YCbCr/LAB/HSV are converted to RGB.
+normalised here instead: 16-bit greyscale is scaled to 8 bits (``convert("RGB")``
+would clip it to white), 32-bit integer greyscale by the range its values show (0..255: as
+the reference reads it; up to 65535: as 16-bit data; beyond: refused), and
+CMYK/YCbCr/LAB/HSV are converted to RGB.
 
 EXIF orientation is deliberately *not* applied: masks are drawn on the stored pixel
 grid and the reference never transposes either.
@@ -63,8 +65,24 @@ def _decode(path: PathLike, what: str, draft: int | None = None) -> Image.Image:
 
 
 def _grey_to_uint8(im: Image.Image) -> Image.Image:
-    """Scale a 16/32-bit integer or float greyscale image to an 8-bit L image."""
+    """Scale a 16/32-bit integer or float greyscale image to an 8-bit L image.
+
+    16-bit modes (``I;16*``: 16-bit PNG and TIFF files) map their full range onto 8 bits.
+    Mode ``I`` is a 32-bit container whose file does not say which range its data use: 8-bit
+    data (0..255) are kept as they are, as the reference's conversion reads them; 16-bit data
+    (up to 65535) are scaled as 16-bit files are; negative values or values beyond 16 bits
+    raise :class:`~crane.errors.ImageReadError` (the reference would clip them)."""
     arr = np.asarray(im)
+    if im.mode == "I" and arr.size:
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > 65535:
+            raise ImageReadError(
+                f"a 32-bit integer greyscale image with values {lo}..{hi}: crane reads such "
+                "images when they hold 8-bit (0..255) or 16-bit (0..65535) data; convert it to "
+                "8 or 16 bits"
+            )
+        if hi <= 255:
+            return Image.fromarray(arr.astype(np.uint8))
     if im.mode == "F":
         arr = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         # Float images carry no range; [0, 1] is the common convention, else assume 8-bit.
@@ -142,7 +160,11 @@ def open_image(path: PathLike, draft: int | None = None) -> Image.Image:
     :class:`~crane.errors.ImageReadError` naming the file if it is missing or cannot be
     decoded (corrupt, truncated, not an image).
     """
-    return normalize_mode(_decode(path, "image", draft))
+    im = _decode(path, "image", draft)
+    try:
+        return normalize_mode(im)
+    except ImageReadError as exc:
+        raise ImageReadError(f"cannot read image {path}: {exc}") from None
 
 
 def normalize_mode(im: Image.Image) -> Image.Image:

@@ -95,11 +95,13 @@ def register_layout(
 ) -> Callable[[Callable[[ScanContext], Meta]], Callable[[ScanContext], Meta]]:
     """Decorator registering a scanner ``fn(ctx) -> Meta`` under ``name``."""
 
+    key = _layout_key(name)  # (as get_layout looks names up)
+
     def decorator(fn: Callable[[ScanContext], Meta]) -> Callable[[ScanContext], Meta]:
-        if name in _REGISTRY:
-            raise ValueError(f"dataset layout {name!r} is already registered")
+        if key in _REGISTRY:
+            raise ValueError(f"dataset layout {name!r} is already registered (as {key!r})")
         text = "\n".join(line.rstrip() for line in layout.strip("\n").splitlines())
-        _REGISTRY[name] = Layout(name, title, text, tuple(classes), fn)
+        _REGISTRY[key] = Layout(key, title, text, tuple(classes), fn)
         return fn
 
     return decorator
@@ -110,9 +112,13 @@ def list_layouts() -> list[Layout]:
     return list(_REGISTRY.values())
 
 
+def _layout_key(name: str) -> str:
+    return name.strip().lower().replace("_", "-")
+
+
 def get_layout(name: str) -> Layout:
     """The layout called ``name`` (case-insensitive, ``_`` accepted for ``-``)."""
-    key = name.strip().lower().replace("_", "-")
+    key = _layout_key(name)
     if key not in _REGISTRY:
         known = ", ".join(_REGISTRY)
         raise DatasetError(f"unknown dataset {name!r}; known datasets: {known}")
@@ -146,6 +152,11 @@ def prepare(name: str, root: str | os.PathLike[str], *, missing_mask: str = "err
         raise
     ctx.finish()
     if next(iter_samples(meta), None) is None:
+        if ctx.masks_missing and missing_mask == "skip":
+            raise DatasetError(
+                f"{layout.name} in {root}: all {len(ctx.masks_missing)} images found lack their "
+                "mask and were skipped (--missing-mask skip); nothing is left to index"
+            )
         raise DatasetError(
             f"found no images for {layout.name} in {root}; expected:\n{layout.layout}"
         )
@@ -275,12 +286,21 @@ def read_csv(ctx: ScanContext, path: Path, required: Iterable[str]) -> list[dict
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files directly in ``folder`` (sorted by name; hidden/non-image files ignored)."""
+    """Image files directly in ``folder`` (sorted by name; hidden/non-image files ignored;
+    links to files that do not exist are left out with a warning: a dataset of links into an
+    unmounted disk, say)."""
     if not folder.is_dir():
         return []
-    return sorted(
-        (p for p in folder.iterdir() if p.is_file() and is_image_file(p.name)), key=lambda p: p.name
-    )
+    named = [p for p in folder.iterdir() if is_image_file(p.name)]
+    broken = sorted(p.name for p in named if p.is_symlink() and not p.exists())
+    if broken:
+        logger.warning(
+            "%s: %d image link(s) point to no file and are left out: %s",
+            folder,
+            len(broken),
+            ", ".join(broken[:5]) + (", ..." if len(broken) > 5 else ""),
+        )
+    return sorted((p for p in named if p.is_file()), key=lambda p: p.name)
 
 
 def list_dirs(folder: Path) -> list[Path]:
@@ -663,6 +683,10 @@ def _dagm(ctx: ScanContext) -> Meta:
                 else:
                     samples.append(ctx.sample(image, cls, "defect", 1, label))
             labels.report_unused()
+            if split == "test" and not samples:
+                logger.warning("%s: no test images in %s; the class is left out", cls, split_dir)
+                meta["train"].pop(cls, None)
+                break
             meta[split][cls] = samples
     return meta
 

@@ -318,7 +318,7 @@ def make_synthetic_dataset(
     or meta.json are only replaced with ``overwrite=True``. ``workers`` > 0 writes the files
     in that many processes (the same files: each sample has its own seed).
     """
-    classes = tuple(classes)
+    classes = (classes,) if isinstance(classes, str) else tuple(classes)  # (one name given)
     if not classes:
         raise DatasetError("need at least one class")
     unknown = [c for c in classes if c not in TEXTURES]
