@@ -719,12 +719,13 @@ def test_overlay_names_of_evaluate_never_collide(tmp_path):
 
 
 def test_overwrite_leaves_files_that_are_not_a_runs(tmp_path):
-    from crane.engine.train import prepare_run_dir
+    from crane.engine.train import _remove_earlier_run, prepare_run_dir
 
     (tmp_path / "config.json").write_text('{"mine": true}')
     (tmp_path / "epoch_1").mkdir()
     (tmp_path / "epoch_1" / "notes.txt").write_text("mine")
     assert prepare_run_dir(tmp_path, resume=False, overwrite=True) is False
+    _remove_earlier_run(tmp_path)  # (what --overwrite does before the new run's first save)
     assert (tmp_path / "config.json").read_text() == '{"mine": true}'
     assert (tmp_path / "epoch_1" / "notes.txt").is_file()
 

@@ -350,3 +350,151 @@ def test_resume_with_another_image_size_names_it(copy_of, tmp_path):
     ds = AnomalyDataset(data, "test", image_size=56)
     with pytest.raises(CraneError, match="image_size: 112 → 56"):
         _run(data, run, resume=True, model=small, ds=ds)
+
+
+# ---------------------------------------------------------------- 27th-session review
+
+
+def test_a_calibrated_models_threshold_is_not_carried_into_trained_prompts(synth, tmp_path, caplog):
+    """Training from a calibrated run (``create_model(RUN)``, ``crane train --preset RUN``)
+    kept its threshold in every new epoch and the new top-level model, and predict then
+    decided with it; the warning said it was dropped."""
+    from crane.models.checkpoint import update_threshold
+
+    base = tmp_path / "base"
+    _run(synth, base, epochs=1)
+    update_threshold(base, 0.2756, {"how": "test"})
+    calibrated = create_model(str(base))
+    assert calibrated.image_threshold == pytest.approx(0.2756)
+    with caplog.at_level(logging.WARNING):
+        _run(synth, tmp_path / "ft", epochs=1, model=calibrated)
+    assert "image threshold (0.2756) was calibrated on its prompts before this" in caplog.text
+    for where in (tmp_path / "ft", tmp_path / "ft" / "epoch_1"):
+        assert json.loads((where / "config.json").read_text())["image_threshold"] is None
+    assert create_model(str(tmp_path / "ft")).image_threshold is None
+    # Resumed through the API from the calibrated run itself: dropped as well.
+    _run(synth, tmp_path / "cut", epochs=2, stop=1)
+    update_threshold(tmp_path / "cut", 0.5, {"how": "test"})
+    _run(synth, tmp_path / "cut", epochs=2, resume=True, model=create_model(str(tmp_path / "cut")))
+    assert json.loads((tmp_path / "cut" / "config.json").read_text())["image_threshold"] is None
+    # A run already trained as far as asked keeps its own calibration (nothing retrained).
+    update_threshold(tmp_path / "cut", 0.5, {"how": "test"})
+    model = create_model(str(tmp_path / "cut"))
+    _run(synth, tmp_path / "cut", epochs=2, resume=True, model=model)
+    assert model.image_threshold == 0.5
+
+
+def test_resume_on_another_subset_of_the_same_size_is_refused(synth, tmp_path):
+    from torch.utils.data import Subset
+
+    ds = AnomalyDataset(synth, "test", image_size=SIZE)
+    n = len(ds)
+    first, other = Subset(ds, list(range(0, n - 4))), Subset(ds, list(range(4, n)))
+    _run(synth, tmp_path / "run", stop=1, ds=first)
+    with pytest.raises(CraneError, match="the images differ"):
+        _run(synth, tmp_path / "run", resume=True, ds=other)
+    # Nested subsets pick through each other: the same samples resume.
+    nested = Subset(Subset(ds, list(range(n))), list(range(0, n - 4)))
+    assert T._samples_and_root(nested)[0] == T._samples_and_root(first)[0]
+    _run(synth, tmp_path / "run", resume=True, ds=nested)
+
+
+def test_overwrite_keeps_the_earlier_run_until_the_new_one_saves(synth, tmp_path, caplog):
+    """--overwrite removed the earlier run before encoding: a new run that failed there (a
+    corrupt image, Ctrl-C) left nothing."""
+    run = tmp_path / "run"
+    _run(synth, run, epochs=1)
+    before = sorted(p.name for p in run.iterdir())
+    model = create_model("tiny", seed=111, image_size=SIZE)
+
+    def broken(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    ds = AnomalyDataset(synth, "test", image_size=SIZE)
+    with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(T.FeatureCache, "build", broken)
+            train(model, ds, run, TrainSettings(epochs=1, batch_size=4), progress=False,
+                  overwrite=True, device="cpu")  # fmt: skip
+    assert sorted(p.name for p in run.iterdir()) == before
+    assert "the earlier run in" in caplog.text and "is left as it was" in caplog.text
+    assert "nothing to resume" not in caplog.text
+    # Once the new run saves, the earlier run's epochs are gone.
+    (run / "epoch_7").mkdir()
+    shutil.copytree(run / "epoch_1", run / "epoch_7", dirs_exist_ok=True)
+    train(model, ds, run, TrainSettings(epochs=1, batch_size=4), progress=False,
+          overwrite=True, device="cpu")  # fmt: skip
+    assert not (run / "epoch_7").exists() and (run / "epoch_1").is_dir()
+    assert json.loads((run / "resume.json").read_text())["epochs_done"] == 1
+
+
+def test_an_old_format_run_killed_while_saving_after_a_resume_resumes_exactly(synth, tmp_path):
+    """Runs saved before the epoch folders held the optimizer state: this crane rewrites the
+    top-level model before resume.json, so after a crash between the two the top level holds
+    the next epoch's prompts, which the resume paired with the earlier optimizer state."""
+    from unittest import mock
+
+    full = create_model("tiny", seed=111, image_size=SIZE)
+    _run(synth, tmp_path / "full", epochs=3, model=full)
+    old = tmp_path / "old"
+    _run(synth, old, epochs=3, stop=1)
+    (old / "epoch_1" / "optimizer.safetensors").rename(old / "resume.safetensors")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with mock.patch.object(T, "_save_resume", killed), pytest.raises(KeyboardInterrupt):
+        _run(synth, old, epochs=3, resume=True)
+    assert json.loads((old / "resume.json").read_text())["epochs_done"] == 1
+    resumed = create_model("tiny", seed=111, image_size=SIZE)
+    _run(synth, old, epochs=3, resume=True, model=resumed)
+    for (k, a), (_, b) in zip(
+        full.prompt_learner.state_dict().items(),
+        resumed.prompt_learner.state_dict().items(),
+        strict=True,
+    ):
+        assert torch.equal(a, b), k
+
+
+def test_seeds_of_any_size_and_the_folder_message(synth, tmp_path):
+    """A timestamp as --seed overflowed torch's generator after the whole encoding pass;
+    seeds in torch's range keep their epoch order (runs resume across versions)."""
+    big = 1_732_700_000_000_000_000
+    order = T._epoch_order(10, big, 3)
+    assert sorted(order.tolist()) == list(range(10))
+    expected = torch.randperm(
+        10, generator=torch.Generator().manual_seed((big * 1_000_003 + 3) % 2**64)
+    )
+    assert torch.equal(order, expected)
+    small = torch.randperm(10, generator=torch.Generator().manual_seed(111 * 1_000_003 + 2))
+    assert torch.equal(T._epoch_order(10, 111, 2), small)
+    # A folder with files but no resume state: --resume would say there is nothing to resume.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "epoch_1").mkdir()
+    with pytest.raises(
+        CraneError, match=r"holds no run to resume \(resume.json missing\); pass --overwrite"
+    ):
+        T.prepare_run_dir(tmp_path / "run", resume=False, overwrite=False)
+
+
+def test_set_multiplicity_below_one_is_refused():
+    from crane.config import CraneConfig
+
+    for bad in (0, -4):
+        with pytest.raises(CraneError, match="train_set_multiplicity .* must be >= 1"):
+            CraneConfig().replace(train_set_multiplicity=bad)
+
+
+def test_multi_layer_sets_counted_several_times_are_named(synth, tmp_path, caplog):
+    model = create_model("tiny", seed=111, image_size=SIZE, feature_layers=(3, 4))
+    assert model.cfg.train_set_multiplicity == 4
+    with caplog.at_level(logging.WARNING):
+        _run(synth, tmp_path / "run", epochs=1, model=model)
+    assert "each of the 2 E-Attn patch sets (layers 3, 4) counts 4 times" in caplog.text
+    caplog.clear()
+    one = create_model(
+        "tiny", seed=111, image_size=SIZE, feature_layers=(3, 4), train_set_multiplicity=1
+    )
+    with caplog.at_level(logging.WARNING):
+        _run(synth, tmp_path / "one", epochs=1, model=one)
+    assert "counts" not in caplog.text

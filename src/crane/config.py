@@ -118,6 +118,11 @@ class CraneConfig:
             raise CraneError(
                 f"feature_layers {self.feature_layers} must be >= eattn_start {self.eattn_start}"
             )
+        if self.train_set_multiplicity < 1:  # (0 would drop the pixel losses, < 0 invert them)
+            raise CraneError(
+                f"train_set_multiplicity counts each patch set in the local loss and must be "
+                f">= 1, got {self.train_set_multiplicity}"
+            )
         if self.image_size % 14 or self.image_size < 14:
             raise CraneError(
                 f"image_size must be a positive multiple of the patch size 14, got "

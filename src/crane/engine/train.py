@@ -81,7 +81,8 @@ class TrainResult:
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    # (torch takes seeds below 2**64; any int seed, a timestamp's say, maps into that range)
+    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)
     return torch.randperm(n, generator=g)
 
 
@@ -140,8 +141,13 @@ def _fingerprint(model: CraneModel, dataset: Any, amp: torch.dtype | None) -> di
         "backbone_sha256": progress_log.backbone_digest(model),
         "precision": progress_log.precision_name(amp),
     }
-    samples, root = getattr(dataset, "samples", None), getattr(dataset, "root", None)
-    if samples is not None and root is not None:
+    samples, root = _samples_and_root(dataset)
+    if samples is None or root is None:
+        log.info(
+            "this dataset lists no samples under a root (a custom Dataset): a resume cannot "
+            "check that its images are the ones the run trained on"
+        )
+    else:
 
         def size(rel: str) -> str:
             try:
@@ -162,6 +168,20 @@ def _fingerprint(model: CraneModel, dataset: Any, amp: torch.dtype | None) -> di
             f"{size(s.img_path)}\t{content(s.mask_path)}" for s in samples
         )
     return out
+
+
+def _samples_and_root(dataset: Any) -> tuple[list | None, Any]:
+    """The samples a dataset serves, in order, and their root: through ``Subset`` wrappers
+    (nested ones too), which pick and order their dataset's samples."""
+    indices = None
+    while isinstance(dataset, torch.utils.data.Subset):
+        outer = list(dataset.indices)
+        indices = outer if indices is None else [outer[i] for i in indices]
+        dataset = dataset.dataset
+    samples, root = getattr(dataset, "samples", None), getattr(dataset, "root", None)
+    if samples is not None and indices is not None:
+        samples = [samples[i] for i in indices]
+    return samples, root
 
 
 _FINGERPRINT_LABELS = {
@@ -224,9 +244,16 @@ def _resume_from(run_dir, model, opt, settings, n_images, fingerprint, refuse): 
     # matching prompts) at the top level.
     legacy = not (epoch_dir / OPTIMIZER).is_file() and (run_dir / RESUME_TENSORS).is_file()
     try:
-        cfg, prompts, _ = ckpt.read_checkpoint(run_dir if legacy else epoch_dir)
+        cfg, prompts, _ = ckpt.read_checkpoint(epoch_dir)
     except CheckpointError as exc:
-        raise refuse(str(exc)) from exc
+        if not legacy:
+            raise refuse(str(exc)) from exc
+        # (epoch folders first: this crane rewrites the top-level model before resume.json,
+        # so after a crash between the two the top level holds the next epoch's prompts)
+        try:
+            cfg, prompts, _ = ckpt.read_checkpoint(run_dir)
+        except CheckpointError as exc:
+            raise refuse(str(exc)) from exc
     if cfg.to_dict() != model.cfg.to_dict():
         ours, theirs = model.cfg.to_dict(), cfg.to_dict()
         diff = ", ".join(
@@ -278,7 +305,9 @@ def run_settings(run_dir: Path) -> dict[str, Any]:
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> bool:
-    """True when resuming. Refuses to mix a new run into an existing one."""
+    """True when resuming. Refuses to mix a new run into an existing one. With ``overwrite``
+    an earlier run's files stay until the new run saves its first epoch
+    (:func:`_remove_earlier_run`): a new run that fails before then loses nothing."""
     has_state = (run_dir / RESUME_JSON).is_file()
     if resume:
         if not has_state:
@@ -290,12 +319,16 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> bool:
         and any(p.name not in leftovers for p in run_dir.iterdir())
         and not overwrite
     ):
+        if has_state:
+            raise CraneError(
+                f"{run_dir} is not empty; pass --resume to continue the run there or "
+                "--overwrite to start a new one in it"
+            )
         raise CraneError(
-            f"{run_dir} is not empty; pass --resume to continue the run there or --overwrite "
-            "to start a new one in it"
+            f"{run_dir} is not empty and holds no run to resume ({RESUME_JSON} missing); pass "
+            "--overwrite to start a new run in it (a training's own earlier files are replaced, "
+            "other files left alone), or choose another --out"
         )
-    if overwrite and run_dir.is_dir():
-        _remove_earlier_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return False
 
@@ -401,6 +434,16 @@ def train(
     check_image_size(model, dataset)
     dataset = _with_pixel_truth(dataset)
     _check_labels(dataset)
+    cfg = model.cfg
+    if cfg.train_set_multiplicity > 1 and len(cfg.feature_layers) > 1:
+        log.warning(
+            "each of the %d E-Attn patch sets (layers %s) counts %d times in the local loss: "
+            "train_set_multiplicity reproduces the reference's one layer-24 set counted 4 "
+            "times (SPEC §3); for genuine multi-layer sets give train_set_multiplicity=1",
+            len(cfg.feature_layers),
+            ", ".join(map(str, cfg.feature_layers)),
+            cfg.train_set_multiplicity,
+        )
     if model.cfg.use_dattn and model.cfg.dattn_threshold_scope == "batch":
         log.warning(
             "dattn_threshold_scope='batch': the features are encoded once, in dataset order, "
@@ -443,8 +486,16 @@ def _train(
     start, history = (
         _load_resume(run_dir, model, opt, settings, n_images, fingerprint) if resuming else (0, [])
     )
-    if resuming and start < settings.epochs:
-        _warn_calibration_dropped(run_dir)
+    if start < settings.epochs:
+        if model.image_threshold is not None:  # (a model built from a calibrated run)
+            log.warning(
+                "the model's image threshold (%s) was calibrated on its prompts before this "
+                "training; the trained prompts do not keep it: run crane calibrate on the result",
+                model.image_threshold,
+            )
+            model.image_threshold = None
+        elif resuming:
+            _warn_calibration_dropped(run_dir)
     if start >= settings.epochs:
         log.info(
             "%s already trained for %d epochs: nothing to do (the model after epoch %d is in %s)",
@@ -459,6 +510,8 @@ def _train(
     t0 = time.perf_counter()
     mmap = run_dir / FEATURE_CACHE
     cache = None
+    # --overwrite: the earlier run's files go just before the first epoch is saved
+    earlier = [run_dir] if overwrite and not resuming else []
     try:  # (the memory-mapped cache is removed also when encoding fails: it can be gigabytes)
         cache = FeatureCache.build(
             model,
@@ -476,7 +529,7 @@ def _train(
         )
         return _epochs(
             model, cache, run_dir, settings, opt, start, history, progress, t0, stop_after_epoch,
-            device, fingerprint,
+            device, fingerprint, earlier,
         )  # fmt: skip
     except BaseException:  # Ctrl-C, a crash: the epochs saved stay
         try:  # (resume.json, written last, names the epochs a resume starts after)
@@ -485,6 +538,12 @@ def _train(
             saved = 0
         if isinstance(sys.exc_info()[1], TrainingDiverged):
             pass  # (its message says what was kept and what to do)
+        elif earlier:  # (--overwrite: nothing of the new run saved, the earlier run kept)
+            log.warning(
+                "stopped before the first epoch was saved; the earlier run in %s is left as it "
+                "was (--overwrite replaces it once the new run saves its first epoch)",
+                run_dir,
+            )
         elif saved:
             log.warning(
                 "stopped with %d of %d epochs saved in %s; `crane train ... --resume` (API: "
@@ -575,9 +634,10 @@ class _RunLock:
 
 def _epochs(
     model, cache, run_dir, settings, opt, start, history, progress, t0, stop_after_epoch, device,
-    fingerprint,
+    fingerprint, earlier,
 ):  # fmt: skip
-    """The epochs from ``start`` over the cached features, each saved as it ends."""
+    """The epochs from ``start`` over the cached features, each saved as it ends (``earlier``:
+    a folder whose earlier run's files go before the first save, emptied then)."""
     encode_s = time.perf_counter() - t0
     size = cache.masks.shape[-1]
     n = len(cache)
@@ -624,6 +684,8 @@ def _epochs(
             "losses": means,
         }
         epoch_dir = _epoch_dir(run_dir, epoch + 1)
+        if earlier:
+            _remove_earlier_run(earlier.pop())
         save_model(model, epoch_dir, overwrite=True, **provenance)
         optimizer = _save_optimizer(epoch_dir, opt)
         save_model(model, run_dir, overwrite=True, **provenance)
