@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -177,7 +178,7 @@ def _dinov2_original_format(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @needs_official
-def test_full_size_crane_plus_end_to_end_from_original_formats(tmp_path, monkeypatch):
+def test_full_size_crane_plus_end_to_end_from_original_formats(tmp_path, monkeypatch, caplog):
     """Random full-size ViT-L/14-336 (OpenAI state dict) and DINOv2-B/14-reg4 (original format)
     load through the real local-file paths, with released prompts, on one 518×518 image."""
     monkeypatch.setenv(W.CACHE_ENV, str(tmp_path / "cache"))
@@ -236,6 +237,14 @@ def test_full_size_crane_plus_end_to_end_from_original_formats(tmp_path, monkeyp
     for name, w in low.named_parameters():
         want = reference[name].to(torch.bfloat16) if id(w) in cast else reference[name]
         assert w.dtype == want.dtype and torch.equal(w, want), name
+    # DINOv2 overrides build a random DINOv2 (the weight file is not read): said, not silent.
+    with caplog.at_level(logging.WARNING):
+        odd = create_model(
+            "crane+", clip_weights=tmp_path / "ViT-L-14-336px.pt", dino_overrides={"depth": 8}
+        )
+    assert "dino_overrides {'depth': 8}: DINOv2 is built randomly initialised" in caplog.text
+    assert len(odd.vision.dino.blocks) == 8
+    assert not torch.equal(odd.vision.dino.blocks[7].mlp.fc1.weight, probe_dino)
 
 
 def _tiny_dino():

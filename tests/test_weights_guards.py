@@ -330,3 +330,103 @@ def test_a_run_config_with_impossible_layers_or_size_is_a_clear_error(run, chang
     _edit_config(run, **change)
     with pytest.raises(CraneError, match=says):
         create_model(str(run))
+
+
+# ---------------------------------------------------------------- 27th-session review
+
+
+def test_a_safetensors_file_named_is_the_file_loaded(run, tmp_path):
+    """A .safetensors file inside a run folder was replaced by the run's own
+    prompts.safetensors (also a typo'd name, or the optimizer state of an epoch folder)."""
+    from safetensors.torch import save_file
+
+    from crane.models.factory import load_prompt_state
+
+    mine = create_model("tiny", image_size=SIZE, seed=9).prompt_learner.state_dict()
+    save_file({k: v.contiguous() for k, v in mine.items()}, str(run / "mine.safetensors"))
+    model = create_model("tiny", image_size=SIZE, prompts=run / "mine.safetensors")
+    for k, v in mine.items():
+        assert torch.equal(model.prompt_learner.state_dict()[k], v), k
+    with pytest.raises(CheckpointError, match="promts.safetensors does not exist"):
+        load_prompt_state(run / "promts.safetensors", get_config("tiny"))
+    save_file({"0.exp_avg": torch.zeros(3)}, str(run / "optimizer.safetensors"))
+    with pytest.raises(CraneError):  # (its keys are no prompt learner's)
+        create_model("tiny", image_size=SIZE, prompts=run / "optimizer.safetensors")
+    with pytest.raises(CheckpointError, match="is not a run's prompts.safetensors: name the run"):
+        create_model(str(run / "mine.safetensors"))
+    # The run's own file still names the run.
+    own = create_model(str(run / "prompts.safetensors"))
+    assert torch.equal(own.prompt_learner.ctx_pos, create_model(str(run)).prompt_learner.ctx_pos)
+
+
+def test_release_files_named_by_path_are_checked_against_their_sums(tmp_path):
+    import zipfile
+
+    from crane.models.factory import load_prompt_state
+
+    copy = shutil.copytree(PACKAGED_OFFICIAL, tmp_path / "official")
+    path = copy / "trained_on_mvtec_crane" / "epoch_5.pth"
+    assert (copy / "SHA256SUMS").is_file()
+    load_prompt_state(path, get_config("crane"))  # intact: loads
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    data[start + info.file_size // 2] ^= 0x40  # one bit of a tensor: finite, still a zip
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="does not match its SHA256"):
+        load_prompt_state(path, get_config("crane"))
+    # A copy outside a release tree (no sums beside it) loads as before.
+    alone = tmp_path / "alone" / "epoch_5.pth"
+    alone.parent.mkdir()
+    shutil.copy(PACKAGED_OFFICIAL / "trained_on_mvtec_crane" / "epoch_5.pth", alone)
+    load_prompt_state(alone, get_config("crane"))
+
+
+def test_a_run_of_random_full_size_backbones_rebuilds_them(tmp_path, caplog):
+    """A full preset built with pretrained=False records its backbone seed; the reloaded run
+    looked for pretrained weights instead (an error offline, other weights if any)."""
+    model = create_model("crane", pretrained=False, image_size=56, seed=7)
+    run = save_model(model, tmp_path / "run")
+    again = create_model(str(run))
+    assert again.backbone_seed == 7
+    name = "vision.visual.transformer.resblocks.3.mlp.c_fc.weight"
+    a, b = dict(model.named_parameters())[name], dict(again.named_parameters())[name]
+    assert a.std() > 0 and torch.equal(a, b)
+    with caplog.at_level(logging.WARNING), pytest.raises(WeightsError):
+        create_model(str(run), pretrained=True)  # (no weights here: the usual error)
+    assert "was trained on randomly initialised backbones (seed 7)" in caplog.text
+
+
+def test_tilde_in_the_folder_variables_means_home(monkeypatch, tmp_path):
+    from crane.models.factory import official_prompts_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv(W.CACHE_ENV, "~/.cache/cx")
+    assert W.cache_dir() == tmp_path / ".cache" / "cx"
+    monkeypatch.setenv("CRANE_OFFICIAL_PROMPTS", "~/official")
+    assert official_prompts_dir() == tmp_path / "official"
+
+
+def test_dinov2_teacher_checkpoints_give_their_backbone(tmp_path):
+    teacher = {
+        "backbone.cls_token": torch.zeros(1, 1, 8),
+        "backbone.blocks.0.norm1.weight": torch.ones(8),
+        "dino_head.mlp.0.weight": torch.zeros(4, 8),
+        "ibot_head.mlp.0.weight": torch.zeros(4, 8),
+    }
+    torch.save({"teacher": teacher}, tmp_path / "teacher_checkpoint.pth")
+    sd = W.load_state_dict_file(tmp_path / "teacher_checkpoint.pth")
+    assert sorted(sd) == ["blocks.0.norm1.weight", "cls_token"]
+
+
+def test_files_given_to_the_wrong_flag_say_which_flag_takes_them(tmp_path):
+    from crane.models.checkpoint import load_released_prompts
+
+    release = PACKAGED_OFFICIAL / "trained_on_mvtec_crane" / "epoch_5.pth"
+    with pytest.raises(WeightsError, match="is a Crane prompt file .* pass it as --prompts"):
+        W.load_state_dict_file(release)
+    scripted = torch.jit.script(torch.nn.Linear(2, 2))
+    scripted.save(str(tmp_path / "clip.pt"))
+    with pytest.raises(CheckpointError, match="is a TorchScript archive .* --clip-weights"):
+        load_released_prompts(tmp_path / "clip.pt")

@@ -17,7 +17,7 @@ import torch
 from crane.config import CraneConfig
 from crane.errors import CheckpointError, CraneError
 from crane.files import atomic_write_bytes
-from crane.models.weights import all_finite, describe_file
+from crane.models.weights import all_finite, describe_file, is_torchscript
 
 FORMAT = "crane-checkpoint"
 FORMAT_VERSION = 1
@@ -79,6 +79,11 @@ def load_released_prompts(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"prompt file {path} does not exist")
+    if is_torchscript(path):  # (before torch.load, which would hand it to torch.jit.load)
+        raise CheckpointError(
+            f"{path} is a TorchScript archive (OpenAI's CLIP weights are one: they go to "
+            "--clip-weights), not a Crane prompt file"
+        )
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # (torch's own text advises weights_only=False: no help here)
@@ -142,6 +147,11 @@ def read_checkpoint(
     from safetensors.torch import load_file
 
     path = Path(path)
+    if path.suffix == ".safetensors" and path.name != TENSORS:
+        raise CheckpointError(
+            f"{path} is not a run's {TENSORS}: name the run folder (it holds {CONFIG} and "
+            f"{TENSORS}); a bare prompts file goes to --prompts"
+        )
     directory = path.parent if path.suffix == ".safetensors" else path
     cfg_file, tensor_file = directory / CONFIG, directory / TENSORS
     if not cfg_file.is_file() or not tensor_file.is_file():

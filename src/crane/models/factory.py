@@ -25,7 +25,7 @@ PACKAGED_OFFICIAL = Path(__file__).resolve().parents[1] / "assets" / "crane-offi
 def official_prompts_dir() -> Path:
     """``$CRANE_OFFICIAL_PROMPTS`` if set, else the copies shipped inside the package."""
     env = os.environ.get(ckpt.OFFICIAL_ENV)
-    return Path(env) if env else PACKAGED_OFFICIAL
+    return Path(env).expanduser() if env else PACKAGED_OFFICIAL
 
 
 def _verify_sha256(path: Path, rel: str) -> None:
@@ -73,7 +73,7 @@ def create_model(
     prompts: str | os.PathLike | dict[str, torch.Tensor] | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
-    pretrained: bool = True,
+    pretrained: bool | None = None,
     seed: int | None = None,
     matmul_dtype: torch.dtype | None = None,
     **overrides: Any,
@@ -87,7 +87,9 @@ def create_model(
         prompts: released ``.pth`` file, ``official:<trained_on>`` (``mvtec``, ``visa``,
             ``mvtec-medical``), a checkpoint directory, a state dict, or None for the
             random N(0, 0.02²) initialisation.
-        pretrained: False builds randomly initialised backbones (tests, speed benchmarks).
+        pretrained: False builds randomly initialised backbones (tests, speed benchmarks);
+            None (the default): pretrained weights, except for a run saved from random
+            backbones, which rebuilds those (its ``backbone_seed``).
         seed: seeds every random initialisation, so tiny/random models are reproducible
             (default 0; for a checkpoint, the seed its random backbones were built with).
         matmul_dtype: bf16/fp16: the frozen matmul weights stored in that dtype, for inference
@@ -120,12 +122,22 @@ def create_model(
             # its own says so)
             dropped, threshold = threshold, None
 
+    if pretrained is None:  # (a run trained on random full-size backbones rebuilds them)
+        pretrained = "backbone_seed" not in meta or is_tiny(cfg)
+    elif pretrained and "backbone_seed" in meta and not is_tiny(cfg):
+        log.warning(
+            "%s was trained on randomly initialised backbones (seed %s); pretrained=True loads "
+            "pretrained ones instead, which its prompts were not trained with",
+            name,
+            meta["backbone_seed"],
+        )
     random_backbones = not pretrained or is_tiny(cfg)
+    random_dino = random_backbones or bool(cfg.dino_overrides)  # (build_dino: overrides → random)
     unused = [
         flag
         for flag, value, used in (
             ("--clip-weights", clip_weights, not random_backbones),
-            ("--dino-weights", dino_weights, not random_backbones and cfg.use_dattn),
+            ("--dino-weights", dino_weights, not random_dino and cfg.use_dattn),
         )
         if value is not None and not used
     ]
@@ -133,7 +145,10 @@ def create_model(
         log.warning(
             "%s not used: %s", " and ".join(unused),
             "this model's backbones are random (pretrained=False or a test preset)"
-            if random_backbones else f"{cfg.name} has no DINOv2",
+            if random_backbones
+            else "dino_overrides build a randomly initialised DINOv2"
+            if cfg.use_dattn
+            else f"{cfg.name} has no DINOv2",
         )  # fmt: skip
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -142,7 +157,8 @@ def create_model(
         except WeightsError as exc:
             if not cfg.use_dattn or random_backbones:
                 raise
-            raise WeightsError(f"{exc}{_dino_missing_too(cfg, dino_weights)}") from exc.__cause__
+            said = str(exc) if str(exc).endswith(".") else f"{exc}."
+            raise WeightsError(f"{said}{_dino_missing_too(cfg, dino_weights)}") from exc.__cause__
         dino = (
             build_dino(cfg, dino_weights, pretrained=not random_backbones)
             if cfg.use_dattn
@@ -150,6 +166,11 @@ def create_model(
         )
         model = CraneModel(cfg, clip, dino)
         model.backbone_seed = seed if random_backbones else None
+        if random_dino and not random_backbones and cfg.use_dattn and dino_weights is None:
+            log.warning(
+                "dino_overrides %s: DINOv2 is built randomly initialised, not from weights",
+                dict(cfg.dino_overrides),
+            )
 
     if state is not None:
         own = model.prompt_learner.state_dict()
@@ -196,7 +217,7 @@ def names_a_run(name: Any) -> bool:
     predictions) does not hide the preset."""
     text = os.fspath(name) if isinstance(name, (str, os.PathLike)) else str(name)
     path = Path(text)
-    if text.endswith(".safetensors"):
+    if text.endswith(".safetensors"):  # (a run's own prompts file, or the error saying why not)
         return True
     if not path.is_dir():
         return False
@@ -215,8 +236,12 @@ def load_prompt_state(source: Any, cfg: CraneConfig) -> dict[str, torch.Tensor]:
     if text.startswith("official:"):
         return ckpt.load_released_prompts(resolve_official(text.split(":", 1)[1], cfg.name))
     path = Path(text)
-    if path.suffix == ".safetensors" and not (path.parent / ckpt.CONFIG).is_file():
-        return ckpt.read_prompt_tensors(path)  # a bare prompts file, no run around it
+    if path.suffix == ".safetensors" and (
+        path.name != ckpt.TENSORS or not (path.parent / ckpt.CONFIG).is_file()
+    ):
+        # This very file: a bare prompts file, or one beside a run's that is not the run's
+        # own (that run's prompts are not what was named)
+        return ckpt.read_prompt_tensors(path)
     if path.is_dir() or path.suffix == ".safetensors":
         theirs, state, _ = ckpt.read_checkpoint(path)
         _warn_other_model(path, theirs.name, theirs.use_dattn, cfg)
@@ -224,6 +249,11 @@ def load_prompt_state(source: Any, cfg: CraneConfig) -> dict[str, torch.Tensor]:
     for part in path.parts:  # the release's folders say which preset trained the file
         if part.startswith("trained_on_") and part.endswith(("_crane", "_cranep")):
             _warn_other_model(path, "crane+" if part.endswith("p") else "crane", None, cfg)
+    full = path.resolve()
+    if full.is_file() and len(full.parts) >= 3:
+        # A release file named by its path: checked as official: does, where the release's
+        # SHA256SUMS lists it (its folder's parent holds the sums)
+        _verify_sha256(full, f"{full.parent.name}/{full.name}")
     return ckpt.load_released_prompts(path)
 
 

@@ -42,7 +42,8 @@ _HUB_HOSTS = (("huggingface.co", 443), ("openaipublic.azureedge.net", 443))
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "crane")
+    # (expanded: a literal "~" from a .env, docker or systemd file means the home folder)
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "crane").expanduser()
 
 
 def _offline() -> bool:
@@ -136,7 +137,7 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        if zipfile.is_zipfile(path) and _is_torchscript(path):
+        if zipfile.is_zipfile(path) and is_torchscript(path):
             return _without_archive_extras(torchscript.read_state_dict(path))
         obj = _torch_load(path)
     except WeightsError:
@@ -146,14 +147,23 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
             f"cannot read weight file {path}{describe_file(path)}; crane reads torch state dicts, "
             "OpenAI's TorchScript archives and safetensors files"
         ) from exc
+    teacher = False
     for key in ("state_dict", "model", "teacher"):
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
-            obj = obj[key]
+            obj, teacher = obj[key], key == "teacher"
             break
     if not isinstance(obj, Mapping):
         raise WeightsError(f"weight file {path} holds a {type(obj).__name__}, not a state dict")
+    if isinstance(obj.get("prompt_learner"), Mapping):
+        raise WeightsError(
+            f"{path} is a Crane prompt file (it holds a 'prompt_learner'), not backbone "
+            "weights: pass it as --prompts"
+        )
     sd = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    # DINOv2 training checkpoints nest the backbone under 'backbone.'.
+    # DINOv2 training checkpoints nest the backbone under 'backbone.'; its teacher_checkpoint
+    # holds the training heads (dino_head., ibot_head.) beside it, which are not the backbone.
+    if teacher and any(k.startswith("backbone.") for k in sd):
+        sd = {k: v for k, v in sd.items() if k.startswith("backbone.")}
     if sd and all(k.startswith("backbone.") for k in sd):
         sd = {k.removeprefix("backbone."): v for k, v in sd.items()}
     return _without_archive_extras(sd)
@@ -197,7 +207,7 @@ def describe_file(path: Path) -> str:
         return ": it is a web page (a failed or redirected download)"
     if head[:4] == b"PK\x03\x04":
         try:
-            if _is_torchscript(path):  # (before testzip, which inflates every member)
+            if is_torchscript(path):  # (before testzip, which inflates every member)
                 return ": a TorchScript archive that is damaged or holds what crane does not read"
             with zipfile.ZipFile(path) as zf:
                 torch_zip = any(n.endswith("/data.pkl") for n in zf.namelist())
@@ -230,9 +240,14 @@ def _torch_load(path: Path) -> object:
     return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
-def _is_torchscript(path: Path) -> bool:
-    with zipfile.ZipFile(path) as zf:
-        return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
+def is_torchscript(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a TorchScript archive (a zip holding code; False for anything
+    else, unreadable files included)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
 
 
 def load_into(
