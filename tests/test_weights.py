@@ -195,7 +195,15 @@ def test_full_size_crane_plus_end_to_end_from_original_formats(tmp_path, monkeyp
     dino_sd = _dinov2_original_format(dino)
     torch.save(dino_sd, tmp_path / "dinov2_vitb14_reg4_pretrain.pth")
     probe_dino = dino_sd["blocks.7.mlp.fc1.weight"].clone()
-    del dino, dino_sd
+    # The same layout saved without its (inference-unused) mask token loads alike.
+    del dino_sd["mask_token"]
+    torch.save(dino_sd, tmp_path / "no_mask_token.pth")
+    from crane.models.backbones import build_dino
+
+    unmasked = build_dino(get_config("crane+"), tmp_path / "no_mask_token.pth")
+    assert torch.equal(unmasked.blocks[7].mlp.fc1.weight, probe_dino)
+    assert torch.equal(unmasked.reg_token, dino_sd["register_tokens"])
+    del dino, dino_sd, unmasked
 
     monkeypatch.setenv(W.DINO_ENV, str(tmp_path / "dinov2_vitb14_reg4_pretrain.pth"))
     model = create_model(

@@ -257,6 +257,10 @@ def build_dino(
             from timm.models.vision_transformer import checkpoint_filter_fn
 
             sd = W.load_state_dict_file(local)
+            if "register_tokens" in sd and "mask_token" not in sd:
+                # An original-layout file saved without the masking token (unused at inference):
+                # timm's converter recognises the layout by that token; it drops it again.
+                sd["mask_token"] = torch.zeros(1, sd["register_tokens"].shape[-1])
             # timm's own converter maps the original DINOv2 layout (register_tokens, mask_token,
             # 37x37 pos_embed ...) to timm names; timm-format dicts pass through unchanged.
             try:
