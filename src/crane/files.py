@@ -3,6 +3,7 @@ permissions a plain ``open()`` would give it."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import tempfile
@@ -35,7 +36,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     umask lets read them)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # (the name cut short in the temp file's: a final name near the file system's 255-byte
+    # limit would not leave room for the affixes)
+    fd, name = tempfile.mkstemp(prefix=f".{_cut(path.name, 200)}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -45,6 +48,29 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _cut(name: str, limit: int) -> str:
+    """``name``'s first characters that take at most ``limit`` bytes in a file name."""
+    out, size = [], 0
+    for ch in name:
+        size += len(os.fsencode(ch))
+        if size > limit:
+            break
+        out.append(ch)
+    return "".join(out)
+
+
+def fit_file_name(name: str, limit: int = 200) -> str:
+    """``name`` unchanged if it takes at most ``limit`` bytes in a file name (255 is the usual
+    file-system limit: the rest leaves room for an extension and suffixes), else cut short
+    and ended with a digest of the whole name, so that names which differ only past the cut
+    stay apart and the same name always gives the same result."""
+    encoded = os.fsencode(name)
+    if len(encoded) <= limit:
+        return name
+    digest = hashlib.sha256(encoded).hexdigest()[:10]
+    return f"{_cut(name, limit - 11)}~{digest}"
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import struct
 import zlib
@@ -12,7 +14,9 @@ from PIL import Image
 from scipy import ndimage
 
 from crane.data.imageio import load_image, normalize_mode
-from crane.files import atomic_write
+from crane.files import atomic_write_bytes
+
+log = logging.getLogger(__name__)
 
 
 def jet(values: np.ndarray) -> np.ndarray:
@@ -106,8 +110,11 @@ _IDAT_MAX = 1 << 24  # bytes per IDAT chunk (the format allows up to 2**31 - 1)
 
 
 def _atomic_save(image: Image.Image, path: str | os.PathLike, **options) -> None:
-    """Atomic ``image.save(path, **options)``."""
-    atomic_write(path, lambda tmp: image.save(tmp, **options))
+    """Atomic ``image.save(path, **options)``, flushed to disk before the rename (a resumed
+    run takes a file that carries its final name for complete)."""
+    buf = io.BytesIO()
+    image.save(buf, **options)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -152,15 +159,36 @@ def save_png(image: Image.Image, path: str | os.PathLike, fast: bool = True) -> 
     than Pillow's at level 1, a whole overlay 1.5-1.6×); other modes through Pillow at level 1
     with the run-length strategy. Otherwise Pillow's defaults."""
     if fast and image.mode in _PNG_FAST_MODES:
-        data = png_bytes(np.asarray(image))
-        atomic_write(path, lambda tmp: tmp.write_bytes(data))
+        atomic_write_bytes(path, png_bytes(np.asarray(image)))
         return
     options = {"compress_level": 1, "compress_type": _Z_RLE} if fast else {}
     _atomic_save(image, path, format="PNG", **options)
 
 
+#: The most pixels a side that a JPEG file holds (its header allows 65535; libjpeg less).
+JPEG_MAX_SIDE = 65500
+
+
 def save_jpeg(image: Image.Image, path: str | os.PathLike, quality: int = 90) -> None:
-    """Atomic JPEG write."""
+    """Atomic JPEG write. An image with a side over :data:`JPEG_MAX_SIDE` (a line-scan
+    camera's, say) is scaled down to fit, with a warning: the format holds no larger one."""
+    w, h = image.size
+    if max(w, h) > JPEG_MAX_SIDE:
+        scale = JPEG_MAX_SIDE / max(w, h)
+        size = (
+            max(1, min(JPEG_MAX_SIDE, round(w * scale))),
+            max(1, min(JPEG_MAX_SIDE, round(h * scale))),
+        )
+        log.warning(
+            "%s: a JPEG holds at most %d px a side; this %d×%d overlay is written at %d×%d "
+            "(PNG overlays keep the full size)",
+            path,
+            JPEG_MAX_SIDE,
+            w,
+            h,
+            *size,
+        )
+        image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
     _atomic_save(image, path, format="JPEG", quality=quality)
 
 
@@ -175,9 +203,14 @@ def write_overlay(
 ) -> None:
     """:func:`overlay` of ``image`` (or the image file it names, decoded here) saved as PNG,
     or as JPEG (quality 90) for a ``.jpg`` path: one job for a writer thread."""
-    if not isinstance(image, Image.Image):
-        image = load_image(image)
     suffix = Path(path).suffix.lower().lstrip(".")
     if suffix not in OVERLAY_FORMATS:
         raise ValueError(f"overlay path must end in .png or .jpg, got {path}")
-    OVERLAY_FORMATS[suffix](overlay(image, amap, mask), path)
+    source = None if isinstance(image, Image.Image) else image
+    if source is not None:
+        image = load_image(source)
+    try:
+        OVERLAY_FORMATS[suffix](overlay(image, amap, mask), path)
+    except OSError as exc:  # (a full disk, a file system's limits: name the overlay)
+        of = f" of {source}" if source is not None else ""
+        raise OSError(exc.errno, f"cannot write the overlay{of} to {path}: {exc}") from exc

@@ -52,6 +52,7 @@ from crane.engine.runtime import (
 )
 from crane.engine.writer import OutputWriter
 from crane.errors import CraneError, ImageReadError
+from crane.files import fit_file_name, strict_json
 from crane.models.checkpoint import atomic_write_bytes
 from crane.models.crane import CraneModel
 from crane.models.factory import create_model
@@ -596,6 +597,13 @@ class Detector:
             self.model.cast_frozen_matmuls(self.amp)
         # torch.compile fuses the post-processing and attention glue; first call compiles.
         self._forward = scoring_forward(self.model, self.device, compile, attention)
+        if threshold is not None:  # (a numpy scalar, a string from a config: a plain float)
+            try:
+                threshold = float(threshold)
+            except (TypeError, ValueError):
+                raise CraneError(f"threshold must be a number, got {threshold!r}") from None
+            if not math.isfinite(threshold):
+                raise CraneError(f"threshold must be a finite number, got {threshold}")
         self.threshold = threshold if threshold is not None else self.model.image_threshold
         dropped = getattr(self.model, "threshold_not_used", None)
         if self.threshold is None and dropped is not None:
@@ -867,12 +875,9 @@ def expand_inputs(
         kept = [f for f in files if keep(f)]
         excluded += len(files) - len(kept)
         out += kept
-    seen: dict[str, str] = {}  # the file's place → the first spelling of it: its folder
-    # resolved (``a/../x.png`` through a linked ``a`` is another file than ``./x.png``), its own
-    # name not (links are files of their own: a dataset of links keeps a row per name)
+    seen: dict[str, str] = {}  # the file's place → the first spelling of it
     for f in out:
-        place = os.path.join(os.path.realpath(os.path.dirname(f) or "."), os.path.basename(f))
-        seen.setdefault(place, f)
+        seen.setdefault(_place(f), f)
     if len(seen) < len(out):
         log.info(
             "%d input file name(s) repeated: each file is predicted once", len(out) - len(seen)
@@ -885,13 +890,22 @@ def expand_inputs(
     return list(seen.values())
 
 
+def _place(path: str) -> str:
+    """Where an input file is: its folder resolved (``a/../x.png`` through a linked ``a`` is
+    another file than ``./x.png``), its own name not (links are files of their own: a dataset
+    of links keeps a row per name). Inputs and a resumed run's records match by it."""
+    return os.path.join(os.path.realpath(os.path.dirname(path) or "."), os.path.basename(path))
+
+
 def _output_names(paths: Sequence[str]) -> dict[str, str]:
     """Unique, readable output stems: the path relative to the inputs' common folder, with
     "__" for its separators, without its extension — with it where two files would otherwise
     share a stem (``x.png``/``x.jpg``), and "~2", "~3", … in the order of their absolute paths
     where that does not tell them apart (``a/b.png`` and ``a__b.png``, one file named twice):
     the names do not depend on the order the inputs were given in (a resumed run may list
-    them otherwise). Compared without case, as case-insensitive file systems would."""
+    them otherwise). Compared without case, as case-insensitive file systems would. A name
+    too long for a file system (deep folders flattened) is cut short and ended with a digest
+    of the whole (:func:`~crane.files.fit_file_name`)."""
     absolute = [os.path.abspath(p) for p in paths]
     common = os.path.commonpath([os.path.dirname(p) for p in absolute]) if absolute else ""
     rels = {
@@ -907,7 +921,7 @@ def _output_names(paths: Sequence[str]) -> dict[str, str]:
     for p in sorted(stems, key=lambda p: (where[p], p)):  # (one file named twice: by spelling)
         stem = stems[p]
         helps = shared[stem.casefold()] > 1 and shared_rel[rels[p].casefold()] == 1
-        name = rels[p] if helps else stem
+        name = fit_file_name(rels[p] if helps else stem)
         unique, k = name, 2
         while unique.casefold() in used:
             unique, k = f"{name}~{k}", k + 1
@@ -996,11 +1010,16 @@ def run_predict(
     done: dict[str, dict[str, str]] = {}
     if resume:
         recorded = progress_file.read_progress(progress_path, "predict", settings, _COLUMNS)
-        # By absolute path: the same inputs may be spelled otherwise this time (another
-        # working directory); the rows take this run's spelling.
+        # By place: the same inputs may be spelled otherwise this time (another working
+        # directory); the rows take this run's spelling. (Records of an older crane hold the
+        # absolute path only.)
+        at = {_place(p): p for p in paths}
         spelled = {os.path.abspath(p): p for p in paths}
         for r in recorded:
-            path = spelled.get(r.get("abspath", os.path.abspath(r["path"])))
+            if "place" in r:
+                path = at.get(r["place"])
+            else:
+                path = spelled.get(r.get("abspath", os.path.abspath(r["path"])))
             if path is None:  # (the settings hash the same inputs: an edited file)
                 raise CraneError(f"{progress_path} names {r['path']}, not among the inputs")
             if _outputs_exist(out, names[path], outputs):
@@ -1014,10 +1033,13 @@ def run_predict(
     rows: dict[str, dict[str, str]] = {}
     failures = []
     todo = [p for p in paths if p not in done]
-    kept = [{**row, "abspath": os.path.abspath(path)} for path, row in done.items()]
+    kept = [{**row, "abspath": os.path.abspath(p), "place": _place(p)} for p, row in done.items()]
     with progress_file.open_progress(progress_path, "predict", settings, kept) as file:
         if resume:  # (once the run's lock is held: a live run's files are not partial)
             progress_file.remove_partial_writes([out / "overlays", out / "maps"])
+        else:  # (--overwrite: an earlier run's table must not pass for this run's meanwhile)
+            for name in ("predictions.csv", "summary.json"):
+                (out / name).unlink(missing_ok=True)
         record = progress_file.Recorder(file)
         try:
             with OutputWriter(write_threads) as writer:
@@ -1034,9 +1056,11 @@ def run_predict(
                     )
                     row = {
                         "path": r.path,
-                        "image_score": f"{r.score:.6f}",
+                        # (every digit: a score shown rounded could seem to sit on the
+                        # threshold, or on its other side, while the decision says otherwise)
+                        "image_score": repr(float(r.score)),
                         "decision": decision,
-                        "max_pixel_score": f"{r.max_pixel_score:.6f}",
+                        "max_pixel_score": repr(float(r.max_pixel_score)),
                     }
                     rows[r.path] = row
                     writes = []
@@ -1049,7 +1073,9 @@ def run_predict(
                         writes.append(writer.submit(_write_map, target, r.anomaly_map))
                     # (appended once its files are written; by absolute path too, so that a
                     # resume from another working directory finds it)
-                    record.add({**row, "abspath": os.path.abspath(r.path)}, writes)
+                    where = {"abspath": os.path.abspath(r.path), "place": _place(r.path)}
+                    record.add({**row, **where}, writes)
+            record.flush()  # (every write has finished: the last images are recorded too)
         except BaseException:  # Ctrl-C, a crash, a full disk: what is recorded stays
             record.flush()  # (the writer has finished every job it took)
             log.warning(
@@ -1064,8 +1090,6 @@ def run_predict(
     writer = csv.DictWriter(buf, fieldnames=_COLUMNS)
     writer.writeheader()
     writer.writerows(table)
-    # (a file name that is not UTF-8 keeps its bytes, as the file system gave them)
-    atomic_write_bytes(out / "predictions.csv", buf.getvalue().encode("utf-8", "surrogateescape"))
     n_anom = sum(r["decision"] == "anomalous" for r in table)
     summary = {
         "model": detector.model.cfg.name,
@@ -1083,15 +1107,28 @@ def run_predict(
             "maps": "maps/" if save_maps else None,
         },
     }
-    atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    text = json.dumps(strict_json(summary), indent=2, allow_nan=False) + "\n"
+    try:
+        # (a file name that is not UTF-8 keeps its bytes, as the file system gave them)
+        data = buf.getvalue().encode("utf-8", "surrogateescape")
+        atomic_write_bytes(out / "predictions.csv", data)
+        atomic_write_bytes(out / "summary.json", text.encode())
+    except BaseException:  # a full disk, say: every image is recorded, only the tables are not
+        log.warning(
+            "stopped while writing predictions.csv and summary.json, with all %d images done; "
+            "`crane predict ... --resume` (API: resume=True) writes them",
+            len(table),
+        )
+        raise
     progress_path.unlink(missing_ok=True)  # (the run is complete: nothing left to resume)
     if overwrite:  # files of an earlier run that this one did not replace
         ours = {names[r["path"]] for r in table}
-        for sub, kept in (("overlays", overlays), ("maps", save_maps)):
+        for sub, kept, ext in (("overlays", overlays, overlay_format), ("maps", save_maps, "npy")):
             folder = out / sub
             if not folder.is_dir():
                 continue
-            stale = [f for f in folder.iterdir() if not kept or f.stem not in ours]
+            mine = {f"{name}.{ext}" for name in ours} if kept else set()
+            stale = [f for f in folder.iterdir() if f.name not in mine]
             if stale:
                 log.warning(
                     "%d file(s) in %s are not from this run (an earlier run's; left in place)",

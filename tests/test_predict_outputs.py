@@ -1,0 +1,200 @@
+"""What ``run_predict`` writes, under inputs and events that broke it (from a review): long
+names, huge JPEG overlays, linked folders on resume, a full disk at the end, an interrupted
+``--overwrite``, a switched overlay format, odd thresholds, scores on the threshold."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import crane.engine.predict as P
+from crane.engine.predict import Detector, run_predict
+from crane.errors import CraneError
+from crane.files import fit_file_name
+from crane.models import create_model
+from crane.viz import JPEG_MAX_SIDE, save_jpeg
+
+SIZE = 56
+
+
+def detector(seed=0, **kw):
+    return Detector(create_model("tiny", image_size=SIZE, seed=seed), device="cpu", **kw)
+
+
+def image(path, value=None, size=(40, 36), seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    px = rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8) if value is None else None
+    Image.fromarray(px if px is not None else np.full((*size[::-1], 3), value, np.uint8)).save(path)
+    return path
+
+
+def rows(out):
+    return list(csv.DictReader(open(out / "predictions.csv", encoding="utf-8")))
+
+
+def test_long_names_and_deep_folders_fit_the_file_system(tmp_path):
+    """An output name near 255 bytes (or deep folders flattened into one name) failed with
+    ENAMETOOLONG at the temp file, and a resume failed the same way."""
+    src = tmp_path / "in"
+    long = image(src / ("x" * 241 + ".png"))
+    deep = src / "a"
+    for i in range(4):
+        deep = deep / ("sub" + "y" * 60 + str(i))
+    nested = image(deep / "img.png", seed=1)
+    short = image(src / "short.png", seed=2)
+    out = tmp_path / "out"
+    run_predict(detector(), [src], out, progress=False, save_maps=True)
+    names = sorted(p.name for p in (out / "overlays").iterdir())
+    assert len(names) == 3 and all(len(os.fsencode(n)) <= 255 for n in names)
+    assert "short.png" in names
+    assert {r["path"] for r in rows(out)} == {str(long), str(nested), str(short)}
+    assert sorted(p.stem for p in (out / "maps").iterdir()) == sorted(Path(n).stem for n in names)
+    # Cut names stay apart and do not depend on anything but the name.
+    a, b = "é" * 150 + "1", "é" * 150 + "2"
+    assert fit_file_name(a) != fit_file_name(b) and fit_file_name(a) == fit_file_name(a)
+    assert len(os.fsencode(fit_file_name(a))) <= 200 and fit_file_name("short") == "short"
+
+
+def test_jpeg_overlays_of_line_scan_images_are_scaled_to_fit(tmp_path, caplog):
+    wide = Image.new("RGB", (JPEG_MAX_SIDE + 100, 2), (10, 200, 30))
+    with caplog.at_level(logging.WARNING):
+        save_jpeg(wide, tmp_path / "wide.jpg")
+    with Image.open(tmp_path / "wide.jpg") as im:
+        assert im.size == (JPEG_MAX_SIDE, 2) and im.format == "JPEG"
+    assert "a JPEG holds at most 65500 px a side" in caplog.text
+    save_jpeg(Image.new("RGB", (30, 20)), tmp_path / "small.jpg")
+    with Image.open(tmp_path / "small.jpg") as im:
+        assert im.size == (30, 20)
+
+
+def test_overlay_write_errors_name_the_image(tmp_path, monkeypatch):
+    src = image(tmp_path / "in" / "a.png")
+
+    def full(path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("crane.viz.atomic_write_bytes", full)
+    with pytest.raises(OSError, match=r"cannot write the overlay of .*a\.png to .*No space"):
+        run_predict(detector(), [src], tmp_path / "out", progress=False, write_threads=0)
+
+
+def test_resume_tells_apart_files_that_share_an_absolute_path(tmp_path, monkeypatch):
+    """``x.png`` and ``a/../x.png`` with ``a`` a link into ``d/e`` are two files; a resume
+    matched its records by absolute path and gave one the other's row."""
+    monkeypatch.chdir(tmp_path)
+    image(Path("x.png"), seed=1)
+    image(Path("d/x.png"), value=200)
+    Path("d/e").mkdir()
+    os.symlink("d/e", "a")
+    inputs = ["a/../x.png", "x.png"]
+    kw = dict(progress=False, overlays=False)
+    run_predict(detector(), inputs, "whole", **kw)
+    det = detector()
+    real = det.predict_iter
+
+    def stop_after_one(paths, progress=False):
+        for i, r in enumerate(real(paths, progress=progress)):
+            if i == 1:
+                raise KeyboardInterrupt
+            yield r
+
+    det.predict_iter = stop_after_one
+    with pytest.raises(KeyboardInterrupt):
+        run_predict(det, inputs, "out", **kw)
+    run_predict(detector(), inputs, "out", resume=True, **kw)
+    whole = {r["path"]: float(r["image_score"]) for r in rows(Path("whole"))}
+    assert abs(whole["a/../x.png"] - whole["x.png"]) > 1e-3
+    resumed = {r["path"]: float(r["image_score"]) for r in rows(Path("out"))}
+    assert resumed.keys() == whole.keys()
+    for path, score in whole.items():  # (batched otherwise: equal up to float rounding)
+        assert resumed[path] == pytest.approx(score, abs=1e-6), path
+
+
+def test_a_full_disk_at_the_tables_keeps_every_image_recorded(tmp_path, monkeypatch, caplog):
+    src = tmp_path / "in"
+    for i in range(6):
+        image(src / f"{i}.png", seed=i)
+    real_overlay, real_write = P.write_overlay, P.atomic_write_bytes
+
+    def slow_overlay(*args, **kwargs):
+        time.sleep(0.05)
+        return real_overlay(*args, **kwargs)
+
+    def write(path, data):
+        if Path(path).name == "predictions.csv":
+            raise OSError(28, "No space left on device")
+        return real_write(path, data)
+
+    monkeypatch.setattr(P, "write_overlay", slow_overlay)
+    monkeypatch.setattr(P, "atomic_write_bytes", write)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING), pytest.raises(OSError, match="No space"):
+        run_predict(detector(batch_size=2), [src], out, progress=False, write_threads=3)
+    assert "all 6 images done; `crane predict ... --resume`" in caplog.text
+    assert len((out / "progress.jsonl").read_text().splitlines()) == 1 + 6
+    monkeypatch.setattr(P, "atomic_write_bytes", real_write)
+    summary = run_predict(detector(batch_size=2), [src], out, progress=False, resume=True)
+    assert summary["n_resumed"] == 6 and len(rows(out)) == 6
+
+
+def test_an_interrupted_overwrite_leaves_no_earlier_table(tmp_path):
+    src = tmp_path / "in"
+    for i in range(4):
+        image(src / f"{i}.png", seed=i)
+    out = tmp_path / "out"
+    run_predict(detector(), [src], out, progress=False)
+    det = detector(seed=5)
+    real = det.predict_iter
+
+    def stop_after_two(paths, progress=False):
+        for i, r in enumerate(real(paths, progress=progress)):
+            if i == 2:
+                raise KeyboardInterrupt
+            yield r
+
+    det.predict_iter = stop_after_two
+    with pytest.raises(KeyboardInterrupt):
+        run_predict(det, [src], out, progress=False, overwrite=True, write_threads=0)
+    assert not (out / "predictions.csv").exists() and not (out / "summary.json").exists()
+    assert (out / "progress.jsonl").is_file()
+
+
+def test_switching_overlay_format_names_the_earlier_overlays(tmp_path, caplog):
+    src = tmp_path / "in"
+    for i in range(3):
+        image(src / f"{i}.png", seed=i)
+    out = tmp_path / "out"
+    run_predict(detector(), [src], out, progress=False)
+    with caplog.at_level(logging.WARNING):
+        run_predict(detector(), [src], out, progress=False, overwrite=True, overlay_format="jpg")
+    assert "3 file(s) in" in caplog.text and "are not from this run" in caplog.text
+
+
+def test_thresholds_are_finite_numbers_and_scores_are_written_whole(tmp_path):
+    with pytest.raises(CraneError, match="finite number, got nan"):
+        detector(threshold=float("nan"))
+    with pytest.raises(CraneError, match="must be a number"):
+        detector(threshold="high")
+    src = tmp_path / "in"
+    for i in range(4):
+        image(src / f"{i}.png", seed=i)
+    scores = sorted(r.score for r in detector().predict(sorted(src.iterdir())))
+    # A threshold between two scores closer than the 6 decimals the CSV used to show.
+    t = np.float32(np.nextafter(np.float32(scores[1]), np.float32(1)))
+    det = detector(threshold=t)
+    assert type(det.threshold) is float
+    summary = run_predict(det, [src], tmp_path / "out", progress=False, overlays=False)
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["threshold"] == float(t)
+    assert summary["n_anomalous"] == 2
+    for r in rows(tmp_path / "out"):
+        assert (float(r["image_score"]) >= float(t)) == (r["decision"] == "anomalous")
+        assert float(r["image_score"]) in scores
