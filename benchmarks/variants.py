@@ -39,6 +39,7 @@ from throughput import (  # same folder
     reset_peak,
     save,
     time_it,
+    to_host,
 )
 
 from crane.engine.predict import Detector
@@ -48,7 +49,7 @@ from crane.models.vision import half_precision_attention
 def timed(det: Detector, x: torch.Tensor, reps: int) -> tuple[float, float]:
     det.predict_tensor(x)  # warm-up (text features, compilation, cuDNN plans)
     reset_peak(x.device)
-    dt = time_it(lambda: det.predict_tensor(x), x.device, warmup=1, reps=reps)
+    dt = time_it(lambda: to_host(det.predict_tensor(x)), x.device, warmup=1, reps=reps)
     peak = peak_mem_mb(x.device)  # (on the CPU: the RSS growth over the timed calls)
     return x.shape[0] / dt, peak
 

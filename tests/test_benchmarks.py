@@ -298,6 +298,16 @@ def test_throughput_runs_every_part_with_config_changes(throughput, tmp_path, mo
     for row in res["decode"]:
         assert 0 <= row["main_wait_transfer_s"] <= row["main_wait_s"] <= row["total_s"]
     assert len(res["latency"]) == len(res["train"]) == len(res["evaluate"]) == 1
+    # Training: the uncached fp32 baseline beside the cached epochs, in the same run.
+    train = res["train"][0]
+    assert train["baseline_fp32_uncached_images"] == 4 and train["baseline_fp32_uncached_img_s"] > 0
+    assert train["baseline_fp32_uncached_epoch_s"] == pytest.approx(
+        4 / train["baseline_fp32_uncached_img_s"]
+    )
+    assert train["cached_epoch_speedup"] == pytest.approx(
+        train["baseline_fp32_uncached_epoch_s"] / train["cached_epoch_s"]
+    )
+    assert 0 < train["first_epoch_speedup"] < train["cached_epoch_speedup"]
     latency = res["latency"][0]  # one file per call, the last with the JPEG decoded on the device
     assert all(latency[f"{k}_ms"] > 0 for k in ("no_workers", "fresh", "kept", "device_decode"))
     assert res["evaluate"][0]["n_images"] == 8
@@ -448,7 +458,7 @@ def test_throughput_quick_mode_keeps_only_presets_and_sizes(throughput, tmp_path
                             "train", "--batch", "4", "--json", str(out)]) == 0  # fmt: skip
     assert calls == [  # --quick: the optimised path in bf16, so the accuracy guard is computed
         ("model", "tiny", (4, "bf16", 3, False, "auto")),
-        ("train", "tiny", (64, 3, "bf16")),
+        ("train", "tiny", (64, 3, "bf16", 256)),
     ]
     assert json.loads(out.read_text())["model"] == [{"preset": "tiny"}]
     # A full-size preset: one image through the model part, whatever else was asked for.
