@@ -277,6 +277,16 @@ def test_32bit_greyscale_is_read_by_the_range_its_values_show(tmp_path):
     assert torch.equal(
         image_to_tensor(Image.fromarray(eight), S), image_to_tensor(Image.fromarray(reference), S)
     )
+    # Formats that hold at most 16 bits (16-bit PGM opens as mode I): the fixed 16-bit mapping,
+    # whatever the values, so that two frames of one sensor read alike.
+    dark = np.full((24, 32), 200, np.uint16)
+    bright = dark.copy()
+    bright[0, 0] = 300
+    for name, arr in (("dark.pgm", dark), ("bright.pgm", bright)):
+        Image.fromarray(arr).save(tmp_path / name)
+        with Image.open(tmp_path / name) as im:
+            assert im.mode == "I"
+        assert np.asarray(open_image(tmp_path / name))[5, 5] == round(200 / 257)
 
 
 def test_corrupt_image_raises_naming_the_file(tmp_path):

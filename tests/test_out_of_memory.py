@@ -2,7 +2,7 @@
 the size that fit for later batches, so ``predict`` and ``evaluate`` give the results of a run
 that never ran out; an image that does not fit alone, or maps too large to resize, stop the run
 with an error that names the fixes. The out-of-memory errors are planted (no GPU here): torch
-raises the same ``torch.OutOfMemoryError`` from its CUDA allocator."""
+raises the same ``torch.cuda.OutOfMemoryError`` from its CUDA allocator."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from crane.errors import CraneError
 from crane.models import create_model
 
 SIZE = 56
+OOM = torch.cuda.OutOfMemoryError  # (torch.OutOfMemoryError since torch 2.5: the same class)
 
 
 def plant_oom(model, most: int):
@@ -33,7 +34,7 @@ def plant_oom(model, most: int):
     def forward(x, *args, **kwargs):
         sizes.append(x.shape[0])
         if x.shape[0] > most[0]:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (planted)")
+            raise OOM("CUDA out of memory. Tried to allocate 2.00 GiB (planted)")
         return real(x, *args, **kwargs)
 
     model.forward = forward
@@ -123,7 +124,7 @@ def test_maps_too_large_to_resize_name_the_fixes(tmp_path, monkeypatch):
     paths = _images(tmp_path, 2)
 
     def resize_maps(maps, height, width):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB (planted)")
+        raise OOM("CUDA out of memory. Tried to allocate 12.00 GiB (planted)")
 
     monkeypatch.setattr(predict_module, "resize_maps", resize_maps)
     det = Detector(create_model("tiny", image_size=SIZE, seed=0), device="cpu", batch_size=2)

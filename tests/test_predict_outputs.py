@@ -198,3 +198,45 @@ def test_thresholds_are_finite_numbers_and_scores_are_written_whole(tmp_path):
     for r in rows(tmp_path / "out"):
         assert (float(r["image_score"]) >= float(t)) == (r["decision"] == "anomalous")
         assert float(r["image_score"]) in scores
+
+
+def test_resume_through_a_link_that_now_points_elsewhere(tmp_path, monkeypatch):
+    """Records match by place first; where the folder's link was re-pointed (data staged
+    again), by absolute path when that names one input."""
+    monkeypatch.chdir(tmp_path)
+    for stage in ("stage1", "stage2"):
+        for i in range(3):
+            image(Path(stage) / f"{i}.png", seed=i)
+    os.symlink("stage1", "data")
+    det = detector()
+    real = det.predict_iter
+
+    def stop_after_one(paths, progress=False):
+        for i, r in enumerate(real(paths, progress=progress)):
+            if i == 1:
+                raise KeyboardInterrupt
+            yield r
+
+    det.predict_iter = stop_after_one
+    with pytest.raises(KeyboardInterrupt):
+        run_predict(det, ["data"], "out", progress=False, overlays=False)
+    os.unlink("data")
+    os.symlink("stage2", "data")
+    summary = run_predict(detector(), ["data"], "out", progress=False, overlays=False, resume=True)
+    assert summary["n_resumed"] == 1 and summary["n_images"] == 3
+
+
+def test_names_that_fitted_before_keep_them_and_links_to_nothing_are_named(tmp_path, caplog):
+    src = tmp_path / "in"
+    stem = "n" * 230  # (fitted the earlier temp names too: a resumed run finds its files)
+    image(src / f"{stem}.png")
+    os.symlink(tmp_path / "gone.png", src / "gone.png")
+    with caplog.at_level(logging.WARNING):
+        assert P.expand_inputs([src]) == [str(src / f"{stem}.png")]
+    assert "1 image link(s) point to no file and are left out" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert P.expand_inputs([str(src / "*.png")]) == [str(src / f"{stem}.png")]
+    assert "point to no file" in caplog.text
+    run_predict(detector(), [src], tmp_path / "out", progress=False)
+    assert [p.name for p in (tmp_path / "out" / "overlays").iterdir()] == [f"{stem}.png"]

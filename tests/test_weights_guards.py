@@ -60,7 +60,7 @@ def test_a_config_lacking_a_field_takes_its_own_presets_value(run):
         ("sigma", "4.0", "sigma must be a number"),
         ("clip_overrides", None, "clip_overrides must be a mapping"),
         ("backbone_seed", "abc", "backbone_seed must be an integer"),
-        ("image_threshold", "0.5", "image_threshold must be a number"),
+        ("image_threshold", "0.5", "image_threshold must be a finite number"),
     ],
 )
 def test_wrong_types_in_a_config_are_one_message(run, field, value, says):
@@ -430,3 +430,13 @@ def test_files_given_to_the_wrong_flag_say_which_flag_takes_them(tmp_path):
     scripted.save(str(tmp_path / "clip.pt"))
     with pytest.raises(CheckpointError, match="is a TorchScript archive .* --clip-weights"):
         load_released_prompts(tmp_path / "clip.pt")
+
+
+def test_run_thresholds_must_be_finite_and_seeds_of_any_size_build(run):
+    _edit_config(run, image_threshold=float("nan"))
+    with pytest.raises(CheckpointError, match="image_threshold must be a finite number"):
+        create_model(str(run))
+    big = create_model("tiny", image_size=SIZE, seed=2**64 + 5)  # (a timestamp, a hash)
+    same = create_model("tiny", image_size=SIZE, seed=5)
+    a, b = dict(big.named_parameters()), dict(same.named_parameters())
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -213,4 +213,5 @@ def write_overlay(
         OVERLAY_FORMATS[suffix](overlay(image, amap, mask), path)
     except OSError as exc:  # (a full disk, a file system's limits: name the overlay)
         of = f" of {source}" if source is not None else ""
-        raise OSError(exc.errno, f"cannot write the overlay{of} to {path}: {exc}") from exc
+        why = exc.strerror or str(exc)
+        raise OSError(f"cannot write the overlay{of} to {path}: {why}") from exc

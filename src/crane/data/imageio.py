@@ -6,8 +6,8 @@ For palette (P) and alpha (RGBA/LA) images the order changes the pixels, so
 :func:`open_image` keeps those modes as decoded and leaves the conversion to
 :func:`crane.data.transforms.image_to_tensor`. Modes the reference would mangle are
 normalised here instead: 16-bit greyscale is scaled to 8 bits (``convert("RGB")``
-would clip it to white), 32-bit integer greyscale by the range its values show (0..255: as
-the reference reads it; up to 65535: as 16-bit data; beyond: refused), and
+would clip it to white), 32-bit integer greyscale (a 32-bit TIFF) by the range its values
+show (0..255: as the reference reads it; up to 65535: as 16-bit data; beyond: refused), and
 CMYK/YCbCr/LAB/HSV are converted to RGB.
 
 EXIF orientation is deliberately *not* applied: masks are drawn on the stored pixel
@@ -30,6 +30,8 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", 
 # Modes the reference pipeline resizes natively; kept as decoded (see module docstring).
 _NATIVE_MODES = frozenset({"1", "L", "P", "RGB", "RGBA", "LA"})
 _INT_GREY_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
+# File formats whose mode-I images hold 16-bit data (see _grey_to_uint8)
+_AT_MOST_16_BITS = frozenset({"PNG", "PPM"})
 
 PathLike = str | os.PathLike[str]
 
@@ -67,13 +69,15 @@ def _decode(path: PathLike, what: str, draft: int | None = None) -> Image.Image:
 def _grey_to_uint8(im: Image.Image) -> Image.Image:
     """Scale a 16/32-bit integer or float greyscale image to an 8-bit L image.
 
-    16-bit modes (``I;16*``: 16-bit PNG and TIFF files) map their full range onto 8 bits.
-    Mode ``I`` is a 32-bit container whose file does not say which range its data use: 8-bit
-    data (0..255) are kept as they are, as the reference's conversion reads them; 16-bit data
-    (up to 65535) are scaled as 16-bit files are; negative values or values beyond 16 bits
-    raise :class:`~crane.errors.ImageReadError` (the reference would clip them)."""
+    16-bit data map their full range onto 8 bits, whatever the image holds: the ``I;16*``
+    modes (16-bit PNG and TIFF files) and mode ``I`` from the formats that store at most 16
+    bits (PNG, which older Pillows open as ``I``, and 16-bit PGM/PPM). Otherwise mode ``I`` is
+    a 32-bit container (a 32-bit TIFF, an image made in memory) whose range nothing states:
+    8-bit data (0..255) are kept as they are, as the reference's conversion reads them; 16-bit
+    data (up to 65535) are scaled as 16-bit files are; negative values or values beyond 16
+    bits raise :class:`~crane.errors.ImageReadError` (the reference would clip them)."""
     arr = np.asarray(im)
-    if im.mode == "I" and arr.size:
+    if im.mode == "I" and arr.size and getattr(im, "format", None) not in _AT_MOST_16_BITS:
         lo, hi = int(arr.min()), int(arr.max())
         if lo < 0 or hi > 65535:
             raise ImageReadError(

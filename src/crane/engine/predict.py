@@ -605,6 +605,8 @@ class Detector:
             if not math.isfinite(threshold):
                 raise CraneError(f"threshold must be a finite number, got {threshold}")
         self.threshold = threshold if threshold is not None else self.model.image_threshold
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise CraneError(f"the model's image threshold is not finite: {self.threshold}")
         dropped = getattr(self.model, "threshold_not_used", None)
         if self.threshold is None and dropped is not None:
             log.warning(
@@ -660,7 +662,7 @@ class Detector:
                 resize_maps(maps if len(idx) == len(job.ok) else select_rows(maps, idx), *hw)
                 for hw, idx in groups.items()
             ]
-        except torch.OutOfMemoryError as exc:
+        except torch.cuda.OutOfMemoryError as exc:
             h, w = max(groups, key=lambda hw: hw[0] * hw[1])
             raise CraneError(
                 f"out of {self.device} memory resizing a batch's {len(job.ok)} anomaly maps to "
@@ -860,16 +862,18 @@ def expand_inputs(
             out.append(spec)
             continue
         if p.is_dir():
-            found = [f for f in p.rglob("*") if f.is_file() and is_image_file(f)]
+            named = [f for f in p.rglob("*") if is_image_file(f)]
+            _warn_broken_links(named)
+            found = [f for f in named if f.is_file()]
             files = sorted(
                 str(f) for f in found if not any(s.startswith(".") for s in f.relative_to(p).parts)
             )
             if len(files) < len(found):
                 log.info("left out %d hidden image files under %s", len(found) - len(files), p)
         elif any(ch in spec for ch in "*?["):
-            files = sorted(
-                f for f in glob.glob(spec, recursive=True) if Path(f).is_file() and is_image_file(f)
-            )
+            named = [f for f in glob.glob(spec, recursive=True) if is_image_file(f)]
+            _warn_broken_links([Path(f) for f in named])
+            files = sorted(f for f in named if Path(f).is_file())
         else:
             raise CraneError(f"input {spec} does not exist")
         kept = [f for f in files if keep(f)]
@@ -888,6 +892,16 @@ def expand_inputs(
     if excluded:
         log.info("left out %d image files inside the overlay folder %s", excluded, exclude)
     return list(seen.values())
+
+
+def _warn_broken_links(named: Sequence[Path]) -> None:
+    broken = sorted(str(f) for f in named if f.is_symlink() and not f.exists())
+    if broken:
+        log.warning(
+            "%d image link(s) point to no file and are left out: %s",
+            len(broken),
+            ", ".join(broken[:5]) + (", ..." if len(broken) > 5 else ""),
+        )
 
 
 def _place(path: str) -> str:
@@ -921,7 +935,8 @@ def _output_names(paths: Sequence[str]) -> dict[str, str]:
     for p in sorted(stems, key=lambda p: (where[p], p)):  # (one file named twice: by spelling)
         stem = stems[p]
         helps = shared[stem.casefold()] > 1 and shared_rel[rels[p].casefold()] == 1
-        name = fit_file_name(rels[p] if helps else stem)
+        # (240 bytes, a "~k" and the extension stay within 255; names that fitted before keep)
+        name = fit_file_name(rels[p] if helps else stem, 240)
         unique, k = name, 2
         while unique.casefold() in used:
             unique, k = f"{name}~{k}", k + 1
@@ -1014,12 +1029,14 @@ def run_predict(
         # directory); the rows take this run's spelling. (Records of an older crane hold the
         # absolute path only.)
         at = {_place(p): p for p in paths}
-        spelled = {os.path.abspath(p): p for p in paths}
+        by_abspath: dict[str, list[str]] = {}
+        for p in paths:
+            by_abspath.setdefault(os.path.abspath(p), []).append(p)
         for r in recorded:
-            if "place" in r:
-                path = at.get(r["place"])
-            else:
-                path = spelled.get(r.get("abspath", os.path.abspath(r["path"])))
+            path = at.get(r["place"]) if "place" in r else None
+            if path is None:  # (an older record, or the folder's link now points elsewhere)
+                same = by_abspath.get(r.get("abspath", os.path.abspath(r["path"])), [])
+                path = same[0] if len(same) == 1 else None
             if path is None:  # (the settings hash the same inputs: an edited file)
                 raise CraneError(f"{progress_path} names {r['path']}, not among the inputs")
             if _outputs_exist(out, names[path], outputs):

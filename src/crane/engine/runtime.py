@@ -304,7 +304,7 @@ def scoring_forward(
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         try:
             return run(images)
-        except torch.OutOfMemoryError as exc:
+        except torch.cuda.OutOfMemoryError as exc:
             if n == 1:
                 raise out_of_memory_error(device, images, exc) from None
         # (retried here, not in the handler: its traceback holds the failed call's tensors)

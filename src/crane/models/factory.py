@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -110,9 +111,14 @@ def create_model(
             raise CheckpointError(f"{name}: backbone_seed must be an integer, got {seed!r}")
     threshold = meta.get("image_threshold")
     if threshold is not None and (
-        not isinstance(threshold, (int, float)) or isinstance(threshold, bool)
+        not isinstance(threshold, (int, float))
+        or isinstance(threshold, bool)
+        or not math.isfinite(threshold)
     ):
-        raise CheckpointError(f"{name}: image_threshold must be a number, got {threshold!r}")
+        raise CheckpointError(
+            f"{name}: image_threshold must be a finite number, got {threshold!r} (run crane "
+            "calibrate again, or remove it from the run's config.json)"
+        )
 
     dropped = None  # a run's threshold left out: its prompts are replaced
     if prompts is not None:  # (read first: a bad prompt file is reported before the backbones)
@@ -151,7 +157,7 @@ def create_model(
             else f"{cfg.name} has no DINOv2",
         )  # fmt: skip
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(seed % 2**64)  # (torch's range; negative seeds map as torch maps them)
         try:
             clip = build_clip(cfg, clip_weights, not random_backbones, matmul_dtype)
         except WeightsError as exc:
