@@ -37,6 +37,20 @@ def image(path, value=None, size=(40, 36), seed=0):
     return path
 
 
+def interrupted(det, n):
+    """``det`` whose ``predict_iter`` stops (as Ctrl-C would) after yielding ``n`` results."""
+    real = det.predict_iter
+
+    def stop(paths, progress=False):
+        for i, r in enumerate(real(paths, progress=progress)):
+            if i == n:
+                raise KeyboardInterrupt
+            yield r
+
+    det.predict_iter = stop
+    return det
+
+
 def rows(out):
     return list(csv.DictReader(open(out / "predictions.csv", encoding="utf-8")))
 
@@ -98,16 +112,7 @@ def test_resume_tells_apart_files_that_share_an_absolute_path(tmp_path, monkeypa
     inputs = ["a/../x.png", "x.png"]
     kw = dict(progress=False, overlays=False)
     run_predict(detector(), inputs, "whole", **kw)
-    det = detector()
-    real = det.predict_iter
-
-    def stop_after_one(paths, progress=False):
-        for i, r in enumerate(real(paths, progress=progress)):
-            if i == 1:
-                raise KeyboardInterrupt
-            yield r
-
-    det.predict_iter = stop_after_one
+    det = interrupted(detector(), 1)
     with pytest.raises(KeyboardInterrupt):
         run_predict(det, inputs, "out", **kw)
     run_predict(detector(), inputs, "out", resume=True, **kw)
@@ -152,16 +157,7 @@ def test_an_interrupted_overwrite_leaves_no_earlier_table(tmp_path):
         image(src / f"{i}.png", seed=i)
     out = tmp_path / "out"
     run_predict(detector(), [src], out, progress=False)
-    det = detector(seed=5)
-    real = det.predict_iter
-
-    def stop_after_two(paths, progress=False):
-        for i, r in enumerate(real(paths, progress=progress)):
-            if i == 2:
-                raise KeyboardInterrupt
-            yield r
-
-    det.predict_iter = stop_after_two
+    det = interrupted(detector(seed=5), 2)
     with pytest.raises(KeyboardInterrupt):
         run_predict(det, [src], out, progress=False, overwrite=True, write_threads=0)
     assert not (out / "predictions.csv").exists() and not (out / "summary.json").exists()
@@ -208,16 +204,7 @@ def test_resume_through_a_link_that_now_points_elsewhere(tmp_path, monkeypatch):
         for i in range(3):
             image(Path(stage) / f"{i}.png", seed=i)
     os.symlink("stage1", "data")
-    det = detector()
-    real = det.predict_iter
-
-    def stop_after_one(paths, progress=False):
-        for i, r in enumerate(real(paths, progress=progress)):
-            if i == 1:
-                raise KeyboardInterrupt
-            yield r
-
-    det.predict_iter = stop_after_one
+    det = interrupted(detector(), 1)
     with pytest.raises(KeyboardInterrupt):
         run_predict(det, ["data"], "out", progress=False, overlays=False)
     os.unlink("data")
