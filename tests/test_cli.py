@@ -271,7 +271,7 @@ def test_model_selection_follows_the_paper_protocol(monkeypatch, tmp_path, caplo
         _load_model(args(str(tmp_path / "run"), paper=True), "visa")[1],
     ]
     # What metrics.json records: the prompts loaded and where the choice came from.
-    SPEC7 = "the released prompts SPEC §7 names for it"
+    SPEC7 = "the released prompts the paper uses for it"
     assert records == [
         {"prompts": "official:mvtec-medical", "prompts_from": SPEC7},
         {"prompts": "official:visa", "prompts_from": SPEC7},

@@ -289,6 +289,15 @@ def test_32bit_greyscale_is_read_by_the_range_its_values_show(tmp_path):
         assert np.asarray(open_image(tmp_path / name))[5, 5] == round(200 / 257)
 
 
+def test_float_images_just_above_one_are_refused(tmp_path):
+    values = np.linspace(0, 1.03, 24 * 32, dtype=np.float32).reshape(24, 32)
+    Image.fromarray(values, mode="F").save(tmp_path / "over.tif")
+    with pytest.raises(ImageReadError, match=r"over\.tif: a float image reaches 1\.03"):
+        open_image(tmp_path / "over.tif")
+    Image.fromarray(values * 200, mode="F").save(tmp_path / "wide.tif")  # [0, 206]: 8-bit
+    assert np.asarray(open_image(tmp_path / "wide.tif")).max() == 206
+
+
 def test_corrupt_image_raises_naming_the_file(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)

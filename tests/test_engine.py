@@ -415,6 +415,8 @@ def test_detector_reads_arrays_and_tensors_as_their_uint8_image():
         (np.zeros((0, 30, 3), np.uint8), "no pixels"),
         (np.full((20, 30), np.nan, np.float32), "NaN"),
         (np.full((20, 30), 300.0), "[0, 1] or [0, 255]"),
+        (np.full((20, 30, 3), 1.02, np.float32), "reaches 1.02, just above 1"),
+        (torch.full((3, 20, 30), 1.5), "reaches 1.5, just above 1"),
         (np.full((20, 30), -5, np.int16), "values 0..255, got -5..-5"),
         (np.zeros((20, 30), np.complex64), "not an image"),
         (torch.zeros(20, 30, 3, dtype=torch.uint8), "(C, H, W)"),

@@ -43,6 +43,9 @@ def test_missing_clip_weights_offline_is_one_clear_paragraph(no_weights):
     msg = str(exc.value)
     assert "ViT-L-14-336px.pt" in msg and "--clip-weights" in msg and W.CLIP_ENV in msg
     assert W.CACHE_ENV in msg and "\n" not in msg
+    # For Python users the keyword, and where to download the file.
+    assert "(Python: clip_weights=...)" in msg
+    assert "Hugging Face hub repository timm/vit_large_patch14_clip_336.openai" in msg
 
 
 def test_missing_clip_and_dino_weights_are_named_in_one_paragraph(no_weights, tmp_path):

@@ -359,7 +359,7 @@ def test_a_safetensors_file_named_is_the_file_loaded(run, tmp_path):
     assert torch.equal(own.prompt_learner.ctx_pos, create_model(str(run)).prompt_learner.ctx_pos)
 
 
-def test_release_files_named_by_path_are_checked_against_their_sums(tmp_path):
+def test_release_files_named_by_path_are_checked_against_their_sums(tmp_path, monkeypatch):
     import zipfile
 
     from crane.models.factory import load_prompt_state
@@ -376,6 +376,13 @@ def test_release_files_named_by_path_are_checked_against_their_sums(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="does not match its SHA256"):
         load_prompt_state(path, get_config("crane"))
+    # official: names the release: checked against crane's own sums where the copy has none
+    # (the authors' repository ships none).
+    (copy / "SHA256SUMS").unlink()
+    monkeypatch.setenv("CRANE_OFFICIAL_PROMPTS", str(copy))
+    with pytest.raises(CheckpointError, match="does not match its SHA256"):
+        load_prompt_state("official:mvtec", get_config("crane"))
+    load_prompt_state("official:visa", get_config("crane"))  # an intact file of that copy
     # A copy outside a release tree (no sums beside it) loads as before.
     alone = tmp_path / "alone" / "epoch_5.pth"
     alone.parent.mkdir()

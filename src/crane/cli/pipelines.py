@@ -132,8 +132,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "train",
-        help="train prompts on an auxiliary dataset (SPEC §6 recipe)",
-        description="Train prompts on an auxiliary dataset (SPEC §6 recipe). With --resume, "
+        help="train prompts on an auxiliary dataset (the paper's recipe)",
+        description="Train prompts on an auxiliary dataset (the paper's recipe). With --resume, "
         "the options not given are the interrupted run's (dataset, root, split, classes, "
         "preset, image size, epochs, lr, seed, batch size, precision, weight files).",
     )
@@ -149,8 +149,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--classes", nargs="+", default=None)
     p.add_argument("--preset", default=None, help="default crane+ (see `crane models`)")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--epochs", type=int, default=None, help="default 5 (SPEC §6)")
-    p.add_argument("--lr", type=float, default=None, help="default 1e-3 (SPEC §6)")
+    p.add_argument("--epochs", type=int, default=None, help="default 5 (the paper's recipe)")
+    p.add_argument("--lr", type=float, default=None, help="default 1e-3 (the paper's recipe)")
     p.add_argument("--seed", type=int, default=None, help="default 111")
     p.add_argument("--image-size", type=int, default=None, help="default: the preset's")
     p.add_argument(
@@ -173,7 +173,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--paper-protocol",
         action="store_true",
-        help="SPEC §7 settings for this dataset: released prompts and map combination",
+        help="the paper's settings for this dataset: released prompts and map combination",
     )
     p.add_argument(
         "--aupro",
@@ -405,7 +405,7 @@ def _load_model(
     else:
         proto = paper_protocol(dataset or "", args.model)
         if prompts is None:
-            prompts, source = proto["prompts"], "the released prompts SPEC §7 names for it"
+            prompts, source = proto["prompts"], "the released prompts the paper uses for it"
             log.info("prompts: %s", prompts)
         if getattr(args, "paper_protocol", False):
             overrides.setdefault("map_combine", proto["map_combine"])

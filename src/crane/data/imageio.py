@@ -66,6 +66,18 @@ def _decode(path: PathLike, what: str, draft: int | None = None) -> Image.Image:
         raise ImageReadError(f"cannot read {what} {path}: {reason}") from exc
 
 
+def _float_scale(hi: float, what: str) -> float:
+    """255 for float pixels in [0, 1], 1 for [0, 255]: by the largest value ``hi``. Values
+    just above 1 (up to 2) are refused: an overshoot of a [0, 1] image read as 0..255 would be
+    nearly black, and a [0, 255] image that dark is implausible."""
+    if 1.0 < hi < 2.0:
+        raise ImageReadError(
+            f"{what} reaches {hi:g}, just above 1: neither [0, 1] pixels (an overshoot? clip "
+            "them to [0, 1]) nor [0, 255] ones (it would be nearly black)"
+        )
+    return 255.0 if hi <= 1.0 else 1.0
+
+
 def _grey_to_uint8(im: Image.Image) -> Image.Image:
     """Scale a 16/32-bit integer or float greyscale image to an 8-bit L image.
 
@@ -90,7 +102,7 @@ def _grey_to_uint8(im: Image.Image) -> Image.Image:
     if im.mode == "F":
         arr = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         # Float images carry no range; [0, 1] is the common convention, else assume 8-bit.
-        scale = 255.0 if arr.size and arr.max() <= 1.0 else 1.0
+        scale = _float_scale(float(arr.max()) if arr.size else 0.0, "a float image")
         out = np.rint(np.clip(arr * scale, 0, 255))
     else:
         # Full 16-bit range onto 8 bits (65535 / 255 = 257 exactly), like cv2/ImageMagick;
@@ -107,8 +119,8 @@ def image_from_array(arr: np.ndarray) -> Image.Image:
     The value range follows the dtype, never the content, except for floats: uint8 as is;
     bool as 0/255 (2-D: a 1-bit image); uint16 as 16-bit data (÷257, as 16-bit image
     files); other integer types must hold 0..255; floats must be finite and lie in [0, 1]
-    (scaled by 255, the convention of torchvision's ``ToTensor``) or, with any value above
-    1, in [0, 255].
+    (scaled by 255, the convention of torchvision's ``ToTensor``) or, with any value of 2 or
+    more, in [0, 255] (a largest value between 1 and 2 is refused: an overshoot, most likely).
     """
     arr = np.asarray(arr)
     shape = tuple(arr.shape)
@@ -150,7 +162,7 @@ def image_from_array(arr: np.ndarray) -> Image.Image:
             raise ImageReadError(
                 f"a float image array must lie in [0, 1] or [0, 255], got {lo:g}..{hi:g}"
             )
-        scaled = arr.astype(np.float64) * (255.0 if hi <= 1.0 else 1.0)
+        scaled = arr.astype(np.float64) * _float_scale(hi, "a float image array")
         out = np.rint(scaled).astype(np.uint8)
     else:
         raise ImageReadError(f"an image array of dtype {arr.dtype} is not an image")

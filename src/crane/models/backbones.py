@@ -170,6 +170,7 @@ def build_clip(
                 "--clip-weights",
                 W.CLIP_ENV,
                 "no local file and no network",
+                _clip_hub(cfg),
             )
         try:
             model = open_clip.create_model(
@@ -177,7 +178,12 @@ def build_clip(
             )
         except Exception as exc:  # network/hub failures come in many types
             raise W.offline_error(
-                "CLIP", W.CLIP_FILENAMES, "--clip-weights", W.CLIP_ENV, f"download failed: {exc}"
+                "CLIP",
+                W.CLIP_FILENAMES,
+                "--clip-weights",
+                W.CLIP_ENV,
+                f"download failed: {exc}",
+                _clip_hub(cfg),
             ) from exc
     else:
         # Weights loaded right after need no random initialisation first.
@@ -241,6 +247,7 @@ def build_dino(
                 "--dino-weights",
                 W.DINO_ENV,
                 "no local file and no network",
+                _dino_hub(cfg),
             )
         try:
             model = timm.create_model(
@@ -248,7 +255,12 @@ def build_dino(
             )
         except Exception as exc:
             raise W.offline_error(
-                "DINOv2", W.DINO_FILENAMES, "--dino-weights", W.DINO_ENV, f"download failed: {exc}"
+                "DINOv2",
+                W.DINO_FILENAMES,
+                "--dino-weights",
+                W.DINO_ENV,
+                f"download failed: {exc}",
+                _dino_hub(cfg),
             ) from exc
     else:
         with W.no_random_init() if local is not None else contextlib.nullcontext():

@@ -29,8 +29,14 @@ def official_prompts_dir() -> Path:
     return Path(env).expanduser() if env else PACKAGED_OFFICIAL
 
 
-def _verify_sha256(path: Path, rel: str) -> None:
+def _verify_sha256(path: Path, rel: str, release: bool = False) -> None:
+    """Check ``path`` against the ``SHA256SUMS`` of its release folder where that lists
+    ``rel``. ``release``: the file is one of the authors' released ones (``official:``), so
+    a copy without its sums (the authors' repository ships none) is checked against the
+    sums packaged with crane."""
     sums = path.parents[1] / "SHA256SUMS"
+    if not sums.is_file() and release:
+        sums = PACKAGED_OFFICIAL / "SHA256SUMS"
     if not sums.is_file():
         return
     expected = {}
@@ -62,7 +68,7 @@ def resolve_official(trained_on: str, preset: str) -> Path:
             "'checkpoints' folder of the authors' repository AlirezaSalehy/Crane), or pass "
             "--prompts /path/to/epoch_5.pth."
         )
-    _verify_sha256(path, rel)
+    _verify_sha256(path, rel, release=True)
     return path
 
 

@@ -61,15 +61,27 @@ def _offline() -> bool:
     return True
 
 
-def _missing_message(what: str, filenames: tuple[str, ...], flag: str, env: str, why: str) -> str:
+def _missing_message(
+    what: str,
+    filenames: tuple[str, ...],
+    flag: str,
+    env: str,
+    why: str,
+    hub: tuple[str, tuple[str, ...]] | None = None,
+) -> str:
     cached = cache_dir() / filenames[0]
+    keyword = flag.lstrip("-").replace("-", "_")
+    source = (
+        f"from the Hugging Face hub repository {hub[0]} ({' or '.join(hub[1])}), or " if hub else ""
+    )
     return (
         f"{what} weights are not available ({why}). Crane needs the file {filenames[0]} "
         f"(any of: {', '.join(filenames)}). Fix it in one of three ways: pass {flag} "
-        f"/path/to/{filenames[0]}; or set the environment variable {env}=/path/to/{filenames[0]}; "
-        f"or copy the file to {cached} (the cache directory is set by {CACHE_ENV}). "
-        "The file can be downloaded on a machine with internet access (the first online run "
-        "of crane fetches it automatically). To try crane without any weights, run `crane demo`."
+        f"/path/to/{filenames[0]} (Python: {keyword}=...); or set the environment variable "
+        f"{env}=/path/to/{filenames[0]}; or copy the file to {cached} (the cache directory is "
+        f"set by {CACHE_ENV}). The file can be downloaded on a machine with internet access: "
+        f"{source}by any online run of crane there, which fetches it into its cache directory "
+        "(copy that directory here). To try crane without any weights, run `crane demo`."
     )
 
 
@@ -336,9 +348,16 @@ def no_random_init() -> Iterator[None]:
 
 
 def offline_error(
-    what: str, filenames: tuple[str, ...], flag: str, env: str, why: str
+    what: str,
+    filenames: tuple[str, ...],
+    flag: str,
+    env: str,
+    why: str,
+    hub: tuple[str, tuple[str, ...]] | None = None,
 ) -> WeightsError:
-    return WeightsError(_missing_message(what, filenames, flag, env, why))
+    """The one-paragraph error for weights that are missing: the file, the flag (and its
+    Python keyword), the environment variable, the cache folder and where to download it."""
+    return WeightsError(_missing_message(what, filenames, flag, env, why, hub))
 
 
 def hub_unreachable() -> bool:
