@@ -439,7 +439,7 @@ def train(
         log.warning(
             "each of the %d E-Attn patch sets (layers %s) counts %d times in the local loss: "
             "train_set_multiplicity reproduces the reference's one layer-24 set counted 4 "
-            "times (SPEC §3); for genuine multi-layer sets give train_set_multiplicity=1",
+            "times; for genuine multi-layer sets give train_set_multiplicity=1",
             len(cfg.feature_layers),
             ", ".join(map(str, cfg.feature_layers)),
             cfg.train_set_multiplicity,
