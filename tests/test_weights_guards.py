@@ -380,7 +380,7 @@ def test_release_files_named_by_path_are_checked_against_their_sums(tmp_path, mo
     # (the authors' repository ships none).
     (copy / "SHA256SUMS").unlink()
     monkeypatch.setenv("CRANE_OFFICIAL_PROMPTS", str(copy))
-    with pytest.raises(CheckpointError, match="does not match its SHA256"):
+    with pytest.raises(CheckpointError, match="does not match its SHA256.*--prompts PATH"):
         load_prompt_state("official:mvtec", get_config("crane"))
     load_prompt_state("official:visa", get_config("crane"))  # an intact file of that copy
     # A copy outside a release tree (no sums beside it) loads as before.

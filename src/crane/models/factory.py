@@ -45,8 +45,14 @@ def _verify_sha256(path: Path, rel: str, release: bool = False) -> None:
         if name:  # (`sha256sum` writes "HASH  name", "HASH *name" in binary mode, maybe "./")
             expected[name.strip().lstrip("*").removeprefix("./")] = digest.lower()
     if rel in expected and hashlib.sha256(path.read_bytes()).hexdigest() != expected[rel]:
+        hint = (
+            " (official: names the authors' released files; give a file of your own as "
+            "--prompts PATH)"
+            if release
+            else ""
+        )
         raise CheckpointError(
-            f"{path} does not match its SHA256 in {sums}: the file is damaged or altered"
+            f"{path} does not match its SHA256 in {sums}: the file is damaged or altered{hint}"
         )
 
 
