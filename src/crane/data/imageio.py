@@ -16,13 +16,17 @@ grid and the reference never transposes either.
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from crane.errors import DatasetError, ImageReadError
+
+log = logging.getLogger(__name__)
 
 #: File extensions treated as images when scanning dataset folders (compared lower-case).
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
@@ -40,6 +44,22 @@ def is_image_file(path: PathLike) -> bool:
     """True for a non-hidden file name with one of :data:`IMAGE_EXTENSIONS`."""
     name = os.path.basename(os.fspath(path))
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def warn_broken_links(
+    paths: Iterable[Path], where: str = "", name: Callable[[Path], str] = str
+) -> None:
+    """Warn about the links among ``paths`` that point to no file, which a listing of image
+    files leaves out (a dataset of links into an unmounted disk, say): named, not dropped
+    silently. ``where`` prefixes the message; ``name`` says how each link is named in it."""
+    broken = sorted(name(p) for p in paths if p.is_symlink() and not p.exists())
+    if broken:
+        log.warning(
+            "%s%d image link(s) point to no file and are left out: %s",
+            where,
+            len(broken),
+            ", ".join(broken[:5]) + (", ..." if len(broken) > 5 else ""),
+        )
 
 
 def _decode(path: PathLike, what: str, draft: int | None = None) -> Image.Image:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crane.data.imageio import is_image_file, open_mask
+from crane.data.imageio import is_image_file, open_mask, warn_broken_links
 from crane.data.meta import (
     Meta,
     Sample,
@@ -292,14 +292,7 @@ def list_images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     named = [p for p in folder.iterdir() if is_image_file(p.name)]
-    broken = sorted(p.name for p in named if p.is_symlink() and not p.exists())
-    if broken:
-        logger.warning(
-            "%s: %d image link(s) point to no file and are left out: %s",
-            folder,
-            len(broken),
-            ", ".join(broken[:5]) + (", ..." if len(broken) > 5 else ""),
-        )
+    warn_broken_links(named, f"{folder}: ", name=lambda p: p.name)
     return sorted((p for p in named if p.is_file()), key=lambda p: p.name)
 
 

@@ -25,7 +25,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from crane.data.handover import HandoverPool
-from crane.data.imageio import image_from_array, is_image_file, normalize_mode, open_image
+from crane.data.imageio import (
+    image_from_array,
+    is_image_file,
+    normalize_mode,
+    open_image,
+    warn_broken_links,
+)
 from crane.data.transforms import (
     decode_jpegs,
     image_to_uint8,
@@ -45,6 +51,7 @@ from crane.engine.batching import take_rows as _take_rows
 from crane.engine.runtime import (
     autocast,
     autocast_dtype,
+    first_line,
     model_input,
     nan_score_message,
     pick_device,
@@ -602,11 +609,9 @@ class Detector:
                 threshold = float(threshold)
             except (TypeError, ValueError):
                 raise CraneError(f"threshold must be a number, got {threshold!r}") from None
-            if not math.isfinite(threshold):
-                raise CraneError(f"threshold must be a finite number, got {threshold}")
         self.threshold = threshold if threshold is not None else self.model.image_threshold
         if self.threshold is not None and not math.isfinite(self.threshold):
-            raise CraneError(f"the model's image threshold is not finite: {self.threshold}")
+            raise CraneError(f"threshold must be a finite number, got {self.threshold}")
         dropped = getattr(self.model, "threshold_not_used", None)
         if self.threshold is None and dropped is not None:
             log.warning(
@@ -668,7 +673,7 @@ class Detector:
                 f"out of {self.device} memory resizing a batch's {len(job.ok)} anomaly maps to "
                 f"their images' sizes (up to {h}×{w} px, {4 * h * w / 2**20:.0f} MB each): use "
                 f"--map-size model (maps at {self.size}×{self.size}) or a smaller --batch-size "
-                f"({(str(exc) or type(exc).__name__).splitlines()[0]})"
+                f"({first_line(exc)})"
             ) from None
         job.scores = scores
         if self.device.type == "cuda":
@@ -863,7 +868,7 @@ def expand_inputs(
             continue
         if p.is_dir():
             named = [f for f in p.rglob("*") if is_image_file(f)]
-            _warn_broken_links(named)
+            warn_broken_links(named)
             found = [f for f in named if f.is_file()]
             files = sorted(
                 str(f) for f in found if not any(s.startswith(".") for s in f.relative_to(p).parts)
@@ -872,7 +877,7 @@ def expand_inputs(
                 log.info("left out %d hidden image files under %s", len(found) - len(files), p)
         elif any(ch in spec for ch in "*?["):
             named = [f for f in glob.glob(spec, recursive=True) if is_image_file(f)]
-            _warn_broken_links([Path(f) for f in named])
+            warn_broken_links([Path(f) for f in named])
             files = sorted(f for f in named if Path(f).is_file())
         else:
             raise CraneError(f"input {spec} does not exist")
@@ -894,21 +899,17 @@ def expand_inputs(
     return list(seen.values())
 
 
-def _warn_broken_links(named: Sequence[Path]) -> None:
-    broken = sorted(str(f) for f in named if f.is_symlink() and not f.exists())
-    if broken:
-        log.warning(
-            "%d image link(s) point to no file and are left out: %s",
-            len(broken),
-            ", ".join(broken[:5]) + (", ..." if len(broken) > 5 else ""),
-        )
-
-
 def _place(path: str) -> str:
     """Where an input file is: its folder resolved (``a/../x.png`` through a linked ``a`` is
     another file than ``./x.png``), its own name not (links are files of their own: a dataset
     of links keeps a row per name). Inputs and a resumed run's records match by it."""
     return os.path.join(os.path.realpath(os.path.dirname(path) or "."), os.path.basename(path))
+
+
+def _whereabouts(path: str) -> dict[str, str]:
+    """What a progress record holds to find its input again (:func:`_place`; the absolute
+    path for an older crane's records and a folder link re-pointed since)."""
+    return {"abspath": os.path.abspath(path), "place": _place(path)}
 
 
 def _output_names(paths: Sequence[str]) -> dict[str, str]:
@@ -1050,7 +1051,7 @@ def run_predict(
     rows: dict[str, dict[str, str]] = {}
     failures = []
     todo = [p for p in paths if p not in done]
-    kept = [{**row, "abspath": os.path.abspath(p), "place": _place(p)} for p, row in done.items()]
+    kept = [{**row, **_whereabouts(p)} for p, row in done.items()]
     with progress_file.open_progress(progress_path, "predict", settings, kept) as file:
         if resume:  # (once the run's lock is held: a live run's files are not partial)
             progress_file.remove_partial_writes([out / "overlays", out / "maps"])
@@ -1090,8 +1091,7 @@ def run_predict(
                         writes.append(writer.submit(_write_map, target, r.anomaly_map))
                     # (appended once its files are written; by absolute path too, so that a
                     # resume from another working directory finds it)
-                    where = {"abspath": os.path.abspath(r.path), "place": _place(r.path)}
-                    record.add({**row, **where}, writes)
+                    record.add({**row, **_whereabouts(r.path)}, writes)
             record.flush()  # (every write has finished: the last images are recorded too)
         except BaseException:  # Ctrl-C, a crash, a full disk: what is recorded stays
             record.flush()  # (the writer has finished every job it took)

@@ -323,6 +323,11 @@ def scoring_forward(
     return forward
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name where it has none)."""
+    return (str(exc) or type(exc).__name__).splitlines()[0]
+
+
 def out_of_memory_error(device: torch.device, images: torch.Tensor, exc: Exception) -> CraneError:
     """The one-paragraph error for an image that does not fit on ``device`` alone."""
     free = ""
@@ -330,9 +335,8 @@ def out_of_memory_error(device: torch.device, images: torch.Tensor, exc: Excepti
         with contextlib.suppress(RuntimeError):
             got, total = torch.cuda.mem_get_info(device)
             free = f" ({got / 2**30:.1f} of {total / 2**30:.1f} GiB free now)"
-    first = (str(exc) or type(exc).__name__).splitlines()[0]
     return CraneError(
         f"out of {device} memory for a single {images.shape[-2]}×{images.shape[-1]} image"
-        f"{free}: {first}. Free the device of other processes, use --precision bf16 (half "
-        "the weights and activations), or run on another device (--device)."
+        f"{free}: {first_line(exc)}. Free the device of other processes, use --precision bf16 "
+        "(half the weights and activations), or run on another device (--device)."
     )

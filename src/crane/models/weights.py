@@ -61,30 +61,6 @@ def _offline() -> bool:
     return True
 
 
-def _missing_message(
-    what: str,
-    filenames: tuple[str, ...],
-    flag: str,
-    env: str,
-    why: str,
-    hub: tuple[str, tuple[str, ...]] | None = None,
-) -> str:
-    cached = cache_dir() / filenames[0]
-    keyword = flag.lstrip("-").replace("-", "_")
-    source = (
-        f"from the Hugging Face hub repository {hub[0]} ({' or '.join(hub[1])}), or " if hub else ""
-    )
-    return (
-        f"{what} weights are not available ({why}). Crane needs the file {filenames[0]} "
-        f"(any of: {', '.join(filenames)}). Fix it in one of three ways: pass {flag} "
-        f"/path/to/{filenames[0]} (Python: {keyword}=...); or set the environment variable "
-        f"{env}=/path/to/{filenames[0]}; or copy the file to {cached} (the cache directory is "
-        f"set by {CACHE_ENV}). The file can be downloaded on a machine with internet access: "
-        f"{source}by any online run of crane there, which fetches it into its cache directory "
-        "(copy that directory here). To try crane without any weights, run `crane demo`."
-    )
-
-
 def resolve_local(
     explicit: str | os.PathLike | None,
     env: str,
@@ -103,9 +79,7 @@ def resolve_local(
             path = Path(value).expanduser()
             if not path.is_file():
                 why = "a folder, not a file" if path.is_dir() else "which does not exist"
-                raise WeightsError(
-                    _missing_message(what, filenames, flag, env, f"{source} names {path}, {why}")
-                )
+                raise offline_error(what, filenames, flag, env, f"{source} names {path}, {why}")
             return path
     for name in filenames:
         candidate = cache_dir() / name
@@ -357,7 +331,20 @@ def offline_error(
 ) -> WeightsError:
     """The one-paragraph error for weights that are missing: the file, the flag (and its
     Python keyword), the environment variable, the cache folder and where to download it."""
-    return WeightsError(_missing_message(what, filenames, flag, env, why, hub))
+    cached = cache_dir() / filenames[0]
+    keyword = flag.lstrip("-").replace("-", "_")
+    source = (
+        f"from the Hugging Face hub repository {hub[0]} ({' or '.join(hub[1])}), or " if hub else ""
+    )
+    return WeightsError(
+        f"{what} weights are not available ({why}). Crane needs the file {filenames[0]} "
+        f"(any of: {', '.join(filenames)}). Fix it in one of three ways: pass {flag} "
+        f"/path/to/{filenames[0]} (Python: {keyword}=...); or set the environment variable "
+        f"{env}=/path/to/{filenames[0]}; or copy the file to {cached} (the cache directory is "
+        f"set by {CACHE_ENV}). The file can be downloaded on a machine with internet access: "
+        f"{source}by any online run of crane there, which fetches it into its cache directory "
+        "(copy that directory here). To try crane without any weights, run `crane demo`."
+    )
 
 
 def hub_unreachable() -> bool:
