@@ -269,6 +269,43 @@ def test_a_jpeg_the_device_rejects_is_decoded_on_the_host(mixed_inputs, caplog):
     assert "device JPEG decoding failed" in caplog.text and "a.jpg" in caplog.text
 
 
+def test_device_decoding_out_of_memory_falls_back_per_image(mixed_inputs, monkeypatch, caplog):
+    """nvJPEG running out of device memory on a batch: the batch is decoded one image at a
+    time, an image that still does not fit gets its error, and the Detector decodes that
+    one on the host: every image keeps the reference pixels and the run goes on."""
+    import torchvision.io
+
+    real = torchvision.io.decode_jpeg
+    too_big = bytes(read_jpeg(mixed_inputs[0])[0])
+    calls: list[int] = []
+
+    def short_of_memory(data, **kw):
+        calls.append(len(data) if isinstance(data, list) else 1)
+        if isinstance(data, list) or bytes(data.numpy()) == too_big:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(data, **kw)
+
+    jpegs = [mixed_inputs[0], mixed_inputs[1], mixed_inputs[8]]  # a.jpg, b.jpg (grey), h.jpg
+    monkeypatch.setattr(transforms_module, "_batched_jpeg_decode", lambda: True)
+    data = [read_jpeg_tensor(p)[0] for p in jpegs]
+    want = decode_jpegs(data, SIZE, "cpu")
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", short_of_memory)
+    got = decode_jpegs(data, SIZE, "cpu")
+    assert calls == [3, 1, 1, 1]
+    assert isinstance(got[0], torch.cuda.OutOfMemoryError)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+
+    model = create_model("tiny", image_size=SIZE, seed=4)
+    with Detector(model, device="cpu", batch_size=3) as ref:
+        _, want_px = _run(ref, jpegs)
+    with Detector(model, device="cpu", batch_size=3, device_decode=True) as dev:
+        results, got_px = _run(dev, jpegs)
+    assert all(isinstance(r, Prediction) for r in results)
+    for g, w in zip(got_px, want_px, strict=True):
+        assert torch.equal(g, w)
+    assert "device JPEG decoding failed (CUDA out of memory" in caplog.text
+
+
 def test_with_fast_decode_the_files_left_to_the_cpu_decode_the_fast_way(tmp_path):
     """``fast_decode`` and ``device_decode`` together: JPEGs are decoded on the device as
     always (on the CPU the reference pixels: torchvision's decoder is libjpeg-turbo, the

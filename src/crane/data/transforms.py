@@ -201,7 +201,9 @@ def decode_jpegs(
     ``device`` and resize them as the reference does
     (:func:`resize_uint8`): (3, size, size) uint8 tensors on ``device``, or for a stream the
     decoder rejects the error it raised (a bad stream fails the batch call, so the batch is
-    then decoded one image at a time).
+    then decoded one image at a time; so is a batch that runs out of device memory, and an
+    image that does not fit alone gets its error, which the callers answer by decoding it on
+    the host).
 
     On CUDA this is nvJPEG through torchvision (baseline JPEGs on the GPU's hardware JPEG
     engines where it has them; others in software), so the CPUs only read files; on the CPU
@@ -217,9 +219,14 @@ def decode_jpegs(
         return decode_jpeg(list(batch), mode=ImageReadMode.RGB, device=device)
 
     with _decoding_stream(device) as done:
+        images: list[torch.Tensor | RuntimeError] | None = None
         try:
-            images: list[torch.Tensor | RuntimeError] = list(run(data))
-        except RuntimeError:
+            images = list(run(data))
+        except RuntimeError as exc:  # torch.cuda.OutOfMemoryError among them
+            short = isinstance(exc, torch.cuda.OutOfMemoryError) and device.type == "cuda"
+        if images is None:
+            if short:  # (the failed call's partial outputs are gone with its traceback)
+                torch.cuda.empty_cache()  # nvJPEG's own buffers need what torch's cache holds
             images = []
             for d in data:
                 try:
