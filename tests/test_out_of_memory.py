@@ -26,15 +26,18 @@ SIZE = 56
 OOM = torch.cuda.OutOfMemoryError  # (torch.OutOfMemoryError since torch 2.5: the same class)
 
 
-def plant_oom(model, most: int):
-    """Make ``model`` raise an out-of-memory error for batches of more than ``most`` images
-    (``most`` read at each call: a list of one), recording every batch size it is given."""
+def plant_oom(model, most: int, error=None):
+    """Make ``model`` raise an out-of-memory error (CUDA's, or ``error()``) for batches of more
+    than ``most`` images (``most`` read at each call: a list of one), recording every batch
+    size it is given."""
     real, sizes = model.forward, []
 
     def forward(x, *args, **kwargs):
         sizes.append(x.shape[0])
         if x.shape[0] > most[0]:
-            raise OOM("CUDA out of memory. Tried to allocate 2.00 GiB (planted)")
+            raise (
+                error or (lambda: OOM("CUDA out of memory. Tried to allocate 2.00 GiB (planted)"))
+            )()
         return real(x, *args, **kwargs)
 
     model.forward = forward
@@ -90,6 +93,46 @@ def test_an_image_that_does_not_fit_alone_is_a_clear_error():
     assert "Tried to allocate 2.00 GiB (planted)" in msg
     assert "--precision bf16" in msg and "--device" in msg
     assert "\n" not in msg
+
+
+def test_the_cpu_allocators_error_is_out_of_memory_too_and_other_errors_pass(caplog):
+    """torch's CPU allocator raises a plain RuntimeError, not OutOfMemoryError: it is split
+    the same way; any other RuntimeError reaches the caller unchanged, without a retry."""
+    model = create_model("tiny", image_size=SIZE, seed=0).eval()
+    x = torch.randn(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref_scores, ref_maps = scoring_forward(model, torch.device("cpu"))(x)
+        cpu_oom = (
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+            "memory: you tried to allocate 8589934592 bytes. Error code 12 (Cannot allocate memory)"
+        )
+        sizes = plant_oom(model, [2], lambda: RuntimeError(cpu_oom))
+        with caplog.at_level(logging.WARNING):
+            scores, maps = scoring_forward(model, torch.device("cpu"))(x)
+        assert sizes == [4, 2, 2]
+        torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-5)
+        torch.testing.assert_close(maps, ref_maps, rtol=0, atol=1e-5)
+        assert len(oom_warnings(caplog)) == 1
+
+        model = create_model("tiny", image_size=SIZE, seed=0).eval()
+        sizes = plant_oom(model, [2], lambda: RuntimeError("shape mismatch (planted)"))
+        with pytest.raises(RuntimeError, match=r"^shape mismatch \(planted\)$"):
+            scoring_forward(model, torch.device("cpu"))(x)
+        assert sizes == [4]
+
+
+def test_a_batch_wide_threshold_is_not_split():
+    """With the reference's batch-wide D-Attn threshold an image's results depend on its
+    batch: a batch that runs out of memory stops the run with a clear error rather than
+    being split into parts that would score differently."""
+    model = create_model("tiny+", image_size=SIZE, seed=0, dattn_threshold_scope="batch").eval()
+    sizes = plant_oom(model, [2])
+    with torch.no_grad(), pytest.raises(CraneError) as err:
+        scoring_forward(model, torch.device("cpu"))(torch.randn(4, 3, SIZE, SIZE))
+    assert sizes == [4]
+    msg = str(err.value)
+    assert "batch of 4 images" in msg and "--batch-size" in msg
+    assert "dattn_threshold_scope='batch'" in msg and "\n" not in msg
 
 
 def _images(tmp_path, n=5):

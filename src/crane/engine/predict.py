@@ -52,6 +52,7 @@ from crane.engine.runtime import (
     autocast,
     autocast_dtype,
     first_line,
+    is_out_of_memory,
     model_input,
     nan_score_message,
     pick_device,
@@ -667,7 +668,9 @@ class Detector:
                 resize_maps(maps if len(idx) == len(job.ok) else select_rows(maps, idx), *hw)
                 for hw, idx in groups.items()
             ]
-        except torch.cuda.OutOfMemoryError as exc:
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc):
+                raise
             h, w = max(groups, key=lambda hw: hw[0] * hw[1])
             raise CraneError(
                 f"out of {self.device} memory resizing a batch's {len(job.ok)} anomaly maps to "

@@ -261,9 +261,11 @@ def scoring_forward(
     A batch that runs out of device memory is run again in halves, and later batches in
     parts of the size that fit (with one warning per size): a long ``predict`` or
     ``evaluate`` keeps going where another process took some of the GPU, or where a batch
-    of large inputs does not fit. Each image's results do not depend on the batch it is in.
-    A single image that does not fit raises a :class:`~crane.errors.CraneError` naming the
-    fixes.
+    of large inputs does not fit (:func:`is_out_of_memory`: on the CPU too). Each image's
+    results do not depend on the batch it is in — except with the reference's batch-wide
+    D-Attn threshold (``dattn_threshold_scope="batch"``), where such a batch raises a
+    :class:`~crane.errors.CraneError` instead of being split. A single image that does not
+    fit raises one naming the fixes.
     """
     mode = compile if isinstance(compile, str) else None
     check_attention(attention)
@@ -295,6 +297,9 @@ def scoring_forward(
         return (scores.clone(), maps.clone()) if graphs else (scores, maps)
 
     fits: list[int] = []  # the most images per call since one ran out of memory
+    # The reference's batch-wide D-Attn threshold makes each image's results depend on its
+    # batch: a split would change them silently.
+    whole = bool(cfg is not None and cfg.use_dattn and cfg.dattn_threshold_scope == "batch")
 
     def forward(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = images.shape[0]
@@ -304,9 +309,18 @@ def scoring_forward(
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         try:
             return run(images)
-        except torch.cuda.OutOfMemoryError as exc:
+        except RuntimeError as exc:  # torch.cuda.OutOfMemoryError, the CPU allocator's error
+            if not is_out_of_memory(exc):
+                raise
             if n == 1:
                 raise out_of_memory_error(device, images, exc) from None
+            if whole:
+                raise CraneError(
+                    f"out of {device} memory for a batch of {n} images: {first_line(exc)}. "
+                    "With the batch-wide D-Attn threshold (dattn_threshold_scope='batch') each "
+                    "image's results depend on its batch, so the batch is not split: use a "
+                    "smaller --batch-size, or the default per-image threshold."
+                ) from None
         # (retried here, not in the handler: its traceback holds the failed call's tensors)
         fits.append(n // 2)
         if device.type == "cuda":
@@ -321,6 +335,18 @@ def scoring_forward(
         return forward(images)
 
     return forward
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure: CUDA's ``OutOfMemoryError``, or the plain
+    ``RuntimeError`` torch's CPU allocator raises ("DefaultCPUAllocator: can't allocate
+    memory", "... not enough memory" on Windows)."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and "DefaultCPUAllocator" in text and (
+        "can't allocate memory" in text or "not enough memory" in text
+    )
 
 
 def first_line(exc: BaseException) -> str:
