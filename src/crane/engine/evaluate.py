@@ -12,6 +12,7 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -433,11 +434,27 @@ def _visualize(
 
 def _cell(v: float, scale: float = 100.0, bound: float = 0.0) -> str:
     """A metric in percent; in binned mode with its error bound, when it has one (image
-    metrics are exact: bound 0; NaN: undefined for the exact value too)."""
-    text = "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v * scale:.1f}"
-    if bound == math.inf:
-        return f"{text} ±inf"
-    return f"{text} ±{bound * scale:.2g}" if bound > 0 else text
+    metrics are exact: bound 0; NaN: undefined for the exact value too). A bounded value gets
+    the decimals its bound makes meaningful (1 to 4), and the printed bound covers the
+    printed value's rounding too, rounded up: the printed range holds the exact value."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        text = "n/a"
+    elif 0 < bound < math.inf:
+        decimals = min(4, max(1, math.ceil(-math.log10(bound * scale))))
+        text = f"{v * scale:.{decimals}f}"
+        return f"{text} ±{_round_up(bound * scale + abs(v * scale - float(text)), 2)}"
+    else:
+        text = f"{v * scale:.1f}"
+    return f"{text} ±inf" if bound == math.inf else text
+
+
+def _round_up(x: float, digits: int) -> str:
+    """``x`` > 0 rounded up to ``digits`` significant digits, in fixed point ("0.00048").
+    Within 1e-10 of a step it is rounded to that step: the float of 0.001 × 100 is a hair
+    above 0.1 (the bounds of binned metrics carry 1e-9 of slack for such rounding)."""
+    exact = Decimal(x)
+    step = Decimal(1).scaleb(exact.adjusted() - digits + 1)
+    return format((exact * (1 - Decimal("1e-10"))).quantize(step, rounding=ROUND_CEILING), "f")
 
 
 def report_markdown(report: MetricsReport) -> str:
@@ -462,6 +479,17 @@ def _csv_value(v: float, fmt: str = "{:.6f}") -> str:
     return "" if math.isnan(v) else "inf" if v == math.inf else fmt.format(v)
 
 
+def _csv_bound(v: float, bound: float) -> str:
+    """A CSV ``*_bound`` cell: a positive bound plus the rounding of the value's 6 decimals,
+    rounded up to 3 significant digits, so the printed range holds the exact value; "0"
+    for an exact value (the image metrics), which is rounded as every other number."""
+    if math.isnan(bound) or bound == math.inf or math.isnan(v):
+        return _csv_value(bound)
+    if bound == 0:
+        return "0"
+    return _round_up(bound + abs(v - float(_csv_value(v))), 3)
+
+
 def write_report(
     report: MetricsReport, out_dir: str | os.PathLike, extra: dict[str, Any]
 ) -> dict[str, Path]:
@@ -477,7 +505,7 @@ def write_report(
     for name, vals, bounds in report.rows():
         row = [name, *(_csv_value(vals.get(k, math.nan)) for k in METRICS)]
         if binned:
-            row += [_csv_value(bounds.get(k, math.nan), "{:.3g}") for k in METRICS]
+            row += [_csv_bound(vals.get(k, math.nan), bounds.get(k, math.nan)) for k in METRICS]
         w.writerow(row)
     data = {**report.to_dict(), **extra}
     files = {"md": out / "metrics.md", "csv": out / "metrics.csv", "json": out / "metrics.json"}

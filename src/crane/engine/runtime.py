@@ -344,8 +344,10 @@ def is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
     text = str(exc)
-    return isinstance(exc, RuntimeError) and "DefaultCPUAllocator" in text and (
-        "can't allocate memory" in text or "not enough memory" in text
+    return (
+        isinstance(exc, RuntimeError)
+        and "DefaultCPUAllocator" in text
+        and ("can't allocate memory" in text or "not enough memory" in text)
     )
 
 

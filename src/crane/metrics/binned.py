@@ -123,13 +123,21 @@ def binned_pixel_metrics(
     if n_regions == 0:
         for key in keys[2:]:
             values[key] = bounds[key] = math.nan
-        return values, bounds
+        return values, _with_rounding_slack(bounds)
     values["pixel_aupro_mvtec"] = aupro_mvtec_from_stats(st, n_regions, max_fpr)
     bounds["pixel_aupro_mvtec"] = _mvtec_bound(neg, weight, n_neg, n_regions, max_fpr)
     values["pixel_aupro_legacy"], bounds["pixel_aupro_legacy"] = _legacy_estimate(
         neg, weight, n_neg, n_regions, score_range, max_fpr, num_thresholds
     )
-    return values, bounds
+    return values, _with_rounding_slack(bounds)
+
+
+def _with_rounding_slack(bounds: dict[str, float]) -> dict[str, float]:
+    """Each finite positive bound made a little wider (relative 1e-9 plus 1e-15): the
+    estimate and the exact value are both rounded floats, so a bound the estimate reaches
+    exactly could otherwise miss the computed exact value by an ulp (and the reports round
+    printed bounds up only past 1e-10 of a step)."""
+    return {k: b * (1 + 1e-9) + 1e-15 if 0 < b < math.inf else b for k, b in bounds.items()}
 
 
 def _mvtec_bound(
