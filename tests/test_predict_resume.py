@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -279,6 +280,33 @@ def test_resume_takes_the_inputs_in_another_order(images, tmp_path):
     asked = stop_after(det, 10**6)
     summary = run_predict(det, [images / "sub", images], out, resume=True, progress=False)
     assert summary["n_resumed"] == 3 and len(asked[0]) == 4 and summary["n_images"] == 7
+
+
+def test_two_runs_resuming_into_one_folder_at_once(tmp_path, monkeypatch):
+    """The second run opens the progress file just as the first has checked its lock and
+    is replacing it: it waits for the first one's turn and is refused, instead of both
+    locking a different file and one appending to a deleted one."""
+    from crane.engine import progress
+
+    path = tmp_path / PROGRESS_FILE
+    path.write_text(json.dumps({"crane": "predict", "settings": {"a": 1}}) + "\n")
+    real, opened, refused = progress.atomic_write_bytes, {}, []
+    monkeypatch.setattr(progress, "_FOLDER_WAIT_S", 0.2)
+
+    def in_the_window(target, data):
+        if not opened and not refused:  # the first run is between its check and its replace
+            try:
+                opened["B"] = progress.open_progress(path, "predict", {"a": 1})
+            except CraneError as exc:
+                refused.append(str(exc))
+        real(target, data)
+
+    monkeypatch.setattr(progress, "atomic_write_bytes", in_the_window)
+    with progress.open_progress(path, "predict", {"a": 1}) as first:
+        progress.append(first, {"x": "A"})
+        assert not opened and "another crane predict is running into" in refused[0]
+        assert os.fstat(first.fileno()).st_ino == path.stat().st_ino
+    assert [json.loads(x) for x in path.read_text().splitlines()][1:] == [{"x": "A"}]
 
 
 def test_two_runs_starting_into_one_folder_at_once(tmp_path, monkeypatch):

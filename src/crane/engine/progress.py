@@ -11,9 +11,12 @@ holds a lock on its file (``flock``) while it appends.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
+import time
 from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import Future
@@ -187,13 +190,58 @@ def open_progress(
     """Write the header and the records kept (atomically), then open the file to append
     records to (:func:`append`). The open file holds a lock for as long as the run has it
     open: a second run into the same folder (``--resume`` or ``--overwrite`` beside a live
-    one) is refused instead of replacing the file the first one appends to."""
+    one) is refused instead of replacing the file the first one appends to; two opening it
+    at the same moment take turns (:func:`_folder_lock`), so the second one is refused."""
     busy = CraneError(
         f"another crane {kind} is running into {path.parent} (it holds {path.name}); wait for "
         "it to finish or stop it, or choose another --out"
     )
     lines = [{"crane": kind, "settings": settings}, *kept]
     text = "".join(json.dumps(r) + "\n" for r in lines)
+    with _folder_lock(path.parent, busy):
+        return _open_locked(path, text, busy)
+
+
+#: How long a run waits for another one's few milliseconds of opening a progress file.
+_FOLDER_WAIT_S = 10.0
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path, busy: CraneError):
+    """Hold ``flock`` on the folder itself (never replaced, unlike the progress file) while a
+    run checks, replaces and locks its progress file: two runs doing so at once would each
+    lock a different file (one replaced under the other) and one would append to a deleted
+    file. Waits up to ``_FOLDER_WAIT_S`` for another run's turn, then ``busy``. Nothing where
+    the platform or file system has no ``flock``."""
+    try:
+        import fcntl
+    except ImportError:  # (not POSIX)
+        yield
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        deadline = time.monotonic() + _FOLDER_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise busy from None
+                time.sleep(0.02)
+            except OSError:  # a file system without locks
+                break
+        yield
+    finally:
+        os.close(fd)  # (releases the lock)
+
+
+def _open_locked(path: Path, text: str, busy: CraneError) -> TextIO:
+    """:func:`open_progress`'s work, under the folder's lock."""
     if not path.exists():  # a fresh run: created exclusively (two starting at once: one wins)
         try:
             file = open(path, "x", encoding="utf-8")  # noqa: SIM115 (closed by the caller)
