@@ -428,6 +428,11 @@ def test_outputs_get_the_permissions_open_would_give(tmp_path):
         os.umask(old)
     for f in ("predictions.csv", "summary.json", "overlays/i.png"):
         assert (tmp_path / "out" / f).stat().st_mode & 0o777 == 0o640, f
+    # A file replaced keeps its own permissions, as open(path, "w") would: private stays so.
+    os.chmod(tmp_path / "a.bin", 0o600)
+    atomic_write_bytes(tmp_path / "a.bin", b"y")
+    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "a.bin").read_bytes() == b"y"
 
 
 def test_overwrite_warns_about_an_earlier_runs_files(tmp_path, caplog):

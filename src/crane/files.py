@@ -1,11 +1,13 @@
 """Atomic file writes: a file appears under its final name complete or not at all, with the
-permissions a plain ``open()`` would give it."""
+permissions a plain ``open()`` would give it (a new file's from the umask, a replaced file
+its own)."""
 
 from __future__ import annotations
 
 import hashlib
 import math
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -31,9 +33,10 @@ def new_file_mode() -> int:
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """``write(tmp)`` to a temp file of its own beside ``path`` (two writers of one path never
     share one), then rename it over ``path``: no half-written file ever carries the final
-    name, and the temp file is removed if writing fails. The file gets :func:`new_file_mode`
-    (``mkstemp`` makes it 0o600, which would hide a user's results from the colleagues their
-    umask lets read them)."""
+    name, and the temp file is removed if writing fails. A new file gets
+    :func:`new_file_mode` (``mkstemp`` makes it 0o600, which would hide a user's results from
+    the colleagues their umask lets read them); a file replaced keeps its permission bits, as
+    ``open(path, "w")`` would (a results file its owner made private stays private)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # (the name cut short in the temp file's: a final name near the file system's 255-byte
@@ -43,7 +46,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     tmp = Path(name)
     try:
         write(tmp)
-        os.chmod(tmp, new_file_mode())
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except OSError:  # (a new file)
+            mode = new_file_mode()
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
