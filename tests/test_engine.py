@@ -757,9 +757,13 @@ def test_a_class_named_mean_keeps_its_row_and_bounds(tmp_path):
     assert data["mean_bounds"]["pixel_auroc"] == pytest.approx(0.02)
     assert data["mean"]["pixel_auroc"] == pytest.approx(0.7)
     md = report_markdown(report).splitlines()
-    assert md[2] == "| mean | n/a | n/a | n/a | 90.0 ±1 | n/a | n/a |"
-    assert md[4] == "| **(mean (all classes))** | n/a | n/a | n/a | 70.0 ±2 | n/a | n/a |"
+    assert md[2] == "| mean | n/a | n/a | n/a | 90.0 ±1.0 | n/a | n/a |"
+    assert md[4] == "| **(mean (all classes))** | n/a | n/a | n/a | 70.0 ±2.0 | n/a | n/a |"
     assert report.format_table().splitlines()[-1].startswith("(mean (all classes))")
+    piped = make_report({"a|b": {"pixel_auroc": 0.5}}, aupro="mvtec")
+    assert (
+        report_markdown(piped).splitlines()[2] == "| a\\|b | n/a | n/a | n/a | 50.0 | n/a | n/a |"
+    )
 
 
 def _bounded_reports():

@@ -465,6 +465,7 @@ def report_markdown(report: MetricsReport) -> str:
     table = report.rows()
     for i, (name, vals, bounds) in enumerate(table):
         cells = (_cell(vals.get(k, math.nan), bound=bounds.get(k, 0.0)) for k in METRICS)
+        name = name.replace("|", "\\|")  # (a class name's "|" would end the cell)
         label = f"**{name}**" if i == len(table) - 1 else name  # (the mean row, last)
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
     if report.bounds is not None:
