@@ -409,3 +409,44 @@ def test_images_of_another_size_are_refused(preset):
         for shape in ((1, 3, 118, 118), (1, 3, 112, 118), (1, 1, 112, 112)):
             with pytest.raises(ValueError, match=r"takes \(B, 3, 112, 112\) images"):
                 model(torch.randn(*shape))
+
+
+def test_a_model_built_and_run_under_inference_mode():
+    """Prompt tensors made under torch.inference_mode have no version counter, which the
+    static text cache keys on: such a model still scores, as one built outside it."""
+    x = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = create_model("tiny", image_size=56, seed=5).eval()(x)
+    with torch.inference_mode():
+        model = create_model("tiny", image_size=56, seed=5).eval()
+        got = model(x)
+        again = model(x)
+    torch.testing.assert_close(got.image_scores, want.image_scores, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got.anomaly_maps, want.anomaly_maps, rtol=0, atol=1e-6)
+    assert torch.equal(again.anomaly_maps, got.anomaly_maps)
+
+
+def test_backbone_layers_and_patches_are_checked_where_they_matter():
+    """D-Attn's layer is checked only where D-Attn runs (a 6-block CLIP serves ``crane`` with
+    its unused default dattn_layer 24); a backbone whose patches are not 14 px, the grid the
+    config computes, is refused at build time instead of failing at the first forward."""
+    import copy
+
+    from crane.config import TINY_CLIP
+
+    six = copy.deepcopy(TINY_CLIP)
+    six["vision_cfg"]["layers"] = 6
+    model = create_model(
+        "crane", pretrained=False, clip_overrides=six, image_size=56, feature_layers=(6,), n_deep=2
+    )
+    assert model.cfg.dattn_layer == 24 and not model.cfg.use_dattn
+    assert model(torch.randn(1, 3, 56, 56)).anomaly_maps.shape == (1, 56, 56)
+    with pytest.raises(CraneError, match=r"config layers \[24\]"):
+        create_model("crane+", pretrained=False, clip_overrides=six, image_size=56,
+                     dino_overrides={"depth": 2, "embed_dim": 64, "num_heads": 2},
+                     feature_layers=(6,), n_deep=2)  # fmt: skip
+
+    sixteen = copy.deepcopy(TINY_CLIP)
+    sixteen["vision_cfg"]["patch_size"] = 16
+    with pytest.raises(CraneError, match="16×16-px patches; crane runs backbones with 14-px"):
+        create_model("tiny", clip_overrides=sixteen, image_size=112)

@@ -20,6 +20,9 @@ ThresholdScope = Literal["image", "batch"]
 
 ATTN_TYPES: tuple[str, ...] = ("qq", "kk", "vv", "qq+kk", "qq+kk+vv")
 
+#: Both backbones' patch size in pixels: the token grid is ``image_size // PATCH``.
+PATCH = 14
+
 #: open_clip overrides that shrink ViT-L/14-336 into the ``tiny`` test backbone. Built by the
 #: same ``open_clip.create_model`` call as the real one; only the sizes differ.
 TINY_CLIP = {
@@ -123,15 +126,15 @@ class CraneConfig:
                 f"train_set_multiplicity counts each patch set in the local loss and must be "
                 f">= 1, got {self.train_set_multiplicity}"
             )
-        if self.image_size % 14 or self.image_size < 14:
+        if self.image_size % PATCH or self.image_size < PATCH:
             raise CraneError(
-                f"image_size must be a positive multiple of the patch size 14, got "
+                f"image_size must be a positive multiple of the patch size {PATCH}, got "
                 f"{self.image_size}"
             )
 
     @property
     def grid(self) -> int:
-        return self.image_size // 14
+        return self.image_size // PATCH
 
     @property
     def n_sets(self) -> int:

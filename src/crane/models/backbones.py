@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crane.config import CraneConfig
-from crane.errors import WeightsError
+from crane.config import PATCH, CraneConfig
+from crane.errors import CraneError, WeightsError
 from crane.models import weights as W
 from crane.models.kernels import attention as kernels_attention
 from crane.models.kernels import linear_on_onednn, swap_linears
@@ -197,10 +197,22 @@ def build_clip(
             W.load_into(model, sd, local, f"CLIP {cfg.clip_model}")
             log.info("loaded CLIP weights from %s", local)
     model.eval().requires_grad_(False)
+    _check_patch(cfg.clip_model, model.visual.patch_size)
     resize_clip_pos_embed(model.visual, cfg.grid)
     _swap_patch_conv(model.visual.conv1)
     swap_linears(model.visual)
     return model
+
+
+def _check_patch(name: str, patch: int | tuple[int, int]) -> None:
+    """Crane's token grid is ``image_size // 14`` for both backbones (SPEC: 37×37 at 518 px),
+    so a backbone with other patches would fail later with a bare shape error."""
+    size = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
+    if size != (PATCH, PATCH):
+        raise CraneError(
+            f"{name} has {size[0]}×{size[1]}-px patches; crane runs backbones with "
+            f"{PATCH}-px patches only (CLIP ViT-L/14-336 and DINOv2 ViT-B/14 for the presets)"
+        )
 
 
 @torch.no_grad()
@@ -287,6 +299,7 @@ def build_dino(
             W.load_into(model, sd, local, f"DINOv2 {arch}")
             log.info("loaded DINOv2 weights from %s", local)
     model.eval().requires_grad_(False)
+    _check_patch(cfg.dino_model, model.patch_embed.patch_size)
     _swap_attention(model)
     _swap_patch_conv(model.patch_embed.proj)
     swap_linears(model)

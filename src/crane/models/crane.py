@@ -99,6 +99,9 @@ class CraneModel(nn.Module):
         if torch.is_grad_enabled() and self.training:
             return self.text_features()
         tensors = list(self.prompt_learner.parameters()) + list(self.prompt_learner.buffers())
+        if any(t.is_inference() for t in tensors):  # (built under torch.inference_mode: no
+            with torch.no_grad():  # version counter tells a change; two prompts, cheap)
+                return self.text_features()
         key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
         if self._text_cache is None or self._text_cache[0] != key:
             with torch.no_grad():

@@ -288,9 +288,8 @@ class CraneVisionEncoder(nn.Module):
         self.cfg = cfg
         self.n_layers = len(visual.transformer.resblocks)
         self.n_heads = visual.transformer.resblocks[0].attn.num_heads
-        bad = [
-            lay for lay in (*cfg.feature_layers, cfg.dattn_layer) if not 1 <= lay <= self.n_layers
-        ]
+        used = (*cfg.feature_layers, *((cfg.dattn_layer,) if cfg.use_dattn else ()))
+        bad = [lay for lay in used if not 1 <= lay <= self.n_layers]
         if bad or not 1 <= cfg.eattn_start <= self.n_layers:
             raise CraneError(
                 f"config layers {bad or cfg.eattn_start} (feature_layers, dattn_layer, "
