@@ -322,7 +322,6 @@ def test_a_runs_threshold_is_not_used_with_other_prompts(run, tmp_path, caplog):
     [
         ({"image_size": 0}, "positive multiple of the patch size 14"),
         ({"feature_layers": [9]}, r"config layers \[9\] .* outside 1\.\.4"),
-        ({"dattn_layer": 9}, r"config layers \[9\] .* outside 1\.\.4"),
     ],
 )
 def test_a_run_config_with_impossible_layers_or_size_is_a_clear_error(run, change, says):
@@ -330,6 +329,15 @@ def test_a_run_config_with_impossible_layers_or_size_is_a_clear_error(run, chang
     _edit_config(run, **change)
     with pytest.raises(CraneError, match=says):
         create_model(str(run))
+
+
+def test_an_impossible_dattn_layer_is_refused_where_dattn_runs(run, tmp_path):
+    plus = save_model(create_model("tiny+", image_size=SIZE, seed=3), tmp_path / "plus")
+    _edit_config(plus, dattn_layer=9)
+    with pytest.raises(CraneError, match=r"config layers \[9\] .* outside 1\.\.4"):
+        create_model(str(plus))
+    _edit_config(run, dattn_layer=9)  # (unused without D-Attn)
+    assert create_model(str(run)).cfg.dattn_layer == 9
 
 
 # ---------------------------------------------------------------- 27th-session review
