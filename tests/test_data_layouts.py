@@ -660,3 +660,66 @@ def test_a_class_without_normal_test_images_is_reported(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         prepare("mvtec", tmp_path)
     assert "bottle's test images are all anomalous" in caplog.text
+
+
+# --------------------------------------------------------------------------- 28th-session review
+
+
+def test_one_mask_is_never_given_to_two_images(tmp_path):
+    """Masks are found by case-insensitive stem, any extension: images that differ only in
+    case or extension would share one mask silently; it is an error naming both."""
+    make_mvtec_class(
+        tmp_path / "a", "bottle", defects={"broken": ["A", "a"]}, masks={"broken": ["a"]}
+    )
+    with pytest.raises(DatasetError, match=r"mask '.*a_mask.png' matches images .*A.png.*a.png"):
+        prepare("mvtec", tmp_path / "a")
+    write_image(tmp_path / "t" / "test-image" / "7.jpg", fmt="JPEG")
+    write_image(tmp_path / "t" / "test-image" / "7.png")
+    write_mask(tmp_path / "t" / "test-mask" / "7.jpg")
+    with pytest.raises(DatasetError, match=r"mask 'test-mask/7.jpg' matches images"):
+        prepare("tn3k", tmp_path / "t")
+
+
+def test_a_defect_folder_in_both_splits_uses_its_masks_once(tmp_path, caplog):
+    """train/broken and test/broken share ground_truth/broken: each split's masks are used,
+    none is reported as unused, and a mask matching an image of each split is an error."""
+    make_mvtec_class(
+        tmp_path / "g", "bottle", defects={"broken": ["001"]}, masks={"broken": ["000", "001"]}
+    )
+    write_image(tmp_path / "g" / "bottle" / "train" / "broken" / "000.png")
+    with caplog.at_level(logging.WARNING):
+        meta = prepare("generic", tmp_path / "g")
+    assert "without a matching image" not in caplog.text
+    (train_bad,) = [s for s in meta["train"]["bottle"] if s.anomaly]
+    assert train_bad.mask_path == "bottle/ground_truth/broken/000_mask.png"
+    assert counts(meta, "test", "bottle") == (2, 1)
+    write_image(tmp_path / "g" / "bottle" / "train" / "broken" / "001.png")
+    with pytest.raises(DatasetError, match=r"matches images 'bottle/train/broken/001.png' and"):
+        prepare("generic", tmp_path / "g")
+
+
+def test_generic_names_the_folders_it_leaves_out(tmp_path, caplog):
+    make_mvtec_class(tmp_path, "bottle", defects={"broken": ["000"]})
+    write_image(tmp_path / "screw" / "Testing" / "good" / "000.png")  # a misnamed split
+    (tmp_path / "cable").mkdir()
+    with caplog.at_level(logging.WARNING):
+        meta = prepare("generic", tmp_path)
+    assert list(meta["test"]) == ["bottle"]
+    assert "folder(s) without a test/ folder left out" in caplog.text
+    assert "cable, screw" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "mask", ["pcb1/Data/Images/Anomaly/000.JPG", "candle/Data/Masks/Anomaly/000.png"]
+)
+def test_visa_refuses_a_mask_that_is_the_image_or_another_class(tmp_path, mask):
+    make_visa(tmp_path, [("pcb1", "test", "anomaly", "000"), ("candle", "test", "anomaly", "000")])
+    csv_path = tmp_path / "split_csv" / "1cls.csv"
+    text = csv_path.read_text().replace(
+        "pcb1,test,anomaly,pcb1/Data/Images/Anomaly/000.JPG,pcb1/Data/Masks/Anomaly/000.png",
+        f"pcb1,test,anomaly,pcb1/Data/Images/Anomaly/000.JPG,{mask}",
+    )
+    assert text != csv_path.read_text()
+    csv_path.write_text(text)
+    with pytest.raises(DatasetError, match="is not a mask of pcb1"):
+        prepare("visa", tmp_path)

@@ -323,14 +323,15 @@ class MaskIndex:
 
     A mask matches image ``<stem>.<ext>`` if its own stem is ``<stem><suffix>`` for one of
     ``suffixes`` (compared case-insensitively; any image extension). Two mask files that
-    would match the same image are an error, never a silent pick.
+    would match the same image are an error, never a silent pick; so is one mask that two
+    images would share (``A.png`` and ``a.png``, ``7.jpg`` and ``7.png``).
     """
 
     def __init__(self, ctx: ScanContext, folder: Path | None, suffixes: Iterable[str]) -> None:
         self.ctx = ctx
         self.suffixes = tuple(s.lower() for s in suffixes)
         self.by_stem: dict[str, Path] = {}
-        self.used: set[Path] = set()
+        self.used: dict[Path, Path] = {}  # mask -> the image it was given to
         for path in list_images(folder) if folder is not None else []:
             key = path.stem.lower()
             if key in self.by_stem:
@@ -349,8 +350,15 @@ class MaskIndex:
                 + ", ".join(repr(self.ctx.rel(h)) for h in hits)
             )
         if hits:
-            self.used.add(hits[0])
-            return hits[0]
+            mask, other = hits[0], self.used.get(hits[0])
+            if other is not None and other != image:
+                raise self.ctx.fail(
+                    f"mask {self.ctx.rel(mask)!r} matches images {self.ctx.rel(other)!r} and "
+                    f"{self.ctx.rel(image)!r} (names that differ only in case or extension): "
+                    "rename one, or give each its own mask"
+                )
+            self.used[mask] = image
+            return mask
         return None
 
     def report_unused(self) -> None:
@@ -381,6 +389,10 @@ def scan_mvtec_class(
     if test_dir is None:
         raise ctx.fail(f"{cls_dir} has no test/ folder")
     out: dict[str, list[Sample]] = {}
+    # (one index per ground-truth folder for both splits: a defect folder in train/ and in
+    # test/ shares ground_truth/<specie>/, so neither split's masks are "unused", and one
+    # mask is never given to an image of each split)
+    mask_indexes: dict[Path | None, MaskIndex] = {}
     for split in ("train", "test"):
         split_dir = find_dir(cls_dir, split)
         if split_dir is None:
@@ -411,12 +423,17 @@ def scan_mvtec_class(
                 samples += [ctx.sample(p, cls_name, specie, 1) for p in images]
                 continue
             gt = find_dir(cls_dir, "ground_truth")
-            masks = MaskIndex(ctx, find_dir(gt, specie) if gt else None, mask_suffixes)
+            gt_specie = find_dir(gt, specie) if gt else None
+            if gt_specie not in mask_indexes:
+                mask_indexes[gt_specie] = MaskIndex(ctx, gt_specie, mask_suffixes)
+            masks = mask_indexes[gt_specie]
             for image in images:
                 sample = ctx.anomalous(image, cls_name, specie, masks.find(image))
                 if sample is not None:
                     samples.append(sample)
-            masks.report_unused()
+        if split == "test":
+            for masks in mask_indexes.values():
+                masks.report_unused()
         if split == "test" and not samples:
             logger.warning("%s: no test images in %s; the class is left out", cls_name, split_dir)
             return {}
@@ -491,6 +508,13 @@ def scan_pixel_only(
     return meta
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
+
+
 # --------------------------------------------------------------------------- datasets
 
 MVTEC_LAYOUT = """
@@ -555,6 +579,12 @@ def _visa(ctx: ScanContext) -> Meta:
             if mask is not None and mask.stem.lower() != image.stem.lower():
                 problems.append(
                     f"{where}: mask {row['mask']!r} does not match image {row['image']!r} by name"
+                )
+                continue
+            if mask is not None and (ctx.rel(mask).split("/")[0] != cls or _same_file(mask, image)):
+                problems.append(
+                    f"{where}: mask {row['mask']!r} is not a mask of {cls} (the image itself, or "
+                    f"outside {cls}/)"
                 )
                 continue
             sample = ctx.anomalous(image, cls, VISA_SPECIE["anomaly"], mask)
@@ -867,6 +897,12 @@ def _generic(ctx: ScanContext) -> Meta:
     class_dirs = [d for d in list_dirs(ctx.root) if find_dir(d, "test") is not None]
     if not class_dirs:
         raise ctx.fail(f"no test/ folder and no <cls>/test/ folders in {ctx.root}")
+    left_out = [d.name for d in list_dirs(ctx.root) if d not in class_dirs]
+    if left_out:
+        logger.warning(
+            "generic: folder(s) without a test/ folder left out (a class is <cls>/test/...): %s",
+            ", ".join(sorted(left_out)),
+        )
     for cls_dir in class_dirs:
         for split, samples in one(cls_dir, cls_dir.name).items():
             meta[split][cls_dir.name] = samples
