@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import glob
 import io
+import itertools
 import json
 import logging
 import math
@@ -12,7 +13,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -90,9 +91,10 @@ def _pil_input(item: Image.Image | np.ndarray | torch.Tensor) -> Image.Image:
     return image_from_array(item)
 
 
-@dataclass
+@dataclass(eq=False)
 class Prediction:
-    """One image's result. ``anomaly_map`` is float32 (H, W) at the image's own size."""
+    """One image's result. ``anomaly_map`` is float32 (H, W) at the image's own size.
+    (Compared by identity: a field-wise ``==`` would compare the maps element-wise.)"""
 
     path: str | None
     score: float
@@ -189,10 +191,11 @@ class _Decode(Dataset):
                 if self.device_resize:
                     return self._decoded(i, normalize_mode(pil), None)
                 pixels = image_to_uint8(pil, self.size, fast=self.fast)
-            except (OSError, ValueError, SyntaxError) as exc:  # (CraneError is one: its own)
-                if isinstance(exc, CraneError):
+            except (OSError, ValueError, SyntaxError, AssertionError) as exc:
+                if isinstance(exc, CraneError):  # (one of those: its own message)
                     raise
-                # A lazily opened PIL image decodes here: a truncated file, an odd mode.
+                # A lazily opened PIL image decodes here: a truncated file, an odd mode, a
+                # file already closed (PIL asserts then).
                 raise ImageReadError(f"input {i} could not be decoded: {exc}") from exc
             return {
                 "ok": True,
@@ -223,17 +226,22 @@ class _Decode(Dataset):
 
 class _Jobs(Sampler):
     """Batch sampler of the decode loader: chunks of ``(index, input)`` keys of the current
-    call, refilled by each ``predict_iter`` (the loader, and its workers, outlive calls)."""
+    call, refilled by each ``predict_iter`` (the loader, and its workers, outlive calls).
+    ``keys`` may be an iterator: it is read a chunk at a time as the loader asks for work
+    (a few chunks per worker ahead), so a stream of inputs is scored as it comes."""
 
     def __init__(self, chunk: int):
         self.chunk = chunk
-        self.keys: list[tuple[int, ImageInput]] = []
+        self.keys: Iterable[tuple[int, ImageInput]] = []
 
     def __iter__(self) -> Iterator[list[tuple[int, ImageInput]]]:
-        keys, c = self.keys, self.chunk
-        return (keys[s : s + c] for s in range(0, len(keys), c))
+        keys, c = iter(self.keys), self.chunk
+        while chunk := list(itertools.islice(keys, c)):
+            yield chunk
 
     def __len__(self) -> int:
+        if not isinstance(self.keys, Sized):
+            raise TypeError("a stream of inputs has no length")
         return -(-len(self.keys) // self.chunk)
 
 
@@ -584,6 +592,19 @@ class Detector:
         )
         if cast_weights is None:
             cast_weights = owned and self.amp is not None
+        if not all(isinstance(n, int) and not isinstance(n, bool) for n in (batch_size, workers)):
+            raise CraneError(
+                f"batch_size and workers must be integers, got {batch_size!r}, {workers!r}"
+            )
+        if not owned:
+            given = {"prompts": prompts, "clip_weights": clip_weights, "dino_weights": dino_weights}
+            ignored = [k for k, v in given.items() if v is not None] + sorted(overrides)
+            if ignored:
+                raise CraneError(
+                    f"{', '.join(ignored)} apply to a model the Detector builds, not to the "
+                    "model object given: build it with create_model(..., "
+                    f"{ignored[0]}=...) (or load prompts into it), then pass it"
+                )
         if batch_size < 1 or workers < 0:
             raise CraneError(
                 f"batch_size must be >= 1 and workers >= 0, got {batch_size}, {workers}"
@@ -629,6 +650,7 @@ class Detector:
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._loader: tuple[tuple, DataLoader, _Jobs] | None = None
         self._loader_busy = False
+        self._close_pending = False
         self._loader_lock = threading.Lock()
 
     @torch.no_grad()
@@ -737,17 +759,22 @@ class Detector:
         """Yield a :class:`Prediction` per readable input, a :class:`Failure` per unreadable one
         (or one whose score comes out NaN), in input order. Workers decode ahead; on CUDA batch
         k+1 runs while batch k is copied back and handed out. The decode workers are started by
-        the first call and reused by later ones (:meth:`close` stops them)."""
-        # (tensors on the host: decode workers are forked processes, which cannot use CUDA)
-        keys = [
+        the first call and reused by later ones (:meth:`close` stops them). ``inputs``: one
+        input (a 4-D array or tensor is a batch), or an iterable of them, read as the workers
+        need them (a generator of camera frames is scored as it comes, a few batches ahead);
+        folders are not expanded (:meth:`predict`, :func:`expand_inputs` do that)."""
+        inputs = _one_or_many(inputs)
+        # (tensors on the host: decode workers are forked processes, which cannot use CUDA;
+        # read as the loader asks for them, so a stream is scored as it comes)
+        keys = (
             (i, x.detach().cpu() if isinstance(x, torch.Tensor) else x)
             for i, x in enumerate(inputs)
-        ]
+        )
+        total = -(-len(inputs) // self.batch_size) if isinstance(inputs, Sized) else None
         loader, jobs, shared = self._decode_loader()
         jobs.keys = keys
         pending: _InFlight | None = None
         batches = _rebatch(loader, self.batch_size, pin=self.device.type == "cuda")
-        total = -(-len(keys) // self.batch_size)
         try:
             for batch in tqdm(
                 batches, desc="predict", unit="batch", total=total, disable=not progress
@@ -762,12 +789,16 @@ class Detector:
             raise
         except BaseException:  # (Ctrl-C too: the terminal's SIGINT also stops the workers)
             if shared:  # e.g. a worker died: the next call starts fresh workers
-                self.close()
+                self._shutdown()
             raise
         finally:
             jobs.keys = []
             if shared:
-                self._loader_busy = False
+                with self._loader_lock:
+                    self._loader_busy = False
+                    closing, self._close_pending = self._close_pending, False
+                if closing:  # (close() was asked for while this call used the workers)
+                    self._shutdown()
 
     def _decode_loader(self) -> tuple[DataLoader, _Jobs, bool]:
         """The DataLoader that decodes inputs, and whether it is the long-lived one.
@@ -803,13 +834,22 @@ class Detector:
             self._loader_busy = self._loader_busy and not shared
             raise
         if shared:
-            self.close()
+            self._shutdown()
             self._loader = (key, loader, jobs)
         return loader, jobs, shared
 
     def close(self) -> None:
         """Stop the decode worker processes (otherwise they live as long as the Detector).
-        Not while a ``predict_iter`` is still being consumed: it would lose its workers."""
+        While a ``predict_iter`` is still being consumed (another thread's, or a ``with``
+        block left with an iterator open) they stop when that iteration ends instead: it
+        keeps its workers and gives every result."""
+        with self._loader_lock:
+            if self._loader_busy:
+                self._close_pending = True
+                return
+        self._shutdown()
+
+    def _shutdown(self) -> None:
         if self._loader is not None:
             it = getattr(self._loader[1], "_iterator", None)
             self._loader = None
@@ -829,12 +869,8 @@ class Detector:
         array or tensor is a batch of them. Unreadable files and unusable arrays raise
         :class:`~crane.errors.ImageReadError`, a NaN score :class:`~crane.errors.CraneError`
         (:meth:`predict_iter` reports both and goes on)."""
-        if isinstance(inputs, (np.ndarray, torch.Tensor)) and inputs.ndim == 4:
-            inputs = list(inputs)  # a batch: (B, H, W, C) arrays, (B, C, H, W) tensors
-        elif isinstance(inputs, (str, os.PathLike, Image.Image, np.ndarray, torch.Tensor)):
-            inputs = [inputs]
         expanded: list[ImageInput] = []
-        for item in inputs:
+        for item in _one_or_many(inputs):
             if isinstance(item, (str, os.PathLike)):
                 expanded += expand_inputs([item])
             else:
@@ -847,6 +883,16 @@ class Detector:
         return results
 
 
+def _one_or_many(inputs: ImageInput | Iterable[ImageInput]) -> Iterable[ImageInput]:
+    """One input as a list of one; a 4-D array or tensor as its images ((B, H, W, C) arrays,
+    (B, C, H, W) tensors); anything else as the iterable of inputs it is."""
+    if isinstance(inputs, (np.ndarray, torch.Tensor)) and inputs.ndim == 4:
+        return list(inputs)
+    if isinstance(inputs, (str, bytes, os.PathLike, Image.Image, np.ndarray, torch.Tensor)):
+        return [inputs]
+    return inputs
+
+
 def expand_inputs(
     specs: Iterable[str | os.PathLike], exclude: str | os.PathLike | None = None
 ) -> list[str]:
@@ -856,6 +902,8 @@ def expand_inputs(
     whose files are images too) are left out, as are those a folder scan finds under hidden
     folders or with hidden names (``.ipynb_checkpoints/``, macOS's ``._x.png``), which a
     glob pattern leaves out too; files named one by one are kept."""
+    if isinstance(specs, (str, bytes, os.PathLike)):  # (one path, not its characters)
+        specs = [specs]
     skip = os.path.realpath(exclude) if exclude is not None else None
 
     def keep(f: str) -> bool:
@@ -883,7 +931,7 @@ def expand_inputs(
             warn_broken_links([Path(f) for f in named])
             files = sorted(f for f in named if Path(f).is_file())
         else:
-            raise CraneError(f"input {spec} does not exist")
+            raise ImageReadError(f"input {spec} does not exist")
         kept = [f for f in files if keep(f)]
         excluded += len(files) - len(kept)
         out += kept
