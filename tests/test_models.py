@@ -295,17 +295,23 @@ def test_full_size_trainable_count_matches_spec():
     assert 2 * cfg.n_ctx * 768 + cfg.n_deep * cfg.deep_len * 768 == 43008
 
 
-@pytest.mark.parametrize("shape", [(518, 518), (37, 37), (5, 40), (2, 3, 64, 64)])
-def test_torch_gaussian_matches_scipy(shape):
+@pytest.mark.parametrize(
+    ("shape", "sigma"),
+    [((518, 518), 4), ((37, 37), 4), ((5, 40), 4), ((2, 3, 64, 64), 4), ((37, 37), 1.4),
+     ((37, 37), 2.4)],
+)  # fmt: skip
+def test_torch_gaussian_matches_scipy(shape, sigma):
+    """(Other sigmas too: scipy's radius is int(4σ + 0.5), which 4 alone cannot tell apart
+    from int(4σ).)"""
     rng = np.random.default_rng(0)
     x = rng.random(shape)
-    ours = scoring.gaussian_blur(torch.from_numpy(x), sigma=4).numpy()
+    ours = scoring.gaussian_blur(torch.from_numpy(x), sigma=sigma).numpy()
     if len(shape) == 2:
-        ref = gaussian_filter(x, sigma=4)
+        ref = gaussian_filter(x, sigma=sigma)
     else:  # scipy on each map, as the reference does
-        ref = np.stack([[gaussian_filter(m, sigma=4) for m in row] for row in x])
+        ref = np.stack([[gaussian_filter(m, sigma=sigma) for m in row] for row in x])
     np.testing.assert_allclose(ours, ref, atol=1e-12)
-    ours32 = scoring.gaussian_blur(torch.from_numpy(x).float(), sigma=4).numpy()
+    ours32 = scoring.gaussian_blur(torch.from_numpy(x).float(), sigma=sigma).numpy()
     np.testing.assert_allclose(ours32, ref, atol=1e-5)
 
 
