@@ -562,3 +562,88 @@ def test_messages_for_files_given_where_others_belong(tmp_path, capsys):
     with pytest.raises(SystemExit):  # (--classes with no name: argparse says so)
         main(["evaluate", "--dataset", "mvtec", "--root", str(tmp_path), "--classes", *out])
     assert "--classes: expected at least one argument" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- 28th-session review
+
+
+def test_no_output_of_an_earlier_run_or_the_user_is_replaced_unasked(tmp_path, capsys):
+    """evaluate refuses any of metrics.{json,csv,md} in --out, predict any of
+    predictions.csv, summary.json or files under overlays/ or maps/, unless --overwrite."""
+    from crane.cli import main
+
+    data = tmp_path / "synth"
+    make_synthetic_dataset(data, seed=0, classes=("tile",), n_train=1, n_test_good=2,
+                           n_test_bad=2, size=64)  # fmt: skip
+    ev = ["evaluate", "--dataset", "mvtec", "--root", str(data), "--model", "tiny",
+          "--no-progress", "--out", str(tmp_path / "ev")]  # fmt: skip
+    for name in ("metrics.csv", "metrics.md"):
+        (tmp_path / "ev").mkdir(exist_ok=True)
+        (tmp_path / "ev" / name).write_text("mine")
+        assert main(ev) == 2
+        assert f"already holds metrics ({name})" in capsys.readouterr().err
+        assert (tmp_path / "ev" / name).read_text() == "mine"
+        (tmp_path / "ev" / name).unlink()
+    images = data / "tile" / "test" / "good"
+    pr = ["predict", str(images), "--model", "tiny", "--no-progress", "--out", str(tmp_path / "pr")]
+    for name in ("summary.json", "overlays/top.png", "maps/x.npy"):
+        (tmp_path / "pr" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "pr" / name).write_text("mine")
+        assert main(pr) == 2
+        err = capsys.readouterr().err
+        assert "already holds predictions" in err and name.split("/")[0] in err
+        assert (tmp_path / "pr" / name).read_text() == "mine"
+        (tmp_path / "pr" / name).unlink()
+    assert main(pr) == 0  # (empty overlays/ and maps/ folders hold nothing of anyone's)
+
+
+def test_a_folder_input_follows_links_to_folders(tmp_path):
+    """A folder's images are found through links to folders (as a glob's ** finds them);
+    a link loop ends."""
+    from crane.engine.predict import expand_inputs
+
+    root, nas = tmp_path / "in", tmp_path / "nas"
+    for folder, name in ((root, "top.png"), (nas, "x.png")):
+        folder.mkdir()
+        Image.new("RGB", (8, 8)).save(folder / name)
+    (root / "line3").symlink_to(nas, target_is_directory=True)
+    (nas / "loop").symlink_to(root, target_is_directory=True)
+    found = [Path(p).relative_to(root).as_posix() for p in expand_inputs([root])]
+    assert found == ["line3/x.png", "top.png"]
+
+
+def test_verbose_after_the_command_as_the_error_hint_says(tmp_path, capsys):
+    from crane.cli import build_parser, main
+
+    parser = build_parser()
+    assert parser.parse_args(["models", "--verbose"]).verbose is True
+    assert parser.parse_args(["-v", "models"]).verbose is True
+    assert parser.parse_args(["datasets", "list", "-v"]).verbose is True
+    assert parser.parse_args(["models"]).verbose is False
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    for argv in (["datasets", "synth", "--out", str(a_file)], ["demo", "--out", str(a_file)]):
+        assert main([*argv, "--verbose"]) == 2
+        assert f"cannot write to {a_file}" in capsys.readouterr().err
+
+
+def test_the_other_commands_interrupted_run_is_named_and_kept(tmp_path, capsys):
+    """An interrupted evaluate in --out: predict names it (not --resume, which would fail)
+    and leaves its progress, --overwrite too; the evaluation then resumes."""
+    from crane.cli import main
+    from crane.engine.progress import PROGRESS_FILE
+
+    out = tmp_path / "mixed"
+    out.mkdir()
+    header = {"crane": "evaluate", "settings": {"a": 1}}
+    (out / PROGRESS_FILE).write_text(json.dumps(header) + "\n" + json.dumps({"cls": "x"}) + "\n")
+    before = (out / PROGRESS_FILE).read_text()
+    img = tmp_path / "a.png"
+    Image.new("RGB", (40, 40)).save(img)
+    for extra in ([], ["--resume"], ["--overwrite"]):
+        argv = ["predict", str(img), "--model", "tiny", "--no-progress", "--out", str(out)]
+        assert main([*argv, *extra]) == 2
+        err = capsys.readouterr().err
+        assert "holds an interrupted crane evaluate, not a predict" in err
+        assert "crane evaluate --resume" in err
+    assert (out / PROGRESS_FILE).read_text() == before

@@ -28,7 +28,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name in _COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    _verbose_anywhere(parser)
     return parser
+
+
+def _verbose_anywhere(parser: argparse.ArgumentParser) -> None:
+    """``-v/--verbose`` after a command too (``crane predict ... --verbose``), as the error
+    hint suggests: on every sub-command, set only when given there."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for p in action.choices.values():
+                p.add_argument(
+                    "-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                    help="debug logging",
+                )  # fmt: skip
+                _verbose_anywhere(p)
 
 
 def main(argv: list[str] | None = None) -> int:

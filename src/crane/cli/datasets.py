@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
+from crane.cli.common import check_writable
 from crane.errors import CraneError, DatasetError
 
 logger = logging.getLogger(__name__)
@@ -133,6 +135,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from crane.data.synth import make_synthetic_dataset
 
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+    check_writable(Path(args.out))
     meta = make_synthetic_dataset(
         args.out,
         seed=args.seed,

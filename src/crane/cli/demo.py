@@ -19,9 +19,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from crane.cli.common import check_writable
     from crane.engine.demo import run_demo
     from crane.engine.runtime import pick_device
 
+    check_writable(Path(args.out))
     res = run_demo(
         args.out,
         preset=args.preset,

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from crane.cli.common import check_writable
 from crane.constants import ATTENTION_KERNELS
 from crane.errors import CraneError
 
@@ -322,28 +323,6 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_writable(folder: Path) -> None:
-    """A CraneError now if ``folder`` cannot be created or written (not after the work). A
-    folder that does not exist yet is not made here (a run that fails before writing leaves
-    none behind): its nearest existing parent must be a writable folder."""
-    import tempfile
-
-    try:
-        if folder.exists():
-            with tempfile.TemporaryFile(dir=folder):
-                pass
-            return
-        parent = folder.absolute().parent
-        while not parent.exists():
-            parent = parent.parent
-        if not parent.is_dir():
-            raise CraneError(f"cannot write to {folder}: {parent} is not a folder")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise CraneError(f"cannot write to {folder}: no permission to create it in {parent}")
-    except OSError as exc:
-        raise CraneError(f"cannot write to {folder}: {exc}") from exc
-
-
 def _runtime(args):
     from crane.engine.runtime import autocast_dtype, pick_device
 
@@ -499,7 +478,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     _train_defaults(args)
     device, amp = _runtime(args)
-    _check_writable(Path(args.out))
+    check_writable(Path(args.out))
     overrides = {"image_size": args.image_size} if args.image_size else {}
     model = create_model(
         args.preset,
@@ -585,9 +564,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     num_bins = _bins(args)  # before any model is loaded
     device, amp = _runtime(args)
     out = Path(args.out or f"eval_{args.dataset}")
-    progress_file = check_resume_flags(out, args.resume, args.overwrite, "metrics.json")
-    if (out / "metrics.json").exists() and not (args.overwrite or args.resume):
-        raise CraneError(f"{out} already holds metrics; pass --overwrite or choose another --out")
+    progress_file = check_resume_flags(out, args.resume, args.overwrite, "metrics.json", "evaluate")
+    held = [n for n in ("metrics.json", "metrics.csv", "metrics.md") if (out / n).exists()]
+    if held and not (args.overwrite or args.resume):  # (none of them replaced unasked)
+        raise CraneError(
+            f"{out} already holds metrics ({', '.join(held)}); pass --overwrite or choose "
+            "another --out"
+        )
     viz = None if args.visualize is None else Path(args.visualize)
     if viz is None and args.write_threads is not None:
         log.warning("--write-threads: evaluate writes files with it only for --visualize; ignored")
@@ -598,7 +581,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         )
     for folder in (out, viz):  # checked now, not after the whole evaluation
         if folder is not None:
-            _check_writable(folder)
+            check_writable(folder)
     model, prompts = _load_model(args, args.dataset, amp)
     ds = open_dataset(
         args.root,
@@ -661,7 +644,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from crane.engine.predict import Detector, run_predict
 
     device, amp = _runtime(args)
-    _check_writable(Path(args.out))
+    check_writable(Path(args.out))
     if args.no_overlays and args.overlay_format is not None:
         log.warning("--overlay-format: --no-overlays writes no overlays; ignored")
     if args.no_overlays and not args.save_maps and args.write_threads is not None:
@@ -731,7 +714,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise CraneError("--target-fpr applies to --mode fpr only")
     target_fpr = 0.05 if args.target_fpr is None else args.target_fpr
     device, _ = _runtime(args)
-    _check_writable(Path(args.model))
+    check_writable(Path(args.model))
     with run_lock(args.model, "calibrate"):  # (not while a training writes the run)
         _warn_unfinished_training(Path(args.model))
         return _calibrate(args, device, target_fpr)

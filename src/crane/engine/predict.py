@@ -883,6 +883,27 @@ class Detector:
         return results
 
 
+def _files_under(folder: Path) -> list[Path]:
+    """Every file (and broken link) under ``folder``, through links to folders as a glob
+    pattern's ``**`` goes (``Path.rglob`` does not follow them before Python 3.13: a
+    ``line3 -> /mnt/nas/line3`` link's images would be left out silently); each folder once,
+    so a link loop ends."""
+    seen: set[tuple[int, int]] = set()
+    out: list[Path] = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        st = os.stat(root)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        out += [Path(root) / f for f in files]
+    return out
+
+
+def _holds_files(folder: Path) -> bool:
+    return folder.is_dir() and any(f.is_file() for f in folder.rglob("*"))
+
+
 def _one_or_many(inputs: ImageInput | Iterable[ImageInput]) -> Iterable[ImageInput]:
     """One input as a list of one; a 4-D array or tensor as its images ((B, H, W, C) arrays,
     (B, C, H, W) tensors); anything else as the iterable of inputs it is."""
@@ -918,7 +939,7 @@ def expand_inputs(
             out.append(spec)
             continue
         if p.is_dir():
-            named = [f for f in p.rglob("*") if is_image_file(f)]
+            named = [f for f in _files_under(p) if is_image_file(f)]
             warn_broken_links(named)
             found = [f for f in named if f.is_file()]
             files = sorted(
@@ -1065,11 +1086,17 @@ def run_predict(
             f"overlay format must be one of {', '.join(OVERLAY_FORMATS)}, got {overlay_format!r}"
         )
     out = Path(out_dir)
-    progress_path = progress_file.check_resume_flags(out, resume, overwrite, "predictions.csv")
-    if not resume and not overwrite and (out / "predictions.csv").exists():
-        raise CraneError(
-            f"{out} already holds predictions; pass --overwrite or choose another --out"
-        )
+    progress_path = progress_file.check_resume_flags(
+        out, resume, overwrite, "predictions.csv", "predict"
+    )
+    if not resume and not overwrite:  # (none of the files a run writes replaced unasked)
+        held = [n for n in ("predictions.csv", "summary.json") if (out / n).exists()]
+        held += [f"{d}/" for d in ("overlays", "maps") if _holds_files(out / d)]
+        if held:
+            raise CraneError(
+                f"{out} already holds predictions ({', '.join(held)}); pass --overwrite or "
+                "choose another --out"
+            )
     paths = expand_inputs(inputs, exclude=out / "overlays")
     names = _output_names(paths)
     outputs = {"overlays": overlay_format if overlays else None, "maps": save_maps}

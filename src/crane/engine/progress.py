@@ -168,6 +168,18 @@ def read_progress(
     return records[1:]
 
 
+def _progress_kind(path: Path) -> str | None:
+    """The command (``"predict"``, ``"evaluate"``) whose progress file ``path`` is, from its
+    header; None if there is none or it cannot be read as one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            head = json.loads(f.readline())
+    except (OSError, ValueError):
+        return None
+    kind = head.get("crane") if isinstance(head, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
 def _lock(file: TextIO) -> bool:
     """Take an exclusive lock on ``file`` without waiting; False if another run holds one
     (True where the platform has no ``flock``)."""
@@ -299,14 +311,24 @@ class Recorder:
         return len(self._waiting)
 
 
-def check_resume_flags(out: Path, resume: bool, overwrite: bool, finished: str) -> Path:
+def check_resume_flags(
+    out: Path, resume: bool, overwrite: bool, finished: str, kind: str | None = None
+) -> Path:
     """The progress file's path in ``out``, after refusing contradictory or pointless flags:
     ``resume`` without an interrupted run, or a plain run into a folder that holds one.
-    ``finished``: the file a finished run leaves (a resume then says so)."""
+    ``finished``: the file a finished run leaves (a resume then says so). ``kind`` (``"predict"``,
+    ``"evaluate"``): the command asking; an interrupted run of the other one is named and
+    left alone, ``--overwrite`` too (its progress is that run's, not this one's to replace)."""
     path = out / PROGRESS_FILE
     if resume and overwrite:
         raise CraneError(
             "--resume continues the run in --out and --overwrite replaces it: not both"
+        )
+    theirs = _progress_kind(path) if kind is not None else None
+    if theirs is not None and theirs != kind:
+        raise CraneError(
+            f"{out} holds an interrupted crane {theirs}, not a {kind}: continue it with crane "
+            f"{theirs} --resume, or choose another --out for this {kind}"
         )
     if resume and not path.is_file():
         done = " (its run finished)" if (out / finished).exists() else ""
