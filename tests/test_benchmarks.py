@@ -93,6 +93,7 @@ def test_recorded_flops_equal_the_architecture(floor, preset, monkeypatch):
         # (the tiny models' attentions too, below the size where the default takes them)
         monkeypatch.setattr(kernels, "ATTENTION_MIN_TOKENS", 0)
         monkeypatch.setattr(kernels, "ATTENTION_MIN_HEAD_DIM", 0)
+        monkeypatch.setattr(kernels, "ATTENTION_ISA", (kernels._cpu_capability(),))  # (AVX2 too)
         rec = floor.OpRecorder()
         with torch.inference_mode(), rec, kernels.cpu_kernels("onednn"):
             model.encode_images(x)
