@@ -276,7 +276,9 @@ def test_throughput_runs_every_part_with_config_changes(throughput, tmp_path, mo
         assert e2e["speedup_vs_fp32_baseline"] == pytest.approx(ratio)
         # The rate after the first batch is the rate of the later batches' work (it was
         # divided by the time of one batch fewer: thousands of img/s on the CPU).
-        assert 0 < e2e["after_first_batch_img_s"] < 3 * e2e["end_to_end_img_s"]
+        # (a loose bound: the first batch's share of a 3-file run swings with the machine's
+        # load — 11× was seen on a busy 2-core box — where that bug gave ~1000×)
+        assert 0 < e2e["after_first_batch_img_s"] < 50 * e2e["end_to_end_img_s"]
     e2e = optimised[0]
     modes = [
         (d["fast_decode"], d["fast_resize"], d["device_decode"], d["device_resize"])
