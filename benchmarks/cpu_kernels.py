@@ -157,8 +157,16 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="crane+")
     ap.add_argument("--image-size", type=int, default=518)
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument(
+        "--attention-any-isa",
+        action="store_true",
+        help="let oneDNN's attention run on this CPU's ISA too (by default only on AVX-512 "
+        "CPUs, where it was measured faster): to measure it elsewhere",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    if args.attention_any_isa:
+        kernels.ATTENTION_ISA = (*kernels.ATTENTION_ISA, kernels._cpu_capability())
     if not kernels.onednn_available():
         print("this torch build has no usable oneDNN linear op: nothing to compare")
         return 1
@@ -168,6 +176,8 @@ def main(argv=None) -> int:
         "threads": torch.get_num_threads(),
         "precision": args.precision,
         "native_bf16": kernels.native_bf16(),
+        "cpu_capability": kernels._cpu_capability(),
+        "attention_isa": list(kernels.ATTENTION_ISA),
     }
     if args.precision == "bf16" and not kernels.native_bf16():
         print("note: no native bf16 on this CPU: oneDNN's bf16 paths stay off (torch's run)")

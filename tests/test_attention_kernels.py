@@ -116,7 +116,9 @@ def test_detector_math_runs_every_attention_unfused_with_the_same_results():
         with cpu_kernels("torch"), OpCounter() as rec:  # torch's SDPA (oneDNN's: below)
             runs[name] = det.predict_tensor(x)
         runs[name + "_ops"] = rec.ops
-    with OpCounter() as rec:  # fp32 CPU products on oneDNN: math still runs torch's reference
+    # fp32 CPU products on oneDNN (the default on AVX-512 CPUs): math still runs torch's
+    # reference attention
+    with cpu_kernels("onednn"), OpCounter() as rec:
         Detector(model, device="cpu", attention="math").predict_tensor(x)
     assert rec.ops.get(MATH_SOFTMAX) == _attention_calls(model)
     if onednn_available():  # an x86 CPU with AVX2/AVX-512

@@ -39,6 +39,8 @@ def _default_setting(monkeypatch):
     monkeypatch.setattr(kernels, "ATTENTION_MIN_HEAD_DIM", 0)
     monkeypatch.setattr(kernels, "ATTENTION_BLOCK_ROWS", 8)
     monkeypatch.setattr(kernels, "ATTENTION_ISA", (kernels._cpu_capability(),))
+    # (oneDNN the default here whatever the CPU: these tests are about its paths)
+    monkeypatch.setattr(kernels, "ONEDNN_DEFAULT_ISA", (kernels._cpu_capability(),))
     kernels.set_cpu_kernels(None)
     yield
     kernels.set_cpu_kernels(None)
@@ -483,3 +485,19 @@ def test_blocks_in_threads_neither_wait_for_nor_undo_each_other(monkeypatch):
     assert b_done.is_set()
     assert seen == {"a": "torch", "b outside": "onednn", "b": "onednn"}
     assert kernels.get_cpu_kernels() == "onednn"
+
+
+def test_the_default_is_onednn_on_avx512_and_torch_elsewhere(monkeypatch):
+    """Measured: oneDNN's fp32 products beat MKL's sgemm on an AVX-512 Zen 5 and lost to it
+    on an AVX2 Zen 3 (RESULTS.md): the default follows the CPU; either can be chosen."""
+    monkeypatch.setenv(kernels.ENV_VAR, "")
+    monkeypatch.setattr(kernels, "ONEDNN_DEFAULT_ISA", ("AVX512",))  # (as shipped)
+    for isa, want in (("AVX512", "onednn"), ("AVX2", "torch"), ("DEFAULT", "torch")):
+        monkeypatch.setattr(kernels, "_cpu_capability", lambda isa=isa: isa)
+        assert kernels.default_cpu_kernels() == want
+        assert kernels.get_cpu_kernels() == want
+        monkeypatch.setenv(kernels.ENV_VAR, "onednn")
+        assert kernels.get_cpu_kernels() == "onednn"
+        monkeypatch.setenv(kernels.ENV_VAR, "")
+        with kernels.cpu_kernels("onednn"):
+            assert kernels.get_cpu_kernels() == "onednn"

@@ -1003,7 +1003,12 @@ def test_dino_half_precision_attention(monkeypatch):
             ("ISA", (kernels._cpu_capability(),)),
         ):
             monkeypatch.setattr(kernels, f"ATTENTION_{name}", value)  # even at these sizes
-        with torch.no_grad(), half_precision_attention(torch.float16), OpCounter() as rec:
+        with (
+            torch.no_grad(),
+            kernels.cpu_kernels("onednn"),  # (the default on AVX-512 CPUs only)
+            half_precision_attention(torch.float16),
+            OpCounter() as rec,
+        ):
             half_onednn = dino.forward_features(x)
         assert "aten._scaled_dot_product_flash_attention_for_cpu.default" not in rec.ops
         torch.testing.assert_close(half_onednn, half, atol=2e-3 * ref.abs().max(), rtol=0)
