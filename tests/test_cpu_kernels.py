@@ -501,3 +501,19 @@ def test_the_default_is_onednn_on_avx512_and_torch_elsewhere(monkeypatch):
         monkeypatch.setenv(kernels.ENV_VAR, "")
         with kernels.cpu_kernels("onednn"):
             assert kernels.get_cpu_kernels() == "onednn"
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(monkeypatch, caplog):
+    """Emulated bf16 was 4x slower than fp32 on an AVX2 Zen 3: asking for it there says so."""
+    import logging
+
+    from crane.engine.runtime import autocast_dtype
+
+    cpu = torch.device("cpu")
+    for native, warned in ((False, True), (True, False)):
+        monkeypatch.setattr(kernels, "native_bf16", lambda native=native: native)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert autocast_dtype("bf16", cpu) is torch.bfloat16
+            assert autocast_dtype("fp32", cpu) is None
+        assert ("CPU without native bf16" in caplog.text) is warned
