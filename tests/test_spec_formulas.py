@@ -102,35 +102,13 @@ def test_dattn_set_equals_spec_formula(model, images):
 
 
 def test_eattn_bias_added_once_per_block(model, images):
-    clip = model.text_encoder.clip
-    cfg = model.cfg
-    inputs = []
-    hooks = [
-        b.register_forward_pre_hook(lambda m, a: inputs.append(a[0].clone()))
-        for b in clip.visual.transformer.resblocks
-    ]
+    """The E-Attn set against test_models' explicit-softmax reference, here with random
+    biases and LayerNorm affines (out_proj's bias once per block)."""
+    from test_models import _explicit_eattn_sets
+
+    layer = model.cfg.feature_layers[-1]
+    ref = _explicit_eattn_sets(model, images, model.cfg.attn_type)[layer]
     with torch.no_grad():
-        clip.encode_image(images)
-        for h in hooks:
-            h.remove()
-        z = inputs[cfg.eattn_start - 1]
-        for idx in range(cfg.eattn_start, len(inputs) + 1):
-            blk = clip.visual.transformer.resblocks[idx - 1]
-            qkv = blk.ln_1(inputs[idx - 1]) @ blk.attn.in_proj_weight.t() + blk.attn.in_proj_bias
-            b, n, _ = qkv.shape
-            q, k, v = (
-                t.reshape(b, n, blk.attn.num_heads, -1).transpose(1, 2) for t in qkv.chunk(3, -1)
-            )
-            a = sum(
-                torch.softmax(t @ t.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1)
-                for t in (q, k, v)
-            )
-            z = (
-                z
-                + (a @ v).transpose(1, 2).reshape(b, n, -1) @ blk.attn.out_proj.weight.t()
-                + blk.attn.out_proj.bias
-            )
-        ref = F.normalize(clip.visual.ln_post(z[:, 1:]) @ clip.visual.proj, dim=-1)
         ours = model.encode_images(images).patch_sets[1]
     torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
 
