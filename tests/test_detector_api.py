@@ -126,3 +126,27 @@ def test_predictions_compare_without_an_error(model):
     a, b = det.predict([_frame(6), _frame(6)])
     assert a == a and a != b  # (by identity: the maps are not compared element-wise)
     assert a.score == b.score and np.array_equal(a.anomaly_map, b.anomaly_map)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_stream_that_fails_gives_every_result_before_the_error(model, workers):
+    """The inputs' iterable raising (a camera disconnecting): every input read before it
+    gets its result, in order, then the error is raised; the Detector stays usable."""
+
+    def frames():
+        for i in range(10):
+            yield _frame(i)
+        raise ValueError("camera disconnected")
+
+    det = Detector(model, device="cpu", batch_size=2, workers=workers)
+    try:
+        got = []
+        with pytest.raises(ValueError, match="camera disconnected"):
+            for r in det.predict_iter(frames()):
+                got.append(r)
+        assert len(got) == 10 and all(isinstance(r, Prediction) for r in got)
+        ref = Detector(model, device="cpu", batch_size=2).predict([_frame(i) for i in range(10)])
+        assert [r.score for r in got] == pytest.approx([r.score for r in ref], abs=1e-6)
+        assert len(det.predict([_frame(0), _frame(1)])) == 2  # (still usable)
+    finally:
+        det.close()

@@ -233,11 +233,22 @@ class _Jobs(Sampler):
     def __init__(self, chunk: int):
         self.chunk = chunk
         self.keys: Iterable[tuple[int, ImageInput]] = []
+        #: What the inputs' iterable raised: the input ends there, and ``predict_iter``
+        #: raises it once the inputs read before it have their results.
+        self.error: Exception | None = None
 
     def __iter__(self) -> Iterator[list[tuple[int, ImageInput]]]:
         keys, c = iter(self.keys), self.chunk
-        while chunk := list(itertools.islice(keys, c)):
-            yield chunk
+        while True:
+            chunk = []
+            try:
+                chunk += itertools.islice(keys, c)  # (what it read stays in chunk)
+            except Exception as exc:  # a camera disconnecting, a generator's own bug
+                self.error = exc
+            if chunk:
+                yield chunk
+            if len(chunk) < c or self.error is not None:
+                return
 
     def __len__(self) -> int:
         if not isinstance(self.keys, Sized):
@@ -772,8 +783,9 @@ class Detector:
         )
         total = -(-len(inputs) // self.batch_size) if isinstance(inputs, Sized) else None
         loader, jobs, shared = self._decode_loader()
-        jobs.keys = keys
+        jobs.keys, jobs.error = keys, None
         pending: _InFlight | None = None
+        failed: Exception | None = None
         batches = _rebatch(loader, self.batch_size, pin=self.device.type == "cuda")
         try:
             for batch in tqdm(
@@ -785,6 +797,7 @@ class Detector:
                 pending = job
             if pending is not None:
                 yield from self._collect(pending)
+            failed, jobs.error = jobs.error, None
         except GeneratorExit:  # the caller stopped early: the workers stay usable
             raise
         except BaseException:  # (Ctrl-C too: the terminal's SIGINT also stops the workers)
@@ -799,6 +812,8 @@ class Detector:
                     closing, self._close_pending = self._close_pending, False
                 if closing:  # (close() was asked for while this call used the workers)
                     self._shutdown()
+        if failed is not None:  # the inputs' iterable raised: every input before it is done
+            raise failed
 
     def _decode_loader(self) -> tuple[DataLoader, _Jobs, bool]:
         """The DataLoader that decodes inputs, and whether it is the long-lived one.
