@@ -2,12 +2,12 @@
 
 E-Attn sums softmax(t tᵀ/√d)·v over t ∈ {q, k, v}. Summing the three softmax matrices before
 a single product with v needs 8·N²·d FLOPs per head instead of 12 for three fused attentions,
-but the matrices must then be materialised (here in row chunks of R queries, all heads at
-once, so a chunk stays in cache). This prints both, with the max |Δ| between them, for one
-ViT-L/14 block at 518² (16 heads, 1370 tokens, head dim 64). Both use torch's kernels (MKL
-products, the fused CPU attention); since the eighteenth session the model's fp32 CPU
-attention runs oneDNN's products instead (``crane.models.kernels``, ``cpu_kernels.py``), which
-this script does not compare.
+but the matrices must then be materialised: here in row chunks of R queries, all heads at
+once, or one head at a time into preallocated buffers. This prints each, with the max |Δ|
+from the three SDPAs, for one ViT-L/14 block at 518² (16 heads, 1370 tokens, head dim 64).
+All use torch's kernels (MKL products, the fused CPU attention), the fp32 default on AVX2
+CPUs; on AVX-512 CPUs the model runs oneDNN's products instead (``crane.models.kernels``,
+``cpu_kernels.py``), which this script does not compare.
 
   python benchmarks/eattn_cpu.py [--tokens 1370] [--reps 5] [--json out.json]
 """
@@ -43,6 +43,27 @@ def shared_pv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: int) -> t
     return out.view(b, h, n, d)
 
 
+def shared_pv_per_head(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: int
+) -> torch.Tensor:
+    """:func:`shared_pv` one head at a time into preallocated score buffers (``out=`` products
+    and softmax in place): a chunk's three score blocks stay in the L2/L3 caches."""
+    b, h, n, d = q.shape
+    ts = [t.reshape(b * h, n, d).contiguous() for t in (q, k, v)]
+    scaled = [t / math.sqrt(d) for t in ts]
+    out = torch.empty(b * h, n, d, dtype=q.dtype)
+    buf = torch.empty(3, rows, n, dtype=q.dtype)
+    for j in range(b * h):
+        for s in range(0, n, rows):
+            m = min(rows, n - s)
+            for i in range(3):
+                torch.mm(scaled[i][j, s : s + m], ts[i][j].T, out=buf[i, :m])
+                torch.softmax(buf[i, :m], dim=-1, out=buf[i, :m])
+            p = buf[0, :m].add_(buf[1, :m]).add_(buf[2, :m])
+            torch.mm(p, ts[2][j], out=out[j, s : s + m])
+    return out.view(b, h, n, d)
+
+
 def median_ms(fn, reps: int) -> float:
     fn()
     times = []
@@ -68,12 +89,23 @@ def main(argv=None) -> int:
         ms = median_ms(lambda: three_sdpa(q, k, v), args.reps)
         flops = 3 * 4 * args.heads * args.tokens**2 * 64
         rows.append({"method": "3 × SDPA", "ms": ms, "gflop": flops / 1e9, "max_abs_diff": 0.0})
-        for r in (32, 64, 128, 256, args.tokens):
+        for r in (64, 128, 256, 512, args.tokens):
             out = shared_pv(q, k, v, r)
             ms = median_ms(lambda r=r: shared_pv(q, k, v, r), args.reps)
             rows.append(
                 {
                     "method": f"shared P·V, {r}-row chunks",
+                    "ms": ms,
+                    "gflop": 8 * args.heads * args.tokens**2 * 64 / 1e9,
+                    "max_abs_diff": float((out - ref).abs().max()),
+                }
+            )
+        for r in (256, 512):
+            out = shared_pv_per_head(q, k, v, r)
+            ms = median_ms(lambda r=r: shared_pv_per_head(q, k, v, r), args.reps)
+            rows.append(
+                {
+                    "method": f"shared P·V per head, {r}-row chunks",
                     "ms": ms,
                     "gflop": 8 * args.heads * args.tokens**2 * 64 / 1e9,
                     "max_abs_diff": float((out - ref).abs().max()),
