@@ -12,4 +12,8 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 -d .whl \
   open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 timm==1.0.31
-ls -l .whl
+# TorchCodec (the other JPEG decoder, crane.data.jpeg_decoders), the release that runs with
+# torch 2.14 here: the device installs it only where it imports with its torch (pending_gpu.sh).
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 -d .whl/optional torchcodec==0.17.0
+ls -l .whl .whl/optional

@@ -6,7 +6,8 @@
 # Steps (seconds each took on an H100 in the 16th or 17th session, or an H200 in the 27th,
 # wheel install excluded):
 #   tests     CUDA tests: CUDA = CPU, guards, pipelines, CUDA-graph outputs, attention
-#             kernels, nvJPEG decoding (104 in the 17th: 19 tests; 95 in the 27th: 24)
+#             kernels, nvJPEG decoding through torchvision and, where it imports, TorchCodec
+#             (104 in the 17th: 19 tests; 95 in the 27th: 24)
 #   eval      evaluate end to end (512 1024-px PNGs with masks), fp32 baseline against the
 #             optimised path and the optimised path with --device-resize (20th session), with
 #             where the main thread's time went (part of e2e before the 17th session; 136 in
@@ -95,6 +96,17 @@ if ! "$py" -c "import open_clip, timm" 2>/dev/null; then
   fi
   "$py" -c "import open_clip, timm" ||
     { echo "open_clip/timm missing: run benchmarks/fetch_gpu_wheels.sh here first" >&2; exit 3; }
+fi
+
+# TorchCodec, where its wheel came along and it imports with this torch (its builds are tied
+# to torch releases): the CUDA tests then run the device decode through it too.
+if compgen -G ".whl/optional/torchcodec-*.whl" >/dev/null &&
+   ! "$py" -c "import torchcodec.decoders" 2>/dev/null; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/crane-codec .whl/optional/torchcodec-*.whl &&
+    PYTHONPATH="/tmp/crane-codec:$PYTHONPATH" "$py" -c "import torchcodec.decoders" 2>/dev/null &&
+    export PYTHONPATH="/tmp/crane-codec:$PYTHONPATH" ||
+    echo "torchcodec does not import with this torch: its CUDA decode tests are skipped"
 fi
 
 # shellcheck disable=SC2329  # run by name in a child bash (timeout needs a process)

@@ -10,6 +10,7 @@ import glob
 import io
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from unittest import mock
 
@@ -19,6 +20,7 @@ import torch
 from data_fixtures import photo_like, shared_data_dir
 from PIL import Image
 
+from crane.data import jpeg_decoders
 from crane.data import transforms as transforms_module
 from crane.data.imageio import read_jpeg
 from crane.data.transforms import (
@@ -137,7 +139,16 @@ def test_resize_uint8_on_the_shared_photos():
 # --- decoding a batch ----------------------------------------------------------------------------
 
 
-def test_decode_jpegs_matches_the_reference_and_isolates_a_bad_stream(tmp_path):
+@pytest.fixture(params=jpeg_decoders.DECODERS)
+def decoder(request, monkeypatch):
+    """Each JPEG decoder in turn (TorchCodec where it is installed)."""
+    if request.param == "torchcodec":
+        pytest.importorskip("torchcodec")
+    monkeypatch.setenv(jpeg_decoders.ENV_VAR, request.param)
+    return request.param
+
+
+def test_decode_jpegs_matches_the_reference_and_isolates_a_bad_stream(tmp_path, decoder):
     ims = [photo_like("RGB", (150, 170), seed=1), photo_like("L", (90, 130), seed=2)]
     ims.append(photo_like("RGB", (100, 100), seed=3))
     data = [torch.frombuffer(bytearray(_jpeg_bytes(im)), dtype=torch.uint8) for im in ims]
@@ -145,7 +156,7 @@ def test_decode_jpegs_matches_the_reference_and_isolates_a_bad_stream(tmp_path):
     for raw, pixels in zip(data, good, strict=True):
         decoded = Image.open(io.BytesIO(raw.numpy().tobytes()))
         assert pixels.shape == (3, SIZE, SIZE) and pixels.dtype == torch.uint8
-        # torchvision's CPU decoder is libjpeg-turbo, as PIL's: the reference pixels exactly.
+        # Both decoders' CPU decoder is libjpeg-turbo, as PIL's: the reference pixels exactly.
         assert torch.equal(pixels, _pil_pixels(decoded, SIZE))
 
     # Same-size images are resized together, a few at a time: each keeps its own pixels.
@@ -164,6 +175,145 @@ def test_decode_jpegs_matches_the_reference_and_isolates_a_bad_stream(tmp_path):
     )
     assert isinstance(mixed[1], RuntimeError)
     assert torch.equal(mixed[0], good[0]) and torch.equal(mixed[2], good[2])
+
+
+# --- the decoders: torchvision's and TorchCodec's ------------------------------------------------
+
+
+def _exif_jpeg(im: Image.Image, orientation: int, extra: Sequence[bytes] = ()) -> bytes:
+    """``im`` as a JPEG whose EXIF says ``orientation``, with ``extra`` segments (whole
+    marker segments) inserted right after SOI."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _jpeg_bytes(im, exif=exif.tobytes())
+    return data[:2] + b"".join(extra) + data[2:]
+
+
+def _segment(marker: int, payload: bytes) -> bytes:
+    return bytes([0xFF, marker]) + (len(payload) + 2).to_bytes(2, "big") + payload
+
+
+XMP = _segment(0xE1, b"http://ns.adobe.com/xap/1.0/\x00<x:xmpmeta/>")
+ICC = _segment(0xE2, b"ICC_PROFILE\x00\x01\x01" + bytes(40))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_decoders_keep_the_stored_pixels_of_an_exif_rotated_jpeg(orientation, decoder):
+    """PIL's ``Image.open`` (the reference) and torchvision keep the stored pixels whatever
+    the EXIF orientation; TorchCodec would rotate or mirror them (checked here, so this test
+    would fail without the EXIF segments removed): the device path gives the reference."""
+    photo = photo_like("RGB", (SIZE + 30, 2 * SIZE - 10), seed=30 + orientation)
+    for extra in [(), (XMP, ICC)]:  # EXIF the first APP1 segment, or after XMP's
+        raw = _exif_jpeg(photo, orientation, extra=extra)
+        data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        with Image.open(io.BytesIO(raw)) as ref:
+            assert ref.getexif()[0x0112] == orientation
+            want = _pil_pixels(ref, SIZE)
+        assert torch.equal(decode_jpegs([data, data], SIZE, "cpu")[1], want)
+    if decoder == "torchcodec" and orientation != 1:
+        from torchcodec.decoders import decode_jpeg
+
+        # TorchCodec's own orientation, on the JPEG without the extra segments (its CPU
+        # decoder reads only the first APP1 segment): not the stored pixels.
+        simple = torch.frombuffer(bytearray(_exif_jpeg(photo, orientation)), dtype=torch.uint8)
+        stored = decode_jpeg(jpeg_decoders.without_exif(simple))
+        applied = decode_jpeg(simple)
+        assert stored.shape == (3, *photo.size[::-1])
+        assert applied.shape != stored.shape or not torch.equal(applied, stored)
+
+
+def test_without_exif_removes_only_the_exif_segments():
+    photo = photo_like("RGB", (40, 50), seed=40)
+    plain = _jpeg_bytes(photo)
+    data = torch.frombuffer(bytearray(plain), dtype=torch.uint8)
+    assert jpeg_decoders.without_exif(data) is data  # nothing to remove: the same bytes
+
+    raw = _exif_jpeg(photo, 6, extra=[XMP, b"\xff", ICC])  # a fill byte before a marker
+    cut = jpeg_decoders.without_exif(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+    got = bytes(cut.numpy())
+    assert b"Exif\x00\x00" not in got and len(got) < len(raw)
+    assert XMP in got and ICC in got  # other APP1 (XMP) and APP2 (ICC) segments stay
+    exif_at = raw.index(b"Exif\x00\x00") - 4
+    seg_len = int.from_bytes(raw[exif_at + 2 : exif_at + 4], "big")
+    assert got == raw[:exif_at] + raw[exif_at + 2 + seg_len :]
+    with Image.open(io.BytesIO(got)) as im, Image.open(io.BytesIO(raw)) as orig:
+        assert 0x0112 not in im.getexif()  # still a JPEG, of the same stored pixels
+        assert torch.equal(_pil_pixels(im, SIZE), _pil_pixels(orig, SIZE))
+
+
+def _with_junk_before_exif(raw: bytes) -> bytes:
+    """``raw`` (a JPEG with EXIF) with junk bytes before its EXIF segment: libjpeg skips
+    them with a warning (PIL reads the file), a walk of the segments stops there."""
+    exif_at = raw.index(b"Exif\x00\x00") - 4
+    return raw[:exif_at] + b"junk" + raw[exif_at:]
+
+
+def test_without_exif_refuses_a_header_it_cannot_walk_only_when_it_holds_exif():
+    photo = photo_like("RGB", (40, 50), seed=41)
+    bad = _with_junk_before_exif(_exif_jpeg(photo, 3))
+    got = jpeg_decoders.without_exif(torch.frombuffer(bytearray(bad), dtype=torch.uint8))
+    assert isinstance(got, RuntimeError) and "EXIF" in str(got)
+
+    plain = _jpeg_bytes(photo)
+    odd = plain[:2] + b"junk" + plain[2:]  # no EXIF anywhere: left as it is
+    data = torch.frombuffer(bytearray(odd), dtype=torch.uint8)
+    assert jpeg_decoders.without_exif(data) is data
+
+
+def test_a_jpeg_whose_exif_cannot_be_removed_is_decoded_on_the_host(monkeypatch, tmp_path):
+    """Under TorchCodec such a JPEG gets an error from the device path, and the Detector
+    decodes it on the host: the reference pixels, as every other image."""
+    pytest.importorskip("torchcodec")
+    monkeypatch.setenv(jpeg_decoders.ENV_VAR, "torchcodec")
+    photo = photo_like("RGB", (SIZE + 9, SIZE + 40), seed=42)
+    (tmp_path / "odd.jpg").write_bytes(_with_junk_before_exif(_exif_jpeg(photo, 6)))
+    photo.save(tmp_path / "fine.jpg", quality=90)
+    paths = [os.fspath(tmp_path / n) for n in ("odd.jpg", "fine.jpg")]
+    data = [read_jpeg_tensor(p)[0] for p in paths]  # both taken for the device
+    got = decode_jpegs(data, SIZE, "cpu")
+    assert isinstance(got[0], RuntimeError) and isinstance(got[1], torch.Tensor)
+
+    model = create_model("tiny", image_size=SIZE, seed=4)
+    with Detector(model, device="cpu", batch_size=2) as ref:
+        want, want_px = _run(ref, paths)
+    with Detector(model, device="cpu", batch_size=2, device_decode=True) as dev:
+        got, got_px = _run(dev, paths)
+    assert all(isinstance(r, Prediction) for r in got + want)
+    assert torch.equal(got_px, want_px)
+
+
+def test_jpeg_decoder_choice(monkeypatch):
+    import torchvision.io
+
+    monkeypatch.delenv(jpeg_decoders.ENV_VAR, raising=False)
+    assert jpeg_decoders.jpeg_decoder() == "torchvision"  # while it has decode_jpeg
+    monkeypatch.setenv(jpeg_decoders.ENV_VAR, " TorchCodec ")
+    assert jpeg_decoders.jpeg_decoder() == "torchcodec"
+    monkeypatch.setenv(jpeg_decoders.ENV_VAR, "nvjpeg")
+    with pytest.raises(CraneError, match="CRANE_JPEG_DECODER='nvjpeg'.*torchvision, torchcodec"):
+        jpeg_decoders.jpeg_decoder()
+    monkeypatch.delenv(jpeg_decoders.ENV_VAR)
+    monkeypatch.delattr(torchvision.io, "decode_jpeg")  # a torchvision that removed it
+    assert jpeg_decoders.jpeg_decoder() == "torchcodec"
+
+
+def test_device_decode_without_torchcodec_says_how_to_install_it(monkeypatch):
+    import sys
+
+    monkeypatch.setenv(jpeg_decoders.ENV_VAR, "torchcodec")
+    monkeypatch.setattr(predict_module, "_PROBE_JPEG", {})
+    for name in ("torchcodec", "torchcodec.decoders"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails: not installed
+    with pytest.raises(CraneError) as err:
+        check_device_decode(torch.device("cpu"))
+    msg = str(err.value)
+    assert msg.startswith("device_decode: torchcodec") and "ModuleNotFoundError" in msg
+    assert "pip install torchcodec" in msg and "CRANE_JPEG_DECODER" in msg
+    assert "--device-decode" in msg and "\n" not in msg
+    # The probe is per decoder: torchvision's is checked on its own.
+    monkeypatch.setenv(jpeg_decoders.ENV_VAR, "torchvision")
+    check_device_decode(torch.device("cpu"))
+    assert predict_module._PROBE_JPEG[("cpu", "torchvision")] is None
 
 
 # --- the Detector ---------------------------------------------------------------------------------
@@ -215,7 +365,9 @@ def _run(det: Detector, inputs: list) -> tuple[list, torch.Tensor]:
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_detector_device_decode_matches_the_cpu_path(mixed_inputs, workers, device_decodes):
+def test_detector_device_decode_matches_the_cpu_path(
+    mixed_inputs, workers, decoder, device_decodes
+):
     model = create_model("tiny+", image_size=SIZE, seed=3)
     ref = Detector(model, device="cpu", batch_size=3, workers=workers)
     try:
@@ -286,7 +438,8 @@ def test_device_decoding_out_of_memory_falls_back_per_image(mixed_inputs, monkey
         return real(data, **kw)
 
     jpegs = [mixed_inputs[0], mixed_inputs[1], mixed_inputs[8]]  # a.jpg, b.jpg (grey), h.jpg
-    monkeypatch.setattr(transforms_module, "_batched_jpeg_decode", lambda: True)
+    monkeypatch.setenv(jpeg_decoders.ENV_VAR, "torchvision")
+    monkeypatch.setattr(jpeg_decoders, "batched", lambda name: True)
     data = [read_jpeg_tensor(p)[0] for p in jpegs]
     want = decode_jpegs(data, SIZE, "cpu")
     monkeypatch.setattr(torchvision.io, "decode_jpeg", short_of_memory)
@@ -459,6 +612,7 @@ def test_chunks_carry_each_payload_once():
 
 def test_device_decode_is_checked_up_front(monkeypatch):
     model = create_model("tiny", image_size=SIZE, seed=4)
+    monkeypatch.setenv(jpeg_decoders.ENV_VAR, "torchvision")
     monkeypatch.setattr(predict_module, "_PROBE_JPEG", {})
     Detector(model, device="cpu", device_decode=True)  # torchvision decodes on the CPU
 
@@ -473,7 +627,7 @@ def test_device_decode_is_checked_up_front(monkeypatch):
     assert "nvJPEG support" in msg and "--device-decode" in msg and "torchvision" in msg
     with pytest.raises(CraneError):  # remembered: not probed again
         check_device_decode(torch.device("cpu"))
-    assert list(predict_module._PROBE_JPEG) == ["cpu"]
+    assert list(predict_module._PROBE_JPEG) == [("cpu", "torchvision")]
 
 
 def test_cli_predict_device_decode_and_resize(tmp_path, device_decodes, device_resizes):
@@ -726,7 +880,7 @@ def test_cli_train_and_calibrate_device_decode(jpeg_synth, tmp_path, device_deco
 
 
 @cuda
-def test_cuda_decode_is_close_to_the_reference_pixels(mixed_inputs):
+def test_cuda_decode_is_close_to_the_reference_pixels(mixed_inputs, decoder):
     """nvJPEG's inverse DCT and chroma upsampling may round differently from libjpeg-turbo's:
     after the shrink to the model input the pixels stay within a few levels."""
     check_device_decode(torch.device("cuda"))

@@ -112,8 +112,9 @@ def _device_decode_arg(p: argparse.ArgumentParser, when: str = "", rest: str = "
     p.add_argument(
         "--device-decode",
         action="store_true",
-        help=f"decode JPEG images on the GPU (nvJPEG, resized there bit for bit as PIL does) "
-        f"so the CPUs only read them{when}; {rest} other images are decoded on the CPU as usual",
+        help=f"decode JPEG images on the GPU (nvJPEG through torchvision or TorchCodec: "
+        f"CRANE_JPEG_DECODER picks; resized there bit for bit as PIL does) so the CPUs only "
+        f"read them{when}; {rest} other images are decoded on the CPU as usual",
     )
 
 
@@ -257,8 +258,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--device-decode",
         action="store_true",
-        help="decode JPEG files on the GPU (nvJPEG, resized there bit for bit as PIL does) so "
-        "the CPUs only read files; other files are decoded on the CPU as usual. nvJPEG's "
+        help="decode JPEG files on the GPU (nvJPEG through torchvision or TorchCodec: "
+        "CRANE_JPEG_DECODER picks; resized there bit for bit as PIL does) so the CPUs only "
+        "read files; other files are decoded on the CPU as usual. nvJPEG's "
         "decode may differ from the reference decoder's by a level or two",
     )
     _device_resize_arg(p, rest=". Not with --fast-decode")

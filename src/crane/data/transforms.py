@@ -29,6 +29,7 @@ from crane.constants import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
 )
+from crane.data import jpeg_decoders
 from crane.data.handover import HandoverPool, shared_uint8
 from crane.data.imageio import PathLike, binarize_mask, normalize_mode, open_image, read_jpeg
 from crane.data.pil_resample import pil_resize_uint8
@@ -205,34 +206,41 @@ def decode_jpegs(
     image that does not fit alone gets its error, which the callers answer by decoding it on
     the host).
 
-    On CUDA this is nvJPEG through torchvision (baseline JPEGs on the GPU's hardware JPEG
-    engines where it has them; others in software), so the CPUs only read files; on the CPU
-    it is torchvision's libjpeg-turbo, bitwise PIL's decode. nvJPEG's inverse DCT and chroma
-    upsampling may round differently from libjpeg-turbo's."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
+    The decoder is torchvision's or TorchCodec's (:mod:`crane.data.jpeg_decoders`, which says
+    which one runs): on CUDA nvJPEG (baseline JPEGs on the GPU's hardware JPEG engines where
+    it has them; others in software), so the CPUs only read files; on the CPU libjpeg-turbo,
+    bitwise PIL's decode. Both give the stored pixels: EXIF orientation is not applied
+    (TorchCodec is given the bytes without their EXIF segments). nvJPEG's inverse DCT and
+    chroma upsampling may round differently from libjpeg-turbo's."""
     device = torch.device(device)
+    name = jpeg_decoders.jpeg_decoder()
+    batched = jpeg_decoders.batched(name)
+    # TorchCodec would rotate or mirror an image by its EXIF orientation: it gets the bytes
+    # without their EXIF segments (an image whose segments cannot be removed gets an error).
+    given = [jpeg_decoders.without_exif(d) for d in data] if name == "torchcodec" else data
+    todo = [i for i, d in enumerate(given) if not isinstance(d, RuntimeError)]
 
     def run(batch: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        if len(batch) == 1 or not _batched_jpeg_decode():
-            return [decode_jpeg(d, mode=ImageReadMode.RGB, device=device) for d in batch]
-        return decode_jpeg(list(batch), mode=ImageReadMode.RGB, device=device)
+        return jpeg_decoders.decode(name, batch, device, batched)
 
+    images: list[torch.Tensor | RuntimeError] = list(given)
+    decoded: list[torch.Tensor | RuntimeError] | None = None
     with _decoding_stream(device) as done:
-        images: list[torch.Tensor | RuntimeError] | None = None
         try:
-            images = list(run(data))
+            decoded = run([given[i] for i in todo]) if todo else []
         except RuntimeError as exc:  # torch.cuda.OutOfMemoryError among them
-            short = isinstance(exc, torch.cuda.OutOfMemoryError) and device.type == "cuda"
-        if images is None:
+            short = device.type == "cuda" and _out_of_memory(exc)
+        if decoded is None:
             if short:  # (the failed call's partial outputs are gone with its traceback)
                 torch.cuda.empty_cache()  # nvJPEG's own buffers need what torch's cache holds
-            images = []
-            for d in data:
+            decoded = []
+            for i in todo:
                 try:
-                    images.append(run([d])[0])
+                    decoded.append(run([given[i]])[0])
                 except RuntimeError as exc:
-                    images.append(exc)
+                    decoded.append(exc)
+    for i, im in zip(todo, decoded, strict=True):
+        images[i] = im
     ok = [i for i, im in enumerate(images) if not isinstance(im, RuntimeError)]
     done([images[i] for i in ok])
     for i, pixels in zip(ok, resize_each([images[i] for i in ok], size), strict=True):
@@ -240,16 +248,24 @@ def decode_jpegs(
     return images
 
 
+def _out_of_memory(exc: RuntimeError) -> bool:
+    """A device allocation failure: CUDA's ``OutOfMemoryError``, or a decoder's RuntimeError
+    saying so (TorchCodec's allocations go through torch's stable ABI)."""
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
 _DECODE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
 @contextlib.contextmanager
 def _decoding_stream(device: torch.device):
-    """On CUDA: run torchvision's nvJPEG decode with a side stream current on ``device``, then
-    hand its outputs to the stream that was current (``done(outputs)``).
+    """On CUDA: run the nvJPEG decode with a side stream current on ``device``, then hand its
+    outputs to the stream that was current (``done(outputs)``).
 
     torchvision allocates the decoded images on the current stream, then writes them on its
-    own decoder stream, which never waits for the current one. On the main stream, a block
+    own decoder stream, which never waits for the current one (TorchCodec allocates and
+    decodes on the current stream: the side stream here, which ``done`` makes the main one
+    wait for). On the main stream, a block
     the caching allocator hands out may still be read by queued kernels (the previous batch's
     forward, whose activations Python has already freed): the decoder could overwrite them
     first. Allocated on a side stream that only decodes, the images take blocks no queued
@@ -312,15 +328,6 @@ def _resized_on_the_host(images: Sequence[torch.Tensor], size: int) -> list[torc
 
 _RESIZE_BYTES = 256 << 20  # float64 bytes of the images resized in one group
 _BICUBIC = Image.Resampling.BICUBIC
-
-
-@functools.lru_cache(maxsize=1)
-def _batched_jpeg_decode() -> bool:
-    """torchvision >= 0.19 decodes a list of JPEGs in one call (batched on the GPU)."""
-    import torchvision
-
-    major, minor = (int(p) for p in torchvision.__version__.split("+")[0].split(".")[:2])
-    return (major, minor) >= (0, 19)
 
 
 def normalize_uint8(

@@ -25,6 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from crane.data import jpeg_decoders
 from crane.data.handover import HandoverPool
 from crane.data.imageio import (
     image_from_array,
@@ -475,14 +476,16 @@ def dataset_device_pixels(
     return rest, pixels
 
 
-_PROBE_JPEG: dict[str, str | None] = {}  # device → None (works) or why it does not
+_PROBE_JPEG: dict[tuple[str, str], str | None] = {}  # (device, decoder) → None or why not
 
 
 def check_device_decode(device: torch.device) -> None:
     """Raise a :class:`~crane.errors.CraneError` naming the cause and the fix when JPEGs cannot
-    be decoded on ``device`` (a torchvision without nvJPEG, for instance); checked once per
-    device by decoding a small JPEG there."""
-    key = str(device)
+    be decoded on ``device`` (a torchvision without nvJPEG, TorchCodec not installed, for
+    instance); checked once per device and decoder (:mod:`crane.data.jpeg_decoders`) by
+    decoding a small JPEG there."""
+    decoder = jpeg_decoders.jpeg_decoder()
+    key = (str(device), decoder)
     if key not in _PROBE_JPEG:
         buf = io.BytesIO()
         Image.new("RGB", (16, 16), (90, 160, 30)).save(buf, format="JPEG")
@@ -494,13 +497,12 @@ def check_device_decode(device: torch.device) -> None:
             _PROBE_JPEG[key] = f"{type(exc).__name__}: {exc}"
     why = _PROBE_JPEG[key]
     if why is not None:
-        import torchvision
-
         raise CraneError(
-            f"device_decode: torchvision {torchvision.__version__} cannot decode JPEGs on "
-            f"{device} ({why.splitlines()[0]}). Install a torchvision built for this CUDA "
-            "(its Linux CUDA wheels include nvJPEG), or decode on the CPU: drop "
-            "--device-decode (device_decode=False)."
+            f"device_decode: {decoder} {jpeg_decoders.version(decoder)} cannot decode JPEGs "
+            f"on {device} ({why.splitlines()[0]}). Install TorchCodec (`pip install "
+            "torchcodec`; its Linux CUDA wheels include nvJPEG) or a torchvision up to 0.29 "
+            f"built for this CUDA, pick one with {jpeg_decoders.ENV_VAR}=torchcodec or "
+            "=torchvision, or decode on the CPU: drop --device-decode (device_decode=False)."
         )
 
 
