@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from crane.data import (
     load_image,
     mask_to_tensor,
     new_meta,
+    normalize_mode,
     open_image,
     open_mask,
     read_image_tensor,
@@ -109,18 +111,45 @@ def test_16bit_greyscale_is_scaled_not_clipped(tmp_path):
         assert torch.equal(image_to_tensor(raw, S), image_to_tensor(img, S))
 
 
-def test_cmyk_jpeg(tmp_path):
+def _reference_modes(tmp_path) -> dict[str, Path]:
+    """Files the reference reads correctly in their own mode, of noise (where resizing at
+    8 bits first would round and clip differently): a CMYK JPEG, a 32-bit integer TIFF
+    holding 0..255, a float TIFF on the 0..255 scale with values below 0 and above 255."""
+    rng = np.random.default_rng(0)
+    cmyk = Image.fromarray(rng.integers(0, 256, (50, 70, 4), np.uint8), mode="CMYK")
+    cmyk.save(tmp_path / "cmyk.jpg", format="JPEG", quality=95)  # with black: clipped in RGB
+    Image.fromarray(rng.integers(0, 256, (50, 70)).astype(np.int32)).save(tmp_path / "i.tif")
+    f = rng.uniform(-20, 280, (50, 70)).astype(np.float32)
+    Image.fromarray(f, mode="F").save(tmp_path / "f.tif")
+    return {"CMYK": tmp_path / "cmyk.jpg", "I": tmp_path / "i.tif", "F": tmp_path / "f.tif"}
+
+
+@pytest.mark.parametrize("size", [S, 30])
+def test_modes_the_reference_reads_are_resized_in_their_own_mode(tmp_path, size):
+    """CMYK, 32-bit integer greyscale holding 0..255 and float greyscale on the 0..255 scale
+    are resized in their own mode and converted after, as the reference does: its pixels
+    exactly (converting them to 8 bits first moved values by up to 12 levels)."""
+    for mode, path in _reference_modes(tmp_path).items():
+        with Image.open(path) as im:
+            assert im.mode == mode
+            want = reference_image_pipeline(size)(im)
+            assert torch.equal(image_to_tensor(im, size), want), mode  # in memory
+        assert torch.equal(read_image_tensor(path, size)[0], want), mode
+        assert open_image(path).mode == mode
+        # The 8-bit conversion first is not the reference (what this test guards).
+        with Image.open(path) as im:
+            assert not torch.equal(image_to_tensor(normalize_mode(im), size), want), mode
+
+
+def test_cmyk_jpeg_displays_as_rgb(tmp_path):
     path = tmp_path / "cmyk.jpg"
     rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 32, 3), np.uint8))
     rgb.convert("CMYK").save(path, format="JPEG", quality=95)
     with Image.open(path) as im:
         assert im.mode == "CMYK"
         expected_rgb = im.convert("RGB")
-    img = open_image(path)
-    assert img.mode == "RGB"
-    assert np.array_equal(np.asarray(img), np.asarray(expected_rgb))
-    resized = np.asarray(expected_rgb.resize((S, S), Image.Resampling.BICUBIC))
-    assert torch.allclose(image_to_tensor(img, S), numpy_expected(resized), atol=1e-6)
+    assert normalize_mode(open_image(path)).mode == "RGB"
+    assert np.array_equal(np.asarray(load_image(path)), np.asarray(expected_rgb))
 
 
 def test_read_image_tensor_and_unnormalised(tmp_path):
@@ -273,10 +302,9 @@ def test_32bit_greyscale_is_read_by_the_range_its_values_show(tmp_path):
         Image.fromarray(bad.astype(np.int32)).save(tmp_path / name)
         with pytest.raises(ImageReadError, match=f"{name}: a 32-bit integer greyscale image"):
             open_image(tmp_path / name)
-    # In memory (predict inputs) the same rule.
-    assert torch.equal(
-        image_to_tensor(Image.fromarray(eight), S), image_to_tensor(Image.fromarray(reference), S)
-    )
+    # In memory (predict inputs) the same rule; resized in mode I as the reference does.
+    in_memory = Image.fromarray(eight)
+    assert torch.equal(image_to_tensor(in_memory, S), reference_image_pipeline(S)(in_memory))
     # Formats that hold at most 16 bits (16-bit PGM opens as mode I): the fixed 16-bit mapping,
     # whatever the values, so that two frames of one sensor read alike.
     dark = np.full((24, 32), 200, np.uint16)

@@ -16,6 +16,7 @@ from crane.data.imageio import (
     normalize_mode,
     open_image,
     open_mask,
+    reference_mode,
 )
 from crane.data.layouts import (
     MISSING_MASK_POLICIES,
@@ -105,6 +106,7 @@ __all__ = [
     "meta_to_json",
     "new_meta",
     "normalize_mode",
+    "reference_mode",
     "normalize_uint8",
     "open_image",
     "open_mask",

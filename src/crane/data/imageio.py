@@ -7,8 +7,11 @@ For palette (P) and alpha (RGBA/LA) images the order changes the pixels, so
 :func:`crane.data.transforms.image_to_tensor`. Modes the reference would mangle are
 normalised here instead: 16-bit greyscale is scaled to 8 bits (``convert("RGB")``
 would clip it to white), 32-bit integer greyscale (a 32-bit TIFF) by the range its values
-show (0..255: as the reference reads it; up to 65535: as 16-bit data; beyond: refused), and
-CMYK/YCbCr/LAB/HSV are converted to RGB.
+show (0..255: as the reference reads it; up to 65535: as 16-bit data; beyond: refused),
+float greyscale by its range ([0, 1] scaled by 255), and YCbCr/LAB/HSV are converted to RGB.
+Images the reference reads correctly in their own mode — CMYK, 32-bit integer greyscale
+holding 0..255, float greyscale on the 0..255 scale — are resized in that mode and converted
+after, as the reference does (:func:`reference_mode`), so their pixels are its bit for bit.
 
 EXIF orientation is deliberately *not* applied: masks are drawn on the stored pixel
 grid and the reference never transposes either.
@@ -28,8 +31,13 @@ from crane.errors import DatasetError, ImageReadError
 
 log = logging.getLogger(__name__)
 
-#: File extensions treated as images when scanning dataset folders (compared lower-case).
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+#: File extensions treated as images when scanning dataset folders (compared lower-case):
+#: the still-image formats PIL decodes that inspection and medical data come in (a GIF's
+#: first frame).
+IMAGE_EXTENSIONS = frozenset(
+    {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".tif", ".tiff", ".webp"}
+    | {".pbm", ".pgm", ".ppm", ".pnm", ".gif"}
+)
 
 # Modes the reference pipeline resizes natively; kept as decoded (see module docstring).
 _NATIVE_MODES = frozenset({"1", "L", "P", "RGB", "RGBA", "LA"})
@@ -192,15 +200,33 @@ def image_from_array(arr: np.ndarray) -> Image.Image:
 def open_image(path: PathLike, draft: int | None = None) -> Image.Image:
     """Decode an image for the model pipeline (see the module docstring for the mode policy).
 
-    Returns a loaded PIL image in one of the modes 1, L, P, RGB, RGBA, LA. Raises
-    :class:`~crane.errors.ImageReadError` naming the file if it is missing or cannot be
-    decoded (corrupt, truncated, not an image).
+    Returns a loaded PIL image in one of the modes 1, L, P, RGB, RGBA, LA, or CMYK, I, F
+    where :func:`reference_mode` keeps them. Raises :class:`~crane.errors.ImageReadError`
+    naming the file if it is missing or cannot be decoded (corrupt, truncated, not an image).
     """
     im = _decode(path, "image", draft)
     try:
-        return normalize_mode(im)
+        return reference_mode(im)
     except ImageReadError as exc:
         raise ImageReadError(f"cannot read image {path}: {exc}") from None
+
+
+def reference_mode(im: Image.Image) -> Image.Image:
+    """``im`` in the mode the model pipeline resizes it in: as it is where the reference's
+    resize and then ``convert("RGB")`` read it correctly — the modes :func:`normalize_mode`
+    keeps, CMYK, 32-bit integer greyscale holding 0..255, finite float greyscale whose largest
+    value is 2 or more (the 0..255 scale: PIL's conversion clips and truncates it after the
+    resize) — so the resize runs at that precision as the reference's does; anything else as
+    :func:`normalize_mode` makes it (8-bit)."""
+    if im.mode in _NATIVE_MODES or im.mode == "CMYK":
+        return im
+    if im.mode in ("I", "F") and getattr(im, "format", None) not in _AT_MOST_16_BITS:
+        arr = np.asarray(im)
+        if arr.size and np.isfinite(arr).all():
+            lo, hi = arr.min(), arr.max()
+            if (im.mode == "I" and lo >= 0 and hi <= 255) or (im.mode == "F" and hi >= 2):
+                return im
+    return normalize_mode(im)
 
 
 def normalize_mode(im: Image.Image) -> Image.Image:

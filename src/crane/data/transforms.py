@@ -31,14 +31,21 @@ from crane.constants import (
 )
 from crane.data import jpeg_decoders
 from crane.data.handover import HandoverPool, shared_uint8
-from crane.data.imageio import PathLike, binarize_mask, normalize_mode, open_image, read_jpeg
+from crane.data.imageio import (
+    PathLike,
+    binarize_mask,
+    normalize_mode,
+    open_image,
+    read_jpeg,
+    reference_mode,
+)
 from crane.data.pil_resample import pil_resize_uint8
 
 log = logging.getLogger(__name__)
 
 
 def _resized_rgb(image: Image.Image, size: int) -> Image.Image:
-    resized = normalize_mode(image).resize((size, size), Image.Resampling.BICUBIC)
+    resized = reference_mode(image).resize((size, size), Image.Resampling.BICUBIC)
     return resized if resized.mode == "RGB" else resized.convert("RGB")
 
 
@@ -52,8 +59,9 @@ def image_to_tensor(
 
     Resizes *before* converting to RGB, as the reference does (this matters for palette
     images, which PIL always resizes with nearest neighbour, and for alpha images, which
-    it resizes premultiplied). Any PIL mode is accepted (16-bit greyscale is scaled, CMYK
-    converted; see :func:`crane.data.imageio.normalize_mode`). Pass ``mean=None, std=None``
+    it resizes premultiplied). Any PIL mode is accepted (16-bit greyscale is scaled; CMYK
+    resized, then converted, as the reference does; see :func:`crane.data.imageio.
+    reference_mode`). Pass ``mean=None, std=None``
     to get the [0, 1] pixels.
     """
     rgb = _resized_rgb(image, size)
