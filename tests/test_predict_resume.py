@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from crane.engine.predict import Detector, run_predict
+from crane.engine.predict import Detector, Prediction, run_predict
 from crane.engine.progress import PROGRESS_FILE
 from crane.errors import CraneError
 from crane.models import create_model
@@ -385,6 +385,38 @@ def test_hidden_folders_and_files_are_left_out_of_folder_scans(tmp_path, images)
     found = expand_inputs([images])
     assert len(found) == 7 and not any("/." in f for f in found)
     assert expand_inputs([images / "._1.png"]) == [str(images / "._1.png")]  # named: kept
+
+
+def test_folder_scans_take_every_still_image_format_and_name_what_they_leave_out(tmp_path, caplog):
+    """PGM/PPM/PBM, GIF and JFIF files are images to a folder scan (they were left out
+    silently); other files are counted in a log line, hidden ones not."""
+    import logging
+
+    from crane.engine.predict import expand_inputs
+
+    rng = np.random.default_rng(5)
+    grey = Image.fromarray(rng.integers(0, 256, (30, 40), np.uint8))
+    rgb = Image.fromarray(rng.integers(0, 256, (30, 40, 3), np.uint8))
+    folder = tmp_path / "in"
+    (folder / ".cache").mkdir(parents=True)
+    grey.save(folder / "a.pgm")
+    rgb.save(folder / "b.ppm")
+    grey.convert("1").save(folder / "c.pbm")
+    rgb.convert("P").save(folder / "d.gif")
+    rgb.save(folder / "e.jfif", format="JPEG")
+    rgb.save(folder / "f.PNG")
+    (folder / "notes.txt").write_text("line 3, lot 7")
+    (folder / "labels.csv").write_text("a,1")
+    (folder / ".cache" / "x.bin").write_bytes(b"0")
+    with caplog.at_level(logging.INFO, logger="crane.engine.predict"):
+        found = expand_inputs([folder])
+    assert [Path(f).name for f in found] == ["a.pgm", "b.ppm", "c.pbm", "d.gif", "e.jfif", "f.PNG"]
+    assert "left out 2 files under" in caplog.text and "labels.csv, notes.txt" in caplog.text
+    model = create_model("tiny", image_size=112, seed=0)
+    with Detector(model, device="cpu", batch_size=3) as det:
+        results = list(det.predict_iter(found))
+    assert all(isinstance(r, Prediction) for r in results)
+    assert [r.anomaly_map.shape for r in results] == [(30, 40)] * 6
 
 
 def test_file_names_that_are_not_utf8(tmp_path, images):

@@ -30,8 +30,8 @@ from crane.data.handover import HandoverPool
 from crane.data.imageio import (
     image_from_array,
     is_image_file,
-    normalize_mode,
     open_image,
+    reference_mode,
     warn_broken_links,
 )
 from crane.data.transforms import (
@@ -190,7 +190,7 @@ class _Decode(Dataset):
             try:
                 pil = _pil_input(item)
                 if self.device_resize:
-                    return self._decoded(i, normalize_mode(pil), None)
+                    return self._decoded(i, reference_mode(pil), None)
                 pixels = image_to_uint8(pil, self.size, fast=self.fast)
             except (OSError, ValueError, SyntaxError, AssertionError) as exc:
                 if isinstance(exc, CraneError):  # (one of those: its own message)
@@ -956,7 +956,23 @@ def expand_inputs(
             out.append(spec)
             continue
         if p.is_dir():
-            named = [f for f in _files_under(p) if is_image_file(f)]
+            under = _files_under(p)
+            named = [f for f in under if is_image_file(f)]
+            others = [
+                f
+                for f in under
+                if not is_image_file(f)
+                and not any(s.startswith(".") for s in f.relative_to(p).parts)
+            ]
+            if others:
+                log.info(
+                    "left out %d files under %s that are not images by their extension (%s); "
+                    "name a file to read it whatever its extension",
+                    len(others),
+                    p,
+                    ", ".join(sorted(f.name for f in others)[:3])
+                    + (", ..." if len(others) > 3 else ""),
+                )
             warn_broken_links(named)
             found = [f for f in named if f.is_file()]
             files = sorted(
