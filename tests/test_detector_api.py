@@ -150,3 +150,38 @@ def test_a_stream_that_fails_gives_every_result_before_the_error(model, workers)
         assert len(det.predict([_frame(0), _frame(1)])) == 2  # (still usable)
     finally:
         det.close()
+
+
+def test_a_detector_built_from_a_full_size_preset_gets_the_released_prompts(
+    monkeypatch, tmp_path, caplog
+):
+    """As the CLI does: without ``prompts``, a full-size preset gets the released prompts
+    (random ones gave meaningless scores silently); given prompts, a run directory and the
+    tiny presets are left as they are."""
+    import logging
+
+    from crane.engine import predict as predict_module
+
+    built: list[tuple[str, object]] = []
+
+    def spy(name, prompts=None, **kw):
+        built.append((name, prompts))
+        return create_model("tiny", image_size=56)
+
+    monkeypatch.setattr(predict_module, "create_model", spy)
+    with caplog.at_level(logging.INFO, logger="crane.engine.predict"):
+        for name in ("crane+", "crane"):
+            assert Detector(name, device="cpu").prompts == "official:mvtec"
+    assert "prompts: official:mvtec" in caplog.text
+    assert Detector("crane+", prompts="official:visa", device="cpu").prompts == "official:visa"
+    Detector("tiny", device="cpu")
+    run = tmp_path / "run"
+    save_model(create_model("tiny", image_size=56), run)
+    Detector(run, device="cpu")
+    assert [p for _, p in built] == [
+        "official:mvtec",
+        "official:mvtec",
+        "official:visa",
+        None,
+        None,
+    ]

@@ -25,6 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from crane.config import get_config, is_tiny
 from crane.data import jpeg_decoders
 from crane.data.handover import HandoverPool
 from crane.data.imageio import (
@@ -65,7 +66,7 @@ from crane.errors import CraneError, ImageReadError
 from crane.files import fit_file_name, strict_json
 from crane.models.checkpoint import atomic_write_bytes
 from crane.models.crane import CraneModel
-from crane.models.factory import create_model
+from crane.models.factory import create_model, names_a_run
 from crane.viz import OVERLAY_FORMATS, write_overlay
 
 log = logging.getLogger(__name__)
@@ -506,6 +507,26 @@ def check_device_decode(device: torch.device) -> None:
         )
 
 
+def _released_default(model: str | os.PathLike) -> str | None:
+    """The prompts a Detector built from ``model`` gets when none are given: for a full-size
+    preset the released ones the CLI uses without a dataset (``official:mvtec``, see
+    :func:`~crane.engine.evaluate.paper_protocol`), which random prompts would otherwise
+    silently replace; None for a run directory (its own) and a tiny preset (random)."""
+    from crane.engine.evaluate import paper_protocol
+
+    if names_a_run(model):
+        return None
+    try:
+        cfg = get_config(os.fspath(model))
+    except CraneError:  # (no preset: create_model says so)
+        return None
+    if is_tiny(cfg):
+        return None
+    prompts = paper_protocol("", cfg.name)["prompts"]
+    log.info("prompts: %s (the released prompts; prompts=... chooses others)", prompts)
+    return prompts
+
+
 def resize_maps(maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Bilinear resize of (B, H, W) maps, antialiased when shrinking: what PIL's BILINEAR
     does for :func:`crane.viz.resize_map`, on the maps' device."""
@@ -524,6 +545,9 @@ class Detector:
     >>> det = Detector("runs/mvtec", device="cuda", precision="bf16")   # doctest: +SKIP
     >>> [p.score for p in det.predict(["a.png", "b.png"])]               # doctest: +SKIP
 
+    ``model``: a preset, a run directory, or a model object. ``prompts`` (a preset or run
+    directory only): None gives a full-size preset the released prompts the CLI uses
+    (``official:mvtec``), a run its own and a tiny preset random ones.
     ``precision``: fp32, or bf16/fp16 autocast for the backbones (scoring stays fp32).
     ``workers``: DataLoader processes that decode and resize files (use most CPU cores on a
     GPU machine); started by the first call and kept for later ones until :meth:`close` (or
@@ -596,6 +620,8 @@ class Detector:
             raise CraneError(f"map_size must be 'input' or 'model', got {map_size!r}")
         self.map_size = map_size
         owned = not isinstance(model, CraneModel)
+        if owned and prompts is None:
+            prompts = _released_default(model)
         #: Where the model came from, as ``summary.json`` records it: the preset name or run
         #: directory given (None for a model passed in; the caller may name it).
         self.source: str | None = os.fspath(model) if owned else None
