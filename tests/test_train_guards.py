@@ -21,12 +21,15 @@ from crane.models import create_model
 SIZE = 112
 
 
-def _run(root, run, *, epochs=2, stop=None, resume=False, model=None, amp=None, **kw):
+def _run(
+    root, run, *, epochs=2, stop=None, resume=False, model=None, amp=None, overwrite=False, **kw
+):
     model = model or create_model("tiny", seed=111, image_size=SIZE)
     ds = kw.pop("ds", None) or AnomalyDataset(root, "test", image_size=SIZE, **kw)
     return train(
         model, ds, run, TrainSettings(epochs=epochs, batch_size=4), progress=False,
         resume=resume, stop_after_epoch=stop, device="cpu", autocast_dtype=amp,
+        overwrite=overwrite,
     )  # fmt: skip
 
 
@@ -266,6 +269,39 @@ def test_overwrite_removes_a_half_written_epoch_folder(synth, tmp_path):
     train(model, ds, run, TrainSettings(epochs=1, batch_size=4), overwrite=True, progress=False,
           device="cpu")  # fmt: skip
     assert not half.exists() and (mine / "notes.txt").is_file()
+
+
+def test_overwrite_keeps_what_a_user_put_in_an_epoch_folder(synth, tmp_path):
+    """--overwrite removes an earlier run's checkpoint files, not the folder they are in:
+    an evaluation written into epoch_2/ and notes stay (rmtree deleted them)."""
+    run = tmp_path / "run"
+    _run(synth, run, epochs=2)
+    (run / "epoch_2" / "eval").mkdir()
+    (run / "epoch_2" / "eval" / "metrics.json").write_text("{}")
+    (run / "epoch_2" / "NOTES.txt").write_text("my notes")
+    _run(synth, run, epochs=1, overwrite=True)
+    assert sorted(p.name for p in (run / "epoch_2").iterdir()) == ["NOTES.txt", "eval"]
+    assert (run / "epoch_2" / "eval" / "metrics.json").read_text() == "{}"
+    assert (run / "epoch_1" / "config.json").is_file()  # the new run's
+
+
+@pytest.mark.parametrize("mine", ["config.json", "prompts.safetensors", "both"])
+def test_overwrite_refuses_to_write_over_a_users_own_config_or_prompts(synth, tmp_path, mine):
+    run = tmp_path / "run"
+    run.mkdir()
+    names = ["config.json", "prompts.safetensors"] if mine == "both" else [mine]
+    for name in names:
+        (run / name).write_text('{"my": "experiment settings"}')
+    (run / "notes.txt").write_text("notes")
+    with pytest.raises(CraneError, match=r"--overwrite: .* not written by a crane run") as err:
+        _run(synth, run, epochs=1, overwrite=True)
+    assert " and ".join(names) in str(err.value)
+    for name in names:
+        assert (run / name).read_text() == '{"my": "experiment settings"}'
+    if mine == "both":  # a crane run's own files are replaced as before
+        other = tmp_path / "other"
+        _run(synth, other, epochs=1)
+        _run(synth, other, epochs=1, overwrite=True)
 
 
 def test_an_unknown_dataset_name_is_refused_also_with_a_meta_json(synth):

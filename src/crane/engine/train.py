@@ -329,8 +329,32 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> bool:
             "--overwrite to start a new run in it (a training's own earlier files are replaced, "
             "other files left alone), or choose another --out"
         )
+    foreign = _foreign_run_files(run_dir) if run_dir.is_dir() else []
+    if foreign:
+        raise CraneError(
+            f"--overwrite: {run_dir} holds {' and '.join(foreign)} not written by a crane run, "
+            "and the new run writes files of that name there: move "
+            f"{'it' if len(foreign) == 1 else 'them'} away, or choose another --out"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     return False
+
+
+def _foreign_run_files(run_dir: Path) -> list[str]:
+    """The files in ``run_dir`` that a new run would write over and that no crane run wrote:
+    a ``config.json`` that is not a crane checkpoint's, a ``prompts.safetensors`` without
+    one beside it."""
+    config, tensors = run_dir / ckpt.CONFIG, run_dir / ckpt.TENSORS
+    ours = False
+    if config.is_file():
+        try:
+            ours = json.loads(config.read_text()).get("format") == ckpt.FORMAT
+        except (OSError, ValueError, AttributeError):  # (not JSON, or JSON but no object)
+            ours = False
+    foreign = [config.name] if config.exists() and not ours else []
+    if tensors.exists() and not ours:
+        foreign.append(tensors.name)
+    return foreign
 
 
 def _remove_earlier_run(run_dir: Path) -> None:
@@ -338,23 +362,29 @@ def _remove_earlier_run(run_dir: Path) -> None:
     resume state, log and latest model), so that none passes for part of the new run; other
     files are left alone."""
     import re
-    import shutil
 
     removed = 0
+    ours = {ckpt.CONFIG, ckpt.TENSORS, OPTIMIZER}
     for child in run_dir.iterdir():
         if child.is_dir() and re.fullmatch(r"epoch_\d+", child.name):
+            files = [p for p in child.iterdir() if p.is_file()]
             try:
                 ckpt.read_checkpoint(child)
             except CheckpointError:
                 # One of ours that a crash left half written (only our file names, and the
                 # temp files of atomic writes), or not one of ours at all.
-                ours = {ckpt.CONFIG, ckpt.TENSORS, OPTIMIZER}
-                names = [p.name for p in child.iterdir()]
-                if not names or not all(
-                    n in ours or (n.startswith(".") and n.endswith(".tmp")) for n in names
+                if not files or not all(
+                    p.name in ours or (p.name.startswith(".") and p.name.endswith(".tmp"))
+                    for p in child.iterdir()
                 ):
                     continue
-            shutil.rmtree(child)
+            # Only the checkpoint's files (and atomic writes' leftovers): what else a user
+            # put in the folder (an evaluation's metrics, notes) stays, and so does the folder.
+            for f in files:
+                if f.name in ours or (f.name.startswith(".") and f.name.endswith(".tmp")):
+                    f.unlink()
+            with contextlib.suppress(OSError):  # (not empty: the user's files stay)
+                child.rmdir()
             removed += 1
     names = [RESUME_JSON, RESUME_TENSORS, "train_log.jsonl", FEATURE_CACHE]
     try:
