@@ -456,3 +456,33 @@ def test_backbone_layers_and_patches_are_checked_where_they_matter():
     sixteen["vision_cfg"]["patch_size"] = 16
     with pytest.raises(CraneError, match="16×16-px patches; crane runs backbones with 14-px"):
         create_model("tiny", clip_overrides=sixteen, image_size=112)
+
+
+def test_the_prompts_initialisation_depends_on_the_seed_not_on_how_backbones_are_built(
+    monkeypatch,
+):
+    """A download builds the backbone with the library's random initialisation before
+    loading the weights, a local or cached file without it: one seed gave two different
+    starting prompts (the first ``crane train --seed`` on a machine trained from others)."""
+    from crane.models import factory
+
+    # (the learnable tensors: the template buffers come from the random tiny backbone)
+    want = dict(create_model("tiny+", seed=7, image_size=56).prompt_learner.named_parameters())
+    real_clip, real_dino = factory.build_clip, factory.build_dino
+
+    def drawing_clip(*args, **kw):
+        torch.randn(1000)  # what a download's random initialisation draws first
+        return real_clip(*args, **kw)
+
+    def drawing_dino(*args, **kw):
+        torch.rand(77)
+        return real_dino(*args, **kw)
+
+    monkeypatch.setattr(factory, "build_clip", drawing_clip)
+    monkeypatch.setattr(factory, "build_dino", drawing_dino)
+    got = dict(create_model("tiny+", seed=7, image_size=56).prompt_learner.named_parameters())
+    assert want.keys() == got.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    other = create_model("tiny+", seed=8, image_size=56).prompt_learner.ctx_pos
+    assert not torch.equal(other, want["ctx_pos"])

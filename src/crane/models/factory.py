@@ -182,6 +182,11 @@ def create_model(
             if cfg.use_dattn
             else None
         )
+        # The prompts' initialisation from ``seed`` alone: building the backbones draws
+        # random numbers or not by where their weights come from (a download runs the
+        # libraries' random initialisation first, a local or cached file does not), which
+        # gave one --seed two different starting prompts.
+        torch.manual_seed(seed % 2**64)
         model = CraneModel(cfg, clip, dino)
         model.backbone_seed = seed if random_backbones else None
         if random_dino and not random_backbones and cfg.use_dattn and dino_weights is None:
