@@ -202,6 +202,28 @@ def test_a_safetensors_file_under_another_name_loads(tmp_path):
     )
 
 
+def test_a_torch_file_under_a_safetensors_name_loads(tmp_path):
+    """Read as what it is (it was refused as "a torch file holding more than tensors")."""
+    torch.save({"w": torch.arange(3.0)}, tmp_path / "weights.safetensors")
+    assert torch.equal(
+        W.load_state_dict_file(tmp_path / "weights.safetensors")["w"], torch.arange(3.0)
+    )
+    (tmp_path / "bad.safetensors").write_bytes(b"neither")
+    with pytest.raises(WeightsError, match="bad.safetensors"):
+        W.load_state_dict_file(tmp_path / "bad.safetensors")
+
+
+def test_a_prompt_state_dict_that_does_not_fit_is_named_briefly():
+    """The error names "the prompt state dict given", not the dict's whole text (26k
+    characters)."""
+    sd = create_model("tiny", image_size=56).prompt_learner.state_dict()
+    sd["ctx_pos"] = sd["ctx_pos"][..., :-1]
+    with pytest.raises(CheckpointError) as err:
+        create_model("tiny", image_size=56, prompts=sd)
+    msg = str(err.value)
+    assert "the prompt state dict given" in msg and "ctx_pos" in msg and len(msg) < 600
+
+
 def test_a_folder_given_as_weights_is_named_as_one(tmp_path):
     with pytest.raises(WeightsError, match="names .*, a folder, not a file"):
         W.resolve_local(tmp_path, W.CLIP_ENV, W.CLIP_FILENAMES, "--clip-weights", "CLIP")

@@ -197,7 +197,12 @@ def create_model(
 
     if state is not None:
         own = model.prompt_learner.state_dict()
-        ckpt.check_prompt_state(own, state, str(prompts if prompts is not None else name))
+        where = (
+            "the prompt state dict given"
+            if isinstance(prompts, dict)
+            else str(prompts if prompts is not None else name)
+        )
+        ckpt.check_prompt_state(own, state, where)
         model.prompt_learner.load_state_dict(state, strict=True)
     model.image_threshold = None if threshold is None else float(threshold)
     model.threshold_not_used = dropped
