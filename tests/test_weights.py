@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -108,6 +109,34 @@ def test_no_hang_without_offline_flag(tmp_path, monkeypatch):
     assert time.time() - t < 15
     if not unreachable:
         pytest.skip("this machine can reach the hub")
+
+
+def test_a_hugging_face_mirror_is_probed_instead_of_the_hub(monkeypatch):
+    """With ``HF_ENDPOINT`` (a mirror, where huggingface.co is blocked) the probe asks the
+    mirror: it said "no network" although the mirror answered."""
+    probed: list[tuple[str, int]] = []
+
+    def connect(address, timeout=None):
+        probed.append(address)
+        if address[0] != "hf-mirror.example":
+            raise OSError("unreachable")
+        return contextlib.nullcontext()
+
+    for var in ("CRANE_OFFLINE", "HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY",
+                "all_proxy"):  # fmt: skip
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(W.socket, "create_connection", connect)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hf-mirror.example")
+    assert not W.hub_unreachable()
+    assert probed == [("hf-mirror.example", 443)]
+    probed.clear()
+    monkeypatch.setenv("HF_ENDPOINT", "http://hf-mirror.example:8080/")
+    assert not W.hub_unreachable()  # (connect above accepts any port of the mirror)
+    assert probed == [("hf-mirror.example", 8080)]
+    probed.clear()
+    monkeypatch.delenv("HF_ENDPOINT")
+    assert W.hub_unreachable()
+    assert probed == [("huggingface.co", 443), ("openaipublic.azureedge.net", 443)]
 
 
 def _tiny_clip():

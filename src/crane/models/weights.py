@@ -41,6 +41,24 @@ DINO_FILENAMES = ("dinov2_vitb14_reg4_pretrain.pth", "model.safetensors", "pytor
 _HUB_HOSTS = (("huggingface.co", 443), ("openaipublic.azureedge.net", 443))
 
 
+def _hub_hosts() -> list[tuple[str, int]]:
+    """The hosts a download would reach: the Hugging Face hub's (``$HF_ENDPOINT``'s, a
+    mirror's, where set, as huggingface_hub reads it) and OpenAI's."""
+    from urllib.parse import urlsplit
+
+    hosts = list(_HUB_HOSTS)
+    endpoint = os.environ.get("HF_ENDPOINT", "").strip()
+    if endpoint:
+        url = urlsplit(endpoint if "//" in endpoint else f"https://{endpoint}")
+        if url.hostname:
+            try:
+                port = url.port or (80 if url.scheme == "http" else 443)
+            except ValueError:  # (a bad port: huggingface_hub will say so)
+                port = 443
+            hosts[0] = (url.hostname, port)
+    return hosts
+
+
 def cache_dir() -> Path:
     # (expanded: a literal "~" from a .env, docker or systemd file means the home folder)
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "crane").expanduser()
@@ -52,7 +70,7 @@ def _offline() -> bool:
         return True
     if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return False  # direct probes say nothing behind a proxy; let the hub client try
-    for host, port in _HUB_HOSTS:
+    for host, port in _hub_hosts():
         try:
             with socket.create_connection((host, port), timeout=3):
                 return False
