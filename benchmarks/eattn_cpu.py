@@ -89,23 +89,14 @@ def main(argv=None) -> int:
         ms = median_ms(lambda: three_sdpa(q, k, v), args.reps)
         flops = 3 * 4 * args.heads * args.tokens**2 * 64
         rows.append({"method": "3 × SDPA", "ms": ms, "gflop": flops / 1e9, "max_abs_diff": 0.0})
-        for r in (64, 128, 256, 512, args.tokens):
-            out = shared_pv(q, k, v, r)
-            ms = median_ms(lambda r=r: shared_pv(q, k, v, r), args.reps)
+        variants = [("shared P·V", shared_pv, r) for r in (64, 128, 256, 512, args.tokens)]
+        variants += [("shared P·V per head", shared_pv_per_head, r) for r in (256, 512)]
+        for name, fn, r in variants:
+            out = fn(q, k, v, r)
+            ms = median_ms(lambda fn=fn, r=r: fn(q, k, v, r), args.reps)
             rows.append(
                 {
-                    "method": f"shared P·V, {r}-row chunks",
-                    "ms": ms,
-                    "gflop": 8 * args.heads * args.tokens**2 * 64 / 1e9,
-                    "max_abs_diff": float((out - ref).abs().max()),
-                }
-            )
-        for r in (256, 512):
-            out = shared_pv_per_head(q, k, v, r)
-            ms = median_ms(lambda r=r: shared_pv_per_head(q, k, v, r), args.reps)
-            rows.append(
-                {
-                    "method": f"shared P·V per head, {r}-row chunks",
+                    "method": f"{name}, {r}-row chunks",
                     "ms": ms,
                     "gflop": 8 * args.heads * args.tokens**2 * 64 / 1e9,
                     "max_abs_diff": float((out - ref).abs().max()),
