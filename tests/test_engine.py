@@ -725,13 +725,18 @@ def test_overlay_names_of_evaluate_never_collide(tmp_path):
 def test_overwrite_leaves_files_that_are_not_a_runs(tmp_path):
     from crane.engine.train import _remove_earlier_run, prepare_run_dir
 
-    (tmp_path / "config.json").write_text('{"mine": true}')
     (tmp_path / "epoch_1").mkdir()
     (tmp_path / "epoch_1" / "notes.txt").write_text("mine")
+    (tmp_path / "notes.txt").write_text("mine too")
     assert prepare_run_dir(tmp_path, resume=False, overwrite=True) is False
     _remove_earlier_run(tmp_path)  # (what --overwrite does before the new run's first save)
-    assert (tmp_path / "config.json").read_text() == '{"mine": true}'
     assert (tmp_path / "epoch_1" / "notes.txt").is_file()
+    assert (tmp_path / "notes.txt").is_file()
+    # A config.json of the user's own would be written over by the new run: refused.
+    (tmp_path / "config.json").write_text('{"mine": true}')
+    with pytest.raises(CraneError, match="config.json not written by a crane run"):
+        prepare_run_dir(tmp_path, resume=False, overwrite=True)
+    assert (tmp_path / "config.json").read_text() == '{"mine": true}'
 
 
 def test_a_class_named_mean_keeps_its_row_and_bounds(tmp_path):
