@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import shutil
+import zipfile
 
 import pytest
 import torch
@@ -222,6 +223,57 @@ def test_a_prompt_state_dict_that_does_not_fit_is_named_briefly():
         create_model("tiny", image_size=56, prompts=sd)
     msg = str(err.value)
     assert "the prompt state dict given" in msg and "ctx_pos" in msg and len(msg) < 600
+
+
+def _zero_inside_the_tensor(path, values: torch.Tensor) -> None:
+    raw = bytearray(path.read_bytes())
+    at = raw.find(values.numpy().tobytes()[:256])
+    assert at > 0
+    raw[at + 64 : at + 128] = bytes(64)  # finite, wrong values: nothing else would notice
+    path.write_bytes(bytes(raw))
+
+
+def test_a_weight_file_damaged_inside_a_tensor_is_refused(tmp_path, monkeypatch):
+    """A torch file's zip members carry CRC-32s: bytes changed inside a tensor are caught
+    (they loaded silently, as finite wrong weights); an intact file is read for the check
+    once, and again once it changes."""
+    monkeypatch.setenv(W.CACHE_ENV, str(tmp_path / "cache"))
+    values = torch.linspace(0.5, 1.5, 4096)
+    torch.save({"w": values, "b": torch.ones(3)}, tmp_path / "sd.pt")
+    checks: list[str] = []
+    real = zipfile.ZipFile.testzip
+
+    def counting(self):
+        checks.append(self.filename)
+        return real(self)
+
+    monkeypatch.setattr(zipfile.ZipFile, "testzip", counting)
+    for _ in range(2):
+        assert torch.equal(W.load_state_dict_file(tmp_path / "sd.pt")["w"], values)
+    assert len(checks) == 1  # remembered in the cache folder
+    assert (tmp_path / "cache" / W.VERIFIED_FILE).is_file()
+
+    _zero_inside_the_tensor(tmp_path / "sd.pt", values)
+    with pytest.raises(WeightsError, match=r"sd\.pt is damaged: its member .*data/\d+ fails"):
+        W.load_state_dict_file(tmp_path / "sd.pt")
+    assert len(checks) == 2  # (a changed file is checked again)
+
+
+def test_a_torchscript_archive_damaged_inside_a_tensor_is_refused(tmp_path):
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.linspace(0.5, 1.5, 4096))
+
+        def forward(self, x):
+            return x * self.w
+
+    values = M().w.detach().clone()
+    torch.jit.script(M()).save(str(tmp_path / "ts.pt"))
+    assert W.is_torchscript(tmp_path / "ts.pt")
+    _zero_inside_the_tensor(tmp_path / "ts.pt", values)
+    with pytest.raises(WeightsError, match="fails its CRC-32 check"):
+        W.load_state_dict_file(tmp_path / "ts.pt")
 
 
 def test_a_folder_given_as_weights_is_named_as_one(tmp_path):
