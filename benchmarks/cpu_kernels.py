@@ -1,6 +1,7 @@
 """CPU kernels: torch's (MKL sgemm, fused CPU attention) against oneDNN's
-(``crane.models.kernels``, the default), per op at Crane+'s shapes and for a whole image, in
-fp32 or (``--precision bf16``) as a bf16 Detector runs them.
+(``crane.models.kernels``; the default on AVX-512 CPUs, torch's elsewhere), per op at
+Crane+'s shapes and for a whole image, in fp32 or (``--precision bf16``) as a bf16 Detector
+runs them.
 
 Ops: every GEMM shape of a Crane+ forward at 518² (CLIP ViT-L/14 over 1370 tokens, DINOv2-B/14
 over 1374) and its two attention shapes, inputs laid out as the model passes them; median ms

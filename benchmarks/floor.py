@@ -400,9 +400,10 @@ def main(argv=None) -> int:
         "--cpu-kernels",
         default=kernels.get_cpu_kernels(),
         choices=list(kernels.CPU_KERNELS),
-        help="fp32 CPU products and attention (crane.models.kernels): oneDNN's (the default; "
-        "each head's attention is then recorded as products and a softmax; E-Attn's three terms "
-        "share one product with v) or torch's",
+        help="fp32 CPU products and attention (crane.models.kernels): oneDNN's (each head's "
+        "attention is then recorded as products and a softmax; E-Attn's three terms share one "
+        "product with v) or torch's; default: what crane uses on this CPU "
+        f"({kernels.get_cpu_kernels()} here: oneDNN with AVX-512, else torch's)",
     )
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
