@@ -164,8 +164,10 @@ def test_custom_state_is_refused(tmp_path):
 
     path = tmp_path / "stateful.pt"
     torch.jit.script(Stateful()).save(str(path))
-    with pytest.raises(WeightsError, match="custom __getstate__"):
+    with pytest.raises(WeightsError, match="custom __getstate__") as err:
         W.load_state_dict_file(path)
+    # The file and the one-line conversion, as for an archive naming a global.
+    assert str(path) in str(err.value) and "torch.jit.load('IN.pt').state_dict()" in str(err.value)
 
 
 def test_damaged_archives_give_clear_errors(tmp_path):

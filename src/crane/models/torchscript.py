@@ -296,17 +296,28 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             root = _Unpickler(data, storage).load()
         except _Refused as exc:
-            raise WeightsError(
-                f"{path} is a TorchScript archive that holds more than modules and tensors (it "
-                f"names {exc}); crane reads such archives as data and does not run their code. "
-                'Where you trust the file, convert it once to a state dict: python -c "import '
-                "torch; torch.save(torch.jit.load('IN.pt').state_dict(), 'OUT.pt')\""
-            ) from None
+            raise _more_than_data(path, f"it names {exc}") from None
     if not isinstance(root, _ScriptObject):
         raise WeightsError(f"{path}: the archive's data.pkl does not hold a module")
     out: dict[str, torch.Tensor] = {}
-    _collect(root, "", declared, out, set(), [_MAX_ENTRIES])
+    try:
+        _collect(root, "", declared, out, set(), [_MAX_ENTRIES])
+    except _CustomState as exc:
+        raise _more_than_data(path, str(exc)) from None
     return out
+
+
+class _CustomState(Exception):
+    """A module whose state only its own code can read (see :func:`_collect`)."""
+
+
+def _more_than_data(path, what: str) -> WeightsError:
+    return WeightsError(
+        f"{path} is a TorchScript archive that holds more than modules and tensors ({what}); "
+        "crane reads such archives as data and does not run their code. Where you trust the "
+        'file, convert it once to a state dict: python -c "import torch; '
+        "torch.save(torch.jit.load('IN.pt').state_dict(), 'OUT.pt')\""
+    )
 
 
 def _collect(
@@ -323,9 +334,9 @@ def _collect(
         raise WeightsError(f"the archive's module tree has over {_MAX_ENTRIES} entries")
     state = getattr(obj, "state", None)
     if not isinstance(state, dict):
-        raise WeightsError(
-            f"the archive's {obj.qualname} keeps its state in a form crane does not read "
-            "(a custom __getstate__)"
+        raise _CustomState(
+            f"its {obj.qualname} keeps its state in a form only its own code reads, a custom "
+            "__getstate__"
         )
     names = declared.get(obj.qualname)
     if names is None:  # (no source for the class: every tensor attribute)
