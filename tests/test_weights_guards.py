@@ -115,6 +115,23 @@ def test_released_files_of_the_other_preset_are_reported(tmp_path, caplog):
     assert PACKAGED_OFFICIAL.is_dir()
 
 
+def test_a_copied_release_file_is_known_by_its_sha256(tmp_path, caplog):
+    """A released file copied under another name (no release folder around it) is known by
+    the SHA256 the packaged sums list: the other preset's prompts are reported (they were
+    used without a word); a file of one's own is not."""
+    from crane.models.factory import load_prompt_state
+
+    copy = tmp_path / "my_prompts.pth"
+    shutil.copy(resolve_official("visa", "crane+"), copy)
+    with caplog.at_level(logging.WARNING):
+        load_prompt_state(str(copy), get_config("crane"))
+    assert "were trained with crane+, this model is crane" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        load_prompt_state(str(copy), get_config("crane+"))
+    assert caplog.text == ""
+
+
 def test_a_bare_prompts_file_loads(tmp_path, run):
     bare = tmp_path / "mine.safetensors"
     shutil.copy(run / "prompts.safetensors", bare)

@@ -56,6 +56,24 @@ def _verify_sha256(path: Path, rel: str, release: bool = False) -> None:
         )
 
 
+def _packaged_release_name(path: Path) -> str | None:
+    """The release name (``trained_on_visa_cranep/epoch_5.pth``) of a file whose SHA256 the
+    sums packaged with crane list, or None."""
+    sums = PACKAGED_OFFICIAL / "SHA256SUMS"
+    try:
+        if path.stat().st_size > 64 << 20:  # (released prompt files are a few MB)
+            return None
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        lines = sums.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        listed, _, name = line.strip().partition(" ")
+        if listed.lower() == digest and name.strip():
+            return name.strip().lstrip("*").removeprefix("./")
+    return None
+
+
 def resolve_official(trained_on: str, preset: str) -> Path:
     """Path of a released prompt file, e.g. ``("mvtec", "crane+")`` (checksum-verified)."""
     base_preset = "crane+" if preset.endswith("+") else "crane"
@@ -274,7 +292,12 @@ def load_prompt_state(source: Any, cfg: CraneConfig) -> dict[str, torch.Tensor]:
         theirs, state, _ = ckpt.read_checkpoint(path)
         _warn_other_model(path, theirs.name, theirs.use_dattn, cfg)
         return state
-    for part in path.parts:  # the release's folders say which preset trained the file
+    # The release's folders say which preset trained the file; a copy of a released file
+    # under another name is known by its SHA256 in the sums packaged with crane.
+    parts = [p for p in path.parts if p.startswith("trained_on_")]
+    if not parts and path.is_file():
+        parts = Path(_packaged_release_name(path) or "").parts
+    for part in parts:
         if part.startswith("trained_on_") and part.endswith(("_crane", "_cranep")):
             _warn_other_model(path, "crane+" if part.endswith("p") else "crane", None, cfg)
     full = path.resolve()
