@@ -410,6 +410,33 @@ def test_evaluate_keeps_earlier_metrics_unless_asked(tmp_path, capsys):
     assert main([*argv, "--overwrite"]) == 0
 
 
+def test_evaluate_writes_its_metrics_when_stdout_has_gone(tmp_path, monkeypatch):
+    """`crane evaluate ... | head -0`: the table cannot be printed (a closed pipe), the
+    metrics files are written all the same (every class was left as 'to resume')."""
+    import io
+    import os
+    import sys
+
+    from crane.cli import main
+
+    data = tmp_path / "synth"
+    make_synthetic_dataset(data, seed=0, classes=("tile",), n_train=1, n_test_good=2,
+                           n_test_bad=2, size=64)  # fmt: skip
+    read, write = os.pipe()
+    os.close(read)
+    stdout = io.TextIOWrapper(os.fdopen(write, "wb", buffering=0), write_through=True)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    try:
+        rc = main(["evaluate", "--dataset", "mvtec", "--root", str(data), "--model", "tiny",
+                   "--no-progress", "--out", str(tmp_path / "ev")])  # fmt: skip
+    finally:
+        monkeypatch.undo()
+        stdout.close()
+    assert rc == 1
+    assert {p.name for p in (tmp_path / "ev").iterdir()} >= {"metrics.json", "metrics.md"}
+    assert not (tmp_path / "ev" / "progress.jsonl").exists()
+
+
 def test_train_overwrite_removes_the_earlier_runs_checkpoints(tmp_path):
     data = tmp_path / "synth"
     make_synthetic_dataset(data, seed=0, classes=("tile",), n_train=1, n_test_good=2,

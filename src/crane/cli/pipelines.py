@@ -630,9 +630,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "seconds": res.seconds,
         "timings_s": res.timings,
     }
-    print(report_markdown(res.report))  # (first: on the screen even if writing fails)
-    files = write_report(res.report, out, extra)
-    progress_file.unlink(missing_ok=True)  # (the metrics are written: nothing to resume)
+    try:
+        print(report_markdown(res.report))  # (first: on the screen even if writing fails)
+    finally:  # (and written when the screen has gone: `crane evaluate ... | head` closed it)
+        files = write_report(res.report, out, extra)
+        progress_file.unlink(missing_ok=True)  # (the metrics are written: nothing to resume)
     split = ", ".join(f"{k} {v:.1f}" for k, v in res.timings.items())
     more = f"; {res.n_resumed} more from the interrupted run" if res.n_resumed else ""
     print(
