@@ -141,6 +141,21 @@ def test_modes_the_reference_reads_are_resized_in_their_own_mode(tmp_path, size)
             assert not torch.equal(image_to_tensor(normalize_mode(im), size), want), mode
 
 
+def test_float_images_display_rounded_as_overlays_scale_them(tmp_path):
+    """load_image (overlays of files) rounds a float image's values as normalize_mode does,
+    as overlay() of the same image in memory: PIL's conversion would truncate."""
+    from crane.viz import overlay
+
+    values = np.full((8, 10), 100.7, np.float32)
+    values[0, 0] = 250.0
+    Image.fromarray(values, mode="F").save(tmp_path / "f.tif")
+    shown = np.asarray(load_image(tmp_path / "f.tif"))
+    assert shown.shape == (8, 10, 3) and shown[1, 1].tolist() == [101, 101, 101]
+    with Image.open(tmp_path / "f.tif") as im:
+        drawn = np.asarray(overlay(im, np.zeros((8, 10)), alpha=0.0))
+    assert np.array_equal(drawn, shown)
+
+
 def test_cmyk_jpeg_displays_as_rgb(tmp_path):
     path = tmp_path / "cmyk.jpg"
     rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 32, 3), np.uint8))

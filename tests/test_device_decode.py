@@ -222,6 +222,19 @@ def test_decoders_keep_the_stored_pixels_of_an_exif_rotated_jpeg(orientation, de
         assert applied.shape != stored.shape or not torch.equal(applied, stored)
 
 
+def test_torchcodec_gets_no_tiff_header_in_an_app1_segment_under_another_prefix(monkeypatch):
+    """TorchCodec's CPU decoder reads an orientation from the first APP1 segment whatever its
+    6-byte prefix (PIL only from ``Exif\\0\\0``): such a segment is removed too."""
+    pytest.importorskip("torchcodec")
+    monkeypatch.setenv(jpeg_decoders.ENV_VAR, "torchcodec")
+    photo = photo_like("RGB", (SIZE + 10, 2 * SIZE - 6), seed=44)
+    raw = _exif_jpeg(photo, 6).replace(b"Exif\x00\x00", b"Exif\x00\xff", 1)
+    data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    with Image.open(io.BytesIO(raw)) as ref:
+        want = _pil_pixels(ref, SIZE)
+    assert torch.equal(decode_jpegs([data], SIZE, "cpu")[0], want)
+
+
 def test_without_exif_removes_only_the_exif_segments():
     photo = photo_like("RGB", (40, 50), seed=40)
     plain = _jpeg_bytes(photo)

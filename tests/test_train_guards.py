@@ -304,6 +304,19 @@ def test_overwrite_refuses_to_write_over_a_users_own_config_or_prompts(synth, tm
         _run(synth, other, epochs=1, overwrite=True)
 
 
+def test_overwrite_takes_a_run_killed_between_its_models_two_writes(synth, tmp_path):
+    """A kill between the first save's prompts.safetensors and config.json leaves the
+    prompts alone beside a complete epoch_1/: still the run's, not refused as a user's."""
+    run = tmp_path / "run"
+    _run(synth, run, epochs=1)
+    for name in ("config.json", "resume.json", "train_log.jsonl"):
+        (run / name).unlink(missing_ok=True)
+    assert (run / "prompts.safetensors").is_file() and (run / "epoch_1" / "config.json").is_file()
+    assert T._foreign_run_files(run) == []
+    (run / "epoch_1" / "config.json").write_text('{"mine": 1}')  # not a crane checkpoint
+    assert T._foreign_run_files(run) == ["prompts.safetensors"]
+
+
 def test_an_unknown_dataset_name_is_refused_also_with_a_meta_json(synth):
     from crane.engine.common import open_dataset
 

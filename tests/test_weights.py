@@ -139,6 +139,25 @@ def test_a_hugging_face_mirror_is_probed_instead_of_the_hub(monkeypatch):
     assert probed == [("huggingface.co", 443), ("openaipublic.azureedge.net", 443)]
 
 
+@pytest.mark.parametrize("endpoint", ["https://[hf-mirror.com", "https://.hf-mirror.com"])
+def test_a_malformed_hf_endpoint_does_not_crash_the_probe(monkeypatch, endpoint):
+    """A URL urllib cannot split, a host name IDNA cannot encode: the probe goes on (it
+    raised ValueError / UnicodeError, a traceback for every model build)."""
+    real = W.socket.create_connection
+
+    def connect(address, timeout=None):
+        if address[0].startswith("."):
+            return real(address, timeout=timeout)  # (raises UnicodeError before any network)
+        raise OSError("unreachable")
+
+    for var in ("CRANE_OFFLINE", "HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY",
+                "all_proxy"):  # fmt: skip
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(W.socket, "create_connection", connect)
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    assert W.hub_unreachable()
+
+
 def _tiny_clip():
     return open_clip.create_model("ViT-L-14-336-quickgelu", pretrained=None, **TINY_CLIP).eval()
 

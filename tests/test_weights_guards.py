@@ -276,6 +276,40 @@ def test_a_weight_file_damaged_inside_a_tensor_is_refused(tmp_path, monkeypatch)
     assert len(checks) == 2  # (a changed file is checked again)
 
 
+def test_a_damaged_copy_that_kept_the_modification_time_is_checked_again(tmp_path, monkeypatch):
+    """`cp -p` / `rsync -a` keep the modification time: a damaged copy put in place of a
+    checked file is another file (inode, change time) and is checked."""
+    import os
+
+    monkeypatch.setenv(W.CACHE_ENV, str(tmp_path / "cache"))
+    values = torch.linspace(0.5, 1.5, 4096)
+    path = tmp_path / "clip.pt"
+    torch.save({"w": values}, path)
+    W.load_state_dict_file(path)  # checked, recorded
+    copy = tmp_path / "copy.pt"
+    shutil.copy(path, copy)
+    _zero_inside_the_tensor(copy, values)
+    st = path.stat()
+    os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert copy.stat().st_size == st.st_size
+    os.replace(copy, path)
+    with pytest.raises(WeightsError, match="fails its CRC-32 check"):
+        W.load_state_dict_file(path)
+
+
+def test_a_torch_file_saved_without_crcs_loads(tmp_path):
+    """torch.serialization.set_crc32_options(False) writes every CRC as 0; torch reads such
+    files, and so does crane (it refused them as damaged)."""
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save({"w": torch.arange(10.0)}, tmp_path / "nocrc.pt")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    with zipfile.ZipFile(tmp_path / "nocrc.pt") as zf:
+        assert all(i.CRC == 0 for i in zf.infolist())
+    assert torch.equal(W.load_state_dict_file(tmp_path / "nocrc.pt")["w"], torch.arange(10.0))
+
+
 def test_a_torchscript_archive_damaged_inside_a_tensor_is_refused(tmp_path):
     class M(torch.nn.Module):
         def __init__(self):

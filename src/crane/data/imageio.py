@@ -275,7 +275,7 @@ def load_image(path: PathLike) -> Image.Image:
     For model input use :func:`crane.data.transforms.read_image_tensor`, which resizes
     before converting to RGB exactly as the reference does.
     """
-    im = open_image(path)
+    im = normalize_mode(open_image(path))  # (8 bits as overlay() makes them: rounded)
     return im if im.mode == "RGB" else im.convert("RGB")
 
 

@@ -95,9 +95,10 @@ _EXIF = b"Exif\x00\x00"
 
 def without_exif(data: torch.Tensor) -> torch.Tensor | RuntimeError:
     """``data`` (a JPEG's bytes, 1-D uint8) without its EXIF segments: the APP1 segments
-    whose payload starts with ``Exif\\0\\0``, among the marker segments before the first
-    scan, where decoders look for them (TorchCodec's nvJPEG path walks the same segments;
-    libjpeg reads them with the header). ``data`` itself where it has none.
+    whose payload starts with ``Exif\\0\\0`` (what TorchCodec's nvJPEG path looks for) or
+    holds a TIFF header after its first 6 bytes whatever they are (what its CPU decoder reads
+    from the first APP1 segment), among the marker segments before the first scan. ``data``
+    itself where it has none.
 
     A header whose segments cannot be walked to the first scan (a bad length, a byte that is
     no marker) while ``Exif\\0\\0`` occurs in the data is returned as a RuntimeError: whether a
@@ -118,7 +119,10 @@ def without_exif(data: torch.Tensor) -> torch.Tensor | RuntimeError:
         end = pos + 2 + ((raw[pos + 2] << 8) | raw[pos + 3])
         if end < pos + 4 or end > n:
             break
-        if marker == _APP1 and raw[pos + 4 : pos + 4 + len(_EXIF)] == _EXIF:
+        if marker == _APP1 and (
+            raw[pos + 4 : pos + 4 + len(_EXIF)] == _EXIF
+            or raw[pos + 10 : pos + 14] in (b"II*\x00", b"MM\x00*")
+        ):
             kept.append(raw[start:pos])
             start, cut = end, True
         pos = end

@@ -342,18 +342,23 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> bool:
 
 def _foreign_run_files(run_dir: Path) -> list[str]:
     """The files in ``run_dir`` that a new run would write over and that no crane run wrote:
-    a ``config.json`` that is not a crane checkpoint's, a ``prompts.safetensors`` without
-    one beside it."""
-    config, tensors = run_dir / ckpt.CONFIG, run_dir / ckpt.TENSORS
-    ours = False
-    if config.is_file():
+    a ``config.json`` that is not a crane checkpoint's; a ``prompts.safetensors`` without one
+    beside it, unless an ``epoch_K`` folder there is a crane checkpoint (a run killed between
+    the two writes of its model's save leaves its prompts alone)."""
+
+    def crane_config(path: Path) -> bool:
         try:
-            ours = json.loads(config.read_text()).get("format") == ckpt.FORMAT
+            return json.loads(path.read_text()).get("format") == ckpt.FORMAT
         except (OSError, ValueError, AttributeError):  # (not JSON, or JSON but no object)
-            ours = False
+            return False
+
+    config, tensors = run_dir / ckpt.CONFIG, run_dir / ckpt.TENSORS
+    ours = config.is_file() and crane_config(config)
     foreign = [config.name] if config.exists() and not ours else []
     if tensors.exists() and not ours:
-        foreign.append(tensors.name)
+        epochs = run_dir.glob(f"epoch_*/{ckpt.CONFIG}")
+        if config.exists() or not any(crane_config(c) for c in epochs):
+            foreign.append(tensors.name)
     return foreign
 
 

@@ -50,13 +50,17 @@ def _hub_hosts() -> list[tuple[str, int]]:
     hosts = list(_HUB_HOSTS)
     endpoint = os.environ.get("HF_ENDPOINT", "").strip()
     if endpoint:
-        url = urlsplit(endpoint if "//" in endpoint else f"https://{endpoint}")
-        if url.hostname:
+        try:
+            url = urlsplit(endpoint if "//" in endpoint else f"https://{endpoint}")
+            host = url.hostname
             try:
                 port = url.port or (80 if url.scheme == "http" else 443)
             except ValueError:  # (a bad port: huggingface_hub will say so)
                 port = 443
-            hosts[0] = (url.hostname, port)
+        except ValueError:  # (no URL: huggingface_hub will say so; the hub's host is probed)
+            host = None
+        if host:
+            hosts[0] = (host, port)
     return hosts
 
 
@@ -75,7 +79,7 @@ def _offline() -> bool:
         try:
             with socket.create_connection((host, port), timeout=3):
                 return False
-        except OSError:
+        except (OSError, ValueError):  # (ValueError: a host name IDNA cannot encode)
             continue
     return True
 
@@ -246,7 +250,9 @@ def check_zip_crcs(path: Path) -> None:
     time) and not read again (0.05 s for the whole load then)."""
     try:
         st = path.stat()
-        key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        # (the inode and change time too: a damaged copy that kept the modification time,
+        # as `cp -p` and `rsync -a` keep it, is another file)
+        key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}"
     except OSError:
         return  # (torch's own read reports it)
     record = cache_dir() / VERIFIED_FILE
@@ -259,6 +265,12 @@ def check_zip_crcs(path: Path) -> None:
         return
     try:
         with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+            if infos and all(i.CRC == 0 for i in infos) and any(i.file_size for i in infos):
+                # torch's format without CRCs (torch.serialization.set_crc32_options(False)):
+                # nothing to check against
+                log.debug("%s was saved without CRC-32s: not checked", path)
+                return
             bad = zf.testzip()
     except (OSError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as exc:
         raise WeightsError(
