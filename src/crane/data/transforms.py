@@ -60,9 +60,9 @@ def image_to_tensor(
     Resizes *before* converting to RGB, as the reference does (this matters for palette
     images, which PIL always resizes with nearest neighbour, and for alpha images, which
     it resizes premultiplied). Any PIL mode is accepted (16-bit greyscale is scaled; CMYK
-    resized, then converted, as the reference does; see :func:`crane.data.imageio.
-    reference_mode`). Pass ``mean=None, std=None``
-    to get the [0, 1] pixels.
+    resized, then converted, as the reference does; see
+    :func:`crane.data.imageio.reference_mode`). Pass ``mean=None, std=None`` to get the
+    [0, 1] pixels.
     """
     rgb = _resized_rgb(image, size)
     # The same float32 operations in the same order as torchvision's ToTensor + Normalize
@@ -273,12 +273,12 @@ def _decoding_stream(device: torch.device):
     torchvision allocates the decoded images on the current stream, then writes them on its
     own decoder stream, which never waits for the current one (TorchCodec allocates and
     decodes on the current stream: the side stream here, which ``done`` makes the main one
-    wait for). On the main stream, a block
-    the caching allocator hands out may still be read by queued kernels (the previous batch's
-    forward, whose activations Python has already freed): the decoder could overwrite them
-    first. Allocated on a side stream that only decodes, the images take blocks no queued
-    kernel reads; ``record_stream`` keeps each one from being reused there until the main
-    stream's work on it is done. Elsewhere: nothing to do."""
+    wait for). On the main stream, a block the caching allocator hands out may still be read
+    by queued kernels (the previous batch's forward, whose activations Python has already
+    freed): the decoder could overwrite them first. Allocated on a side stream that only
+    decodes, the images take blocks no queued kernel reads; ``record_stream`` keeps each one
+    from being reused there until the main stream's work on it is done. Elsewhere: nothing
+    to do."""
     if device.type != "cuda":
         yield lambda outputs: None
         return

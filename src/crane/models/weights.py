@@ -246,8 +246,9 @@ def check_zip_crcs(path: Path) -> None:
     torch file, a TorchScript archive) fails its CRC-32: damaged bytes inside a tensor load
     without any other error, finite and wrong. Reading the whole file took 0.6 s for a
     1.7 GB fp32 state dict (CLIP ViT-L/14-336's size) in the page cache on the 2-core dev box,
-    so a file that passed is remembered in the cache folder (by path, size and modification
-    time) and not read again (0.05 s for the whole load then)."""
+    so a file that passed is remembered in the cache folder (by path, size, modification and
+    change times and inode) and not read again (0.05 s for the whole load then). Files torch
+    saved without CRCs (all zero) are not checked."""
     try:
         st = path.stat()
         # (the inode and change time too: a damaged copy that kept the modification time,
