@@ -158,6 +158,34 @@ def test_a_malformed_hf_endpoint_does_not_crash_the_probe(monkeypatch, endpoint)
     assert W.hub_unreachable()
 
 
+def test_a_proxy_that_does_not_answer_means_no_download(monkeypatch):
+    """Behind a proxy the proxy itself is probed: a dead one stops at once with the offline
+    message (the hub client's retries took about a minute); one that answers lets it try."""
+    probed: list[tuple[str, int]] = []
+    alive: set[str] = set()
+
+    def connect(address, timeout=None):
+        probed.append(address)
+        if address[0] not in alive:
+            raise OSError("connection refused")
+        return contextlib.nullcontext()
+
+    for var in ("CRANE_OFFLINE", "HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY",
+                "all_proxy", "HF_ENDPOINT"):  # fmt: skip
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(W.socket, "create_connection", connect)
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    assert W.hub_unreachable() and probed == [("127.0.0.1", 9)]
+    alive.add("proxy.example")
+    probed.clear()
+    monkeypatch.setenv("HTTPS_PROXY", "proxy.example")  # (no scheme, no port: http's 80)
+    assert not W.hub_unreachable() and probed == [("proxy.example", 80)]
+    probed.clear()
+    monkeypatch.delenv("HTTPS_PROXY")
+    monkeypatch.setenv("all_proxy", "socks5://proxy.example")
+    assert not W.hub_unreachable() and probed == [("proxy.example", 1080)]
+
+
 def _tiny_clip():
     return open_clip.create_model("ViT-L-14-336-quickgelu", pretrained=None, **TINY_CLIP).eval()
 

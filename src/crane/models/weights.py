@@ -42,25 +42,34 @@ DINO_FILENAMES = ("dinov2_vitb14_reg4_pretrain.pth", "model.safetensors", "pytor
 _HUB_HOSTS = (("huggingface.co", 443), ("openaipublic.azureedge.net", 443))
 
 
+_PROXY_ENVS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+def _host_port(url: str, scheme: str) -> tuple[str, int] | None:
+    """(host, port) of a URL (``http://proxy:3128``; ``proxy:3128`` taken as ``scheme``'s),
+    the port by its scheme where the URL gives none; None for what is no URL."""
+    from urllib.parse import urlsplit
+
+    url = url.strip()
+    try:
+        parts = urlsplit(url if "//" in url else f"{scheme}://{url}")
+        host = parts.hostname
+        port = parts.port
+    except ValueError:  # (no URL, a bad port)
+        return None
+    if port is None:
+        port = 1080 if parts.scheme.startswith("socks") else 80 if parts.scheme == "http" else 443
+    return (host, port) if host else None
+
+
 def _hub_hosts() -> list[tuple[str, int]]:
     """The hosts a download would reach: the Hugging Face hub's (``$HF_ENDPOINT``'s, a
     mirror's, where set, as huggingface_hub reads it) and OpenAI's."""
-    from urllib.parse import urlsplit
-
     hosts = list(_HUB_HOSTS)
     endpoint = os.environ.get("HF_ENDPOINT", "").strip()
-    if endpoint:
-        try:
-            url = urlsplit(endpoint if "//" in endpoint else f"https://{endpoint}")
-            host = url.hostname
-            try:
-                port = url.port or (80 if url.scheme == "http" else 443)
-            except ValueError:  # (a bad port: huggingface_hub will say so)
-                port = 443
-        except ValueError:  # (no URL: huggingface_hub will say so; the hub's host is probed)
-            host = None
-        if host:
-            hosts[0] = (host, port)
+    mirror = _host_port(endpoint, "https") if endpoint else None
+    if mirror is not None:  # (else huggingface_hub says what is wrong with it)
+        hosts[0] = mirror
     return hosts
 
 
@@ -73,8 +82,19 @@ def _offline() -> bool:
     off = ("", "0", "false", "no", "off")  # (as huggingface_hub reads HF_HUB_OFFLINE)
     if any(os.environ.get(k, "").strip().lower() not in off for k in OFFLINE_ENVS):
         return True
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return False  # direct probes say nothing behind a proxy; let the hub client try
+    proxy = next((os.environ[k] for k in _PROXY_ENVS if os.environ.get(k, "").strip()), None)
+    if proxy is not None:
+        # Direct probes say nothing behind a proxy: the proxy itself is probed. One that does
+        # not answer cost about a minute of the hub client's retries before the message.
+        where = _host_port(proxy, "http")
+        if where is None:
+            return False  # (a value it cannot read: the hub client says what is wrong)
+        try:
+            with socket.create_connection(where, timeout=3):
+                return False
+        except (OSError, ValueError):
+            log.info("the proxy %s:%s does not answer: no download is attempted", *where)
+            return True
     for host, port in _hub_hosts():
         try:
             with socket.create_connection((host, port), timeout=3):
