@@ -184,6 +184,13 @@ def test_a_proxy_that_does_not_answer_means_no_download(monkeypatch):
     monkeypatch.delenv("HTTPS_PROXY")
     monkeypatch.setenv("all_proxy", "socks5://proxy.example")
     assert not W.hub_unreachable() and probed == [("proxy.example", 1080)]
+    # The hub's host in NO_PROXY: reached directly, so probed directly.
+    probed.clear()
+    monkeypatch.setenv("all_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "localhost,.huggingface.co")
+    monkeypatch.setenv("no_proxy", "localhost,.huggingface.co")
+    alive.add("huggingface.co")
+    assert not W.hub_unreachable() and probed == [("huggingface.co", 443)]
 
 
 def _tiny_clip():

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import socket
+import urllib.request
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -83,7 +84,8 @@ def _offline() -> bool:
     if any(os.environ.get(k, "").strip().lower() not in off for k in OFFLINE_ENVS):
         return True
     proxy = next((os.environ[k] for k in _PROXY_ENVS if os.environ.get(k, "").strip()), None)
-    if proxy is not None:
+    hub = _hub_hosts()[0][0]
+    if proxy is not None and not urllib.request.proxy_bypass_environment(hub):  # (NO_PROXY)
         # Direct probes say nothing behind a proxy: the proxy itself is probed. One that does
         # not answer cost about a minute of the hub client's retries before the message.
         where = _host_port(proxy, "http")
