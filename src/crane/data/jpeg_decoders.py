@@ -66,16 +66,16 @@ def decode(
     on CUDA), else one call per image. A bad stream raises (a RuntimeError), failing the
     call."""
     if name == "torchcodec":
-        from torchcodec.decoders import decode_jpeg as codec_decode
+        from torchcodec.decoders import decode_jpeg
 
-        if not batched or len(batch) == 1:
-            return [codec_decode(d, mode="RGB", device=device) for d in batch]
-        return list(codec_decode(list(batch), mode="RGB", device=device))
-    from torchvision.io import ImageReadMode, decode_jpeg
+        mode = "RGB"
+    else:
+        from torchvision.io import ImageReadMode, decode_jpeg
 
+        mode = ImageReadMode.RGB
     if not batched or len(batch) == 1:
-        return [decode_jpeg(d, mode=ImageReadMode.RGB, device=device) for d in batch]
-    return list(decode_jpeg(list(batch), mode=ImageReadMode.RGB, device=device))
+        return [decode_jpeg(d, mode=mode, device=device) for d in batch]
+    return list(decode_jpeg(list(batch), mode=mode, device=device))
 
 
 def batched(name: str) -> bool:

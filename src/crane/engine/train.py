@@ -368,25 +368,25 @@ def _remove_earlier_run(run_dir: Path) -> None:
     files are left alone."""
     import re
 
+    def ours(p: Path) -> bool:  # a checkpoint's file, or an atomic write's leftover
+        names = (ckpt.CONFIG, ckpt.TENSORS, OPTIMIZER)
+        return p.is_file() and (p.name in names or p.name[0] == "." and p.name.endswith(".tmp"))
+
     removed = 0
-    ours = {ckpt.CONFIG, ckpt.TENSORS, OPTIMIZER}
     for child in run_dir.iterdir():
         if child.is_dir() and re.fullmatch(r"epoch_\d+", child.name):
-            files = [p for p in child.iterdir() if p.is_file()]
+            entries = list(child.iterdir())
             try:
                 ckpt.read_checkpoint(child)
             except CheckpointError:
-                # One of ours that a crash left half written (only our file names, and the
-                # temp files of atomic writes), or not one of ours at all.
-                if not files or not all(
-                    p.name in ours or (p.name.startswith(".") and p.name.endswith(".tmp"))
-                    for p in child.iterdir()
-                ):
+                # One of ours that a crash left half written (only our files), or not one of
+                # ours at all.
+                if not entries or not all(ours(p) for p in entries):
                     continue
-            # Only the checkpoint's files (and atomic writes' leftovers): what else a user
-            # put in the folder (an evaluation's metrics, notes) stays, and so does the folder.
-            for f in files:
-                if f.name in ours or (f.name.startswith(".") and f.name.endswith(".tmp")):
+            # Only the checkpoint's files: what else a user put in the folder (an
+            # evaluation's metrics, notes) stays, and so does the folder.
+            for f in entries:
+                if ours(f):
                     f.unlink()
             with contextlib.suppress(OSError):  # (not empty: the user's files stay)
                 child.rmdir()

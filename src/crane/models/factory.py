@@ -39,11 +39,7 @@ def _verify_sha256(path: Path, rel: str, release: bool = False) -> None:
         sums = PACKAGED_OFFICIAL / "SHA256SUMS"
     if not sums.is_file():
         return
-    expected = {}
-    for line in sums.read_text().splitlines():
-        digest, _, name = line.strip().partition(" ")
-        if name:  # (`sha256sum` writes "HASH  name", "HASH *name" in binary mode, maybe "./")
-            expected[name.strip().lstrip("*").removeprefix("./")] = digest.lower()
+    expected = _read_sums(sums)
     if rel in expected and hashlib.sha256(path.read_bytes()).hexdigest() != expected[rel]:
         hint = (
             " (official: names the authors' released files; give a file of your own as "
@@ -56,22 +52,27 @@ def _verify_sha256(path: Path, rel: str, release: bool = False) -> None:
         )
 
 
+def _read_sums(sums: Path) -> dict[str, str]:
+    """A ``SHA256SUMS`` file as {file name: lower-case digest}."""
+    expected = {}
+    for line in sums.read_text().splitlines():
+        digest, _, name = line.strip().partition(" ")
+        if name:  # (`sha256sum` writes "HASH  name", "HASH *name" in binary mode, maybe "./")
+            expected[name.strip().lstrip("*").removeprefix("./")] = digest.lower()
+    return expected
+
+
 def _packaged_release_name(path: Path) -> str | None:
     """The release name (``trained_on_visa_cranep/epoch_5.pth``) of a file whose SHA256 the
     sums packaged with crane list, or None."""
-    sums = PACKAGED_OFFICIAL / "SHA256SUMS"
     try:
         if path.stat().st_size > 64 << 20:  # (released prompt files are a few MB)
             return None
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        lines = sums.read_text().splitlines()
+        expected = _read_sums(PACKAGED_OFFICIAL / "SHA256SUMS")
     except OSError:
         return None
-    for line in lines:
-        listed, _, name = line.strip().partition(" ")
-        if listed.lower() == digest and name.strip():
-            return name.strip().lstrip("*").removeprefix("./")
-    return None
+    return next((name for name, listed in expected.items() if listed == digest), None)
 
 
 def resolve_official(trained_on: str, preset: str) -> Path:

@@ -165,12 +165,12 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     try:
         # (by content: a torch file saved under a .safetensors name is read as what it is)
-        named = path.suffix == ".safetensors" and not zipfile.is_zipfile(path)
-        if named or _looks_like_safetensors(path):
+        is_zip = zipfile.is_zipfile(path)
+        if (path.suffix == ".safetensors" and not is_zip) or _looks_like_safetensors(path):
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        if zipfile.is_zipfile(path):
+        if is_zip:
             check_zip_crcs(path)
             if is_torchscript(path):
                 return _without_archive_extras(torchscript.read_state_dict(path))
