@@ -247,3 +247,29 @@ def test_torch_input_on_available_device() -> None:
     t_masks = torch.from_numpy(masks).to(device)
     assert abs(aupro(t_maps, t_masks) - ref) < TOL
     assert abs(aupro(t_maps, t_masks, "legacy") - aupro(maps, masks, "legacy")) < 1e-12
+
+
+@pytest.mark.parametrize("kwargs", [{"max_fpr": 30}, {"max_fpr": -0.3}, {"max_fpr": 0},
+                                    {"num_thresholds": 0}])  # fmt: skip
+def test_out_of_range_fpr_limit_or_thresholds_refused(kwargs) -> None:
+    maps, masks = blob_case(2)
+    for definition in ("mvtec", "legacy"):
+        with pytest.raises(ValueError, match="max_fpr|num_thresholds"):
+            aupro(maps, masks, definition, **kwargs)
+    with pytest.raises(ValueError, match="max_fpr|num_thresholds"):
+        pixel_metrics(maps, masks, **kwargs)
+
+
+def test_perfect_maps_give_at_most_one() -> None:
+    # Many regions of different areas: the 1/area weights summed over a perfect map round
+    # to 1 + a few ulps for some seeds (seen 1.0000000000000002 before the clip).
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        masks = np.zeros((4, 32, 32), bool)
+        for b in range(4):
+            for _ in range(3):
+                r, c = rng.integers(0, 28, 2)
+                masks[b, r : r + rng.integers(1, 5), c : c + rng.integers(1, 5)] = True
+        maps = np.where(masks, 0.9, rng.random((4, 32, 32)) * 0.5).astype(np.float32)
+        for definition in ("mvtec", "legacy"):
+            assert aupro(maps, masks, definition) <= 1.0

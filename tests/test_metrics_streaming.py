@@ -387,3 +387,47 @@ def test_num_bins_above_2_to_the_24_are_refused():
     MetricAccumulator(mode="binned", num_bins=1 << 24)
     with pytest.raises(ValueError, match="at most 2\\*\\*24"):
         MetricAccumulator(mode="binned", num_bins=1 << 25)
+
+
+def test_binned_auroc_bound_does_not_wrap_on_huge_bins() -> None:
+    # One bin with 3e9 normal and 4e9 anomalous pixels: the tied pairs (1.2e19) pass int64.
+    from crane.metrics.binned import binned_pixel_metrics
+
+    k = 4
+    hist_all = torch.tensor([0, 7_000_000_000, 0, 0], dtype=torch.int64)
+    hist_pos = torch.tensor([0, 4_000_000_000, 0, 0], dtype=torch.int64)
+    weight = torch.zeros(k, dtype=torch.float64)
+    values, bounds = binned_pixel_metrics(hist_all, hist_pos, weight, 0, (0.3, 0.3))
+    assert values["pixel_auroc"] == pytest.approx(0.5)
+    assert bounds["pixel_auroc"] == pytest.approx(0.5)  # all pairs tied: |exact - 0.5| <= 0.5
+
+
+def test_binned_bounds_hold_when_no_bin_mixes_classes() -> None:
+    # Anomalous pixels all at 0.9, normal ones below 0.5: the binned curve is exact (bound 0)
+    # up to float rounding, which the stated bound must still cover.
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        masks = np.zeros((4, 32, 32), bool)
+        for b in range(4):
+            for _ in range(3):
+                r, c = rng.integers(0, 28, 2)
+                masks[b, r : r + rng.integers(1, 5), c : c + rng.integers(1, 5)] = True
+        maps = np.where(masks, 0.9, rng.random((4, 32, 32)) * 0.5).astype(np.float32)
+        exact = aupro(maps, masks)
+        acc = MetricAccumulator(mode="binned", num_bins=256)
+        acc.update("c", None, masks.reshape(4, -1).any(1), maps, masks)
+        report = acc.compute()
+        got, bound = report.per_class["c"]["pixel_aupro"], report.bounds["c"]["pixel_aupro"]
+        assert abs(got - exact) <= bound
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint64])
+def test_integer_scores_ranked_exactly_or_refused(dtype) -> None:
+    base = 2**40  # exact in float64: ranked as given
+    ok = np.array([base, base + 1, base + 2, base + 3], dtype=dtype)
+    assert image_metrics(ok, [0, 1, 0, 1])["image_auroc"] == pytest.approx(0.75)
+    big = np.array([2**62, 2**62 + 1, 2**62 + 2, 2**62 + 3], dtype=dtype)  # float64 ties them
+    with pytest.raises(ValueError, match="2\\*\\*53"):
+        image_metrics(big, [0, 1, 0, 1])
+    with pytest.raises(ValueError, match="2\\*\\*53"):
+        MetricAccumulator().update("c", big, [0, 1, 0, 1])

@@ -48,10 +48,26 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _HALF_TYPES else dtype
 
 
+_EXACT_INT_LIMIT = 2**53  # float64 holds every integer of smaller magnitude exactly
+
+
+def to_score_dtype(t: torch.Tensor, *, widen: bool = True) -> torch.Tensor:
+    """``t`` in :func:`compute_dtype` (``widen``) or :func:`storage_dtype`; 64-bit integer
+    scores of magnitude 2**53 or more are refused (float64 would merge neighbours into ties)."""
+    out = t.to(compute_dtype(t.dtype) if widen else storage_dtype(t.dtype))
+    if not t.is_floating_point() and t.dtype.itemsize == 8 and t.numel():
+        big = float(out.abs().max())  # (after the cast: uint64 has no comparisons in torch)
+        if big >= _EXACT_INT_LIMIT:
+            raise ValueError(
+                f"integer scores of magnitude up to {big:.4g} cannot be ranked exactly (float64 "
+                "holds integers below 2**53 exactly); rescale them or pass them as floats"
+            )
+    return out
+
+
 def score_tensor(x: ArrayLike, *, widen: bool = True) -> torch.Tensor:
     """Scores as a floating tensor in :func:`compute_dtype` (``widen``) or :func:`storage_dtype`."""
-    t = as_tensor(x)
-    return t.to(compute_dtype(t.dtype) if widen else storage_dtype(t.dtype))
+    return to_score_dtype(as_tensor(x), widen=widen)
 
 
 def check_no_nan(t: torch.Tensor, name: str) -> None:

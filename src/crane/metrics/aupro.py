@@ -57,6 +57,15 @@ def check_definition(definition: str) -> None:
         raise ValueError(f"unknown AUPRO definition {definition!r}; use one of {AUPRO_DEFINITIONS}")
 
 
+def check_aupro_args(max_fpr: float, num_thresholds: int) -> None:
+    """Raise ValueError unless ``max_fpr`` is in (0, 1] and ``num_thresholds`` >= 1 (an FPR
+    limit given in percent would otherwise integrate past the curve's end silently)."""
+    if not 0.0 < max_fpr <= 1.0:
+        raise ValueError(f"max_fpr must be in (0, 1], got {max_fpr}")
+    if num_thresholds < 1:
+        raise ValueError(f"num_thresholds must be >= 1, got {num_thresholds}")
+
+
 def label_regions(masks: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Label the 8-connected anomalous regions of a (B, H, W) bool mask stack (on CPU).
 
@@ -132,7 +141,8 @@ def aupro_mvtec_from_stats(st: RankStats, n_regions: int, max_fpr: float = 0.3) 
         np.where(before < limit, inside * inside / (2.0 * width), 0.0),
     )
     area = float(np.sum(st.weight * (full + ramp)))
-    return area / n_regions / limit
+    # (Clipped: a perfect map's sum of 1/area weights can round to 1 + a few ulps.)
+    return min(max(area / n_regions / limit, 0.0), 1.0)
 
 
 def legacy_thresholds(lo: float, hi: float, num_thresholds: int = 200) -> np.ndarray:
@@ -166,7 +176,8 @@ def legacy_area(fprs: np.ndarray, pros: np.ndarray, max_fpr: float = 0.3) -> flo
         return math.nan
     x = (x - x.min()) / span
     # x falls as the threshold rises; sklearn.metrics.auc then returns the positive area.
-    return float(abs(np.sum((x[:-1] - x[1:]) * (y[:-1] + y[1:]))) / 2.0)
+    area = float(abs(np.sum((x[:-1] - x[1:]) * (y[:-1] + y[1:]))) / 2.0)
+    return min(area, 1.0)  # (PRO sums of 1/area weights can round to 1 + a few ulps)
 
 
 def aupro_legacy_from_sorted(
@@ -210,6 +221,7 @@ def aupro_from_pixels(
 ) -> float:
     """AUPRO from all scores sorted ascending plus the anomalous pixels' scores and regions."""
     check_definition(definition)
+    check_aupro_args(max_fpr, num_thresholds)
     if stats is None:
         stats = rank_stats(all_sorted, pos_scores, region_weights(region, areas))
     if definition == "mvtec":
@@ -232,6 +244,7 @@ def aupro(
     degenerate curve.
     """
     check_definition(definition)
+    check_aupro_args(max_fpr, num_thresholds)
     scores, gt = pixel_inputs(maps, masks)
     all_sorted = sorted_scores(scores, name="anomaly maps")
     pos, region, areas = extract_positives(scores, gt)

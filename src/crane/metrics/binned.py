@@ -113,7 +113,9 @@ def binned_pixel_metrics(
     n_neg, n_pos = st.n_neg, st.n_pos
 
     values = {"pixel_auroc": auroc_from_stats(st), "pixel_f1_max": f1_max_from_stats(st)}
-    bounds = {"pixel_auroc": int(np.sum(neg * pos)) / (2 * n_neg * n_pos)}
+    # Tied pairs per bin, summed in float64: int64 products wrap past 2**63 (3e9 x 3e9 pixels).
+    tied = float(np.sum(neg.astype(np.float64) * pos))
+    bounds = {"pixel_auroc": tied / (2.0 * n_neg * n_pos)}
 
     tp_ge = suffix_sum(pos).astype(np.float64)
     fp_gt = st.neg_ge - neg
@@ -133,11 +135,12 @@ def binned_pixel_metrics(
 
 
 def _with_rounding_slack(bounds: dict[str, float]) -> dict[str, float]:
-    """Each finite positive bound made a little wider (relative 1e-9 plus 1e-15): the
-    estimate and the exact value are both rounded floats, so a bound the estimate reaches
-    exactly could otherwise miss the computed exact value by an ulp (and the reports round
-    printed bounds up only past 1e-10 of a step)."""
-    return {k: b * (1 + 1e-9) + 1e-15 if 0 < b < math.inf else b for k, b in bounds.items()}
+    """Each finite bound made a little wider (relative 1e-9 plus 1e-14): the estimate and the
+    exact value are both rounded floats, summed in other orders, so a bound the estimate
+    reaches exactly (0 included: no bin mixes normal and anomalous pixels) could otherwise
+    miss the computed exact value by a few ulps (and the reports round printed bounds up only
+    past 1e-10 of a step)."""
+    return {k: b * (1 + 1e-9) + 1e-14 if 0 <= b < math.inf else b for k, b in bounds.items()}
 
 
 def _mvtec_bound(

@@ -29,6 +29,7 @@ from crane.metrics._core import (
 from crane.metrics.aupro import (
     AuproDefinition,
     aupro_from_pixels,
+    check_aupro_args,
     check_definition,
     extract_positives,
     region_weights,
@@ -106,6 +107,7 @@ def pixel_metrics_from_pixels(
     back end of :func:`pixel_metrics` and the exact streaming accumulator.
     """
     keys = ("pixel_auroc", "pixel_f1_max", *AUPRO_KEYS.values())
+    check_aupro_args(max_fpr, num_thresholds)
     if pos_scores.numel() == 0 or pos_scores.numel() == all_sorted.numel():
         return dict.fromkeys(keys, math.nan)
     st = rank_stats(all_sorted, pos_scores, region_weights(region, areas))
@@ -145,6 +147,7 @@ def pixel_metrics(
     Keys :data:`PIXEL_METRICS`; all NaN when the masks hold no anomalous or no normal pixel.
     """
     check_definition(aupro)
+    check_aupro_args(max_fpr, num_thresholds)
     scores, gt = pixel_inputs(maps, masks)
     all_sorted = sorted_scores(scores, name="anomaly maps")
     pos, region, areas = extract_positives(scores, gt)

@@ -51,10 +51,12 @@ from crane.metrics._core import (
     min_max,
     pixel_inputs,
     sorted_scores,
+    to_score_dtype,
     use_numpy,
 )
 from crane.metrics.aupro import (
     AuproDefinition,
+    check_aupro_args,
     check_definition,
     extract_positives,
     region_weights,
@@ -237,10 +239,7 @@ class MetricAccumulator:
             raise ValueError(f"unknown mode {mode!r}; use 'exact' or 'binned'")
         if mode == "binned":
             check_num_bins(num_bins)
-        if not 0.0 < max_fpr <= 1.0:
-            raise ValueError(f"max_fpr must be in (0, 1], got {max_fpr}")
-        if num_thresholds < 1:
-            raise ValueError(f"num_thresholds must be >= 1, got {num_thresholds}")
+        check_aupro_args(max_fpr, num_thresholds)
         self.aupro: str = aupro
         self.mode: str = mode
         self.num_bins = num_bins
@@ -292,7 +291,7 @@ class MetricAccumulator:
         scores = None
         if image_scores is not None:
             scores = as_tensor(image_scores).reshape(-1)
-            scores = scores.to(compute_dtype(scores.dtype))
+            scores = to_score_dtype(scores)
             check_no_nan(scores, "image scores")
             if scores.numel() != n:
                 raise ValueError(f"{scores.numel()} image scores for {n} labels")
