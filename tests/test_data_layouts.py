@@ -418,6 +418,12 @@ def test_generic_single_class_tree(tmp_path):
     assert meta["test"]["my_part"][-1].mask_path == "ground_truth/scratch/1.png"
 
 
+def test_generic_single_class_named_by_the_link_given(tmp_path):
+    make_mvtec_class(tmp_path / "store", "7f3a9c", defects={"scratch": ["0"]})
+    (tmp_path / "screw").symlink_to(tmp_path / "store" / "7f3a9c", target_is_directory=True)
+    assert list(prepare("generic", tmp_path / "screw")["test"]) == ["screw"]
+
+
 def test_generic_missing_defect_masks_folder(tmp_path):
     make_mvtec_class(
         tmp_path, "widget", defects={"dent": ["a"], "hole": ["b"]}, masks={"dent": ["a"]}

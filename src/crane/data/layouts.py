@@ -890,7 +890,7 @@ def _generic(ctx: ScanContext) -> Meta:
 
     meta = new_meta()
     if find_dir(ctx.root, "test") is not None:
-        cls = ctx.root.resolve().name
+        cls = Path(os.path.abspath(ctx.root)).name  # (a link's name, not its target's)
         for split, samples in one(ctx.root, cls).items():
             meta[split][cls] = samples
         return meta
