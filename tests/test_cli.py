@@ -674,3 +674,36 @@ def test_the_other_commands_interrupted_run_is_named_and_kept(tmp_path, capsys):
         assert "holds an interrupted crane evaluate, not a predict" in err
         assert "crane evaluate --resume" in err
     assert (out / PROGRESS_FILE).read_text() == before
+
+
+def test_unprepared_dataset_with_a_missing_mask_takes_missing_mask(tmp_path, capsys):
+    """Without meta.json, evaluate/train/calibrate scan the layout: a missing mask stops the
+    scan unless --missing-mask says what to do (the message names the flag)."""
+    from crane.cli import main
+    from crane.cli import build_parser
+    from crane.cli.pipelines import _train_defaults
+
+    data = tmp_path / "synth"
+    make_synthetic_dataset(data, seed=0, classes=("tile",), n_train=1, n_test_good=2,
+                           n_test_bad=3, size=64)  # fmt: skip
+    (data / "meta.json").unlink()
+    next((data / "tile" / "ground_truth").rglob("*.png")).unlink()
+    argv = ["evaluate", "--dataset", "mvtec", "--root", str(data), "--model", "tiny",
+            "--no-progress"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "e0")]) == 2
+    assert "--missing-mask" in capsys.readouterr().err
+    for policy, n_images in (("warn", 5), ("skip", 4)):  # kept without mask / left out
+        out = tmp_path / f"ev_{policy}"
+        assert main([*argv, "--out", str(out), "--missing-mask", policy]) == 0
+        meta = json.loads((out / "metrics.json").read_text())
+        assert meta["missing_mask"] == policy and meta["n_images"] == n_images
+    run = tmp_path / "run"
+    train = ["train", "--dataset", "mvtec", "--root", str(data), "--preset", "tiny",
+             "--epochs", "1", "--batch-size", "4", "--out", str(run), "--no-progress"]  # fmt: skip
+    assert main(train) == 2
+    assert main([*train, "--missing-mask", "skip"]) == 0
+    cfg = json.loads((run / "resume.json").read_text())["settings"]
+    assert cfg["dataset"]["missing_mask"] == "skip" and cfg["dataset"]["n_images"] == 4
+    args = build_parser().parse_args(["train", "--out", str(run), "--resume"])
+    _train_defaults(args)  # a resume scans the data as the run did
+    assert args.missing_mask == "skip"

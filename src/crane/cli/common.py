@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -28,3 +29,16 @@ def check_writable(folder: Path) -> None:
             raise CraneError(f"cannot write to {folder}: no permission to create it in {parent}")
     except OSError as exc:
         raise CraneError(f"cannot write to {folder}: {exc}") from exc
+
+
+def missing_mask_arg(
+    p: argparse.ArgumentParser, default: str | None = "error", note: str = ""
+) -> None:
+    """``--missing-mask`` (what a layout scan does with anomalous images that have no mask)."""
+    p.add_argument(
+        "--missing-mask",
+        choices=("error", "skip", "warn"),
+        default=default,
+        help="anomalous images without a mask: fail (default), leave out, or keep without mask "
+        "(evaluation then counts them in the image metrics only; training leaves them out)" + note,
+    )

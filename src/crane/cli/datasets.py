@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from crane.cli.common import check_writable
+from crane.cli.common import check_writable, missing_mask_arg
 from crane.errors import CraneError, DatasetError
 
 logger = logging.getLogger(__name__)
@@ -34,13 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("name", help="dataset name (see `crane datasets list`)")
     p.add_argument("--root", required=True, help="dataset root folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing meta.json")
-    p.add_argument(
-        "--missing-mask",
-        choices=("error", "skip", "warn"),
-        default="error",
-        help="anomalous images without a mask: fail (default), leave out, or keep without mask "
-        "(evaluation then counts them in the image metrics only; training leaves them out)",
-    )
+    missing_mask_arg(p)
     p.set_defaults(func=cmd_prepare)
 
     p = actions.add_parser("check", help="validate an existing meta.json and print counts")

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from crane.cli.common import check_writable
+from crane.cli.common import check_writable, missing_mask_arg
 from crane.constants import ATTENTION_KERNELS
 from crane.errors import CraneError
 
@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from crane.models.crane import CraneModel
 
 log = logging.getLogger("crane")
+
+
+_SCAN_NOTE = "; read when the dataset has no meta.json (a prepared one keeps its own choice)"
 
 
 def _common(p: argparse.ArgumentParser, batch: int = 8, with_compile: bool = True) -> None:
@@ -149,6 +152,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--split", default=None, help="split to train on (default test, as the reference)"
     )
     p.add_argument("--classes", nargs="+", default=None)
+    missing_mask_arg(p, None, _SCAN_NOTE)
     p.add_argument("--preset", default=None, help="default crane+ (see `crane models`)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--epochs", type=int, default=None, help="default 5 (the paper's recipe)")
@@ -171,6 +175,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--root", required=True)
     p.add_argument("--split", default="test")
     p.add_argument("--classes", nargs="+", default=None)
+    missing_mask_arg(p, note=_SCAN_NOTE)
     _model_args(p, None)
     p.add_argument(
         "--paper-protocol",
@@ -286,6 +291,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dataset", default="generic", help="layout name (default generic)")
     p.add_argument("--split", default="test", help="default test")
+    missing_mask_arg(p, note=_SCAN_NOTE)
     p.add_argument(
         "--mode",
         default="f1",
@@ -410,6 +416,7 @@ def _load_model(
 
 _TRAIN_DEFAULTS = {
     "split": "test",
+    "missing_mask": "error",
     "preset": "crane+",
     "epochs": 5,
     "lr": 1e-3,
@@ -448,6 +455,7 @@ def _train_defaults(args: argparse.Namespace) -> None:
             "root": data.get("root"),
             "split": data.get("split"),
             "classes": data.get("classes"),
+            "missing_mask": data.get("missing_mask"),
             "preset": run.get("preset"),
             "image_size": run.get("image_size"),
             "epochs": run.get("epochs"),
@@ -489,7 +497,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         **overrides,
     )
-    ds = open_dataset(args.root, args.dataset, args.split, model.cfg.image_size, args.classes)
+    ds = open_dataset(
+        args.root,
+        args.dataset,
+        args.split,
+        model.cfg.image_size,
+        args.classes,
+        missing_mask=args.missing_mask,
+    )
     settings = TrainSettings(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -500,6 +515,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "root": str(Path(args.root).resolve()),
             "split": args.split,
             "classes": args.classes,
+            "missing_mask": args.missing_mask,
             "n_images": len(ds),
         },
         weights={
@@ -592,6 +608,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         model.cfg.image_size,
         args.classes,
         on_error="skip" if args.skip_bad else "raise",
+        missing_mask=args.missing_mask,
     )
     res = evaluate(
         model,
@@ -618,6 +635,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "root": str(args.root),
         "split": args.split,
         "classes": args.classes,
+        "missing_mask": args.missing_mask,
         "model": str(args.model),
         **prompts,
         "precision": args.precision,
@@ -764,7 +782,7 @@ def _calibrate(args: argparse.Namespace, device, target_fpr: float) -> int:
         device_resize=args.device_resize,
         map_size="model",  # (only the scores are used: no full-size maps are kept)
     )
-    ds = open_dataset(args.root, args.dataset, args.split, det.size)
+    ds = open_dataset(args.root, args.dataset, args.split, det.size, missing_mask=args.missing_mask)
     paths = [str(Path(ds.root) / s.img_path) for s in ds.samples]
     labels = np.array([s.anomaly for s in ds.samples])
     scores = np.fromiter(_scores(det.predict_iter(paths)), dtype=np.float64)
@@ -777,6 +795,7 @@ def _calibrate(args: argparse.Namespace, device, target_fpr: float) -> int:
         "dataset": args.dataset,
         "root": str(Path(args.root).resolve()),
         "split": args.split,
+        "missing_mask": args.missing_mask,
         "inference_precision": args.precision,  # (stats may hold the F1 precision)
         "n_images": len(paths),
         **stats,

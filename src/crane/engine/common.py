@@ -21,8 +21,11 @@ def open_dataset(
     image_size: int = 518,
     classes: list[str] | None = None,
     on_error: str = "raise",
+    missing_mask: str = "error",
 ) -> AnomalyDataset:
-    """``root/meta.json`` when present (validated), else the layout ``name`` scanned in memory."""
+    """``root/meta.json`` when present (validated), else the layout ``name`` scanned in memory
+    (``missing_mask``: what the scan does with anomalous images without a mask, as
+    :func:`~crane.data.layouts.prepare`; a meta.json holds the choice made when it was written)."""
     root = Path(root)
     if name:
         get_layout(name)  # an unknown name is an error also where a meta.json is read
@@ -32,7 +35,7 @@ def open_dataset(
         )  # AnomalyDataset reports missing files per on_error
     elif name:
         log.info("no meta.json in %s: scanning it as the %s layout", root, name)
-        meta = prepare(name, root)
+        meta = prepare(name, root, missing_mask=missing_mask)
     else:
         raise DatasetError(
             f"{root} has no meta.json; pass --dataset NAME to read its original layout "
