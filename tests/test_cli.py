@@ -679,8 +679,7 @@ def test_the_other_commands_interrupted_run_is_named_and_kept(tmp_path, capsys):
 def test_unprepared_dataset_with_a_missing_mask_takes_missing_mask(tmp_path, capsys):
     """Without meta.json, evaluate/train/calibrate scan the layout: a missing mask stops the
     scan unless --missing-mask says what to do (the message names the flag)."""
-    from crane.cli import main
-    from crane.cli import build_parser
+    from crane.cli import build_parser, main
     from crane.cli.pipelines import _train_defaults
 
     data = tmp_path / "synth"

@@ -351,6 +351,33 @@ def test_static_text_cache_tracks_prompt_changes(images):
     torch.testing.assert_close(b, model.text_features())
 
 
+def test_static_text_cache_sees_writes_that_bypass_version_counters(images):
+    """``.data`` writes and torch's fused Adam leave the version counters as they were."""
+    model = create_model("tiny").eval()
+    with torch.no_grad():
+        a = model.static_text_features()
+        for p in model.prompt_learner.parameters():
+            p.data.mul_(-1)  # (CPU prompts: their values are compared)
+        b = model.static_text_features()
+        torch.testing.assert_close(b, model.text_features())
+        assert not torch.allclose(a, b)
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=0.1, fused=True)
+    versions = [p._version for p in model.trainable_parameters()]
+    model.train()
+    out = model.forward_train(model.encode_images(images[:1]))
+    out.image_logits.logsumexp(-1).sum().backward()
+    opt.step()
+    assert [p._version for p in model.trainable_parameters()] == versions  # (the torch quirk)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.static_text_features(), model.text_features())
+        assert not torch.allclose(model.static_text_features(), b)
+        c = model.static_text_features()
+        model.prompt_learner.ctx_pos.data.zero_()
+        model.clear_text_cache()
+        assert not torch.allclose(model.static_text_features(), c)
+
+
 @pytest.mark.parametrize("seed", [0, 111])
 def test_checkpoint_round_trip_exact(tmp_path, images, seed):
     """Also the random backbones of a tiny preset: a run trained with ``--seed 111`` (crane

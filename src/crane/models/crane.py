@@ -51,6 +51,11 @@ def _strict_fp32(method):
     return run
 
 
+def _same_values(snapshot: list[torch.Tensor | None], tensors: list[torch.Tensor]) -> bool:
+    """Whether the CPU tensors still hold their snapshot's values (GPU ones are not compared)."""
+    return all(old is None or torch.equal(old, t) for old, t in zip(snapshot, tensors, strict=True))
+
+
 class CraneModel(nn.Module):
     def __init__(self, cfg: CraneConfig, clip: nn.Module, dino: nn.Module | None = None):
         super().__init__()
@@ -63,7 +68,7 @@ class CraneModel(nn.Module):
         self.prompt_learner = PromptLearner(clip, cfg)
         #: Image-level decision threshold (set by calibration / stored in checkpoints).
         self.image_threshold: float | None = None
-        self._text_cache: tuple[tuple, torch.Tensor] | None = None
+        self._text_cache: tuple[tuple, torch.Tensor, list] | None = None
         #: Set by :meth:`cast_frozen_matmuls`: the vision tower then needs autocast.
         self.matmul_dtype: torch.dtype | None = None
         #: The seed of randomly initialised backbones (tiny presets, ``pretrained=False``), which
@@ -74,6 +79,9 @@ class CraneModel(nn.Module):
     # -- training mode only touches the prompts; backbones stay in eval (no dropout etc.) ---
     def train(self, mode: bool = True) -> CraneModel:
         super().train(mode)
+        # (A switch of mode also ends the text cache: an optimizer that writes the prompts
+        # without bumping their version counters, as torch's fused Adam, ran in between.)
+        self._text_cache = None
         self.vision.eval()
         self.text_encoder.eval()
         return self
@@ -95,7 +103,14 @@ class CraneModel(nn.Module):
         return feats.view(b, 2, -1)
 
     def static_text_features(self) -> torch.Tensor:
-        """Static text features, computed once and reused until a prompt tensor changes."""
+        """Static text features, computed once and reused until a prompt tensor changes.
+
+        A change is seen through the prompt tensors' version counters (any in-place op, an
+        optimizer step, ``load_state_dict``), a switch between train and eval mode, and, for
+        prompts on the CPU, their values. Writes that bypass the version counter on a GPU
+        (through ``.data``, or torch's fused optimizers in eval mode) need
+        :meth:`clear_text_cache` (comparing values there would wait for the GPU every batch).
+        """
         if torch.is_grad_enabled() and self.training:
             return self.text_features()
         tensors = list(self.prompt_learner.parameters()) + list(self.prompt_learner.buffers())
@@ -103,10 +118,16 @@ class CraneModel(nn.Module):
             with torch.no_grad():  # version counter tells a change; two prompts, cheap)
                 return self.text_features()
         key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
-        if self._text_cache is None or self._text_cache[0] != key:
+        cache = self._text_cache
+        if cache is None or cache[0] != key or not _same_values(cache[2], tensors):
             with torch.no_grad():
-                self._text_cache = (key, self.text_features())
-        return self._text_cache[1]
+                snapshot = [t.detach().clone() if t.device.type == "cpu" else None for t in tensors]
+                self._text_cache = cache = (key, self.text_features(), snapshot)
+        return cache[1]
+
+    def clear_text_cache(self) -> None:
+        """Forget the cached static text features (after writing prompts through ``.data``)."""
+        self._text_cache = None
 
     # -- vision ----------------------------------------------------------------------------
     @torch.no_grad()
