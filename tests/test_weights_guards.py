@@ -442,6 +442,43 @@ def test_a_runs_threshold_is_not_used_with_other_prompts(run, tmp_path, caplog):
     assert det.threshold is None and det.prompts is None
 
 
+def test_a_runs_threshold_goes_with_overrides_that_move_scores(run, caplog):
+    from crane.engine.predict import Detector
+    from crane.models.checkpoint import update_threshold
+
+    update_threshold(run, 0.7, {"mode": "f1"})
+    for same in ({"image_temperature": create_model(str(run)).cfg.image_temperature},
+                 {"tail_tf32": True}, {"train_image_temperature": 0.5}):  # fmt: skip
+        assert create_model(str(run), **same).image_threshold == 0.7, same
+    for moves in ({"image_temperature": 1.0}, {"attn_type": "vv"}, {"fusion_alpha": 0.0}):
+        assert create_model(str(run), **moves).image_threshold is None, moves
+    with caplog.at_level(logging.WARNING):
+        assert Detector(str(run), device="cpu", image_temperature=1.0).threshold is None
+    assert "found for the run's own image_temperature" in caplog.text
+
+
+def test_a_threshold_is_dropped_once_the_prompts_change(run, tmp_path, caplog):
+    """Prompts loaded into the model object (as the Detector's message suggests) or trained
+    further make the threshold another model's: it is not used, nor saved."""
+    from crane.engine.predict import Detector
+    from crane.models.checkpoint import update_threshold
+
+    update_threshold(run, 0.7, {"mode": "f1"})
+    model = create_model(str(run))
+    model.to(torch.float64)  # (a cast alone keeps it: the same prompts)
+    assert model.image_threshold == 0.7
+    model = create_model(str(run))
+    other = create_model("tiny", image_size=SIZE, seed=9).prompt_learner.state_dict()
+    model.prompt_learner.load_state_dict(other)
+    with caplog.at_level(logging.WARNING):
+        assert Detector(model, device="cpu").threshold is None
+    assert "set for other prompts" in caplog.text
+    save_model(model, tmp_path / "saved")
+    assert create_model(str(tmp_path / "saved")).image_threshold is None
+    model.image_threshold = 0.2  # (set now: these prompts')
+    assert Detector(model, device="cpu").threshold == 0.2
+
+
 @pytest.mark.parametrize(
     ("change", "says"),
     [

@@ -676,10 +676,9 @@ class Detector:
         dropped = getattr(self.model, "threshold_not_used", None)
         if self.threshold is None and dropped is not None:
             log.warning(
-                "the run's calibrated image threshold (%s) was found for its own prompts, not "
-                "for these, and is not used: no decisions (give a threshold, or calibrate a "
-                "run with these prompts)",
-                dropped,
+                "the run's calibrated image threshold (%s) was found for %s, and is not used: "
+                "no decisions (give a threshold, or calibrate a run with this model)",
+                *dropped,
             )
         self.batch_size, self.workers = batch_size, workers
         self.size = self.model.cfg.image_size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,8 @@ from crane.models.vision import (
     clip_matmul_weights,
     strict_fp32,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -66,8 +69,10 @@ class CraneModel(nn.Module):
         self.vision = CraneVisionEncoder(clip.visual, cfg, dino)
         self.text_encoder = PromptTextEncoder(clip)
         self.prompt_learner = PromptLearner(clip, cfg)
-        #: Image-level decision threshold (set by calibration / stored in checkpoints).
-        self.image_threshold: float | None = None
+        # The image threshold and the prompts it was set for (see image_threshold).
+        self._threshold: tuple[float, list[torch.Tensor]] | None = None
+        #: (value, why) of a run's threshold that create_model left out, for the Detector to say.
+        self.threshold_not_used: tuple[float, str] | None = None
         self._text_cache: tuple[tuple, torch.Tensor, list] | None = None
         #: Set by :meth:`cast_frozen_matmuls`: the vision tower then needs autocast.
         self.matmul_dtype: torch.dtype | None = None
@@ -75,6 +80,39 @@ class CraneModel(nn.Module):
         #: checkpoints store so that a saved run reloads the backbones it was trained with;
         #: None for pretrained weights.
         self.backbone_seed: int | None = None
+
+    @property
+    def image_threshold(self) -> float | None:
+        """Image-level decision threshold (set by calibration / stored in checkpoints).
+
+        It belongs to the prompts it was set for: once they change (loaded from elsewhere,
+        trained further), this is None, with a warning the first time.
+        """
+        if self._threshold is None:
+            return None
+        value, snapshot = self._threshold
+        now = self._prompt_tensors()
+        if len(now) == len(snapshot) and all(
+            old.shape == t.shape and torch.equal(old.to(t.device, t.dtype), t)
+            for old, t in zip(snapshot, now, strict=True)
+        ):
+            return value
+        log.warning(
+            "the image threshold %s was set for other prompts than this model now holds, "
+            "and is dropped (calibrate again for these prompts)",
+            value,
+        )
+        self._threshold = None
+        return None
+
+    @image_threshold.setter
+    def image_threshold(self, value: float | None) -> None:
+        snapshot = [t.detach().clone() for t in self._prompt_tensors()]
+        self._threshold = None if value is None else (float(value), snapshot)
+
+    def _prompt_tensors(self) -> list[torch.Tensor]:
+        pl = self.prompt_learner
+        return [*pl.parameters(), *pl.buffers()]
 
     # -- training mode only touches the prompts; backbones stay in eval (no dropout etc.) ---
     def train(self, mode: bool = True) -> CraneModel:

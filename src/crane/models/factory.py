@@ -97,6 +97,16 @@ def resolve_official(trained_on: str, preset: str) -> Path:
     return path
 
 
+#: Config fields that leave inference scores as they are (training-only fields, and precision
+#: options that move scores in their last bits, which a calibrated threshold tolerates: it
+#: sits midway between neighbouring scores). Overriding any other field of a calibrated run
+#: drops its threshold.
+SCORE_NEUTRAL_FIELDS = frozenset(
+    {"dino_fp32", "dino_tf32", "dino_attn_fp16", "dino_fp16", "tail_tf32",
+     "train_image_temperature", "image_context_train", "train_set_multiplicity"}
+)  # fmt: skip
+
+
 def create_model(
     name: str = "crane+",
     *,
@@ -132,10 +142,10 @@ def create_model(
     meta: dict[str, Any] = {}
     state = None
     if names_a_run(name):
-        cfg, state, meta = ckpt.read_checkpoint(name)
-        cfg = cfg.replace(**overrides) if overrides else cfg
+        run_cfg, state, meta = ckpt.read_checkpoint(name)
+        cfg = run_cfg.replace(**overrides) if overrides else run_cfg
     else:
-        cfg = get_config(str(name), **overrides)
+        cfg = run_cfg = get_config(str(name), **overrides)
     if seed is None:
         seed = meta.get("backbone_seed", 0)
         if not isinstance(seed, int) or isinstance(seed, bool):
@@ -157,7 +167,15 @@ def create_model(
         if threshold is not None and not _names_the_run(prompts, name):
             # (found for the run's own prompts' scores; a Detector without a threshold of
             # its own says so)
-            dropped, threshold = threshold, None
+            dropped, threshold = (threshold, "its own prompts, not for these"), None
+    if threshold is not None:  # (another image temperature, attention type... moves scores)
+        changed = [
+            k
+            for k in sorted(overrides)
+            if k not in SCORE_NEUTRAL_FIELDS and getattr(cfg, k) != getattr(run_cfg, k)
+        ]
+        if changed:
+            dropped, threshold = (threshold, f"the run's own {', '.join(changed)}"), None
 
     if pretrained is None:  # (a run trained on random full-size backbones rebuilds them)
         pretrained = "backbone_seed" not in meta or is_tiny(cfg)
@@ -223,7 +241,7 @@ def create_model(
         )
         ckpt.check_prompt_state(own, state, where)
         model.prompt_learner.load_state_dict(state, strict=True)
-    model.image_threshold = None if threshold is None else float(threshold)
+    model.image_threshold = None if threshold is None else float(threshold)  # (these prompts')
     model.threshold_not_used = dropped
     model.eval()
     if matmul_dtype is not None:
