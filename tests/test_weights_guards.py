@@ -617,3 +617,32 @@ def test_run_thresholds_must_be_finite_and_seeds_of_any_size_build(run):
     same = create_model("tiny", image_size=SIZE, seed=5)
     a, b = dict(big.named_parameters()), dict(same.named_parameters())
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_save_model_checks_what_it_stores_before_writing(tmp_path):
+    import numpy as np
+
+    model = create_model("tiny", image_size=SIZE, seed=4)
+    model.image_threshold = np.percentile(np.array([0.3, 0.4, 0.6], np.float32), 50)
+    with pytest.raises(CraneError, match="finite"):
+        model.image_threshold = float("nan")
+    save_model(model, tmp_path / "a", source=tmp_path / "data")  # (a path: stored as text)
+    loaded = create_model(str(tmp_path / "a"))
+    assert loaded.image_threshold == pytest.approx(0.4)
+    meta = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert meta["provenance"]["source"] == str(tmp_path / "data")
+    with pytest.raises(CheckpointError, match="cannot store object"):
+        save_model(model, tmp_path / "b", source=object())
+    assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
+
+
+def test_a_run_whose_prompts_file_is_another_saves_is_refused(tmp_path):
+    """A save stopped between its two files (or a prompts file copied in) leaves prompts that
+    are not the ones config.json (and its threshold) were saved with."""
+    a = create_model("tiny", image_size=SIZE, seed=4)
+    a.image_threshold = 0.25
+    save_model(a, tmp_path / "a")
+    save_model(create_model("tiny", image_size=SIZE, seed=5), tmp_path / "b")
+    shutil.copy(tmp_path / "b" / "prompts.safetensors", tmp_path / "a" / "prompts.safetensors")
+    with pytest.raises(CheckpointError, match="not the prompts file"):
+        create_model(str(tmp_path / "a"))

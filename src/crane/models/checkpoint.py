@@ -7,7 +7,9 @@ unpickles anything. The released ``.pth`` files are read with ``weights_only=Tru
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -121,7 +123,17 @@ def save_checkpoint(
         raise CheckpointError(
             f"{directory} already holds a checkpoint; pass overwrite=True to replace it"
         )
+    if image_threshold is not None:  # (a NumPy scalar is not JSON; NaN would not reload)
+        try:
+            image_threshold = float(image_threshold)
+        except (TypeError, ValueError):
+            raise CheckpointError(
+                f"image_threshold must be a number, got {image_threshold!r}"
+            ) from None
+        if not math.isfinite(image_threshold):
+            raise CheckpointError(f"image_threshold must be finite, got {image_threshold}")
     tensors = {k: v.detach().cpu().contiguous() for k, v in prompt_state.items()}
+    data = save(tensors)
     meta = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -129,14 +141,32 @@ def save_checkpoint(
         "config": cfg.to_dict(),
         "image_threshold": image_threshold,
         "provenance": provenance or {},
+        # (which prompts file this config goes with: a save stopped between the two files
+        # is reported on reading, not loaded as new prompts beside an old threshold)
+        "prompts_sha256": hashlib.sha256(data).hexdigest(),
     }
     if backbone_seed is not None:
         meta["backbone_seed"] = int(backbone_seed)
-    atomic_write_bytes(directory / TENSORS, save(tensors))
-    atomic_write_bytes(
-        directory / CONFIG, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
-    )
+    text = _dumps(meta)  # (before any file is written: an unwritable value stops here)
+    atomic_write_bytes(directory / TENSORS, data)
+    atomic_write_bytes(directory / CONFIG, text.encode())
     return directory
+
+
+def _dumps(meta: dict[str, Any]) -> str:
+    """``meta`` as a config.json's text; paths as strings, NumPy scalars as numbers."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+            return value.item()
+        raise CheckpointError(
+            f"cannot store {type(value).__name__} {value!r} in a checkpoint's {CONFIG} "
+            "(provenance values must be JSON: numbers, strings, lists, dicts, paths)"
+        )
+
+    return json.dumps(meta, indent=2, sort_keys=True, default=plain) + "\n"
 
 
 def read_checkpoint(
@@ -144,7 +174,7 @@ def read_checkpoint(
 ) -> tuple[CraneConfig, dict[str, torch.Tensor], dict[str, Any]]:
     """(config, prompt tensors, metadata) of a checkpoint directory (or its safetensors file)."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     path = Path(path)
     if path.suffix == ".safetensors" and path.name != TENSORS:
@@ -183,10 +213,17 @@ def read_checkpoint(
         cfg = CraneConfig.from_dict(meta["config"])
     except CraneError as exc:
         raise CheckpointError(f"{cfg_file}: {exc}") from exc
+    digest = meta.get("prompts_sha256")  # (None: a run saved before it was recorded)
     try:
-        tensors = load_file(str(tensor_file))
+        data = tensor_file.read_bytes()
+        tensors = load(data)
     except (SafetensorError, OSError) as exc:  # (a truncated or damaged file)
         raise CheckpointError(f"{tensor_file} is not a readable safetensors file: {exc}") from exc
+    if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+        raise CheckpointError(
+            f"{tensor_file} is not the prompts file {cfg_file} was saved with (a save stopped "
+            "between the two files, or a file copied in): save the run again"
+        )
     return cfg, tensors, meta
 
 

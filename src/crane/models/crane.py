@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -107,8 +108,15 @@ class CraneModel(nn.Module):
 
     @image_threshold.setter
     def image_threshold(self, value: float | None) -> None:
+        if value is not None:
+            try:
+                value = float(value)  # (a NumPy scalar from np.percentile: a plain float)
+            except (TypeError, ValueError):
+                raise CraneError(f"image_threshold must be a number, got {value!r}") from None
+            if not math.isfinite(value):
+                raise CraneError(f"image_threshold must be a finite number, got {value}")
         snapshot = [t.detach().clone() for t in self._prompt_tensors()]
-        self._threshold = None if value is None else (float(value), snapshot)
+        self._threshold = None if value is None else (value, snapshot)
 
     def _prompt_tensors(self) -> list[torch.Tensor]:
         pl = self.prompt_learner
