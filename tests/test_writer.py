@@ -10,6 +10,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from scipy import ndimage
 
@@ -175,6 +176,13 @@ def test_overlay_of_odd_inputs():
     )
     with pytest.raises(ValueError, match="vmax must be above vmin"):
         overlay(im, amap, vmin=0.5, vmax=0.5)
+    # crane's own mask layout (1, H, W) and a (1, H, W) map, as arrays or tensors
+    want = np.asarray(overlay(im, amap, mask))
+    for m in (mask[None], torch.from_numpy(mask[None]), mask[..., None]):
+        assert np.array_equal(np.asarray(overlay(im, amap, m)), want)
+    assert np.array_equal(np.asarray(overlay(im, torch.from_numpy(amap)[None], mask)), want)
+    with pytest.raises(ValueError, match=r"mask must be .* got shape \(2, 40, 60\)"):
+        overlay(im, amap, np.stack([mask, mask]))
 
 
 def test_overlay_png_is_lossless_with_the_fast_options(tmp_path):

@@ -47,6 +47,21 @@ def resize_map(amap: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(im.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
+def _plane(x: object, name: str, colour: bool) -> np.ndarray:
+    """``x`` (array or tensor) as an (H, W) array, or (H, W, C) for a ``colour`` mask; a
+    leading axis of 1 — crane's (1, H, W) masks and (B=1, H, W) maps — is dropped."""
+    if hasattr(x, "detach"):  # (a torch tensor, possibly on a GPU)
+        x = x.detach().cpu().numpy()  # type: ignore[union-attr]
+    a = np.asarray(x)
+    while a.ndim > 2 and a.shape[0] == 1 and not (colour and a.ndim == 3 and a.shape[-1] in (3, 4)):
+        a = a[0]
+    if a.ndim == 2 or (colour and a.ndim == 3 and a.shape[-1] in (1, 3, 4)):
+        return a
+    raise ValueError(
+        f"{name} must be (H, W){', (H, W, C)' if colour else ''} or (1, H, W), got shape {a.shape}"
+    )
+
+
 def overlay(
     image: Image.Image,
     amap: np.ndarray,
@@ -56,16 +71,17 @@ def overlay(
     vmax: float = 1.0,
 ) -> Image.Image:
     """RGB overlay at the image's own size. ``amap`` is any size (resized bilinearly; NaN
-    drawn as 0); ``mask`` ((H, W), or (H, W, C) with any channel non-zero; non-zero =
-    anomalous; resized if need be) is drawn as a green contour. 16-bit and float images are
-    scaled as :func:`~crane.data.imageio.normalize_mode` does, not clipped at 255."""
+    drawn as 0; (H, W) or (1, H, W)); ``mask`` ((H, W) or (1, H, W), or (H, W, C) with any
+    channel non-zero; non-zero = anomalous; resized if need be) is drawn as a green
+    contour. Arrays or tensors. 16-bit and float images are scaled as
+    :func:`~crane.data.imageio.normalize_mode` does, not clipped at 255."""
     if not vmax > vmin:
         raise ValueError(f"vmax must be above vmin, got vmin={vmin}, vmax={vmax}")
     if image.mode != "RGB":
         image = normalize_mode(image)
     rgb = image if image.mode == "RGB" else image.convert("RGB")  # read only: no copy needed
     h, w = rgb.height, rgb.width
-    m = np.nan_to_num(np.asarray(amap, dtype=np.float32), nan=0.0)  # (NaN would spread)
+    m = np.nan_to_num(_plane(amap, "amap", colour=False).astype(np.float32), nan=0.0)
     m = np.subtract(resize_map(m, h, w), vmin)
     m /= vmax - vmin
     if alpha == 0.5:
@@ -82,7 +98,7 @@ def overlay(
         heat *= alpha
         out += heat
     if mask is not None:
-        fg = np.asarray(mask) > 0
+        fg = _plane(mask, "mask", colour=True) > 0
         if fg.ndim == 3:  # (a colour or RGBA mask)
             fg = fg.any(axis=-1)
         if fg.shape != (h, w):
