@@ -185,3 +185,23 @@ def test_a_detector_built_from_a_full_size_preset_gets_the_released_prompts(
         None,
         None,
     ]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_predict_and_evaluate_leave_the_global_rng_alone(model, tmp_path, workers):
+    """A seeded program draws the same numbers whatever it predicted in between."""
+    from crane.data import make_synthetic_dataset
+    from crane.data.dataset import AnomalyDataset
+    from crane.engine.evaluate import evaluate
+
+    make_synthetic_dataset(tmp_path / "d", classes=("tile",), n_train=1, n_test_good=2,
+                           n_test_bad=2, size=32)  # fmt: skip
+    ds = AnomalyDataset(tmp_path / "d", "test", image_size=model.cfg.image_size)
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    with Detector(model, device="cpu", workers=workers) as det:
+        torch.manual_seed(0)
+        det.predict([_frame(0), _frame(1)])
+        det.predict(_frame(2))
+        evaluate(model, ds, device="cpu", workers=workers, progress=False)
+        assert torch.equal(torch.rand(3), want)

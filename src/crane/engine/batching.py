@@ -110,6 +110,9 @@ class ChunkedBatches:
             prefetch_factor=prefetch,
             worker_init_fn=worker_init_fn,
             pin_memory=pin_memory,
+            # (its own generator: each iterator draws its workers' base seed from it, which
+            # otherwise advanced torch's global RNG under a seeded caller)
+            generator=torch.Generator(),
         )
         self.batch_size = batch_size
         self.pin = frozenset(pin)

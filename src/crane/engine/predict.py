@@ -367,6 +367,7 @@ def decode_loader(
         prefetch_factor=prefetch if workers else None,
         persistent_workers=persistent,
         worker_init_fn=reuse_freed_memory if device_resize else None,
+        generator=torch.Generator(),  # (decoding draws nothing: the global RNG stays as it was)
     )
     return loader, jobs
 
