@@ -547,3 +547,31 @@ def test_multi_layer_sets_counted_several_times_are_named(synth, tmp_path, caplo
     with caplog.at_level(logging.WARNING):
         _run(synth, tmp_path / "one", epochs=1, model=one)
     assert "counts" not in caplog.text
+
+
+def test_non_finite_frozen_features_are_blamed_on_precision_not_lr(synth, tmp_path):
+    """An fp16/bf16 overflow in the backbones gives NaN features once, when the cache is
+    built: stopped there with the image named and the precision advice, not as a divergence
+    that asks for a lower --lr (no step has been taken)."""
+    from crane.models.vision import VisionOutput
+
+    model = create_model("tiny+", seed=111, image_size=SIZE)
+    real = model.encode_images
+    calls = []
+
+    def encode(images):  # the second batch's first image overflowed
+        vis = real(images)
+        calls.append(1)
+        if len(calls) == 2:
+            p = vis.patch_sets.clone()
+            p[:, 0, 0, :] = float("inf")
+            vis = VisionOutput(vis.global_feat, p)
+        return vis
+
+    model.encode_images = encode
+    ds = AnomalyDataset(synth, "test", image_size=SIZE)
+    with pytest.raises(CraneError, match=r"1 training image\(s\) are not finite") as e:
+        train(model, ds, tmp_path / "run", TrainSettings(epochs=1, batch_size=4),
+              device="cpu", progress=False, autocast_dtype=torch.bfloat16)  # fmt: skip
+    assert ds.samples[4].img_path in str(e.value) and "--precision fp32" in str(e.value)
+    assert "--lr" not in str(e.value)

@@ -19,7 +19,14 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from crane.engine.predict import check_device_decode, dataset_device_pixels
-from crane.engine.runtime import attention_kernels, batch_loader, check_attention, model_input
+from crane.engine.runtime import (
+    attention_kernels,
+    batch_loader,
+    check_attention,
+    model_input,
+    nan_cause,
+)
+from crane.errors import CraneError
 from crane.models.crane import CraneModel
 from crane.models.vision import VisionOutput, strict_fp32
 
@@ -123,7 +130,7 @@ class FeatureCache:
         )
         on_error = getattr(dataset, "on_error", "raise")
         n = len(dataset)
-        g_all = p_all = masks = labels = None
+        g_all = p_all = masks = labels = finite = None
         paths: list[str] = []
         filled = 0
         for batch in tqdm(
@@ -172,6 +179,11 @@ class FeatureCache:
                 labels = torch.empty(n, dtype=torch.long)
                 location = loc
             k = g.shape[0]
+            if finite is None:  # per image, on the device: checked once at the end (no sync)
+                finite = torch.empty(n, dtype=torch.bool, device=g.device)
+            finite[filled : filled + k] = torch.isfinite(g).all(1) & torch.isfinite(p).flatten(
+                1
+            ).all(1)
             p_all[filled : filled + k] = p.to(p_all.device)
             g_all[filled : filled + k] = g.to(g_all.device)
             masks[filled : filled + k] = batch["mask"][:, 0] > 0.5
@@ -180,6 +192,14 @@ class FeatureCache:
             filled += k
         if p_all is None or filled == 0:
             raise ValueError("no readable training images")
+        assert finite is not None
+        bad = (~finite[:filled]).nonzero().flatten().tolist()
+        if bad:  # (before any step: the loss would be NaN and the learning rate blamed)
+            shown = ", ".join(paths[i] for i in bad[:3]) + (", ..." if len(bad) > 3 else "")
+            raise CraneError(
+                f"the frozen features of {len(bad)} training image(s) are not finite ({shown}): "
+                + nan_cause(model.cfg, autocast_dtype)
+            )
         if filled < n:  # skipped (unreadable) samples: keep only what was filled
             p_all, g_all, masks, labels = (
                 p_all[:filled],

@@ -159,6 +159,11 @@ def attention_kernel_used(
 
 def nan_score_message(cfg: CraneConfig, amp: torch.dtype | None) -> str:
     """Why a model may have scored NaN, and what to change (predict and evaluate say this)."""
+    return f"the model's anomaly score is NaN ({nan_cause(cfg, amp)})"
+
+
+def nan_cause(cfg: CraneConfig, amp: torch.dtype | None) -> str:
+    """What may make a forward at precision ``amp`` non-finite, and what to change."""
     if amp is None:
         why = "in fp32 this points to weights holding NaN/inf values"
     elif cfg.use_dattn and cfg.dino_fp32 and cfg.dino_attn_fp16:
@@ -174,7 +179,7 @@ def nan_score_message(cfg: CraneConfig, amp: torch.dtype | None) -> str:
     else:
         name = str(amp).removeprefix("torch.")
         why = f"{name} autocast may have overflowed: try --precision fp32"
-    return f"the model's anomaly score is NaN ({why})"
+    return why
 
 
 def model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
