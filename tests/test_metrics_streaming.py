@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -431,3 +432,65 @@ def test_integer_scores_ranked_exactly_or_refused(dtype) -> None:
         image_metrics(big, [0, 1, 0, 1])
     with pytest.raises(ValueError, match="2\\*\\*53"):
         MetricAccumulator().update("c", big, [0, 1, 0, 1])
+
+
+def _assert_reports_equal(got, want) -> None:
+    for name, values in want.per_class.items():
+        for key, value in values.items():
+            assert got.per_class[name][key] == pytest.approx(value, abs=1e-12, nan_ok=True)
+
+
+def test_classes_past_the_device_budget_move_to_the_host(monkeypatch, caplog):
+    """(Simulated on the CPU: every tensor counts as device memory.) A class whose pixel state
+    passes max_device_bytes is moved to the host, with what it receives later; same results."""
+    import crane.metrics.streaming as S
+
+    data = dataset(3, n=12)
+    ref = MetricAccumulator()
+    feed(ref, data, [4, 8])
+    held = sorted(s.pixels.nbytes() for s in ref._states.values())
+    budget = held[len(held) // 2] - 1  # (some classes pass it, some do not)
+    monkeypatch.setattr(S, "_on_accelerator", lambda t: True)
+    acc = MetricAccumulator(max_device_bytes=budget)
+    with caplog.at_level(logging.INFO, logger="crane.metrics.streaming"):
+        feed(acc, data, [4, 8])
+    spilled = {n for n, s in acc._states.items() if s.pixels.on_host}
+    big = {n for n, s in ref._states.items() if s.pixels.nbytes() > budget}
+    assert spilled == big and 0 < len(spilled) < len(held)
+    assert "over the device budget" in caplog.text
+    _assert_reports_equal(acc.compute(), ref.compute())
+    none = MetricAccumulator(max_device_bytes=None)
+    feed(none, data, [4, 8])
+    assert not any(s.pixels.on_host for s in none._states.values())
+    with pytest.raises(ValueError, match="max_device_bytes"):
+        MetricAccumulator(max_device_bytes=-1)
+
+
+def test_a_class_that_does_not_fit_the_device_to_rank_is_ranked_on_the_host(monkeypatch, caplog):
+    """(Simulated on the CPU.) Out of device memory while ranking a class: its state moves to
+    the host and the ranking is done there, same results; finalize_class still frees it."""
+    import crane.metrics.streaming as S
+
+    data = dataset(4, n=12)
+    ref = MetricAccumulator()
+    feed(ref, data, [6])
+    monkeypatch.setattr(S, "_on_accelerator", lambda t: True)
+    real, calls = S.sorted_scores, []
+
+    def sorted_scores(*args, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(S, "sorted_scores", sorted_scores)
+    acc = MetricAccumulator(max_device_bytes=None)
+    feed(acc, data, [6])
+    first = data[0][0]
+    with caplog.at_level(logging.WARNING, logger="crane.metrics.streaming"):
+        got = acc.finalize_class(first)
+    assert "ranking them on the host" in caplog.text
+    assert acc._states[first].pixels.nbytes() == 0
+    for key, value in ref.class_result(first)[0].items():
+        assert got[key] == pytest.approx(value, abs=1e-12, nan_ok=True)
+    _assert_reports_equal(acc.compute(), ref.compute())

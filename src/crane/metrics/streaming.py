@@ -24,13 +24,18 @@ Modes (image metrics are always exact: one score per image is cheap):
             outside fall into the end bins, which keeps the bounds valid but loosens them.
 
 State lives on the device of the incoming tensors unless ``device`` is given (e.g. "cpu" to
-keep GPU memory free). Region labelling (scipy) runs on CPU; only masks travel there. NaN in
-the maps raises ValueError (exact mode: when the class is computed, where it costs nothing).
+keep GPU memory free). On a GPU, exact mode keeps a class's pixels there up to
+``max_device_bytes`` (default 1/16 of the device's memory: ranking a class needs about five
+times its state) and moves the class to the host beyond that; a class whose ranking still
+runs out of device memory is ranked on the host (same results, a warning says so). Region
+labelling (scipy) runs on CPU; only masks travel there. NaN in the maps raises ValueError
+(exact mode: when the class is computed, where it costs nothing).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Sequence
 from typing import Literal
@@ -78,6 +83,18 @@ from crane.metrics.report import MetricsReport, make_report
 
 Mode = Literal["exact", "binned"]
 PIXEL_KEYS = ("pixel_auroc", "pixel_f1_max", *AUPRO_KEYS.values())
+log = logging.getLogger(__name__)
+
+
+def _on_accelerator(t: torch.Tensor) -> bool:
+    return t.device.type != "cpu"
+
+
+def default_device_budget(device: torch.device) -> int | None:
+    """Bytes of one class's exact pixel state kept on ``device`` (1/16 of a GPU's memory)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory // 16
+    return None
 
 
 class _ExactPixels:
@@ -89,8 +106,25 @@ class _ExactPixels:
         self.region: list[torch.Tensor] = []
         self.areas: list[torch.Tensor] = []
         self.n_regions = 0
+        self.on_host = False
+
+    def _parts(self) -> tuple[torch.Tensor, ...]:
+        return (*self.maps, *self.pos, *self.region, *self.areas)
+
+    def device_nbytes(self) -> int:
+        """Bytes held on an accelerator (not the host)."""
+        return sum(t.numel() * t.element_size() for t in self._parts() if _on_accelerator(t))
+
+    def to_host(self) -> None:
+        """Move the state to the host (and what the class receives later)."""
+        self.maps, self.pos, self.region, self.areas = (
+            [t.cpu() for t in parts] for parts in (self.maps, self.pos, self.region, self.areas)
+        )
+        self.on_host = True
 
     def add(self, maps: torch.Tensor, masks: torch.Tensor) -> None:
+        if self.on_host:  # (moved there past the device budget: the rest of it follows)
+            maps = maps.cpu()
         pos, region, areas = extract_positives(maps, masks)
         # Copy: the caller may reuse its buffer for the next batch.
         self.maps.append(copy(maps.reshape(-1)))
@@ -100,10 +134,31 @@ class _ExactPixels:
         self.n_regions += areas.numel()
 
     def nbytes(self) -> int:
-        parts = (*self.maps, *self.pos, *self.region, *self.areas)
-        return sum(t.numel() * t.element_size() for t in parts)
+        return sum(t.numel() * t.element_size() for t in self._parts())
 
     def compute(
+        self, max_fpr: float, num_thresholds: int, release: bool, scratch: dict
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        if not self.device_nbytes():
+            return self._compute(max_fpr, num_thresholds, release, scratch)
+        try:  # (on a device the state is kept until the results are in: a retry needs it)
+            out = self._compute(max_fpr, num_thresholds, False, scratch)
+        except torch.OutOfMemoryError:
+            n = sum(t.numel() for t in self.maps)
+            log.warning(
+                "not enough device memory to rank a class's %d pixel scores there: ranking "
+                "them on the host (same results, slower)",
+                n,
+            )
+            self.to_host()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return self._compute(max_fpr, num_thresholds, release, scratch)
+        if release:
+            self.maps, self.pos, self.region, self.areas = [], [], [], []
+        return out
+
+    def _compute(
         self, max_fpr: float, num_thresholds: int, release: bool, scratch: dict
     ) -> tuple[dict[str, float], dict[str, float]]:
         all_sorted = sorted_scores(self._merged(scratch), owned=True, name="anomaly maps")
@@ -215,6 +270,9 @@ class MetricAccumulator:
         max_fpr: AUPRO integration limit (0.3 in every published table).
         num_thresholds: thresholds of the ``legacy`` AUPRO (200 in the reference).
         device: where to keep the state; default: the device of the incoming tensors.
+        max_device_bytes: exact mode: bytes of one class's pixel state kept on an
+            accelerator before the class moves to the host; ``"auto"``: 1/16 of the device's
+            memory (ranking a class there needs about five times its state); None: no limit.
 
     Example::
 
@@ -233,6 +291,7 @@ class MetricAccumulator:
         max_fpr: float = 0.3,
         num_thresholds: int = 200,
         device: torch.device | str | None = None,
+        max_device_bytes: int | Literal["auto"] | None = "auto",
     ) -> None:
         check_definition(aupro)
         if mode not in ("exact", "binned"):
@@ -246,6 +305,13 @@ class MetricAccumulator:
         self.max_fpr = float(max_fpr)
         self.num_thresholds = int(num_thresholds)
         self.device = None if device is None else torch.device(device)
+        if not (max_device_bytes in ("auto", None) or (
+            isinstance(max_device_bytes, int) and max_device_bytes >= 0
+        )):  # fmt: skip
+            raise ValueError(
+                f"max_device_bytes must be 'auto', None or a byte count, got {max_device_bytes!r}"
+            )
+        self.max_device_bytes = max_device_bytes
         self._states: dict[str, _ClassState] = {}
         # CPU buffer for a class's sorted copy, reused across finalize_class calls (fresh
         # memory costs page faults about as much as the copy); dropped by compute() / reset().
@@ -333,6 +399,28 @@ class MetricAccumulator:
             if pix is not None:
                 state.pixels.add(self._rows(pix[0], sel), self._rows(pix[1], sel, move=False))
                 state.has_pixels = True
+                self._check_budget(state)
+
+    def _check_budget(self, state: _ClassState) -> None:
+        """Move an exact class past the device budget to the host."""
+        pixels = state.pixels
+        if not isinstance(pixels, _ExactPixels) or pixels.on_host or self.max_device_bytes is None:
+            return
+        held = pixels.device_nbytes()
+        if not held:
+            return
+        budget = self.max_device_bytes
+        if budget == "auto":
+            budget = default_device_budget(next(t for t in pixels.maps).device)
+        if budget is not None and held > budget:
+            log.info(
+                "class %r: %.2f GB of pixel scores, over the device budget (%.2f GB): kept on "
+                "the host from now on",
+                state.name,
+                held / 1e9,
+                budget / 1e9,
+            )
+            pixels.to_host()
 
     def _rows(self, t: torch.Tensor, rows: torch.Tensor | None, move: bool = True) -> torch.Tensor:
         if rows is not None:
