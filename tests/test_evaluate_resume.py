@@ -108,6 +108,7 @@ def test_resume_refuses_other_settings_and_redoes_a_class_without_its_overlays(
         ),
         (dict(model=other_backbone), r"backbone weights \(--clip-weights, --dino-weights\) "),
         (dict(visualize_dir=tmp_path / "other"), "--visualize folder"),
+        (dict(batch_size=2), "--batch-size"),
     ]:
         args = {"model": model, "dataset": ds, **kw, **change}
         with pytest.raises(CraneError, match=f"started with other {named}"):
@@ -240,3 +241,54 @@ def test_a_refused_resume_leaves_a_live_runs_temp_files(synth, tmp_path, monkeyp
     assert live.read_bytes() == b"half"
     evaluate(model, ds, resume=True, **kw)
     assert not live.exists()
+
+
+@pytest.mark.parametrize(
+    ("preset", "extra"), [("tiny", {}), ("tiny+", {"dattn_threshold_scope": "batch"})]
+)
+def test_a_resume_rebuilds_the_batch_it_starts_in(tmp_path, monkeypatch, preset, extra):
+    """Classes of 7 images in batches of 4: batch 2 holds tile's last 3 images and plate's
+    first. A resume after tile runs that batch again (tile's images dropped), so every map
+    is computed in the batch it had: identical results, with the batch-wide D-Attn threshold
+    too (which depends on the whole batch), and in the last bits on a CPU by default."""
+    from crane.data import make_synthetic_dataset
+
+    make_synthetic_dataset(tmp_path / "d", seed=0, classes=("tile", "plate", "fabric"),
+                           n_train=1, n_test_good=3, n_test_bad=4, size=64)  # fmt: skip
+    ds = AnomalyDataset(tmp_path / "d", "test", image_size=SIZE)
+    model = create_model(preset, image_size=SIZE, seed=0, **extra)
+    kw = dict(device=CPU, batch_size=4, progress=False)
+    whole = evaluate(model, ds, **kw)
+    path = tmp_path / "ev" / "progress.jsonl"
+    count_forwards(monkeypatch, stop_at=4)  # in plate's images: tile recorded
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, ds, progress_file=path, **kw)
+    calls = count_forwards(monkeypatch)
+    res = evaluate(model, ds, progress_file=path, resume=True, **kw)
+    assert calls[0] == 4 and sum(calls) == 3 + 14  # tile's last 3 again, then plate, fabric
+    assert res.n_images == 14 and res.n_resumed == 7
+    for cls, values in whole.report.per_class.items():
+        for k, v in values.items():
+            w = res.report.per_class[cls][k]
+            assert (math.isnan(v) and math.isnan(w)) or v == w, (cls, k)
+
+
+def test_a_batch_scope_resume_that_cannot_rebuild_its_batches_is_refused(tmp_path, monkeypatch):
+    from crane.data import make_synthetic_dataset
+
+    make_synthetic_dataset(tmp_path / "d", seed=0, classes=("tile", "plate"), n_train=1,
+                           n_test_good=3, n_test_bad=4, size=64)  # fmt: skip
+    model = create_model("tiny+", image_size=SIZE, seed=0, dattn_threshold_scope="batch")
+    kw = dict(device=CPU, batch_size=4, progress=False)
+    ds = AnomalyDataset(tmp_path / "d", "test", image_size=SIZE)
+    path = tmp_path / "ev" / "progress.jsonl"
+    count_forwards(monkeypatch, stop_at=4)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, ds, progress_file=path, **kw)
+    lines = path.read_text().splitlines()
+    record = json.loads(lines[1])
+    record["n_images"] -= 1  # as if one of tile's images had been unreadable
+    path.write_text("\n".join([lines[0], json.dumps(record)]) + "\n")
+    count_forwards(monkeypatch)
+    with pytest.raises(CraneError, match="cannot be resumed exactly"):
+        evaluate(model, ds, progress_file=path, resume=True, **kw)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import io
 import json
@@ -175,6 +176,10 @@ def evaluate(
             "device_decode": device_decode,
             "device_resize": device_resize,
             "visualize": None if visualize_dir is None else os.path.abspath(visualize_dir),
+            # (the batches: a resume rebuilds the one it starts in, see _lead_in)
+            "batch_size": batch_size,
+            "attention": attention,
+            "compile": compile,
             "samples_sha256": progress_log.digest_of(
                 f"{s.cls_name}\t{s.anomaly}\t{os.path.abspath(dataset.root / s.img_path)}\t"
                 f"{s.mask_path}"
@@ -195,7 +200,10 @@ def evaluate(
                 len({s.cls_name for s in dataset.samples}),
                 ", ".join(done) or "none",
             )
-            dataset = dataset.without_classes(done)
+            rest = dataset.without_classes(done)
+            lead = _lead_in(dataset, done, batch_size, model.cfg.dattn_threshold_scope)
+            dataset = copy.copy(rest)
+            dataset.samples = lead + rest.samples
     loader = batch_loader(
         dataset,
         batch_size,
@@ -244,6 +252,11 @@ def evaluate(
         return job
 
     def consume(job: _Job) -> None:
+        if done and any(c in done for c in job.batch["cls_name"]):  # a resume's lead-in
+            keep = [j for j, c in enumerate(job.batch["cls_name"]) if c not in done]
+            if not keep:
+                return
+            job = _rows(job, keep)
         batch = job.batch
         t = clock()
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
@@ -347,7 +360,7 @@ def evaluate(
                     timed("launch", t)
                     if job is None:  # every image of the batch was skipped
                         continue
-                    n += job.scores.shape[0]
+                    n += sum(c not in done for c in job.batch["cls_name"])
                     if pending is not None:
                         consume(pending)
                     pending = job
@@ -377,6 +390,58 @@ def evaluate(
         timed("finalize", t)
     resumed = sum(r["n_images"] for r in done.values())
     return EvalResult(report, n, clock() - t0, timings, n_resumed=resumed)
+
+
+def _lead_in(dataset, done: dict[str, dict], batch_size: int, scope: str) -> list:
+    """The samples of finished classes that shared the resumed run's first batch in the run
+    that stopped, to be run again (and their results dropped) so that every batch holds
+    the images it held then: D-Attn's batch-wide threshold (``scope="batch"``) depends on
+    them, and the default per-image results on a CPU in their last bits.
+
+    Batches are full runs of ``batch_size`` readable images in dataset order, so the first
+    batch after the finished classes began with their last ``(sum of their images) mod
+    batch_size`` images, when those classes come first and were all readable. Otherwise the
+    batching cannot be rebuilt: an error under ``scope="batch"``, else no lead-in."""
+    order = list(dict.fromkeys(s.cls_name for s in dataset.samples))
+    count = Counter(s.cls_name for s in dataset.samples)
+    runs = [s.cls_name for i, s in enumerate(dataset.samples)
+            if i == 0 or s.cls_name != dataset.samples[i - 1].cls_name]  # fmt: skip
+    prefix = order[: len(done)]
+    r = sum(done[c]["n_images"] for c in done) % batch_size
+    taken, need = [], r
+    for c in reversed(prefix):
+        if not need:
+            break
+        taken.append(c)
+        need -= min(need, count[c])
+    exact = (
+        len(runs) == len(order)
+        and set(prefix) == set(done)
+        and all(done[c]["n_images"] == count[c] for c in taken)
+    )
+    if not exact:
+        if scope == "batch":
+            raise CraneError(
+                "this evaluation cannot be resumed exactly: with dattn_threshold_scope='batch' "
+                "every image's map depends on the images batched with it, and the stopped "
+                "run's batches cannot be rebuilt (its finished classes are not the first ones, "
+                "or some of their images were unreadable); evaluate again without --resume"
+            )
+        return []
+    done_samples = [s for s in dataset.samples if s.cls_name in done]
+    return done_samples[len(done_samples) - r :] if r else []
+
+
+def _rows(job: _Job, keep: list[int]) -> _Job:
+    """``job`` with only the batch rows ``keep``."""
+    index = torch.tensor(keep)
+    batch = {
+        k: [v[j] for j in keep] if isinstance(v, list)
+        else v[index.to(v.device)] if isinstance(v, torch.Tensor) else v
+        for k, v in job.batch.items()
+    }  # fmt: skip
+    rows = index.to(job.scores.device)
+    return _Job(batch, job.scores[rows], job.maps[rows], job.done)
 
 
 def _with_resumed(report: MetricsReport, dataset, done: dict[str, dict]) -> MetricsReport:

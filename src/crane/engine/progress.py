@@ -104,7 +104,7 @@ def digest_of(items: Iterable[str]) -> str:
 
 #: Settings a run's progress file holds since a later crane (26th session): missing from an
 #: older run's, they are not checked (said), where any other missing one refuses the resume.
-_ADDED_LATER = frozenset({"backbone_sha256"})
+_ADDED_LATER = frozenset({"backbone_sha256", "batch_size", "attention", "compile"})
 
 #: How a refused resume names what changed (other settings by their own names).
 _LABELS = {
@@ -118,6 +118,9 @@ _LABELS = {
     "overlays": "overlay option (--no-overlays, --overlay-format)",
     "maps": "--save-maps",
     "num_bins": "--bins",
+    "batch_size": "--batch-size",
+    "attention": "--attention",
+    "compile": "--compile",
 }
 
 
