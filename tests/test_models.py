@@ -513,3 +513,20 @@ def test_the_prompts_initialisation_depends_on_the_seed_not_on_how_backbones_are
         assert torch.equal(got[key], want[key]), key
     other = create_model("tiny+", seed=8, image_size=56).prompt_learner.ctx_pos
     assert not torch.equal(other, want["ctx_pos"])
+
+
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        ({"n_ctx": 100}, "does not fit CLIP's 77-token context"),
+        ({"anomaly_template": "badly " * 70 + "damaged object."}, "neg prompt .* does not fit"),
+        ({"deep_len": 13}, "deep_len <= n_ctx = 12"),
+        ({"n_deep": 4}, r"n_deep <= 3"),  # (tiny's text tower has 4 layers)
+    ],
+)
+def test_text_fields_that_cannot_fit_the_text_tower_are_refused(override, says):
+    """They were cut silently (a template truncated away), unused (deep prompts past the
+    tower) or failed at the first prediction with a shape error."""
+    with pytest.raises(CraneError, match=says):
+        create_model("tiny", **override)
+    create_model("tiny", n_ctx=60, n_deep=3, deep_len=12)  # (what fits is built)

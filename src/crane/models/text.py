@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crane.config import CraneConfig
+from crane.errors import CraneError
 
 
 class PromptLearner(nn.Module):
@@ -25,6 +26,13 @@ class PromptLearner(nn.Module):
     def __init__(self, clip: nn.Module, cfg: CraneConfig):
         super().__init__()
         dim = clip.ln_final.weight.shape[0]
+        layers = len(clip.transformer.resblocks)
+        if cfg.n_deep > layers - 1 or cfg.deep_len > cfg.n_ctx:
+            raise CraneError(
+                f"n_deep={cfg.n_deep}, deep_len={cfg.deep_len}: deep prompts go into text "
+                f"layers 2..{layers} of this CLIP (n_deep <= {layers - 1}) and over the "
+                f"learnable context tokens (deep_len <= n_ctx = {cfg.n_ctx})"
+            )
         self.n_ctx, self.deep_len = cfg.n_ctx, cfg.deep_len
         self.ctx_pos = nn.Parameter(torch.randn(1, 1, cfg.n_ctx, dim) * 0.02)
         self.ctx_neg = nn.Parameter(torch.randn(1, 1, cfg.n_ctx, dim) * 0.02)
@@ -35,6 +43,14 @@ class PromptLearner(nn.Module):
         prefix = " ".join(["X"] * cfg.n_ctx)
         for tag, template in (("pos", cfg.normal_template), ("neg", cfg.anomaly_template)):
             ids = tokenizer([f"{prefix} {template}"])  # (1, 77)
+            length = ids.shape[-1]
+            if int(ids[0].argmax()) > length - 2:  # (EOT, the largest id, in the last slot)
+                shown = template if len(template) <= 60 else template[:57] + "..."
+                raise CraneError(
+                    f"the {tag} prompt ({cfg.n_ctx} context tokens + {shown!r}) does not "
+                    f"fit CLIP's {length}-token context with a slot to spare (the image context "
+                    "token takes one): use a smaller n_ctx or a shorter template"
+                )
             with torch.no_grad():
                 emb = clip.token_embedding(ids).float()
             self.register_buffer(f"tokenized_prompts_{tag}", ids.view(1, 1, -1).int())
