@@ -530,3 +530,24 @@ def test_text_fields_that_cannot_fit_the_text_tower_are_refused(override, says):
     with pytest.raises(CraneError, match=says):
         create_model("tiny", **override)
     create_model("tiny", n_ctx=60, n_deep=3, deep_len=12)  # (what fits is built)
+
+
+def test_api_mistakes_are_crane_errors(tmp_path):
+    from pathlib import Path
+
+    from crane.config import CraneConfig, get_config
+    from crane.engine.predict import Detector
+
+    for call, says in [
+        (lambda: create_model("tiny", seed="7"), "seed must be an integer"),
+        (lambda: create_model("tiny", seed=1.5), "seed must be an integer"),
+        (lambda: create_model("tiny", device="gpu"), "unknown device 'gpu'"),
+        (lambda: CraneConfig(image_size="224"), "image_size must be an integer"),
+        (lambda: Detector(torch.nn.Linear(2, 2), device="cpu"), "got Linear"),
+        (lambda: get_config(7), "named by a string"),
+    ]:
+        with pytest.raises(CraneError, match=says):
+            call()
+    assert get_config(Path("tiny")) == get_config("tiny")
+    assert CraneConfig(feature_layers=[24], dattn_gamma=3).feature_layers == (24,)
+    assert create_model("tiny", seed=np.int64(3)).backbone_seed == 3

@@ -101,6 +101,11 @@ class CraneConfig:
     train_set_multiplicity: int = 1
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # (types: CraneConfig(image_size="224") as replace)
+            value = getattr(self, f.name)
+            checked = _checked_field(f.name, value)
+            if checked is not value:
+                object.__setattr__(self, f.name, checked)
         if self.attn_type not in ATTN_TYPES:
             raise CraneError(f"attn_type must be one of {ATTN_TYPES}, got {self.attn_type!r}")
         if self.map_combine not in ("soft_mean", "logit_mean"):
@@ -243,6 +248,10 @@ def list_models() -> list[str]:
 
 def get_config(name: str, **overrides: Any) -> CraneConfig:
     """The preset ``name`` with ``overrides`` applied (unknown name -> clear error)."""
+    if isinstance(name, os.PathLike):
+        name = os.fspath(name)
+    if not isinstance(name, str):
+        raise CraneError(f"a model preset is named by a string, got {name!r}")
     try:
         cfg = PRESETS[name]
     except KeyError:

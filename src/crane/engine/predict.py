@@ -621,6 +621,11 @@ class Detector:
             raise CraneError(f"map_size must be 'input' or 'model', got {map_size!r}")
         self.map_size = map_size
         owned = not isinstance(model, CraneModel)
+        if owned and not isinstance(model, (str, os.PathLike)):
+            raise CraneError(
+                f"model must be a preset name, a run folder or a CraneModel, got "
+                f"{type(model).__name__}"
+            )
         if owned and prompts is None:
             prompts = _released_default(model)
         #: Where the model came from, as ``summary.json`` records it: the preset name or run

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import numbers
 import os
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 
 from crane.config import PRESETS, CraneConfig, get_config, is_tiny
-from crane.errors import CheckpointError, WeightsError
+from crane.errors import CheckpointError, CraneError, WeightsError
 from crane.models import checkpoint as ckpt
 from crane.models import weights as W
 from crane.models.backbones import _dino_hub, build_clip, build_dino
@@ -139,6 +140,14 @@ def create_model(
             as they are read from a local weight file).
         overrides: config fields to change (ablations), e.g. ``attn_type="vv"``.
     """
+    if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool)):
+        raise CraneError(f"seed must be an integer, got {seed!r}")
+    seed = None if seed is None else int(seed)  # (a NumPy integer: a Python one)
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise CraneError(f"unknown device {device!r} (e.g. 'cpu', 'cuda', 'cuda:1')") from None
     meta: dict[str, Any] = {}
     state = None
     if names_a_run(name):
