@@ -575,3 +575,30 @@ def test_non_finite_frozen_features_are_blamed_on_precision_not_lr(synth, tmp_pa
               device="cpu", progress=False, autocast_dtype=torch.bfloat16)  # fmt: skip
     assert ds.samples[4].img_path in str(e.value) and "--precision fp32" in str(e.value)
     assert "--lr" not in str(e.value)
+
+
+def test_a_run_stopped_between_its_top_level_files_resumes(synth, tmp_path, monkeypatch):
+    """Killed after the top-level prompts of epoch 2 and before its config.json: the pair no
+    longer matches (create_model refuses it), but the run resumes from epoch_1 and finishes,
+    and its settings are read as the CLI's --resume reads them."""
+    import crane.models.checkpoint as ckpt
+    from crane.errors import CheckpointError
+
+    run = tmp_path / "run"
+    real = ckpt.atomic_write_bytes
+
+    def killed(path, data):
+        if path == run / ckpt.CONFIG and (run / "epoch_2").is_dir():
+            raise KeyboardInterrupt
+        return real(path, data)
+
+    monkeypatch.setattr(ckpt, "atomic_write_bytes", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _run(synth, run, epochs=3)
+    monkeypatch.setattr(ckpt, "atomic_write_bytes", real)
+    with pytest.raises(CheckpointError, match="not the prompts file"):
+        create_model(str(run))
+    assert T.run_settings(run)["epochs"] == 3
+    res = _run(synth, run, epochs=3, resume=True)
+    assert res is not None
+    assert create_model(str(run)).cfg.name == "tiny"

@@ -447,8 +447,13 @@ def test_a_runs_threshold_goes_with_overrides_that_move_scores(run, caplog):
     from crane.models.checkpoint import update_threshold
 
     update_threshold(run, 0.7, {"mode": "f1"})
-    for same in ({"image_temperature": create_model(str(run)).cfg.image_temperature},
-                 {"tail_tf32": True}, {"train_image_temperature": 0.5}):  # fmt: skip
+    for same in (
+        {"image_temperature": create_model(str(run)).cfg.image_temperature},
+        {"tail_tf32": True},
+        {"train_image_temperature": 0.5},
+        {"map_combine": "logit_mean"},
+        {"sigma": 2.0},
+    ):  # fmt: skip (maps only)
         assert create_model(str(run), **same).image_threshold == 0.7, same
     for moves in ({"image_temperature": 1.0}, {"attn_type": "vv"}, {"fusion_alpha": 0.0}):
         assert create_model(str(run), **moves).image_threshold is None, moves

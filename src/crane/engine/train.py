@@ -291,7 +291,7 @@ def run_settings(run_dir: Path) -> dict[str, Any]:
         raise _no_run_to_resume(run_dir)
     try:
         meta = json.loads((run_dir / RESUME_JSON).read_text())
-        cfg = ckpt.read_checkpoint(run_dir)[0]
+        cfg = ckpt.read_checkpoint(run_dir, check_pair=False)[0]
         return {
             **meta["settings"],
             "preset": cfg.name,
@@ -377,7 +377,7 @@ def _remove_earlier_run(run_dir: Path) -> None:
         if child.is_dir() and re.fullmatch(r"epoch_\d+", child.name):
             entries = list(child.iterdir())
             try:
-                ckpt.read_checkpoint(child)
+                ckpt.read_checkpoint(child, check_pair=False)
             except CheckpointError:
                 # One of ours that a crash left half written (only our files), or not one of
                 # ours at all.
@@ -393,7 +393,7 @@ def _remove_earlier_run(run_dir: Path) -> None:
             removed += 1
     names = [RESUME_JSON, RESUME_TENSORS, "train_log.jsonl", FEATURE_CACHE]
     try:
-        ckpt.read_checkpoint(run_dir)
+        ckpt.read_checkpoint(run_dir, check_pair=False)
         names += [ckpt.CONFIG, ckpt.TENSORS]  # the latest model: ours, not a user's config.json
     except CheckpointError:
         pass

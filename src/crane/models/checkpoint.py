@@ -170,9 +170,13 @@ def _dumps(meta: dict[str, Any]) -> str:
 
 
 def read_checkpoint(
-    path: str | os.PathLike,
+    path: str | os.PathLike, *, check_pair: bool = True
 ) -> tuple[CraneConfig, dict[str, torch.Tensor], dict[str, Any]]:
-    """(config, prompt tensors, metadata) of a checkpoint directory (or its safetensors file)."""
+    """(config, prompt tensors, metadata) of a checkpoint directory (or its safetensors file).
+
+    ``check_pair``: refuse a prompts file other than the one config.json was saved with (its
+    recorded SHA256); False where only the config or the files' origin matter (a training
+    stopped between its top-level model's two files resumes from its epoch folder)."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
@@ -219,7 +223,7 @@ def read_checkpoint(
         tensors = load(data)
     except (SafetensorError, OSError) as exc:  # (a truncated or damaged file)
         raise CheckpointError(f"{tensor_file} is not a readable safetensors file: {exc}") from exc
-    if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+    if check_pair and digest is not None and hashlib.sha256(data).hexdigest() != digest:
         raise CheckpointError(
             f"{tensor_file} is not the prompts file {cfg_file} was saved with (a save stopped "
             "between the two files, or a file copied in): save the run again"

@@ -124,10 +124,12 @@ class CraneModel(nn.Module):
 
     # -- training mode only touches the prompts; backbones stay in eval (no dropout etc.) ---
     def train(self, mode: bool = True) -> CraneModel:
+        if mode != self.training:
+            # (A switch of mode also ends the text cache: an optimizer that writes the
+            # prompts without bumping their version counters, as torch's fused Adam, may
+            # have run in between. eval() on an eval model keeps it.)
+            self._text_cache = None
         super().train(mode)
-        # (A switch of mode also ends the text cache: an optimizer that writes the prompts
-        # without bumping their version counters, as torch's fused Adam, ran in between.)
-        self._text_cache = None
         self.vision.eval()
         self.text_encoder.eval()
         return self

@@ -98,13 +98,15 @@ def resolve_official(trained_on: str, preset: str) -> Path:
     return path
 
 
-#: Config fields that leave inference scores as they are (training-only fields, and precision
+#: Config fields that leave image scores as they are (training-only fields, the maps' own
+#: map_combine and sigma, and precision
 #: options that move scores in their last bits, which a calibrated threshold tolerates: it
 #: sits midway between neighbouring scores). Overriding any other field of a calibrated run
 #: drops its threshold.
 SCORE_NEUTRAL_FIELDS = frozenset(
     {"dino_fp32", "dino_tf32", "dino_attn_fp16", "dino_fp16", "tail_tf32",
-     "train_image_temperature", "image_context_train", "train_set_multiplicity"}
+     "train_image_temperature", "image_context_train", "train_set_multiplicity",
+     "map_combine", "sigma"}
 )  # fmt: skip
 
 
