@@ -551,3 +551,22 @@ def test_api_mistakes_are_crane_errors(tmp_path):
     assert get_config(Path("tiny")) == get_config("tiny")
     assert CraneConfig(feature_layers=[24], dattn_gamma=3).feature_layers == (24,)
     assert create_model("tiny", seed=np.int64(3)).backbone_seed == 3
+
+
+def test_a_model_pickled_by_an_earlier_crane_loads(images):
+    """Its threshold was a plain attribute and its text cache a pair (torch.save(model))."""
+    from crane.models.crane import CraneModel
+
+    model = create_model("tiny").eval()
+    with torch.no_grad():
+        want = model(images).image_scores
+    state = dict(model.__dict__)
+    del state["_threshold"]
+    state["image_threshold"] = 0.4
+    state["_text_cache"] = (("key",), model.text_features())
+    state["threshold_not_used"] = 0.3
+    old = CraneModel.__new__(CraneModel)
+    old.__setstate__(state)
+    assert old.image_threshold == 0.4 and old.threshold_not_used[0] == 0.3
+    with torch.no_grad():
+        torch.testing.assert_close(old(images).image_scores, want, rtol=0, atol=0)

@@ -82,6 +82,20 @@ class CraneModel(nn.Module):
         #: None for pretrained weights.
         self.backbone_seed: int | None = None
 
+    def __setstate__(self, state: dict) -> None:
+        # A model pickled by an earlier crane: its threshold was a plain attribute (then the
+        # prompts it holds are taken as the threshold's), its text cache another tuple.
+        old = state.pop("image_threshold", None)
+        state["_text_cache"] = None
+        state.setdefault("_threshold", None)
+        dropped = state.get("threshold_not_used")
+        if dropped is not None and not isinstance(dropped, tuple):
+            state["threshold_not_used"] = (dropped, "its own prompts, not for these")
+        state.setdefault("threshold_not_used", None)
+        super().__setstate__(state)
+        if old is not None and self._threshold is None:
+            self.image_threshold = old
+
     @property
     def image_threshold(self) -> float | None:
         """Image-level decision threshold (set by calibration / stored in checkpoints).
