@@ -271,6 +271,48 @@ def test_a_resume_rebuilds_the_batch_it_starts_in(tmp_path, monkeypatch, preset,
         for k, v in values.items():
             w = res.report.per_class[cls][k]
             assert (math.isnan(v) and math.isnan(w)) or v == w, (cls, k)
+    calls.clear()  # every class recorded: the report is rebuilt, nothing runs
+    again = evaluate(model, ds, progress_file=path, resume=True, **kw)
+    assert calls == [] and again.n_resumed == 21
+
+
+def test_a_resume_counts_a_jpeg_the_device_decode_dropped_in_its_batch(tmp_path, monkeypatch):
+    """A JPEG the loader hands over but no device decoder reads takes a place in its batch
+    and is dropped after batching: the resume rebuilds the batches with it."""
+    import io
+
+    from PIL import Image
+
+    from crane.data import make_synthetic_dataset
+
+    root = tmp_path / "d"
+    make_synthetic_dataset(root, seed=0, classes=("tile", "plate", "fabric"), n_train=1,
+                           n_test_good=3, n_test_bad=4, size=64)  # fmt: skip
+    for f in sorted(root.glob("*/test/*/*.png")):  # (JPEG bytes; images known by content)
+        buf = io.BytesIO()
+        Image.open(f).convert("RGB").save(buf, format="JPEG", quality=90)
+        f.write_bytes(buf.getvalue())
+    bad_file = sorted(root.glob("tile/test/good/*.png"))[0]
+    bad = bytearray(bad_file.read_bytes())
+    dht = bad.find(b"\xff\xc4")
+    bad[dht + 5 : dht + 21] = b"\xff" * 16  # a Huffman table no decoder takes
+    bad_file.write_bytes(bytes(bad))
+    model = create_model("tiny+", image_size=SIZE, seed=0, dattn_threshold_scope="batch")
+    ds = AnomalyDataset(root, "test", image_size=SIZE, on_error="skip")
+    kw = dict(device=CPU, batch_size=4, progress=False, device_decode=True)
+    whole = evaluate(model, ds, **kw)
+    path = tmp_path / "ev" / "progress.jsonl"
+    count_forwards(monkeypatch, stop_at=6)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, ds, progress_file=path, **kw)
+    records = [json.loads(line) for line in path.read_text().splitlines()[1:]]
+    assert [(r["class"], r["n_images"], r["slots"]) for r in records] == [
+        ("tile", 6, 7), ("plate", 7, 7)]  # fmt: skip
+    count_forwards(monkeypatch)
+    res = evaluate(model, ds, progress_file=path, resume=True, **kw)
+    for k, v in whole.report.per_class["fabric"].items():
+        w = res.report.per_class["fabric"][k]
+        assert (math.isnan(v) and math.isnan(w)) or v == w, k
 
 
 def test_a_batch_scope_resume_that_cannot_rebuild_its_batches_is_refused(tmp_path, monkeypatch):
@@ -288,6 +330,7 @@ def test_a_batch_scope_resume_that_cannot_rebuild_its_batches_is_refused(tmp_pat
     lines = path.read_text().splitlines()
     record = json.loads(lines[1])
     record["n_images"] -= 1  # as if one of tile's images had been unreadable
+    record["slots"] -= 1
     path.write_text("\n".join([lines[0], json.dumps(record)]) + "\n")
     count_forwards(monkeypatch)
     with pytest.raises(CraneError, match="cannot be resumed exactly"):

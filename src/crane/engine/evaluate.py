@@ -201,7 +201,11 @@ def evaluate(
                 ", ".join(done) or "none",
             )
             rest = dataset.without_classes(done)
-            lead = _lead_in(dataset, done, batch_size, model.cfg.dattn_threshold_scope)
+            lead = (  # (every class done: only the report is rebuilt)
+                _lead_in(dataset, done, batch_size, model.cfg.dattn_threshold_scope)
+                if rest.samples
+                else []
+            )
             dataset = copy.copy(rest)
             dataset.samples = lead + rest.samples
     loader = batch_loader(
@@ -239,6 +243,7 @@ def evaluate(
         return now
 
     def launch(batch: dict[str, Any]) -> _Job | None:
+        slots.update(batch["cls_name"])  # (before the device decode may drop some)
         images = batch["image"]
         if "jpeg" in batch:
             batch, images = dataset_device_pixels(batch, size, device, on_error)
@@ -252,11 +257,11 @@ def evaluate(
         return job
 
     def consume(job: _Job) -> None:
-        if done and any(c in done for c in job.batch["cls_name"]):  # a resume's lead-in
-            keep = [j for j, c in enumerate(job.batch["cls_name"]) if c not in done]
-            if not keep:
+        if done and job.batch["cls_name"][0] in done:  # a resume's lead-in: the first rows
+            k = sum(c in done for c in job.batch["cls_name"])
+            if k == len(job.batch["cls_name"]):
                 return
-            job = _rows(job, keep)
+            job = _without_first_rows(job, k)
         batch = job.batch
         t = clock()
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
@@ -323,14 +328,21 @@ def evaluate(
         if record is not None:
             values, bounds = acc.class_result(cls)
             written = overlays.pop(cls, [])
-            entry = {"class": cls, "n_images": seen[cls], "values": values, "bounds": bounds,
-                     "overlays": [name for name, _ in written]}  # fmt: skip
+            entry = {
+                "class": cls,
+                "n_images": seen[cls],
+                "values": values,
+                "bounds": bounds,
+                "overlays": [name for name, _ in written],
+                "slots": slots[cls],  # (its places in the batches: see _lead_in)
+            }
             record.add(entry, [write for _, write in written])
 
     t0 = time.perf_counter()
     pending: _Job | None = None
     writer = OutputWriter(write_threads if visualize_dir is not None else 0)
     seen: Counter[str] = Counter()
+    slots: Counter[str] = Counter()  # images per class the loader delivered
     finished: set[str] = set()
     overlays: dict[str, list] = {}  # per class: (file under visualize_dir, its write)
     file, record = None, None
@@ -407,7 +419,10 @@ def _lead_in(dataset, done: dict[str, dict], batch_size: int, scope: str) -> lis
     runs = [s.cls_name for i, s in enumerate(dataset.samples)
             if i == 0 or s.cls_name != dataset.samples[i - 1].cls_name]  # fmt: skip
     prefix = order[: len(done)]
-    r = sum(done[c]["n_images"] for c in done) % batch_size
+    # Places in the batches: images the loader delivered, a JPEG the device decode could not
+    # read included (it is dropped after batching); older records: the images evaluated.
+    places = {c: done[c].get("slots", done[c]["n_images"]) for c in done}
+    r = sum(places.values()) % batch_size
     taken, need = [], r
     for c in reversed(prefix):
         if not need:
@@ -417,7 +432,7 @@ def _lead_in(dataset, done: dict[str, dict], batch_size: int, scope: str) -> lis
     exact = (
         len(runs) == len(order)
         and set(prefix) == set(done)
-        and all(done[c]["n_images"] == count[c] for c in taken)
+        and all(places[c] == count[c] for c in taken)
     )
     if not exact:
         if scope == "batch":
@@ -432,16 +447,12 @@ def _lead_in(dataset, done: dict[str, dict], batch_size: int, scope: str) -> lis
     return done_samples[len(done_samples) - r :] if r else []
 
 
-def _rows(job: _Job, keep: list[int]) -> _Job:
-    """``job`` with only the batch rows ``keep``."""
-    index = torch.tensor(keep)
-    batch = {
-        k: [v[j] for j in keep] if isinstance(v, list)
-        else v[index.to(v.device)] if isinstance(v, torch.Tensor) else v
-        for k, v in job.batch.items()
-    }  # fmt: skip
-    rows = index.to(job.scores.device)
-    return _Job(batch, job.scores[rows], job.maps[rows], job.done)
+def _without_first_rows(job: _Job, k: int) -> _Job:
+    """``job`` without its first ``k`` rows (views: nothing is queued on a device, so the
+    batch's event still covers every tensor, and the host does not wait)."""
+    batch = {key: v[k:] if isinstance(v, (list, torch.Tensor)) else v
+             for key, v in job.batch.items()}  # fmt: skip
+    return _Job(batch, job.scores[k:], job.maps[k:], job.done)
 
 
 def _with_resumed(report: MetricsReport, dataset, done: dict[str, dict]) -> MetricsReport:
