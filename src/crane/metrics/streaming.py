@@ -107,13 +107,14 @@ class _ExactPixels:
         self.areas: list[torch.Tensor] = []
         self.n_regions = 0
         self.on_host = False
+        self._device_bytes = 0  # (kept as the parts come: summing them per update is O(n²))
 
     def _parts(self) -> tuple[torch.Tensor, ...]:
         return (*self.maps, *self.pos, *self.region, *self.areas)
 
     def device_nbytes(self) -> int:
         """Bytes held on an accelerator (not the host)."""
-        return sum(t.numel() * t.element_size() for t in self._parts() if _on_accelerator(t))
+        return self._device_bytes if self.maps else 0
 
     def to_host(self) -> None:
         """Move the state to the host (and what the class receives later)."""
@@ -121,6 +122,7 @@ class _ExactPixels:
             [t.cpu() for t in parts] for parts in (self.maps, self.pos, self.region, self.areas)
         )
         self.on_host = True
+        self._device_bytes = 0
 
     def add(self, maps: torch.Tensor, masks: torch.Tensor) -> None:
         if self.on_host:  # (moved there past the device budget: the rest of it follows)
@@ -132,6 +134,11 @@ class _ExactPixels:
         self.region.append((region + self.n_regions).to(torch.int32))
         self.areas.append(areas)
         self.n_regions += areas.numel()
+        self._device_bytes += sum(
+            t.numel() * t.element_size()
+            for t in (self.maps[-1], self.pos[-1], self.region[-1], self.areas[-1])
+            if _on_accelerator(t)
+        )
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._parts())
