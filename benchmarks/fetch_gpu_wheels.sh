@@ -7,6 +7,7 @@
 # image's timm).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+rm -rf .whl  # (an earlier pin's wheels beside the new ones would make pip refuse both)
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo '/.whl/' >> .git/info/exclude; }
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \

@@ -78,9 +78,12 @@ log="$out/log.txt"
 
 # Seconds a step needs to return anything useful (skipped below that; PENDING_GPU_LEAST_S
 # sets one value for all, e.g. for a dry run with a stand-in interpreter).
+# eval, train and outputs record their rows only once a whole run is done: their minimum is
+# their full time (eval 136 s in the 27th session; train 60-65 s plus its fp32 baseline;
+# outputs ~20 s of set-up per row).
 declare -A least=([variants]=60 [compiled]=120 [tests]=45 [e2e-fast]=120 [floor]=90 [e2e]=120
-                  [model]=90 [outputs]=20 [attention]=45 [device-decode]=120 [train]=60
-                  [rebatch]=30 [eval]=45 [loader]=30)
+                  [model]=90 [outputs]=45 [attention]=45 [device-decode]=120 [train]=90
+                  [rebatch]=30 [eval]=150 [loader]=30)
 if [[ -n ${PENDING_GPU_LEAST_S:-} ]]; then
   for step in "${!least[@]}"; do least[$step]=$PENDING_GPU_LEAST_S; done
 fi
@@ -90,6 +93,9 @@ done
 
 if ! "$py" -c "import open_clip, timm" 2>/dev/null; then
   if compgen -G ".whl/*.whl" >/dev/null; then
+    # (two versions of one package make pip refuse them all: say which, before paying more)
+    dup=$(for w in .whl/*.whl; do basename "$w" | cut -d- -f1; done | sort | uniq -d)
+    [[ -z $dup ]] || { echo "two wheels of $dup in .whl/: rerun fetch_gpu_wheels.sh" >&2; exit 3; }
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/crane-site .whl/*.whl || exit 3
     export PYTHONPATH="/tmp/crane-site:$PYTHONPATH"
@@ -118,7 +124,7 @@ run_step() {  # the command of one step
     attention) "$py" benchmarks/attention.py --device cuda --batch 32 \
                  --json "$out/attention_b32.json"; rc=$?  # the second part runs either way
                "$py" benchmarks/variants.py --device cuda --batch 32 --select "bf16 default (cast" \
-                 cuDNN "DINO fp16" "bf16, DINO bf16" --json "$out/variants_cudnn_b32.json" || rc=1
+                 cuDNN "bf16, DINO fp16" "bf16, DINO bf16" --json "$out/variants_cudnn_b32.json" || rc=1
                return $rc ;;
     variants) "$py" benchmarks/variants.py --device cuda --batch 32 --json "$out/variants_b32.json" ;;
     compiled) "$py" benchmarks/variants.py --device cuda --batch 32 --compile \

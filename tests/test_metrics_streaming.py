@@ -494,3 +494,16 @@ def test_a_class_that_does_not_fit_the_device_to_rank_is_ranked_on_the_host(monk
     for key, value in ref.class_result(first)[0].items():
         assert got[key] == pytest.approx(value, abs=1e-12, nan_ok=True)
     _assert_reports_equal(acc.compute(), ref.compute())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_classes_past_the_device_budget_move_to_the_host() -> None:
+    data = dataset(5, n=12)
+    ref = MetricAccumulator()
+    feed(ref, data, [4, 8])
+    acc = MetricAccumulator(max_device_bytes=3000)
+    feed(acc, data, [4, 8], device="cuda")
+    states = acc._states.values()
+    assert any(s.pixels.on_host for s in states)
+    assert all(t.device.type == "cpu" for s in states if s.pixels.on_host for t in s.pixels.maps)
+    _assert_reports_equal(acc.compute(), ref.compute())
