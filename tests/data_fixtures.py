@@ -108,3 +108,17 @@ def photo_like(mode: str, hw: tuple[int, int], seed: int = 0) -> Image.Image:
     arr = np.asarray(low.resize(hw[::-1], Image.Resampling.BICUBIC), dtype=np.int16)
     arr = arr + rng.integers(-12, 13, (*hw, 3), dtype=np.int16)
     return Image.fromarray(arr.clip(0, 255).astype(np.uint8)).convert(mode)
+
+
+def separable_blob_cases(n: int, seed: int = 0):
+    """``n`` (maps, masks) pairs of 4 32x32 images, three rectangles of 1..4 px sides each,
+    every anomalous pixel at 0.9 and every normal one below 0.5: perfect maps over regions of
+    many areas, whose 1/area weights sum to 1 only up to rounding."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        masks = np.zeros((4, 32, 32), bool)
+        for b in range(4):
+            for _ in range(3):
+                r, c = rng.integers(0, 28, 2)
+                masks[b, r : r + rng.integers(1, 5), c : c + rng.integers(1, 5)] = True
+        yield np.where(masks, 0.9, rng.random((4, 32, 32)) * 0.5).astype(np.float32), masks

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from data_fixtures import separable_blob_cases
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
@@ -406,14 +407,7 @@ def test_binned_auroc_bound_does_not_wrap_on_huge_bins() -> None:
 def test_binned_bounds_hold_when_no_bin_mixes_classes() -> None:
     # Anomalous pixels all at 0.9, normal ones below 0.5: the binned curve is exact (bound 0)
     # up to float rounding, which the stated bound must still cover.
-    rng = np.random.default_rng(0)
-    for _ in range(60):
-        masks = np.zeros((4, 32, 32), bool)
-        for b in range(4):
-            for _ in range(3):
-                r, c = rng.integers(0, 28, 2)
-                masks[b, r : r + rng.integers(1, 5), c : c + rng.integers(1, 5)] = True
-        maps = np.where(masks, 0.9, rng.random((4, 32, 32)) * 0.5).astype(np.float32)
+    for maps, masks in separable_blob_cases(60):
         exact = aupro(maps, masks)
         acc = MetricAccumulator(mode="binned", num_bins=256)
         acc.update("c", None, masks.reshape(4, -1).any(1), maps, masks)
