@@ -204,8 +204,9 @@ def test_a_class_none_of_whose_images_can_be_read_is_left_out(synth, tmp_path, m
     path = tmp_path / "progress.jsonl"
     res = evaluate(model, ds, device=CPU, batch_size=2, progress=False, progress_file=path)
     assert list(res.report.per_class) == ["tile", "wood"] and res.n_images == 8
-    records = [json.loads(line)["class"] for line in path.read_text().splitlines()[1:]]
-    assert records == ["tile", "wood"]
+    records = [json.loads(line) for line in path.read_text().splitlines()[1:]]
+    assert [(r["class"], r["n_images"]) for r in records] == [("tile", 4), ("plate", 0),
+                                                              ("wood", 4)]  # fmt: skip
     shutil.rmtree(root)
 
 
@@ -335,3 +336,72 @@ def test_a_batch_scope_resume_that_cannot_rebuild_its_batches_is_refused(tmp_pat
     count_forwards(monkeypatch)
     with pytest.raises(CraneError, match="cannot be resumed exactly"):
         evaluate(model, ds, progress_file=path, resume=True, **kw)
+
+
+def test_a_class_with_no_readable_image_is_recorded_and_resumes_rebuild_around_it(
+    tmp_path, monkeypatch
+):
+    """Its record (no metrics, its places in the batches) lets a batch-scope resume rebuild
+    the batches after it, and a fully recorded run resume without running anything."""
+    from crane.data import make_synthetic_dataset
+
+    root = tmp_path / "d"
+    make_synthetic_dataset(root, seed=0, classes=("tile", "plate", "fabric", "wood"),
+                           n_train=1, n_test_good=3, n_test_bad=4, size=64)  # fmt: skip
+    for f in (root / "plate" / "test").rglob("*.png"):
+        f.write_bytes(b"not an image")
+    model = create_model("tiny+", image_size=SIZE, seed=0, dattn_threshold_scope="batch")
+    ds = AnomalyDataset(root, "test", image_size=SIZE, on_error="skip")
+    kw = dict(device=CPU, batch_size=4, progress=False)
+    whole = evaluate(model, ds, **kw)
+    assert "plate" not in whole.report.per_class
+    path = tmp_path / "ev" / "progress.jsonl"
+    count_forwards(monkeypatch, stop_at=6)  # in wood's images: tile, plate, fabric recorded
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, ds, progress_file=path, **kw)
+    records = [json.loads(line) for line in path.read_text().splitlines()[1:]]
+    assert [(r["class"], r["n_images"], r["slots"]) for r in records] == [
+        ("tile", 7, 7), ("plate", 0, 0), ("fabric", 7, 7)]  # fmt: skip
+    calls = count_forwards(monkeypatch)
+    res = evaluate(model, ds, progress_file=path, resume=True, **kw)
+    assert calls[0] == 4 and sum(calls) == 2 + 7  # fabric's last 2 again, then wood
+    same_report(res.report, whole.report)
+    assert list(res.report.per_class) == ["tile", "fabric", "wood"]
+    calls.clear()
+    again = evaluate(model, ds, progress_file=path, resume=True, **kw)
+    assert calls == []
+    same_report(again.report, whole.report)
+
+
+def test_a_stopped_run_with_workers_resumes_in_the_same_process(synth, tmp_path, monkeypatch):
+    """Its forked decode workers, kept alive by a traceback held as IPython holds one, had
+    inherited the progress file's lock: the resume was refused as another run."""
+    import sys
+
+    ds = AnomalyDataset(synth, "test", image_size=SIZE)
+    kw = dict(device=CPU, batch_size=4, workers=2, progress=False)
+    path = tmp_path / "ev" / "progress.jsonl"
+    count_forwards(monkeypatch, stop_at=4)  # (tile recorded)
+    try:
+        evaluate(create_model("tiny", image_size=SIZE, seed=0), ds, progress_file=path, **kw)
+    except KeyboardInterrupt:
+        held = sys.exc_info()  # (what IPython keeps in sys.last_traceback)
+    count_forwards(monkeypatch)
+    res = evaluate(create_model("tiny", image_size=SIZE, seed=0), ds, progress_file=path,
+                   resume=True, **kw)  # fmt: skip
+    assert res.n_images == 8 and held[0] is KeyboardInterrupt
+
+
+def test_records_without_places_are_not_trusted_with_the_device_decode(synth, tmp_path):
+    """Written before "slots" were recorded: their n_images may leave out JPEGs the device
+    decode dropped, which held places in the batches."""
+    from crane.engine.evaluate import _lead_in
+
+    ds = AnomalyDataset(synth, "test", image_size=SIZE)  # tile: 8 images, then plate
+    tile = [smp for smp in ds.samples if smp.cls_name == "tile"]
+    new, old = {"tile": {"n_images": 8, "slots": 8}}, {"tile": {"n_images": 8}}
+    assert _lead_in(ds, new, 3, "batch", device_decode=True) == tile[-2:]
+    assert _lead_in(ds, old, 3, "batch", device_decode=False) == tile[-2:]
+    assert _lead_in(ds, old, 3, "image", device_decode=True) == []
+    with pytest.raises(CraneError, match="cannot be resumed exactly"):
+        _lead_in(ds, old, 3, "batch", device_decode=True)

@@ -121,6 +121,15 @@ class ChunkedBatches:
     def __len__(self) -> int:
         return -(-self.n_samples // self.batch_size)
 
+    def close(self) -> None:
+        """Stop the decode workers of the iteration under way now, not when it is garbage-
+        collected: a stopped run's traceback keeps it alive, and forked workers hold the
+        files the run had open (its progress file's lock among them)."""
+        chunks, self._chunks = getattr(self, "_chunks", None), None
+        shutdown = getattr(chunks, "_shutdown_workers", None)  # (torch's own __del__ calls it)
+        if shutdown is not None:
+            shutdown()
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         lists: dict[str, list[Any]] = {}
         tensors: dict[str, list[torch.Tensor]] = {}
@@ -141,7 +150,8 @@ class ChunkedBatches:
                 out["image"] = None
             return out
 
-        for chunk in self.loader:
+        self._chunks = chunks = iter(self.loader)
+        for chunk in chunks:
             if chunk is None:  # every sample of the chunk was unreadable and skipped
                 continue
             if "jpeg" in chunk and "jpeg" not in lists:  # the samples so far were decoded

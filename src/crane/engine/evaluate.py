@@ -202,7 +202,7 @@ def evaluate(
             )
             rest = dataset.without_classes(done)
             lead = (  # (every class done: only the report is rebuilt)
-                _lead_in(dataset, done, batch_size, model.cfg.dattn_threshold_scope)
+                _lead_in(dataset, done, batch_size, model.cfg.dattn_threshold_scope, device_decode)
                 if rest.samples
                 else []
             )
@@ -309,8 +309,7 @@ def evaluate(
                 remaining[cls] -= 1
                 seen[cls] += 1
                 for earlier in class_order[: class_order.index(cls)] if class_order else ():
-                    if seen[earlier]:  # (none of a class's images may have been readable)
-                        finish(earlier)  # (its unread images were skipped)
+                    finish(earlier)  # (its unread images were skipped; maybe all of them)
                 if remaining[cls] == 0:
                     finish(cls)
             t = timed("finalize", t)
@@ -321,9 +320,14 @@ def evaluate(
 
     def finish(cls: str) -> None:
         """Finalise ``cls`` (once) and record it once its overlays are written."""
-        if cls in finished:
+        if cls in finished or cls in done:  # (done: a resume's lead-in class)
             return
         finished.add(cls)
+        if not seen[cls]:  # none of its images could be read: no metrics, as in the report,
+            if record is not None:  # but recorded, with its places in the batches (_lead_in)
+                record.add({"class": cls, "n_images": 0, "slots": slots[cls], "values": None,
+                            "bounds": None, "overlays": []}, [])  # fmt: skip
+            return
         acc.finalize_class(cls)
         if record is not None:
             values, bounds = acc.class_result(cls)
@@ -379,10 +383,10 @@ def evaluate(
                 if pending is not None:
                     consume(pending)
                 for cls in remaining:  # (the last ones may have lost images to skipping)
-                    if seen[cls]:
-                        finish(cls)
+                    finish(cls)
                 t = clock()
         except BaseException:  # Ctrl-C, a crash: the classes recorded stay
+            loader.close()  # (its forked workers would hold the progress file's lock)
             if record is not None:
                 record.flush()  # (the writer has finished every overlay it took)
                 log.warning(
@@ -404,7 +408,9 @@ def evaluate(
     return EvalResult(report, n, clock() - t0, timings, n_resumed=resumed)
 
 
-def _lead_in(dataset, done: dict[str, dict], batch_size: int, scope: str) -> list:
+def _lead_in(
+    dataset, done: dict[str, dict], batch_size: int, scope: str, device_decode: bool = False
+) -> list:
     """The samples of finished classes that shared the resumed run's first batch in the run
     that stopped, to be run again (and their results dropped) so that every batch holds
     the images it held then: D-Attn's batch-wide threshold (``scope="batch"``) depends on
@@ -430,7 +436,10 @@ def _lead_in(dataset, done: dict[str, dict], batch_size: int, scope: str) -> lis
         taken.append(c)
         need -= min(need, count[c])
     exact = (
-        len(runs) == len(order)
+        # (records written before "slots": with the device decode their images may have
+        # dropped JPEGs that held places, which only "slots" counts)
+        not (device_decode and any("slots" not in done[c] for c in done))
+        and len(runs) == len(order)
         and set(prefix) == set(done)
         and all(places[c] == count[c] for c in taken)
     )
@@ -457,9 +466,10 @@ def _without_first_rows(job: _Job, k: int) -> _Job:
 
 def _with_resumed(report: MetricsReport, dataset, done: dict[str, dict]) -> MetricsReport:
     """The report of every class of ``dataset``, in its order: recorded ones from ``done``."""
-    # (A class none of whose images could be read is in neither, as in a run that never stopped.)
+    # (A class none of whose images could be read is in neither, as in a run that never
+    # stopped: its record has no metrics.)
     order = [c for c in dict.fromkeys(s.cls_name for s in dataset.samples)
-             if c in done or c in report.per_class]  # fmt: skip
+             if (c in done and done[c]["n_images"]) or c in report.per_class]  # fmt: skip
     values = {c: done[c]["values"] if c in done else report.per_class[c] for c in order}
     bounds = None
     if report.bounds is not None:

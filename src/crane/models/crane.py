@@ -92,6 +92,8 @@ class CraneModel(nn.Module):
         if dropped is not None and not isinstance(dropped, tuple):
             state["threshold_not_used"] = (dropped, "its own prompts, not for these")
         state.setdefault("threshold_not_used", None)
+        for name in ("backbone_seed", "matmul_dtype"):  # (added in earlier sessions)
+            state.setdefault(name, None)
         super().__setstate__(state)
         if old is not None and self._threshold is None:
             self.image_threshold = old
