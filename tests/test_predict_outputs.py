@@ -198,11 +198,15 @@ def test_thresholds_are_finite_numbers_and_scores_are_written_whole(tmp_path):
 
 def test_resume_through_a_link_that_now_points_elsewhere(tmp_path, monkeypatch):
     """Records match by place first; where the folder's link was re-pointed (data staged
-    again), by absolute path when that names one input."""
+    again, times kept as cp -p or rsync -a keep them), by absolute path when that names one
+    input. A file whose size or modification time differs is predicted again."""
+    import shutil
+
     monkeypatch.chdir(tmp_path)
-    for stage in ("stage1", "stage2"):
-        for i in range(3):
-            image(Path(stage) / f"{i}.png", seed=i)
+    Path("stage2").mkdir()
+    for i in range(3):
+        image(Path("stage1") / f"{i}.png", seed=i)
+        shutil.copy2(Path("stage1") / f"{i}.png", Path("stage2") / f"{i}.png")
     os.symlink("stage1", "data")
     det = interrupted(detector(), 1)
     with pytest.raises(KeyboardInterrupt):
@@ -227,3 +231,76 @@ def test_names_that_fitted_before_keep_them_and_links_to_nothing_are_named(tmp_p
     assert "point to no file" in caplog.text
     run_predict(detector(), [src], tmp_path / "out", progress=False)
     assert [p.name for p in (tmp_path / "out" / "overlays").iterdir()] == [f"{stem}.png"]
+
+
+def test_an_input_changed_or_gone_before_its_overlay_gets_none_and_the_run_goes_on(
+    tmp_path, caplog
+):
+    from crane.engine.predict import _input_overlay, _stamp
+
+    src = tmp_path / "a.png"
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(src)
+    stamp = _stamp(str(src))
+    amap = np.zeros((20, 30), np.float32)
+    _input_overlay(tmp_path / "ok.png", str(src), amap, stamp)
+    assert (tmp_path / "ok.png").is_file()
+    Image.fromarray(np.full((40, 30, 3), 9, np.uint8)).save(src)  # rewritten by a camera
+    with caplog.at_level(logging.WARNING):
+        _input_overlay(tmp_path / "changed.png", str(src), amap, stamp)
+        src.unlink()
+        _input_overlay(tmp_path / "gone.png", str(src), amap, stamp)
+    assert not (tmp_path / "changed.png").exists() and not (tmp_path / "gone.png").exists()
+    assert caplog.text.count("changed or went away after it was scored") == 2
+
+
+def test_recursive_patterns_walk_each_folder_once(tmp_path):
+    """glob's ** follows a link back up the tree 40 times (two such links: it never ends);
+    each image is found once, by its shortest path."""
+    from crane.engine.predict import expand_inputs
+
+    root = tmp_path / "r"
+    (root / "line1").mkdir(parents=True)
+    (root / "line2").mkdir()
+    for f in (root / "line1" / "a.png", root / "line2" / "b.png", root / "c.png"):
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(f)
+    (root / "line1" / "up").symlink_to("..", target_is_directory=True)
+    (root / "line2" / "up").symlink_to("..", target_is_directory=True)
+    (root / ".hidden").mkdir()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / ".hidden" / "h.png")
+    want = sorted(str(root / p) for p in ("c.png", "line1/a.png", "line2/b.png"))
+    assert sorted(expand_inputs([f"{root}/**/*.png"])) == want
+    assert expand_inputs([f"{root}/**/a*.png"]) == [str(root / "line1" / "a.png")]
+    assert expand_inputs([f"{root}/line*/*.png"]) == want[1:]  # (no **: glob as before)
+
+
+def test_folders_and_files_that_cannot_be_looked_at_are_reported(tmp_path, monkeypatch, caplog):
+    """(Simulated: the tests run as root, whom permissions do not stop.) An unreadable folder
+    is named in a warning, not passed over in silence; a file whose type cannot be told is
+    read, and reported among the failures, instead of stopping the scan."""
+    import crane.engine.predict as P
+
+    root = tmp_path / "in"
+    (root / "locked").mkdir(parents=True)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / "ok.png")
+    real_walk = os.walk
+
+    def walk(top, **kw):
+        for entry in real_walk(top, **kw):
+            if Path(entry[0]).name == "locked":
+                kw["onerror"](PermissionError(13, "Permission denied", entry[0]))
+                continue
+            yield entry
+
+    monkeypatch.setattr(P.os, "walk", walk)
+    with caplog.at_level(logging.WARNING):
+        assert P.expand_inputs([root]) == [str(root / "ok.png")]
+    assert "could not be read" in caplog.text and "locked: Permission denied" in caplog.text
+    real_is_file = Path.is_file
+
+    def is_file(self):
+        if self.name == "secret.png":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_is_file(self)
+
+    monkeypatch.setattr(Path, "is_file", is_file)
+    assert P.expand_inputs([root / "secret.png"]) == [str(root / "secret.png")]

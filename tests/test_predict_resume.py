@@ -488,3 +488,22 @@ def test_a_run_started_by_an_older_crane_resumes_with_a_warning(tmp_path, images
     (out / PROGRESS_FILE).write_text("\n".join([json.dumps(head), *lines[1:]]) + "\n")
     with pytest.raises(CraneError, match="started with other map_size"):
         run_predict(detector(), [images], out, progress=False, resume=True)
+
+
+def test_a_resume_predicts_again_an_image_rewritten_since_it_was_scored(images, tmp_path):
+    kw = dict(progress=False, write_threads=2)
+    out = tmp_path / "out"
+    det = detector()
+    stop_after(det, 3)
+    with pytest.raises(KeyboardInterrupt):
+        run_predict(det, [images], out, **kw)
+    first = json.loads((out / PROGRESS_FILE).read_text().splitlines()[1])["path"]
+    rng = np.random.default_rng(9)
+    Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)).save(first)
+    det = detector()
+    asked = stop_after(det, 10**6)
+    summary = run_predict(det, [images], out, resume=True, **kw)
+    assert first in asked[0] and len(asked[0]) == 7 - 2 and summary["n_resumed"] == 2
+    rows = {r["path"]: r for r in csv.DictReader(open(out / "predictions.csv"))}
+    alone = detector().predict(first)[0]
+    assert float(rows[first]["image_score"]) == pytest.approx(alone.score, abs=2e-6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import fnmatch
 import glob
 import io
 import itertools
@@ -938,13 +939,58 @@ def _files_under(folder: Path) -> list[Path]:
     so a link loop ends."""
     seen: set[tuple[int, int]] = set()
     out: list[Path] = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
+    unreadable: list[OSError] = []
+    for root, dirs, files in os.walk(folder, followlinks=True, onerror=unreadable.append):
         st = os.stat(root)
         if (st.st_dev, st.st_ino) in seen:
             dirs[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
         out += [Path(root) / f for f in files]
+    if unreadable:  # (os.walk passes over them without a word)
+        log.warning(
+            "%d folder(s) under %s could not be read, their images left out: %s",
+            len(unreadable),
+            folder,
+            "; ".join(f"{e.filename}: {e.strerror}" for e in unreadable[:3])
+            + ("; ..." if len(unreadable) > 3 else ""),
+        )
+    return out
+
+
+def _file_or_unreadable(p: Path) -> bool:
+    """``p.is_file()``, and True where it cannot be told (no permission to look): the input
+    is then read, fails, and is reported among the failures rather than stopping the run."""
+    try:
+        return p.is_file()
+    except OSError:
+        return True
+
+
+def _glob(spec: str) -> list[str]:
+    """``glob.glob(spec, recursive=True)``, with ``**`` walked as a folder scan is (each folder
+    once): glob follows links to folders without a loop check, so a link back up the tree
+    spelled each file 40 ways, and two such links never ended."""
+    parts = Path(spec).parts
+    if "**" not in parts:
+        return glob.glob(spec, recursive=True)
+    fixed = next(i for i, s in enumerate(parts) if any(ch in s for ch in "*?["))
+    base, pattern = Path(*parts[:fixed]) if fixed else Path("."), parts[fixed:]
+    if not base.is_dir():
+        return []
+
+    def match(pat: tuple[str, ...], names: tuple[str, ...]) -> bool:
+        if not pat:
+            return not names
+        if pat[0] == "**":
+            return any(match(pat[1:], names[k:]) for k in range(len(names) + 1))
+        return bool(names) and fnmatch.fnmatchcase(names[0], pat[0]) and match(pat[1:], names[1:])
+
+    out = []
+    for f in _files_under(base):
+        names = f.relative_to(base).parts
+        if not any(n.startswith(".") for n in names) and match(pattern, names):
+            out.append(str(f))
     return out
 
 
@@ -983,7 +1029,7 @@ def expand_inputs(
     for spec in specs:
         spec = os.fspath(spec)
         p = Path(spec)
-        if p.is_file():
+        if _file_or_unreadable(p):
             out.append(spec)
             continue
         if p.is_dir():
@@ -1005,16 +1051,16 @@ def expand_inputs(
                     + (", ..." if len(others) > 3 else ""),
                 )
             warn_broken_links(named)
-            found = [f for f in named if f.is_file()]
+            found = [f for f in named if _file_or_unreadable(f)]
             files = sorted(
                 str(f) for f in found if not any(s.startswith(".") for s in f.relative_to(p).parts)
             )
             if len(files) < len(found):
                 log.info("left out %d hidden image files under %s", len(found) - len(files), p)
         elif any(ch in spec for ch in "*?["):
-            named = [f for f in glob.glob(spec, recursive=True) if is_image_file(f)]
+            named = [f for f in _glob(spec) if is_image_file(f)]
             warn_broken_links([Path(f) for f in named])
-            files = sorted(f for f in named if Path(f).is_file())
+            files = sorted(f for f in named if _file_or_unreadable(Path(f)))
         else:
             raise ImageReadError(f"input {spec} does not exist")
         kept = [f for f in files if keep(f)]
@@ -1042,10 +1088,34 @@ def _place(path: str) -> str:
     return os.path.join(os.path.realpath(os.path.dirname(path) or "."), os.path.basename(path))
 
 
-def _whereabouts(path: str) -> dict[str, str]:
+def _whereabouts(path: str) -> dict[str, Any]:
     """What a progress record holds to find its input again (:func:`_place`; the absolute
-    path for an older crane's records and a folder link re-pointed since)."""
-    return {"abspath": os.path.abspath(path), "place": _place(path)}
+    path for an older crane's records and a folder link re-pointed since) and to tell it was
+    not rewritten since (:func:`_stamp`)."""
+    return {"abspath": os.path.abspath(path), "place": _place(path), **_stamp(path)}
+
+
+def _stamp(path: str) -> dict[str, int]:
+    """The file's size and modification time (nothing where it cannot be read)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return {}
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _input_overlay(target: Path, path: str, amap: np.ndarray, stamp: dict) -> None:
+    """:func:`~crane.viz.write_overlay` of the input file, read again for it: skipped, with a
+    warning, when the file has gone or changed since it was scored (a hot folder's camera
+    rewrote it): the overlay would show other pixels than the map, or stop the run. Without
+    it the image counts as not done for a resume, and is predicted again there."""
+    if _stamp(path) != {k: stamp[k] for k in ("size", "mtime_ns") if k in stamp}:
+        log.warning("no overlay for %s: the file changed or went away after it was scored", path)
+        return
+    try:
+        write_overlay(target, path, amap)
+    except ImageReadError as exc:
+        log.warning("no overlay for %s: it can no longer be read (%s)", path, exc)
 
 
 def _output_names(paths: Sequence[str]) -> dict[str, str]:
@@ -1175,6 +1245,7 @@ def run_predict(
         by_abspath: dict[str, list[str]] = {}
         for p in paths:
             by_abspath.setdefault(os.path.abspath(p), []).append(p)
+        changed = 0
         for r in recorded:
             path = at.get(r["place"]) if "place" in r else None
             if path is None:  # (an older record, or the folder's link now points elsewhere)
@@ -1182,11 +1253,16 @@ def run_predict(
                 path = same[0] if len(same) == 1 else None
             if path is None:  # (the settings hash the same inputs: an edited file)
                 raise CraneError(f"{progress_path} names {r['path']}, not among the inputs")
-            if _outputs_exist(out, names[path], outputs):
+            if "size" in r and _stamp(path) != {"size": r["size"], "mtime_ns": r["mtime_ns"]}:
+                changed += 1  # (rewritten since it was scored: its result is not its own)
+            elif _outputs_exist(out, names[path], outputs):
                 done[path] = {**{k: r[k] for k in _COLUMNS}, "path": path}
-        if len(done) < len(recorded):
+        if changed:
+            log.warning("%d image(s) changed since they were scored: predicted again", changed)
+        if len(done) < len(recorded) - changed:
             log.info(
-                "%d image(s) lack an output file and are predicted again", len(recorded) - len(done)
+                "%d image(s) lack an output file and are predicted again",
+                len(recorded) - changed - len(done),
             )
         log.info("resuming: %d of %d images already done", len(done), len(paths))
     out.mkdir(parents=True, exist_ok=True)
@@ -1224,16 +1300,19 @@ def run_predict(
                     }
                     rows[r.path] = row
                     writes = []
+                    where = _whereabouts(r.path)
                     if overlays:
                         name = f"{names[r.path]}.{overlay_format}"
                         target = out / "overlays" / name
-                        writes.append(writer.submit(write_overlay, target, r.path, r.anomaly_map))
+                        writes.append(
+                            writer.submit(_input_overlay, target, r.path, r.anomaly_map, where)
+                        )
                     if save_maps:
                         target = out / "maps" / f"{names[r.path]}.npy"
                         writes.append(writer.submit(_write_map, target, r.anomaly_map))
                     # (appended once its files are written; by absolute path too, so that a
                     # resume from another working directory finds it)
-                    record.add({**row, **_whereabouts(r.path)}, writes)
+                    record.add({**row, **where}, writes)
             record.flush()  # (every write has finished: the last images are recorded too)
         except BaseException:  # Ctrl-C, a crash, a full disk: what is recorded stays
             record.flush()  # (the writer has finished every job it took)
