@@ -228,9 +228,7 @@ def evaluate(
     # and skipped).
     remaining = Counter(s.cls_name for s in dataset.samples)
     class_order = list(remaining)
-    names_in_order = [s.cls_name for s in dataset.samples]
-    runs = sum(a != b for a, b in zip(names_in_order, names_in_order[1:], strict=False)) + 1
-    if runs != len(class_order):  # (a dataset that interleaves classes: no early finalising)
+    if not _class_by_class(dataset):  # (a dataset that interleaves classes: no early finalising)
         class_order = []
     n = 0
     timings = dict.fromkeys(TIMINGS, 0.0)
@@ -422,8 +420,6 @@ def _lead_in(
     batching cannot be rebuilt: an error under ``scope="batch"``, else no lead-in."""
     order = list(dict.fromkeys(s.cls_name for s in dataset.samples))
     count = Counter(s.cls_name for s in dataset.samples)
-    runs = [s.cls_name for i, s in enumerate(dataset.samples)
-            if i == 0 or s.cls_name != dataset.samples[i - 1].cls_name]  # fmt: skip
     prefix = order[: len(done)]
     # Places in the batches: images the loader delivered, a JPEG the device decode could not
     # read included (it is dropped after batching); older records: the images evaluated.
@@ -439,7 +435,7 @@ def _lead_in(
         # (records written before "slots": with the device decode their images may have
         # dropped JPEGs that held places, which only "slots" counts)
         not (device_decode and any("slots" not in done[c] for c in done))
-        and len(runs) == len(order)
+        and _class_by_class(dataset)
         and set(prefix) == set(done)
         and all(places[c] == count[c] for c in taken)
     )
@@ -454,6 +450,13 @@ def _lead_in(
         return []
     done_samples = [s for s in dataset.samples if s.cls_name in done]
     return done_samples[len(done_samples) - r :] if r else []
+
+
+def _class_by_class(dataset) -> bool:
+    """Whether ``dataset`` lists its samples class after class (no class comes back)."""
+    names = [s.cls_name for s in dataset.samples]
+    runs = sum(a != b for a, b in zip(names, names[1:], strict=False)) + 1
+    return runs == len(set(names)) or not names
 
 
 def _without_first_rows(job: _Job, k: int) -> _Job:

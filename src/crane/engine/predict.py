@@ -65,7 +65,7 @@ from crane.engine.runtime import (
 from crane.engine.writer import OutputWriter
 from crane.errors import CraneError, ImageReadError
 from crane.files import fit_file_name, strict_json
-from crane.models.checkpoint import atomic_write_bytes
+from crane.models.checkpoint import atomic_write_bytes, finite_threshold
 from crane.models.crane import CraneModel
 from crane.models.factory import create_model, names_a_run
 from crane.viz import OVERLAY_FORMATS, write_overlay
@@ -672,14 +672,12 @@ class Detector:
             self.model.cast_frozen_matmuls(self.amp)
         # torch.compile fuses the post-processing and attention glue; first call compiles.
         self._forward = scoring_forward(self.model, self.device, compile, attention)
-        if threshold is not None:  # (a numpy scalar, a string from a config: a plain float)
-            try:
-                threshold = float(threshold)
-            except (TypeError, ValueError):
-                raise CraneError(f"threshold must be a number, got {threshold!r}") from None
-        self.threshold = threshold if threshold is not None else self.model.image_threshold
-        if self.threshold is not None and not math.isfinite(self.threshold):
-            raise CraneError(f"threshold must be a finite number, got {self.threshold}")
+        # (a numpy scalar, a string from a config: a plain float)
+        self.threshold = (
+            finite_threshold(threshold, "threshold")
+            if threshold is not None
+            else self.model.image_threshold
+        )
         dropped = getattr(self.model, "threshold_not_used", None)
         if self.threshold is None and dropped is not None:
             log.warning(

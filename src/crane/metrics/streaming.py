@@ -109,9 +109,6 @@ class _ExactPixels:
         self.on_host = False
         self._device_bytes = 0  # (kept as the parts come: summing them per update is O(n²))
 
-    def _parts(self) -> tuple[torch.Tensor, ...]:
-        return (*self.maps, *self.pos, *self.region, *self.areas)
-
     def device_nbytes(self) -> int:
         """Bytes held on an accelerator (not the host)."""
         return self._device_bytes if self.maps else 0
@@ -141,7 +138,8 @@ class _ExactPixels:
         )
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._parts())
+        parts = (*self.maps, *self.pos, *self.region, *self.areas)
+        return sum(t.numel() * t.element_size() for t in parts)
 
     def compute(
         self, max_fpr: float, num_thresholds: int, release: bool, scratch: dict
@@ -418,7 +416,7 @@ class MetricAccumulator:
             return
         budget = self.max_device_bytes
         if budget == "auto":
-            budget = default_device_budget(next(t for t in pixels.maps).device)
+            budget = default_device_budget(pixels.maps[0].device)
         if budget is not None and held > budget:
             log.info(
                 "class %r: %.2f GB of pixel scores, over the device budget (%.2f GB): kept on "

@@ -104,6 +104,18 @@ def load_released_prompts(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
+def finite_threshold(value: Any, name: str, error: type[Exception] = CraneError) -> float:
+    """``value`` as a plain float (a NumPy scalar, a number in a string), or ``error`` unless
+    it is a finite number."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise error(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(out):
+        raise error(f"{name} must be a finite number, got {out}")
+    return out
+
+
 def save_checkpoint(
     directory: str | os.PathLike,
     cfg: CraneConfig,
@@ -124,14 +136,7 @@ def save_checkpoint(
             f"{directory} already holds a checkpoint; pass overwrite=True to replace it"
         )
     if image_threshold is not None:  # (a NumPy scalar is not JSON; NaN would not reload)
-        try:
-            image_threshold = float(image_threshold)
-        except (TypeError, ValueError):
-            raise CheckpointError(
-                f"image_threshold must be a number, got {image_threshold!r}"
-            ) from None
-        if not math.isfinite(image_threshold):
-            raise CheckpointError(f"image_threshold must be finite, got {image_threshold}")
+        image_threshold = finite_threshold(image_threshold, "image_threshold", CheckpointError)
     tensors = {k: v.detach().cpu().contiguous() for k, v in prompt_state.items()}
     data = save(tensors)
     meta = {

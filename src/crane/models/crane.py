@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +12,7 @@ from torch import nn
 from crane.config import CraneConfig
 from crane.errors import CraneError
 from crane.models import scoring
+from crane.models.checkpoint import finite_threshold
 from crane.models.text import PromptLearner, PromptTextEncoder
 from crane.models.vision import (
     CraneVisionEncoder,
@@ -55,9 +55,13 @@ def _strict_fp32(method):
     return run
 
 
-def _same_values(snapshot: list[torch.Tensor | None], tensors: list[torch.Tensor]) -> bool:
-    """Whether the CPU tensors still hold their snapshot's values (GPU ones are not compared)."""
-    return all(old is None or torch.equal(old, t) for old, t in zip(snapshot, tensors, strict=True))
+def _still_holds(snapshot: list[torch.Tensor | None], tensors: list[torch.Tensor]) -> bool:
+    """Whether ``tensors`` still hold their snapshot's values (after a move or a cast, as
+    cast; entries None: not compared)."""
+    return len(snapshot) == len(tensors) and all(
+        old is None or (old.shape == t.shape and torch.equal(old.to(t.device, t.dtype), t))
+        for old, t in zip(snapshot, tensors, strict=True)
+    )
 
 
 class CraneModel(nn.Module):
@@ -108,11 +112,7 @@ class CraneModel(nn.Module):
         if self._threshold is None:
             return None
         value, snapshot = self._threshold
-        now = self._prompt_tensors()
-        if len(now) == len(snapshot) and all(
-            old.shape == t.shape and torch.equal(old.to(t.device, t.dtype), t)
-            for old, t in zip(snapshot, now, strict=True)
-        ):
+        if _still_holds(snapshot, self._prompt_tensors()):
             return value
         log.warning(
             "the image threshold %s was set for other prompts than this model now holds, "
@@ -124,15 +124,11 @@ class CraneModel(nn.Module):
 
     @image_threshold.setter
     def image_threshold(self, value: float | None) -> None:
-        if value is not None:
-            try:
-                value = float(value)  # (a NumPy scalar from np.percentile: a plain float)
-            except (TypeError, ValueError):
-                raise CraneError(f"image_threshold must be a number, got {value!r}") from None
-            if not math.isfinite(value):
-                raise CraneError(f"image_threshold must be a finite number, got {value}")
-        snapshot = [t.detach().clone() for t in self._prompt_tensors()]
-        self._threshold = None if value is None else (value, snapshot)
+        if value is None:
+            self._threshold = None
+            return
+        value = finite_threshold(value, "image_threshold")  # (np.percentile's NumPy scalar)
+        self._threshold = (value, [t.detach().clone() for t in self._prompt_tensors()])
 
     def _prompt_tensors(self) -> list[torch.Tensor]:
         pl = self.prompt_learner
@@ -177,13 +173,13 @@ class CraneModel(nn.Module):
         """
         if torch.is_grad_enabled() and self.training:
             return self.text_features()
-        tensors = list(self.prompt_learner.parameters()) + list(self.prompt_learner.buffers())
+        tensors = self._prompt_tensors()
         if any(t.is_inference() for t in tensors):  # (built under torch.inference_mode: no
             with torch.no_grad():  # version counter tells a change; two prompts, cheap)
                 return self.text_features()
         key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
         cache = self._text_cache
-        if cache is None or cache[0] != key or not _same_values(cache[2], tensors):
+        if cache is None or cache[0] != key or not _still_holds(cache[2], tensors):
             with torch.no_grad():
                 snapshot = [t.detach().clone() if t.device.type == "cpu" else None for t in tensors]
                 self._text_cache = cache = (key, self.text_features(), snapshot)
