@@ -6,8 +6,10 @@
 # Steps (seconds each took on an H100 in the 16th or 17th session, or an H200 in the 27th,
 # wheel install excluded):
 #   tests     CUDA tests: CUDA = CPU, guards, pipelines, CUDA-graph outputs, attention
-#             kernels, nvJPEG decoding through torchvision and, where it imports, TorchCodec
-#             (104 in the 17th: 19 tests; 95 in the 27th: 24)
+#             kernels, nvJPEG decoding through torchvision and, where it imports, TorchCodec;
+#             since the 31st session also the CLI commands on the GPU, binned evaluation's NaN
+#             check, the resize's row split and real (not planted) out-of-memory errors
+#             (104 in the 17th: 19 tests; 95 in the 27th: 24; the 31st's add ≈ 60 by estimate)
 #   eval      evaluate end to end (512 1024-px PNGs with masks), fp32 baseline against the
 #             optimised path and the optimised path with --device-resize (20th session), with
 #             where the main thread's time went (part of e2e before the 17th session; 136 in
@@ -120,7 +122,8 @@ run_step() {  # the command of one step
   case "$1" in
     tests) "$py" -m pytest -q -rs -p no:cacheprovider tests/test_fast_paths.py \
              tests/test_metrics_streaming.py tests/test_attention_kernels.py \
-             tests/test_device_decode.py tests/test_pil_resample.py -k cuda ;;
+             tests/test_device_decode.py tests/test_pil_resample.py tests/test_cuda_paths.py \
+             -k cuda ;;
     attention) "$py" benchmarks/attention.py --device cuda --batch 32 \
                  --json "$out/attention_b32.json"; rc=$?  # the second part runs either way
                "$py" benchmarks/variants.py --device cuda --batch 32 --select "bf16 default (cast" \

@@ -310,9 +310,12 @@ def resize_each(images: Sequence[torch.Tensor], size: int) -> list[torch.Tensor]
         step = max(1, _RESIZE_BYTES // (8 * math.prod(shape)))
         for start in range(0, len(members), step):
             part = members[start : start + step]
+            resized = None
             try:
                 resized = resize_uint8(torch.stack([images[i] for i in part]), size)
             except torch.cuda.OutOfMemoryError:
+                pass
+            if resized is None:  # (not in the handler: its traceback holds the products)
                 resized = _resized_on_the_host([images[i] for i in part], size)
             for i, pixels in zip(part, resized, strict=True):
                 out[i] = pixels.expand(3, -1, -1) if pixels.shape[0] == 1 else pixels

@@ -146,14 +146,17 @@ class _ExactPixels:
     ) -> tuple[dict[str, float], dict[str, float]]:
         if not self.device_nbytes():
             return self._compute(max_fpr, num_thresholds, release, scratch)
+        out = None
         try:  # (on a device the state is kept until the results are in: a retry needs it)
             out = self._compute(max_fpr, num_thresholds, False, scratch)
         except torch.OutOfMemoryError:
-            n = sum(t.numel() for t in self.maps)
+            pass
+        if out is None:  # (retried here, not in the handler: its traceback holds the
+            # failed call's device tensors, which the cache could not give back)
             log.warning(
                 "not enough device memory to rank a class's %d pixel scores there: ranking "
                 "them on the host (same results, slower)",
-                n,
+                sum(t.numel() for t in self.maps),
             )
             self.to_host()
             if torch.cuda.is_available():
