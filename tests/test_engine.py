@@ -645,6 +645,24 @@ def test_compiled_detector_matches_eager(preset):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_compiled_text_features_keep_the_fp16_rounding_of_the_deep_tokens():
+    """SPEC §4's quirk survives torch.compile: with image-context inference the text features
+    are computed inside the compiled graph, where inductor dropped the fp16 round trip."""
+    model = create_model("tiny+", image_size=SIZE, image_context_inference=True)
+    with torch.no_grad():  # (deep tokens far from fp16 values: the rounding shows)
+        for p in model.prompt_learner.compound_prompts_text:
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.5)
+        x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+        ctx = model.encode_images(x).global_feat
+        eager = model.text_features(context=ctx)
+        compiled = torch.compile(model.text_features)(context=ctx)
+        for p in model.prompt_learner.compound_prompts_text:
+            p.copy_(p.half().float())  # (what the rounding gives: the same features)
+        rounded = model.text_features(context=ctx)
+    torch.testing.assert_close(eager, rounded, rtol=0, atol=1e-6)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-6)
+
+
 def test_bf16_autocast_close_to_fp32():
     """The mixed-precision path (bf16 autocast; CPU here, CUDA in production) stays within the
     accuracy guard of the speed benchmark: maps within 1e-2 of fp32."""

@@ -105,12 +105,21 @@ class PromptTextEncoder(nn.Module):
         clip = self.clip
         x = embeds + clip.positional_embedding.to(embeds.dtype)
         mask = clip.attn_mask
+        # Reference quirk: deep tokens are rounded to fp16 before insertion.
+        deep = _fp16_rounded(deep) if deep else deep
         for i, blk in enumerate(clip.transformer.resblocks):
             if deep and 1 <= i <= len(deep):
-                # Reference quirk: deep tokens are rounded to fp16 before insertion.
-                tok = deep[i - 1].half().to(x.dtype).expand(x.shape[0], -1, -1)
+                tok = deep[i - 1].to(x.dtype).expand(x.shape[0], -1, -1)
                 x = torch.cat([x[:, :1], tok, x[:, 1 + deep_len :]], dim=1)
             x = blk(x, attn_mask=mask)
         x = clip.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), eot]
         return F.normalize(x @ clip.text_projection, dim=-1)
+
+
+@torch.compiler.disable
+def _fp16_rounded(tokens: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor rounded to fp16 and back (SPEC §4's quirk of the deep text tokens). Left
+    out of torch.compile's graphs: inductor drops a cast pair such as this one, and with it
+    the rounding (the text features of image-context inference moved by 2e-5)."""
+    return [t.half().to(t.dtype) for t in tokens]
