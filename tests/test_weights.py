@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -136,7 +137,37 @@ def test_a_hugging_face_mirror_is_probed_instead_of_the_hub(monkeypatch):
     probed.clear()
     monkeypatch.delenv("HF_ENDPOINT")
     assert W.hub_unreachable()
-    assert probed == [("huggingface.co", 443), ("openaipublic.azureedge.net", 443)]
+    # (OpenAI's host is not probed: open_clip downloads OpenAI's CLIP from the hub too)
+    assert probed == [("huggingface.co", 443)]
+    probed.clear()
+    monkeypatch.setattr(W, "_has_hf_hub", lambda: False)  # (then open_clip uses OpenAI's URL)
+    assert W.hub_unreachable() and probed == [("openaipublic.azureedge.net", 443)]
+
+
+def test_a_probe_that_hangs_in_the_name_lookup_ends_in_time(monkeypatch):
+    """create_connection's timeout does not cover the name lookup (a DNS server that never
+    answers held the probe 20 s): the probe has one deadline for all of it."""
+    release = threading.Event()
+
+    def connect(address, timeout=None):
+        release.wait(30)  # (as getaddrinfo blocks, whatever the timeout)
+        raise OSError("name lookup failed")
+
+    for var in ("CRANE_OFFLINE", "HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY",
+                "all_proxy", "HF_ENDPOINT"):  # fmt: skip
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(W.socket, "create_connection", connect)
+    monkeypatch.setattr(W, "_PROBE_S", 0.3)
+    t = time.perf_counter()
+    try:
+        assert W.hub_unreachable()
+        assert time.perf_counter() - t < 2
+        monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")  # (the proxy's probe too)
+        t = time.perf_counter()
+        assert W.hub_unreachable()
+        assert time.perf_counter() - t < 2
+    finally:
+        release.set()
 
 
 @pytest.mark.parametrize("endpoint", ["https://[hf-mirror.com", "https://.hf-mirror.com"])
@@ -398,8 +429,6 @@ def test_no_random_init_skips_parameter_initialisers_only():
 
 
 def test_no_random_init_applies_to_its_own_thread_only():
-    import threading
-
     torch.manual_seed(3)
     expected = torch.nn.Linear(32, 32).weight.detach().clone()
     got = {}

@@ -15,10 +15,12 @@ When all fail, :class:`~crane.errors.WeightsError` says in one paragraph what to
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import os
 import socket
+import threading
 import urllib.request
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -40,7 +42,12 @@ OFFLINE_ENVS = ("CRANE_OFFLINE", "HF_HUB_OFFLINE")
 #: File names under which the upstream projects publish the reference weights.
 CLIP_FILENAMES = ("ViT-L-14-336px.pt", "open_clip_pytorch_model.bin", "open_clip_model.safetensors")
 DINO_FILENAMES = ("dinov2_vitb14_reg4_pretrain.pth", "model.safetensors", "pytorch_model.bin")
-_HUB_HOSTS = (("huggingface.co", 443), ("openaipublic.azureedge.net", 443))
+#: Where downloads go: the Hugging Face hub (open_clip takes OpenAI's CLIP from there too
+#: whenever huggingface_hub is installed, as timm takes DINOv2), else OpenAI's own host.
+_HF_HOST = ("huggingface.co", 443)
+_OPENAI_HOST = ("openaipublic.azureedge.net", 443)
+#: Seconds a probe may take in all: name lookup and every address of the host.
+_PROBE_S = 3.0
 
 
 _PROXY_ENVS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
@@ -65,13 +72,38 @@ def _host_port(url: str, scheme: str) -> tuple[str, int] | None:
 
 def _hub_hosts() -> list[tuple[str, int]]:
     """The hosts a download would reach: the Hugging Face hub's (``$HF_ENDPOINT``'s, a
-    mirror's, where set, as huggingface_hub reads it) and OpenAI's."""
-    hosts = list(_HUB_HOSTS)
+    mirror's, where set, as huggingface_hub reads it), or OpenAI's where huggingface_hub is
+    missing (open_clip then downloads from OpenAI's URL; timm needs the hub either way)."""
+    if not _has_hf_hub():
+        return [_OPENAI_HOST]
     endpoint = os.environ.get("HF_ENDPOINT", "").strip()
     mirror = _host_port(endpoint, "https") if endpoint else None
-    if mirror is not None:  # (else huggingface_hub says what is wrong with it)
-        hosts[0] = mirror
-    return hosts
+    return [mirror or _HF_HOST]  # (a value it cannot read: huggingface_hub says what is wrong)
+
+
+def _has_hf_hub() -> bool:
+    return importlib.util.find_spec("huggingface_hub") is not None
+
+
+def _answers(where: tuple[str, int]) -> bool:
+    """Whether a TCP connection to ``where`` opens within :data:`_PROBE_S` seconds, the name
+    lookup included: ``socket.create_connection``'s timeout covers neither the lookup (a DNS
+    server that never answers took 20 s) nor the sum over a host's addresses. The probe runs
+    in a daemon thread, left behind if it is late."""
+    answered, done = [], threading.Event()
+
+    def probe() -> None:
+        try:
+            with socket.create_connection(where, timeout=_PROBE_S):
+                answered.append(True)
+        except (OSError, ValueError):  # (ValueError: a host name IDNA cannot encode)
+            pass
+        finally:
+            done.set()
+
+    threading.Thread(target=probe, name="crane-network-probe", daemon=True).start()
+    done.wait(_PROBE_S)
+    return bool(answered)
 
 
 def cache_dir() -> Path:
@@ -91,19 +123,11 @@ def _offline() -> bool:
         where = _host_port(proxy, "http")
         if where is None:
             return False  # (a value it cannot read: the hub client says what is wrong)
-        try:
-            with socket.create_connection(where, timeout=3):
-                return False
-        except (OSError, ValueError):
-            log.info("the proxy %s:%s does not answer: no download is attempted", *where)
-            return True
-    for host, port in _hub_hosts():
-        try:
-            with socket.create_connection((host, port), timeout=3):
-                return False
-        except (OSError, ValueError):  # (ValueError: a host name IDNA cannot encode)
-            continue
-    return True
+        if _answers(where):
+            return False
+        log.info("the proxy %s:%s does not answer: no download is attempted", *where)
+        return True
+    return not any(_answers(where) for where in _hub_hosts())
 
 
 def resolve_local(
