@@ -546,3 +546,25 @@ def test_a_dinov2_file_without_registers_gets_a_clear_error(tmp_path):
     del plain
     with pytest.raises(WeightsError, match=r"dinov2_vitb14_pretrain\.pth does not fit.*reg4"):
         build_dino(get_config("crane+"), tmp_path / "dinov2_vitb14_pretrain.pth")
+
+
+def test_a_dinov2_file_for_another_image_size_is_named_when_resampled(tmp_path, caplog):
+    """timm resamples a file's position embeddings to the model's grid with an INFO line: a
+    file saved at 224 px (16x16) gave a 518-px model other features without a word. The
+    published 37x37 grid resampled for another --image-size is DINOv2's own way: no warning."""
+    from crane.models.backbones import build_dino
+
+    torch.manual_seed(0)
+    for px in (224, 518):
+        m = timm.create_model("vit_base_patch14_reg4_dinov2", pretrained=False, img_size=px)
+        torch.save(m.state_dict(), tmp_path / f"dino_{px}.pth")
+    del m
+    with caplog.at_level(logging.WARNING, logger="crane.models.backbones"):
+        build_dino(get_config("crane+"), tmp_path / "dino_224.pth")
+    assert "dino_224.pth: DINOv2 position embeddings for a 16x16 patch grid (224-px" in caplog.text
+    assert "resampled to this model's 37x37" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="crane.models.backbones"):
+        small = build_dino(get_config("crane+", image_size=224), tmp_path / "dino_518.pth")
+        build_dino(get_config("crane+"), tmp_path / "dino_518.pth")
+    assert small.pos_embed.shape[1] == 16 * 16 and not caplog.records

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import os
 
 import open_clip
@@ -237,6 +238,36 @@ def resize_clip_pos_embed(visual: nn.Module, grid: int) -> None:
     visual.image_size = (grid * ps[0], grid * ps[1])
 
 
+#: DINOv2's published weights have positions for 518-px inputs: 37x37 patches of 14 px.
+_DINO_PUBLISHED_GRID = 37
+
+
+def _warn_resampled_positions(sd: dict, path: os.PathLike, model: nn.Module) -> None:
+    """Warn when a DINOv2 file's position embeddings are not the published 37x37 grid: timm's
+    converter resamples them to the model's grid without a word (logged at INFO), so a file
+    saved from a model built for another image size (its positions already resampled once)
+    gives other features (0.16 apart in a review's repro). Resampling the published grid to
+    another ``image_size`` is what DINOv2 itself does, and passes silently."""
+    pos = sd.get("pos_embed")
+    if not isinstance(pos, torch.Tensor) or pos.ndim != 3:
+        return
+    n = pos.shape[1]
+    side = next((s for s in (math.isqrt(n), math.isqrt(n - 1)) if s * s in (n, n - 1)), None)
+    if side is None or side == _DINO_PUBLISHED_GRID:
+        return
+    grid = model.patch_embed.grid_size
+    log.warning(
+        "%s: DINOv2 position embeddings for a %dx%d patch grid (%d-px inputs), not the "
+        "published 37x37 (518 px): resampled to this model's %dx%d; a file saved from a model "
+        "built for another image size gives other features than DINOv2's own weights",
+        path,
+        side,
+        side,
+        side * model.patch_embed.patch_size[0],
+        *grid,
+    )
+
+
 def build_dino(
     cfg: CraneConfig, dino_weights: str | os.PathLike | None = None, pretrained: bool = True
 ) -> nn.Module:
@@ -285,6 +316,7 @@ def build_dino(
                 # An original-layout file saved without the masking token (unused at inference):
                 # timm's converter recognises the layout by that token; it drops it again.
                 sd["mask_token"] = torch.zeros(1, sd["register_tokens"].shape[-1])
+            _warn_resampled_positions(sd, local, model)
             # timm's own converter maps the original DINOv2 layout (register_tokens, mask_token,
             # 37x37 pos_embed ...) to timm names; timm-format dicts pass through unchanged.
             try:
