@@ -568,3 +568,41 @@ def test_a_dinov2_file_for_another_image_size_is_named_when_resampled(tmp_path, 
         small = build_dino(get_config("crane+", image_size=224), tmp_path / "dino_518.pth")
         build_dino(get_config("crane+"), tmp_path / "dino_518.pth")
     assert small.pos_embed.shape[1] == 16 * 16 and not caplog.records
+
+
+def test_clip_overrides_on_a_pretrained_preset_say_the_backbones_are_random(caplog):
+    """clip_overrides build both backbones randomly initialised: the weight files (and their
+    environment variables) are never read, which went without a word for crane+."""
+    six = {**TINY_CLIP, "vision_cfg": {**TINY_CLIP["vision_cfg"], "layers": 6}}
+    small = dict(image_size=56, feature_layers=(6,), n_deep=2)
+    plus = dict(small, dattn_layer=6, dino_overrides=TINY_DINO)
+    with caplog.at_level(logging.WARNING, logger="crane.models.factory"):
+        create_model("crane+", clip_overrides=six, **plus)
+    assert "clip_overrides" in caplog.text
+    assert "randomly initialised (CLIP and DINOv2)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="crane.models.factory"):
+        create_model("crane", clip_overrides=six, **small)
+    assert "randomly initialised (CLIP), not from pretrained weights" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="crane.models.factory"):
+        create_model("crane", pretrained=False, clip_overrides=six, **small)
+        create_model("tiny", clip_overrides=six, **small)
+    assert not caplog.records
+
+
+def test_backbone_overrides_use_file_names_of_their_own(tmp_path, monkeypatch):
+    """Another dino_model / clip_model is not offered the presets' files from the cache folder
+    (a ViT-S DINOv2 was handed the ViT-B file), and the offline error names its own files."""
+    from crane.models.backbones import build_dino, clip_filenames, dino_filenames
+
+    monkeypatch.setenv(W.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv("CRANE_OFFLINE", "1")
+    small = get_config("crane+", dino_model="vit_small_patch14_reg4_dinov2.lvd142m")
+    (tmp_path / W.DINO_FILENAMES[0]).write_bytes(b"the ViT-B file")  # (never opened)
+    with pytest.raises(WeightsError, match="needs the file vit_small_patch14_reg4_dinov2"):
+        build_dino(small)
+    assert dino_filenames(get_config("crane+")) == W.DINO_FILENAMES
+    assert clip_filenames(get_config("crane")) == W.CLIP_FILENAMES
+    other = get_config("crane", clip_model="ViT-B-16", clip_pretrained="openai")
+    assert clip_filenames(other)[0] == "ViT-B-16-openai.safetensors"

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crane.config import PATCH, CraneConfig
+from crane.config import PATCH, PRESETS, CraneConfig
 from crane.errors import CraneError, WeightsError
 from crane.models import weights as W
 from crane.models.kernels import attention as kernels_attention
@@ -140,6 +140,26 @@ def _dino_hub(cfg: CraneConfig) -> tuple[str, tuple[str, ...]] | None:
     return pretrained.hf_hub_id, names or ("model.safetensors", "pytorch_model.bin")
 
 
+def clip_filenames(cfg: CraneConfig) -> tuple[str, ...]:
+    """The names a local copy of ``cfg``'s CLIP weights goes by in the cache folder (and in
+    the offline error): the published ones for the presets' OpenAI ViT-L/14-336; for another
+    ``clip_model`` / ``clip_pretrained``, names of its own (the presets' would pick, or ask
+    for, another model's weights)."""
+    preset = PRESETS["crane"]
+    if (cfg.clip_model, cfg.clip_pretrained) == (preset.clip_model, preset.clip_pretrained):
+        return W.CLIP_FILENAMES
+    stem = f"{cfg.clip_model}-{cfg.clip_pretrained}"
+    return (f"{stem}.safetensors", f"{stem}.pt", f"{stem}.bin")
+
+
+def dino_filenames(cfg: CraneConfig) -> tuple[str, ...]:
+    """:func:`clip_filenames` for DINOv2: the published names for the presets' ViT-B/14-reg4,
+    names of its own for another ``dino_model``."""
+    if cfg.dino_model == PRESETS["crane+"].dino_model:
+        return W.DINO_FILENAMES
+    return tuple(f"{cfg.dino_model}.{ext}" for ext in ("safetensors", "pth", "bin"))
+
+
 def build_clip(
     cfg: CraneConfig,
     clip_weights: str | os.PathLike | None = None,
@@ -161,13 +181,13 @@ def build_clip(
     local = None
     if want_weights:
         local = W.resolve_local(
-            clip_weights, W.CLIP_ENV, W.CLIP_FILENAMES, "--clip-weights", "CLIP", _clip_hub(cfg)
+            clip_weights, W.CLIP_ENV, clip_filenames(cfg), "--clip-weights", "CLIP", _clip_hub(cfg)
         )
     if want_weights and local is None:
         if W.hub_unreachable():
             raise W.offline_error(
                 "CLIP",
-                W.CLIP_FILENAMES,
+                clip_filenames(cfg),
                 "--clip-weights",
                 W.CLIP_ENV,
                 "no local file and no network",
@@ -180,7 +200,7 @@ def build_clip(
         except Exception as exc:  # network/hub failures come in many types
             raise W.offline_error(
                 "CLIP",
-                W.CLIP_FILENAMES,
+                clip_filenames(cfg),
                 "--clip-weights",
                 W.CLIP_ENV,
                 f"download failed: {exc}",
@@ -276,17 +296,18 @@ def build_dino(
     arch, _, tag = cfg.dino_model.partition(".")
     overrides = dict(cfg.dino_overrides)
     want_weights = pretrained and not overrides
+    names = dino_filenames(cfg)
     local = None
     if want_weights:
         local = W.resolve_local(
-            dino_weights, W.DINO_ENV, W.DINO_FILENAMES, "--dino-weights", "DINOv2", _dino_hub(cfg)
+            dino_weights, W.DINO_ENV, names, "--dino-weights", "DINOv2", _dino_hub(cfg)
         )
     kwargs = dict(img_size=cfg.image_size, num_classes=0, **overrides)
     if want_weights and local is None:
         if W.hub_unreachable():
             raise W.offline_error(
                 "DINOv2",
-                W.DINO_FILENAMES,
+                names,
                 "--dino-weights",
                 W.DINO_ENV,
                 "no local file and no network",
@@ -299,7 +320,7 @@ def build_dino(
         except Exception as exc:
             raise W.offline_error(
                 "DINOv2",
-                W.DINO_FILENAMES,
+                names,
                 "--dino-weights",
                 W.DINO_ENV,
                 f"download failed: {exc}",

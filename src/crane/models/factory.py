@@ -16,7 +16,7 @@ from crane.config import PRESETS, CraneConfig, get_config, is_tiny
 from crane.errors import CheckpointError, CraneError, WeightsError
 from crane.models import checkpoint as ckpt
 from crane.models import weights as W
-from crane.models.backbones import _dino_hub, build_clip, build_dino
+from crane.models.backbones import _dino_hub, build_clip, build_dino, dino_filenames
 from crane.models.crane import CraneModel
 
 log = logging.getLogger(__name__)
@@ -188,6 +188,19 @@ def create_model(
         if changed:
             dropped, threshold = (threshold, f"the run's own {', '.join(changed)}"), None
 
+    preset = PRESETS.get(cfg.name)
+    if (
+        pretrained is not False
+        and "backbone_seed" not in meta
+        and cfg.clip_overrides
+        and not (preset is not None and is_tiny(preset))  # (random by design)
+    ):
+        log.warning(
+            "clip_overrides %s: the backbones are built randomly initialised (CLIP%s), not "
+            "from pretrained weights; pass pretrained=False to ask for that",
+            dict(cfg.clip_overrides),
+            " and DINOv2" if cfg.use_dattn else "",
+        )
     if pretrained is None:  # (a run trained on random full-size backbones rebuilds them)
         pretrained = "backbone_seed" not in meta or is_tiny(cfg)
     elif pretrained and "backbone_seed" in meta and not is_tiny(cfg):
@@ -266,18 +279,19 @@ def _dino_missing_too(cfg: CraneConfig, dino_weights: str | os.PathLike | None) 
     """For the CLIP weights' error of a Crane+ model: a sentence on the DINOv2 file when it is
     missing as well, so that one run names every file to fetch (the CLIP error means the
     hubs were not reachable either)."""
+    names = dino_filenames(cfg)
     try:
         local = W.resolve_local(
-            dino_weights, W.DINO_ENV, W.DINO_FILENAMES, "--dino-weights", "DINOv2", _dino_hub(cfg)
+            dino_weights, W.DINO_ENV, names, "--dino-weights", "DINOv2", _dino_hub(cfg)
         )
     except WeightsError as exc:  # a path given for it that does not exist
         return f" DINOv2, too: {exc}"
     if local is not None:
         return ""
-    name = W.DINO_FILENAMES[0]
+    name = names[0]
     return (
         f" Crane+ also needs the DINOv2 weights, which are missing too: the file {name} (any "
-        f"of: {', '.join(W.DINO_FILENAMES)}), passed as --dino-weights /path/to/{name}, or set "
+        f"of: {', '.join(names)}), passed as --dino-weights /path/to/{name}, or set "
         f"as {W.DINO_ENV}=/path/to/{name}, or copied to {W.cache_dir() / name}."
     )
 
