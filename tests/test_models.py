@@ -572,3 +572,29 @@ def test_a_model_pickled_by_an_earlier_crane_loads(images):
     assert old.backbone_seed is None and old.matmul_dtype is None
     with torch.no_grad():
         torch.testing.assert_close(old(images).image_scores, want, rtol=0, atol=0)
+
+
+def test_a_template_override_is_not_undone_by_the_prompt_files_buffers(tmp_path):
+    """The prompt file's template buffers (token ids, embeddings) replaced the ones built from
+    an ``anomaly_template`` override: the same scores, and a saved copy claiming the new one."""
+    from crane.models import save_model
+
+    run = save_model(create_model("tiny", seed=3, image_size=56), tmp_path / "run")
+    base = create_model(str(run))
+    alt = create_model(str(run), anomaly_template="scratched metal object.")
+    fresh = create_model("tiny", seed=3, image_size=56, anomaly_template="scratched metal object.")
+    a, b, f = (m.prompt_learner for m in (alt, base, fresh))
+    for name in ("tokenized_prompts_neg", "token_prefix_neg", "token_suffix_neg"):
+        assert torch.equal(getattr(a, name), getattr(f, name)), name
+    assert not torch.equal(a.tokenized_prompts_neg, b.tokenized_prompts_neg)
+    for name in ("tokenized_prompts_pos", "token_suffix_pos", "ctx_neg", "ctx_pos"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name  # (the run's learned ones)
+    x = torch.rand(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert not torch.allclose(alt(x).image_scores, base(x).image_scores)
+    # The same override through prompts= on a preset; without one, the file's buffers stay.
+    scratched = "scratched metal object."
+    again = create_model("tiny", seed=3, image_size=56, prompts=run, anomaly_template=scratched)
+    assert torch.equal(again.prompt_learner.token_suffix_neg, f.token_suffix_neg)
+    kept = create_model("tiny", seed=9, image_size=56, prompts=run)
+    assert torch.equal(kept.prompt_learner.token_suffix_neg, b.token_suffix_neg)

@@ -155,8 +155,10 @@ def create_model(
     if names_a_run(name):
         run_cfg, state, meta = ckpt.read_checkpoint(name)
         cfg = run_cfg.replace(**overrides) if overrides else run_cfg
+        base_cfg = run_cfg
     else:
         cfg = run_cfg = get_config(str(name), **overrides)
+        base_cfg = get_config(str(name)) if overrides else cfg
     if seed is None:
         seed = meta.get("backbone_seed", 0)
         if not isinstance(seed, int) or isinstance(seed, bool):
@@ -264,6 +266,20 @@ def create_model(
             else str(prompts if prompts is not None else name)
         )
         ckpt.check_prompt_state(own, state, where)
+        # A template asked for in ``overrides`` keeps the buffers the model built from it: the
+        # file's (its own template's token ids and embeddings) silently undid it.
+        asked = [
+            tag
+            for tag, key in (("pos", "normal_template"), ("neg", "anomaly_template"))
+            if key in overrides and getattr(cfg, key) != getattr(base_cfg, key)
+        ]
+        if asked:
+            kept = {
+                f"{buffer}_{tag}": own[f"{buffer}_{tag}"]
+                for tag in asked
+                for buffer in ("tokenized_prompts", "token_prefix", "token_suffix")
+            }
+            state = {**state, **kept}
         model.prompt_learner.load_state_dict(state, strict=True)
     model.image_threshold = None if threshold is None else float(threshold)  # (these prompts')
     model.threshold_not_used = dropped

@@ -20,7 +20,8 @@ class PromptLearner(nn.Module):
 
     The template embeddings (``token_prefix_*``, ``token_suffix_*``) and token ids
     (``tokenized_prompts_*``) are buffers; the released files carry their own copies, which
-    the reference used and which are kept on load (SPEC §7).
+    the reference used and which are kept on load (SPEC §7), except for a template that
+    ``create_model``'s overrides change (``anomaly_template=...``).
     """
 
     def __init__(self, clip: nn.Module, cfg: CraneConfig):
