@@ -344,6 +344,28 @@ def test_resume_refuses_other_backbone_weights(tmp_path, images):
         other.model.vision.visual.proj.add_(0.5)
     with pytest.raises(CraneError, match=r"other backbone weights \(--clip-weights"):
         run_predict(other, [images], tmp_path / "out", progress=False, resume=True)
+    inside = detector()  # (changed in one block alone, as a merged LoRA: it resumed)
+    with torch.no_grad():
+        inside.model.vision.visual.transformer.resblocks[0].mlp.c_fc.weight.mul_(1.01)
+    with pytest.raises(CraneError, match=r"other backbone weights inside the blocks"):
+        run_predict(inside, [images], tmp_path / "out", progress=False, resume=True)
+
+
+def test_the_sampled_backbone_digest_holds_for_cast_weights():
+    """Weights cast for autocast (cast_weights, the CLI's default under bf16) and the same
+    weights uncast give one digest under that precision: a resume toggling the cast resumes."""
+    from crane.engine.progress import backbone_sample_digest
+
+    plain = create_model("tiny+", image_size=56, seed=2)
+    cast = create_model("tiny+", image_size=56, seed=2).cast_frozen_matmuls(torch.bfloat16)
+    assert backbone_sample_digest(plain, torch.bfloat16) == backbone_sample_digest(
+        cast, torch.bfloat16
+    )
+    assert backbone_sample_digest(plain, None) != backbone_sample_digest(cast, None)
+    fp16 = create_model("tiny+", image_size=56, seed=2).cast_frozen_matmuls(torch.float16)
+    assert backbone_sample_digest(plain, torch.float16) == backbone_sample_digest(
+        fp16, torch.float16
+    )
 
 
 def test_a_refused_resume_leaves_a_live_runs_temp_files(tmp_path, images):

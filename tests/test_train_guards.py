@@ -3,6 +3,7 @@ divergence, damaged run files, label-less sets, two runs into one folder, leftov
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -602,3 +603,69 @@ def test_a_run_stopped_between_its_top_level_files_resumes(synth, tmp_path, monk
     res = _run(synth, run, epochs=3, resume=True)
     assert res is not None
     assert create_model(str(run)).cfg.name == "tiny"
+
+
+def test_resume_refuses_a_backbone_changed_inside_a_block_or_another_attention(
+    copy_of, tmp_path, caplog
+):
+    """The backbone check read a few tensors only (embeddings, projections): a CLIP changed in
+    one block's attention weights (a merged LoRA) resumed; so did another --attention. Another
+    device type is said: the features' rounding differs."""
+    data = copy_of()
+    run = tmp_path / "run"
+    _run(data, run, stop=1)
+    other = create_model("tiny", seed=111, image_size=SIZE)
+    with torch.no_grad():
+        other.vision.visual.transformer.resblocks[1].attn.in_proj_weight.mul_(1.01)
+    with pytest.raises(CraneError, match=r"backbone weights differ \(inside their blocks\)"):
+        _run(data, run, resume=True, model=other)
+    ds = AnomalyDataset(data, "test", image_size=SIZE)
+    with pytest.raises(CraneError, match="encoded with --attention auto, now with math"):
+        train(create_model("tiny", seed=111, image_size=SIZE), ds, run,
+              TrainSettings(epochs=2, batch_size=4), progress=False, resume=True, device="cpu",
+              attention="math")  # fmt: skip
+    meta = json.loads((run / "resume.json").read_text())
+    assert meta["fingerprint"]["device"] == "cpu" and meta["fingerprint"]["attention"] == "auto"
+    meta["fingerprint"]["device"] = "cuda"  # (as a run started on a GPU)
+    (run / "resume.json").write_text(json.dumps(meta))
+    with caplog.at_level(logging.WARNING, logger="crane.engine.train"):
+        _run(data, run, resume=True)
+    assert "encoded its features on cuda, this resume on cpu" in caplog.text
+
+
+def test_cli_resume_takes_the_runs_attention(synth, tmp_path, capsys):
+    from crane.cli import main
+
+    run = str(tmp_path / "run")
+    args = ["train", "--dataset", "mvtec", "--root", str(synth), "--preset", "tiny",
+            "--image-size", str(SIZE), "--batch-size", "4", "--no-progress",
+            "--out", run]  # fmt: skip
+    assert main([*args, "--epochs", "1", "--attention", "math"]) == 0
+    assert main(["train", "--out", run, "--resume", "--epochs", "2", "--no-progress"]) == 0
+    meta = json.loads((tmp_path / "run" / "resume.json").read_text())
+    assert meta["epochs_done"] == 2 and meta["fingerprint"]["attention"] == "math"
+    capsys.readouterr()
+    assert main(["train", "--out", run, "--resume", "--epochs", "3", "--attention", "auto"]) == 2
+    assert "encoded with --attention math, now with auto" in capsys.readouterr().err
+
+
+def test_a_subset_gets_the_checks_a_dataset_gets(synth, tmp_path, caplog):
+    """train() takes torch Subsets (the resume fingerprint reads through them), but the label
+    check and the filter of unmasked anomalous images read ``dataset.samples`` only: a Subset
+    of normal images trained, and one with unmasked defects trained them as normal pixels."""
+    from torch.utils.data import Subset
+
+    ds = AnomalyDataset(synth, "test", image_size=SIZE)
+    normal = [i for i, s in enumerate(ds.samples) if not s.anomaly]
+    with pytest.raises(CraneError, match="split to train on has no anomalous image"):
+        _run(synth, tmp_path / "a", ds=Subset(Subset(ds, list(range(len(ds)))), normal))
+    unmasked = [i for i, s in enumerate(ds.samples) if s.anomaly][:2]
+    for i in unmasked:  # (as missing_mask="warn" leaves them)
+        ds.samples[i] = dataclasses.replace(ds.samples[i], mask_path="")
+    picked = Subset(ds, list(range(len(ds)))[::-1])
+    with caplog.at_level(logging.WARNING, logger="crane.engine.train"):
+        view = T._with_pixel_truth(picked)
+    assert "without the 2 anomalous images that have no mask" in caplog.text
+    kept = T._samples_and_root(view)[0]
+    assert len(kept) == len(ds) - 2 and all(s.has_mask or not s.anomaly for s in kept)
+    assert kept == [s for s in ds.samples[::-1] if s.has_mask or not s.anomaly]

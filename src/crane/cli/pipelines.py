@@ -168,7 +168,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _device_decode_arg(p, " in the one pass that encodes the training images")
     _device_resize_arg(p, " in the one pass that encodes the training images")
     _common(p, with_compile=False)
-    p.set_defaults(func=cmd_train, batch_size=None, precision=None)
+    p.set_defaults(func=cmd_train, batch_size=None, precision=None, attention=None)
 
     p = sub.add_parser("evaluate", help="per-class metrics on a labelled dataset")
     p.add_argument("--dataset", required=True)
@@ -423,6 +423,7 @@ _TRAIN_DEFAULTS = {
     "seed": 111,
     "batch_size": 8,
     "precision": "fp32",
+    "attention": "auto",
 }
 
 
@@ -463,6 +464,7 @@ def _train_defaults(args: argparse.Namespace) -> None:
             "seed": run.get("seed"),
             "batch_size": run.get("batch_size"),
             "precision": run.get("precision"),
+            "attention": run.get("attention"),
             **_recorded_weights(run.get("weights")),
         }
         if fill["precision"] is None and args.precision is None:

@@ -42,6 +42,7 @@ def model_settings(model: CraneModel, amp: torch.dtype | None) -> dict[str, Any]
         "config": model.cfg.to_dict(),
         "prompts_sha256": prompts_digest(model),
         "backbone_sha256": backbone_digest(model),
+        "backbone_sample_sha256": backbone_sample_digest(model, amp),
         "precision": precision_name(amp),
     }
 
@@ -82,6 +83,43 @@ def backbone_digest(model: CraneModel) -> str:
     return digest.hexdigest()
 
 
+#: Values of each backbone tensor in :func:`backbone_sample_digest` (evenly strided).
+_SAMPLES_PER_TENSOR = 4096
+
+
+def backbone_sample_digest(model: CraneModel, amp: torch.dtype | None) -> str:
+    """SHA-256 of an evenly strided sample of every frozen backbone tensor (at most 4096
+    values each, about 10 MB for Crane+): :func:`backbone_digest` reads a few tensors only,
+    so backbones that differ inside their blocks alone (a merged LoRA, a partial fine-tune)
+    passed it. The values are rounded as :meth:`CraneModel.cast_frozen_matmuls` casts under
+    ``amp`` (fp16 for DINOv2's under ``dino_fp16``), so a model with cast weights and one
+    without give the same digest; under fp32 nothing is rounded."""
+    cfg = model.cfg
+    dino_dtype = torch.float16 if (cfg.dino_fp16 and not cfg.dino_fp32) else amp
+    parts = [
+        ("visual", model.vision.visual, amp),
+        ("text", model.text_encoder.clip, amp),
+        ("dino", model.vision.dino, dino_dtype),
+    ]
+    digest = hashlib.sha256()
+    for prefix, module, dtype in parts:
+        if module is None:
+            continue
+        named = dict(module.named_parameters())
+        named.update(module.named_buffers())
+        for key in sorted(named):
+            t = named[key].detach()
+            if not t.is_floating_point() or t.numel() == 0:
+                continue
+            flat = t.reshape(-1)
+            sample = flat[:: max(1, flat.numel() // _SAMPLES_PER_TENSOR)].float()
+            if dtype is not None:
+                sample = sample.to(dtype).float()
+            digest.update(f"{prefix}.{key}{tuple(t.shape)}".encode())
+            digest.update(sample.cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def precision_name(amp: torch.dtype | None) -> str:
     """The ``--precision`` name of an autocast dtype (None: fp32)."""
     names = {None: "fp32", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -104,13 +142,16 @@ def digest_of(items: Iterable[str]) -> str:
 
 #: Settings a run's progress file holds since a later crane (26th session): missing from an
 #: older run's, they are not checked (said), where any other missing one refuses the resume.
-_ADDED_LATER = frozenset({"backbone_sha256", "batch_size", "attention", "compile"})
+_ADDED_LATER = frozenset(
+    {"backbone_sha256", "backbone_sample_sha256", "batch_size", "attention", "compile"}
+)
 
 #: How a refused resume names what changed (other settings by their own names).
 _LABELS = {
     "config": "model configuration",
     "prompts_sha256": "prompts",
     "backbone_sha256": "backbone weights (--clip-weights, --dino-weights)",
+    "backbone_sample_sha256": "backbone weights inside the blocks (--clip-weights, --dino-weights)",
     "inputs_sha256": "input files",
     "n_inputs": "number of input files",
     "samples_sha256": "dataset images",
@@ -161,6 +202,8 @@ def read_progress(
         if settings.get(k) != theirs.get(k)
     )
     if differ:
+        if "backbone_sample_sha256" in differ and {"backbone_sha256", "precision"} & set(differ):
+            differ.remove("backbone_sample_sha256")  # (its values are rounded by precision)
         named = [_LABELS.get(k, k) for k in differ]
         raise CraneError(
             f"cannot resume the run in {path.parent}: it was started with other "

@@ -131,16 +131,27 @@ def _save_resume(
     ckpt.atomic_write_bytes(run_dir / RESUME_JSON, text.encode())
 
 
-def _fingerprint(model: CraneModel, dataset: Any, amp: torch.dtype | None) -> dict[str, Any]:
+def _fingerprint(
+    model: CraneModel,
+    dataset: Any,
+    amp: torch.dtype | None,
+    attention: str = "auto",
+    device: torch.device | None = None,
+) -> dict[str, Any]:
     """What an exact resume must find unchanged beyond the settings: the frozen backbones,
-    the precision the features are encoded in, the images (their paths under the root, in
-    order, with labels and masks), the images' file sizes and the masks' contents. Not the
-    root itself nor modification times: a byte-identical copy elsewhere (data staged to a
-    node's local disk) resumes."""
+    the precision and attention kernel the features are encoded with (and the device type:
+    another one is said, not refused), the images (their paths under the root, in order,
+    with labels and masks), the images' file sizes and the masks' contents. Not the root
+    itself nor modification times: a byte-identical copy elsewhere (data staged to a node's
+    local disk) resumes."""
     out = {
         "backbone_sha256": progress_log.backbone_digest(model),
+        "backbone_sample_sha256": progress_log.backbone_sample_digest(model, amp),
         "precision": progress_log.precision_name(amp),
+        "attention": attention,
     }
+    if device is not None:
+        out["device"] = torch.device(device).type
     samples, root = _samples_and_root(dataset)
     if samples is None or root is None:
         log.info(
@@ -184,9 +195,13 @@ def _samples_and_root(dataset: Any) -> tuple[list | None, Any]:
     return samples, root
 
 
+#: (checked in this order: the sampled digest's rounding follows the precision)
 _FINGERPRINT_LABELS = {
     "backbone_sha256": "the frozen backbone weights differ from the ones it trained with",
     "precision": "its features were encoded in {was}, now in {now} (--precision)",
+    "backbone_sample_sha256": "the frozen backbone weights differ (inside their blocks) from the "
+    "ones it trained with",
+    "attention": "its features were encoded with --attention {was}, now with {now}",
     "images_sha256": "the images differ from the ones it trained on (other files, classes or "
     "class order: --classes)",
     "files_sha256": "image or mask files changed since it trained on them (an image's size or "
@@ -267,6 +282,13 @@ def _resume_from(run_dir, model, opt, settings, n_images, fingerprint, refuse): 
     for key, label in _FINGERPRINT_LABELS.items():
         if key in was_fp and key in fingerprint and was_fp[key] != fingerprint[key]:
             raise refuse(label.format(was=was_fp[key], now=fingerprint[key]))
+    if was_fp.get("device", fingerprint.get("device")) != fingerprint.get("device"):
+        log.warning(
+            "the run encoded its features on %s, this resume on %s: the epochs after it are "
+            "not bit for bit those of an unstopped run (float rounding differs by device)",
+            was_fp["device"],
+            fingerprint.get("device"),
+        )
     model.prompt_learner.load_state_dict(prompts)
     tensors = load_file(str(run_dir / RESUME_TENSORS if legacy else epoch_dir / OPTIMIZER))
     state: dict[int, dict[str, Any]] = {}
@@ -297,6 +319,7 @@ def run_settings(run_dir: Path) -> dict[str, Any]:
             "preset": cfg.name,
             "image_size": cfg.image_size,
             "precision": (meta.get("fingerprint") or {}).get("precision"),
+            "attention": (meta.get("fingerprint") or {}).get("attention"),
         }
     except (OSError, ValueError, KeyError, TypeError, CheckpointError) as exc:
         raise CraneError(
@@ -409,7 +432,7 @@ def _with_pixel_truth(dataset):
     """``dataset`` without its anomalous images that have no mask (``missing_mask="warn"``
     keeps them): the pixel losses would take their defects for normal pixels. A dataset
     whose anomalous images all lack masks cannot train (SPEC §6's losses need masks)."""
-    samples = getattr(dataset, "samples", None)
+    samples = _samples_and_root(dataset)[0]
     if samples is None:
         return dataset
     unmasked = [s for s in samples if s.anomaly and not s.has_mask]
@@ -425,8 +448,11 @@ def _with_pixel_truth(dataset):
         "count as normal pixels in the losses)",
         len(unmasked),
     )
+    kept = [i for i, s in enumerate(samples) if not (s.anomaly and not s.has_mask)]
+    if isinstance(dataset, torch.utils.data.Subset):  # (its positions, as it orders them)
+        return torch.utils.data.Subset(dataset, kept)
     view = copy.copy(dataset)
-    view.samples = [s for s in samples if not (s.anomaly and not s.has_mask)]
+    view.samples = [samples[i] for i in kept]
     return view
 
 
@@ -517,7 +543,7 @@ def _train(
     model.to(device)
     opt = torch.optim.Adam(model.trainable_parameters(), lr=settings.lr, betas=settings.betas)
     n_images = len(dataset)
-    fingerprint = _fingerprint(model, dataset, autocast_dtype)
+    fingerprint = _fingerprint(model, dataset, autocast_dtype, attention, device)
     start, history = (
         _load_resume(run_dir, model, opt, settings, n_images, fingerprint) if resuming else (0, [])
     )
@@ -599,7 +625,7 @@ def _train(
 def _check_labels(dataset) -> None:
     """A training set needs anomalous images (with masks) and normal ones: the losses
     compare maps with defects and the image loss tells the two labels apart."""
-    samples = getattr(dataset, "samples", None)
+    samples = _samples_and_root(dataset)[0]
     if samples is None:
         return
     anomalous = sum(1 for s in samples if s.anomaly)
