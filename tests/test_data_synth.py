@@ -143,11 +143,37 @@ def test_default_size_and_counts():
 def test_refuses_to_overwrite(tmp_path):
     out = tmp_path / "syn"
     make_synthetic_dataset(out, **SMALL)
-    (out / "tile" / "train" / "good" / "stale.png").write_bytes(b"x")
+    stale = out / "tile" / "train" / "good" / "099.png"  # (an earlier, larger synthetic set's)
+    stale.write_bytes(b"x")
     with pytest.raises(DatasetError, match="already exist"):
         make_synthetic_dataset(out, **SMALL)
     make_synthetic_dataset(out, overwrite=True, **SMALL)
-    assert not (out / "tile" / "train" / "good" / "stale.png").exists()
+    assert not stale.exists()
+
+
+def test_overwrite_replaces_only_a_synthetic_dataset(tmp_path):
+    """--overwrite deleted whole class folders, a user's notes and extra images in them too,
+    and rewrote a meta.json that indexed other classes (they dropped out of it)."""
+    out = tmp_path / "syn"
+    make_synthetic_dataset(out, **SMALL)
+    notes = out / "tile" / "NOTES.txt"
+    notes.write_text("mine")
+    with pytest.raises(DatasetError, match=r"files it did not write \(.*NOTES\.txt\)"):
+        make_synthetic_dataset(out, overwrite=True, **SMALL)
+    assert notes.read_text() == "mine"
+    notes.unlink()
+    shots = out / "tile" / "test" / "good" / "shot_1.png"
+    shots.write_bytes(b"x")
+    with pytest.raises(DatasetError, match="shot_1.png"):
+        make_synthetic_dataset(out, overwrite=True, **SMALL)
+    shots.unlink()
+    with pytest.raises(DatasetError, match="meta.json that also indexes fabric"):
+        make_synthetic_dataset(out, overwrite=True, **{**SMALL, "classes": ("tile",)})
+    assert set(read_meta(out)["test"]) == {"tile", "fabric"}
+    make_synthetic_dataset(out, overwrite=True, **SMALL)  # (its own files only: replaced)
+    with pytest.raises(DatasetError, match="size must be 32 to 4096 pixels, got 100000"):
+        make_synthetic_dataset(tmp_path / "big", **{**SMALL, "size": 100000})
+    assert not (tmp_path / "big").exists()
 
 
 @pytest.mark.parametrize(
@@ -157,7 +183,7 @@ def test_refuses_to_overwrite(tmp_path):
         ({"classes": ()}, "at least one class"),
         ({"classes": ("tile", "tile")}, "duplicate"),
         ({"n_test_good": 0, "n_test_bad": 0}, "at least one test image"),
-        ({"size": 8}, "at least 32"),
+        ({"size": 8}, "size must be 32 to 4096"),
         ({"workers": -1}, "workers must be >= 0"),
         ({"seed": -1}, "seed must be an integer >= 0"),
     ],

@@ -11,10 +11,12 @@ byte-identical files on any machine (numpy's PCG64 streams, lossless PNG).
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import multiprocessing
 import os
+import re
 import shutil
 import zlib
 from collections.abc import Callable, Iterable
@@ -281,6 +283,59 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array).save(path, format="PNG", compress_level=1)
 
 
+#: The largest side of a synthetic image (a 100000 asked for 149 GB before failing).
+MAX_SIZE = 4096
+_SYNTH_FILE = re.compile(r"\d{3}(_mask)?\.png")
+
+
+def _check_only_synthetic(out: Path, classes: tuple[str, ...]) -> None:
+    """``overwrite`` replaces a synthetic dataset: refused where ``out`` holds what this
+    function did not write (other files in a class folder, a meta.json indexing other
+    classes), which replacing would delete or drop from the index."""
+    foreign = []
+    for cls in classes:
+        folder = out / cls
+        if folder.is_symlink() or folder.is_file():
+            foreign.append(folder)
+            continue
+        if not folder.is_dir():
+            continue
+        for path in folder.rglob("*"):
+            rel = path.relative_to(folder).parts
+            if path.is_dir() and not path.is_symlink():
+                ok = rel[0] in ("train", "test", "ground_truth") and len(rel) <= 2
+            else:
+                ok = (
+                    len(rel) == 3
+                    and rel[0] in ("train", "test", "ground_truth")
+                    and bool(_SYNTH_FILE.fullmatch(rel[2]))
+                )
+            if not ok:
+                foreign.append(path)
+    meta_file = out / META_FILENAME
+    other_classes: list[str] = []
+    if meta_file.is_file():
+        try:
+            data = json.loads(meta_file.read_text())
+            other_classes = sorted(
+                {c for split in data.values() if isinstance(split, dict) for c in split}
+                - set(classes)
+            )
+        except (OSError, ValueError, AttributeError):
+            pass  # (unreadable: nothing an index of it could lose)
+    if foreign or other_classes:
+        shown = [str(p) for p in foreign[:3]] + (["..."] if len(foreign) > 3 else [])
+        why = f"files it did not write ({', '.join(shown)})" if foreign else ""
+        if other_classes:
+            why += (" and " if why else "") + (
+                f"a {META_FILENAME} that also indexes {', '.join(other_classes)}"
+            )
+        raise DatasetError(
+            f"{out} holds {why}: overwrite replaces only a synthetic dataset (its class "
+            "folders are deleted and meta.json rewritten); choose another --out, or move them"
+        )
+
+
 def _write_sample(out: Path, seed: int, size: int, job: tuple[str, str, int]) -> Sample:
     """Generate and write one file of :func:`make_synthetic_dataset` (and its mask)."""
     cls, stream, i = job
@@ -335,8 +390,8 @@ def make_synthetic_dataset(
         raise DatasetError(f"workers must be >= 0, got {workers}")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise DatasetError(f"seed must be an integer >= 0, got {seed!r}")
-    if size < 32:
-        raise DatasetError(f"size must be at least 32 pixels, got {size}")
+    if not 32 <= size <= MAX_SIZE:
+        raise DatasetError(f"size must be 32 to {MAX_SIZE} pixels, got {size}")
     out = Path(out)
     existing = [p for p in [out / META_FILENAME, *(out / c for c in classes)] if p.exists()]
     if existing and not overwrite:
@@ -344,6 +399,8 @@ def make_synthetic_dataset(
             f"{', '.join(map(str, existing))} already exist(s); pass overwrite=True "
             "(CLI: --overwrite) to replace"
         )
+    if existing:
+        _check_only_synthetic(out, classes)
     out.mkdir(parents=True, exist_ok=True)
     for cls in classes:
         if (out / cls).exists():
