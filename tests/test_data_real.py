@@ -97,3 +97,22 @@ def test_brainmri_every_image_loads(brain_meta):
     batch = collate_skip_none([ds518[picks[0]], ds518[picks[-1]]])
     assert batch["image"].shape == (2, 3, 518, 518)
     assert np.isfinite(batch["image"].numpy()).all()
+
+
+def test_a_meta_json_of_another_dataset_than_named_is_refused(visa_meta, tmp_path):
+    """VisA's prepared index opened as --dataset mvtec was evaluated (with the prompts the
+    paper uses for MVTec, i.e. those trained on VisA) and reported as MVTec."""
+    from crane.data.meta import write_meta
+    from crane.engine.common import open_dataset
+    from crane.errors import DatasetError
+
+    staged = tmp_path / "staged"  # (the shared data read-only: its index goes beside links)
+    staged.mkdir()
+    for entry in (DATA / "visa").iterdir():
+        (staged / entry.name).symlink_to(entry)
+    write_meta(staged, visa_meta)
+    with pytest.raises(DatasetError, match=r"indexes classes \(fryum\) that the mvtec dataset"):
+        open_dataset(staged, "mvtec", image_size=56)
+    n = len(open_dataset(staged, "visa", image_size=56))
+    assert n == len(open_dataset(staged, "generic", image_size=56)) > 0
+    assert len(open_dataset(staged, None, image_size=56)) > 0

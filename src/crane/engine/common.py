@@ -27,12 +27,13 @@ def open_dataset(
     (``missing_mask``: what the scan does with anomalous images without a mask, as
     :func:`~crane.data.layouts.prepare`; a meta.json holds the choice made when it was written)."""
     root = Path(root)
-    if name:
-        get_layout(name)  # an unknown name is an error also where a meta.json is read
+    layout = get_layout(name) if name else None  # (unknown: an error with a meta.json too)
     if meta_path(root).is_file():
         meta = read_meta(
             root, check_files=False
         )  # AnomalyDataset reports missing files per on_error
+        if layout is not None:
+            _check_layout_classes(meta, layout, root)
     elif name:
         log.info("no meta.json in %s: scanning it as the %s layout", root, name)
         meta = prepare(name, root, missing_mask=missing_mask)
@@ -60,3 +61,20 @@ def check_image_size(model: object, dataset: object) -> None:
             f"({model.cfg.name}) takes {want} px: "  # type: ignore[attr-defined]
             f"open it with image_size=model.cfg.image_size ({want})"
         )
+
+
+def _check_layout_classes(meta: dict, layout: object, root: Path) -> None:
+    """A meta.json whose classes are none of ``layout``'s: another dataset than ``--dataset``
+    names (which also picks the paper's prompts and settings for it: VisA evaluated as MVTec
+    took the prompts trained on VisA, and the report said MVTec)."""
+    known = set(layout.classes)  # type: ignore[attr-defined]
+    listed = {c for split in meta.values() for c in split}
+    if known and listed and not listed & known:
+        shown = ", ".join(sorted(listed)[:5]) + (", ..." if len(listed) > 5 else "")
+        raise DatasetError(
+            f"{meta_path(root)} indexes classes ({shown}) that the {layout.name} dataset "  # type: ignore[attr-defined]
+            f"does not have: is {root} another dataset? --dataset names it (it also picks the "
+            "paper's prompts and settings for it; see `crane datasets list`), or use "
+            "--dataset generic for classes of your own"
+        )
+
