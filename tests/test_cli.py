@@ -706,3 +706,25 @@ def test_unprepared_dataset_with_a_missing_mask_takes_missing_mask(tmp_path, cap
     args = build_parser().parse_args(["train", "--out", str(run), "--resume"])
     _train_defaults(args)  # a resume scans the data as the run did
     assert args.missing_mask == "skip"
+
+
+def test_evaluate_says_which_classes_could_not_be_read(tmp_path, capsys):
+    """--skip-bad with every image of a class unreadable: the class left the table and the
+    mean without a word, and a run that read nothing at all exited 0."""
+    from crane.cli import main
+
+    data = tmp_path / "synth"
+    make_synthetic_dataset(data, seed=0, classes=("tile", "plate"), n_train=0, n_test_good=2,
+                           n_test_bad=2, size=64)  # fmt: skip
+    for f in (data / "tile" / "test").rglob("*.png"):
+        f.write_bytes(b"x")
+    args = ["evaluate", "--dataset", "mvtec", "--root", str(data), "--model", "tiny",
+            "--skip-bad", "--no-progress", "--batch-size", "2"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "half")]) == 0
+    assert "no image of tile could be read: left out of the report" in capsys.readouterr().err
+    saved = json.loads((tmp_path / "half" / "metrics.json").read_text())
+    assert saved["classes_not_read"] == ["tile"] and list(saved["per_class"]) == ["plate"]
+    for f in (data / "plate" / "test").rglob("*.png"):
+        f.write_bytes(b"x")
+    assert main([*args, "--out", str(tmp_path / "none")]) == 1
+    assert "no image could be read: nothing was evaluated" in capsys.readouterr().err

@@ -848,3 +848,30 @@ def test_printed_binned_ranges_hold_the_exact_values(tmp_path):
     # The random map's AUROC: its bound is far below 0.1 %, so more decimals are printed.
     fine_cell = md_rows["fine"][METRICS.index("pixel_auroc")]
     assert len(fine_cell.split(" ±")[0].split(".")[1]) >= 3
+
+
+def test_calibrate_checks_the_labels_before_scoring_and_names_dataset(synth, tmp_path, capsys,
+                                                                       monkeypatch):  # fmt: skip
+    """F1 calibration on an all-normal split failed only after every image was scored (40
+    minutes of Crane+ on a CPU for VisA's train split); an unprepared root read as the generic
+    layout failed without naming --dataset."""
+    import crane.engine.predict as P
+    from crane.cli import main
+    from crane.models import save_model
+
+    run = save_model(create_model("tiny", image_size=SIZE), tmp_path / "run")
+    scored = []
+    real = P.Detector.predict_iter
+    monkeypatch.setattr(
+        P.Detector, "predict_iter", lambda self, paths: (scored.append(1), real(self, paths))[1]
+    )
+    args = ["calibrate", "--model", str(run), "--root", str(synth)]
+    assert main([*args, "--split", "train", "--no-progress"]) == 2
+    assert "F1 calibration needs both normal and anomalous" in capsys.readouterr().err
+    assert main([*args, "--split", "train", "--mode", "fpr", "--no-progress"]) == 0
+    assert scored == [1]  # (only the run that could calibrate scored its images)
+    empty = tmp_path / "raw"
+    (empty / "images").mkdir(parents=True)
+    assert main(["calibrate", "--model", str(run), "--root", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert "read as the generic layout; pass --dataset NAME" in err and "Traceback" not in err

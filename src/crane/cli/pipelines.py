@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from crane.cli.common import check_writable, missing_mask_arg
 from crane.constants import ATTENTION_KERNELS
-from crane.errors import CraneError
+from crane.errors import CraneError, DatasetError
 
 if TYPE_CHECKING:
     import torch
@@ -289,7 +289,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--root", required=True, help="labelled dataset root (meta.json or --dataset layout)"
     )
-    p.add_argument("--dataset", default="generic", help="layout name (default generic)")
+    p.add_argument(
+        "--dataset", default=None, help="layout name (default: generic, read where no meta.json is)"
+    )
     p.add_argument("--split", default="test", help="default test")
     missing_mask_arg(p, note=_SCAN_NOTE)
     p.add_argument(
@@ -647,6 +649,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "config": model.cfg.to_dict(),
         "n_images": res.n_images + res.n_resumed,
         "n_images_resumed": res.n_resumed,
+        "classes_not_read": res.unread_classes,
         "seconds": res.seconds,
         "timings_s": res.timings,
     }
@@ -661,6 +664,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         f"\n{res.n_images} images in {res.seconds:.1f}s ({split}{more}); "
         f"wrote {', '.join(str(f) for f in files.values())}"
     )
+    if res.n_images + res.n_resumed == 0:
+        log.error("no image could be read: nothing was evaluated")
+        return 1
     return 0
 
 
@@ -765,11 +771,26 @@ def _warn_unfinished_training(run: Path) -> None:
 def _calibrate(args: argparse.Namespace, device, target_fpr: float) -> int:
     import numpy as np
 
-    from crane.engine.calibrate import f1_optimal_threshold, fpr_threshold
+    from crane.engine.calibrate import check_labels, f1_optimal_threshold, fpr_threshold
     from crane.engine.common import open_dataset
     from crane.engine.predict import Detector
     from crane.models.checkpoint import update_threshold
 
+    # (only its file list and labels are used: the labels are checked before the model is
+    # built or any image scored)
+    name = args.dataset or "generic"
+    try:
+        ds = open_dataset(args.root, name, args.split, missing_mask=args.missing_mask)
+    except DatasetError as exc:
+        if args.dataset is not None:
+            raise
+        raise DatasetError(
+            f"{exc} (no --dataset was given: {args.root} was read as the generic layout; pass "
+            "--dataset NAME for a dataset in its original layout, see `crane datasets list`)"
+        ) from exc
+    paths = [str(Path(ds.root) / s.img_path) for s in ds.samples]
+    labels = np.array([s.anomaly for s in ds.samples])
+    check_labels(labels, args.mode)
     det = Detector(
         args.model,
         device=device,
@@ -784,9 +805,6 @@ def _calibrate(args: argparse.Namespace, device, target_fpr: float) -> int:
         device_resize=args.device_resize,
         map_size="model",  # (only the scores are used: no full-size maps are kept)
     )
-    ds = open_dataset(args.root, args.dataset, args.split, det.size, missing_mask=args.missing_mask)
-    paths = [str(Path(ds.root) / s.img_path) for s in ds.samples]
-    labels = np.array([s.anomaly for s in ds.samples])
     scores = np.fromiter(_scores(det.predict_iter(paths)), dtype=np.float64)
     if args.mode == "f1":
         t, stats = f1_optimal_threshold(scores, labels)
@@ -794,7 +812,7 @@ def _calibrate(args: argparse.Namespace, device, target_fpr: float) -> int:
         t, stats = fpr_threshold(scores, labels, target_fpr)
     how = {
         "mode": args.mode,
-        "dataset": args.dataset,
+        "dataset": name,
         "root": str(Path(args.root).resolve()),
         "split": args.split,
         "missing_mask": args.missing_mask,

@@ -43,12 +43,21 @@ def _cut(values: np.ndarray, i: int) -> float:
     return float(mid if values[i - 1] < mid else values[i])  # (adjacent floats: no midpoint)
 
 
+def check_labels(labels: np.ndarray, mode: str) -> None:
+    """The labels ``mode`` (``"f1"``, ``"fpr"``) needs, checked before any image is scored:
+    F1 needs normal and anomalous images, a false-positive rate normal ones."""
+    y = np.asarray(labels).astype(bool)
+    if mode == "f1" and (y.all() or not y.any()):
+        raise CraneError("F1 calibration needs both normal and anomalous images")
+    if mode == "fpr" and y.all():
+        raise CraneError("FPR calibration needs normal images")
+
+
 def f1_optimal_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, dict[str, float]]:
     """Threshold t maximising F1 of the rule ``score >= t`` on the given data (midway between
     the lowest score it flags and the next lower one, see :func:`_cut`)."""
     s, y = _checked(scores, labels)
-    if y.all() or not y.any():
-        raise CraneError("F1 calibration needs both normal and anomalous images")
+    check_labels(y, "f1")
     order = np.argsort(-s, kind="mergesort")
     s, y = s[order], y[order]
     tp, fp = np.cumsum(y), np.cumsum(~y)

@@ -77,4 +77,3 @@ def _check_layout_classes(meta: dict, layout: object, root: Path) -> None:
             "paper's prompts and settings for it; see `crane datasets list`), or use "
             "--dataset generic for classes of your own"
         )
-

@@ -92,6 +92,8 @@ class EvalResult:
     timings: dict[str, float] = field(default_factory=dict)
     #: Images of the classes taken from an interrupted run's progress file (``resume``).
     n_resumed: int = 0
+    #: Classes none of whose images could be read (skipped): not in the report or its mean.
+    unread_classes: list[str] = field(default_factory=list)
 
 
 def evaluate(
@@ -403,7 +405,14 @@ def evaluate(
             report = _with_resumed(report, full, done)
         timed("finalize", t)
     resumed = sum(r["n_images"] for r in done.values())
-    return EvalResult(report, n, clock() - t0, timings, n_resumed=resumed)
+    classes = dict.fromkeys(s.cls_name for s in full.samples)
+    unread = [c for c in classes if c not in report.per_class]
+    if unread:
+        log.warning(
+            "no image of %s could be read: left out of the report and its mean",
+            ", ".join(unread),
+        )
+    return EvalResult(report, n, clock() - t0, timings, n_resumed=resumed, unread_classes=unread)
 
 
 def _lead_in(
