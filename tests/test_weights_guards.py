@@ -649,5 +649,26 @@ def test_a_run_whose_prompts_file_is_another_saves_is_refused(tmp_path):
     save_model(a, tmp_path / "a")
     save_model(create_model("tiny", image_size=SIZE, seed=5), tmp_path / "b")
     shutil.copy(tmp_path / "b" / "prompts.safetensors", tmp_path / "a" / "prompts.safetensors")
-    with pytest.raises(CheckpointError, match="not the prompts file"):
+    with pytest.raises(CheckpointError, match="not the prompts file .*: save the run again"):
         create_model(str(tmp_path / "a"))
+
+
+def test_a_run_read_between_a_saves_two_files_is_read_again(tmp_path, monkeypatch):
+    """A reader racing a save (evaluating a run while it trains: its prompts are written, its
+    config.json not yet) reads the pair again before refusing it."""
+    import crane.models.checkpoint as ckpt
+
+    save_model(create_model("tiny", image_size=SIZE, seed=4), tmp_path / "a")
+    save_model(create_model("tiny", image_size=SIZE, seed=5), tmp_path / "b")
+    (tmp_path / "a" / "prompts.safetensors").write_bytes(
+        (tmp_path / "b" / "prompts.safetensors").read_bytes()
+    )
+    waits = []
+
+    def config_written_meanwhile(seconds):
+        waits.append(seconds)
+        shutil.copy(tmp_path / "b" / "config.json", tmp_path / "a" / "config.json")
+
+    monkeypatch.setattr(ckpt.time, "sleep", config_written_meanwhile)
+    model = create_model(str(tmp_path / "a"))
+    assert waits == [0.5] and model.backbone_seed == 5

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -175,7 +176,7 @@ def _dumps(meta: dict[str, Any]) -> str:
 
 
 def read_checkpoint(
-    path: str | os.PathLike, *, check_pair: bool = True
+    path: str | os.PathLike, *, check_pair: bool = True, _retry: bool = True
 ) -> tuple[CraneConfig, dict[str, torch.Tensor], dict[str, Any]]:
     """(config, prompt tensors, metadata) of a checkpoint directory (or its safetensors file).
 
@@ -229,9 +230,20 @@ def read_checkpoint(
     except (SafetensorError, OSError) as exc:  # (a truncated or damaged file)
         raise CheckpointError(f"{tensor_file} is not a readable safetensors file: {exc}") from exc
     if check_pair and digest is not None and hashlib.sha256(data).hexdigest() != digest:
+        if _retry:  # (a training saving now writes the prompts, then the config: read again)
+            time.sleep(0.5)
+            return read_checkpoint(path, check_pair=True, _retry=False)
+        if (directory / "resume.json").is_file():
+            fix = (
+                f"it is a training run stopped while saving an epoch (or saving now): `crane "
+                f"train --out {directory} --resume` completes it, and its epoch_K folders hold "
+                "each complete epoch (--model RUN/epoch_K)"
+            )
+        else:
+            fix = "save the run again"
         raise CheckpointError(
             f"{tensor_file} is not the prompts file {cfg_file} was saved with (a save stopped "
-            "between the two files, or a file copied in): save the run again"
+            f"between the two files, or a file copied in): {fix}"
         )
     return cfg, tensors, meta
 
