@@ -729,3 +729,17 @@ def test_visa_refuses_a_mask_that_is_the_image_or_another_class(tmp_path, mask):
     csv_path.write_text(text)
     with pytest.raises(DatasetError, match="is not a mask of pcb1"):
         prepare("visa", tmp_path)
+
+
+def test_class_folders_a_known_layout_does_not_read_are_named(tmp_path, caplog):
+    """A folder in class form that is not one of MVTec's classes was left out without a word
+    (a run trained on 6 of the folder's 12 images)."""
+    make_mvtec_class(tmp_path, "bottle", defects={"broken_large": ["000"]})
+    make_mvtec_class(tmp_path, "plate", defects={"dent": ["000"]})
+    (tmp_path / "notes").mkdir()  # (no test/ inside: not named)
+    with caplog.at_level(logging.WARNING):
+        meta = prepare("mvtec", tmp_path)
+    assert list(meta["test"]) == ["bottle"]
+    assert "folder(s) plate look like classes but are not mvtec classes" in caplog.text
+    assert "--dataset generic" in caplog.text and "notes" not in caplog.text
+    assert list(prepare("generic", tmp_path)["test"]) == ["bottle", "plate"]

@@ -453,6 +453,19 @@ def scan_known_classes(ctx: ScanContext, classes: Iterable[str], **kwargs: Any) 
         logger.warning(
             "%s: class folder(s) not found, skipped: %s", ctx.layout.name, ", ".join(absent)
         )
+    others = sorted(
+        p.name
+        for p in ctx.root.iterdir()
+        if p.name not in classes and p.is_dir() and (p / "test").is_dir()
+    )
+    if others:  # (left out without a word, a run then reported fewer images than the folder)
+        logger.warning(
+            "%s: folder(s) %s look like classes but are not %s classes: not read (--dataset "
+            "generic reads every class folder)",
+            ctx.layout.name,
+            ", ".join(others),
+            ctx.layout.name,
+        )
     meta = new_meta()
     for cls in present:
         for split, samples in scan_mvtec_class(ctx, ctx.root / cls, cls, **kwargs).items():
