@@ -178,7 +178,7 @@ for step in ${steps//,/ }; do
   limit=()
   if ((budget > 0)); then
     left=$((budget - (t0 - start)))
-    if ((left < least[$step])); then
+    if ((left <= 0 || left < least[$step])); then  # (timeout 0 would mean no limit)
       summary+=("$step: skipped (${left} s left, needs at least ${least[$step]} s)")
       status=1
       continue

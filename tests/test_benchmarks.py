@@ -250,9 +250,13 @@ def test_throughput_runs_every_part_with_config_changes(throughput, tmp_path, mo
         if not kernels_mod.onednn_available():  # (not an x86 CPU with AVX2/AVX-512)
             assert "opt_fp32_torch_kernels_img_s" not in row
             continue
-        assert row["opt_fp32_torch_kernels_img_s"] > 0
-        ratio = row["opt_fp32_img_s"] / row["opt_fp32_torch_kernels_img_s"]
-        assert row["onednn_vs_torch_kernels"] == pytest.approx(ratio)
+        # (the default row ran this CPU's default kernels, the other row the others: on AVX2
+        # both rows ran torch's before, and the ratio said oneDNN against torch)
+        default = kernels_mod.default_cpu_kernels()
+        other = "torch" if default == "onednn" else "onednn"
+        assert row["cpu_kernels"] == default and f"opt_fp32_{default}_kernels_img_s" not in row
+        rate = {default: row["opt_fp32_img_s"], other: row[f"opt_fp32_{other}_kernels_img_s"]}
+        assert row["onednn_vs_torch_kernels"] == pytest.approx(rate["onednn"] / rate["torch"])
     # Only the combination asked for, at each worker and thread count asked for (one
     # Detector); the thread count is restored afterwards.
     # First the fp32 baseline (exact decode, maps at input size) the others are measured
@@ -656,6 +660,45 @@ def test_pending_gpu_runs_steps_in_order_within_the_budget(tmp_path):
     assert f"variants.py --device cuda --batch 32 --json {out}/variants_b32.json" in log
     assert "--compile --select torch.compile" in log
     assert "floor.py" not in log
+
+
+def test_pending_gpu_skips_steps_once_the_budget_is_spent_even_with_no_minimum(tmp_path):
+    """With PENDING_GPU_LEAST_S=0 a step met with 0 s left ran under ``timeout 0``: no limit."""
+    proc, out = _run_pending(tmp_path, "compiled,floor", budget=2, least=0)
+    summary = proc.stdout.split("=== summary")[1].splitlines()
+    assert summary[1].startswith("compiled: cut at the budget")
+    assert summary[2].startswith("floor: skipped")
+    assert "floor.py" not in (out / "log.txt").read_text()
+
+
+def test_the_training_baselines_peak_holds_one_model_as_the_optimised_runs(throughput,
+                                                                          monkeypatch):  # fmt: skip
+    """The optimised run's copy of the model was made before the uncached baseline, whose
+    peak device memory then counted two models (2 GB too many for Crane+ on CUDA)."""
+    import gc
+
+    from crane.models.crane import CraneModel
+
+    base = create_model("tiny", image_size=56, seed=0)
+    alive, real = [], throughput.reset_peak
+
+    def counted(device):
+        gc.collect()
+        alive.append(sum(isinstance(o, CraneModel) for o in gc.get_objects()) - 1)  # (not base)
+        real(device)
+
+    monkeypatch.setattr(throughput, "reset_peak", counted)
+    throughput.bench_train(base, torch.device("cpu"), n=8, epochs=1, amp="fp32")
+    assert alive[:2] == [1, 1]  # (the baseline's model; then the optimised run's alone)
+
+
+def test_benchmark_json_is_written_without_touching_a_sibling_tmp_file(tmp_path, throughput):
+    mine = tmp_path / "run.tmp"
+    mine.write_text("a user's file")
+    throughput.save({"a": 1}, str(tmp_path / "run.json"))
+    assert json.loads((tmp_path / "run.json").read_text()) == {"a": 1}
+    assert mine.read_text() == "a user's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json", "run.tmp"]
 
 
 def test_pending_gpu_reports_failures_and_rejects_unknown_steps(tmp_path):
