@@ -173,3 +173,10 @@ def test_check_deep_decodes_every_file(tmp_path, capsys):
         assert "files that cannot be used: 2 problems" in err
         assert f"cannot read image {good}" in err
         assert f"mask {mask} is 7x5 but its image" in err
+
+
+def test_check_refuses_an_index_of_no_image(tmp_path, capsys):
+    """An empty index said OK (exit 0), and evaluate and train refused it afterwards."""
+    (tmp_path / "meta.json").write_text(json.dumps({"train": {}, "test": {}}))
+    assert main(["datasets", "check", "--root", str(tmp_path)]) == 1
+    assert "indexes no image" in capsys.readouterr().err

@@ -507,13 +507,23 @@ def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(monkeypatch, caplog):
     """Emulated bf16 was 4x slower than fp32 on an AVX2 Zen 3: asking for it there says so."""
     import logging
 
+    import crane.engine.runtime as R
     from crane.engine.runtime import autocast_dtype
 
     cpu = torch.device("cpu")
     for native, warned in ((False, True), (True, False)):
+        monkeypatch.setattr(R, "_SAID", {})
         monkeypatch.setattr(kernels, "native_bf16", lambda native=native: native)
         caplog.clear()
         with caplog.at_level(logging.WARNING):
             assert autocast_dtype("bf16", cpu) is torch.bfloat16
             assert autocast_dtype("fp32", cpu) is None
         assert ("CPU without native bf16" in caplog.text) is warned
+    # Once per process: the CLI and its Detector both asked, and it was said twice.
+    monkeypatch.setattr(R, "_SAID", {})
+    monkeypatch.setattr(kernels, "native_bf16", lambda: False)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        autocast_dtype("bf16", cpu)
+        autocast_dtype("bf16", cpu)
+    assert caplog.text.count("CPU without native bf16") == 1

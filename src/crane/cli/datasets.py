@@ -114,6 +114,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         raise CraneError(f"--threads must be >= 1, got {args.threads}")
     meta = read_meta(args.root)
     print(format_summary(meta))
+    if not any(samples for split in meta.values() for samples in split.values()):
+        print(f"{meta_path(args.root)}: indexes no image (evaluate and train refuse it)",
+              file=sys.stderr)  # fmt: skip
+        return 1
     if args.deep:
         bad = unreadable_files(meta, args.root, threads=args.threads, progress=not args.no_progress)
         if bad:

@@ -53,6 +53,9 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     return dev
 
 
+_SAID: dict[str, bool] = {}
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision not in PRECISIONS:
         raise CraneError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -62,7 +65,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if dtype is torch.bfloat16 and device.type == "cpu":
         from crane.models.kernels import native_bf16
 
-        if not native_bf16():
+        if not native_bf16() and not _SAID.get("emulated bf16"):
+            _SAID["emulated bf16"] = True  # (once: the CLI and its Detector both ask)
             log.warning(
                 "--precision bf16 on a CPU without native bf16 (no AVX512-BF16 or AMX): it is "
                 "emulated there, several times slower than fp32 (a Crane+ image took 49 s "
