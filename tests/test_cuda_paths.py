@@ -198,17 +198,28 @@ def test_cuda_a_class_out_of_real_device_memory_is_ranked_on_the_host(caplog):
 
 
 @cuda
-def test_cuda_a_resize_out_of_real_device_memory_runs_on_the_host(caplog):
-    """2048-px photos on the GPU, with no room for the exact resize's float64 products (a
-    real CUDA out-of-memory error): resized on the host, the same pixels, back on the GPU."""
+def test_cuda_a_resize_out_of_real_device_memory_runs_on_the_host(caplog, monkeypatch):
+    """2048-px photos on the GPU, with room for their stacked copy (24 MB) but not for the
+    exact resize's float64 products (a real CUDA out-of-memory error inside them): resized on
+    the host, the same pixels, back on the GPU."""
+    import crane.data.pil_resample as R
+
     rng = np.random.default_rng(7)
     images = [
         torch.from_numpy(rng.integers(0, 256, (3, 2048, 2048), dtype=np.uint8)) for _ in range(2)
     ]
     want = resize_each(images, 518)
     on_gpu = [im.cuda() for im in images]
-    with caplog.at_level(logging.WARNING), cuda_memory_limit(16 << 20):
+    real, passes = R._pass_last_dim, []
+
+    def counted(x, out_size):
+        passes.append(x.device.type)
+        return real(x, out_size)
+
+    monkeypatch.setattr(R, "_pass_last_dim", counted)
+    with caplog.at_level(logging.WARNING), cuda_memory_limit(48 << 20):
         got = resize_each(on_gpu, 518)
+    assert passes and passes[0] == "cuda"  # (the products started on the GPU, then failed)
     assert "out of GPU memory resizing 2 image(s) of 2048x2048 px" in caplog.text
     for a, b in zip(got, want, strict=True):
         assert a.device.type == "cuda" and torch.equal(a.cpu(), b)

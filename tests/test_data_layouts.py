@@ -743,3 +743,20 @@ def test_class_folders_a_known_layout_does_not_read_are_named(tmp_path, caplog):
     assert "folder(s) plate look like classes but are not mvtec classes" in caplog.text
     assert "--dataset generic" in caplog.text and "notes" not in caplog.text
     assert list(prepare("generic", tmp_path)["test"]) == ["bottle", "plate"]
+
+
+def test_a_folder_that_cannot_be_searched_does_not_stop_the_scan(tmp_path, monkeypatch):
+    """A dataset volume's lost+found (0700, root's): is_dir on a path inside it raised
+    PermissionError through the scan."""
+    make_mvtec_class(tmp_path, "bottle", defects={"broken_large": ["000"]})
+    (tmp_path / "lost+found").mkdir()
+    real = Path.is_dir
+
+    def is_dir(self):
+        if "lost+found" in self.parts and self.name != "lost+found":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "is_dir", is_dir)
+    assert list(prepare("mvtec", tmp_path)["test"]) == ["bottle"]
+    assert list(prepare("generic", tmp_path)["test"]) == ["bottle"]

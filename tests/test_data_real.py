@@ -6,6 +6,7 @@ Skipped where the samples are not available.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from pathlib import Path
 
@@ -111,8 +112,13 @@ def test_a_meta_json_of_another_dataset_than_named_is_refused(visa_meta, tmp_pat
     for entry in (DATA / "visa").iterdir():
         (staged / entry.name).symlink_to(entry)
     write_meta(staged, visa_meta)
-    with pytest.raises(DatasetError, match=r"indexes classes \(fryum\) that the mvtec dataset"):
+    with pytest.raises(DatasetError, match=r"indexes visa classes \(fryum\), none of the mvtec"):
         open_dataset(staged, "mvtec", image_size=56)
+    # Classes of no known dataset (one's own, or those VisA's scan keeps beside its list) pass.
+    widgets = [dataclasses.replace(x, cls_name="widget") for x in visa_meta["test"]["fryum"]]
+    own = {"test": {"widget": widgets}, "train": {}}
+    write_meta(staged, own, overwrite=True)
+    assert len(open_dataset(staged, "mvtec", image_size=56)) == len(visa_meta["test"]["fryum"])
     n = len(open_dataset(staged, "visa", image_size=56))
     assert n == len(open_dataset(staged, "generic", image_size=56)) > 0
     assert len(open_dataset(staged, None, image_size=56)) > 0

@@ -9,6 +9,7 @@ from PIL import Image
 from crane.data import AnomalyDataset, prepare, read_meta
 from crane.data.synth import (
     DEFECTS,
+    MARKER,
     MIN_DEFECT_CONTRAST,
     TEXTURES,
     make_synthetic_dataset,
@@ -43,7 +44,7 @@ def test_worker_processes_write_the_same_files(tmp_path):
     make_synthetic_dataset(tmp_path / "a", seed=3, **SMALL)
     make_synthetic_dataset(tmp_path / "b", seed=3, workers=2, **SMALL)
     a, b = files_bytes(tmp_path / "a"), files_bytes(tmp_path / "b")
-    assert "meta.json" in a and len(a) == 2 * (2 + 2 + 2 * 5) + 1
+    assert "meta.json" in a and len(a) == 2 * (2 + 2 + 2 * 5 + 1) + 1  # (+ each class's marker)
     assert a == b
 
 
@@ -153,12 +154,15 @@ def test_refuses_to_overwrite(tmp_path):
 
 def test_overwrite_replaces_only_a_synthetic_dataset(tmp_path):
     """--overwrite deleted whole class folders, a user's notes and extra images in them too,
-    and rewrote a meta.json that indexed other classes (they dropped out of it)."""
+    and rewrote a meta.json that indexed other classes (they dropped out of it); a real
+    download in MVTec form (000.png, 000_mask.png, defects named crack ...) looks like a
+    synthetic set by its names: each synthetic class folder carries a marker."""
     out = tmp_path / "syn"
     make_synthetic_dataset(out, **SMALL)
+    assert (out / "tile" / MARKER).is_file() and (out / "fabric" / MARKER).is_file()
     notes = out / "tile" / "NOTES.txt"
     notes.write_text("mine")
-    with pytest.raises(DatasetError, match=r"files it did not write \(.*NOTES\.txt\)"):
+    with pytest.raises(DatasetError, match=r"files synth did not write \(.*NOTES\.txt\)"):
         make_synthetic_dataset(out, overwrite=True, **SMALL)
     assert notes.read_text() == "mine"
     notes.unlink()
@@ -167,13 +171,30 @@ def test_overwrite_replaces_only_a_synthetic_dataset(tmp_path):
     with pytest.raises(DatasetError, match="shot_1.png"):
         make_synthetic_dataset(out, overwrite=True, **SMALL)
     shots.unlink()
-    with pytest.raises(DatasetError, match="meta.json that also indexes fabric"):
+    with pytest.raises(DatasetError, match="also indexes fabric, which the rewritten index"):
         make_synthetic_dataset(out, overwrite=True, **{**SMALL, "classes": ("tile",)})
     assert set(read_meta(out)["test"]) == {"tile", "fabric"}
     make_synthetic_dataset(out, overwrite=True, **SMALL)  # (its own files only: replaced)
+    # A download in MVTec form, no marker: refused, and left as it was.
+    real = tmp_path / "mvtec" / "tile"
+    for rel in ("train/good/000.png", "test/crack/000.png", "ground_truth/crack/000_mask.png"):
+        (real / rel).parent.mkdir(parents=True, exist_ok=True)
+        (real / rel).write_bytes(b"a real image")
+    with pytest.raises(DatasetError, match=r"not a synthetic class folder \(no \.crane-synth"):
+        make_synthetic_dataset(real.parent, overwrite=True, **{**SMALL, "classes": ("tile",)})
+    assert (real / "test" / "crack" / "000.png").read_bytes() == b"a real image"
     with pytest.raises(DatasetError, match="size must be 32 to 4096 pixels, got 100000"):
         make_synthetic_dataset(tmp_path / "big", **{**SMALL, "size": 100000})
     assert not (tmp_path / "big").exists()
+
+
+def test_overwrite_takes_a_synthetic_set_of_a_thousand_images_and_more(tmp_path):
+    """Images from 1000 on are named 1000.png: the overwrite refused the set it wrote."""
+    small = dict(classes=("tile",), n_train=1001, n_test_good=1, n_test_bad=0, size=32)
+    make_synthetic_dataset(tmp_path / "s", **small)
+    assert (tmp_path / "s" / "tile" / "train" / "good" / "1000.png").is_file()
+    make_synthetic_dataset(tmp_path / "s", overwrite=True, **{**small, "n_train": 2})
+    assert not (tmp_path / "s" / "tile" / "train" / "good" / "1000.png").exists()
 
 
 @pytest.mark.parametrize(

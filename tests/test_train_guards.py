@@ -671,3 +671,17 @@ def test_a_subset_gets_the_checks_a_dataset_gets(synth, tmp_path, caplog):
     kept = T._samples_and_root(view)[0]
     assert len(kept) == len(ds) - 2 and all(s.has_mask or not s.anomaly for s in kept)
     assert kept == [s for s in ds.samples[::-1] if s.has_mask or not s.anomaly]
+
+
+def test_a_finished_run_whose_pair_does_not_match_is_pointed_to_its_epochs(synth, tmp_path):
+    """A resume trains nothing for a finished run: the message sent there did not help."""
+    import shutil as sh
+
+    from crane.errors import CheckpointError
+
+    run = tmp_path / "run"
+    _run(synth, run, epochs=2)
+    sh.copy(run / "epoch_1" / "prompts.safetensors", run / "prompts.safetensors")
+    with pytest.raises(CheckpointError, match=r"the training finished, so a resume would not "
+                       r"rewrite it: its epoch_K folders"):  # fmt: skip
+        create_model(str(run))

@@ -127,6 +127,7 @@ def test_a_hugging_face_mirror_is_probed_instead_of_the_hub(monkeypatch):
                 "all_proxy"):  # fmt: skip
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(W.socket, "create_connection", connect)
+    monkeypatch.setattr(W, "_resolve", lambda host, port: [(host, port)])
     monkeypatch.setenv("HF_ENDPOINT", "https://hf-mirror.example")
     assert not W.hub_unreachable()
     assert probed == [("hf-mirror.example", 443)]
@@ -144,28 +145,43 @@ def test_a_hugging_face_mirror_is_probed_instead_of_the_hub(monkeypatch):
     assert W.hub_unreachable() and probed == [("openaipublic.azureedge.net", 443)]
 
 
-def test_a_probe_that_hangs_in_the_name_lookup_ends_in_time(monkeypatch):
-    """create_connection's timeout does not cover the name lookup (a DNS server that never
-    answers held the probe 20 s): the probe has one deadline for all of it."""
+def test_a_probe_that_hangs_ends_in_time_and_tries_every_address(monkeypatch):
+    """create_connection's timeout covers neither the name lookup (a DNS server that never
+    answered held the probe 20 s) nor the sum over a host's addresses, which it tries in
+    turn: a first address whose packets are dropped (a broken IPv6 route) hid the next one.
+    The probe has a deadline for the lookup, then tries every address at once."""
     release = threading.Event()
 
-    def connect(address, timeout=None):
+    def hung_lookup(host, port):
         release.wait(30)  # (as getaddrinfo blocks, whatever the timeout)
         raise OSError("name lookup failed")
+
+    def connect(address, timeout=None):
+        if address[0] == "dead":
+            release.wait(30)  # (dropped packets: no answer before the timeout)
+            raise OSError("timed out")
+        return contextlib.nullcontext()
 
     for var in ("CRANE_OFFLINE", "HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY",
                 "all_proxy", "HF_ENDPOINT"):  # fmt: skip
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(W.socket, "create_connection", connect)
     monkeypatch.setattr(W, "_PROBE_S", 0.3)
-    t = time.perf_counter()
     try:
-        assert W.hub_unreachable()
-        assert time.perf_counter() - t < 2
-        monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")  # (the proxy's probe too)
-        t = time.perf_counter()
-        assert W.hub_unreachable()
-        assert time.perf_counter() - t < 2
+        for resolve, unreachable in (
+            (hung_lookup, True),
+            (lambda host, port: [("dead", port)], True),  # (the connection hangs)
+            (lambda host, port: [("dead", port), ("alive", port)], False),
+        ):
+            monkeypatch.setattr(W, "_resolve", resolve)
+            for proxy in (None, "http://proxy.example:3128"):  # (the proxy's probe too)
+                if proxy:
+                    monkeypatch.setenv("HTTPS_PROXY", proxy)
+                else:
+                    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+                t = time.perf_counter()
+                assert W.hub_unreachable() is unreachable, (resolve, proxy)
+                assert time.perf_counter() - t < 2
     finally:
         release.set()
 
@@ -185,6 +201,7 @@ def test_a_malformed_hf_endpoint_does_not_crash_the_probe(monkeypatch, endpoint)
                 "all_proxy"):  # fmt: skip
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(W.socket, "create_connection", connect)
+    monkeypatch.setattr(W, "_resolve", lambda host, port: [(host, port)])
     monkeypatch.setenv("HF_ENDPOINT", endpoint)
     assert W.hub_unreachable()
 
@@ -205,6 +222,7 @@ def test_a_proxy_that_does_not_answer_means_no_download(monkeypatch):
                 "all_proxy", "HF_ENDPOINT"):  # fmt: skip
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(W.socket, "create_connection", connect)
+    monkeypatch.setattr(W, "_resolve", lambda host, port: [(host, port)])
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
     assert W.hub_unreachable() and probed == [("127.0.0.1", 9)]
     alive.add("proxy.example")
@@ -567,6 +585,7 @@ def test_a_dinov2_file_for_another_image_size_is_named_when_resampled(tmp_path, 
     with caplog.at_level(logging.WARNING, logger="crane.models.backbones"):
         small = build_dino(get_config("crane+", image_size=224), tmp_path / "dino_518.pth")
         build_dino(get_config("crane+"), tmp_path / "dino_518.pth")
+        build_dino(get_config("crane+", image_size=224), tmp_path / "dino_224.pth")  # (its own)
     assert small.pos_embed.shape[1] == 16 * 16 and not caplog.records
 
 

@@ -338,6 +338,7 @@ def test_offline_switch_words(monkeypatch, value, offline):
     for k in W.OFFLINE_ENVS[1:]:
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setattr(W.socket, "create_connection", _reachable)
+    monkeypatch.setattr(W, "_resolve", lambda host, port: [(host, port)])
     assert W._offline() is offline
 
 

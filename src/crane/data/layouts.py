@@ -296,12 +296,21 @@ def list_images(folder: Path) -> list[Path]:
     return sorted((p for p in named if p.is_file()), key=lambda p: p.name)
 
 
+def _is_dir(path: Path) -> bool:
+    """``path.is_dir()``, False where it cannot be told (a folder without search permission,
+    as a dataset volume's ``lost+found``: is_dir raised PermissionError through the scan)."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
 def list_dirs(folder: Path) -> list[Path]:
     """Non-hidden sub-directories of ``folder``, sorted by name."""
-    if not folder.is_dir():
+    if not _is_dir(folder):
         return []
     return sorted(
-        (p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")),
+        (p for p in folder.iterdir() if _is_dir(p) and not p.name.startswith(".")),
         key=lambda p: p.name,
     )
 
@@ -309,7 +318,7 @@ def list_dirs(folder: Path) -> list[Path]:
 def find_dir(parent: Path, *names: str) -> Path | None:
     """The first child directory matching one of ``names`` exactly, then case-insensitively."""
     for name in names:
-        if (parent / name).is_dir():
+        if _is_dir(parent / name):
             return parent / name
     lowered = {n.lower() for n in names}
     for child in list_dirs(parent):
@@ -456,7 +465,7 @@ def scan_known_classes(ctx: ScanContext, classes: Iterable[str], **kwargs: Any) 
     others = sorted(
         p.name
         for p in ctx.root.iterdir()
-        if p.name not in classes and p.is_dir() and (p / "test").is_dir()
+        if p.name not in classes and _is_dir(p) and _is_dir(p / "test")
     )
     if others:  # (left out without a word, a run then reported fewer images than the folder)
         logger.warning(

@@ -285,14 +285,19 @@ def _save_png(array: np.ndarray, path: Path) -> None:
 
 #: The largest side of a synthetic image (a 100000 asked for 149 GB before failing).
 MAX_SIZE = 4096
-_SYNTH_FILE = re.compile(r"\d{3}(_mask)?\.png")
+_SYNTH_FILE = re.compile(r"\d{3,}(_mask)?\.png")
+#: Written into each class folder it makes: ``overwrite`` replaces only folders that hold it
+#: (MVTec AD names its files 000.png, 000_mask.png and its defects crack, scratch ... as
+#: this does: names alone cannot tell a download from a synthetic set).
+MARKER = ".crane-synthetic"
 
 
 def _check_only_synthetic(out: Path, classes: tuple[str, ...]) -> None:
     """``overwrite`` replaces a synthetic dataset: refused where ``out`` holds what this
-    function did not write (other files in a class folder, a meta.json indexing other
-    classes), which replacing would delete or drop from the index."""
-    foreign = []
+    function did not write (a class folder without its marker, or with other files in it; a
+    meta.json that also indexes other classes), which replacing would delete or drop from
+    the index."""
+    unmarked, foreign = [], []
     for cls in classes:
         folder = out / cls
         if folder.is_symlink() or folder.is_file():
@@ -300,40 +305,49 @@ def _check_only_synthetic(out: Path, classes: tuple[str, ...]) -> None:
             continue
         if not folder.is_dir():
             continue
+        if not (folder / MARKER).is_file():
+            unmarked.append(folder)
+            continue
         for path in folder.rglob("*"):
             rel = path.relative_to(folder).parts
             if path.is_dir() and not path.is_symlink():
                 ok = rel[0] in ("train", "test", "ground_truth") and len(rel) <= 2
             else:
-                ok = (
+                ok = rel == (MARKER,) or (
                     len(rel) == 3
                     and rel[0] in ("train", "test", "ground_truth")
                     and bool(_SYNTH_FILE.fullmatch(rel[2]))
                 )
             if not ok:
                 foreign.append(path)
+    if unmarked:
+        raise DatasetError(
+            f"{', '.join(map(str, unmarked))} {'is' if len(unmarked) == 1 else 'are'} not "
+            f"a synthetic class folder (no {MARKER} file: a dataset of its own, or made by a "
+            "crane before the 31st session): overwrite replaces only synthetic ones; choose "
+            "another --out, or remove it yourself"
+        )
+    if foreign:
+        shown = [str(p) for p in foreign[:3]] + (["..."] if len(foreign) > 3 else [])
+        raise DatasetError(
+            f"{out} holds files synth did not write ({', '.join(shown)}): overwrite would "
+            "delete them with their class folders; choose another --out, or move them"
+        )
     meta_file = out / META_FILENAME
-    other_classes: list[str] = []
     if meta_file.is_file():
         try:
             data = json.loads(meta_file.read_text())
-            other_classes = sorted(
+            others = sorted(
                 {c for split in data.values() if isinstance(split, dict) for c in split}
                 - set(classes)
             )
         except (OSError, ValueError, AttributeError):
-            pass  # (unreadable: nothing an index of it could lose)
-    if foreign or other_classes:
-        shown = [str(p) for p in foreign[:3]] + (["..."] if len(foreign) > 3 else [])
-        why = f"files it did not write ({', '.join(shown)})" if foreign else ""
-        if other_classes:
-            why += (" and " if why else "") + (
-                f"a {META_FILENAME} that also indexes {', '.join(other_classes)}"
+            others = []  # (unreadable: nothing an index of it could lose)
+        if others:
+            raise DatasetError(
+                f"{meta_file} also indexes {', '.join(others)}, which the rewritten index "
+                "would drop: name them in --classes too, or choose another --out"
             )
-        raise DatasetError(
-            f"{out} holds {why}: overwrite replaces only a synthetic dataset (its class "
-            "folders are deleted and meta.json rewritten); choose another --out, or move them"
-        )
 
 
 def _write_sample(out: Path, seed: int, size: int, job: tuple[str, str, int]) -> Sample:
@@ -438,6 +452,11 @@ def make_synthetic_dataset(
             meta["train"][cls] = train
         # Species sorted by name, the order the generic layout scanner produces.
         meta["test"][cls] = [s for sp in sorted(by_specie) for s in by_specie[sp]]
+    for cls in classes:
+        marker = {"seed": seed, "size": size, "n_train": n_train, "n_test_good": n_test_good,
+                  "n_test_bad": n_test_bad}  # fmt: skip
+        (out / cls).mkdir(parents=True, exist_ok=True)
+        (out / cls / MARKER).write_text(json.dumps(marker) + "\n")
     write_meta(out, meta, overwrite=True)
     logger.info("synthetic dataset: %d classes written to %s", len(classes), out)
     return meta

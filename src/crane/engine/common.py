@@ -64,16 +64,26 @@ def check_image_size(model: object, dataset: object) -> None:
 
 
 def _check_layout_classes(meta: dict, layout: object, root: Path) -> None:
-    """A meta.json whose classes are none of ``layout``'s: another dataset than ``--dataset``
-    names (which also picks the paper's prompts and settings for it: VisA evaluated as MVTec
-    took the prompts trained on VisA, and the report said MVTec)."""
+    """A meta.json whose classes are none of ``layout``'s but all another known dataset's:
+    that dataset, not the one ``--dataset`` names (which also picks the paper's prompts and
+    settings for it: VisA evaluated as MVTec took the prompts trained on VisA, and the report
+    said MVTec). Classes of no known dataset (a set of one's own, or the classes a layout
+    keeps beside its list) pass."""
+    from crane.data.layouts import list_layouts
+
     known = set(layout.classes)  # type: ignore[attr-defined]
     listed = {c for split in meta.values() for c in split}
-    if known and listed and not listed & known:
+    if not known or not listed or listed & known:
+        return
+    owners = [
+        other.name
+        for other in list_layouts()
+        if other.name != layout.name and other.classes and listed <= set(other.classes)  # type: ignore[attr-defined]
+    ]
+    if owners:
         shown = ", ".join(sorted(listed)[:5]) + (", ..." if len(listed) > 5 else "")
         raise DatasetError(
-            f"{meta_path(root)} indexes classes ({shown}) that the {layout.name} dataset "  # type: ignore[attr-defined]
-            f"does not have: is {root} another dataset? --dataset names it (it also picks the "
-            "paper's prompts and settings for it; see `crane datasets list`), or use "
-            "--dataset generic for classes of your own"
+            f"{meta_path(root)} indexes {' / '.join(owners)} classes ({shown}), none of the "
+            f"{layout.name} dataset's: pass --dataset {owners[0]} (--dataset also picks the "
+            "paper's prompts and settings for a dataset; see `crane datasets list`)"  # type: ignore[attr-defined]
         )

@@ -273,9 +273,9 @@ def _warn_resampled_positions(sd: dict, path: os.PathLike, model: nn.Module) -> 
         return
     n = pos.shape[1]
     side = next((s for s in (math.isqrt(n), math.isqrt(n - 1)) if s * s in (n, n - 1)), None)
-    if side is None or side == _DINO_PUBLISHED_GRID:
-        return
-    grid = model.patch_embed.grid_size
+    grid = tuple(model.patch_embed.grid_size)
+    if side is None or side == _DINO_PUBLISHED_GRID or (side, side) == grid:
+        return  # (the published grid, or the model's own: nothing resampled)
     log.warning(
         "%s: DINOv2 position embeddings for a %dx%d patch grid (%d-px inputs), not the "
         "published 37x37 (518 px): resampled to this model's %dx%d; a file saved from a model "

@@ -233,19 +233,30 @@ def read_checkpoint(
         if _retry:  # (a training saving now writes the prompts, then the config: read again)
             time.sleep(0.5)
             return read_checkpoint(path, check_pair=True, _retry=False)
-        if (directory / "resume.json").is_file():
-            fix = (
-                f"it is a training run stopped while saving an epoch (or saving now): `crane "
-                f"train --out {directory} --resume` completes it, and its epoch_K folders hold "
-                "each complete epoch (--model RUN/epoch_K)"
-            )
-        else:
-            fix = "save the run again"
+        fix = _unpaired_run_fix(directory)
         raise CheckpointError(
             f"{tensor_file} is not the prompts file {cfg_file} was saved with (a save stopped "
             f"between the two files, or a file copied in): {fix}"
         )
     return cfg, tensors, meta
+
+
+def _unpaired_run_fix(directory: Path) -> str:
+    """What to do with a run whose prompts and config.json do not pair: a training stopped
+    while saving an epoch completes it with --resume; a finished one (its resume.json says all
+    its epochs are done: a resume trains nothing) keeps each epoch in epoch_K."""
+    try:
+        state = json.loads((directory / "resume.json").read_text())
+        unfinished = state["epochs_done"] < state["settings"]["epochs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "save the run again"
+    epochs = f"its epoch_K folders hold each complete epoch (--model {directory}/epoch_K)"
+    if unfinished:
+        return (
+            f"it is a training run stopped while saving an epoch (or saving now): `crane "
+            f"train --out {directory} --resume` completes it, and {epochs}"
+        )
+    return f"the training finished, so a resume would not rewrite it: {epochs}"
 
 
 def update_threshold(path: str | os.PathLike, threshold: float, how: dict[str, Any]) -> None:

@@ -46,7 +46,7 @@ DINO_FILENAMES = ("dinov2_vitb14_reg4_pretrain.pth", "model.safetensors", "pytor
 #: whenever huggingface_hub is installed, as timm takes DINOv2), else OpenAI's own host.
 _HF_HOST = ("huggingface.co", 443)
 _OPENAI_HOST = ("openaipublic.azureedge.net", 443)
-#: Seconds a probe may take in all: name lookup and every address of the host.
+#: Seconds a probe's name lookup, and then each address's connection, may take.
 _PROBE_S = 3.0
 
 
@@ -85,25 +85,44 @@ def _has_hf_hub() -> bool:
     return importlib.util.find_spec("huggingface_hub") is not None
 
 
+def _resolve(host: str, port: int) -> list[tuple[str, int]]:
+    """The addresses of ``host`` (IPv6 and IPv4, as the system lists them)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys((str(info[4][0]), int(info[4][1])) for info in infos))
+
+
 def _answers(where: tuple[str, int]) -> bool:
-    """Whether a TCP connection to ``where`` opens within :data:`_PROBE_S` seconds, the name
-    lookup included: ``socket.create_connection``'s timeout covers neither the lookup (a DNS
-    server that never answers took 20 s) nor the sum over a host's addresses. The probe runs
-    in a daemon thread, left behind if it is late."""
-    answered, done = [], threading.Event()
+    """Whether a TCP connection to ``where`` opens: its name looked up, then every address
+    tried at once, each for :data:`_PROBE_S` seconds, within ``2 * _PROBE_S`` in all.
+    ``socket.create_connection``'s timeout covers neither the lookup (a DNS server that never
+    answers held the probe 20 s) nor the sum over a host's addresses, which it tries in turn
+    (one whose packets are dropped, as a broken IPv6 route, hid the next one). The probe runs
+    in daemon threads, left behind if they are late."""
+    answered, finished = threading.Event(), threading.Event()
+
+    def connect(address: tuple[str, int]) -> None:
+        try:
+            with socket.create_connection(address, timeout=_PROBE_S):
+                answered.set()
+                finished.set()
+        except (OSError, ValueError):  # (ValueError: a host name IDNA cannot encode)
+            pass
 
     def probe() -> None:
         try:
-            with socket.create_connection(where, timeout=_PROBE_S):
-                answered.append(True)
-        except (OSError, ValueError):  # (ValueError: a host name IDNA cannot encode)
-            pass
-        finally:
-            done.set()
+            addresses = _resolve(*where)
+        except (OSError, ValueError):  # (UnicodeError is a ValueError)
+            addresses = []
+        threads = [threading.Thread(target=connect, args=(a,), daemon=True) for a in addresses]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        finished.set()
 
     threading.Thread(target=probe, name="crane-network-probe", daemon=True).start()
-    done.wait(_PROBE_S)
-    return bool(answered)
+    finished.wait(2 * _PROBE_S)
+    return answered.is_set()
 
 
 def cache_dir() -> Path:
