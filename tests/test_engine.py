@@ -875,3 +875,28 @@ def test_calibrate_checks_the_labels_before_scoring_and_names_dataset(synth, tmp
     assert main(["calibrate", "--model", str(run), "--root", str(empty)]) == 2
     err = capsys.readouterr().err
     assert "read as the generic layout; pass --dataset NAME" in err and "Traceback" not in err
+
+
+def test_evaluate_overlay_names_fit_the_file_system(synth, tmp_path):
+    """An image name of 254 bytes gave an overlay name over 255: its write stopped the whole
+    evaluation (no metrics), and every --resume stopped the same way."""
+    import dataclasses
+    import os
+    import shutil
+    from pathlib import Path
+
+    from crane.data.meta import read_meta, write_meta
+
+    root = shutil.copytree(synth, tmp_path / "data")
+    meta = read_meta(root)
+    good = meta["test"]["tile"][0]
+    long_rel = str(Path(good.img_path).with_name("p" * 250 + ".png"))
+    (root / good.img_path).rename(root / long_rel)
+    meta["test"]["tile"][0] = dataclasses.replace(good, img_path=long_rel)
+    write_meta(root, meta, overwrite=True)
+    ds = AnomalyDataset(root, "test", image_size=SIZE)
+    res = evaluate(create_model("tiny", image_size=SIZE), ds, device=torch.device("cpu"),
+                   batch_size=4, progress=False, visualize_dir=tmp_path / "viz")  # fmt: skip
+    assert res.n_images == 16
+    names = [p.name for p in (tmp_path / "viz" / "tile").iterdir()]
+    assert len(names) == 8 and max(len(os.fsencode(n)) for n in names) <= 255

@@ -34,6 +34,7 @@ from crane.engine.runtime import (
 )
 from crane.engine.writer import OutputWriter
 from crane.errors import CraneError
+from crane.files import fit_file_name
 from crane.metrics import DEFAULT_NUM_BINS, METRICS, MetricAccumulator, MetricsReport, make_report
 from crane.models.checkpoint import atomic_write_bytes
 from crane.models.crane import CraneModel
@@ -508,7 +509,9 @@ def _overlay_names(dataset) -> dict[str, str]:
     names: dict[str, str] = {}
     for samples in by_cls.values():
         paths = [str(dataset.root / s.img_path) for s in samples]
-        plain = [f"{s.specie_name}_{Path(s.img_path).stem}" for s in samples]
+        # (fitted to the file system's 255 bytes, as predict's names: a 254-byte image name
+        # gave a longer overlay name, whose write stopped the evaluation and its resumes)
+        plain = [fit_file_name(f"{s.specie_name}_{Path(s.img_path).stem}", 240) for s in samples]
         shared = Counter(n.casefold() for n in plain)
         unique = _output_names(paths)
         for path, name in zip(paths, plain, strict=True):
@@ -523,7 +526,7 @@ def _visualize(
     queued = []
     for i, path in enumerate(batch["path"]):
         mask = batch["mask"][i, 0].numpy() if batch["label"][i] else None
-        stem = names.get(path) or f"{batch['specie_name'][i]}_{Path(path).stem}"
+        stem = names.get(path) or fit_file_name(f"{batch['specie_name'][i]}_{Path(path).stem}", 240)
         cls = batch["cls_name"][i]
         name = f"{cls}/{stem}.png"
         queued.append((cls, name, writer.submit(write_overlay, out / name, path, maps[i], mask)))
