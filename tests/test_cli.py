@@ -728,3 +728,22 @@ def test_evaluate_says_which_classes_could_not_be_read(tmp_path, capsys):
         f.write_bytes(b"x")
     assert main([*args, "--out", str(tmp_path / "none")]) == 1
     assert "no image could be read: nothing was evaluated" in capsys.readouterr().err
+
+
+def test_evaluate_overwrite_names_overlays_left_from_an_earlier_run(tmp_path, capsys):
+    """--overwrite replaced the overlays of the same names only: an earlier run's others
+    stayed beside the new ones without a word (predict says so)."""
+    from crane.cli import main
+
+    data = tmp_path / "synth"
+    make_synthetic_dataset(data, seed=0, classes=("tile", "plate"), n_train=0, n_test_good=1,
+                           n_test_bad=1, size=64)  # fmt: skip
+    args = ["evaluate", "--dataset", "mvtec", "--root", str(data), "--model", "tiny",
+            "--no-progress", "--visualize", str(tmp_path / "viz")]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "a"), "--overwrite", "--classes", "tile"]) == 0
+    err = capsys.readouterr().err
+    assert f"2 file(s) in {tmp_path / 'viz'} are not from this run" in err
+    assert main([*args, "--out", str(tmp_path / "a"), "--overwrite"]) == 0
+    assert "not from this run" not in capsys.readouterr().err

@@ -578,6 +578,37 @@ def _holds_images(folder: Path) -> bool:
     return folder.is_dir() and any(is_image_file(p) for p in folder.rglob("*") if p.is_file())
 
 
+def _file_stamps(folder: Path | None) -> dict[Path, tuple[int, int]]:
+    """Each file under ``folder`` with its inode and modification time (an overlay written
+    again is a new file: its stamp changes)."""
+    if folder is None or not folder.is_dir():
+        return {}
+    out = {}
+    for p in folder.rglob("*"):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        if p.is_file():
+            out[p] = (st.st_ino, st.st_mtime_ns)
+    return out
+
+
+def _warn_left_over(folder: Path | None, before: dict[Path, tuple[int, int]]) -> None:
+    """Files an earlier evaluation left in ``--visualize`` that this one (``--overwrite``)
+    did not replace: said, as predict says it (they looked like this run's)."""
+    if not before:
+        return
+    now = _file_stamps(folder)
+    stale = [p for p, stamp in before.items() if now.get(p) == stamp]
+    if stale:
+        log.warning(
+            "%d file(s) in %s are not from this run (an earlier evaluation's; left in place)",
+            len(stale),
+            folder,
+        )
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from crane.engine.common import open_dataset
     from crane.engine.evaluate import evaluate, report_markdown, write_report
@@ -614,6 +645,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         on_error="skip" if args.skip_bad else "raise",
         missing_mask=args.missing_mask,
     )
+    earlier = _file_stamps(viz) if args.overwrite and not args.resume else {}
     res = evaluate(
         model,
         ds,
@@ -634,6 +666,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         progress_file=progress_file,
         resume=args.resume,
     )
+    _warn_left_over(viz, earlier)
     extra = {
         "dataset": args.dataset,
         "root": str(args.root),
