@@ -304,3 +304,27 @@ def test_folders_and_files_that_cannot_be_looked_at_are_reported(tmp_path, monke
 
     monkeypatch.setattr(Path, "is_file", is_file)
     assert P.expand_inputs([root / "secret.png"]) == [str(root / "secret.png")]
+
+
+def test_file_names_that_are_not_utf8_keep_the_outputs_valid_utf8(tmp_path):
+    """One Latin-1 file name made the whole predictions.csv invalid UTF-8 (csv and pandas
+    refused every row) and summary.json hold a lone surrogate escape strict parsers refuse:
+    such bytes are written as \\xNN escapes."""
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for name in (b"ok.png", "café.png".encode("latin-1")):
+        Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(
+            os.path.join(os.fsencode(src), name), format="PNG"
+        )
+    with open(os.path.join(os.fsencode(src), b"bad\xe9.png"), "wb") as f:
+        f.write(b"not an image")
+    det = Detector(create_model("tiny", image_size=56, seed=0), device="cpu", threshold=0.5)
+    run_predict(det, [src], tmp_path / "out", progress=False, overlays=False)
+    with open(tmp_path / "out" / "predictions.csv", encoding="utf-8", newline="") as f:
+        paths = sorted(r["path"] for r in csv.DictReader(f))
+    assert paths == [str(src / "caf\\xe9.png"), str(src / "ok.png")]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_bytes().decode("utf-8"))
+    json.dumps(summary, ensure_ascii=False).encode("utf-8")  # (raises on a lone surrogate)
+    failed = summary["failed"]
+    assert [x["path"] for x in failed] == [str(src / "bad\\xe9.png")]

@@ -68,6 +68,16 @@ def _cut(name: str, limit: int) -> str:
     return "".join(out)
 
 
+def utf8_text(text: str) -> str:
+    """``text`` as valid UTF-8 text: the bytes of a file name that is not UTF-8 (which Python
+    holds as lone surrogates) shown as ``\\xNN`` escapes. Written as they were, one such name
+    made a whole CSV unreadable as UTF-8 and a JSON file that strict parsers refuse."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # (a surrogate no file system name decodes to)
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def fit_file_name(name: str, limit: int = 200) -> str:
     """``name`` unchanged if it takes at most ``limit`` bytes in a file name (255 is the usual
     file-system limit: the rest leaves room for an extension and suffixes), else cut short
