@@ -217,3 +217,31 @@ def test_the_main_process_maps_each_buffer_once(monkeypatch):
             slots.add(item["where"][:2])
     big = [m for m in maps if m >= 64 * 64 * 3]
     assert len(big) == len(slots) == len(data.pool._mapped) < 60 // 2
+
+
+def test_no_room_in_shared_memory_resizes_on_the_host_instead_of_hanging(monkeypatch, caplog):
+    """A worker that got no shared-memory segment fell back to a plain tensor, which the
+    queue's sender thread then failed to share: it printed the error, dropped the batch, and
+    the main process waited forever (Docker's 64 MB /dev/shm with --device-resize). Now the
+    image is resized in the worker as without --device-resize, with one warning."""
+    import logging
+
+    import torch.utils.data as tud
+    from PIL import Image
+
+    import crane.data.handover as H
+    import crane.data.transforms as T
+
+    def full(nbytes):
+        raise RuntimeError("unable to allocate shared memory(shm): No space left on device")
+
+    monkeypatch.setattr(torch.UntypedStorage, "_new_shared", full)
+    monkeypatch.setattr(tud, "get_worker_info", lambda: object())  # (as in a worker)
+    monkeypatch.setattr(T, "_SAID", {})
+    with pytest.raises(H.SharedMemoryFull, match=r"--shm-size=2g"):
+        H.shared_uint8(1 << 20)
+    image = Image.new("RGB", (900, 700), (10, 20, 30))
+    with caplog.at_level(logging.WARNING, logger="crane.data.transforms"):
+        assert T.unresized_pixels(image, 518) is None
+        assert T.unresized_pixels(image, 518) is None
+    assert caplog.text.count("no room in shared memory") == 1

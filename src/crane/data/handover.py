@@ -38,16 +38,32 @@ from typing import Any
 import numpy as np
 import torch
 
+from crane.errors import CraneError
+
 _REGISTRY: weakref.WeakValueDictionary[str, HandoverPool] = weakref.WeakValueDictionary()
+
+
+class SharedMemoryFull(CraneError):
+    """No room in shared memory (``/dev/shm``) for a worker's image buffer."""
 
 
 def _shared_storage(nbytes: int) -> torch.UntypedStorage | None:
     """A new shared-memory storage of ``nbytes``, or None where this torch cannot make one
-    (then pickling copies the tensor into a segment instead)."""
+    (then pickling copies the tensor into a segment instead).
+
+    :class:`SharedMemoryFull` where there is no room: falling back to a plain tensor there
+    moved the failure into the worker's queue thread, which only prints it and drops the
+    batch, so the main process waited for it forever (a container's 64 MB ``/dev/shm``)."""
     try:
         return torch.UntypedStorage._new_shared(nbytes)
-    except (AttributeError, RuntimeError):
+    except AttributeError:
         return None
+    except RuntimeError as exc:
+        raise SharedMemoryFull(
+            f"no room in shared memory for a {nbytes >> 20} MB image buffer ({exc}): give the "
+            "machine more shared memory (docker run --shm-size=2g), use fewer --workers, or "
+            "drop --device-resize"
+        ) from None
 
 
 def _release(state: np.ndarray, worker: int, slot: int, token: int) -> None:
@@ -173,4 +189,4 @@ def shared_uint8(n: int) -> torch.Tensor:
     return out.set_(storage) if storage is not None else out.resize_(n)
 
 
-__all__ = ["HandoverPool", "shared_uint8"]
+__all__ = ["HandoverPool", "SharedMemoryFull", "shared_uint8"]

@@ -30,7 +30,7 @@ from crane.constants import (
     OPENAI_CLIP_STD,
 )
 from crane.data import jpeg_decoders
-from crane.data.handover import HandoverPool, shared_uint8
+from crane.data.handover import HandoverPool, SharedMemoryFull, shared_uint8
 from crane.data.imageio import (
     PathLike,
     binarize_mask,
@@ -186,10 +186,16 @@ def unresized_pixels(
     if image.mode not in ("RGB", "L") or image.width * image.height <= size * size:
         return None
     arr = np.asarray(image).reshape(image.height, image.width, -1)
-    if pool is None:
-        out, where = shared_uint8(arr.size).view(arr.shape), None
-    else:
-        out, where = pool.empty(arr.shape)
+    try:
+        if pool is None:
+            out, where = shared_uint8(arr.size).view(arr.shape), None
+        else:
+            out, where = pool.empty(arr.shape)
+    except SharedMemoryFull as exc:  # (resized here instead: a fraction of the bytes)
+        if not _SAID.get("shm"):
+            _SAID["shm"] = True
+            log.warning("%s; resizing such images in the decode workers meanwhile", exc)
+        return None
     np.copyto(out.numpy(), arr)
     return out if where is None else pool.wrap(out, where)
 
@@ -337,6 +343,7 @@ def _resized_on_the_host(images: Sequence[torch.Tensor], size: int) -> list[torc
     return [resize_uint8(im.cpu()[None], size)[0].to(device) for im in images]
 
 
+_SAID: dict[str, bool] = {}  # (warnings said once per process)
 _RESIZE_BYTES = 256 << 20  # float64 bytes of the images resized in one group
 _BICUBIC = Image.Resampling.BICUBIC
 
