@@ -328,3 +328,32 @@ def test_file_names_that_are_not_utf8_keep_the_outputs_valid_utf8(tmp_path):
     json.dumps(summary, ensure_ascii=False).encode("utf-8")  # (raises on a lone surrogate)
     failed = summary["failed"]
     assert [x["path"] for x in failed] == [str(src / "bad\\xe9.png")]
+
+
+def test_pil_inputs_that_cannot_be_loaded_fail_alone_with_workers(tmp_path):
+    """A lazily opened PIL image that cannot be decoded (closed by its ``with`` block, a
+    truncated file) failed while it was pickled for a decode worker, in the queue's thread:
+    the chunk was dropped and predict_iter waited forever. Now each is a Failure, in order,
+    with its reason (PIL's assert on a closed file gave an empty message)."""
+    import io
+    import threading
+
+    rng = np.random.default_rng(1)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(buf, format="PNG")
+    good = Image.open(io.BytesIO(buf.getvalue()))
+    with Image.open(io.BytesIO(buf.getvalue())) as closed:
+        pass
+    truncated = Image.open(io.BytesIO(buf.getvalue()[: len(buf.getvalue()) // 2]))
+    inputs = [good, closed, truncated, Image.open(io.BytesIO(buf.getvalue()))]
+    det = Detector(create_model("tiny", image_size=56, seed=0), device="cpu", batch_size=2,
+                   workers=2)  # fmt: skip
+    out: list = []
+    t = threading.Thread(target=lambda: out.extend(det.predict_iter(inputs)), daemon=True)
+    t.start()
+    t.join(120)
+    det.close()
+    assert not t.is_alive(), "predict_iter hung"
+    assert [type(r).__name__ for r in out] == ["Prediction", "Failure", "Failure", "Prediction"]
+    assert out[1].error.startswith("input 1 could not be decoded: ") and out[1].error[-1] != " "
+    assert "truncated" in out[2].error

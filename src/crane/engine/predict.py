@@ -75,9 +75,32 @@ log = logging.getLogger(__name__)
 ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
 
 
+@dataclass
+class _Unloadable:
+    """A PIL image input whose pixels could not be loaded in the main process: the error the
+    decode code raises for it."""
+
+    error: str
+
+
+def _loaded(item: Any) -> Any:
+    """``item``, with a lazily opened PIL image's pixels loaded now, in the main process: one
+    that cannot be loaded (a truncated file, one closed by a ``with`` block) failed while it
+    was pickled for a decode worker, in the queue's sender thread, which dropped its chunk and
+    left the run waiting forever."""
+    if isinstance(item, Image.Image):
+        try:
+            item.load()
+        except (OSError, ValueError, SyntaxError, AssertionError) as exc:
+            return _Unloadable(str(exc) or type(exc).__name__)
+    return item
+
+
 def _pil_input(item: Image.Image | np.ndarray | torch.Tensor) -> Image.Image:
     """An in-memory input as a PIL image: arrays channels last, tensors channels first (each
     library's convention), values as :func:`~crane.data.imageio.image_from_array` reads them."""
+    if isinstance(item, _Unloadable):
+        raise OSError(item.error)
     if isinstance(item, Image.Image):
         return item
     if isinstance(item, torch.Tensor):
@@ -199,7 +222,8 @@ class _Decode(Dataset):
                     raise
                 # A lazily opened PIL image decodes here: a truncated file, an odd mode, a
                 # file already closed (PIL asserts then).
-                raise ImageReadError(f"input {i} could not be decoded: {exc}") from exc
+                why = str(exc) or type(exc).__name__  # (PIL's assert on a closed file: none)
+                raise ImageReadError(f"input {i} could not be decoded: {why}") from exc
             return {
                 "ok": True,
                 "image": pixels,
@@ -810,7 +834,7 @@ class Detector:
         # (tensors on the host: decode workers are forked processes, which cannot use CUDA;
         # read as the loader asks for them, so a stream is scored as it comes)
         keys = (
-            (i, x.detach().cpu() if isinstance(x, torch.Tensor) else x)
+            (i, x.detach().cpu() if isinstance(x, torch.Tensor) else _loaded(x))
             for i, x in enumerate(inputs)
         )
         total = -(-len(inputs) // self.batch_size) if isinstance(inputs, Sized) else None
