@@ -413,3 +413,15 @@ def test_dataset_with_in_memory_meta(tmp_path):
     meta = build(tmp_path, [("x.png", "", 0, "k")], write=False)
     ds = AnomalyDataset(tmp_path, meta=meta, image_size=S)
     assert ds[0]["cls_name"] == "k"
+
+
+def test_a_mask_in_a_mode_pil_cannot_convert_is_a_read_error(tmp_path):
+    """A LAB TIFF mask: PIL cannot convert it to L, and the bare ValueError, naming no file,
+    stopped --skip-bad runs and `datasets check --deep`."""
+    from crane.data.imageio import open_mask
+    from crane.errors import ImageReadError
+
+    path = tmp_path / "lab.tif"
+    Image.new("LAB", (8, 6)).save(path)
+    with pytest.raises(ImageReadError, match=r"cannot read mask .*lab\.tif: conversion"):
+        open_mask(path)

@@ -298,8 +298,14 @@ def binarize_mask(im: Image.Image) -> np.ndarray:
 
 
 def open_mask(path: PathLike) -> np.ndarray:
-    """Decode a mask file into a boolean (H, W) array (:func:`binarize_mask`)."""
-    return binarize_mask(_decode(path, "mask"))
+    """Decode a mask file into a boolean (H, W) array (:func:`binarize_mask`); a mode PIL
+    cannot convert (a LAB TIFF) is an :class:`~crane.errors.ImageReadError` naming the file,
+    which ``on_error="skip"`` skips (a bare ValueError stopped the run)."""
+    im = _decode(path, "mask")
+    try:
+        return binarize_mask(im)
+    except (ValueError, OSError) as exc:
+        raise ImageReadError(f"cannot read mask {path}: {exc}") from exc
 
 
 def open_mask_of(mask: PathLike, image: PathLike, height: int, width: int) -> np.ndarray:
