@@ -98,6 +98,16 @@ def test_cli_prints_weights_paragraph_without_traceback(tmp_path):
     assert time.time() - t < 60
 
 
+def _network(monkeypatch, connect) -> None:
+    """The probe's network as ``connect`` answers (``socket.create_connection``'s stand-in,
+    each name its own address): no offline flag, proxy or mirror set."""
+    for var in ("CRANE_OFFLINE", "HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY",
+                "all_proxy", "HF_ENDPOINT"):  # fmt: skip
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(W.socket, "create_connection", connect)
+    monkeypatch.setattr(W, "_resolve", lambda host, port: [(host, port)])
+
+
 def test_no_hang_without_offline_flag(tmp_path, monkeypatch):
     """With no flag set, the reachability probe decides quickly (no network here)."""
     monkeypatch.setenv(W.CACHE_ENV, str(tmp_path))
@@ -123,11 +133,7 @@ def test_a_hugging_face_mirror_is_probed_instead_of_the_hub(monkeypatch):
             raise OSError("unreachable")
         return contextlib.nullcontext()
 
-    for var in ("CRANE_OFFLINE", "HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY",
-                "all_proxy"):  # fmt: skip
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(W.socket, "create_connection", connect)
-    monkeypatch.setattr(W, "_resolve", lambda host, port: [(host, port)])
+    _network(monkeypatch, connect)
     monkeypatch.setenv("HF_ENDPOINT", "https://hf-mirror.example")
     assert not W.hub_unreachable()
     assert probed == [("hf-mirror.example", 443)]
@@ -162,10 +168,7 @@ def test_a_probe_that_hangs_ends_in_time_and_tries_every_address(monkeypatch):
             raise OSError("timed out")
         return contextlib.nullcontext()
 
-    for var in ("CRANE_OFFLINE", "HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY",
-                "all_proxy", "HF_ENDPOINT"):  # fmt: skip
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(W.socket, "create_connection", connect)
+    _network(monkeypatch, connect)
     monkeypatch.setattr(W, "_PROBE_S", 0.3)
     try:
         for resolve, unreachable in (
@@ -197,11 +200,7 @@ def test_a_malformed_hf_endpoint_does_not_crash_the_probe(monkeypatch, endpoint)
             return real(address, timeout=timeout)  # (raises UnicodeError before any network)
         raise OSError("unreachable")
 
-    for var in ("CRANE_OFFLINE", "HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY",
-                "all_proxy"):  # fmt: skip
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(W.socket, "create_connection", connect)
-    monkeypatch.setattr(W, "_resolve", lambda host, port: [(host, port)])
+    _network(monkeypatch, connect)
     monkeypatch.setenv("HF_ENDPOINT", endpoint)
     assert W.hub_unreachable()
 
@@ -218,11 +217,7 @@ def test_a_proxy_that_does_not_answer_means_no_download(monkeypatch):
             raise OSError("connection refused")
         return contextlib.nullcontext()
 
-    for var in ("CRANE_OFFLINE", "HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY",
-                "all_proxy", "HF_ENDPOINT"):  # fmt: skip
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(W.socket, "create_connection", connect)
-    monkeypatch.setattr(W, "_resolve", lambda host, port: [(host, port)])
+    _network(monkeypatch, connect)
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
     assert W.hub_unreachable() and probed == [("127.0.0.1", 9)]
     alive.add("proxy.example")
