@@ -747,3 +747,7 @@ def test_evaluate_overwrite_names_overlays_left_from_an_earlier_run(tmp_path, ca
     assert f"2 file(s) in {tmp_path / 'viz'} are not from this run" in err
     assert main([*args, "--out", str(tmp_path / "a"), "--overwrite"]) == 0
     assert "not from this run" not in capsys.readouterr().err
+    # (--out inside the --visualize folder: its metrics files are no earlier run's overlays)
+    inside = [*args, "--out", str(tmp_path / "viz" / "m"), "--overwrite"]
+    assert main(inside) == 0 and main(inside) == 0
+    assert "not from this run" not in capsys.readouterr().err

@@ -757,6 +757,14 @@ def test_a_folder_that_cannot_be_searched_does_not_stop_the_scan(tmp_path, monke
             raise PermissionError(13, "Permission denied", str(self))
         return real(self)
 
+    real_iterdir = Path.iterdir
+
+    def iterdir(self):
+        if self.name == "lost+found":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
     monkeypatch.setattr(Path, "is_dir", is_dir)
+    monkeypatch.setattr(Path, "iterdir", iterdir)
     assert list(prepare("mvtec", tmp_path)["test"]) == ["bottle"]
     assert list(prepare("generic", tmp_path)["test"]) == ["bottle"]

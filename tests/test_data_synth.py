@@ -213,3 +213,24 @@ def test_bad_arguments(tmp_path, kwargs, message):
     with pytest.raises(DatasetError, match=message):
         make_synthetic_dataset(tmp_path / "out", **{**SMALL, **kwargs})
     assert not (tmp_path / "out").exists()  # (refused before anything is written)
+
+
+def test_a_synth_stopped_midway_is_replaced_by_overwrite(tmp_path, monkeypatch):
+    """The marker was written after the samples: a run stopped midway left unmarked folders,
+    which a rerun with overwrite refused as someone else's."""
+    import crane.data.synth as S
+
+    real, calls = S._save_png, []
+
+    def stopped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(S, "_save_png", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        make_synthetic_dataset(tmp_path / "s", **SMALL)
+    monkeypatch.setattr(S, "_save_png", real)
+    make_synthetic_dataset(tmp_path / "s", overwrite=True, **SMALL)
+    assert set(read_meta(tmp_path / "s")["test"]) == {"tile", "fabric"}

@@ -900,3 +900,20 @@ def test_evaluate_overlay_names_fit_the_file_system(synth, tmp_path):
     assert res.n_images == 16
     names = [p.name for p in (tmp_path / "viz" / "tile").iterdir()]
     assert len(names) == 8 and max(len(os.fsencode(n)) for n in names) <= 255
+
+
+def test_reports_stay_utf8_for_names_that_are_not(tmp_path):
+    """A class (or root) name that is not UTF-8 stopped evaluate at its very end with a
+    UnicodeEncodeError: no metrics written, and a resume failed the same way."""
+    import os
+
+    from crane.metrics import METRICS, MetricsReport
+
+    odd = os.fsdecode(b"caf\xe9")
+    values = dict.fromkeys(METRICS, 0.5)
+    report = MetricsReport(per_class={odd: values}, mean=values, aupro="mvtec", mode="exact")
+    files = write_report(report, tmp_path, {"root": os.fsdecode(b"/data/" + b"caf\xe9")})
+    for kind in ("md", "csv"):
+        assert "caf\\xe9" in files[kind].read_bytes().decode("utf-8")
+    data = json.loads(files["json"].read_bytes().decode("utf-8"))
+    assert data["root"] == "/data/caf\\xe9" and list(data["per_class"]) == ["caf\\xe9"]

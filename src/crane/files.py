@@ -78,6 +78,18 @@ def utf8_text(text: str) -> str:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def utf8_strings(obj: Any) -> Any:
+    """``obj`` (JSON-like: dicts, lists, strings) with every string :func:`utf8_text`: a path
+    that is not UTF-8 went into JSON as a lone surrogate escape, which strict parsers refuse."""
+    if isinstance(obj, str):
+        return utf8_text(obj)
+    if isinstance(obj, dict):
+        return {utf8_strings(k): utf8_strings(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [utf8_strings(v) for v in obj]
+    return obj
+
+
 def fit_file_name(name: str, limit: int = 200) -> str:
     """``name`` unchanged if it takes at most ``limit`` bytes in a file name (255 is the usual
     file-system limit: the rest leaves room for an extension and suffixes), else cut short

@@ -579,12 +579,17 @@ def _holds_images(folder: Path) -> bool:
 
 
 def _file_stamps(folder: Path | None) -> dict[Path, tuple[int, int]]:
-    """Each file under ``folder`` with its inode and modification time (an overlay written
-    again is a new file: its stamp changes)."""
+    """Each image file under ``folder`` with its inode and modification time (an overlay
+    written again is a new file: its stamp changes; other files, as the metrics of an --out
+    inside the folder, are not overlays)."""
+    from crane.data.imageio import is_image_file
+
     if folder is None or not folder.is_dir():
         return {}
     out = {}
     for p in folder.rglob("*"):
+        if not is_image_file(p):
+            continue
         try:
             st = p.stat()
         except OSError:

@@ -309,8 +309,12 @@ def list_dirs(folder: Path) -> list[Path]:
     """Non-hidden sub-directories of ``folder``, sorted by name."""
     if not _is_dir(folder):
         return []
+    try:
+        children = list(folder.iterdir())
+    except OSError:  # (a folder without read permission, as lost+found: nothing to list)
+        return []
     return sorted(
-        (p for p in folder.iterdir() if _is_dir(p) and not p.name.startswith(".")),
+        (p for p in children if _is_dir(p) and not p.name.startswith(".")),
         key=lambda p: p.name,
     )
 

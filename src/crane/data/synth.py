@@ -416,9 +416,14 @@ def make_synthetic_dataset(
     if existing:
         _check_only_synthetic(out, classes)
     out.mkdir(parents=True, exist_ok=True)
+    marker = {"seed": seed, "size": size, "n_train": n_train, "n_test_good": n_test_good,
+              "n_test_bad": n_test_bad}  # fmt: skip
     for cls in classes:
         if (out / cls).exists():
             shutil.rmtree(out / cls)
+        # (first: a run stopped midway leaves folders that a later overwrite may replace)
+        (out / cls).mkdir()
+        (out / cls / MARKER).write_text(json.dumps(marker) + "\n")
 
     # One job per file (class, stream, index); written in worker processes when asked. Every
     # sample is seeded by its own (seed, class, stream, index): the files do not depend on
@@ -452,11 +457,6 @@ def make_synthetic_dataset(
             meta["train"][cls] = train
         # Species sorted by name, the order the generic layout scanner produces.
         meta["test"][cls] = [s for sp in sorted(by_specie) for s in by_specie[sp]]
-    for cls in classes:
-        marker = {"seed": seed, "size": size, "n_train": n_train, "n_test_good": n_test_good,
-                  "n_test_bad": n_test_bad}  # fmt: skip
-        (out / cls).mkdir(parents=True, exist_ok=True)
-        (out / cls / MARKER).write_text(json.dumps(marker) + "\n")
     write_meta(out, meta, overwrite=True)
     logger.info("synthetic dataset: %d classes written to %s", len(classes), out)
     return meta

@@ -34,7 +34,7 @@ from crane.engine.runtime import (
 )
 from crane.engine.writer import OutputWriter
 from crane.errors import CraneError
-from crane.files import fit_file_name
+from crane.files import fit_file_name, utf8_strings, utf8_text
 from crane.metrics import DEFAULT_NUM_BINS, METRICS, MetricAccumulator, MetricsReport, make_report
 from crane.models.checkpoint import atomic_write_bytes
 from crane.models.crane import CraneModel
@@ -611,7 +611,9 @@ def write_report(
         w.writerow(row)
     data = {**report.to_dict(), **extra}
     files = {"md": out / "metrics.md", "csv": out / "metrics.csv", "json": out / "metrics.json"}
-    atomic_write_bytes(files["md"], md.encode())
-    atomic_write_bytes(files["csv"], buf.getvalue().encode())
-    atomic_write_bytes(files["json"], (json.dumps(data, indent=2) + "\n").encode())
+    # (valid UTF-8: a class or root name that is not UTF-8 has its bytes as \xNN escapes;
+    # a strict encode stopped the run at its end, with no metrics written)
+    atomic_write_bytes(files["md"], utf8_text(md).encode())
+    atomic_write_bytes(files["csv"], utf8_text(buf.getvalue()).encode())
+    atomic_write_bytes(files["json"], (json.dumps(utf8_strings(data), indent=2) + "\n").encode())
     return files

@@ -64,7 +64,7 @@ from crane.engine.runtime import (
 )
 from crane.engine.writer import OutputWriter
 from crane.errors import CraneError, ImageReadError
-from crane.files import fit_file_name, strict_json, utf8_text
+from crane.files import fit_file_name, strict_json, utf8_strings, utf8_text
 from crane.models.checkpoint import atomic_write_bytes, finite_threshold
 from crane.models.crane import CraneModel
 from crane.models.factory import create_model, names_a_run
@@ -1211,19 +1211,6 @@ def _run_settings(
     }
 
 
-def _utf8_strings(obj: Any) -> Any:
-    """``obj`` with every string made valid UTF-8 text (:func:`~crane.files.utf8_text`): a
-    path that is not UTF-8 was written to JSON as a lone surrogate escape, which strict
-    parsers refuse."""
-    if isinstance(obj, str):
-        return utf8_text(obj)
-    if isinstance(obj, dict):
-        return {_utf8_strings(k): _utf8_strings(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_utf8_strings(v) for v in obj]
-    return obj
-
-
 def run_predict(
     detector: Detector,
     inputs: Sequence[str | os.PathLike],
@@ -1380,7 +1367,7 @@ def run_predict(
             "maps": "maps/" if save_maps else None,
         },
     }
-    text = json.dumps(_utf8_strings(strict_json(summary)), indent=2, allow_nan=False) + "\n"
+    text = json.dumps(utf8_strings(strict_json(summary)), indent=2, allow_nan=False) + "\n"
     try:
         # (valid UTF-8: the bytes of a file name that is not UTF-8 as \xNN escapes)
         data = utf8_text(buf.getvalue()).encode("utf-8")
