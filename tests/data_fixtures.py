@@ -122,3 +122,17 @@ def separable_blob_cases(n: int, seed: int = 0):
                 r, c = rng.integers(0, 28, 2)
                 masks[b, r : r + rng.integers(1, 5), c : c + rng.integers(1, 5)] = True
         yield np.where(masks, 0.9, rng.random((4, 32, 32)) * 0.5).astype(np.float32), masks
+
+
+def stop_on_call(real, n: int):
+    """``real`` wrapped to raise KeyboardInterrupt on its ``n``-th call: a run stopped there
+    (Ctrl-C, the device call's time running out)."""
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    return wrapped

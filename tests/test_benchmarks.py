@@ -585,15 +585,10 @@ def test_variants_select_runs_only_matching_rows(variants, tmp_path, monkeypatch
 def test_variants_json_keeps_the_rows_of_a_run_cut_short(variants, tmp_path, monkeypatch):
     out = tmp_path / "v.json"
     argv = ["--device", "cpu", "--tiny", "--batch", "2", "--reps", "1", "--json", str(out)]
-    timed, calls = variants.timed, []
+    from data_fixtures import stop_on_call
 
-    def cut_at_the_third(*a, **k):  # as if the device call's time ran out during row 3
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return timed(*a, **k)
-
-    monkeypatch.setattr(variants, "timed", cut_at_the_third)
+    # (as if the device call's time ran out during row 3)
+    monkeypatch.setattr(variants, "timed", stop_on_call(variants.timed, 3))
     with pytest.raises(KeyboardInterrupt):
         variants.main(argv)
     res = json.loads(out.read_text())

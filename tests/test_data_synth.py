@@ -218,17 +218,12 @@ def test_bad_arguments(tmp_path, kwargs, message):
 def test_a_synth_stopped_midway_is_replaced_by_overwrite(tmp_path, monkeypatch):
     """The marker was written after the samples: a run stopped midway left unmarked folders,
     which a rerun with overwrite refused as someone else's."""
+    from data_fixtures import stop_on_call
+
     import crane.data.synth as S
 
-    real, calls = S._save_png, []
-
-    def stopped(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(S, "_save_png", stopped)
+    real = S._save_png
+    monkeypatch.setattr(S, "_save_png", stop_on_call(real, 5))
     with pytest.raises(KeyboardInterrupt):
         make_synthetic_dataset(tmp_path / "s", **SMALL)
     monkeypatch.setattr(S, "_save_png", real)
