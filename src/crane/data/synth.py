@@ -383,8 +383,10 @@ def make_synthetic_dataset(
 
     Layout: ``<cls>/train/good/NNN.png``, ``<cls>/test/good/NNN.png``,
     ``<cls>/test/<defect>/NNN.png`` and ``<cls>/ground_truth/<defect>/NNN_mask.png``
-    (0/255), anomalous samples cycling through :data:`DEFECTS`. Existing class folders
-    or meta.json are only replaced with ``overwrite=True``. ``workers`` > 0 writes the files
+    (0/255), anomalous samples cycling through :data:`DEFECTS`; each class folder holds a
+    :data:`MARKER` file. Existing class folders or meta.json are only replaced with
+    ``overwrite=True``, and only a synthetic set's: class folders with the marker and no other
+    files, a meta.json indexing these classes alone. ``workers`` > 0 writes the files
     in that many processes (the same files: each sample has its own seed).
     """
     classes = (classes,) if isinstance(classes, str) else tuple(classes)  # (one name given)
