@@ -50,14 +50,15 @@ def cuda_memory_limit(extra_bytes: int):
 
 
 def _rows(path) -> dict[str, dict[str, str]]:
-    return {r["path"]: r for r in csv.DictReader(open(path))}
+    with open(path, encoding="utf-8", newline="") as f:
+        return {r["path"]: r for r in csv.DictReader(f)}
 
 
 @cuda
 def test_cuda_cli_train_evaluate_predict_match_the_cpu(tmp_path):
     """The commands a user runs, on the GPU (fp32, then predict in bf16 within the accuracy
-    guard) against the same commands on the CPU: a run trained on each, the same metrics and
-    scores from one run, resumable progress files where the CPU writes them."""
+    guard) against the same commands on the CPU: a run trained on each, the same metrics,
+    scores and maps from one run, and no progress file left by a finished predict."""
     data = tmp_path / "synth"
     make_synthetic_dataset(
         data, seed=0, classes=("tile", "plate"), n_train=2, n_test_good=3, n_test_bad=5, size=128
