@@ -136,3 +136,16 @@ def stop_on_call(real, n: int):
         return real(*args, **kwargs)
 
     return wrapped
+
+
+def deny(monkeypatch, method: str, where) -> None:
+    """``Path.<method>`` raises PermissionError for the paths ``where(path)`` picks: a folder
+    without permission, simulated (the tests run as root, whom permissions do not stop)."""
+    real = getattr(Path, method)
+
+    def denied(self, *args, **kwargs):
+        if where(self):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, method, denied)

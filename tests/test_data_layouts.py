@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from data_fixtures import (
     counts,
+    deny,
     make_mvtec_class,
     samples_of,
     write_blank_mask,
@@ -750,21 +751,7 @@ def test_a_folder_that_cannot_be_searched_does_not_stop_the_scan(tmp_path, monke
     PermissionError through the scan."""
     make_mvtec_class(tmp_path, "bottle", defects={"broken_large": ["000"]})
     (tmp_path / "lost+found").mkdir()
-    real = Path.is_dir
-
-    def is_dir(self):
-        if "lost+found" in self.parts and self.name != "lost+found":
-            raise PermissionError(13, "Permission denied", str(self))
-        return real(self)
-
-    real_iterdir = Path.iterdir
-
-    def iterdir(self):
-        if self.name == "lost+found":
-            raise PermissionError(13, "Permission denied", str(self))
-        return real_iterdir(self)
-
-    monkeypatch.setattr(Path, "is_dir", is_dir)
-    monkeypatch.setattr(Path, "iterdir", iterdir)
+    deny(monkeypatch, "is_dir", lambda p: "lost+found" in p.parts and p.name != "lost+found")
+    deny(monkeypatch, "iterdir", lambda p: p.name == "lost+found")
     assert list(prepare("mvtec", tmp_path)["test"]) == ["bottle"]
     assert list(prepare("generic", tmp_path)["test"]) == ["bottle"]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from data_fixtures import deny
 from PIL import Image
 
 import crane.engine.predict as P
@@ -295,14 +296,7 @@ def test_folders_and_files_that_cannot_be_looked_at_are_reported(tmp_path, monke
     with caplog.at_level(logging.WARNING):
         assert P.expand_inputs([root]) == [str(root / "ok.png")]
     assert "could not be read" in caplog.text and "locked: Permission denied" in caplog.text
-    real_is_file = Path.is_file
-
-    def is_file(self):
-        if self.name == "secret.png":
-            raise PermissionError(13, "Permission denied", str(self))
-        return real_is_file(self)
-
-    monkeypatch.setattr(Path, "is_file", is_file)
+    deny(monkeypatch, "is_file", lambda p: p.name == "secret.png")
     assert P.expand_inputs([root / "secret.png"]) == [str(root / "secret.png")]
 
 

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import stat
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -594,7 +595,7 @@ def _file_stamps(folder: Path | None) -> dict[Path, tuple[int, int]]:
             st = p.stat()
         except OSError:
             continue
-        if p.is_file():
+        if stat.S_ISREG(st.st_mode):
             out[p] = (st.st_ino, st.st_mtime_ns)
     return out
 

@@ -282,12 +282,13 @@ def _resume_from(run_dir, model, opt, settings, n_images, fingerprint, refuse): 
     for key, label in _FINGERPRINT_LABELS.items():
         if key in was_fp and key in fingerprint and was_fp[key] != fingerprint[key]:
             raise refuse(label.format(was=was_fp[key], now=fingerprint[key]))
-    if was_fp.get("device", fingerprint.get("device")) != fingerprint.get("device"):
+    was, now = was_fp.get("device"), fingerprint.get("device")
+    if was and now and was != now:
         log.warning(
             "the run encoded its features on %s, this resume on %s: the epochs after it are "
             "not bit for bit those of an unstopped run (float rounding differs by device)",
-            was_fp["device"],
-            fingerprint.get("device"),
+            was,
+            now,
         )
     model.prompt_learner.load_state_dict(prompts)
     tensors = load_file(str(run_dir / RESUME_TENSORS if legacy else epoch_dir / OPTIMIZER))

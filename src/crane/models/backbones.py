@@ -178,16 +178,17 @@ def build_clip(
     """
     overrides = copy.deepcopy(cfg.clip_overrides)
     want_weights = pretrained and cfg.clip_pretrained is not None and not overrides
+    names = clip_filenames(cfg)
     local = None
     if want_weights:
         local = W.resolve_local(
-            clip_weights, W.CLIP_ENV, clip_filenames(cfg), "--clip-weights", "CLIP", _clip_hub(cfg)
+            clip_weights, W.CLIP_ENV, names, "--clip-weights", "CLIP", _clip_hub(cfg)
         )
     if want_weights and local is None:
         if W.hub_unreachable():
             raise W.offline_error(
                 "CLIP",
-                clip_filenames(cfg),
+                names,
                 "--clip-weights",
                 W.CLIP_ENV,
                 "no local file and no network",
@@ -200,7 +201,7 @@ def build_clip(
         except Exception as exc:  # network/hub failures come in many types
             raise W.offline_error(
                 "CLIP",
-                clip_filenames(cfg),
+                names,
                 "--clip-weights",
                 W.CLIP_ENV,
                 f"download failed: {exc}",
